@@ -1,0 +1,87 @@
+// This file writes the per-node state files the agents read: the same
+// ferryv1.NodeState the operator will stream.
+
+package lab
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// CertTTL is the lifetime of the workload certificates the lab issues.
+const CertTTL = 24 * time.Hour
+
+// writeStates creates the mesh CA, issues a certificate for every enrolled pod and
+// writes each node's state file, with the certificates of that node's pods only.
+func (l *Lab) writeStates() error {
+	cfg := l.desc.Config
+	// Stand-in until operator/ca lands; see ca.go.
+	ca, err := newLabCA(cfg.TrustDomain)
+	if err != nil {
+		return err
+	}
+	return l.writeStatesWith(ca)
+}
+
+func (l *Lab) writeStatesWith(ca issuer) error {
+	cfg := l.desc.Config
+	if err := os.WriteFile(filepath.Join(cfg.StateDir, "ca.pem"), ca.RootPEM(), 0o644); err != nil {
+		return fmt.Errorf("write trust bundle: %w", err)
+	}
+	var workloads []*ferryv1.Workload
+	for _, p := range l.desc.Pods {
+		if !p.Enrolled {
+			continue
+		}
+		workloads = append(workloads, &ferryv1.Workload{
+			Uid:            p.UID,
+			Name:           p.Name,
+			Namespace:      p.Namespace,
+			ServiceAccount: p.ServiceAccount,
+			Node:           p.Node,
+			Ips:            []string{p.IP.String()},
+			Identity:       p.Identity,
+		})
+	}
+	for _, n := range l.desc.Nodes {
+		st := &ferryv1.NodeState{
+			Version:        1,
+			Node:           n.Name,
+			TrustDomain:    cfg.TrustDomain,
+			TrustBundlePem: ca.RootPEM(),
+			Workloads:      workloads,
+			Mesh:           &ferryv1.MeshConfig{},
+		}
+		for _, p := range l.desc.Pods {
+			if !p.Enrolled || p.Node != n.Name {
+				continue
+			}
+			cert, key, err := ca.Issue(p.Identity, CertTTL)
+			if err != nil {
+				return fmt.Errorf("certificate of pod %s: %w", p.Name, err)
+			}
+			st.Certificates = append(st.Certificates, &ferryv1.Certificate{
+				Identity:      p.Identity,
+				CertChainPem:  cert,
+				PrivateKeyPem: key,
+			})
+		}
+		data, err := protojson.MarshalOptions{Multiline: true}.Marshal(st)
+		if err != nil {
+			return fmt.Errorf("state of %s: %w", n.Name, err)
+		}
+		// Private keys inside: readable by root only.
+		if err := os.WriteFile(n.StateFile+".tmp", data, 0o600); err != nil {
+			return fmt.Errorf("state of %s: %w", n.Name, err)
+		}
+		if err := os.Rename(n.StateFile+".tmp", n.StateFile); err != nil {
+			return fmt.Errorf("state of %s: %w", n.Name, err)
+		}
+	}
+	return nil
+}
