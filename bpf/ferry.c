@@ -1,0 +1,360 @@
+//go:build ignore
+
+// Ferry's data path: outbound capture (cgroup connect4/6 + sockops), inbound capture
+// (sk_lookup), and the local-socket fast path (sockops + sk_msg over a sockhash).
+// Runtime settings are read-only globals set by the loader, never #ifdef variants.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define POD_NAME_LEN 64
+
+char __license[] SEC("license") = "GPL";
+
+// Load-time settings (bpf2go variables; the loader sets them before load).
+volatile const __u32 agent_mark = 0;
+volatile const __u16 outbound_port = 15001;
+volatile const __u16 inbound_port = 15006;
+volatile const __u16 tunnel_port = 15008;
+volatile const __u8 fast_path = 0;
+
+// An enrolled pod, readable from the pinned map alone (bpftool prints char[] as text).
+struct pod_info {
+	char name[POD_NAME_LEN]; // "namespace/name"
+};
+
+// An IP address and port. addr is 16 bytes: IPv4 is stored v4-mapped (::ffff:a.b.c.d).
+struct addr_port {
+	__u8 addr[16];
+	__u16 port;   // host order
+	__u16 family; // AF_INET or AF_INET6, the family of the original destination
+	__u32 pad;
+};
+
+// Key of the original destinations the proxy reads on accept.
+struct orig_key {
+	__u64 netns_cookie;
+	__u16 client_port; // host order
+	__u16 pad[3];
+};
+
+// Key of a local socket in the fast-path sockhash, seen from that socket.
+struct sock_key {
+	__u64 netns_cookie;
+	__u8 local_ip[16];  // v4-mapped for IPv4
+	__u8 remote_ip[16]; // v4-mapped for IPv4
+	__u16 local_port;   // host order
+	__u16 remote_port;  // host order
+	__u16 family;       // AF_INET when both addresses are IPv4 (even on an AF_INET6 socket)
+	__u16 pad;
+};
+
+// Key of the inbound listeners: the pod IP, v4-mapped for IPv4.
+struct ip_key {
+	__u8 addr[16];
+};
+
+// Netns cookie -> pod. Sized from MaxPods at load time.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct pod_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} enrolled_netns SEC(".maps");
+
+// Destination ports that are never captured (host order) -> 1.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u16);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} excluded_ports SEC(".maps");
+
+// Socket cookie -> original destination, between connect and established.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct addr_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sock_orig_dst SEC(".maps");
+
+// (netns cookie, client port) -> original destination, read (and deleted) by the proxy.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct orig_key);
+	__type(value, struct addr_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} orig_dst SEC(".maps");
+
+// Established local TCP sockets for the sk_msg fast path.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} local_socks SEC(".maps");
+
+// Pod IP -> that pod's 15006 listener, for sk_lookup.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 256);
+	__type(key, struct ip_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_listeners SEC(".maps");
+
+static __always_inline int is_mesh_or_excluded(__u16 port)
+{
+	if (port == outbound_port || port == inbound_port || port == tunnel_port)
+		return 1;
+	return bpf_map_lookup_elem(&excluded_ports, &port) != NULL;
+}
+
+static __always_inline int is_v4_loopback(__u32 ip4 /* network order */)
+{
+	return (bpf_ntohl(ip4) >> 24) == 127;
+}
+
+static __always_inline int is_v4_mapped(const __u32 ip6[4])
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
+}
+
+// 127/8 (also v4-mapped) or ::1.
+static __always_inline int is_loopback6(const __u32 ip6[4])
+{
+	if (is_v4_mapped(ip6))
+		return is_v4_loopback(ip6[3]);
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == bpf_htonl(1);
+}
+
+static __always_inline void map_v4(__u32 ip6[4], __u32 ip4)
+{
+	ip6[0] = 0;
+	ip6[1] = 0;
+	ip6[2] = bpf_htonl(0xffff);
+	ip6[3] = ip4;
+}
+
+// Whether the socket doing connect() should be captured. ctx->sk is never NULL here.
+static __always_inline int should_capture(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->mark == agent_mark)
+		return 0;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	return bpf_map_lookup_elem(&enrolled_netns, &netns) != NULL;
+}
+
+SEC("cgroup/connect4")
+int ferry_connect4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip4 = ctx->user_ip4;
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+
+	if (is_v4_loopback(ip4) || is_mesh_or_excluded(port) || !should_capture(ctx))
+		return 1;
+
+	__u32 ip6[4];
+	map_v4(ip6, ip4);
+	struct addr_port dst = {.port = port, .family = AF_INET};
+	__builtin_memcpy(dst.addr, ip6, sizeof(dst.addr));
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY))
+		return 1; // cannot remember where it was going: let it through unchanged
+
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(outbound_port);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int ferry_connect6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip6[4];
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+
+	if (is_loopback6(ip6) || is_mesh_or_excluded(port) || !should_capture(ctx))
+		return 1;
+
+	int mapped = is_v4_mapped(ip6);
+	struct addr_port dst = {.port = port, .family = mapped ? AF_INET : AF_INET6};
+	__builtin_memcpy(dst.addr, ip6, sizeof(dst.addr));
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY))
+		return 1;
+
+	if (mapped) {
+		// An IPv4 destination on a dual-stack socket: ::ffff:127.0.0.1.
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(outbound_port);
+	return 1;
+}
+
+// Loads a context's local and remote addresses, widened to 16 bytes (IPv4 v4-mapped).
+// Every field is read before any branch and pinned there with barrier_var: otherwise
+// clang sinks the per-family loads into the branches and merges them into one load
+// through a computed ctx pointer, which the verifier rejects ("dereference of modified
+// ctx ptr"). Works for bpf_sock_ops,
+// sk_msg_md and bpf_sk_lookup, which share these field names. Returns 0 for a family
+// other than AF_INET and AF_INET6.
+#define load_addrs(ctx, l6, r6)                                                    \
+	({                                                                         \
+		__u32 _fam = (ctx)->family;                                        \
+		__u32 _l4 = (ctx)->local_ip4, _r4 = (ctx)->remote_ip4;             \
+		__u32 _l0 = (ctx)->local_ip6[0], _l1 = (ctx)->local_ip6[1];        \
+		__u32 _l2 = (ctx)->local_ip6[2], _l3 = (ctx)->local_ip6[3];        \
+		__u32 _r0 = (ctx)->remote_ip6[0], _r1 = (ctx)->remote_ip6[1];      \
+		__u32 _r2 = (ctx)->remote_ip6[2], _r3 = (ctx)->remote_ip6[3];      \
+		barrier_var(_l4);                                                  \
+		barrier_var(_r4);                                                  \
+		barrier_var(_l0);                                                  \
+		barrier_var(_l1);                                                  \
+		barrier_var(_l2);                                                  \
+		barrier_var(_l3);                                                  \
+		barrier_var(_r0);                                                  \
+		barrier_var(_r1);                                                  \
+		barrier_var(_r2);                                                  \
+		barrier_var(_r3);                                                  \
+		int _ok = 1;                                                       \
+		if (_fam == AF_INET) {                                             \
+			map_v4(l6, _l4);                                           \
+			map_v4(r6, _r4);                                           \
+		} else if (_fam == AF_INET6) {                                     \
+			l6[0] = _l0, l6[1] = _l1, l6[2] = _l2, l6[3] = _l3;        \
+			r6[0] = _r0, r6[1] = _r1, r6[2] = _r2, r6[3] = _r3;        \
+		} else {                                                           \
+			_ok = 0;                                                   \
+		}                                                                  \
+		_ok;                                                               \
+	})
+
+// Builds a sock_key from addresses already widened to 16 bytes. An AF_INET6 socket
+// talking IPv4 gets family AF_INET, so it pairs with its AF_INET peer.
+static __always_inline void fill_sock_key(struct sock_key *key, __u64 netns, const __u32 l6[4],
+					  const __u32 r6[4], __u16 lport, __u16 rport)
+{
+	key->netns_cookie = netns;
+	__builtin_memcpy(key->local_ip, l6, 16);
+	__builtin_memcpy(key->remote_ip, r6, 16);
+	key->local_port = lport;
+	key->remote_port = rport;
+	key->family = is_v4_mapped(l6) && is_v4_mapped(r6) ? AF_INET : AF_INET6;
+}
+
+static __always_inline int is_local_pair(const __u32 l6[4], const __u32 r6[4])
+{
+	if (is_loopback6(l6) || is_loopback6(r6))
+		return 1;
+	return l6[0] == r6[0] && l6[1] == r6[1] && l6[2] == r6[2] && l6[3] == r6[3];
+}
+
+SEC("sockops")
+int ferry_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+
+	__u64 netns = bpf_get_netns_cookie(skops);
+	__u16 lport = (__u16)skops->local_port;                // host order
+	__u16 rport = (__u16)bpf_ntohl(skops->remote_port); // network order, in the high half
+
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		struct addr_port *dst = bpf_map_lookup_elem(&sock_orig_dst, &cookie);
+		if (dst) {
+			struct orig_key key = {.netns_cookie = netns, .client_port = lport};
+			// BPF_ANY: a client port reused in the netns supersedes the old entry.
+			bpf_map_update_elem(&orig_dst, &key, dst, BPF_ANY);
+			bpf_map_delete_elem(&sock_orig_dst, &cookie);
+		}
+	}
+
+	if (!fast_path || !bpf_map_lookup_elem(&enrolled_netns, &netns))
+		return 1;
+
+	__u32 l6[4], r6[4];
+	if (!load_addrs(skops, l6, r6))
+		return 1;
+	if (!is_local_pair(l6, r6))
+		return 1;
+
+	struct sock_key key = {};
+	fill_sock_key(&key, netns, l6, r6, lport, rport);
+	// BPF_ANY: a closed socket has already left the map, so an existing key can only be
+	// a stale tuple being reused; the new socket replaces it. Full map: no fast path.
+	bpf_sock_hash_update(skops, &local_socks, &key, BPF_ANY);
+	return 1;
+}
+
+SEC("sk_msg")
+int ferry_sk_msg(struct sk_msg_md *msg)
+{
+	__u32 l6[4], r6[4];
+	if (!load_addrs(msg, l6, r6))
+		return SK_PASS;
+	__u16 lport = (__u16)msg->local_port;
+	__u16 rport = (__u16)bpf_ntohl(msg->remote_port);
+
+	// The peer's key is ours seen from the other end.
+	struct sock_key peer = {};
+	fill_sock_key(&peer, bpf_get_netns_cookie(msg), r6, l6, rport, lport);
+	// On a miss the helper returns SK_DROP without setting a redirect; returning SK_PASS
+	// then delivers the data the normal way.
+	bpf_msg_redirect_hash(msg, &local_socks, &peer, BPF_F_INGRESS);
+	return SK_PASS;
+}
+
+SEC("sk_lookup")
+int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u16 port = (__u16)ctx->local_port; // host order
+	if (is_mesh_or_excluded(port))
+		return SK_PASS;
+
+	struct ip_key key = {};
+	__u32 src6[4], dst6[4];
+	if (!load_addrs(ctx, dst6, src6))
+		return SK_PASS;
+	// Loopback sources include 127.0.0.6, the agent's own hop to the app.
+	if (is_loopback6(src6))
+		return SK_PASS;
+
+	__builtin_memcpy(key.addr, dst6, sizeof(key.addr));
+	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+	if (!sk)
+		return SK_PASS;
+	// On failure (e.g. a family mismatch) the normal lookup runs: fail open, never drop.
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
+}
