@@ -1,0 +1,401 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+const (
+	defaultIdleTimeout = 90 * time.Second
+	defaultConnectTO   = 10 * time.Second
+)
+
+// PoolConfig configures a client Pool.
+type PoolConfig struct {
+	// Dial opens the raw TCP connection to a tunnel address on behalf of the source
+	// workload src (its SPIFFE ID): from inside that pod's network namespace, so the
+	// destination sees the pod's IP.
+	Dial func(ctx context.Context, src string, tunnelAddr netip.AddrPort) (net.Conn, error)
+	// TLS is the client configuration presenting src's certificate and requiring the
+	// server to prove expectedDstID, e.g. identity.Store.ClientConfig.
+	TLS func(src, expectedDstID string) *tls.Config
+	// Logger receives connection-level events; nil discards them.
+	Logger *slog.Logger
+	// IdleTimeout closes a tunnel connection with no streams for this long; 90 s when
+	// zero. Keepalive pings, not this, keep long idle streams alive.
+	IdleTimeout time.Duration
+	// ConnectTimeout bounds dialing and the TLS handshake of a new tunnel connection;
+	// 10 s when zero.
+	ConnectTimeout time.Duration
+}
+
+// RefusedError is a CONNECT the destination answered with something other than 200: the
+// destination could not reach (or may not reach) the application, so the caller should
+// reset its own client connection rather than pretend it was accepted.
+type RefusedError struct {
+	Status int    // HTTP status, e.g. 502 (refused), 504 (timeout), 403
+	Reason string // the destination's ReasonHeader
+}
+
+func (e *RefusedError) Error() string {
+	if e.Reason == "" {
+		return fmt.Sprintf("refused by destination: status %d", e.Status)
+	}
+	return fmt.Sprintf("refused by destination: status %d: %s", e.Status, e.Reason)
+}
+
+// ErrPoolClosed is returned by Connect after Close.
+var ErrPoolClosed = errors.New("tunnel pool closed")
+
+// PoolStats counts what a Pool holds open.
+type PoolStats struct {
+	Conns   int // TLS connections not yet closed
+	Streams int // Streams returned by Connect and not yet closed
+}
+
+// Pool keeps HTTP/2-over-TLS connections to tunnel endpoints and opens CONNECT streams
+// on them. One connection per (source identity, destination identity, tunnel address)
+// serves many streams; more are opened only when the peer's stream limit is reached.
+type Pool struct {
+	cfg PoolConfig
+	log *slog.Logger
+	t   *http2.Transport
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // dials in flight
+
+	mu      sync.Mutex
+	closed  bool
+	entries map[poolKey]*poolEntry
+
+	streams atomic.Int64
+}
+
+type poolKey struct {
+	src, dst string
+	addr     netip.AddrPort
+}
+
+type poolEntry struct {
+	conns []*http2.ClientConn
+	dial  *dialCall // non-nil while a dial is in flight
+}
+
+// dialCall is one dial shared by every Connect that found no usable connection, so a
+// burst of new streams to a fresh destination opens one connection, not hundreds.
+type dialCall struct {
+	done chan struct{}
+	err  error
+}
+
+// NewPool validates cfg; connections are opened on demand.
+func NewPool(cfg PoolConfig) (*Pool, error) {
+	if cfg.Dial == nil || cfg.TLS == nil {
+		return nil, errors.New("tunnel pool: Dial and TLS are required")
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = defaultIdleTimeout
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = defaultConnectTO
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Pool{
+		cfg: cfg,
+		log: log,
+		// The transport's defaults already give 4 MiB per stream and 1 GiB per
+		// connection of receive window; frames up to 1 MiB cut per-frame overhead.
+		t: &http2.Transport{
+			MaxReadFrameSize: maxFrameSize,
+			IdleConnTimeout:  cfg.IdleTimeout,
+			// A ping after 30 s of silence keeps NAT and conntrack state warm and finds
+			// dead peers, so an idle application connection survives for minutes.
+			ReadIdleTimeout: keepaliveInterval,
+			PingTimeout:     keepaliveTimeout,
+		},
+		ctx:     ctx,
+		cancel:  cancel,
+		entries: map[poolKey]*poolEntry{},
+	}, nil
+}
+
+// Connect opens a stream from workload src to target through the tunnel at tunnelAddr,
+// whose server must prove identity dstID. It returns once the destination answered 200;
+// any other answer is a *RefusedError.
+func (p *Pool) Connect(ctx context.Context, src, dstID string, tunnelAddr, target netip.AddrPort) (*Stream, error) {
+	key := poolKey{src: src, dst: dstID, addr: tunnelAddr}
+	var lastErr error
+	// A connection can turn unusable between picking it and sending on it (GOAWAY,
+	// idle close); nothing of the stream has been sent then, so try once more.
+	for attempt := 0; attempt < 2; attempt++ {
+		cc, err := p.get(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		s, err := p.roundTrip(ctx, cc, target)
+		if err == nil {
+			return s, nil
+		}
+		var re *RefusedError
+		if errors.As(err, &re) || ctx.Err() != nil {
+			return nil, err
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
+func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip.AddrPort) (*Stream, error) {
+	pr, pw := io.Pipe()
+	// The stream outlives Connect's ctx; only the pool or Stream.Close end it. ctx
+	// still cancels the request while we wait for the answer.
+	rctx, rcancel := context.WithCancel(p.ctx)
+	stop := context.AfterFunc(ctx, rcancel)
+	authority := target.String()
+	req := &http.Request{
+		Method:        http.MethodConnect,
+		URL:           &url.URL{Host: authority},
+		Host:          authority,
+		Header:        http.Header{},
+		Body:          pr,
+		ContentLength: -1,
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+	}
+	req = req.WithContext(rctx)
+	resp, err := cc.RoundTrip(req)
+	if !stop() {
+		// ctx ended while waiting: the request was cancelled with it.
+		if err == nil {
+			resp.Body.Close()
+		}
+		rcancel()
+		pw.Close()
+		return nil, fmt.Errorf("tunnel connect %s: %w", target, context.Cause(ctx))
+	}
+	if err != nil {
+		rcancel()
+		pw.Close()
+		return nil, fmt.Errorf("tunnel connect %s: %w", target, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		rcancel()
+		pw.Close()
+		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader)}
+	}
+	p.streams.Add(1)
+	return &Stream{pool: p, pw: pw, body: resp.Body, cancel: rcancel}, nil
+}
+
+// get returns a connection for key with a stream reserved on it, dialing one if needed.
+func (p *Pool) get(ctx context.Context, key poolKey) (*http2.ClientConn, error) {
+	for {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, ErrPoolClosed
+		}
+		e := p.entries[key]
+		if e == nil {
+			e = &poolEntry{}
+			p.entries[key] = e
+		}
+		live := e.conns[:0]
+		var found *http2.ClientConn
+		for _, cc := range e.conns {
+			if cc.State().Closed {
+				continue
+			}
+			live = append(live, cc)
+			if found == nil && cc.ReserveNewRequest() {
+				found = cc
+			}
+		}
+		clear(e.conns[len(live):])
+		e.conns = live
+		if found != nil {
+			p.mu.Unlock()
+			return found, nil
+		}
+		call := e.dial
+		if call == nil {
+			call = &dialCall{done: make(chan struct{})}
+			e.dial = call
+			p.wg.Add(1)
+			go p.dial(key, e, call)
+		}
+		p.mu.Unlock()
+
+		select {
+		case <-call.done:
+			if call.err != nil {
+				return nil, call.err
+			}
+			// Loop: the new connection is in e.conns, competing with other waiters
+			// for its streams.
+		case <-ctx.Done():
+			return nil, fmt.Errorf("tunnel connect %s: %w", key.addr, context.Cause(ctx))
+		}
+	}
+}
+
+// dial opens one tunnel connection for key. It runs on its own goroutine, owned by the
+// pool, so a caller that gives up does not cancel the dial the others wait for.
+func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
+	defer p.wg.Done()
+	cc, err := p.open(key)
+	p.mu.Lock()
+	e.dial = nil
+	if err == nil {
+		if p.closed {
+			cc.Close()
+			err = ErrPoolClosed
+		} else {
+			e.conns = append(e.conns, cc)
+		}
+	}
+	call.err = err
+	close(call.done)
+	p.mu.Unlock()
+	if err != nil {
+		p.log.Info("tunnel dial", "src", key.src, "dst", key.dst, "addr", key.addr.String(), "error", err)
+	}
+}
+
+func (p *Pool) open(key poolKey) (*http2.ClientConn, error) {
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	raw, err := p.cfg.Dial(ctx, key.src, key.addr)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel dial %s: %w", key.addr, err)
+	}
+	tc := tls.Client(raw, p.cfg.TLS(key.src, key.dst))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("tunnel handshake %s: %w", key.addr, err)
+	}
+	if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
+		tc.Close()
+		return nil, fmt.Errorf("tunnel handshake %s: ALPN %q, want h2", key.addr, proto)
+	}
+	cc, err := p.t.NewClientConn(tc)
+	if err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("tunnel http2 %s: %w", key.addr, err)
+	}
+	return cc, nil
+}
+
+// Stats reports open connections and streams; tests use it to find leaks.
+func (p *Pool) Stats() PoolStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := PoolStats{Streams: int(p.streams.Load())}
+	for k, e := range p.entries {
+		live := 0
+		for _, cc := range e.conns {
+			if !cc.State().Closed {
+				live++
+			}
+		}
+		st.Conns += live
+		if live == 0 && e.dial == nil {
+			// Forget destinations whose connections all closed (idle timeout).
+			delete(p.entries, k)
+		}
+	}
+	return st
+}
+
+// CloseIdle closes connections that carry no stream, and forgets closed ones.
+func (p *Pool) CloseIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for k, e := range p.entries {
+		live := e.conns[:0]
+		for _, cc := range e.conns {
+			st := cc.State()
+			if !st.Closed && st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
+				cc.Close()
+				continue
+			}
+			if !st.Closed {
+				live = append(live, cc)
+			}
+		}
+		clear(e.conns[len(live):])
+		e.conns = live
+		if len(live) == 0 && e.dial == nil {
+			delete(p.entries, k)
+		}
+	}
+}
+
+// Close closes every connection, which resets the streams on them, and waits for dials
+// in flight.
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	for _, e := range p.entries {
+		for _, cc := range e.conns {
+			cc.Close()
+		}
+	}
+	p.entries = map[poolKey]*poolEntry{}
+	p.mu.Unlock()
+	p.cancel()
+	p.wg.Wait()
+	return nil
+}
+
+// Stream is one tunnelled TCP connection. Read and Write may run concurrently with each
+// other; CloseWrite half-closes (END_STREAM) and Close tears the stream down.
+type Stream struct {
+	pool   *Pool
+	pw     *io.PipeWriter
+	body   io.ReadCloser
+	cancel context.CancelFunc
+	closed atomic.Bool
+}
+
+// Read reads what the destination application sent; io.EOF when it closed its side.
+func (s *Stream) Read(b []byte) (int, error) { return s.body.Read(b) }
+
+// Write sends b to the destination application. It returns once the HTTP/2 transport has
+// taken the bytes, which flow control bounds.
+func (s *Stream) Write(b []byte) (int, error) { return s.pw.Write(b) }
+
+// CloseWrite ends the sending direction; the application reads EOF, and the reply can
+// still be read.
+func (s *Stream) CloseWrite() error { return s.pw.Close() }
+
+// Close ends both directions. A stream not finished in both directions is reset.
+func (s *Stream) Close() error {
+	if !s.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	s.pw.CloseWithError(net.ErrClosed)
+	err := s.body.Close()
+	s.cancel()
+	s.pool.streams.Add(-1)
+	return err
+}

@@ -1,0 +1,480 @@
+// Package tunnel carries TCP connections between nodes over mutual TLS: HTTP/2 CONNECT
+// streams multiplexed on one TLS 1.3 session per (source identity, destination), in the
+// style of Istio ambient's HBONE. The server side runs on each pod's :15008 listener;
+// the client side is a Pool of such sessions.
+//
+// Which network namespace to dial from or listen in is the caller's business: both sides
+// take dial callbacks, so this package is plain Go and testable on loopback.
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent/identity"
+	"golang.org/x/net/http2"
+)
+
+// ReasonHeader carries, on a refused CONNECT, why the destination refused it.
+const ReasonHeader = "Ferry-Error"
+
+// Flow-control and framing sizes, tuned for bulk throughput on fast links: a stream may
+// have 4 MiB in flight and a connection 16 MiB before the receiver must read.
+const (
+	maxStreamWindow   = 4 << 20
+	maxConnWindow     = 16 << 20
+	maxFrameSize      = 1 << 20
+	maxStreamsPerConn = 512
+	defaultDialTO     = 5 * time.Second
+	keepaliveInterval = 30 * time.Second
+	keepaliveTimeout  = 15 * time.Second
+	serverIdleTimeout = 10 * time.Minute
+)
+
+// ServerConfig configures a tunnel Server.
+type ServerConfig struct {
+	// TLS returns the TLS configuration for a listener (one pod's tunnel port), given
+	// its local address. It is called once per Serve, so session tickets work across
+	// the listener's connections. It must require and verify client certificates, as
+	// identity.Store.ServerConfig does.
+	TLS func(local net.Addr) (*tls.Config, error)
+	// Authorize decides whether the verified client identity peerID may use a tunnel
+	// from remote (the source pod's address): the control plane says which workload
+	// holds each pod IP. It runs inside the handshake, also on resumption, so a refusal
+	// is a TLS alert. Nil accepts any identity the TLS configuration accepted.
+	Authorize func(peerID string, remote netip.AddrPort) error
+	// Dial connects to the application at target, e.g. from 127.0.0.6 inside the pod.
+	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
+	// DialTimeout bounds Dial; 5 s when zero.
+	DialTimeout time.Duration
+	// Logger receives connection-level events; nil discards them.
+	Logger *slog.Logger
+	// OnStream, optional, is called when a stream ends.
+	OnStream func(StreamInfo)
+}
+
+// StreamInfo describes one tunnelled connection, reported when it ends.
+type StreamInfo struct {
+	PeerID   string         // client's SPIFFE ID
+	Target   netip.AddrPort // original destination (CONNECT authority)
+	Remote   netip.AddrPort // client's address (the source pod)
+	BytesIn  int64          // from the peer to the application
+	BytesOut int64          // from the application to the peer
+	Duration time.Duration
+	Status   int   // HTTP status answered to the CONNECT
+	Err      error // nil when both directions ended cleanly
+}
+
+// Server terminates tunnels: it accepts TLS connections, serves HTTP/2 CONNECT streams
+// and pipes each one to the application.
+type Server struct {
+	cfg ServerConfig
+	log *slog.Logger
+	h1  *http.Server // only carries graceful shutdown to the HTTP/2 connections
+	h2  *http2.Server
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	wg        sync.WaitGroup // Serve loops, connections and stream handlers
+}
+
+// NewServer validates cfg; nothing runs until Serve.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if cfg.TLS == nil {
+		return nil, errors.New("tunnel server: TLS is required")
+	}
+	if cfg.Dial == nil {
+		return nil, errors.New("tunnel server: Dial is required")
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = defaultDialTO
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	h2 := &http2.Server{
+		MaxConcurrentStreams:         maxStreamsPerConn,
+		MaxReadFrameSize:             maxFrameSize,
+		MaxUploadBufferPerConnection: maxConnWindow,
+		MaxUploadBufferPerStream:     maxStreamWindow,
+		IdleTimeout:                  serverIdleTimeout,
+		ReadIdleTimeout:              keepaliveInterval,
+		PingTimeout:                  keepaliveTimeout,
+	}
+	h1 := &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	if err := http2.ConfigureServer(h1, h2); err != nil {
+		return nil, fmt.Errorf("tunnel server: configure http2: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Server{
+		cfg:       cfg,
+		log:       log,
+		h1:        h1,
+		h2:        h2,
+		ctx:       ctx,
+		cancel:    cancel,
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[net.Conn]struct{}{},
+	}, nil
+}
+
+// ErrServerClosed is returned by Serve after Close or Shutdown.
+var ErrServerClosed = errors.New("tunnel server closed")
+
+// Serve accepts tunnel connections on ln until the server is closed. The listener is
+// closed on return.
+func (s *Server) Serve(ln net.Listener) error {
+	base, err := s.cfg.TLS(ln.Addr())
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("tunnel tls config: %w", err)
+	}
+	if !s.track(ln, nil) {
+		ln.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(ln, nil)
+	defer ln.Close()
+	local := addrPort(ln.Addr())
+	tlsCfg := s.listenerTLS(base)
+	var backoff time.Duration
+	for {
+		raw, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Out of descriptors or a transient error: back off instead of spinning.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("tunnel accept", "error", err)
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-s.ctx.Done():
+					return ErrServerClosed
+				}
+			}
+			return fmt.Errorf("tunnel accept: %w", err)
+		}
+		backoff = 0
+		if !s.track(nil, raw) {
+			raw.Close()
+			return ErrServerClosed
+		}
+		go s.serveConn(raw, tlsCfg, local)
+	}
+}
+
+// listenerTLS wraps a listener's configuration so Authorize sees each connection's
+// remote address. The per-connection clone is returned from GetConfigForClient, which
+// keeps using the listener configuration's session ticket keys, so resumption works.
+func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
+	outer := base.Clone()
+	if s.cfg.Authorize == nil {
+		return outer
+	}
+	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		remote := addrPort(hello.Conn.RemoteAddr())
+		c := base.Clone()
+		inner := base.VerifyConnection
+		c.VerifyConnection = func(cs tls.ConnectionState) error {
+			if inner != nil {
+				if err := inner(cs); err != nil {
+					return err
+				}
+			}
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("tunnel: no client certificate")
+			}
+			id, err := identity.FromCert(cs.PeerCertificates[0])
+			if err != nil {
+				return err
+			}
+			return s.cfg.Authorize(id, remote)
+		}
+		return c, nil
+	}
+	return outer
+}
+
+type connInfoKey struct{}
+
+// connInfo is what every stream of one tunnel connection shares.
+type connInfo struct {
+	peerID string
+	remote netip.AddrPort
+	local  netip.AddrPort
+}
+
+func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) {
+	defer s.untrack(nil, raw)
+	defer raw.Close()
+	remote := addrPort(raw.RemoteAddr())
+	tc := tls.Server(raw, cfg)
+	hctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		s.log.Info("tunnel handshake refused", "remote", remote.String(), "error", err)
+		return
+	}
+	cs := tc.ConnectionState()
+	if cs.NegotiatedProtocol != "h2" {
+		s.log.Info("tunnel refused", "remote", remote.String(), "error", "ALPN is not h2")
+		return
+	}
+	peerID, err := identity.FromCert(cs.PeerCertificates[0])
+	if err != nil {
+		s.log.Info("tunnel refused", "remote", remote.String(), "error", err)
+		return
+	}
+	ci := &connInfo{peerID: peerID, remote: remote, local: local}
+	s.log.Debug("tunnel connection", "remote", remote.String(), "peer", peerID, "resumed", cs.DidResume)
+	s.h2.ServeConn(tc, &http2.ServeConnOpts{
+		Context:    context.WithValue(s.ctx, connInfoKey{}, ci),
+		BaseConfig: s.h1,
+		Handler:    http.HandlerFunc(s.handle),
+	})
+}
+
+func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
+	// Register the handler before anything else so Close waits for it; a handler that
+	// starts after Close has begun is turned away.
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+
+	start := time.Now()
+	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
+	info := StreamInfo{Remote: ci.remote, PeerID: ci.peerID}
+	defer func() {
+		if s.cfg.OnStream != nil {
+			info.Duration = time.Since(start)
+			s.cfg.OnStream(info)
+		}
+	}()
+	refuse := func(status int, reason string) {
+		info.Status = status
+		info.Err = fmt.Errorf("%d %s", status, reason)
+		w.Header().Set(ReasonHeader, reason)
+		w.WriteHeader(status)
+	}
+
+	if r.Method != http.MethodConnect {
+		refuse(http.StatusBadRequest, "method must be CONNECT")
+		return
+	}
+	target, err := netip.ParseAddrPort(r.Host)
+	if err != nil || target.Port() == 0 || !target.Addr().IsValid() || target.Addr().IsUnspecified() || target.Addr().IsMulticast() {
+		refuse(http.StatusBadRequest, "authority must be ip:port")
+		return
+	}
+	target = netip.AddrPortFrom(target.Addr().Unmap(), target.Port())
+	info.Target = target
+	// The listener lives in the destination pod: it only reaches that pod, so a peer
+	// cannot use one pod's tunnel to reach a neighbour on the same node.
+	if la := ci.local.Addr(); la.IsValid() && !la.IsUnspecified() && la.Unmap() != target.Addr() {
+		refuse(http.StatusForbidden, "target is not this pod")
+		return
+	}
+
+	dctx, cancel := context.WithTimeout(r.Context(), s.cfg.DialTimeout)
+	app, err := s.cfg.Dial(dctx, target)
+	cancel()
+	if err != nil {
+		status := http.StatusBadGateway
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || isTimeout(err) {
+			status = http.StatusGatewayTimeout
+		}
+		refuse(status, dialReason(err))
+		info.Err = fmt.Errorf("dial %s: %w", target, err)
+		return
+	}
+	defer app.Close()
+
+	info.Status = http.StatusOK
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	if err := rc.Flush(); err != nil {
+		info.Err = fmt.Errorf("flush: %w", err)
+		return
+	}
+	// A reset stream or a closed tunnel cancels the request: drop the app connection so
+	// both copies unblock.
+	stop := context.AfterFunc(r.Context(), func() { app.Close() })
+	defer stop()
+
+	// Peer → app runs beside; app → peer runs here. When the app is done writing, the
+	// handler returns, which ends the stream (END_STREAM); the body is closed first so
+	// the upload copy stops too.
+	var up copyResult
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
+		up = copyBuf(app, r.Body, nil)
+		if up.err == nil {
+			closeWrite(app)
+		} else {
+			app.Close()
+		}
+	}()
+	down := copyBuf(w, app, rc.Flush)
+	r.Body.Close()
+	app.Close()
+	<-upDone
+
+	info.BytesIn, info.BytesOut = up.n, down.n
+	switch {
+	case down.err != nil:
+		info.Err = fmt.Errorf("app to peer: %w", down.err)
+	case up.err != nil && !errors.Is(up.err, net.ErrClosed) && !isClosedBody(up.err):
+		info.Err = fmt.Errorf("peer to app: %w", up.err)
+	}
+}
+
+// Close stops listening, closes every tunnel connection (resetting their streams) and
+// waits for all goroutines the server started.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+// Shutdown stops listening, tells clients with GOAWAY to open no new streams, and waits
+// for the streams in progress to end or ctx to expire; then it closes what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	// Sends GOAWAY on every connection; each closes once its streams are done.
+	_ = s.h1.Shutdown(ctx)
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	s.Close()
+	<-done
+	return err
+}
+
+func (s *Server) track(ln net.Listener, c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	if ln != nil {
+		s.listeners[ln] = struct{}{}
+	}
+	if c != nil {
+		s.conns[c] = struct{}{}
+	}
+	s.wg.Add(1)
+	return true
+}
+
+func (s *Server) untrack(ln net.Listener, c net.Conn) {
+	s.mu.Lock()
+	if ln != nil {
+		delete(s.listeners, ln)
+	}
+	if c != nil {
+		delete(s.conns, c)
+	}
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// dialReason is a short, stable reason for a failed dial, for the client's logs.
+func dialReason(err error) string {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		return "host unreachable"
+	case errors.Is(err, syscall.ENETUNREACH):
+		return "network unreachable"
+	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):
+		return "dial timeout"
+	default:
+		return "dial failed"
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func isClosedBody(err error) bool {
+	// x/net/http2 reports reads after the handler closed the body with this text; it
+	// has no exported sentinel.
+	return err != nil && err.Error() == "http2: request body closed due to handler exiting"
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ap := a.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	case nil:
+		return netip.AddrPort{}
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}

@@ -1,0 +1,552 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent/identity"
+	"github.com/ferrymesh/ferry/agent/identity/identitytest"
+)
+
+var (
+	clientID = identity.SPIFFEID("cluster.local", "default", "client")
+	serverID = identity.SPIFFEID("cluster.local", "default", "server")
+	otherID  = identity.SPIFFEID("cluster.local", "default", "other")
+)
+
+// env is a tunnel on loopback: Pool → Server (127.0.0.1) → application listeners.
+type env struct {
+	ca         *identitytest.CA
+	cstore     *identity.Store
+	sstore     *identity.Store
+	srv        *Server
+	pool       *Pool
+	tunnelAddr netip.AddrPort
+
+	mu      sync.Mutex
+	streams []StreamInfo
+	ended   chan StreamInfo
+}
+
+type envOpt struct {
+	serverDial  func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
+	authorize   func(peerID string, remote netip.AddrPort) error
+	idleTimeout time.Duration
+}
+
+func newEnv(tb testing.TB, o envOpt) *env {
+	tb.Helper()
+	e := &env{ca: identitytest.NewCA(tb), cstore: identity.NewStore(), sstore: identity.NewStore(), ended: make(chan StreamInfo, 4096)}
+	if err := e.cstore.Update(e.ca.RootPEM, map[string]identity.CertPEM{clientID: e.ca.Valid(tb, clientID)}); err != nil {
+		tb.Fatal(err)
+	}
+	if err := e.sstore.Update(e.ca.RootPEM, map[string]identity.CertPEM{serverID: e.ca.Valid(tb, serverID)}); err != nil {
+		tb.Fatal(err)
+	}
+	dial := o.serverDial
+	if dial == nil {
+		dial = func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", target.String())
+		}
+	}
+	authorize := o.authorize
+	if authorize == nil {
+		// The "control plane" says the workload at 127.0.0.1 is the client.
+		authorize = func(peerID string, remote netip.AddrPort) error {
+			if peerID != clientID {
+				return &identity.MismatchError{Got: peerID, Want: clientID}
+			}
+			return nil
+		}
+	}
+	srv, err := NewServer(ServerConfig{
+		TLS: func(net.Addr) (*tls.Config, error) {
+			return e.sstore.ServerConfig(serverID, nil), nil
+		},
+		Authorize: authorize,
+		Dial:      dial,
+		OnStream: func(si StreamInfo) {
+			e.mu.Lock()
+			e.streams = append(e.streams, si)
+			e.mu.Unlock()
+			select {
+			case e.ended <- si:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e.srv = srv
+	ln := listen(tb)
+	e.tunnelAddr = ln.Addr().(*net.TCPAddr).AddrPort()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if err := srv.Serve(ln); !errors.Is(err, ErrServerClosed) {
+			tb.Errorf("Serve: %v", err)
+		}
+	}()
+	e.pool, err = NewPool(PoolConfig{
+		Dial: func(ctx context.Context, src string, addr netip.AddrPort) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr.String())
+		},
+		TLS:         e.cstore.ClientConfig,
+		IdleTimeout: o.idleTimeout,
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		e.pool.Close()
+		e.srv.Close()
+		<-served
+	})
+	return e
+}
+
+func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, target)
+	if err != nil {
+		tb.Fatalf("Connect: %v", err)
+	}
+	return s
+}
+
+func listen(tb testing.TB) net.Listener {
+	tb.Helper()
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ln
+}
+
+// app runs handle for each connection accepted on a loopback listener until cleanup.
+func app(tb testing.TB, handle func(c *net.TCPConn)) netip.AddrPort {
+	tb.Helper()
+	ln := listen(tb)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				handle(c.(*net.TCPConn))
+			}()
+		}
+	}()
+	tb.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// echo copies back what it reads and half-closes when the client does.
+func echo(c *net.TCPConn) {
+	if _, err := io.Copy(c, c); err == nil {
+		c.CloseWrite()
+	}
+}
+
+func TestEcho10MiB(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := app(t, echo)
+	s := e.connect(t, target)
+	defer s.Close()
+
+	data := make([]byte, 10<<20)
+	rand.Read(data)
+	werr := make(chan error, 1)
+	go func() {
+		_, err := s.Write(data)
+		if err == nil {
+			err = s.CloseWrite()
+		}
+		werr <- err
+	}()
+	got, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if err := <-werr; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("echo differs: got %d bytes, want %d", len(got), len(data))
+	}
+	s.Close()
+
+	si := <-e.ended
+	if si.PeerID != clientID {
+		t.Errorf("server saw peer %q, want %q", si.PeerID, clientID)
+	}
+	if si.Target != target || si.Status != http.StatusOK || si.Err != nil {
+		t.Errorf("stream info %+v", si)
+	}
+	if si.BytesIn != int64(len(data)) || si.BytesOut != int64(len(data)) {
+		t.Errorf("bytes in %d out %d, want %d each", si.BytesIn, si.BytesOut, len(data))
+	}
+	if !si.Remote.Addr().IsLoopback() {
+		t.Errorf("remote %s", si.Remote)
+	}
+}
+
+func TestServerSpeaksFirst(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := app(t, func(c *net.TCPConn) {
+		c.Write([]byte("220 hello\r\n"))
+		echo(c)
+	})
+	s := e.connect(t, target)
+	defer s.Close()
+	buf := make([]byte, 11)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "220 hello\r\n" {
+		t.Fatalf("banner %q, %v", buf, err)
+	}
+	s.Write([]byte("ping"))
+	s.CloseWrite()
+	rest, err := io.ReadAll(s)
+	if err != nil || string(rest) != "ping" {
+		t.Fatalf("after banner %q, %v", rest, err)
+	}
+}
+
+func TestHalfClose(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	// The app reads to EOF, then answers: only works if CloseWrite reaches it as EOF
+	// while the other direction stays open.
+	target := app(t, func(c *net.TCPConn) {
+		n, err := io.Copy(io.Discard, c)
+		if err != nil {
+			return
+		}
+		fmt.Fprintf(c, "got %d bytes", n)
+	})
+	s := e.connect(t, target)
+	defer s.Close()
+	if _, err := s.Write(bytes.Repeat([]byte("x"), 100000)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := io.ReadAll(s)
+	if err != nil || string(reply) != "got 100000 bytes" {
+		t.Fatalf("reply %q, %v", reply, err)
+	}
+}
+
+func TestManySmallWrites(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	s := e.connect(t, app(t, echo))
+	defer s.Close()
+	const n = 5000
+	done := make(chan []byte)
+	go func() {
+		b, _ := io.ReadAll(s)
+		done <- b
+	}()
+	for i := 0; i < n; i++ {
+		if _, err := s.Write([]byte{byte(i)}); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+	s.CloseWrite()
+	got := <-done
+	if len(got) != n {
+		t.Fatalf("got %d bytes, want %d", len(got), n)
+	}
+	for i, b := range got {
+		if b != byte(i) {
+			t.Fatalf("byte %d is %d, want %d", i, b, byte(i))
+		}
+	}
+}
+
+func closedPort(t *testing.T) netip.AddrPort {
+	ln := listen(t)
+	ap := ln.Addr().(*net.TCPAddr).AddrPort()
+	ln.Close()
+	return ap
+}
+
+func TestAppRefuses(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, closedPort(t))
+	var re *RefusedError
+	if !errors.As(err, &re) {
+		t.Fatalf("error %v, want *RefusedError", err)
+	}
+	if re.Status != http.StatusBadGateway || re.Reason != "connection refused" {
+		t.Errorf("refused %d %q, want 502 connection refused", re.Status, re.Reason)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("refusal took %s", d)
+	}
+	if st := e.pool.Stats(); st.Streams != 0 {
+		t.Errorf("streams %d after refusal", st.Streams)
+	}
+}
+
+func TestAppDialTimeout(t *testing.T) {
+	e := newEnv(t, envOpt{serverDial: func(ctx context.Context, _ netip.AddrPort) (net.Conn, error) {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}})
+	e.srv.cfg.DialTimeout = 100 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"))
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != http.StatusGatewayTimeout {
+		t.Fatalf("error %v, want 504", err)
+	}
+}
+
+func TestTargetMustBeThisPod(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.2:80"))
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
+		t.Fatalf("error %v, want 403", err)
+	}
+}
+
+func TestOnlyConnect(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cc, err := e.pool.get(ctx, poolKey{src: clientID, dst: serverID, addr: e.tunnelAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		method, authority string
+	}{
+		{http.MethodGet, "127.0.0.1:80"},
+		{http.MethodConnect, "localhost:80"},
+		{http.MethodConnect, "127.0.0.1:0"},
+	} {
+		if !cc.ReserveNewRequest() {
+			t.Fatal("cannot reserve")
+		}
+		req := &http.Request{Method: tc.method, URL: &url.URL{Scheme: "https", Host: tc.authority, Path: "/"}, Host: tc.authority, Header: http.Header{}}
+		if tc.method == http.MethodConnect {
+			req.URL = &url.URL{Host: tc.authority}
+		}
+		resp, err := cc.RoundTrip(req.WithContext(ctx))
+		if err != nil {
+			t.Fatalf("%s %s: %v", tc.method, tc.authority, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s %s: status %d, want 400", tc.method, tc.authority, resp.StatusCode)
+		}
+	}
+}
+
+func TestWrongServerIdentity(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, clientID, otherID, e.tunnelAddr, app(t, echo))
+	if err == nil || !strings.Contains(err.Error(), "peer identity "+serverID+", want "+otherID) {
+		t.Fatalf("error %v, want identity mismatch", err)
+	}
+	var re *RefusedError
+	if errors.As(err, &re) {
+		t.Error("identity mismatch reported as a refusal by the destination")
+	}
+}
+
+func TestWrongClientIdentity(t *testing.T) {
+	// The control plane says the workload at the client's address is someone else.
+	e := newEnv(t, envOpt{authorize: func(peerID string, _ netip.AddrPort) error {
+		return &identity.MismatchError{Got: peerID, Want: otherID}
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, app(t, echo))
+	if err == nil {
+		t.Fatal("server accepted a client the control plane does not know at that address")
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.streams) != 0 {
+		t.Error("a stream reached the server")
+	}
+}
+
+func TestClientFromOtherCA(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	other := identitytest.NewCA(t)
+	bundle := append(append([]byte(nil), e.ca.RootPEM...), other.RootPEM...)
+	if err := e.cstore.Update(bundle, map[string]identity.CertPEM{clientID: other.Valid(t, clientID)}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, app(t, echo)); err == nil {
+		t.Fatal("client with a certificate from another CA accepted")
+	}
+}
+
+// settle polls until cond holds or the deadline passes.
+func settle(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestConcurrentStreams(t *testing.T) {
+	base := runtime.NumGoroutine()
+	target := app(t, echo)
+	e := newEnv(t, envOpt{})
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	streams := make(chan *Stream, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			s, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, target)
+			if err != nil {
+				errs <- err
+				return
+			}
+			streams <- s
+			msg := bytes.Repeat([]byte{byte(i)}, 1000+i)
+			if _, err := s.Write(msg); err != nil {
+				errs <- err
+				return
+			}
+			s.CloseWrite()
+			got, err := io.ReadAll(s)
+			if err != nil || !bytes.Equal(got, msg) {
+				errs <- fmt.Errorf("stream %d: %d bytes, %v", i, len(got), err)
+			}
+		}()
+	}
+	// Every stream is open at the same time at some point: hold them until all read.
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	st := e.pool.Stats()
+	if st.Conns < 1 || st.Conns > 3 {
+		t.Errorf("%d tunnel connections for %d streams, want 1 to 3", st.Conns, n)
+	}
+	if st.Streams != len(streams) {
+		t.Errorf("Stats().Streams %d, want %d", st.Streams, len(streams))
+	}
+	close(streams)
+	for s := range streams {
+		s.Close()
+	}
+	if st := e.pool.Stats(); st.Streams != 0 {
+		t.Errorf("streams %d after closing all", st.Streams)
+	}
+	settle(t, "server handlers to finish", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return len(e.streams) == n
+	})
+	// Per-stream goroutines are gone while the pooled connections stay up.
+	settle(t, "per-stream goroutines to exit", func() bool { return runtime.NumGoroutine() <= base+20 })
+	e.pool.Close()
+	e.srv.Close()
+	settle(t, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= base+2 })
+}
+
+func TestIdleConnectionsClose(t *testing.T) {
+	e := newEnv(t, envOpt{idleTimeout: 200 * time.Millisecond})
+	s := e.connect(t, app(t, echo))
+	s.CloseWrite()
+	io.ReadAll(s)
+	s.Close()
+	if st := e.pool.Stats(); st.Conns != 1 {
+		t.Fatalf("conns %d, want 1", st.Conns)
+	}
+	settle(t, "idle connection to close", func() bool { return e.pool.Stats().Conns == 0 })
+	// The pool dials again when needed.
+	s = e.connect(t, app(t, echo))
+	s.Close()
+}
+
+func TestServerCloseEndsStreams(t *testing.T) {
+	base := runtime.NumGoroutine()
+	e := newEnv(t, envOpt{})
+	s := e.connect(t, app(t, echo))
+	defer s.Close()
+	if _, err := s.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Close()
+	if _, err := io.ReadAll(s); err == nil {
+		// Echo may have answered first; then EOF would be wrong too: the app never
+		// half-closed, so the stream must end with an error.
+		t.Error("stream ended cleanly after the server closed")
+	}
+	s.Close()
+	e.pool.Close()
+	settle(t, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= base+2 })
+}
+
+func TestPoolReusesAndResumes(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := app(t, echo)
+	for i := 0; i < 3; i++ {
+		s := e.connect(t, target)
+		s.CloseWrite()
+		io.ReadAll(s)
+		s.Close()
+	}
+	if st := e.pool.Stats(); st.Conns != 1 {
+		t.Errorf("conns %d after sequential streams, want 1", st.Conns)
+	}
+}
