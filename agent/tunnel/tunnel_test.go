@@ -550,3 +550,34 @@ func TestPoolReusesAndResumes(t *testing.T) {
 		t.Errorf("conns %d after sequential streams, want 1", st.Conns)
 	}
 }
+
+func TestShutdownWaitsForStreams(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	s := e.connect(t, app(t, echo))
+	defer s.Close()
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- e.srv.Shutdown(ctx)
+	}()
+	// The stream in progress keeps working while the server drains.
+	if _, err := s.Write([]byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 10)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "still here" {
+		t.Fatalf("during shutdown: %q, %v", buf, err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned %v with a stream open", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	s.CloseWrite()
+	io.ReadAll(s)
+	s.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
