@@ -29,6 +29,7 @@ func run(ctx context.Context, args []string) error {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	root.AddCommand(newLabCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }

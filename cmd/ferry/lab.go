@@ -1,0 +1,577 @@
+// This file holds `ferry lab`: build, inspect and tear down the one-machine lab, run
+// commands in its pods, and the built-in echo workloads.
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ferrymesh/ferry/lab"
+	"github.com/ferrymesh/ferry/lab/echo"
+	"github.com/spf13/cobra"
+)
+
+// labFlags are the flags every lab subcommand shares.
+type labFlags struct {
+	prefix   string
+	stateDir string
+}
+
+func (f *labFlags) dir() string {
+	if f.stateDir != "" {
+		return f.stateDir
+	}
+	return lab.StateDirFor(f.prefix)
+}
+
+func newLabCommand() *cobra.Command {
+	f := &labFlags{}
+	cmd := &cobra.Command{
+		Use:   "lab",
+		Short: "Run a whole Ferry cluster on this machine, in network namespaces",
+		Long: `The lab simulates a cluster on one Linux machine: each node is a network namespace
+with a bridge for its pods, each pod is a network namespace with a veth to its node, and
+the nodes share a fabric bridge in one more namespace. Each node has a cgroup v2 that
+holds its agent and its pods' processes. Nothing is routed from the host: lab traffic
+never leaves these namespaces.
+
+Everything the lab creates is named after --prefix, so 'ferry lab up' and
+'ferry lab down' also remove what a crashed run left.`,
+		Example: `  sudo ferry lab up
+  sudo ferry lab status
+  sudo ferry lab exec c -- ferry lab echo-server --listen :8080 &
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080
+  sudo ferry lab down`,
+	}
+	cmd.PersistentFlags().StringVar(&f.prefix, "prefix", lab.DefaultPrefix, "name prefix of the lab's namespaces, cgroups and pin folders")
+	cmd.PersistentFlags().StringVar(&f.stateDir, "state-dir", "", "lab state folder (default /run/ferry-lab/<prefix>)")
+	cmd.AddCommand(
+		newLabUpCommand(f),
+		newLabDownCommand(f),
+		newLabStatusCommand(f),
+		newLabExecCommand(f),
+		newLabEchoServerCommand(),
+		newLabEchoClientCommand(),
+	)
+	return cmd
+}
+
+func requireRoot() error {
+	if os.Geteuid() != 0 {
+		return lab.ErrNotRoot
+	}
+	return nil
+}
+
+func newLabUpCommand(f *labFlags) *cobra.Command {
+	var (
+		configFile  string
+		nodes       []string
+		agent       string
+		agentArgs   []string
+		trustDomain string
+		waitReady   time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "Build the lab (removing any previous one with the same prefix)",
+		Long: `Build the lab: namespaces, bridges, veths, addresses and routes, one cgroup per node,
+a mesh CA with a certificate per enrolled pod, and one state file per node. With --agent,
+start that agent binary on every node and wait until it answers on its admin socket.
+
+Without --config or --node, the lab has two nodes: node1 with pods a, b (enrolled) and
+d (not enrolled), node2 with pod c (enrolled). Node i is 10.99.0.i on the fabric and its
+pods are 10.100.i.10, .11, ...
+
+--node NAME=POD[,POD...] describes one node (repeat it for more); a POD is
+[NAMESPACE/]NAME[@SERVICEACCOUNT][:out], where :out leaves the pod out of the mesh.
+--config reads a JSON lab config instead (the fields of lab.Config).`,
+		Example: `  # the default two-node lab, no agents
+  sudo ferry lab up
+
+  # with agents
+  sudo ferry lab up --agent ./bin/ferry-agent --agent-arg=--log-level=debug
+
+  # three nodes; pod web in namespace shop, pod legacy outside the mesh
+  sudo ferry lab up --node n1=shop/web,legacy:out --node n2=shop/api@api-sa --node n3=db`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			cfg := lab.DefaultConfig()
+			switch {
+			case configFile != "" && len(nodes) > 0:
+				return errors.New("use --config or --node, not both")
+			case configFile != "":
+				data, err := os.ReadFile(configFile)
+				if err != nil {
+					return fmt.Errorf("config: %w", err)
+				}
+				cfg = lab.Config{}
+				dec := json.NewDecoder(strings.NewReader(string(data)))
+				dec.DisallowUnknownFields()
+				if err := dec.Decode(&cfg); err != nil {
+					return fmt.Errorf("config %s: %w", configFile, err)
+				}
+			case len(nodes) > 0:
+				cfg.Nodes = nil
+				for _, spec := range nodes {
+					n, err := parseNodeSpec(spec)
+					if err != nil {
+						return err
+					}
+					cfg.Nodes = append(cfg.Nodes, n)
+				}
+			}
+			flags := cmd.Flags()
+			if flags.Changed("prefix") || cfg.Prefix == "" {
+				cfg.Prefix = f.prefix
+			}
+			if f.stateDir != "" {
+				cfg.StateDir = f.stateDir
+			}
+			if agent != "" {
+				cfg.AgentBinary = agent
+			}
+			if len(agentArgs) > 0 {
+				cfg.AgentArgs = agentArgs
+			}
+			if trustDomain != "" {
+				cfg.TrustDomain = trustDomain
+			}
+			out := cmd.OutOrStdout()
+			log := slog.New(newProgressHandler(out))
+			l, err := lab.Up(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			if l.Config().AgentBinary != "" && waitReady > 0 {
+				ctx, cancel := context.WithTimeout(cmd.Context(), waitReady)
+				defer cancel()
+				for _, n := range l.Nodes() {
+					log.Info("wait for agent on " + n)
+					if err := l.WaitAgentReady(ctx, n); err != nil {
+						return fmt.Errorf("%w\nthe lab stays up; remove it with 'ferry lab down --prefix %s'", err, l.Prefix())
+					}
+				}
+			}
+			fmt.Fprintln(out)
+			printStatus(out, l.Status())
+			fmt.Fprintf(out, "\nrun a command in a pod: ferry lab exec %s -- CMD...\nremove the lab:        ferry lab down%s\n",
+				l.Pods()[0].Name, prefixFlag(l.Prefix()))
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&configFile, "config", "", "JSON lab config file (fields of lab.Config)")
+	fl.StringArrayVar(&nodes, "node", nil, "a node and its pods: NAME=[NS/]POD[@SA][:out],... (repeatable)")
+	fl.StringVar(&agent, "agent", "", "ferry-agent binary to start on every node")
+	fl.StringArrayVar(&agentArgs, "agent-arg", nil, "extra flag for every agent (repeatable)")
+	fl.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain (default cluster.local)")
+	fl.DurationVar(&waitReady, "wait", 30*time.Second, "how long to wait for the agents to answer GET /status (0: do not wait)")
+	return cmd
+}
+
+func prefixFlag(prefix string) string {
+	if prefix == lab.DefaultPrefix {
+		return ""
+	}
+	return " --prefix " + prefix
+}
+
+// parseNodeSpec reads NAME=[NS/]POD[@SA][:out],...
+func parseNodeSpec(spec string) (lab.NodeConfig, error) {
+	name, pods, ok := strings.Cut(spec, "=")
+	if !ok || name == "" {
+		return lab.NodeConfig{}, fmt.Errorf("--node %q: want NAME=POD[,POD...]", spec)
+	}
+	n := lab.NodeConfig{Name: name}
+	for _, p := range strings.Split(pods, ",") {
+		if p == "" {
+			continue
+		}
+		pc := lab.PodConfig{Enrolled: true}
+		if rest, ok := strings.CutSuffix(p, ":out"); ok {
+			pc.Enrolled = false
+			p = rest
+		}
+		if ns, rest, ok := strings.Cut(p, "/"); ok {
+			pc.Namespace, p = ns, rest
+		}
+		if rest, sa, ok := strings.Cut(p, "@"); ok {
+			p, pc.ServiceAccount = rest, sa
+		}
+		pc.Name = p
+		if pc.Name == "" {
+			return n, fmt.Errorf("--node %q: empty pod name", spec)
+		}
+		n.Pods = append(n.Pods, pc)
+	}
+	return n, nil
+}
+
+func newLabDownCommand(f *labFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "down",
+		Short: "Stop the agents and remove everything the lab created",
+		Long: `Stop the agents (SIGTERM, then SIGKILL), run each agent with --cleanup, kill every
+process left in the lab's cgroups, and remove the lab's network namespaces, cgroups,
+BPF pin folders and state folder. It works on a crashed or half-built lab too, and does
+nothing when there is no lab.`,
+		Example: `  sudo ferry lab down
+  sudo ferry lab down --prefix demo`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			log := slog.New(newProgressHandler(out))
+			if err := lab.Clean(f.prefix, f.stateDir, log); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "lab %s is down\n", f.prefix)
+			return nil
+		},
+	}
+}
+
+func newLabStatusCommand(f *labFlags) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the lab's nodes, pods, addresses, identities and agents",
+		Example: `  sudo ferry lab status
+  sudo ferry lab status --json | jq '.pods[] | {name, ip}'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			l, err := lab.LoadDir(f.dir())
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			st := l.Status()
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			printStatus(cmd.OutOrStdout(), st)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the status as JSON")
+	return cmd
+}
+
+func printStatus(w io.Writer, st lab.Status) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tFABRIC IP\tPOD CIDR\tAGENT")
+	for _, n := range st.Nodes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", n.Name, n.FabricIP, n.PodCIDR, agentState(n))
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tPOD\tNAMESPACE\tIP\tENROLLED\tIDENTITY\tAGENT")
+	agents := map[string]string{}
+	for _, n := range st.Nodes {
+		agents[n.Name] = agentState(n)
+	}
+	for _, p := range st.Pods {
+		id := p.Identity
+		if !p.Enrolled {
+			id = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%t\t%s\t%s\n", p.Node, p.Name, p.Namespace, p.IP, p.Enrolled, id, agents[p.Node])
+	}
+	tw.Flush()
+}
+
+func agentState(n lab.NodeStatus) string {
+	switch {
+	case n.AgentPID == 0:
+		return "none"
+	case n.AgentAlive:
+		return fmt.Sprintf("pid %d running", n.AgentPID)
+	default:
+		return fmt.Sprintf("pid %d exited (see %s)", n.AgentPID, n.AgentLog)
+	}
+}
+
+func newLabExecCommand(f *labFlags) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "exec POD -- CMD [ARG...]",
+		Short: "Run a command in a pod's network namespace and its node's cgroup",
+		Long: `Run a command inside a pod: in its network namespace and in its node's cgroup, so
+the node's agent sees its sockets. FERRY_LAB_POD, FERRY_LAB_NODE and FERRY_LAB_IP are set.
+A CMD of "ferry" runs this very binary when no ferry is on PATH. A failing command makes
+ferry exit with status 1.`,
+		Example: `  sudo ferry lab exec a -- curl -s http://10.100.2.10:8080/
+  sudo ferry lab exec c -- ferry lab echo-server --listen :8080 --http
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080 --bytes 100MiB
+  sudo ferry lab exec b -- sh`,
+		Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			l, err := lab.LoadDir(f.dir())
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			pod, command := args[0], args[1:]
+			// With interspersed flags off, cobra leaves the "--" in place.
+			if command[0] == "--" {
+				command = command[1:]
+			}
+			if len(command) == 0 {
+				return errors.New("no command: ferry lab exec POD -- CMD [ARG...]")
+			}
+			name, rest := command[0], command[1:]
+			if _, ok := l.Pod(pod); !ok {
+				var names []string
+				for _, p := range l.Pods() {
+					names = append(names, p.Name)
+				}
+				return fmt.Errorf("no pod %q in lab %s (pods: %s)", pod, l.Prefix(), strings.Join(names, ", "))
+			}
+			if name == "ferry" {
+				if _, err := exec.LookPath(name); err != nil {
+					if self, err := os.Executable(); err == nil {
+						name = self
+					}
+				}
+			}
+			c := l.Command(cmd.Context(), pod, name, rest...)
+			c.Stdin, c.Stdout, c.Stderr = os.Stdin, cmd.OutOrStdout(), cmd.ErrOrStderr()
+			if err := c.Run(); err != nil {
+				return fmt.Errorf("%s in pod %s: %w", filepath.Base(name), pod, err)
+			}
+			return nil
+		},
+	}
+	// Everything after POD belongs to the command, even without "--".
+	cmd.Flags().SetInterspersed(false)
+	return cmd
+}
+
+func newLabEchoServerCommand() *cobra.Command {
+	var (
+		listen   string
+		banner   string
+		httpMode bool
+	)
+	cmd := &cobra.Command{
+		Use:   "echo-server",
+		Short: "Serve TCP echo (or a tiny HTTP server) until interrupted",
+		Long: `Serve on --listen until interrupted. In echo mode every byte is copied back, and when
+the client closes its side the server finishes echoing and closes its own (half-close).
+--banner makes the server speak first. --http serves /echo (the request body),
+/bytes?n=N (N pattern bytes) and / (JSON with the pod and the client's address).
+The listener does not use MPTCP, like every listener Ferry opens.`,
+		Example: `  sudo ferry lab exec c -- ferry lab echo-server --listen :8080
+  sudo ferry lab exec c -- ferry lab echo-server --listen :8081 --banner "hello from c"
+  sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var lc net.ListenConfig
+			lc.SetMultipathTCP(false)
+			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listen: %w", err)
+			}
+			opts := echo.Options{Banner: banner, Pod: os.Getenv("FERRY_LAB_POD")}
+			mode := "echo"
+			if httpMode {
+				opts.Mode, mode = echo.ModeHTTP, "http"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s server listening on %s\n", mode, ln.Addr())
+			return echo.Serve(cmd.Context(), ln, opts)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", ":8080", "address to listen on")
+	cmd.Flags().StringVar(&banner, "banner", "", "text sent to each client on accept, before reading")
+	cmd.Flags().BoolVar(&httpMode, "http", false, "serve HTTP instead of raw echo")
+	return cmd
+}
+
+func newLabEchoClientCommand() *cobra.Command {
+	var (
+		to      string
+		size    string
+		conns   int
+		banner  string
+		seed    uint64
+		timeout time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "echo-client",
+		Short: "Send a pattern to an echo server and verify every byte that comes back",
+		Long: `Open --conns connections to an echo server, send --bytes of a deterministic pattern on
+each while reading the echo back, and check it byte for byte, including that the server
+closes after echoing everything. Prints bytes, duration, throughput and the result; a
+mismatch names the first differing offset.`,
+		Example: `  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.1.11:8080 --bytes 1GiB --conns 8
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8081 --banner "hello from c"`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if to == "" {
+				return errors.New("--to IP:PORT is required")
+			}
+			n, err := parseSize(size)
+			if err != nil {
+				return err
+			}
+			if conns < 1 {
+				return errors.New("--conns must be at least 1")
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			defer cancel()
+			start := time.Now()
+			errs := make([]error, conns)
+			var wg sync.WaitGroup
+			for i := range conns {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					errs[i] = echoOnce(ctx, to, banner, n, echo.Pattern{Seed: seed + uint64(i)})
+				}()
+			}
+			wg.Wait()
+			d := time.Since(start)
+			out := cmd.OutOrStdout()
+			failed := 0
+			for i, err := range errs {
+				if err != nil {
+					failed++
+					fmt.Fprintf(out, "conn %d: %v\n", i, err)
+				}
+			}
+			// Only verified connections count towards bytes and throughput.
+			total := int64(n) * int64(conns-failed)
+			result := "ok"
+			if failed > 0 {
+				result = fmt.Sprintf("FAILED on %d of %d connections", failed, conns)
+			}
+			fmt.Fprintf(out, "to=%s conns=%d bytes=%d (each way) duration=%s throughput=%.1f MiB/s verify=%s\n",
+				to, conns, total, d.Round(time.Millisecond), float64(total)/d.Seconds()/(1<<20), result)
+			if failed > 0 {
+				return fmt.Errorf("echo verification failed on %d of %d connections", failed, conns)
+			}
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&to, "to", "", "echo server address IP:PORT")
+	fl.StringVar(&size, "bytes", "10MiB", "bytes to send per connection (suffixes KiB, MiB, GiB, KB, MB, GB)")
+	fl.IntVar(&conns, "conns", 1, "parallel connections")
+	fl.StringVar(&banner, "banner", "", "banner the server sends first, checked before sending")
+	fl.Uint64Var(&seed, "seed", 0, "pattern seed (connection i uses seed+i)")
+	fl.DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")
+	return cmd
+}
+
+func echoOnce(ctx context.Context, to, banner string, n int, p echo.Pattern) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", to)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if banner != "" {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if err := echo.ReadBanner(c, banner); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Time{})
+	}
+	return echo.SendAndVerify(ctx, c, n, p)
+}
+
+// parseSize reads sizes such as 10MiB, 1GB or 4096.
+func parseSize(s string) (int, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{
+		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9},
+		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
+	}
+	num, mult := strings.TrimSpace(s), int64(1)
+	for _, u := range units {
+		if rest, ok := strings.CutSuffix(num, u.suffix); ok {
+			num, mult = strings.TrimSpace(rest), u.mult
+			break
+		}
+	}
+	v, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || v < 0 || v*mult > 1<<40 {
+		return 0, fmt.Errorf("--bytes %q: want a size such as 4096, 10MiB or 1GB (at most 1TiB)", s)
+	}
+	return int(v * mult), nil
+}
+
+// progressHandler prints one plain line per log record: the progress of up and down.
+type progressHandler struct {
+	mu    *sync.Mutex
+	w     io.Writer
+	attrs []slog.Attr
+}
+
+func newProgressHandler(w io.Writer) *progressHandler {
+	return &progressHandler{mu: &sync.Mutex{}, w: w}
+}
+
+func (h *progressHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelInfo }
+
+func (h *progressHandler) Handle(_ context.Context, r slog.Record) error {
+	var b strings.Builder
+	switch {
+	case r.Level >= slog.LevelError:
+		b.WriteString("error: ")
+	case r.Level >= slog.LevelWarn:
+		b.WriteString("warning: ")
+	default:
+		b.WriteString("- ")
+	}
+	b.WriteString(r.Message)
+	add := func(a slog.Attr) bool {
+		fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+		return true
+	}
+	for _, a := range h.attrs {
+		add(a)
+	}
+	r.Attrs(add)
+	b.WriteByte('\n')
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, err := io.WriteString(h.w, b.String())
+	return err
+}
+
+func (h *progressHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &progressHandler{mu: h.mu, w: h.w, attrs: append(append([]slog.Attr(nil), h.attrs...), attrs...)}
+}
+
+func (h *progressHandler) WithGroup(string) slog.Handler { return h }
