@@ -30,6 +30,7 @@ func run(ctx context.Context, args []string) error {
 		SilenceErrors: true,
 	}
 	root.AddCommand(newLabCommand())
+	root.AddCommand(newBPFCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }

@@ -1,0 +1,172 @@
+// Host facts the data path depends on: where the cgroup v2 hierarchy is mounted and
+// whether the pin folder is on bpffs.
+
+package datapath
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// bpffsRoot is where bpffs is conventionally mounted.
+const bpffsRoot = "/sys/fs/bpf"
+
+// Cgroup2Mount returns where the cgroup v2 hierarchy is mounted, from
+// /proc/self/mountinfo. Hosts differ (/sys/fs/cgroup on unified hosts,
+// /sys/fs/cgroup/unified on hybrid ones), so the path is never assumed.
+func Cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", fmt.Errorf("cgroup2 mount: %w", err)
+	}
+	defer f.Close()
+	return FindCgroup2(f)
+}
+
+// FindCgroup2 returns the first cgroup2 mount point listed in a mountinfo file.
+func FindCgroup2(mountinfo io.Reader) (string, error) {
+	sc := bufio.NewScanner(mountinfo)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		// "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(pre)
+		if len(fields) < 5 || !strings.HasPrefix(post, "cgroup2 ") {
+			continue
+		}
+		return unescapeMountPath(fields[4]), nil
+	}
+	if err := sc.Err(); err != nil {
+		return "", fmt.Errorf("cgroup2 mount: %w", err)
+	}
+	return "", errors.New("cgroup2 mount: no cgroup2 filesystem in mountinfo (is cgroup v2 enabled?)")
+}
+
+// unescapeMountPath undoes mountinfo's octal escapes (\040 for a space and so on).
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// isBPFFS reports whether path lives on a bpffs.
+func isBPFFS(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, err
+	}
+	return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
+}
+
+// EnsureBPFFS makes sure dir can hold pins: if the nearest existing folder on its path
+// is not on bpffs, it mounts bpffs at /sys/fs/bpf (when dir is below it; on a fresh
+// host that folder exists but nothing is mounted there) or at dir itself. It then
+// creates dir.
+func EnsureBPFFS(dir string) error {
+	dir = filepath.Clean(dir)
+	existing := dir
+	for {
+		if _, err := os.Stat(existing); err == nil {
+			break
+		}
+		parent := filepath.Dir(existing)
+		if parent == existing {
+			break
+		}
+		existing = parent
+	}
+	ok, err := isBPFFS(existing)
+	if err != nil {
+		return fmt.Errorf("bpffs check %s: %w", existing, err)
+	}
+	if !ok {
+		target := dir
+		if dir == bpffsRoot || strings.HasPrefix(dir, bpffsRoot+"/") {
+			target = bpffsRoot
+		}
+		if err := mountBPFFS(target); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create pin folder: %w", err)
+	}
+	if ok, err := isBPFFS(dir); err != nil || !ok {
+		return fmt.Errorf("pin folder %s is not on bpffs (%v)", dir, err)
+	}
+	return nil
+}
+
+// mountBPFFS mounts bpffs at target unless it already is, holding a lock on the
+// folder underneath so that two agents (or test binaries) starting together do not
+// stack two mounts, the second hiding the first's pins.
+func mountBPFFS(target string) error {
+	if err := os.MkdirAll(target, 0o700); err != nil {
+		return fmt.Errorf("mount bpffs: %w", err)
+	}
+	under, err := os.Open(target)
+	if err != nil {
+		return fmt.Errorf("mount bpffs: %w", err)
+	}
+	defer under.Close()
+	if err := unix.Flock(int(under.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("mount bpffs: lock %s: %w", target, err)
+	}
+	defer unix.Flock(int(under.Fd()), unix.LOCK_UN)
+	if ok, err := isBPFFS(target); err == nil && ok {
+		return nil // someone else mounted it meanwhile
+	}
+	if err := unix.Mount("bpffs", target, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", target, err)
+	}
+	return nil
+}
+
+// cgroupID returns the id the kernel reports for the cgroup v2 folder at path (its
+// inode number).
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	return st.Ino, nil
+}
+
+// cgroupPathByID finds the cgroup folder below root whose id is id, or "".
+func cgroupPathByID(root string, id uint64) string {
+	found := ""
+	filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if cid, err := cgroupID(path); err == nil && cid == id {
+			found = path
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	return found
+}
