@@ -46,6 +46,7 @@ type envOpt struct {
 	serverDial  func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	authorize   func(peerID string, remote netip.AddrPort) error
 	idleTimeout time.Duration
+	dialTimeout time.Duration
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -78,8 +79,9 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		TLS: func(net.Addr) (*tls.Config, error) {
 			return e.sstore.ServerConfig(serverID, nil), nil
 		},
-		Authorize: authorize,
-		Dial:      dial,
+		Authorize:   authorize,
+		Dial:        dial,
+		DialTimeout: o.dialTimeout,
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
@@ -326,8 +328,7 @@ func TestAppDialTimeout(t *testing.T) {
 	e := newEnv(t, envOpt{serverDial: func(ctx context.Context, _ netip.AddrPort) (net.Conn, error) {
 		<-ctx.Done()
 		return nil, ctx.Err()
-	}})
-	e.srv.cfg.DialTimeout = 100 * time.Millisecond
+	}, dialTimeout: 100 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"))
@@ -537,7 +538,7 @@ func TestServerCloseEndsStreams(t *testing.T) {
 	settle(t, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= base+2 })
 }
 
-func TestPoolReusesAndResumes(t *testing.T) {
+func TestPoolReusesConnection(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	target := app(t, echo)
 	for i := 0; i < 3; i++ {
