@@ -356,7 +356,7 @@ func Load(prefix string) (*Lab, error) { return LoadDir(StateDirFor(prefix)) }
 func LoadDir(dir string) (*Lab, error) {
 	data, err := os.ReadFile(filepath.Join(dir, descriptionFile))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("no lab in %s (is it up?): %w", dir, err)
+		return nil, fmt.Errorf("no lab is up here (no %s); start one with 'ferry lab up': %w", filepath.Join(dir, descriptionFile), os.ErrNotExist)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load lab: %w", err)

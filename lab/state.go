@@ -10,22 +10,28 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/operator/ca"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // CertTTL is the lifetime of the workload certificates the lab issues.
-const CertTTL = 24 * time.Hour
+const CertTTL = ca.DefaultTTL
+
+// issuer is what the lab needs from the mesh CA.
+type issuer interface {
+	RootPEM() []byte
+	Issue(spiffeID string, ttl time.Duration) (certPEM, keyPEM []byte, err error)
+}
 
 // writeStates creates the mesh CA, issues a certificate for every enrolled pod and
 // writes each node's state file, with the certificates of that node's pods only.
 func (l *Lab) writeStates() error {
 	cfg := l.desc.Config
-	// Stand-in until operator/ca lands; see ca.go.
-	ca, err := newLabCA(cfg.TrustDomain)
+	authority, err := ca.New(cfg.TrustDomain)
 	if err != nil {
-		return err
+		return fmt.Errorf("mesh CA: %w", err)
 	}
-	return l.writeStatesWith(ca)
+	return l.writeStatesWith(authority)
 }
 
 func (l *Lab) writeStatesWith(ca issuer) error {
