@@ -18,6 +18,7 @@ import (
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -413,5 +414,30 @@ func TestParseStat(t *testing.T) {
 	state, start, ok := parseStat([]byte(line))
 	if !ok || state != "S" || start != 987654 {
 		t.Errorf("parseStat: %q %d %v", state, start, ok)
+	}
+}
+
+func TestRemovePinDirUnmountsBPFFS(t *testing.T) {
+	privileged.Require(t)
+	t.Parallel()
+	// An agent may mount bpffs on its pin folder; Down must unmount it, not fail on it.
+	dir := filepath.Join(t.TempDir(), "tp-node1")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "links"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := removePinDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("pin folder still there: %v", err)
+	}
+	if mps := mountPointsUnder(dir); len(mps) != 0 {
+		t.Errorf("still mounted: %v", mps)
 	}
 }
