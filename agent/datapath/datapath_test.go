@@ -305,6 +305,8 @@ func TestOrigDstRoundTrip(t *testing.T) {
 		}
 	}
 
+	t.Logf("ferry bpf progs:\n%s\nferry bpf maps:\n%s", ptable.String(), table.String())
+
 	got, err := d.OrigDst(cookie, port)
 	if err != nil {
 		t.Fatal(err)
