@@ -1,0 +1,33 @@
+# Ferry's build. `make help` lists the targets.
+GO        ?= go
+BIN       := bin
+TESTFLAGS ?= -race -count=1 -timeout 25m
+export FERRY_PRIVILEGED_TESTS
+
+.PHONY: help deps build generate check-generated test demo lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+deps: ## install the Debian packages the build and tests need (idempotent)
+	@hack/install-deps.sh
+
+build: ## build ferry, ferry-agent into bin/
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+generate: deps ## regenerate the BPF objects and protobuf code from their sources
+	$(GO) build -o hack/bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	$(GO) generate ./api/... ./bpf/...
+
+check-generated: generate ## fail if committed generated files differ from their sources
+	@git diff --exit-code --stat -- api bpf || { echo "generated files are stale: run make generate and commit" >&2; exit 1; }
+
+test: deps ## run every test (as root with FERRY_PRIVILEGED_TESTS=1 for the kernel ones)
+	$(GO) test $(TESTFLAGS) ./...
+
+demo: deps build ## bring up the lab, send traffic between pods and show what crossed the mesh
+	$(BIN)/ferry lab demo --agent $(BIN)/ferry-agent
+
+lint: ## go vet and gofmt
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfel.go$$')); [ -z "$$out" ] || { echo "gofmt: $$out" >&2; exit 1; }

@@ -1,0 +1,259 @@
+// Package agent is Ferry's node agent: it loads the data path into the kernel,
+// enrolls the node's mesh pods, and runs the node proxy that carries their traffic.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/identity"
+	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/ferryv1"
+)
+
+// Config configures an Agent.
+type Config struct {
+	Node        string
+	StatePath   string // NodeState file (protobuf JSON), until the operator streams it
+	AdminSocket string // unix socket of the admin API; "" disables it
+	Datapath    datapath.Config
+}
+
+// Agent is one node's agent.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	dp    *datapath.Datapath
+	ids   *identity.Store
+	proxy *proxy.Proxy
+	admin *adminServer
+
+	mu       sync.Mutex
+	state    *ferryv1.NodeState
+	applied  time.Time
+	enrolled map[string]enrolledPod // by pod UID
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type enrolledPod struct {
+	w      proxy.Workload
+	ns     *netns.Handle
+	cookie uint64
+}
+
+// New validates cfg and allocates the agent's parts; nothing touches the kernel yet.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	if cfg.Node == "" {
+		return nil, errors.New("agent config: node name is required")
+	}
+	if cfg.StatePath == "" {
+		return nil, errors.New("agent config: state file is required")
+	}
+	if cfg.Datapath.Mark == 0 {
+		cfg.Datapath.Mark = datapath.DefaultMark
+	}
+	dp, err := datapath.New(cfg.Datapath, log)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}}
+	a.proxy, err = proxy.New(proxy.Config{
+		Node:       cfg.Node,
+		Mark:       cfg.Datapath.Mark,
+		FastPath:   cfg.Datapath.FastPath,
+		Datapath:   dp,
+		Identities: a.ids,
+		Log:        log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if cfg.AdminSocket != "" {
+		a.admin = newAdminServer(cfg.AdminSocket, a, log)
+	}
+	return a, nil
+}
+
+// Start loads the data path (adopting what a previous run pinned), applies the
+// state file, and serves until Stop.
+func (a *Agent) Start(ctx context.Context) error {
+	st, err := ReadStateFile(a.cfg.StatePath)
+	if err != nil {
+		return err
+	}
+	if err := a.dp.Start(ctx); err != nil {
+		return fmt.Errorf("datapath: %w", err)
+	}
+	if err := a.Apply(st); err != nil {
+		a.dp.Close()
+		return err
+	}
+	if err := a.removeStale(); err != nil {
+		a.log.Warn("stale enrollments", "error", err)
+	}
+	ctx, a.cancel = context.WithCancel(context.Background())
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.watchFile(ctx, a.cfg.StatePath, 500*time.Millisecond)
+	}()
+	if a.admin != nil {
+		if err := a.admin.Start(); err != nil {
+			a.Stop()
+			return err
+		}
+	}
+	a.log.Info("agent ready", "version", st.GetVersion(), "pods", len(a.enrolled))
+	return nil
+}
+
+// Stop closes the pods' listeners, waits for proxied connections to end and
+// releases the data path. The kernel state stays pinned: capture keeps working for
+// the next agent, which adopts it.
+func (a *Agent) Stop() error {
+	if a.cancel != nil {
+		a.cancel()
+	}
+	a.wg.Wait()
+	if a.admin != nil {
+		a.admin.Stop()
+	}
+	a.proxy.Stop()
+	a.mu.Lock()
+	for _, p := range a.enrolled {
+		p.ns.Close()
+	}
+	a.enrolled = map[string]enrolledPod{}
+	a.mu.Unlock()
+	return a.dp.Close()
+}
+
+// Apply makes the node match st: identities, the mesh directory, and which local
+// pods are enrolled. A state for another node, an older version or with invalid
+// entries is refused whole, leaving the current state in place. Pods whose entry
+// did not change are not touched, so their connections carry on.
+func (a *Agent) Apply(st *ferryv1.NodeState) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if st.GetNode() != a.cfg.Node {
+		return fmt.Errorf("state is for node %q, this agent is node %q", st.GetNode(), a.cfg.Node)
+	}
+	if a.state != nil && st.GetVersion() < a.state.GetVersion() {
+		return fmt.Errorf("state version %d is older than the applied %d", st.GetVersion(), a.state.GetVersion())
+	}
+	ws, err := workloads(st)
+	if err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
+	certs := map[string]identity.CertPEM{}
+	for _, c := range st.GetCertificates() {
+		certs[c.GetIdentity()] = identity.CertPEM{Chain: c.GetCertChainPem(), Key: c.GetPrivateKeyPem()}
+	}
+	if err := a.ids.Update(st.GetTrustBundlePem(), certs); err != nil {
+		return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
+	}
+	a.proxy.SetMesh(ws)
+
+	want := map[string]proxy.Workload{}
+	for _, w := range ws {
+		if w.Node == a.cfg.Node {
+			want[w.UID] = w
+		}
+	}
+	var errs []error
+	for uid, p := range a.enrolled {
+		if w, ok := want[uid]; !ok || !sameWorkload(w, p.w) {
+			a.unenroll(p)
+			delete(a.enrolled, uid)
+		}
+	}
+	for uid, w := range want {
+		if _, ok := a.enrolled[uid]; ok {
+			continue
+		}
+		if _, err := a.ids.Certificate(w.Identity); err != nil {
+			errs = append(errs, fmt.Errorf("pod %s: %w", w.Name, err))
+			continue
+		}
+		p, err := a.enroll(w)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a.enrolled[uid] = p
+	}
+	a.state, a.applied = st, time.Now()
+	// A pod that could not be enrolled (its netns not there yet) is reported and
+	// retried with the next state; the rest of the state is in force.
+	return errors.Join(errs...)
+}
+
+func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
+	ns, err := netns.FindByIP(w.IPs[0])
+	if err != nil {
+		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
+	}
+	cookie, err := a.dp.Enroll(ns, w.Name)
+	if err != nil {
+		ns.Close()
+		return enrolledPod{}, fmt.Errorf("pod %s: enroll: %w", w.Name, err)
+	}
+	if err := a.proxy.AddPod(w, ns, cookie); err != nil {
+		a.dp.Unenroll(cookie)
+		ns.Close()
+		return enrolledPod{}, err
+	}
+	a.log.Info("pod enrolled", "pod", w.Name, "netns_cookie", cookie, "identity", w.Identity)
+	return enrolledPod{w: w, ns: ns, cookie: cookie}, nil
+}
+
+func (a *Agent) unenroll(p enrolledPod) {
+	if err := a.dp.Unenroll(p.cookie); err != nil {
+		a.log.Warn("unenroll", "pod", p.w.Name, "error", err)
+	}
+	a.proxy.RemovePod(p.w.UID)
+	p.ns.Close()
+	a.log.Info("pod unenrolled", "pod", p.w.Name)
+}
+
+// removeStale drops enrollments a previous run pinned for pods that are gone.
+func (a *Agent) removeStale() error {
+	pinned, err := a.dp.Enrolled()
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	keep := map[uint64]bool{}
+	for _, p := range a.enrolled {
+		keep[p.cookie] = true
+	}
+	var errs []error
+	for cookie, pod := range pinned {
+		if !keep[cookie] {
+			a.log.Info("removing stale enrollment", "pod", pod, "netns_cookie", cookie)
+			errs = append(errs, a.dp.Unenroll(cookie))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func sameWorkload(a, b proxy.Workload) bool {
+	if a.Identity != b.Identity || a.Name != b.Name || len(a.IPs) != len(b.IPs) {
+		return false
+	}
+	for i := range a.IPs {
+		if a.IPs[i] != b.IPs[i] {
+			return false
+		}
+	}
+	return true
+}

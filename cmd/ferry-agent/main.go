@@ -1,0 +1,88 @@
+// Command ferry-agent is Ferry's node agent: one per node (a DaemonSet), it loads
+// the eBPF data path and runs the node proxy for the node's enrolled pods.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:])
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ferry-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	var (
+		cfg      agent.Config
+		cleanup  bool
+		logLevel slog.Level
+	)
+	cfg.Datapath = datapath.Config{
+		PinDir:   datapath.DefaultPinDir,
+		Mark:     datapath.DefaultMark,
+		FastPath: true,
+		MaxPods:  datapath.DefaultMaxPods,
+	}
+	cmd := &cobra.Command{
+		Use:   "ferry-agent",
+		Short: "Ferry node agent: eBPF capture and the node proxy",
+		Long: `ferry-agent runs on every node. It loads Ferry's eBPF programs (pinned under
+--bpf-pin-dir so capture survives a restart), enrolls the node's mesh pods from the
+state it is given, and carries their TCP traffic: mutual TLS to pods on other nodes,
+straight through to pods on this node, plaintext to destinations outside the mesh.
+
+With --cleanup it removes everything Ferry put in the kernel and exits.`,
+		Example: `  ferry-agent --node node1 --state /var/lib/ferry/state.json
+  ferry-agent --cleanup --bpf-pin-dir /sys/fs/bpf/ferry`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
+			if cleanup {
+				if err := datapath.Cleanup(cfg.Datapath.PinDir, cfg.Datapath.CgroupPath); err != nil {
+					return err
+				}
+				log.Info("removed Ferry's programs, maps, links and pins", "pin_dir", cfg.Datapath.PinDir)
+				return nil
+			}
+			a, err := agent.New(cfg, log.With("node", cfg.Node))
+			if err != nil {
+				return err
+			}
+			if err := a.Start(cmd.Context()); err != nil {
+				return err
+			}
+			<-cmd.Context().Done()
+			log.Info("stopping")
+			return a.Stop()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Node, "node", os.Getenv("NODE_NAME"), "name of this node (default $NODE_NAME)")
+	f.StringVar(&cfg.StatePath, "state", "", "node state file (protobuf JSON NodeState)")
+	f.StringVar(&cfg.AdminSocket, "admin-socket", "/run/ferry/agent.sock", "unix socket for the admin API (\"\" disables it)")
+	f.StringVar(&cfg.Datapath.PinDir, "bpf-pin-dir", cfg.Datapath.PinDir, "bpffs folder where programs, maps and links are pinned")
+	f.StringVar(&cfg.Datapath.CgroupPath, "cgroup", "", "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
+	f.Uint32Var(&cfg.Datapath.Mark, "mark", cfg.Datapath.Mark, "SO_MARK on the agent's own sockets, which capture skips")
+	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "move bytes between local sockets with sockmap/sk_msg")
+	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
+	f.BoolVar(&cleanup, "cleanup", false, "remove everything Ferry put in the kernel and exit")
+	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
+	cmd.SetArgs(args)
+	return cmd.ExecuteContext(ctx)
+}
