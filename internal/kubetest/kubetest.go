@@ -5,7 +5,8 @@
 // and validated, admission and RBAC apply, but nothing reconciles them. In
 // particular no "default" ServiceAccount appears in a new namespace, and the
 // ServiceAccount admission plugin rejects pods whose service account is
-// missing, so create namespaces with Cluster.CreateNamespace.
+// missing: Start adds it to the default and kube-system namespaces, and
+// Cluster.CreateNamespace to the namespaces it creates.
 package kubetest
 
 import (
@@ -25,6 +26,7 @@ import (
 
 	"github.com/ferrymesh/ferry/internal/privileged"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -185,7 +187,8 @@ func binaries(t testing.TB) (apiserver, etcd string) {
 	if d, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
 		if deadline, ok := d.Deadline(); ok {
 			var cancel context.CancelFunc
-			ctx, cancel = context.WithDeadline(ctx, deadline.Add(-30*time.Second))
+			margin := min(30*time.Second, time.Until(deadline)/4)
+			ctx, cancel = context.WithDeadline(ctx, deadline.Add(-margin))
 			defer cancel()
 		}
 	}
@@ -349,6 +352,9 @@ func startAPIServer(bin, dir, etcdURL string) (*Cluster, *process, error) {
 		}
 		err = waitReady(p, &http.Client{Transport: transport, Timeout: 5 * time.Second}, c.URL+"/readyz", apiserverReadyTimeout)
 		if err == nil {
+			err = addDefaultServiceAccounts(c.RestConfig, p)
+		}
+		if err == nil {
 			c.Kubeconfig = filepath.Join(dir, "kubeconfig")
 			if err := writeKubeconfig(c.Kubeconfig, c.URL, authority.certPEM, adminCert, adminKey); err != nil {
 				return nil, p, err
@@ -361,6 +367,36 @@ func startAPIServer(bin, dir, etcdURL string) (*Cluster, *process, error) {
 		lastErr = err
 	}
 	return nil, nil, fmt.Errorf("kube-apiserver: no free port after 3 attempts: %w", lastErr)
+}
+
+// addDefaultServiceAccounts adds the "default" ServiceAccount to the default
+// and kube-system namespaces, as the missing controller manager would, so
+// pods can be created there. kube-system itself appears a moment after the
+// server is ready.
+func addDefaultServiceAccounts(cfg *rest.Config, p *process) error {
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("client: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, ns := range []string{metav1.NamespaceDefault, metav1.NamespaceSystem} {
+		sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}
+		for {
+			_, err := client.CoreV1().ServiceAccounts(ns).Create(ctx, sa, metav1.CreateOptions{})
+			if err == nil || apierrors.IsAlreadyExists(err) {
+				break
+			}
+			if exited, exitErr := p.exitErr(); exited {
+				return exitErr
+			}
+			if !apierrors.IsNotFound(err) || ctx.Err() != nil {
+				return fmt.Errorf("default service account in %s: %w", ns, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // waitReady polls url until it answers 200, the process exits or timeout passes.

@@ -85,15 +85,18 @@ func TestCluster(t *testing.T) {
 	}
 
 	t.Run("default service account", func(t *testing.T) {
-		p, err := client.CoreV1().Pods(ns.Name).Create(ctx, &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "plain"},
-			Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/plain:1"}}},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatalf("create pod with no service account in a namespace from CreateNamespace: %v", err)
-		}
-		if p.Spec.ServiceAccountName != "default" {
-			t.Errorf("service account = %q, want default", p.Spec.ServiceAccountName)
+		for _, namespace := range []string{ns.Name, metav1.NamespaceDefault, metav1.NamespaceSystem} {
+			p, err := client.CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: "plain"},
+				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/plain:1"}}},
+			}, metav1.CreateOptions{})
+			if err != nil {
+				t.Errorf("create pod with no service account in %s: %v", namespace, err)
+				continue
+			}
+			if p.Spec.ServiceAccountName != "default" {
+				t.Errorf("%s: service account = %q, want default", namespace, p.Spec.ServiceAccountName)
+			}
 		}
 	})
 
