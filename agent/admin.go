@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -62,7 +63,8 @@ func newAdminServer(path string, a *Agent, log *slog.Logger) *adminServer {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", s.status)
 	mux.HandleFunc("GET /connections", s.connections)
-	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
 	return s
 }
 
@@ -152,10 +154,15 @@ type AdminClient struct{ hc *http.Client }
 func NewAdminClient(socket string) *AdminClient {
 	return &AdminClient{hc: &http.Client{
 		Timeout: 5 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", socket)
+			},
+			// A unix socket is cheap to dial, and an idle kept-alive connection would
+			// hold a goroutine and a file in the agent per client ever made.
+			DisableKeepAlives: true,
+		},
 	}}
 }
 

@@ -37,7 +37,9 @@ type Agent struct {
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
 	applied  time.Time
-	enrolled map[string]enrolledPod // by pod UID
+	want     map[string]proxy.Workload // this node's pods in the state, by UID
+	enrolled map[string]enrolledPod    // by pod UID
+	failing  map[string]string         // pods that could not be enrolled: last error
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -64,7 +66,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}}
+	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}}
 	a.proxy, err = proxy.New(proxy.Config{
 		Node:       cfg.Node,
 		Mark:       cfg.Datapath.Mark,
@@ -138,8 +140,7 @@ func (a *Agent) Stop() error {
 
 // Apply makes the node match st: identities, the mesh directory, and which local
 // pods are enrolled. A state for another node, an older version or with invalid
-// entries is refused whole, leaving the current state in place. Pods whose entry
-// did not change are not touched, so their connections carry on.
+// entries is refused whole, leaving the current state in place.
 func (a *Agent) Apply(st *ferryv1.NodeState) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -162,41 +163,57 @@ func (a *Agent) Apply(st *ferryv1.NodeState) error {
 	}
 	a.proxy.SetMesh(ws)
 
-	want := map[string]proxy.Workload{}
+	a.want = map[string]proxy.Workload{}
 	for _, w := range ws {
 		if w.Node == a.cfg.Node {
-			want[w.UID] = w
+			a.want[w.UID] = w
 		}
 	}
-	var errs []error
+	a.state, a.applied = st, time.Now()
+	a.reconcileLocked()
+	return nil
+}
+
+// reconcile enrolls the wanted pods that are not enrolled yet; a pod whose network
+// namespace is not there yet (the CNI has not run) is tried again on the next tick.
+func (a *Agent) reconcile() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.enrolled) != len(a.want) {
+		a.reconcileLocked()
+	}
+}
+
+// reconcileLocked makes the enrolled pods match a.want. Pods whose entry did not
+// change are not touched, so their connections carry on.
+func (a *Agent) reconcileLocked() {
 	for uid, p := range a.enrolled {
-		if w, ok := want[uid]; !ok || !sameWorkload(w, p.w) {
+		if w, ok := a.want[uid]; !ok || !sameWorkload(w, p.w) {
 			a.unenroll(p)
 			delete(a.enrolled, uid)
 		}
 	}
-	for uid, w := range want {
+	for uid, w := range a.want {
 		if _, ok := a.enrolled[uid]; ok {
-			continue
-		}
-		if _, err := a.ids.Certificate(w.Identity); err != nil {
-			errs = append(errs, fmt.Errorf("pod %s: %w", w.Name, err))
 			continue
 		}
 		p, err := a.enroll(w)
 		if err != nil {
-			errs = append(errs, err)
+			if a.failing[uid] != err.Error() { // say it once, not every tick
+				a.log.Warn("pod not enrolled yet; will retry", "pod", w.Name, "error", err)
+			}
+			a.failing[uid] = err.Error()
 			continue
 		}
+		delete(a.failing, uid)
 		a.enrolled[uid] = p
 	}
-	a.state, a.applied = st, time.Now()
-	// A pod that could not be enrolled (its netns not there yet) is reported and
-	// retried with the next state; the rest of the state is in force.
-	return errors.Join(errs...)
 }
 
 func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
+	if _, err := a.ids.Certificate(w.Identity); err != nil {
+		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
+	}
 	ns, err := netns.FindByIP(w.IPs[0])
 	if err != nil {
 		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)

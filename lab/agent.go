@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -45,8 +46,8 @@ func (l *Lab) agentCommand(n *nodeInfo, extra ...string) *exec.Cmd {
 
 // StartAgent starts the node's agent in the node's network namespace and cgroup, in
 // its own session so that it outlives the process that started it. Its output goes to
-// <StateDir>/<node>/agent.log.
-func (l *Lab) StartAgent(node string) error {
+// <StateDir>/<node>/agent.log. extraArgs follow the lab's AgentArgs, so they win.
+func (l *Lab) StartAgent(node string, extraArgs ...string) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n, err := l.node(node)
@@ -76,7 +77,7 @@ func (l *Lab) StartAgent(node string) error {
 
 	// Born in the node cgroup (clone3 CLONE_INTO_CGROUP), so every socket the agent
 	// creates belongs to the cgroup its programs are attached to.
-	cmd := l.agentCommand(n, l.desc.Config.AgentArgs...)
+	cmd := l.agentCommand(n, append(slices.Clone(l.desc.Config.AgentArgs), extraArgs...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cg}
 	if err := cmd.Start(); err != nil {
@@ -84,7 +85,7 @@ func (l *Lab) StartAgent(node string) error {
 			return fmt.Errorf("start agent on %s: %w", node, err)
 		}
 		l.log.Warn("starting the agent inside its cgroup failed; moving it there after start", "node", node, "error", err)
-		cmd = l.agentCommand(n, l.desc.Config.AgentArgs...)
+		cmd = l.agentCommand(n, append(slices.Clone(l.desc.Config.AgentArgs), extraArgs...)...)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 		if err := cmd.Start(); err != nil {

@@ -34,6 +34,10 @@ type Config struct {
 	AgentArgs []string `json:"agentArgs,omitempty"`
 	// TrustDomain is the SPIFFE trust domain. Default cluster.local.
 	TrustDomain string `json:"trustDomain,omitempty"`
+	// PodNet is the second octet of the pod addresses: node i's pods are in
+	// 10.<PodNet>.i.0/24. Default 100. Labs up at the same time need different
+	// values, because an agent finds a pod's network namespace by its IP.
+	PodNet uint8 `json:"podNet,omitempty"`
 }
 
 // NodeConfig is one simulated node.
@@ -98,6 +102,12 @@ func (c Config) withDefaults() (Config, error) {
 	if c.TrustDomain == "" {
 		c.TrustDomain = DefaultTrustDomain
 	}
+	if c.PodNet == 0 {
+		c.PodNet = 100
+	}
+	if c.PodNet == 99 {
+		return c, fmt.Errorf("podNet 99: 10.99.0.0/24 is the fabric")
+	}
 	if len(c.Nodes) == 0 {
 		return c, fmt.Errorf("config: no nodes")
 	}
@@ -147,18 +157,21 @@ func (c Config) withDefaults() (Config, error) {
 
 func fabricIP(node int) netip.Addr { return netip.AddrFrom4([4]byte{10, 99, 0, byte(node)}) }
 
-func podGateway(node int) netip.Addr { return netip.AddrFrom4([4]byte{10, 100, byte(node), 1}) }
-
-func podCIDR(node int) netip.Prefix {
-	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(node), 0}), 24)
+func podGateway(net uint8, node int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, net, byte(node), 1})
 }
 
-func podIP(node, pod int) netip.Addr {
-	return netip.AddrFrom4([4]byte{10, 100, byte(node), byte(10 + pod)})
+func podCIDR(net uint8, node int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, net, byte(node), 0}), 24)
+}
+
+func podIP(net uint8, node, pod int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, net, byte(node), byte(10 + pod)})
 }
 
 // FabricCIDR holds the nodes' addresses; it is never routed from the root namespace.
 func FabricCIDR() netip.Prefix { return netip.MustParsePrefix("10.99.0.0/24") }
 
-// PodCIDRs holds every pod CIDR; it is never routed from the root namespace.
+// PodCIDRs holds every pod CIDR of a lab with the default PodNet; it is never routed
+// from the root namespace.
 func PodCIDRs() netip.Prefix { return netip.MustParsePrefix("10.100.0.0/16") }
