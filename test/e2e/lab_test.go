@@ -1,0 +1,274 @@
+// Package e2e runs Ferry end to end on the lab: real network namespaces, the real
+// kernel and eBPF programs, real agent processes, real TLS. Every test asserts what
+// a user would see: bytes arrive, identities match, what the agents and maps report.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/internal/privileged"
+	"github.com/ferrymesh/ferry/lab"
+)
+
+// The shared lab: node1 has pods a, b (enrolled) and d (not enrolled); node2 has c.
+const prefix = "e2e"
+
+// Ports of the workloads every test can use: an echo server, and one that speaks first.
+const (
+	echoPort   = 8080
+	bannerPort = 8081
+	closedPort = 9 // nothing listens here
+)
+
+var (
+	setupOnce sync.Once
+	shared    *env
+	setupErr  error
+)
+
+// env is the lab and the binaries the tests drive.
+type env struct {
+	lab      *lab.Lab
+	bin      string // folder with ferry and ferry-agent
+	self     string // this test binary, re-executed in pods for client scenarios
+	servers  []*exec.Cmd
+	teardown func()
+}
+
+func TestMain(m *testing.M) {
+	if name := os.Getenv(scenarioEnv); name != "" {
+		os.Exit(runScenario(strings.Fields(name)))
+	}
+	code := m.Run()
+	if shared != nil {
+		shared.teardown()
+	}
+	os.Exit(code)
+}
+
+// setup returns the shared lab, bringing it up on first use.
+func setup(t *testing.T) *env {
+	t.Helper()
+	privileged.Require(t)
+	setupOnce.Do(func() { shared, setupErr = bringUp() })
+	if setupErr != nil {
+		t.Fatalf("lab: %v", setupErr)
+	}
+	return shared
+}
+
+func bringUp() (*env, error) {
+	bin, err := os.MkdirTemp("", "ferry-e2e-bin-")
+	if err != nil {
+		return nil, err
+	}
+	build := exec.Command("go", "build", "-o", bin+"/", "github.com/ferrymesh/ferry/cmd/ferry", "github.com/ferrymesh/ferry/cmd/ferry-agent")
+	if out, err := build.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build binaries: %v\n%s", err, out)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cfg := lab.DefaultConfig()
+	cfg.Prefix = prefix
+	cfg.AgentBinary = filepath.Join(bin, "ferry-agent")
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	l, err := lab.Up(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	e := &env{lab: l, bin: bin, self: self}
+	e.teardown = func() {
+		for _, s := range e.servers {
+			s.Process.Kill()
+			s.Wait()
+		}
+		if err := l.Down(); err != nil {
+			fmt.Fprintln(os.Stderr, "lab down:", err)
+		}
+		os.RemoveAll(bin)
+	}
+	fail := func(err error) (*env, error) {
+		e.teardown()
+		return nil, err
+	}
+	for _, node := range l.Nodes() {
+		if err := l.WaitAgentReady(ctx, node); err != nil {
+			return fail(err)
+		}
+	}
+	for _, pod := range []string{"a", "b", "c", "d"} {
+		if err := e.startServer(ctx, pod, echoPort); err != nil {
+			return fail(err)
+		}
+		if err := e.startServer(ctx, pod, bannerPort, "--banner", banner); err != nil {
+			return fail(err)
+		}
+	}
+	return e, nil
+}
+
+// startServer runs ferry's echo server in pod on port and waits until it accepts.
+func (e *env) startServer(ctx context.Context, pod string, port int, args ...string) error {
+	args = append([]string{"lab", "echo-server", "--listen", fmt.Sprintf(":%d", port)}, args...)
+	cmd := e.lab.Command(context.Background(), pod, filepath.Join(e.bin, "ferry"), args...)
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("echo server in %s: %w", pod, err)
+	}
+	e.servers = append(e.servers, cmd)
+	ns, err := e.lab.Netns(pod)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	addr := netip.AddrPortFrom(e.pod(pod).IP, uint16(port)).String()
+	for ctx.Err() == nil {
+		err := ns.Do(func() error {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+		if err == nil {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("echo server in %s on %d never listened", pod, port)
+}
+
+func (e *env) pod(name string) lab.PodInfo {
+	p, ok := e.lab.Pod(name)
+	if !ok {
+		panic("no pod " + name)
+	}
+	return p
+}
+
+// addr is pod's address on port.
+func (e *env) addr(pod string, port int) string {
+	return netip.AddrPortFrom(e.pod(pod).IP, uint16(port)).String()
+}
+
+// run runs a client scenario as a process in pod (its netns and its node's cgroup,
+// so Ferry captures it like any app) and returns its result.
+func (e *env) run(t *testing.T, pod string, args ...string) (scenarioResult, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := e.lab.Command(ctx, pod, e.self, "-test.run=^$")
+	cmd.Env = append(cmd.Env, scenarioEnv+"="+strings.Join(args, " "))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var res scenarioResult
+	if jerr := json.Unmarshal(bytes.TrimSpace(lastLine(out)), &res); jerr != nil {
+		return res, fmt.Errorf("scenario %v in %s: %v (output %q, stderr %q)", args, pod, err, out, stderr.String())
+	}
+	if res.Err != "" && err != nil {
+		return res, fmt.Errorf("scenario %v in %s: %s", args, pod, res.Err)
+	}
+	return res, nil
+}
+
+// mustRun is run that fails the test on error.
+func (e *env) mustRun(t *testing.T, pod string, args ...string) scenarioResult {
+	t.Helper()
+	res, err := e.run(t, pod, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+func lastLine(b []byte) []byte {
+	b = bytes.TrimSpace(b)
+	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+		return b[i+1:]
+	}
+	return b
+}
+
+// admin returns a client for node's agent admin API.
+func (e *env) admin(node string) *agent.AdminClient {
+	return agent.NewAdminClient(e.lab.AgentSocket(node))
+}
+
+func (e *env) status(t *testing.T, node string) agent.Status {
+	t.Helper()
+	st, err := e.admin(node).Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// findConn waits up to 5 s for a connection recorded by node's agent that matches.
+func (e *env) findConn(t *testing.T, node string, match func(c connRecord) bool) connRecord {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	var seen []connRecord
+	for time.Now().Before(deadline) {
+		cs, err := e.admin(node).Connections(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen = append(cs.Live, cs.Ended...)
+		for _, c := range seen {
+			if match(c) {
+				return c
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("agent on %s recorded no matching connection; it has %d:\n%s", node, len(seen), formatConns(seen))
+	return connRecord{}
+}
+
+type connRecord = proxy.Conn
+
+func formatConns(cs []connRecord) string {
+	var b strings.Builder
+	for _, c := range cs {
+		fmt.Fprintf(&b, "  %s %s %s -> %s %s (%s -> %s) %s\n", c.Direction, c.Security, c.Src, c.Dst, c.Pod, c.SrcIdentity, c.DstIdentity, c.Error)
+	}
+	return b.String()
+}
+
+// maps dumps node's pinned BPF maps through `ferry bpf maps -o json`.
+func (e *env) maps(t *testing.T, node string) datapath.MapsDump {
+	t.Helper()
+	out, err := exec.Command(filepath.Join(e.bin, "ferry"), "bpf", "maps", "--pin-dir", e.pinDir(node), "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("ferry bpf maps: %v", err)
+	}
+	var d datapath.MapsDump
+	if err := json.Unmarshal(out, &d); err != nil {
+		t.Fatalf("ferry bpf maps json: %v", err)
+	}
+	return d
+}
+
+func (e *env) pinDir(node string) string {
+	return filepath.Join(lab.BPFRoot, prefix+"-"+node)
+}
