@@ -16,7 +16,7 @@ build: ## build ferry, ferry-agent into bin/
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 generate: deps ## regenerate the BPF objects and protobuf code from their sources
-	$(GO) build -o hack/bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	$(GO) build -o hack/bin/ google.golang.org/protobuf/cmd/protoc-gen-go google.golang.org/grpc/cmd/protoc-gen-go-grpc
 	$(GO) generate ./api/... ./bpf/...
 
 check-generated: generate ## fail if committed generated files differ from their sources
