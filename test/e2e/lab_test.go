@@ -140,7 +140,8 @@ func (e *env) startServer(ctx context.Context, pod string, port int, args ...str
 		return err
 	}
 	defer ns.Close()
-	addr := netip.AddrPortFrom(e.pod(pod).IP, uint16(port)).String()
+	// Probe over loopback: a probe to the pod IP would be captured as inbound traffic.
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	for ctx.Err() == nil {
 		err := ns.Do(func() error {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
