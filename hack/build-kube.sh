@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Builds the kube-apiserver and etcd that Ferry's tests run (internal/kubetest) from
-# the Go modules in hack/kube/ and hack/kube/etcd/, into a cache folder shared by every
-# checkout:
+# Builds the kube-apiserver and etcd that Ferry's tests run (internal/kubetest), and
+# the kubectl they drive it with, from the Go modules in hack/kube/ and
+# hack/kube/etcd/, into a cache folder shared by every checkout:
 #
 #   ${FERRY_KUBE_CACHE:-$HOME/.cache/ferry/kube}/kubernetes-<v>_etcd-<v>_<go version>/
 #
-# Idempotent: when both binaries are there it prints their paths and exits at once.
-# stdout is exactly two lines, the absolute paths of kube-apiserver and etcd; progress
-# goes to stderr. Concurrent runs wait for each other (flock) instead of building twice.
+# Idempotent: when all binaries are there it prints their paths and exits at once.
+# stdout is exactly three lines, the absolute paths of kube-apiserver, etcd and
+# kubectl (callers tell them apart by base name); progress goes to stderr. Concurrent runs wait for each other (flock) instead of building twice.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,9 +29,10 @@ cache_root=${FERRY_KUBE_CACHE:-$HOME/.cache/ferry/kube}
 out="$cache_root/kubernetes-${kube_version}_etcd-${etcd_version}_${go_version}"
 apiserver="$out/kube-apiserver"
 etcd="$out/etcd"
+kubectl="$out/kubectl"
 
-done_already() { [ -x "$apiserver" ] && [ -x "$etcd" ]; }
-print_paths() { printf '%s\n%s\n' "$apiserver" "$etcd"; }
+done_already() { [ -x "$apiserver" ] && [ -x "$etcd" ] && [ -x "$kubectl" ]; }
+print_paths() { printf '%s\n%s\n%s\n' "$apiserver" "$etcd" "$kubectl"; }
 
 if done_already; then
   print_paths
@@ -85,6 +86,17 @@ if [ ! -x "$etcd" ]; then
     -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
   mv "$tmp/etcd" "$etcd"
   echo "build-kube: etcd built in $((SECONDS - start))s" >&2
+fi
+
+start=$SECONDS
+if [ ! -x "$kubectl" ]; then
+  # Same module, build flags and version stamp as kube-apiserver: most of it is
+  # already in the Go build cache by now, so this takes well under a minute.
+  echo "build-kube: building kubectl $kube_version with $go_version…" >&2
+  (cd "$kube_mod" && go build -trimpath -tags "$tags" -ldflags "$ldflags" \
+    -o "$tmp/kubectl" k8s.io/kubernetes/cmd/kubectl)
+  mv "$tmp/kubectl" "$kubectl"
+  echo "build-kube: kubectl built in $((SECONDS - start))s" >&2
 fi
 
 print_paths

@@ -63,6 +63,9 @@ type Cluster struct {
 	RestConfig *rest.Config
 	// URL is the API server's address, https://127.0.0.1:<port>.
 	URL string
+	// Kubectl is the path of a kubectl of the API server's version, built by
+	// hack/build-kube.sh; use it with --kubeconfig Kubeconfig.
+	Kubectl string
 
 	ca *ca
 }
@@ -74,7 +77,7 @@ type Cluster struct {
 // FERRY_PRIVILEGED_TESTS=1.
 func Start(t testing.TB) *Cluster {
 	t.Helper()
-	apiserverBin, etcdBin := binaries(t)
+	apiserverBin, etcdBin, kubectlBin := binaries(t)
 
 	dir := t.TempDir()
 	var procs []*process
@@ -116,6 +119,7 @@ func Start(t testing.TB) *Cluster {
 	if err != nil {
 		fail("%v", err)
 	}
+	c.Kubectl = kubectlBin
 	t.Logf("kubetest: API server %s ready in %v (etcd %v), logs in %s",
 		c.URL, time.Since(begin).Round(time.Millisecond), etcdReady.Sub(begin).Round(time.Millisecond), dir)
 	return c
@@ -164,9 +168,9 @@ func (c *Cluster) restConfig(certPEM, keyPEM []byte) *rest.Config {
 	}
 }
 
-// binaries returns the paths of kube-apiserver and etcd, building them first
-// if they are not in the cache.
-func binaries(t testing.TB) (apiserver, etcd string) {
+// binaries returns the paths of kube-apiserver, etcd and kubectl, building
+// them first if they are not in the cache.
+func binaries(t testing.TB) (apiserver, etcd, kubectl string) {
 	t.Helper()
 	skipOrFail := func(format string, args ...any) {
 		t.Helper()
@@ -212,12 +216,14 @@ func binaries(t testing.TB) (apiserver, etcd string) {
 			apiserver = line
 		case "etcd":
 			etcd = line
+		case "kubectl":
+			kubectl = line
 		}
 	}
-	if apiserver == "" || etcd == "" {
-		skipOrFail("%s printed no kube-apiserver and etcd paths: %q", script, stdout.String())
+	if apiserver == "" || etcd == "" || kubectl == "" {
+		skipOrFail("%s printed no kube-apiserver, etcd and kubectl paths: %q", script, stdout.String())
 	}
-	return apiserver, etcd
+	return apiserver, etcd, kubectl
 }
 
 // buildScript finds hack/build-kube.sh above the working directory, which go

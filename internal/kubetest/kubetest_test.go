@@ -1,7 +1,9 @@
 package kubetest_test
 
 import (
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/ferrymesh/ferry/internal/kubetest"
@@ -42,6 +44,18 @@ func TestCluster(t *testing.T) {
 		}
 		if _, err := kc.CoreV1().Namespaces().Get(ctx, "default", metav1.GetOptions{}); err != nil {
 			t.Errorf("get namespace default with %s: %v", c.Kubeconfig, err)
+		}
+	})
+
+	t.Run("kubectl", func(t *testing.T) {
+		out, err := exec.CommandContext(ctx, c.Kubectl, "--kubeconfig", c.Kubeconfig, "version").CombinedOutput()
+		if err != nil {
+			t.Fatalf("kubectl version: %v\n%s", err, out)
+		}
+		for _, want := range []string{"Client Version: v1.37.2", "Server Version: v1.37.2"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("kubectl version printed %q, want a line %q", out, want)
+			}
 		}
 	})
 
