@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -422,6 +423,8 @@ func newLabEchoClientCommand() *cobra.Command {
 		banner  string
 		seed    uint64
 		timeout time.Duration
+
+		roundTrips int
 	)
 	cmd := &cobra.Command{
 		Use:   "echo-client",
@@ -429,8 +432,12 @@ func newLabEchoClientCommand() *cobra.Command {
 		Long: `Open --conns connections to an echo server, send --bytes of a deterministic pattern on
 each while reading the echo back, and check it byte for byte, including that the server
 closes after echoing everything. Prints bytes, duration, throughput and the result; a
-mismatch names the first differing offset.`,
+mismatch names the first differing offset.
+
+With --round-trips N it measures latency instead: one connection, N request-response
+round trips of --bytes each, and prints the connect time and the percentiles.`,
 		Example: `  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080 --round-trips 10000 --bytes 64
   sudo ferry lab exec a -- ferry lab echo-client --to 10.100.1.11:8080 --bytes 1GiB --conns 8
   sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8081 --banner "hello from c"`,
 		Args: cobra.NoArgs,
@@ -447,6 +454,9 @@ mismatch names the first differing offset.`,
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
+			if roundTrips > 0 {
+				return runRoundTrips(ctx, cmd.OutOrStdout(), to, roundTrips, n)
+			}
 			start := time.Now()
 			errs := make([]error, conns)
 			var wg sync.WaitGroup
@@ -488,7 +498,33 @@ mismatch names the first differing offset.`,
 	fl.StringVar(&banner, "banner", "", "banner the server sends first, checked before sending")
 	fl.Uint64Var(&seed, "seed", 0, "pattern seed (connection i uses seed+i)")
 	fl.DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")
+	fl.IntVar(&roundTrips, "round-trips", 0, "measure latency: this many request-response round trips of --bytes")
 	return cmd
+}
+
+// runRoundTrips measures the connect time and n round trips of size bytes to addr.
+func runRoundTrips(ctx context.Context, out io.Writer, addr string, n, size int) error {
+	start := time.Now()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := echo.RoundTrips(conn, 1, size); err != nil { // the first byte also waits for the far side's set-up
+		return err
+	}
+	setup := time.Since(start)
+	rtts, err := echo.RoundTrips(conn, n, size)
+	if err != nil {
+		return err
+	}
+	slices.Sort(rtts)
+	pct := func(p float64) time.Duration { return rtts[int(p*float64(len(rtts)-1))] }
+	fmt.Fprintf(out, "to=%s round_trips=%d bytes=%d connect+first=%s p50=%s p90=%s p99=%s max=%s\n",
+		addr, n, size, setup.Round(time.Microsecond), pct(0.5).Round(time.Microsecond), pct(0.9).Round(time.Microsecond),
+		pct(0.99).Round(time.Microsecond), rtts[len(rtts)-1].Round(time.Microsecond))
+	return nil
 }
 
 func echoOnce(ctx context.Context, to, banner string, n int, p echo.Pattern) error {

@@ -188,3 +188,24 @@ func ReadBanner(conn net.Conn, banner string) error {
 	}
 	return nil
 }
+
+// RoundTrips writes size bytes and reads the echo back, n times in turn on one
+// connection, and returns how long each round trip took: request-response latency
+// through whatever sits between the client and the echo server.
+func RoundTrips(conn net.Conn, n, size int) ([]time.Duration, error) {
+	buf := make([]byte, size)
+	Pattern{}.Fill(buf, 0)
+	got := make([]byte, size)
+	out := make([]time.Duration, 0, n)
+	for i := range n {
+		start := time.Now()
+		if _, err := conn.Write(buf); err != nil {
+			return out, fmt.Errorf("round trip %d: write: %w", i, err)
+		}
+		if _, err := io.ReadFull(conn, got); err != nil {
+			return out, fmt.Errorf("round trip %d: read: %w", i, err)
+		}
+		out = append(out, time.Since(start))
+	}
+	return out, nil
+}
