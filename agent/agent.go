@@ -23,6 +23,7 @@ type Config struct {
 	StatePath   string // NodeState file (protobuf JSON), until the operator streams it
 	AdminSocket string // unix socket of the admin API; "" disables it
 	Datapath    datapath.Config
+	Observe     ObserveConfig // flows and metrics (admin.go)
 }
 
 // Agent is one node's agent.
@@ -33,6 +34,7 @@ type Agent struct {
 	ids   *identity.Store
 	proxy *proxy.Proxy
 	admin *adminServer
+	obs   *observability
 
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
@@ -67,6 +69,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}}
+	a.obs = newObservability(cfg, a, log)
 	a.proxy, err = proxy.New(proxy.Config{
 		Node:       cfg.Node,
 		Mark:       cfg.Datapath.Mark,
@@ -74,6 +77,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		Datapath:   dp,
 		Identities: a.ids,
 		Log:        log,
+		Observer:   a.obs,
 	})
 	if err != nil {
 		return nil, err
@@ -113,6 +117,10 @@ func (a *Agent) Start(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := a.obs.Start(); err != nil {
+		a.Stop()
+		return err
+	}
 	a.log.Info("agent ready", "version", st.GetVersion(), "pods", len(a.enrolled))
 	return nil
 }
@@ -128,6 +136,7 @@ func (a *Agent) Stop() error {
 	if a.admin != nil {
 		a.admin.Stop()
 	}
+	a.obs.Stop()
 	a.proxy.Stop()
 	a.mu.Lock()
 	for _, p := range a.enrolled {

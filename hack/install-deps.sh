@@ -8,6 +8,7 @@ packages=(
   iproute2 util-linux             # the lab: ip, nsenter
   tcpdump tshark                  # capture on the lab fabric in the e2e tests
   protobuf-compiler               # api/ code generation
+  prometheus chromium chromium-driver  # promtool check metrics; the web view test in headless Chromium
 )
 
 if [ "$(id -u)" -ne 0 ]; then

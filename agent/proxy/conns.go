@@ -1,3 +1,6 @@
+// This file tracks proxied connections: the live ones, a ring of recently ended
+// ones for the admin API, and the observer (flows and metrics) told of each one.
+
 package proxy
 
 import (
@@ -39,21 +42,36 @@ type Conn struct {
 	SrcIdentity string         `json:"src_identity,omitempty"`
 	DstIdentity string         `json:"dst_identity,omitempty"`
 	Security    Security       `json:"security"`
-	Start       time.Time      `json:"start"`
-	End         time.Time      `json:"end,omitzero"`
-	BytesSent   int64          `json:"bytes_sent"`
-	BytesRecv   int64          `json:"bytes_received"`
-	Error       string         `json:"error,omitempty"`
+	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
+	// when the address is one; SrcNode and DstNode the nodes they run on.
+	SrcPod    string    `json:"src_pod,omitempty"`
+	DstPod    string    `json:"dst_pod,omitempty"`
+	SrcNode   string    `json:"src_node,omitempty"`
+	DstNode   string    `json:"dst_node,omitempty"`
+	Start     time.Time `json:"start"`
+	End       time.Time `json:"end,omitzero"`
+	BytesSent int64     `json:"bytes_sent"`
+	BytesRecv int64     `json:"bytes_received"`
+	Error     string    `json:"error,omitempty"`
+}
+
+// ConnObserver is told of every proxied connection when it opens and when it ends.
+// Both calls run on the connection's goroutine: they must be quick and must not block.
+type ConnObserver interface {
+	ConnOpened(Conn)
+	ConnClosed(Conn)
 }
 
 // tracker keeps the live connections and a bounded ring of ended ones.
 type tracker struct {
-	nextID atomic.Uint64
-	mu     sync.Mutex
-	live   map[uint64]*Conn
-	ended  []Conn // ring
-	next   int
-	full   bool
+	obs     ConnObserver                      // nil: nobody to tell
+	resolve func(netip.Addr) (Workload, bool) // mesh workload at an address
+	nextID  atomic.Uint64
+	mu      sync.Mutex
+	live    map[uint64]*Conn
+	ended   []Conn // ring
+	next    int
+	full    bool
 }
 
 func newTracker(keep int) *tracker {
@@ -63,11 +81,29 @@ func newTracker(keep int) *tracker {
 func (t *tracker) open(c Conn) *Conn {
 	c.ID = t.nextID.Add(1)
 	c.Start = time.Now()
+	t.fill(&c)
 	p := &c
 	t.mu.Lock()
 	t.live[c.ID] = p
 	t.mu.Unlock()
+	if t.obs != nil {
+		t.obs.ConnOpened(c)
+	}
 	return p
+}
+
+// fill names the workloads at both ends from the mesh directory. The pod a listener
+// belongs to is known already; the other end is looked up by address.
+func (t *tracker) fill(c *Conn) {
+	if t.resolve == nil {
+		return
+	}
+	if w, ok := t.resolve(c.Src.Addr().Unmap()); ok && c.SrcPod == "" {
+		c.SrcPod, c.SrcNode = w.Name, w.Node
+	}
+	if w, ok := t.resolve(c.Dst.Addr().Unmap()); ok && c.DstPod == "" {
+		c.DstPod, c.DstNode = w.Name, w.Node
+	}
 }
 
 func (t *tracker) close(c *Conn, sent, recv int64, err error) {
@@ -84,6 +120,17 @@ func (t *tracker) close(c *Conn, sent, recv int64, err error) {
 	if t.next == 0 {
 		t.full = true
 	}
+	if t.obs != nil {
+		t.obs.ConnClosed(*c)
+	}
+}
+
+// workloadAt returns the mesh workload with address ip.
+func (p *Proxy) workloadAt(ip netip.Addr) (Workload, bool) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	w, ok := p.byIP[ip]
+	return w, ok
 }
 
 // snapshot returns live connections, then ended ones oldest first.

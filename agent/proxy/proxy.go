@@ -60,6 +60,8 @@ type Config struct {
 	// Identities holds the trust bundle and the local pods' certificates.
 	Identities *identity.Store
 	Log        *slog.Logger
+	// Observer, optional, is told of every connection (flows and metrics).
+	Observer ConnObserver
 }
 
 // Proxy serves the enrolled pods of one node.
@@ -102,6 +104,7 @@ func New(cfg Config) (*Proxy, error) {
 		pods:  map[string]*pod{},
 		local: map[netip.Addr]*pod{},
 	}
+	p.conns.obs, p.conns.resolve = cfg.Observer, p.workloadAt
 	var err error
 	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{
 		// Tunnels are pooled per source pod: the pool's source key is the pod's UID,

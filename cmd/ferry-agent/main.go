@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/spf13/cobra"
 )
 
@@ -81,6 +82,10 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 	f.Uint32Var(&cfg.Datapath.Mark, "mark", cfg.Datapath.Mark, "SO_MARK on the agent's own sockets, which capture skips")
 	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "move bytes between local sockets with sockmap/sk_msg")
 	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
+	f.StringVar(&cfg.Observe.ObserverSocket, "observer-socket", "", "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
+	f.StringVar(&cfg.Observe.ObserverAddr, "observer-addr", "", "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
+	f.StringVar(&cfg.Observe.MetricsAddr, "metrics-addr", "", "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
+	f.IntVar(&cfg.Observe.FlowCapacity, "flow-buffer", flows.DefaultCapacity, "flows kept in memory for the Observer API")
 	f.BoolVar(&cleanup, "cleanup", false, "remove everything Ferry put in the kernel and exit")
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	cmd.SetArgs(args)

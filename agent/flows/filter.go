@@ -1,0 +1,99 @@
+package flows
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+)
+
+// Match reports whether f passes flt: within a field any value matches, across
+// fields all set fields must match. A nil filter matches everything.
+func Match(f *ferryv1.Flow, flt *ferryv1.FlowFilter) bool {
+	if flt == nil {
+		return true
+	}
+	src, dst := f.GetSource(), f.GetDestination()
+	switch {
+	case !anyOf(flt.GetFromPod(), func(p string) bool { return podIs(src, p) }),
+		!anyOf(flt.GetToPod(), func(p string) bool { return podIs(dst, p) }),
+		!anyOf(flt.GetNamespace(), func(n string) bool { return src.GetNamespace() == n || dst.GetNamespace() == n }),
+		!anyOf(flt.GetFromIdentity(), func(id string) bool { return identityIs(src.GetIdentity(), id) }),
+		!anyOf(flt.GetToIdentity(), func(id string) bool { return identityIs(dst.GetIdentity(), id) }),
+		!anyOf(flt.GetVerdict(), func(v string) bool { return strings.EqualFold(VerdictName(f.GetVerdict()), v) }),
+		!anyOf(flt.GetProtocol(), func(p string) bool { return strings.EqualFold(f.GetProtocol(), p) }),
+		!anyOf(flt.GetPort(), func(p uint32) bool { return dst.GetPort() == p }),
+		!anyOf(flt.GetHttpStatus(), func(s uint32) bool { return f.GetHttp().GetStatus() == s }),
+		!anyOf(flt.GetNode(), func(n string) bool { return f.GetNode() == n }):
+		return false
+	}
+	return true
+}
+
+// anyOf is true for an unset field (no values) or when one value matches.
+func anyOf[T any](vals []T, match func(T) bool) bool {
+	return len(vals) == 0 || slices.ContainsFunc(vals, match)
+}
+
+// podIs matches "name" against the pod name alone and "namespace/name" against both.
+func podIs(e *ferryv1.Endpoint, want string) bool {
+	if e.GetPod() == "" {
+		return false
+	}
+	if ns, name, ok := strings.Cut(want, "/"); ok {
+		return e.GetNamespace() == ns && e.GetPod() == name
+	}
+	return e.GetPod() == want
+}
+
+// identityIs matches a whole SPIFFE ID, or its path ("ns/x/sa/y") or a service
+// account in the form "namespace/serviceaccount".
+func identityIs(id, want string) bool {
+	if id == "" {
+		return false
+	}
+	if id == want {
+		return true
+	}
+	if strings.HasSuffix(id, "/"+want) && strings.HasPrefix(want, "ns/") {
+		return true
+	}
+	if ns, sa, ok := strings.Cut(want, "/"); ok && !strings.Contains(sa, "/") {
+		return strings.HasSuffix(id, "/ns/"+ns+"/sa/"+sa)
+	}
+	return false
+}
+
+// VerdictName is the lower-case name users type and see: forwarded, dropped, error.
+func VerdictName(v ferryv1.Verdict) string {
+	switch v {
+	case ferryv1.Verdict_VERDICT_FORWARDED:
+		return "forwarded"
+	case ferryv1.Verdict_VERDICT_DROPPED:
+		return "dropped"
+	case ferryv1.Verdict_VERDICT_ERROR:
+		return "error"
+	}
+	return "unknown"
+}
+
+// CheckFilter rejects values no flow can have, so a typo is an error rather than an
+// empty result.
+func CheckFilter(flt *ferryv1.FlowFilter) error {
+	for _, v := range flt.GetVerdict() {
+		switch strings.ToLower(v) {
+		case "forwarded", "dropped", "error":
+		default:
+			return fmt.Errorf("verdict %q: want forwarded, dropped or error", v)
+		}
+	}
+	for _, p := range flt.GetProtocol() {
+		switch strings.ToLower(p) {
+		case "tcp", "http":
+		default:
+			return fmt.Errorf("protocol %q: want tcp or http", p)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,200 @@
+package flows
+
+import (
+	"context"
+	"net"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+var t0 = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+
+// flow is a forwarded flow from pod src to pod dst (both "namespace/name") on port.
+func flow(src, dst string, port uint32, at time.Duration) *ferryv1.Flow {
+	ep := func(p string) *ferryv1.Endpoint {
+		ns, name := "default", p
+		for i := range p {
+			if p[i] == '/' {
+				ns, name = p[:i], p[i+1:]
+			}
+		}
+		return &ferryv1.Endpoint{Pod: name, Namespace: ns, Identity: "spiffe://cluster.local/ns/" + ns + "/sa/" + name}
+	}
+	d := ep(dst)
+	d.Port = port
+	return &ferryv1.Flow{
+		Time: timestamppb.New(t0.Add(at)), Node: "node1", Source: ep(src), Destination: d,
+		Verdict: ferryv1.Verdict_VERDICT_FORWARDED, Protocol: "tcp", Security: "mtls",
+	}
+}
+
+func names(fs []*ferryv1.Flow) []string {
+	var out []string
+	for _, f := range fs {
+		out = append(out, f.GetSource().GetPod()+">"+f.GetDestination().GetPod())
+	}
+	return out
+}
+
+func TestRingKeepsTheNewest(t *testing.T) {
+	r := NewRing(3)
+	for i, p := range []string{"a", "b", "c", "d", "e"} {
+		r.Add(flow(p, "x", 80, time.Duration(i)*time.Second))
+	}
+	got := names(r.Flows(Query{}))
+	want := []string{"c>x", "d>x", "e>x"}
+	if len(got) != 3 || got[0] != want[0] || got[2] != want[2] {
+		t.Fatalf("ring holds %v, want %v", got, want)
+	}
+	if st := r.Status(); st.Flows != 3 || st.Capacity != 3 || st.Seen != 5 {
+		t.Fatalf("status %+v", st)
+	}
+	if got := names(r.Flows(Query{Number: 2})); len(got) != 2 || got[0] != "d>x" {
+		t.Fatalf("last 2: %v", got)
+	}
+	if got := names(r.Flows(Query{Since: t0.Add(4 * time.Second)})); len(got) != 1 || got[0] != "e>x" {
+		t.Fatalf("since 4s: %v", got)
+	}
+}
+
+func TestEveryFilter(t *testing.T) {
+	a2b := flow("a", "b", 8080, 0)
+	c2shop := flow("c", "shop/web", 443, 0)
+	c2shop.Node = "node2"
+	failed := flow("a", "d", 9, 0)
+	failed.Verdict = ferryv1.Verdict_VERDICT_ERROR
+	httpFlow := flow("b", "a", 80, 0)
+	httpFlow.Protocol, httpFlow.Http = "http", &ferryv1.HTTP{Status: 503}
+	all := []*ferryv1.Flow{a2b, c2shop, failed, httpFlow}
+	for _, tc := range []struct {
+		name string
+		f    *ferryv1.FlowFilter
+		want []string
+	}{
+		{"none", nil, []string{"a>b", "c>web", "a>d", "b>a"}},
+		{"from pod", &ferryv1.FlowFilter{FromPod: []string{"a"}}, []string{"a>b", "a>d"}},
+		{"from pod with namespace", &ferryv1.FlowFilter{FromPod: []string{"default/c"}}, []string{"c>web"}},
+		{"to pod", &ferryv1.FlowFilter{ToPod: []string{"shop/web", "b"}}, []string{"a>b", "c>web"}},
+		{"namespace either side", &ferryv1.FlowFilter{Namespace: []string{"shop"}}, []string{"c>web"}},
+		{"from identity", &ferryv1.FlowFilter{FromIdentity: []string{"spiffe://cluster.local/ns/default/sa/b"}}, []string{"b>a"}},
+		{"to identity short", &ferryv1.FlowFilter{ToIdentity: []string{"shop/web"}}, []string{"c>web"}},
+		{"to identity path", &ferryv1.FlowFilter{ToIdentity: []string{"ns/default/sa/b"}}, []string{"a>b"}},
+		{"verdict", &ferryv1.FlowFilter{Verdict: []string{"error"}}, []string{"a>d"}},
+		{"protocol", &ferryv1.FlowFilter{Protocol: []string{"http"}}, []string{"b>a"}},
+		{"port", &ferryv1.FlowFilter{Port: []uint32{443, 9}}, []string{"c>web", "a>d"}},
+		{"http status", &ferryv1.FlowFilter{HttpStatus: []uint32{503}}, []string{"b>a"}},
+		{"node", &ferryv1.FlowFilter{Node: []string{"node2"}}, []string{"c>web"}},
+		{"fields and", &ferryv1.FlowFilter{FromPod: []string{"a"}, Verdict: []string{"forwarded"}}, []string{"a>b"}},
+	} {
+		got := names(Select(all, Query{Filter: tc.f}))
+		if len(got) != len(tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+			continue
+		}
+		for i := range got {
+			if got[i] != tc.want[i] {
+				t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+				break
+			}
+		}
+	}
+	if err := CheckFilter(&ferryv1.FlowFilter{Verdict: []string{"denied"}}); err == nil {
+		t.Error("verdict denied accepted")
+	}
+}
+
+// TestServerFollow checks over real gRPC that a follower gets the stored flows, then
+// new ones, exactly once each.
+func TestServerFollow(t *testing.T) {
+	r := NewRing(16)
+	r.Add(flow("a", "b", 80, 0))
+	r.Add(flow("c", "b", 80, time.Second))
+	srv := grpc.NewServer()
+	NewServer(r, "node1").Register(srv)
+	lc := net.ListenConfig{}
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "unix", t.TempDir()+"/obs.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Stop()
+	conn, err := grpc.NewClient("unix://"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := ferryv1.NewObserverClient(conn).GetFlows(ctx, &ferryv1.GetFlowsRequest{
+		Follow: true, Filter: &ferryv1.FlowFilter{ToPod: []string{"b"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	recv := func() {
+		m, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("after %v: %v", got, err)
+		}
+		got = append(got, m.GetFlow().GetSource().GetPod())
+	}
+	recv()
+	recv()
+	r.Add(flow("x", "y", 80, 2*time.Second)) // filtered out
+	r.Add(flow("d", "b", 80, 3*time.Second))
+	recv()
+	if len(got) != 3 || got[0] != "a" || got[1] != "c" || got[2] != "d" {
+		t.Fatalf("follower got %v, want [a c d]", got)
+	}
+	st, err := ferryv1.NewObserverClient(conn).ServerStatus(ctx, &ferryv1.ServerStatusRequest{})
+	if err != nil || st.GetSeenFlows() != 4 || st.GetNodes()[0] != "node1" {
+		t.Fatalf("status %v, %v", st, err)
+	}
+	bad, err := ferryv1.NewObserverClient(conn).GetFlows(ctx, &ferryv1.GetFlowsRequest{Filter: &ferryv1.FlowFilter{Verdict: []string{"nope"}}})
+	if err == nil {
+		_, err = bad.Recv()
+	}
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("verdict nope: %v, want InvalidArgument", err)
+	}
+}
+
+// TestRingMemoryBounded adds 100,000 flows to a ring of the default size and reports
+// the heap it holds: the ring's memory depends on its capacity, not on traffic.
+func TestRingMemoryBounded(t *testing.T) {
+	heap := func() uint64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	r := NewRing(DefaultCapacity)
+	add := func(n int) {
+		for i := range n {
+			f := flow("a", "b", 8080, time.Duration(i))
+			f.Reason = "connection reset by peer"
+			r.Add(f)
+		}
+	}
+	add(DefaultCapacity)
+	full := heap()
+	add(100_000)
+	after := heap()
+	t.Logf("flow ring, %d flows: %d KiB when full, %d KiB after 100,000 more (%d bytes a flow)",
+		DefaultCapacity, (full-before)/1024, (after-before)/1024, (after-before)/DefaultCapacity)
+	if after > full+full/2 {
+		t.Errorf("heap grew from %d to %d bytes over 100,000 flows: the ring is not bounded", full-before, after-before)
+	}
+	runtime.KeepAlive(r)
+}
