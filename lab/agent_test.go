@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/ferrymesh/ferry/agent/datapath"
 	"net"
 	"net/http"
 	"os"
@@ -132,7 +133,7 @@ func TestAgents(t *testing.T) {
 		}
 		return st
 	}
-	mnt, _ := Cgroup2Mount()
+	mnt, _ := datapath.Cgroup2Mount()
 	for i, node := range []string{"node1", "node2"} {
 		st := status(node)
 		cg, _ := l.NodeCgroup(node)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/agent/datapath"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -115,7 +116,7 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 
 	cgRoot := d.CgroupRoot
 	if cgRoot == "" {
-		if mnt, err := Cgroup2Mount(); err == nil {
+		if mnt, err := datapath.Cgroup2Mount(); err == nil {
 			cgRoot = filepath.Join(mnt, prefix)
 		}
 	}

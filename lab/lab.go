@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/agent/datapath"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -164,7 +165,7 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 			return nil, fmt.Errorf("agent binary: %w", err)
 		}
 	}
-	cgMount, err := Cgroup2Mount()
+	cgMount, err := datapath.Cgroup2Mount()
 	if err != nil {
 		return nil, err
 	}

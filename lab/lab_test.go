@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"github.com/ferrymesh/ferry/agent/datapath"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -174,7 +175,7 @@ func TestCommandRunsInPodAndCgroup(t *testing.T) {
 		t.Fatalf("command: %v: %s", err, out)
 	}
 	s := string(out)
-	mnt, _ := Cgroup2Mount()
+	mnt, _ := datapath.Cgroup2Mount()
 	cg, _ := l.NodeCgroup("node2")
 	rel := strings.TrimPrefix(cg, mnt)
 	if !strings.Contains(s, "0::"+rel+"\n") {
@@ -320,7 +321,7 @@ func TestDownRemovesEverything(t *testing.T) {
 	}
 	// Removes the lab if the test stops before its own Down.
 	t.Cleanup(func() { _ = Clean(cfg.Prefix, cfg.StateDir, nil) })
-	mnt, _ := Cgroup2Mount()
+	mnt, _ := datapath.Cgroup2Mount()
 	cgRoot := filepath.Join(mnt, cfg.Prefix)
 	if got := leftovers(t, cfg.Prefix, cgRoot); len(got) != 8 {
 		t.Fatalf("after up: %v, want 7 netns and the cgroup", got)

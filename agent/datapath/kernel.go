@@ -33,7 +33,37 @@ func Cgroup2Mount() (string, error) {
 
 // FindCgroup2 returns the first cgroup2 mount point listed in a mountinfo file.
 func FindCgroup2(mountinfo io.Reader) (string, error) {
-	sc := bufio.NewScanner(mountinfo)
+	mounts, err := parseMountinfo(mountinfo)
+	if err != nil {
+		return "", fmt.Errorf("cgroup2 mount: %w", err)
+	}
+	for _, m := range mounts {
+		if m.FSType == "cgroup2" {
+			return m.Point, nil
+		}
+	}
+	return "", errors.New("cgroup2 mount: no cgroup2 filesystem in mountinfo (is cgroup v2 enabled?)")
+}
+
+// Mount is one line of /proc/self/mountinfo.
+type Mount struct {
+	Point  string // where it is mounted
+	FSType string // e.g. cgroup2, bpf
+}
+
+// Mounts lists this process's mounts, from /proc/self/mountinfo.
+func Mounts() ([]Mount, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("mounts: %w", err)
+	}
+	defer f.Close()
+	return parseMountinfo(f)
+}
+
+func parseMountinfo(r io.Reader) ([]Mount, error) {
+	var out []Mount
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		// "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
@@ -41,16 +71,13 @@ func FindCgroup2(mountinfo io.Reader) (string, error) {
 		if !ok {
 			continue
 		}
-		fields := strings.Fields(pre)
-		if len(fields) < 5 || !strings.HasPrefix(post, "cgroup2 ") {
+		fields, fs := strings.Fields(pre), strings.Fields(post)
+		if len(fields) < 5 || len(fs) == 0 {
 			continue
 		}
-		return unescapeMountPath(fields[4]), nil
+		out = append(out, Mount{Point: unescapeMountPath(fields[4]), FSType: fs[0]})
 	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("cgroup2 mount: %w", err)
-	}
-	return "", errors.New("cgroup2 mount: no cgroup2 filesystem in mountinfo (is cgroup v2 enabled?)")
+	return out, sc.Err()
 }
 
 // unescapeMountPath undoes mountinfo's octal escapes (\040 for a space and so on).
