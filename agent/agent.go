@@ -24,6 +24,9 @@ type Config struct {
 	AdminSocket string // unix socket of the admin API; "" disables it
 	Datapath    datapath.Config
 	Observe     ObserveConfig // flows and metrics (admin.go)
+	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
+	// (default) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
+	Capture string
 }
 
 // Agent is one node's agent.
@@ -31,6 +34,7 @@ type Agent struct {
 	cfg   Config
 	log   *slog.Logger
 	dp    *datapath.Datapath
+	ipt   *datapath.IPTablesCapture // nil unless capture is iptables
 	ids   *identity.Store
 	proxy *proxy.Proxy
 	admin *adminServer
@@ -70,10 +74,21 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}}
 	a.obs = newObservability(cfg, a, log)
+	switch cfg.Capture {
+	case "", datapath.CaptureEBPF:
+	case datapath.CaptureIPTables:
+		a.ipt = &datapath.IPTablesCapture{
+			Mark: cfg.Datapath.Mark, OutboundPort: proxy.OutboundPort, InboundPort: proxy.InboundPort,
+			SkipPorts: []uint16{proxy.OutboundPort, proxy.InboundPort, proxy.TunnelPort},
+		}
+	default:
+		return nil, fmt.Errorf("agent config: capture %q: want %s or %s", cfg.Capture, datapath.CaptureEBPF, datapath.CaptureIPTables)
+	}
 	a.proxy, err = proxy.New(proxy.Config{
 		Node:       cfg.Node,
 		Mark:       cfg.Datapath.Mark,
 		FastPath:   cfg.Datapath.FastPath,
+		IPTables:   a.ipt != nil,
 		Datapath:   dp,
 		Identities: a.ids,
 		Log:        log,
@@ -140,6 +155,11 @@ func (a *Agent) Stop() error {
 	a.proxy.Stop()
 	a.mu.Lock()
 	for _, p := range a.enrolled {
+		if a.ipt != nil { // iptables capture ends with the agent; eBPF capture stays pinned
+			if err := a.ipt.Remove(p.ns); err != nil {
+				a.log.Warn("remove iptables capture", "pod", p.w.Name, "error", err)
+			}
+		}
 		p.ns.Close()
 	}
 	a.enrolled = map[string]enrolledPod{}
@@ -227,13 +247,13 @@ func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
 	if err != nil {
 		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
 	}
-	cookie, err := a.dp.Enroll(ns, w.Name)
+	cookie, err := a.capture(ns, w.Name)
 	if err != nil {
 		ns.Close()
 		return enrolledPod{}, fmt.Errorf("pod %s: enroll: %w", w.Name, err)
 	}
 	if err := a.proxy.AddPod(w, ns, cookie); err != nil {
-		a.dp.Unenroll(cookie)
+		a.release(ns, cookie)
 		ns.Close()
 		return enrolledPod{}, err
 	}
@@ -241,8 +261,28 @@ func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
 	return enrolledPod{w: w, ns: ns, cookie: cookie}, nil
 }
 
+// capture starts capturing the pod in ns and returns its netns cookie.
+func (a *Agent) capture(ns *netns.Handle, pod string) (uint64, error) {
+	if a.ipt == nil {
+		return a.dp.Enroll(ns, pod)
+	}
+	cookie, err := ns.Cookie()
+	if err != nil {
+		return 0, err
+	}
+	return cookie, a.ipt.Install(ns)
+}
+
+// release undoes capture.
+func (a *Agent) release(ns *netns.Handle, cookie uint64) error {
+	if a.ipt == nil {
+		return a.dp.Unenroll(cookie)
+	}
+	return a.ipt.Remove(ns)
+}
+
 func (a *Agent) unenroll(p enrolledPod) {
-	if err := a.dp.Unenroll(p.cookie); err != nil {
+	if err := a.release(p.ns, p.cookie); err != nil {
 		a.log.Warn("unenroll", "pod", p.w.Name, "error", err)
 	}
 	a.proxy.RemovePod(p.w.UID)
@@ -260,7 +300,9 @@ func (a *Agent) removeStale() error {
 	defer a.mu.Unlock()
 	keep := map[uint64]bool{}
 	for _, p := range a.enrolled {
-		keep[p.cookie] = true
+		if a.ipt == nil { // under iptables capture no pod keeps an eBPF enrollment
+			keep[p.cookie] = true
+		}
 	}
 	var errs []error
 	for cookie, pod := range pinned {

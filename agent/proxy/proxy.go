@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/tunnel"
@@ -56,6 +57,10 @@ type Config struct {
 	Node     string
 	Mark     uint32 // SO_MARK on the agent's sockets, so capture skips them
 	FastPath bool   // sockets may be in the sockhash: never splice
+	// IPTables says capture is by nat REDIRECT rules (--capture=iptables), not eBPF:
+	// original destinations come from SO_ORIGINAL_DST and the inbound listener
+	// takes the pod IP, where PREROUTING redirects to.
+	IPTables bool
 	Datapath Datapath
 	// Identities holds the trust bundle and the local pods' certificates.
 	Identities *identity.Store
@@ -164,7 +169,11 @@ func (p *Proxy) AddPod(w Workload, ns *netns.Handle, cookie uint64) error {
 		outs = append(outs, out6)
 	} // else no IPv6 loopback in this pod: no IPv6 destination to capture either
 	pd.listeners = append(pd.listeners, outs...)
-	in, err := listen(ns, "127.0.0.1", InboundPort)
+	inHost := "127.0.0.1"
+	if p.cfg.IPTables {
+		inHost = ip.String()
+	}
+	in, err := listen(ns, inHost, InboundPort)
 	if err != nil {
 		pd.close()
 		return fmt.Errorf("pod %s inbound listener: %w", w.Name, err)
@@ -176,9 +185,11 @@ func (p *Proxy) AddPod(w Workload, ns *netns.Handle, cookie uint64) error {
 		return fmt.Errorf("pod %s tunnel listener: %w", w.Name, err)
 	}
 	pd.listeners = append(pd.listeners, tun)
-	if err := p.cfg.Datapath.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
-		pd.close()
-		return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
+	if !p.cfg.IPTables {
+		if err := p.cfg.Datapath.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
+			pd.close()
+			return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
+		}
 	}
 	pd.tunnel, err = tunnel.NewServer(tunnel.ServerConfig{
 		TLS: func(net.Addr) (*tls.Config, error) {
@@ -317,7 +328,7 @@ func (p *Proxy) acceptLoop(pd *pod, ln net.Listener, handle func(*net.TCPConn)) 
 func (p *Proxy) serveOutbound(pd *pod, ln net.Listener) {
 	p.acceptLoop(pd, ln, func(client *net.TCPConn) {
 		peer := client.RemoteAddr().(*net.TCPAddr).AddrPort()
-		dst, err := p.cfg.Datapath.OrigDst(pd.cookie, peer.Port())
+		dst, err := p.outboundOrigDst(pd, client, peer.Port())
 		if err != nil {
 			p.log.Warn("outbound without original destination", "pod", pd.w.Name, "port", peer.Port(), "error", err)
 			abort(client)
@@ -364,6 +375,14 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 	p.acceptLoop(pd, ln, func(client *net.TCPConn) {
 		src := client.RemoteAddr().(*net.TCPAddr).AddrPort()
 		dst := client.LocalAddr().(*net.TCPAddr).AddrPort()
+		if p.cfg.IPTables {
+			var err error
+			if dst, err = datapath.SocketOrigDst(client); err != nil {
+				p.log.Warn("inbound without original destination", "pod", pd.w.Name, "error", err)
+				abort(client)
+				return
+			}
+		}
 		rec := Conn{Direction: Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: Plaintext}
 		c := p.conns.open(rec)
 		app, err := p.dialApp(pd.ctx, pd, dst)
@@ -375,6 +394,15 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 		sent, recv, err := pipe(client, app, p.splice(app))
 		p.conns.close(c, sent, recv, err)
 	})
+}
+
+// outboundOrigDst is where a captured outbound connection was going: from the eBPF
+// map by (netns cookie, client port), or from the socket under iptables capture.
+func (p *Proxy) outboundOrigDst(pd *pod, client *net.TCPConn, clientPort uint16) (netip.AddrPort, error) {
+	if p.cfg.IPTables {
+		return datapath.SocketOrigDst(client)
+	}
+	return p.cfg.Datapath.OrigDst(pd.cookie, clientPort)
 }
 
 // authorize admits a tunnel from remote only if the verified peer identity is the

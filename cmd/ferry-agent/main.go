@@ -81,6 +81,7 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 	f.StringVar(&cfg.Datapath.CgroupPath, "cgroup", "", "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	f.Uint32Var(&cfg.Datapath.Mark, "mark", cfg.Datapath.Mark, "SO_MARK on the agent's own sockets, which capture skips")
 	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "move bytes between local sockets with sockmap/sk_msg")
+	f.StringVar(&cfg.Capture, "capture", datapath.CaptureEBPF, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
 	f.StringVar(&cfg.Observe.ObserverSocket, "observer-socket", "", "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
 	f.StringVar(&cfg.Observe.ObserverAddr, "observer-addr", "", "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
