@@ -31,6 +31,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	root.AddCommand(newLabCommand())
 	root.AddCommand(newBPFCommand())
+	root.AddCommand(newObserveCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }
