@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/metrics"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/bpf"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -436,4 +437,4 @@ func (k kernelReader) MapFill() ([]metrics.MapFill, error) {
 	return out, nil
 }
 
-func (k kernelReader) Counters() (map[string]uint64, error) { return nil, nil }
+func (k kernelReader) Counters() (map[string]uint64, error) { return bpf.ReadCounters(k.pinDir) }

@@ -60,6 +60,19 @@ struct ip_key {
 	__u8 addr[16];
 };
 
+// Event counters, one slot each in the per-CPU counters map. Counted per connection
+// (never per packet or per message); the agent sums the CPUs for its metrics.
+enum ferry_counter {
+	COUNTER_CONNECT_REDIRECTED = 0, // connect4/6 sent a connection to the outbound listener
+	COUNTER_CONNECT_UNTRACKED,      // sock_orig_dst was full: the connection went out uncaptured
+	COUNTER_ORIG_DST_RECORDED,      // sockops published an original destination for the proxy
+	COUNTER_FAST_PATH_ADDED,        // sockops put a local socket in the fast-path sockhash
+	COUNTER_FAST_PATH_FULL,         // the sockhash refused a socket: it takes the normal path
+	COUNTER_INBOUND_STEERED,        // sk_lookup steered a connection to the inbound listener
+	COUNTER_INBOUND_STEER_FAILED,   // sk_assign failed: the normal lookup ran
+	COUNTER_MAX,
+};
+
 // Netns cookie -> pod. Sized from MaxPods at load time.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -113,6 +126,22 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_listeners SEC(".maps");
+
+// Counters by enum ferry_counter.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTER_MAX);
+	__type(key, enum ferry_counter);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counters SEC(".maps");
+
+static __always_inline void count(enum ferry_counter c)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &c);
+	if (v)
+		*v += 1; // this CPU's slot: no other CPU writes it
+}
 
 static __always_inline int is_mesh_or_excluded(__u16 port)
 {
@@ -173,11 +202,14 @@ int ferry_connect4(struct bpf_sock_addr *ctx)
 	struct addr_port dst = {.port = port, .family = AF_INET};
 	__builtin_memcpy(dst.addr, ip6, sizeof(dst.addr));
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY))
+	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY)) {
+		count(COUNTER_CONNECT_UNTRACKED);
 		return 1; // cannot remember where it was going: let it through unchanged
+	}
 
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(outbound_port);
+	count(COUNTER_CONNECT_REDIRECTED);
 	return 1;
 }
 
@@ -198,8 +230,10 @@ int ferry_connect6(struct bpf_sock_addr *ctx)
 	struct addr_port dst = {.port = port, .family = mapped ? AF_INET : AF_INET6};
 	__builtin_memcpy(dst.addr, ip6, sizeof(dst.addr));
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY))
+	if (bpf_map_update_elem(&sock_orig_dst, &cookie, &dst, BPF_ANY)) {
+		count(COUNTER_CONNECT_UNTRACKED);
 		return 1;
+	}
 
 	if (mapped) {
 		// An IPv4 destination on a dual-stack socket: ::ffff:127.0.0.1.
@@ -214,6 +248,7 @@ int ferry_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = bpf_htonl(1);
 	}
 	ctx->user_port = bpf_htons(outbound_port);
+	count(COUNTER_CONNECT_REDIRECTED);
 	return 1;
 }
 
@@ -292,7 +327,8 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 		if (dst) {
 			struct orig_key key = {.netns_cookie = netns, .client_port = lport};
 			// BPF_ANY: a client port reused in the netns supersedes the old entry.
-			bpf_map_update_elem(&orig_dst, &key, dst, BPF_ANY);
+			if (!bpf_map_update_elem(&orig_dst, &key, dst, BPF_ANY))
+				count(COUNTER_ORIG_DST_RECORDED);
 			bpf_map_delete_elem(&sock_orig_dst, &cookie);
 		}
 	}
@@ -310,7 +346,10 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 	fill_sock_key(&key, netns, l6, r6, lport, rport);
 	// BPF_ANY: a closed socket has already left the map, so an existing key can only be
 	// a stale tuple being reused; the new socket replaces it. Full map: no fast path.
-	bpf_sock_hash_update(skops, &local_socks, &key, BPF_ANY);
+	if (bpf_sock_hash_update(skops, &local_socks, &key, BPF_ANY))
+		count(COUNTER_FAST_PATH_FULL);
+	else
+		count(COUNTER_FAST_PATH_ADDED);
 	return 1;
 }
 
@@ -354,7 +393,8 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (!sk)
 		return SK_PASS;
 	// On failure (e.g. a family mismatch) the normal lookup runs: fail open, never drop.
-	bpf_sk_assign(ctx, sk, 0);
+	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
+	count(err ? COUNTER_INBOUND_STEER_FAILED : COUNTER_INBOUND_STEERED);
 	return SK_PASS;
 }

@@ -21,6 +21,19 @@ type ferryAddrPort struct {
 	Pad    uint32
 }
 
+type ferryFerryCounter uint32
+
+const (
+	ferryFerryCounterCOUNTER_CONNECT_REDIRECTED   ferryFerryCounter = 0
+	ferryFerryCounterCOUNTER_CONNECT_UNTRACKED    ferryFerryCounter = 1
+	ferryFerryCounterCOUNTER_ORIG_DST_RECORDED    ferryFerryCounter = 2
+	ferryFerryCounterCOUNTER_FAST_PATH_ADDED      ferryFerryCounter = 3
+	ferryFerryCounterCOUNTER_FAST_PATH_FULL       ferryFerryCounter = 4
+	ferryFerryCounterCOUNTER_INBOUND_STEERED      ferryFerryCounter = 5
+	ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED ferryFerryCounter = 6
+	ferryFerryCounterCOUNTER_MAX                  ferryFerryCounter = 7
+)
+
 type ferryIpKey struct {
 	_    structs.HostLayout
 	Addr [16]uint8
@@ -53,6 +66,7 @@ type ferrySockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	ferryMapCounters         = "counters"
 	ferryMapEnrolledNetns    = "enrolled_netns"
 	ferryMapExcludedPorts    = "excluded_ports"
 	ferryMapInboundListeners = "inbound_listeners"
@@ -124,6 +138,7 @@ type ferryProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ferryMapSpecs struct {
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
 	EnrolledNetns    *ebpf.MapSpec `ebpf:"enrolled_netns"`
 	ExcludedPorts    *ebpf.MapSpec `ebpf:"excluded_ports"`
 	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
@@ -163,6 +178,7 @@ func (o *ferryObjects) Close() error {
 //
 // It can be passed to loadFerryObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ferryMaps struct {
+	Counters         *ebpf.Map `ebpf:"counters"`
 	EnrolledNetns    *ebpf.Map `ebpf:"enrolled_netns"`
 	ExcludedPorts    *ebpf.Map `ebpf:"excluded_ports"`
 	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
@@ -173,6 +189,7 @@ type ferryMaps struct {
 
 func (m *ferryMaps) Close() error {
 	return _FerryClose(
+		m.Counters,
 		m.EnrolledNetns,
 		m.ExcludedPorts,
 		m.InboundListeners,

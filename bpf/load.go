@@ -26,6 +26,8 @@ const (
 	MapLocalSocks       = ferryMapLocalSocks
 	MapOrigDst          = ferryMapOrigDst
 	MapSockOrigDst      = ferryMapSockOrigDst
+	// MapCounters holds the per-CPU event counters (bpf.ReadCounters).
+	MapCounters = ferryMapCounters
 )
 
 // Names of Ferry's programs; all start with "ferry_" so bpftool listings show them.
@@ -39,7 +41,7 @@ const (
 
 // MapNames lists every map Ferry pins.
 func MapNames() []string {
-	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapOrigDst, MapSockOrigDst}
+	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapOrigDst, MapSockOrigDst, MapCounters}
 }
 
 // ProgramNames lists every program in Ferry's object.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -287,5 +288,47 @@ func (m *Maps) ListExcludedPorts() ([]uint16, error) {
 		return nil, fmt.Errorf("dump %s: %w", MapExcludedPorts, err)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out, nil
+}
+
+// CounterNames names the data path's event counters (enum ferry_counter in ferry.c)
+// by index: the names the agent's ferry_datapath_events_total metric uses.
+func CounterNames() map[uint32]string {
+	return map[uint32]string{
+		uint32(ferryFerryCounterCOUNTER_CONNECT_REDIRECTED):   "connect_redirected",
+		uint32(ferryFerryCounterCOUNTER_CONNECT_UNTRACKED):    "connect_untracked",
+		uint32(ferryFerryCounterCOUNTER_ORIG_DST_RECORDED):    "orig_dst_recorded",
+		uint32(ferryFerryCounterCOUNTER_FAST_PATH_ADDED):      "fast_path_added",
+		uint32(ferryFerryCounterCOUNTER_FAST_PATH_FULL):       "fast_path_full",
+		uint32(ferryFerryCounterCOUNTER_INBOUND_STEERED):      "inbound_steered",
+		uint32(ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED): "inbound_steer_failed",
+	}
+}
+
+// ReadCounters sums the per-CPU event counters pinned under pinDir, by name. A pin
+// folder from a version without the counters map fails with os.ErrNotExist.
+func ReadCounters(pinDir string) (map[string]uint64, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, MapCounters), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open pinned map %s: %w", MapCounters, err)
+	}
+	defer m.Close()
+	return SumCounters(m)
+}
+
+// SumCounters reads a counters map, summing each counter over the CPUs.
+func SumCounters(m *ebpf.Map) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	for idx, name := range CounterNames() {
+		var perCPU []uint64
+		if err := m.Lookup(idx, &perCPU); err != nil {
+			return nil, fmt.Errorf("read counter %s: %w", name, err)
+		}
+		var sum uint64
+		for _, v := range perCPU {
+			sum += v
+		}
+		out[name] = sum
+	}
 	return out, nil
 }
