@@ -1,0 +1,123 @@
+// Package deploy embeds Ferry's kustomize base (this folder: Namespace, CRDs,
+// RBAC, the operator Deployment and the agent DaemonSet) and renders it in
+// memory, so `ferry install` needs no checkout and no kustomize binary.
+package deploy
+
+import (
+	"embed"
+	"fmt"
+	"io/fs"
+	"path"
+	"regexp"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/api/resmap"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+)
+
+// The base's files; examples/ and docker/ are not part of it. go:embed needs a
+// package-level variable; nothing writes to it.
+//
+//go:embed kustomization.yaml namespace.yaml crds/*.yaml operator/*.yaml agent/*.yaml
+var base embed.FS
+
+// Namespace is the namespace the base installs into.
+const Namespace = "ferry-system"
+
+// Images are the names the base's containers use, which Options.ImageTag and
+// kustomize `images:` entries change.
+const (
+	OperatorImage = "ghcr.io/ferrymesh/ferry-operator"
+	AgentImage    = "ghcr.io/ferrymesh/ferry-agent"
+)
+
+// Options change what Render produces, the way a kustomize overlay would.
+type Options struct {
+	// ImageTag replaces the tag of the operator and agent images; empty keeps
+	// the base's.
+	ImageTag string
+}
+
+// Base returns the embedded kustomize base, with kustomization.yaml at its root.
+func Base() fs.FS { return base }
+
+// tagPattern is what a container image tag may be (OCI distribution spec).
+const tagPattern = `^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`
+
+// Render builds the base with opts and returns the objects in the order
+// `kubectl kustomize` prints them (kustomize's legacy order: Namespace and
+// CRDs first, then RBAC, then workloads), ready to apply in that order.
+func Render(opts Options) ([]*unstructured.Unstructured, error) {
+	resources, err := build(opts)
+	if err != nil {
+		return nil, err
+	}
+	var objs []*unstructured.Unstructured
+	for _, r := range resources.Resources() {
+		m, err := r.Map()
+		if err != nil {
+			return nil, fmt.Errorf("kustomize build: %s: %w", r.CurId(), err)
+		}
+		objs = append(objs, &unstructured.Unstructured{Object: m})
+	}
+	return objs, nil
+}
+
+// YAML renders the base with opts as one multi-document YAML stream, the same
+// text `kubectl kustomize deploy/` prints.
+func YAML(opts Options) ([]byte, error) {
+	resources, err := build(opts)
+	if err != nil {
+		return nil, err
+	}
+	out, err := resources.AsYaml()
+	if err != nil {
+		return nil, fmt.Errorf("kustomize build: %w", err)
+	}
+	return out, nil
+}
+
+func build(opts Options) (resmap.ResMap, error) {
+	if opts.ImageTag != "" && !regexp.MustCompile(tagPattern).MatchString(opts.ImageTag) {
+		return nil, fmt.Errorf("image tag %q: not a valid tag (letters, digits, '_', '.', '-'; at most 128)", opts.ImageTag)
+	}
+	mem := filesys.MakeFsInMemory()
+	err := fs.WalkDir(base, ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		data, err := fs.ReadFile(base, p)
+		if err != nil {
+			return err
+		}
+		return mem.WriteFile(path.Join("/base", p), data)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("copy base: %w", err)
+	}
+	dir := "/base"
+	if opts.ImageTag != "" {
+		// An overlay, exactly what a user would write to pin a release.
+		overlay := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../base]
+images:
+  - name: %s
+    newTag: %q
+  - name: %s
+    newTag: %q
+`, OperatorImage, opts.ImageTag, AgentImage, opts.ImageTag)
+		if err := mem.WriteFile("/overlay/kustomization.yaml", []byte(overlay)); err != nil {
+			return nil, fmt.Errorf("write overlay: %w", err)
+		}
+		dir = "/overlay"
+	}
+	kopts := krusty.MakeDefaultOptions()
+	kopts.Reorder = krusty.ReorderOptionLegacy // as kubectl kustomize
+	resources, err := krusty.MakeKustomizer(kopts).Run(mem, dir)
+	if err != nil {
+		return nil, fmt.Errorf("kustomize build: %w", err)
+	}
+	return resources, nil
+}
