@@ -152,7 +152,13 @@ func (r *Relay) Flows(ctx context.Context, req *ferryv1.GetFlowsRequest, send fu
 	defer wg.Wait()
 	defer cancel()
 	if req.GetFollow() {
-		since := timestamppb.New(time.Now().Add(-2 * time.Second))
+		// The overlap with the stored flows is a couple of seconds back, never before
+		// what the client asked for.
+		from := time.Now().Add(-2 * time.Second)
+		if req.GetSince() != nil && req.GetSince().AsTime().After(from) {
+			from = req.GetSince().AsTime()
+		}
+		since := timestamppb.New(from)
 		for i, c := range clients {
 			stream, err := c.GetFlows(ctx, &ferryv1.GetFlowsRequest{Filter: req.GetFilter(), Since: since, Follow: true})
 			if err != nil {

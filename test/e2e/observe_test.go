@@ -1,0 +1,352 @@
+package e2e
+
+// Observability end to end: lab traffic as flows through `ferry observe` (every
+// filter, follow, the merge of both nodes in time order) and the agents' Prometheus
+// metrics agreeing with the flows.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// observe runs `ferry observe --lab e2e -o json ARGS...` and returns its flows.
+func (e *env) observe(t *testing.T, args ...string) []*ferryv1.Flow {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(e.bin, "ferry"), append([]string{"observe", "--lab", prefix, "-o", "json"}, args...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("ferry observe %v: %v\n%s", args, err, stderr.String())
+	}
+	return parseFlows(t, out)
+}
+
+func parseFlows(t *testing.T, out []byte) []*ferryv1.Flow {
+	t.Helper()
+	var fs []*ferryv1.Flow
+	for _, line := range bytes.Split(bytes.TrimSpace(out), []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		f := &ferryv1.Flow{}
+		if err := protojson.Unmarshal(line, f); err != nil {
+			t.Fatalf("flow %q: %v", line, err)
+		}
+		fs = append(fs, f)
+	}
+	return fs
+}
+
+func flowText(f *ferryv1.Flow) string {
+	s, d := f.GetSource(), f.GetDestination()
+	return fmt.Sprintf("%s %s %s/%s(%s) -> %s/%s(%s):%d %s %s %d/%d %s", f.GetTime().AsTime().Format("15:04:05.000000"),
+		f.GetNode(), s.GetNamespace(), s.GetPod(), s.GetIdentity(), d.GetNamespace(), d.GetPod(), d.GetIdentity(), d.GetPort(),
+		f.GetSecurity(), f.GetVerdict(), f.GetBytesSent(), f.GetBytesReceived(), f.GetReason())
+}
+
+func flowsText(fs []*ferryv1.Flow) string {
+	var b strings.Builder
+	for _, f := range fs {
+		b.WriteString("  " + flowText(f) + "\n")
+	}
+	return b.String()
+}
+
+// expectFlow is what one flow must show.
+type expectFlow struct {
+	name            string
+	node, direction string
+	srcPod, dstPod  string
+	srcID, dstID    string
+	port            uint32
+	security        string
+	verdict         ferryv1.Verdict
+	bytesEachWay    uint64 // 0: not checked
+}
+
+func (x expectFlow) match(f *ferryv1.Flow) bool {
+	s, d := f.GetSource(), f.GetDestination()
+	return f.GetNode() == x.node && f.GetDirection() == x.direction && s.GetPod() == x.srcPod && d.GetPod() == x.dstPod &&
+		s.GetIdentity() == x.srcID && d.GetIdentity() == x.dstID && d.GetPort() == x.port && f.GetSecurity() == x.security &&
+		f.GetVerdict() == x.verdict && (x.bytesEachWay == 0 || f.GetBytesSent() == x.bytesEachWay && f.GetBytesReceived() == x.bytesEachWay)
+}
+
+func id(pod string) string { return "spiffe://cluster.local/ns/default/sa/" + pod }
+
+// metricSums scrapes node's agent /metrics through its admin socket and sums each
+// metric over its series.
+func (e *env) scrape(t *testing.T, node string) string {
+	t.Helper()
+	resp, err := e.lab.AgentClient(node).Get("http://agent/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics on %s: %s %v", node, resp.Status, err)
+	}
+	return string(b)
+}
+
+func metricSums(text string) map[string]float64 {
+	sums := map[string]float64{}
+	for _, line := range strings.Split(text, "\n") {
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		name, rest, _ := strings.Cut(line, " ")
+		if i := strings.IndexByte(line, '{'); i >= 0 {
+			name = line[:i]
+			rest = line[strings.LastIndexByte(line, '}')+2:]
+		}
+		v, err := strconv.ParseFloat(strings.Fields(rest)[0], 64)
+		if err == nil {
+			sums[name] += v
+		}
+	}
+	return sums
+}
+
+func TestObserve(t *testing.T) {
+	e := setup(t)
+	nodes := e.lab.Nodes()
+	before := map[string]map[string]float64{}
+	for _, n := range nodes {
+		before[n] = metricSums(e.scrape(t, n))
+	}
+	start := time.Now()
+	since := start.UTC().Format(time.RFC3339Nano)
+
+	// Traffic on every path: across nodes (mTLS), on one node, from a pod outside the
+	// mesh, and to a port where nothing listens.
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "100000")
+	sent := time.Now()
+	want := []expectFlow{
+		{name: "a→c at the source", node: "node1", direction: "outbound", srcPod: "a", dstPod: "c", srcID: id("a"), dstID: id("c"),
+			port: echoPort, security: "mtls", verdict: ferryv1.Verdict_VERDICT_FORWARDED, bytesEachWay: 100000},
+		{name: "a→c at the destination", node: "node2", direction: "inbound", srcPod: "a", dstPod: "c", srcID: id("a"), dstID: id("c"),
+			port: echoPort, security: "mtls", verdict: ferryv1.Verdict_VERDICT_FORWARDED, bytesEachWay: 100000},
+	}
+	// Within 1 s of the client's exit, the flow is in ferry observe.
+	var fs []*ferryv1.Flow
+	for {
+		fs = e.observe(t, "--since", since)
+		if countMatches(fs, want) == len(want) {
+			break
+		}
+		if time.Since(sent) > time.Second {
+			t.Fatalf("1 s after the connection ended, ferry observe shows:\n%swant %+v", flowsText(fs), want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("flows of a→c visible in ferry observe %v after the client ended", time.Since(sent).Round(time.Millisecond))
+
+	e.mustRun(t, "a", "echo", e.addr("b", echoPort), "5000")
+	e.mustRun(t, "d", "echo", e.addr("b", echoPort), "7000")
+	e.mustRun(t, "a", "refused", e.addr("c", closedPort))
+	want = append(want,
+		expectFlow{name: "a→b on one node", node: "node1", direction: "outbound", srcPod: "a", dstPod: "b", srcID: id("a"), dstID: id("b"),
+			port: echoPort, security: "same-node", verdict: ferryv1.Verdict_VERDICT_FORWARDED, bytesEachWay: 5000},
+		expectFlow{name: "d (outside the mesh)→b", node: "node1", direction: "inbound", srcPod: "", dstPod: "b", srcID: "", dstID: id("b"),
+			port: echoPort, security: "plaintext", verdict: ferryv1.Verdict_VERDICT_FORWARDED, bytesEachWay: 7000},
+		expectFlow{name: "a→c closed port at the source", node: "node1", direction: "outbound", srcPod: "a", dstPod: "c", srcID: id("a"), dstID: id("c"),
+			port: closedPort, security: "mtls", verdict: ferryv1.Verdict_VERDICT_ERROR},
+		expectFlow{name: "a→c closed port at the destination", node: "node2", direction: "inbound", srcPod: "a", dstPod: "c", srcID: id("a"), dstID: id("c"),
+			port: closedPort, security: "mtls", verdict: ferryv1.Verdict_VERDICT_ERROR},
+	)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		fs = e.observe(t, "--since", since)
+		if countMatches(fs, want) == len(want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			for _, w := range want {
+				if countMatches(fs, []expectFlow{w}) == 0 {
+					t.Errorf("no flow for %s: want %+v", w.name, w)
+				}
+			}
+			t.Fatalf("ferry observe shows:\n%s", flowsText(fs))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(fs) != len(want) {
+		t.Fatalf("ferry observe shows %d flows since the test started, want %d:\n%s", len(fs), len(want), flowsText(fs))
+	}
+	t.Logf("flows:\n%s", flowsText(fs))
+
+	t.Run("merged in time order from both nodes", func(t *testing.T) {
+		seen := map[string]bool{}
+		for i, f := range fs {
+			seen[f.GetNode()] = true
+			if i > 0 && f.GetTime().AsTime().Before(fs[i-1].GetTime().AsTime()) {
+				t.Errorf("flow %d is older than flow %d:\n%s", i, i-1, flowsText(fs[i-1:i+1]))
+			}
+		}
+		if !seen["node1"] || !seen["node2"] {
+			t.Errorf("flows from %v, want node1 and node2", seen)
+		}
+	})
+
+	t.Run("filters", func(t *testing.T) {
+		for _, tc := range []struct {
+			args []string
+			want func(f *ferryv1.Flow) bool
+		}{
+			{[]string{"--from-pod", "a"}, func(f *ferryv1.Flow) bool { return f.GetSource().GetPod() == "a" }},
+			{[]string{"--from-pod", "default/a", "--to-pod", "b"}, func(f *ferryv1.Flow) bool {
+				return f.GetSource().GetPod() == "a" && f.GetDestination().GetPod() == "b"
+			}},
+			{[]string{"--to-pod", "c"}, func(f *ferryv1.Flow) bool { return f.GetDestination().GetPod() == "c" }},
+			{[]string{"--namespace", "default"}, func(*ferryv1.Flow) bool { return true }},
+			{[]string{"--namespace", "other"}, func(*ferryv1.Flow) bool { return false }},
+			{[]string{"--from-identity", id("a")}, func(f *ferryv1.Flow) bool { return f.GetSource().GetIdentity() == id("a") }},
+			{[]string{"--to-identity", "default/b"}, func(f *ferryv1.Flow) bool { return f.GetDestination().GetIdentity() == id("b") }},
+			{[]string{"--verdict", "error"}, func(f *ferryv1.Flow) bool { return f.GetVerdict() == ferryv1.Verdict_VERDICT_ERROR }},
+			{[]string{"--verdict", "forwarded,dropped"}, func(f *ferryv1.Flow) bool { return f.GetVerdict() == ferryv1.Verdict_VERDICT_FORWARDED }},
+			{[]string{"--protocol", "tcp"}, func(*ferryv1.Flow) bool { return true }},
+			{[]string{"--protocol", "http"}, func(*ferryv1.Flow) bool { return false }}, // no L7 yet
+			{[]string{"--http-status", "200"}, func(*ferryv1.Flow) bool { return false }},
+			{[]string{"--port", strconv.Itoa(closedPort)}, func(f *ferryv1.Flow) bool { return f.GetDestination().GetPort() == closedPort }},
+			{[]string{"--node", "node2"}, func(f *ferryv1.Flow) bool { return f.GetNode() == "node2" }},
+		} {
+			got := e.observe(t, append(tc.args, "--since", since)...)
+			var wantN int
+			for _, f := range fs {
+				if tc.want(f) {
+					wantN++
+				}
+			}
+			ok := len(got) == wantN
+			for _, f := range got {
+				ok = ok && tc.want(f)
+			}
+			if !ok {
+				t.Errorf("ferry observe %v: %d flows, want %d:\n%s", tc.args, len(got), wantN, flowsText(got))
+			}
+		}
+		if got := e.observe(t, "--since", since, "--last", "2"); len(got) != 2 || got[1].GetId() != fs[len(fs)-1].GetId() || got[1].GetNode() != fs[len(fs)-1].GetNode() {
+			t.Errorf("--last 2: got\n%swant the last two of\n%s", flowsText(got), flowsText(fs))
+		}
+		if got := e.observe(t, "--since", "1h", "--to-pod", "b", "--from-pod", "a"); countMatches(got, want[2:3]) != 1 {
+			t.Errorf("--since 1h lost a→b:\n%s", flowsText(got))
+		}
+		out, err := exec.Command(filepath.Join(e.bin, "ferry"), "observe", "--lab", prefix, "--verdict", "denied").CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "want forwarded, dropped or error") {
+			t.Errorf("--verdict denied: %v %s", err, out)
+		}
+	})
+
+	t.Run("metrics agree with flows", func(t *testing.T) {
+		var conns, reqBytes, respBytes float64
+		for _, f := range fs {
+			conns++
+			reqBytes += float64(f.GetBytesSent())
+			respBytes += float64(f.GetBytesReceived())
+		}
+		var mConns, mOpened, mReq, mResp float64
+		for _, n := range nodes {
+			text := e.scrape(t, n)
+			promtool := exec.Command("promtool", "check", "metrics")
+			promtool.Stdin = strings.NewReader(text)
+			if out, err := promtool.CombinedOutput(); err != nil {
+				t.Errorf("promtool check metrics on %s's scrape: %v\n%s", n, err, out)
+			}
+			after := metricSums(text)
+			mConns += after["istio_tcp_connections_closed_total"] - before[n]["istio_tcp_connections_closed_total"]
+			mOpened += after["istio_tcp_connections_opened_total"] - before[n]["istio_tcp_connections_opened_total"]
+			mReq += after["istio_tcp_received_bytes_total"] - before[n]["istio_tcp_received_bytes_total"]
+			mResp += after["istio_tcp_sent_bytes_total"] - before[n]["istio_tcp_sent_bytes_total"]
+			if after["ferry_datapath_events_total"] == 0 || after["ferry_bpf_map_max_entries"] == 0 {
+				t.Errorf("%s: no kernel counters or map sizes in the scrape", n)
+			}
+		}
+		t.Logf("flows: %v connections, %v bytes request, %v bytes response; metrics: %v closed, %v opened, %v received, %v sent",
+			conns, reqBytes, respBytes, mConns, mOpened, mReq, mResp)
+		within := func(name string, m, f float64) {
+			if f == 0 && m == 0 {
+				return
+			}
+			if d := (m - f) / f; d > 0.01 || d < -0.01 {
+				t.Errorf("%s: metrics %v, flows %v: more than 1%% apart", name, m, f)
+			}
+		}
+		within("connections closed", mConns, conns)
+		within("connections opened", mOpened, conns)
+		within("request bytes", mReq, reqBytes)
+		within("response bytes", mResp, respBytes)
+	})
+
+	t.Run("follow streams new flows", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, filepath.Join(e.bin, "ferry"), "observe", "--lab", prefix, "-f", "-o", "json", "--to-pod", "c", "--port", strconv.Itoa(echoPort))
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		defer cancel()
+		lines := make(chan []byte)
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				lines <- append([]byte(nil), sc.Bytes()...)
+			}
+			close(lines)
+		}()
+		// The follower starts at some point after Start: send until a flow comes,
+		// each round waiting a while for it.
+		for round := 1; ; round++ {
+			began := time.Now()
+			e.mustRun(t, "b", "echo", e.addr("c", echoPort), "3000")
+			select {
+			case line, ok := <-lines:
+				if !ok {
+					t.Fatal("ferry observe -f exited")
+				}
+				got := parseFlows(t, line)
+				if len(got) != 1 || got[0].GetSource().GetPod() != "b" || got[0].GetDestination().GetPod() != "c" || got[0].GetTime().AsTime().Before(began) {
+					t.Fatalf("followed flow %s, want a new b→c", line)
+				}
+				t.Logf("round %d: followed %s", round, flowText(got[0]))
+				return
+			case <-time.After(2 * time.Second):
+				if round == 5 {
+					t.Fatal("ferry observe -f showed no flow in 5 rounds of b→c traffic")
+				}
+			}
+		}
+	})
+}
+
+func countMatches(fs []*ferryv1.Flow, want []expectFlow) int {
+	n := 0
+	for _, w := range want {
+		for _, f := range fs {
+			if w.match(f) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
