@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +27,8 @@ import (
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/bpf"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -74,6 +78,10 @@ func newAdminServer(path string, a *Agent, log *slog.Logger) *adminServer {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", s.status)
 	mux.HandleFunc("GET /connections", s.connections)
+	mux.HandleFunc("GET /workloads", s.workloads)
+	mux.HandleFunc("GET /certs", s.certs)
+	mux.HandleFunc("GET /config", s.config)
+	mux.HandleFunc("GET /state", s.stateJSON)
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	if a.obs != nil {
 		mux.Handle("GET /metrics", a.obs.metrics.Handler())
@@ -438,3 +446,207 @@ func (k kernelReader) MapFill() ([]metrics.MapFill, error) {
 }
 
 func (k kernelReader) Counters() (map[string]uint64, error) { return bpf.ReadCounters(k.pinDir) }
+
+// Workload is one mesh workload in GET /workloads: every workload of the state, with
+// whether this node runs it and whether it is enrolled here.
+type Workload struct {
+	Name      string   `json:"name"`
+	Namespace string   `json:"namespace"`
+	Node      string   `json:"node"`
+	IPs       []string `json:"ips"`
+	Identity  string   `json:"identity"`
+	// Local: scheduled on this agent's node. Enrolled: captured by this agent now.
+	Local       bool   `json:"local"`
+	Enrolled    bool   `json:"enrolled"`
+	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
+	// Error says why a local workload is not enrolled yet.
+	Error string `json:"error,omitempty"`
+}
+
+// Workloads is what GET /workloads returns.
+type Workloads struct {
+	StateVersion uint64     `json:"state_version"`
+	StateAge     string     `json:"state_age"`
+	Workloads    []Workload `json:"workloads"`
+}
+
+// CertInfo describes one certificate in GET /certs.
+type CertInfo struct {
+	// Identity is the SPIFFE ID (workload certificates) or the subject (CAs).
+	Identity  string    `json:"identity"`
+	Serial    string    `json:"serial"`
+	Issuer    string    `json:"issuer"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	// Error is set when the agent holds no usable certificate for the identity.
+	Error string `json:"error,omitempty"`
+}
+
+// Certs is what GET /certs returns: the local workloads' certificates and the CAs
+// the agent trusts.
+type Certs struct {
+	StateVersion uint64     `json:"state_version"`
+	StateAge     string     `json:"state_age"`
+	Workloads    []CertInfo `json:"workloads"`
+	TrustBundle  []CertInfo `json:"trust_bundle"`
+}
+
+// AgentConfig is what GET /config returns: how the agent runs.
+type AgentConfig struct {
+	Node           string   `json:"node"`
+	StatePath      string   `json:"state_path"`
+	StateVersion   uint64   `json:"state_version"`
+	StateAge       string   `json:"state_age"`
+	TrustDomain    string   `json:"trust_domain"`
+	AdminSocket    string   `json:"admin_socket"`
+	ObserverSocket string   `json:"observer_socket,omitempty"`
+	ObserverAddr   string   `json:"observer_addr,omitempty"`
+	MetricsAddr    string   `json:"metrics_addr,omitempty"`
+	FlowCapacity   int      `json:"flow_capacity"`
+	PinDir         string   `json:"bpf_pin_dir"`
+	Cgroup         string   `json:"cgroup"`
+	Mark           uint32   `json:"mark"`
+	FastPath       bool     `json:"fast_path"`
+	MaxPods        int      `json:"max_pods"`
+	ExcludedPorts  []uint32 `json:"excluded_ports"`
+}
+
+// stateAgeLocked is the version and age of the applied state; a.mu is held.
+func (a *Agent) stateAgeLocked() (uint64, string) {
+	if a.state == nil {
+		return 0, "never"
+	}
+	return a.state.GetVersion(), time.Since(a.applied).Round(time.Millisecond).String()
+}
+
+func (s *adminServer) workloads(w http.ResponseWriter, _ *http.Request) {
+	a := s.a
+	a.mu.Lock()
+	out := Workloads{}
+	out.StateVersion, out.StateAge = a.stateAgeLocked()
+	enrolled := map[string]uint64{}
+	for uid, p := range a.enrolled {
+		enrolled[uid] = p.cookie
+	}
+	for _, wl := range a.state.GetWorkloads() {
+		cookie, ok := enrolled[wl.GetUid()]
+		out.Workloads = append(out.Workloads, Workload{
+			Name: wl.GetName(), Namespace: wl.GetNamespace(), Node: wl.GetNode(), IPs: wl.GetIps(), Identity: wl.GetIdentity(),
+			Local: wl.GetNode() == a.cfg.Node, Enrolled: ok, NetnsCookie: cookie, Error: a.failing[wl.GetUid()],
+		})
+	}
+	a.mu.Unlock()
+	sort.Slice(out.Workloads, func(i, j int) bool {
+		x, y := out.Workloads[i], out.Workloads[j]
+		return x.Namespace+"/"+x.Name < y.Namespace+"/"+y.Name
+	})
+	writeJSON(w, out)
+}
+
+func (s *adminServer) certs(w http.ResponseWriter, _ *http.Request) {
+	a := s.a
+	a.mu.Lock()
+	out := Certs{}
+	out.StateVersion, out.StateAge = a.stateAgeLocked()
+	ids := map[string]bool{}
+	for _, wl := range a.state.GetWorkloads() {
+		if wl.GetNode() == a.cfg.Node {
+			ids[wl.GetIdentity()] = true
+		}
+	}
+	bundle := a.state.GetTrustBundlePem()
+	a.mu.Unlock()
+	for id := range ids {
+		ci := CertInfo{Identity: id}
+		c, err := a.ids.Certificate(id)
+		switch {
+		case err != nil:
+			ci.Error = err.Error()
+		case c.Leaf == nil:
+			ci.Error = "certificate not parsed"
+		default:
+			ci.Serial, ci.Issuer = c.Leaf.SerialNumber.Text(16), c.Leaf.Issuer.String()
+			ci.NotBefore, ci.NotAfter = c.Leaf.NotBefore, c.Leaf.NotAfter
+		}
+		out.Workloads = append(out.Workloads, ci)
+	}
+	sort.Slice(out.Workloads, func(i, j int) bool { return out.Workloads[i].Identity < out.Workloads[j].Identity })
+	for len(bundle) > 0 {
+		var blk *pem.Block
+		blk, bundle = pem.Decode(bundle)
+		if blk == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			out.TrustBundle = append(out.TrustBundle, CertInfo{Error: err.Error()})
+			continue
+		}
+		out.TrustBundle = append(out.TrustBundle, CertInfo{Identity: c.Subject.String(), Serial: c.SerialNumber.Text(16),
+			Issuer: c.Issuer.String(), NotBefore: c.NotBefore, NotAfter: c.NotAfter})
+	}
+	writeJSON(w, out)
+}
+
+func (s *adminServer) config(w http.ResponseWriter, _ *http.Request) {
+	a := s.a
+	a.mu.Lock()
+	out := AgentConfig{
+		Node: a.cfg.Node, StatePath: a.cfg.StatePath, TrustDomain: a.state.GetTrustDomain(), AdminSocket: a.cfg.AdminSocket,
+		PinDir: a.cfg.Datapath.PinDir, Cgroup: a.cfg.Datapath.CgroupPath, Mark: a.cfg.Datapath.Mark,
+		FastPath: a.cfg.Datapath.FastPath, MaxPods: a.cfg.Datapath.MaxPods, ExcludedPorts: a.state.GetMesh().GetExcludedPorts(),
+	}
+	out.StateVersion, out.StateAge = a.stateAgeLocked()
+	a.mu.Unlock()
+	if o := a.obs; o != nil {
+		out.ObserverSocket, out.ObserverAddr, out.MetricsAddr = o.cfg.ObserverSocket, o.cfg.ObserverAddr, o.cfg.MetricsAddr
+		out.FlowCapacity = o.ring.Status().Capacity
+	}
+	writeJSON(w, out)
+}
+
+// state serves the applied NodeState as protobuf JSON, without private keys.
+func (s *adminServer) stateJSON(w http.ResponseWriter, _ *http.Request) {
+	a := s.a
+	a.mu.Lock()
+	st := &ferryv1.NodeState{}
+	if a.state != nil {
+		st = proto.Clone(a.state).(*ferryv1.NodeState)
+	}
+	a.mu.Unlock()
+	for _, c := range st.GetCertificates() {
+		c.PrivateKeyPem = nil
+	}
+	b, err := protojson.MarshalOptions{Multiline: true}.Marshal(st)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
+}
+
+// Workloads fetches the mesh workloads the agent knows and which it enrolled.
+func (c *AdminClient) Workloads(ctx context.Context) (Workloads, error) {
+	var v Workloads
+	return v, c.get(ctx, "/workloads", &v)
+}
+
+// Certs fetches the local workloads' certificates and the trust bundle.
+func (c *AdminClient) Certs(ctx context.Context) (Certs, error) {
+	var v Certs
+	return v, c.get(ctx, "/certs", &v)
+}
+
+// Config fetches how the agent runs.
+func (c *AdminClient) Config(ctx context.Context) (AgentConfig, error) {
+	var v AgentConfig
+	return v, c.get(ctx, "/config", &v)
+}
+
+// State fetches the applied NodeState (protobuf JSON, no private keys).
+func (c *AdminClient) State(ctx context.Context) ([]byte, error) {
+	var raw json.RawMessage
+	err := c.get(ctx, "/state", &raw)
+	return raw, err
+}

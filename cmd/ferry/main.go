@@ -32,6 +32,7 @@ func run(ctx context.Context, args []string) error {
 	root.AddCommand(newLabCommand())
 	root.AddCommand(newBPFCommand())
 	root.AddCommand(newObserveCommand())
+	root.AddCommand(newAgentCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }
