@@ -7,20 +7,33 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/grpc"
 )
 
 // Config configures an Agent.
 type Config struct {
-	Node        string
-	StatePath   string // NodeState file (protobuf JSON), until the operator streams it
+	Node string
+	// StatePath is a NodeState file (protobuf JSON) with certificates inside; set it
+	// or Operator.
+	StatePath string
+	// Operator streams the state and signs certificates (host:port or unix:///path).
+	Operator string
+	// TokenFile is the bearer token for the operator; OperatorCA verifies it.
+	TokenFile  string
+	OperatorCA string
+	// HealthAddr serves /healthz and /readyz (state applied at least once); "" disables.
+	HealthAddr  string
 	AdminSocket string // unix socket of the admin API; "" disables it
 	Datapath    datapath.Config
 	Observe     ObserveConfig // flows and metrics (admin.go)
@@ -38,7 +51,15 @@ type Agent struct {
 	ids   *identity.Store
 	proxy *proxy.Proxy
 	admin *adminServer
-	obs   *observability
+
+	// Operator mode: the state stream, the certificate manager, and a nudge for
+	// reconcile when a certificate arrives.
+	conn   *grpc.ClientConn
+	stream *controlplane.Stream
+	certs  *controlplane.Certs
+	kick   chan struct{}
+	health *http.Server
+	obs    *observability
 
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
@@ -62,8 +83,8 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if cfg.Node == "" {
 		return nil, errors.New("agent config: node name is required")
 	}
-	if cfg.StatePath == "" {
-		return nil, errors.New("agent config: state file is required")
+	if (cfg.StatePath == "") == (cfg.Operator == "") {
+		return nil, errors.New("agent config: give either a state file or an operator address")
 	}
 	if cfg.Datapath.Mark == 0 {
 		cfg.Datapath.Mark = datapath.DefaultMark
@@ -72,7 +93,15 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}}
+	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}, kick: make(chan struct{}, 1)}
+	if cfg.Operator != "" {
+		a.conn, err = controlplane.Dial(controlplane.DialConfig{Addr: cfg.Operator, CAFile: cfg.OperatorCA, TokenFile: cfg.TokenFile})
+		if err != nil {
+			return nil, err
+		}
+		a.stream = controlplane.NewStream(a.conn, cfg.Node, a.applyStream, log)
+		a.certs = controlplane.NewCerts(a.conn, a.ids, a.nudge, log)
+	}
 	a.obs = newObservability(cfg, a, log)
 	switch cfg.Capture {
 	case "", datapath.CaptureEBPF:
@@ -106,6 +135,9 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 // Start loads the data path (adopting what a previous run pinned), applies the
 // state file, and serves until Stop.
 func (a *Agent) Start(ctx context.Context) error {
+	if a.cfg.Operator != "" {
+		return a.startOperator()
+	}
 	st, err := ReadStateFile(a.cfg.StatePath)
 	if err != nil {
 		return err
@@ -126,18 +158,99 @@ func (a *Agent) Start(ctx context.Context) error {
 		defer a.wg.Done()
 		a.watchFile(ctx, a.cfg.StatePath, 500*time.Millisecond)
 	}()
-	if a.admin != nil {
-		if err := a.admin.Start(); err != nil {
-			a.Stop()
-			return err
-		}
-	}
-	if err := a.obs.Start(); err != nil {
+	if err := a.startServers(); err != nil {
 		a.Stop()
 		return err
 	}
 	a.log.Info("agent ready", "version", st.GetVersion(), "pods", len(a.enrolled))
 	return nil
+}
+
+// startOperator starts the agent in operator mode: the data path keeps what a
+// previous run pinned, and pods are enrolled as the state and their certificates
+// arrive.
+func (a *Agent) startOperator() error {
+	if err := a.dp.Start(context.Background()); err != nil {
+		return fmt.Errorf("datapath: %w", err)
+	}
+	var ctx context.Context
+	ctx, a.cancel = context.WithCancel(context.Background())
+	for _, f := range []func(context.Context){a.stream.Run, a.certs.Run, a.reconcileLoop} {
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			f(ctx)
+		}()
+	}
+	if err := a.startServers(); err != nil {
+		a.Stop()
+		return err
+	}
+	a.log.Info("agent started; waiting for the operator's state", "operator", a.cfg.Operator)
+	return nil
+}
+
+// startServers starts the admin API, observability and the health endpoints.
+func (a *Agent) startServers() error {
+	if a.admin != nil {
+		if err := a.admin.Start(); err != nil {
+			return err
+		}
+	}
+	if err := a.obs.Start(); err != nil {
+		return err
+	}
+	if a.cfg.HealthAddr == "" {
+		return nil
+	}
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	l, err := lc.Listen(context.Background(), "tcp", a.cfg.HealthAddr)
+	if err != nil {
+		return fmt.Errorf("health listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		a.mu.Lock()
+		applied := a.state != nil
+		a.mu.Unlock()
+		if !applied {
+			http.Error(w, "no state applied yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	a.health = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		_ = a.health.Serve(l)
+	}()
+	return nil
+}
+
+// nudge asks reconcileLoop to run now (a certificate arrived).
+func (a *Agent) nudge() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// reconcileLoop retries pods that could not be enrolled yet, at once when nudged.
+func (a *Agent) reconcileLoop(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-a.kick:
+		}
+		a.reconcile()
+	}
 }
 
 // Stop closes the pods' listeners, waits for proxied connections to end and
@@ -147,7 +260,13 @@ func (a *Agent) Stop() error {
 	if a.cancel != nil {
 		a.cancel()
 	}
+	if a.health != nil {
+		a.health.Close()
+	}
 	a.wg.Wait()
+	if a.conn != nil {
+		a.conn.Close()
+	}
 	if a.admin != nil {
 		a.admin.Stop()
 	}
@@ -171,33 +290,65 @@ func (a *Agent) Stop() error {
 // pods are enrolled. A state for another node, an older version or with invalid
 // entries is refused whole, leaving the current state in place.
 func (a *Agent) Apply(st *ferryv1.NodeState) error {
+	return a.apply(st, false)
+}
+
+// applyStream applies a state from the operator; the first state of a new stream
+// replaces the current one whatever its version.
+func (a *Agent) applyStream(st *ferryv1.NodeState, fresh bool) error {
+	a.mu.Lock()
+	first := a.state == nil
+	a.mu.Unlock()
+	if err := a.apply(st, fresh); err != nil {
+		return err
+	}
+	if first {
+		// Only now is it known which pinned enrollments are still wanted.
+		if err := a.removeStale(); err != nil {
+			a.log.Warn("stale enrollments", "error", err)
+		}
+	}
+	return nil
+}
+
+func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if st.GetNode() != a.cfg.Node {
 		return fmt.Errorf("state is for node %q, this agent is node %q", st.GetNode(), a.cfg.Node)
 	}
-	if a.state != nil && st.GetVersion() < a.state.GetVersion() {
+	if a.state != nil && !anyVersion && st.GetVersion() < a.state.GetVersion() {
 		return fmt.Errorf("state version %d is older than the applied %d", st.GetVersion(), a.state.GetVersion())
 	}
 	ws, err := workloads(st)
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
-	certs := map[string]identity.CertPEM{}
-	for _, c := range st.GetCertificates() {
-		certs[c.GetIdentity()] = identity.CertPEM{Chain: c.GetCertChainPem(), Key: c.GetPrivateKeyPem()}
-	}
-	if err := a.ids.Update(st.GetTrustBundlePem(), certs); err != nil {
-		return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
-	}
-	a.proxy.SetMesh(ws)
-
-	a.want = map[string]proxy.Workload{}
+	want := map[string]proxy.Workload{}
+	var ids []string
 	for _, w := range ws {
 		if w.Node == a.cfg.Node {
-			a.want[w.UID] = w
+			want[w.UID] = w
+			ids = append(ids, w.Identity)
 		}
 	}
+	if a.certs != nil {
+		// Operator mode: the state carries no keys; the manager gets certificates
+		// for the identities of this node's pods and fills the store.
+		if err := a.certs.Want(st.GetTrustBundlePem(), ids); err != nil {
+			return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
+		}
+	} else {
+		certs := map[string]identity.CertPEM{}
+		for _, c := range st.GetCertificates() {
+			certs[c.GetIdentity()] = identity.CertPEM{Chain: c.GetCertChainPem(), Key: c.GetPrivateKeyPem()}
+		}
+		if err := a.ids.Update(st.GetTrustBundlePem(), certs); err != nil {
+			return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
+		}
+	}
+	a.proxy.SetMesh(ws)
+	a.want = want
 	a.state, a.applied = st, time.Now()
 	a.reconcileLocked()
 	return nil

@@ -42,7 +42,9 @@ type NodeState struct {
 	// Identities the agent holds for workloads on its own node.
 	Certificates []*Certificate `protobuf:"bytes,6,rep,name=certificates,proto3" json:"certificates,omitempty"`
 	// Mesh-wide settings.
-	Mesh          *MeshConfig `protobuf:"bytes,7,opt,name=mesh,proto3" json:"mesh,omitempty"`
+	Mesh *MeshConfig `protobuf:"bytes,7,opt,name=mesh,proto3" json:"mesh,omitempty"`
+	// Services whose selector matches enrolled workloads, with their endpoints.
+	Services      []*Service `protobuf:"bytes,8,rep,name=services,proto3" json:"services,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -126,6 +128,163 @@ func (x *NodeState) GetMesh() *MeshConfig {
 	return nil
 }
 
+func (x *NodeState) GetServices() []*Service {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
+// Service is a Kubernetes Service and the enrolled pods its selector picks.
+type Service struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Namespace string                 `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	// Cluster IPs, as text; empty for headless services.
+	ClusterIps []string       `protobuf:"bytes,3,rep,name=cluster_ips,json=clusterIps,proto3" json:"cluster_ips,omitempty"`
+	Ports      []*ServicePort `protobuf:"bytes,4,rep,name=ports,proto3" json:"ports,omitempty"`
+	// UIDs of the enrolled workloads the selector matches (see NodeState.workloads).
+	Endpoints     []string `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Service) Reset() {
+	*x = Service{}
+	mi := &file_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Service) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Service) ProtoMessage() {}
+
+func (x *Service) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Service.ProtoReflect.Descriptor instead.
+func (*Service) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Service) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Service) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *Service) GetClusterIps() []string {
+	if x != nil {
+		return x.ClusterIps
+	}
+	return nil
+}
+
+func (x *Service) GetPorts() []*ServicePort {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *Service) GetEndpoints() []string {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+// ServicePort is one port of a Service.
+type ServicePort struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Port  uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// Port on the pods: a number, or the name of a container port.
+	TargetPort string `protobuf:"bytes,3,opt,name=target_port,json=targetPort,proto3" json:"target_port,omitempty"`
+	// appProtocol, or "" when the Service does not say.
+	AppProtocol   string `protobuf:"bytes,4,opt,name=app_protocol,json=appProtocol,proto3" json:"app_protocol,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicePort) Reset() {
+	*x = ServicePort{}
+	mi := &file_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicePort) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicePort) ProtoMessage() {}
+
+func (x *ServicePort) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
+func (*ServicePort) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ServicePort) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ServicePort) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ServicePort) GetTargetPort() string {
+	if x != nil {
+		return x.TargetPort
+	}
+	return ""
+}
+
+func (x *ServicePort) GetAppProtocol() string {
+	if x != nil {
+		return x.AppProtocol
+	}
+	return ""
+}
+
 // Workload is one enrolled pod.
 type Workload struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -147,7 +306,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -159,7 +318,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -172,7 +331,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{1}
+	return file_state_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Workload) GetUid() string {
@@ -238,7 +397,7 @@ type Certificate struct {
 
 func (x *Certificate) Reset() {
 	*x = Certificate{}
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -250,7 +409,7 @@ func (x *Certificate) String() string {
 func (*Certificate) ProtoMessage() {}
 
 func (x *Certificate) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -263,7 +422,7 @@ func (x *Certificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Certificate.ProtoReflect.Descriptor instead.
 func (*Certificate) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{2}
+	return file_state_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Certificate) GetIdentity() string {
@@ -298,7 +457,7 @@ type MeshConfig struct {
 
 func (x *MeshConfig) Reset() {
 	*x = MeshConfig{}
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +469,7 @@ func (x *MeshConfig) String() string {
 func (*MeshConfig) ProtoMessage() {}
 
 func (x *MeshConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +482,7 @@ func (x *MeshConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshConfig.ProtoReflect.Descriptor instead.
 func (*MeshConfig) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{3}
+	return file_state_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *MeshConfig) GetExcludedPorts() []uint32 {
@@ -337,7 +496,7 @@ var File_state_proto protoreflect.FileDescriptor
 
 const file_state_proto_rawDesc = "" +
 	"\n" +
-	"\vstate.proto\x12\bferry.v1\"\x9d\x02\n" +
+	"\vstate.proto\x12\bferry.v1\"\xcc\x02\n" +
 	"\tNodeState\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12!\n" +
@@ -345,7 +504,21 @@ const file_state_proto_rawDesc = "" +
 	"\x10trust_bundle_pem\x18\x04 \x01(\fR\x0etrustBundlePem\x120\n" +
 	"\tworkloads\x18\x05 \x03(\v2\x12.ferry.v1.WorkloadR\tworkloads\x129\n" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
-	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\"\xb9\x01\n" +
+	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
+	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xa7\x01\n" +
+	"\aService\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x1f\n" +
+	"\vcluster_ips\x18\x03 \x03(\tR\n" +
+	"clusterIps\x12+\n" +
+	"\x05ports\x18\x04 \x03(\v2\x15.ferry.v1.ServicePortR\x05ports\x12\x1c\n" +
+	"\tendpoints\x18\x05 \x03(\tR\tendpoints\"y\n" +
+	"\vServicePort\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1f\n" +
+	"\vtarget_port\x18\x03 \x01(\tR\n" +
+	"targetPort\x12!\n" +
+	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xb9\x01\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -374,22 +547,26 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_state_proto_goTypes = []any{
 	(*NodeState)(nil),   // 0: ferry.v1.NodeState
-	(*Workload)(nil),    // 1: ferry.v1.Workload
-	(*Certificate)(nil), // 2: ferry.v1.Certificate
-	(*MeshConfig)(nil),  // 3: ferry.v1.MeshConfig
+	(*Service)(nil),     // 1: ferry.v1.Service
+	(*ServicePort)(nil), // 2: ferry.v1.ServicePort
+	(*Workload)(nil),    // 3: ferry.v1.Workload
+	(*Certificate)(nil), // 4: ferry.v1.Certificate
+	(*MeshConfig)(nil),  // 5: ferry.v1.MeshConfig
 }
 var file_state_proto_depIdxs = []int32{
-	1, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
-	2, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
-	3, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
-	3, // [3:3] is the sub-list for method output_type
-	3, // [3:3] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	3, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
+	4, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
+	5, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
+	1, // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
+	2, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -403,7 +580,7 @@ func file_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -47,7 +47,14 @@ state it is given, and carries their TCP traffic: mutual TLS to pods on other no
 straight through to pods on this node, plaintext to destinations outside the mesh.
 
 With --cleanup it removes everything Ferry put in the kernel and exits.`,
-		Example: `  ferry-agent --node node1 --state /var/lib/ferry/state.json
+		Example: `  # in a cluster (the DaemonSet in deploy/)
+  ferry-agent --operator ferry-operator.ferry-system.svc:15012 \
+      --token-file /var/run/secrets/ferry/token --operator-ca /etc/ferry/ca/ca.crt
+  # lab, local mode operator
+  ferry-agent --node node1 --operator unix:///run/ferry-lab/fy/operator/grpc.sock \
+      --token-file /run/ferry-lab/fy/operator/tokens/node1 --operator-ca /run/ferry-lab/fy/operator/ca.crt
+  # a fixed state file, no operator
+  ferry-agent --node node1 --state /var/lib/ferry/state.json
   ferry-agent --cleanup --bpf-pin-dir /sys/fs/bpf/ferry`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
@@ -75,7 +82,11 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&cfg.Node, "node", os.Getenv("NODE_NAME"), "name of this node (default $NODE_NAME)")
-	f.StringVar(&cfg.StatePath, "state", "", "node state file (protobuf JSON NodeState)")
+	f.StringVar(&cfg.StatePath, "state", "", "node state file (protobuf JSON NodeState), instead of --operator")
+	f.StringVar(&cfg.Operator, "operator", "", "operator address for the state stream and certificates (host:port or unix:///path)")
+	f.StringVar(&cfg.TokenFile, "token-file", "/var/run/secrets/ferry/token", "bearer token for the operator (projected service-account token, audience ferry-operator)")
+	f.StringVar(&cfg.OperatorCA, "operator-ca", "/etc/ferry/ca/ca.crt", "PEM bundle that verifies the operator's serving certificate (ConfigMap ferry-ca-bundle)")
+	f.StringVar(&cfg.HealthAddr, "health-addr", ":15021", "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
 	f.StringVar(&cfg.AdminSocket, "admin-socket", "/run/ferry/agent.sock", "unix socket for the admin API (\"\" disables it)")
 	f.StringVar(&cfg.Datapath.PinDir, "bpf-pin-dir", cfg.Datapath.PinDir, "bpffs folder where programs, maps and links are pinned")
 	f.StringVar(&cfg.Datapath.CgroupPath, "cgroup", "", "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")

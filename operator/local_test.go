@@ -1,0 +1,306 @@
+package operator_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/operator"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+const manifests = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    ferry.io/mesh: enabled
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+spec:
+  nodeName: node1
+  serviceAccountName: web
+  containers: [{name: app, image: none}]
+status:
+  podIP: 10.102.1.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: shop
+  labels: {app: db, ferry.io/mesh: disabled}
+spec:
+  nodeName: node2
+  serviceAccountName: db
+  containers: [{name: app, image: none}]
+status:
+  podIP: 10.102.2.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api
+  namespace: shop
+  labels: {app: api}
+spec:
+  nodeName: node2
+  serviceAccountName: api
+  containers: [{name: app, image: none}]
+status:
+  podIP: 10.102.2.11
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+`
+
+// localOperator runs an operator in local mode on a temp folder.
+func localOperator(t *testing.T) (op *operator.Operator, dir, state, sock string) {
+	t.Helper()
+	base := t.TempDir()
+	dir, state = filepath.Join(base, "manifests"), filepath.Join(base, "state")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "shop.yaml"), []byte(manifests), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock = filepath.Join(base, "grpc.sock")
+	op, err := operator.New(operator.Config{
+		Local: dir, StateDir: state, GRPCAddr: "unix://" + sock, CertTTL: time.Hour, PollInterval: 50 * time.Millisecond,
+	}, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := op.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(op.Stop)
+	waitFor(t, 10*time.Second, "operator ready", op.Ready)
+	return op, dir, state, sock
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func dial(t *testing.T, sock, caFile string) *grpc.ClientConn {
+	t.Helper()
+	pemData, err := os.ReadFile(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pemData)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+func withToken(ctx context.Context, t *testing.T, state, node string) context.Context {
+	t.Helper()
+	if node == "" {
+		return ctx
+	}
+	tok, err := os.ReadFile(filepath.Join(state, "tokens", node))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.TrimSpace(string(tok)))
+}
+
+func csr(t *testing.T) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+}
+
+func TestLocalModeStreamsNodeState(t *testing.T) {
+	_, dir, state, sock := localOperator(t)
+	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := ferryv1.NewDiscoveryClient(conn).StreamState(withToken(ctx, t, state, "node1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&ferryv1.StateRequest{Node: "node1"}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, w := range st.GetWorkloads() {
+		got = append(got, w.GetNamespace()+"/"+w.GetName()+" "+w.GetNode()+" "+strings.Join(w.GetIps(), ",")+" "+w.GetIdentity())
+	}
+	want := []string{
+		"shop/api node2 10.102.2.11 spiffe://cluster.local/ns/shop/sa/api",
+		"shop/web node1 10.102.1.10 spiffe://cluster.local/ns/shop/sa/web",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("workloads:\n%s\nwant (db opted out):\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if st.GetNode() != "node1" || len(st.GetTrustBundlePem()) == 0 || len(st.GetCertificates()) != 0 {
+		t.Fatalf("state: node %q, bundle %d bytes, %d certificates", st.GetNode(), len(st.GetTrustBundlePem()), len(st.GetCertificates()))
+	}
+	if len(st.GetServices()) != 1 || len(st.GetServices()[0].GetEndpoints()) != 1 {
+		t.Fatalf("services: %v", st.GetServices())
+	}
+	if err := stream.Send(&ferryv1.StateRequest{Node: "node1", VersionAck: st.GetVersion(), ResponseTo: st.GetVersion()}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Removing the namespace label takes every pod out; the stream carries it.
+	edited := strings.Replace(manifests, "ferry.io/mesh: enabled", "team: shop", 1)
+	if err := os.WriteFile(filepath.Join(dir, "shop.yaml"), []byte(edited), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	next, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.GetVersion() <= st.GetVersion() || len(next.GetWorkloads()) != 0 {
+		t.Fatalf("after unlabel: version %d (was %d), %d workloads", next.GetVersion(), st.GetVersion(), len(next.GetWorkloads()))
+	}
+
+	// A stream that names another node than its token is refused.
+	other, err := ferryv1.NewDiscoveryClient(conn).StreamState(withToken(ctx, t, state, "node1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.Send(&ferryv1.StateRequest{Node: "node2"})
+	if _, err := other.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("stream for node2 with node1's token: %v, want PermissionDenied", err)
+	}
+}
+
+func TestLocalModeCertificates(t *testing.T) {
+	_, _, state, sock := localOperator(t)
+	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
+	certs := ferryv1.NewCertificatesClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	web := "spiffe://cluster.local/ns/shop/sa/web"
+
+	resp, err := certs.Sign(withToken(ctx, t, state, "node1"), &ferryv1.SignRequest{Identity: web, CsrPem: csr(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(resp.GetCertChainPem())
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != web || len(leaf.DNSNames) != 0 || len(leaf.IPAddresses) != 0 {
+		t.Fatalf("certificate names: URIs %v DNS %v IPs %v; want exactly %s", leaf.URIs, leaf.DNSNames, leaf.IPAddresses, web)
+	}
+	for _, tc := range []struct {
+		name, node, id string
+		code           codes.Code
+	}{
+		{"service account with no pod on the node", "node2", web, codes.PermissionDenied},
+		{"no token", "", web, codes.Unauthenticated},
+		{"other trust domain", "node1", "spiffe://evil.example/ns/shop/sa/web", codes.InvalidArgument},
+	} {
+		_, err := certs.Sign(withToken(ctx, t, state, tc.node), &ferryv1.SignRequest{Identity: tc.id, CsrPem: csr(t)})
+		if status.Code(err) != tc.code {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.code)
+		}
+	}
+	bad := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer not-a-token")
+	if _, err := certs.Sign(bad, &ferryv1.SignRequest{Identity: web, CsrPem: csr(t)}); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("unknown token: %v, want Unauthenticated", err)
+	}
+}
+
+func TestLocalModeMalformedManifest(t *testing.T) {
+	op, dir, state, sock := localOperator(t)
+	bad := `apiVersion: v1
+kind: Pod
+metadata:
+  name: broken
+  namespace: shop
+spec:
+  nodeName: [node1]
+`
+	if err := os.WriteFile(filepath.Join(dir, "broken.yaml"), []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "manifest error", func() bool { return len(op.ManifestErrors()) > 0 })
+	msg := op.ManifestErrors()[0].Error()
+	if !strings.Contains(msg, "broken.yaml") || !strings.Contains(msg, "spec.nodeName") {
+		t.Fatalf("error %q does not name the file and the field", msg)
+	}
+	t.Logf("reported: %s", msg)
+	// Everything else is still served.
+	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := ferryv1.NewDiscoveryClient(conn).StreamState(withToken(ctx, t, state, "node2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream.Send(&ferryv1.StateRequest{Node: "node2"})
+	st, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.GetWorkloads()) != 2 {
+		t.Fatalf("%d workloads served, want 2", len(st.GetWorkloads()))
+	}
+}

@@ -1,0 +1,303 @@
+// Package mesh builds the operator's view of the mesh from Kubernetes informers:
+// which pods are enrolled, their SPIFFE identities and addresses, and the services
+// that select them. Every agent's NodeState is cut from the same snapshot.
+package mesh
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/protobuf/proto"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	listersv1 "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+)
+
+// Enrollment labels: a namespace labelled EnrollLabel=Enabled is in the mesh; a pod
+// in it labelled EnrollLabel=Disabled opts out.
+const (
+	EnrollLabel = "ferry.io/mesh"
+	Enabled     = "enabled"
+	Disabled    = "disabled"
+)
+
+// Snapshot is one version of the mesh, shared read-only by every stream.
+type Snapshot struct {
+	// Version increases with every change. It is taken from the clock (microseconds)
+	// when that is larger than the last version plus one, so versions keep growing
+	// across operator restarts and between replicas.
+	Version   uint64
+	Workloads []*ferryv1.Workload // sorted by namespace/name
+	Services  []*ferryv1.Service  // sorted by namespace/name
+	// Built is when the snapshot was computed.
+	Built time.Time
+}
+
+// View keeps the current Snapshot up to date from the informers.
+type View struct {
+	trustDomain string
+	log         *slog.Logger
+
+	pods       listersv1.PodLister
+	namespaces listersv1.NamespaceLister
+	services   listersv1.ServiceLister
+	synced     []cache.InformerSynced
+
+	dirty chan struct{}
+
+	mu      sync.Mutex
+	snap    *Snapshot
+	changed chan struct{} // closed when snap is replaced
+}
+
+// NewView registers the informers it needs with factory; start the factory after.
+func NewView(factory informers.SharedInformerFactory, trustDomain string, log *slog.Logger) (*View, error) {
+	if trustDomain == "" {
+		return nil, fmt.Errorf("mesh view: trust domain is required")
+	}
+	core := factory.Core().V1()
+	v := &View{
+		trustDomain: trustDomain,
+		log:         log,
+		pods:        core.Pods().Lister(),
+		namespaces:  core.Namespaces().Lister(),
+		services:    core.Services().Lister(),
+		dirty:       make(chan struct{}, 1),
+		changed:     make(chan struct{}),
+	}
+	h := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { v.markDirty() },
+		UpdateFunc: func(any, any) { v.markDirty() },
+		DeleteFunc: func(any) { v.markDirty() },
+	}
+	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
+		if _, err := inf.AddEventHandler(h); err != nil {
+			return nil, fmt.Errorf("mesh view: %w", err)
+		}
+		v.synced = append(v.synced, inf.HasSynced)
+	}
+	return v, nil
+}
+
+func (v *View) markDirty() {
+	select {
+	case v.dirty <- struct{}{}:
+	default:
+	}
+}
+
+// Run rebuilds the snapshot after the informers have synced and again after every
+// change, until ctx ends. Changes that arrive during a rebuild are folded into the
+// next one.
+func (v *View) Run(ctx context.Context) {
+	if !cache.WaitForCacheSync(ctx.Done(), v.synced...) {
+		return
+	}
+	v.rebuild()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-v.dirty:
+			v.rebuild()
+		}
+	}
+}
+
+// Current returns the latest snapshot (nil until the informers have synced) and a
+// channel closed when a newer one replaces it.
+func (v *View) Current() (*Snapshot, <-chan struct{}) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.snap, v.changed
+}
+
+// HasPod reports whether a running pod with service account sa in namespace ns is
+// scheduled on node: the condition for an agent to get that identity.
+func (v *View) HasPod(node, ns, sa string) bool {
+	pods, err := v.pods.Pods(ns).List(labels.Everything())
+	if err != nil {
+		return false
+	}
+	for _, p := range pods {
+		if p.Spec.NodeName == node && serviceAccount(p) == sa && !finished(p) {
+			return true
+		}
+	}
+	return false
+}
+
+func (v *View) rebuild() {
+	start := time.Now()
+	ws, byNS, err := v.workloads()
+	if err != nil {
+		v.log.Error("mesh view: list pods", "error", err)
+		return
+	}
+	svcs, err := v.servicesFor(byNS)
+	if err != nil {
+		v.log.Error("mesh view: list services", "error", err)
+		return
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) {
+		return
+	}
+	version := uint64(time.Now().UnixMicro())
+	if v.snap != nil && version <= v.snap.Version {
+		version = v.snap.Version + 1
+	}
+	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, Built: time.Now()}
+	close(v.changed)
+	v.changed = make(chan struct{})
+	v.log.Debug("mesh view rebuilt", "version", version, "workloads", len(ws), "services", len(svcs), "took", time.Since(start))
+}
+
+// enrolledPod pairs a workload with its pod's labels, for service selectors.
+type enrolledPod struct {
+	w      *ferryv1.Workload
+	labels labels.Set
+}
+
+func (v *View) workloads() ([]*ferryv1.Workload, map[string][]enrolledPod, error) {
+	nss, err := v.namespaces.List(labels.SelectorFromSet(labels.Set{EnrollLabel: Enabled}))
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []*ferryv1.Workload
+	byNS := map[string][]enrolledPod{}
+	for _, ns := range nss {
+		pods, err := v.pods.Pods(ns.Name).List(labels.Everything())
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, p := range pods {
+			w := v.workload(p)
+			if w == nil {
+				continue
+			}
+			out = append(out, w)
+			byNS[ns.Name] = append(byNS[ns.Name], enrolledPod{w: w, labels: p.Labels})
+		}
+	}
+	slices.SortFunc(out, func(a, b *ferryv1.Workload) int {
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	return out, byNS, nil
+}
+
+// workload is the mesh entry of an enrolled pod, or nil when the pod is out of the
+// mesh: opted out, not scheduled, without an address yet, finished, or on the host
+// network (whose address is the node's, which the agent cannot capture per pod).
+func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
+	if p.Labels[EnrollLabel] == Disabled || p.Spec.HostNetwork || p.Spec.NodeName == "" || finished(p) || p.DeletionTimestamp != nil {
+		return nil
+	}
+	var ips []string
+	for _, ip := range p.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			ips = append(ips, a.String())
+		}
+	}
+	if len(ips) == 0 && p.Status.PodIP != "" {
+		if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
+			ips = append(ips, a.String())
+		}
+	}
+	if len(ips) == 0 {
+		return nil
+	}
+	uid := string(p.UID)
+	if uid == "" {
+		uid = StableUID(p.Namespace, p.Name)
+	}
+	sa := serviceAccount(p)
+	return &ferryv1.Workload{
+		Uid:            uid,
+		Name:           p.Name,
+		Namespace:      p.Namespace,
+		ServiceAccount: sa,
+		Node:           p.Spec.NodeName,
+		Ips:            ips,
+		Identity:       SPIFFEID(v.trustDomain, p.Namespace, sa),
+	}
+}
+
+func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, error) {
+	var out []*ferryv1.Service
+	for ns, pods := range byNS {
+		svcs, err := v.services.Services(ns).List(labels.Everything())
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range svcs {
+			if len(s.Spec.Selector) == 0 {
+				continue // endpoints managed by hand; not in the mesh view yet
+			}
+			sel := labels.SelectorFromSet(s.Spec.Selector)
+			fs := &ferryv1.Service{Name: s.Name, Namespace: s.Namespace}
+			for _, ip := range s.Spec.ClusterIPs {
+				if ip != "" && ip != corev1.ClusterIPNone {
+					fs.ClusterIps = append(fs.ClusterIps, ip)
+				}
+			}
+			for _, p := range s.Spec.Ports {
+				sp := &ferryv1.ServicePort{Name: p.Name, Port: uint32(p.Port), TargetPort: p.TargetPort.String()}
+				if p.AppProtocol != nil {
+					sp.AppProtocol = *p.AppProtocol
+				}
+				fs.Ports = append(fs.Ports, sp)
+			}
+			for _, p := range pods {
+				if sel.Matches(p.labels) {
+					fs.Endpoints = append(fs.Endpoints, p.w.Uid)
+				}
+			}
+			slices.Sort(fs.Endpoints)
+			out = append(out, fs)
+		}
+	}
+	slices.SortFunc(out, func(a, b *ferryv1.Service) int {
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	return out, nil
+}
+
+func sameList[M proto.Message](a, b []M) bool {
+	return slices.EqualFunc(a, b, func(x, y M) bool { return proto.Equal(x, y) })
+}
+
+func serviceAccount(p *corev1.Pod) string {
+	if p.Spec.ServiceAccountName != "" {
+		return p.Spec.ServiceAccountName
+	}
+	return "default"
+}
+
+func finished(p *corev1.Pod) bool {
+	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
+}
+
+// SPIFFEID is the identity of service account sa in namespace ns.
+func SPIFFEID(trustDomain, ns, sa string) string {
+	return "spiffe://" + trustDomain + "/ns/" + ns + "/sa/" + sa
+}
+
+// StableUID is a UUID-shaped stand-in for a pod without a UID (local manifests).
+func StableUID(ns, name string) string {
+	h := sha256.Sum256([]byte(ns + "/" + name))
+	h[6] = h[6]&0x0f | 0x50
+	h[8] = h[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", h[0:4], h[4:6], h[6:8], h[8:10], h[10:16])
+}
