@@ -31,6 +31,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	root.AddCommand(newLabCommand())
 	root.AddCommand(newBPFCommand())
+	root.AddCommand(newBenchCommand())
 	root.AddCommand(newObserveCommand())
 	root.AddCommand(newAgentCommand())
 	root.SetArgs(args)

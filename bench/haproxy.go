@@ -1,0 +1,106 @@
+// The peer: a pair of HAProxy processes doing Ferry's job the sidecar way. The
+// client-side one, in the client pod, takes plaintext on loopback and originates
+// mutual TLS with a client certificate; the server-side one, in the server pod,
+// terminates it (requiring a client certificate from the mesh CA) in front of the
+// app. It stands in for an Envoy-class proxy pair. Both are L4 (mode tcp), like
+// Ferry's proxy today, with one TLS connection per client connection.
+
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ferrymesh/ferry/operator/ca"
+)
+
+const hapDefaults = `global
+    maxconn 4000
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
+    ssl-default-server-ciphersuites TLS_AES_128_GCM_SHA256
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+    ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+`
+
+// startHAProxy issues certificates from a mesh CA and starts the client-side
+// HAProxy in nmc and a server-side one in nms1 and nms2.
+func (r *runner) startHAProxy(ctx context.Context) error {
+	authority, err := ca.New("cluster.local")
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(r.tmp, "haproxy")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	root := filepath.Join(dir, "root.pem")
+	if err := os.WriteFile(root, authority.RootPEM(), 0o600); err != nil {
+		return err
+	}
+	crt := func(name, id string) (string, error) {
+		cert, key, err := authority.Issue(id, 24*time.Hour)
+		if err != nil {
+			return "", err
+		}
+		p := filepath.Join(dir, name+".pem")
+		return p, os.WriteFile(p, append(append(cert, '\n'), key...), 0o600)
+	}
+	clientCrt, err := crt("client", "spiffe://cluster.local/ns/default/sa/nmc")
+	if err != nil {
+		return err
+	}
+	var client strings.Builder
+	client.WriteString(hapDefaults)
+	for i, srv := range []string{"nms2", "nms1"} {
+		srvCrt, err := crt(srv, "spiffe://cluster.local/ns/default/sa/"+srv)
+		if err != nil {
+			return err
+		}
+		ip := r.podIP(srv)
+		var server strings.Builder
+		server.WriteString(hapDefaults)
+		for _, fw := range []struct {
+			tls, app int
+		}{{hapTLSHTTPPort, httpPort}, {hapTLSBulkPort, sinkPort}} {
+			fmt.Fprintf(&server, "listen in%d\n    bind %s:%d ssl crt %s ca-file %s verify required\n    server app 127.0.0.1:%d\n",
+				fw.tls, ip, fw.tls, srvCrt, root, fw.app)
+			// Local ports 15001..15004: HTTP then bulk for nms2, then for nms1.
+			local := 15001 + 2*i
+			if fw.tls == hapTLSBulkPort {
+				local++
+			}
+			fmt.Fprintf(&client, "listen out%d\n    bind 127.0.0.1:%d\n    server up %s:%d ssl crt %s ca-file %s verify required\n",
+				local, local, ip, fw.tls, clientCrt, root)
+		}
+		cfg := filepath.Join(dir, srv+".cfg")
+		if err := os.WriteFile(cfg, []byte(server.String()), 0o600); err != nil {
+			return err
+		}
+		bin, args := r.onProxy("haproxy", "-db", "-f", cfg)
+		cmd, err := r.start(ctx, srv, "haproxy-"+srv, bin, args...)
+		if err != nil {
+			return err
+		}
+		r.hap[srv] = cmd.Process.Pid
+	}
+	cfg := filepath.Join(dir, "client.cfg")
+	if err := os.WriteFile(cfg, []byte(client.String()), 0o600); err != nil {
+		return err
+	}
+	bin, args := r.onProxy("haproxy", "-db", "-f", cfg)
+	cmd, err := r.start(ctx, "nmc", "haproxy-client", bin, args...)
+	if err != nil {
+		return err
+	}
+	r.hap["client"] = cmd.Process.Pid
+	return nil
+}

@@ -1,0 +1,151 @@
+// PNG plots of a run: latency against offered load, and throughput per scenario.
+
+package bench
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+// Plot writes latency.png and throughput.png into dir.
+func Plot(dir string, res *Results) error {
+	if err := plotLatency(filepath.Join(dir, "latency.png"), res); err != nil {
+		return err
+	}
+	return plotThroughput(filepath.Join(dir, "throughput.png"), res)
+}
+
+// plotLatency draws median p50 and p99 against offered load (1 KiB keep-alive, 16
+// connections), one line per scenario, one panel per percentile.
+func plotLatency(path string, res *Results) error {
+	t := index(res.Samples)
+	var fixed []Workload
+	for _, w := range res.Plan.Workloads {
+		if w.kind == kindHTTP && w.QPS > 0 && w.Payload == 1024 {
+			fixed = append(fixed, w)
+		}
+	}
+	sort.Slice(fixed, func(i, j int) bool { return fixed[i].QPS < fixed[j].QPS })
+	var panels []*plot.Plot
+	for _, m := range []metric{mP50, mP99} {
+		p := plot.New()
+		p.Title.Text = fmt.Sprintf("%s latency, HTTP/1.1 keep-alive, 1 KiB, 16 connections", m.name)
+		p.X.Label.Text = "offered load (req/s)"
+		p.Y.Label.Text = m.name + " (ms, median of repetitions)"
+		p.Legend.Top = true
+		p.Legend.Left = true
+		for i, sc := range res.Plan.Scenarios {
+			var pts plotter.XYs
+			for _, w := range fixed {
+				st := t.stat(sc.Key, w.Key, m)
+				if st.N > 0 {
+					pts = append(pts, plotter.XY{X: float64(w.QPS), Y: st.Median})
+				}
+			}
+			if len(pts) == 0 {
+				continue
+			}
+			l, s, err := plotter.NewLinePoints(pts)
+			if err != nil {
+				return err
+			}
+			l.Color = plotutil.Color(i)
+			l.Dashes = plotutil.Dashes(i / 7)
+			s.Color = plotutil.Color(i)
+			s.Shape = plotutil.Shape(i)
+			p.Add(l, s)
+			p.Legend.Add(sc.Key, l, s)
+		}
+		p.Add(plotter.NewGrid())
+		panels = append(panels, p)
+	}
+	return savePanels(path, panels, 10*vg.Inch, 6*vg.Inch)
+}
+
+// plotThroughput draws bars of max req/s (1 KiB), new connections/s and bulk Gbit/s.
+func plotThroughput(path string, res *Results) error {
+	t := index(res.Samples)
+	var names []string
+	for _, sc := range res.Plan.Scenarios {
+		names = append(names, sc.Key)
+	}
+	var panels []*plot.Plot
+	for _, c := range []struct {
+		title, w string
+		m        metric
+	}{
+		{"max req/s, HTTP/1.1 keep-alive, 1 KiB, 16 connections", "http-1k-max", mQPS},
+		{"new connections/s (one request each), 1 KiB", "newconn", mConn},
+		{"bulk TCP, 1 connection (Gbit/s)", "bulk", mGbps},
+	} {
+		p := plot.New()
+		p.Title.Text = c.title
+		p.Y.Label.Text = c.m.name + " (median; bar ends: min, max)"
+		var vals plotter.Values
+		var errs plotter.YErrors
+		for _, sc := range res.Plan.Scenarios {
+			st := t.stat(sc.Key, c.w, c.m)
+			vals = append(vals, st.Median)
+			errs = append(errs, struct{ Low, High float64 }{st.Median - st.Min, st.Max - st.Median})
+		}
+		bars, err := plotter.NewBarChart(vals, vg.Points(22))
+		if err != nil {
+			return err
+		}
+		bars.Color = plotutil.Color(0)
+		p.Add(bars)
+		pts := make(plotter.XYs, len(vals))
+		for i, v := range vals {
+			pts[i] = plotter.XY{X: float64(i), Y: v}
+		}
+		eb, err := plotter.NewYErrorBars(struct {
+			plotter.XYer
+			plotter.YErrorer
+		}{pts, errs})
+		if err != nil {
+			return err
+		}
+		p.Add(eb)
+		p.NominalX(names...)
+		p.Add(plotter.NewGrid())
+		panels = append(panels, p)
+	}
+	return savePanels(path, panels, 11*vg.Inch, 12*vg.Inch)
+}
+
+// savePanels stacks the plots vertically in one PNG.
+func savePanels(path string, panels []*plot.Plot, w, h vg.Length) error {
+	img := vgimg.New(w, h)
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: len(panels), Cols: 1, PadY: vg.Points(12), PadX: vg.Points(6), PadTop: vg.Points(6), PadBottom: vg.Points(6)}
+	cs := plot.Align(column(panels), tiles, dc)
+	for i := range panels {
+		panels[i].Draw(cs[i][0])
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func column(ps []*plot.Plot) [][]*plot.Plot {
+	out := make([][]*plot.Plot, len(ps))
+	for i, p := range ps {
+		out[i] = []*plot.Plot{p}
+	}
+	return out
+}

@@ -1,0 +1,550 @@
+// The run: bring the lab up, start servers and the HAProxy pair, then for every
+// repetition go through the scenarios (alternating agent modes), run every workload,
+// and record the samples.
+
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/lab"
+)
+
+// Config configures a run.
+type Config struct {
+	Plan Plan
+	// Out is the results folder (created): report.md, samples.json, plots.
+	Out string
+	// FerryBinary is the ferry CLI, run in pods as the bulk sink and sender.
+	FerryBinary string
+	// AgentBinary is ferry-agent; FortioBinary is fortio (go build fortio.org/fortio).
+	AgentBinary, FortioBinary string
+	// Progress receives one line per step.
+	Progress io.Writer
+	Log      *slog.Logger
+}
+
+// Sample is one workload run in one scenario.
+type Sample struct {
+	Scenario string  `json:"scenario"`
+	Workload string  `json:"workload"`
+	Rep      int     `json:"rep"`
+	QPS      float64 `json:"qps,omitempty"` // achieved requests (or connections) per second
+	// Latency percentiles in milliseconds.
+	P50  float64 `json:"p50_ms,omitempty"`
+	P90  float64 `json:"p90_ms,omitempty"`
+	P99  float64 `json:"p99_ms,omitempty"`
+	P999 float64 `json:"p999_ms,omitempty"`
+	// Requests is how many requests completed; Errors how many did not get a 200.
+	Requests int64 `json:"requests,omitempty"`
+	Errors   int64 `json:"errors,omitempty"`
+	// Gbps is the bulk throughput in Gbit/s.
+	Gbps float64 `json:"gbps,omitempty"`
+	// ProxyCPU is CPU seconds the scenario's proxies used during the run; CPUPer1k
+	// divides it by thousands of requests (per GiB for bulk).
+	ProxyCPU float64 `json:"proxy_cpu_s"`
+	CPUPer1k float64 `json:"cpu_per_1k,omitempty"`
+	// PeakRSS is the sum of the proxies' peak resident set sizes, in bytes.
+	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
+}
+
+// Placement says which CPUs load, servers and proxies run on.
+type Placement struct {
+	Pinned     bool `json:"pinned"`
+	AppCPU     int  `json:"app_cpu"`
+	ProxyCPU   int  `json:"proxy_cpu"`
+	CPUs       int  `json:"cpus"`
+	Restarts   int  `json:"agent_restarts"`
+	Kernel     string
+	GoVersion  string
+	HAProxyVer string
+}
+
+// Results is everything a run measured.
+type Results struct {
+	Plan      Plan      `json:"-"`
+	Start     time.Time `json:"start"`
+	Elapsed   string    `json:"elapsed"`
+	Placement Placement `json:"placement"`
+	Samples   []Sample  `json:"samples"`
+}
+
+type runner struct {
+	cfg  Config
+	log  *slog.Logger
+	lab  *lab.Lab
+	tmp  string
+	mode agentMode
+	pl   Placement
+	hap  map[string]int // haproxy PIDs: "client", "nms1", "nms2"
+	proc []*exec.Cmd
+	step int
+	all  int
+}
+
+// Run measures every scenario and workload of cfg.Plan and writes the results under
+// cfg.Out. The lab it uses (prefix bn) is removed when it returns.
+func Run(ctx context.Context, cfg Config) (*Results, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Progress == nil {
+		cfg.Progress = io.Discard
+	}
+	for _, tool := range []string{"nsenter", "taskset", "haproxy", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("%s is not installed (make deps installs it): %w", tool, err)
+		}
+	}
+	for _, b := range []string{cfg.FerryBinary, cfg.AgentBinary, cfg.FortioBinary} {
+		if _, err := os.Stat(b); err != nil {
+			return nil, fmt.Errorf("binary: %w", err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Out, "logs"), 0o755); err != nil {
+		return nil, fmt.Errorf("results folder: %w", err)
+	}
+	tmp, err := os.MkdirTemp("", "ferry-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	r := &runner{cfg: cfg, log: cfg.Log, tmp: tmp, hap: map[string]int{}}
+	r.pl = placement()
+	res := &Results{Plan: cfg.Plan, Start: time.Now(), Placement: r.pl}
+
+	r.progress("lab: bringing up prefix bn (pod network 10.%d.0.0/16, 2 nodes, 6 pods)", LabPodNet)
+	upCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	l, err := lab.Up(upCtx, labConfig(cfg.AgentBinary), cfg.Log)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	r.lab = l
+	r.mode = modeEBPF
+	defer func() {
+		r.stopProcs()
+		if err := l.Down(); err != nil {
+			r.log.Warn("lab down", "error", err)
+		}
+		l.Close()
+	}()
+	if err := r.waitAgents(ctx); err != nil {
+		return nil, err
+	}
+	if err := r.startServers(ctx); err != nil {
+		return nil, err
+	}
+
+	p := cfg.Plan
+	r.all = p.Reps * len(p.Scenarios) * len(p.Workloads)
+	for rep := 1; rep <= p.Reps; rep++ {
+		for _, sc := range r.order(rep) {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			if err := r.ensureMode(ctx, sc.mode); err != nil {
+				return nil, err
+			}
+			if err := r.warmup(ctx, sc); err != nil {
+				return nil, fmt.Errorf("%s warm-up: %w", sc.Key, err)
+			}
+			for _, w := range p.Workloads {
+				s, err := r.measure(ctx, sc, w, rep)
+				if err != nil {
+					return nil, fmt.Errorf("%s %s: %w", sc.Key, w.Key, err)
+				}
+				res.Samples = append(res.Samples, s)
+			}
+		}
+	}
+	res.Placement = r.pl
+	res.Elapsed = time.Since(res.Start).Round(time.Second).String()
+	return res, nil
+}
+
+func (r *runner) progress(format string, args ...any) {
+	fmt.Fprintf(r.cfg.Progress, format+"\n", args...)
+}
+
+// placement pins load and servers to CPU 0 and proxies to CPU 1 when the machine
+// has at least two; with one CPU everything shares it.
+func placement() Placement {
+	pl := Placement{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	if pl.CPUs >= 2 {
+		pl.Pinned, pl.AppCPU, pl.ProxyCPU = true, 0, 1
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		pl.Kernel = strings.TrimSpace(string(b))
+	}
+	if out, err := exec.Command("haproxy", "-v").Output(); err == nil {
+		pl.HAProxyVer = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	return pl
+}
+
+// order is the scenarios of one repetition. The groups that share an agent mode
+// start one later each repetition, so no scenario always runs first or right after
+// an agent restart; the no-mesh and peer scenarios sit between the Ferry groups.
+func (r *runner) order(rep int) []Scenario {
+	var groups [][]Scenario
+	byMode := map[agentMode][]Scenario{}
+	var others []Scenario
+	for _, s := range r.cfg.Plan.Scenarios {
+		if s.mode == modeAny {
+			others = append(others, s)
+		} else {
+			byMode[s.mode] = append(byMode[s.mode], s)
+		}
+	}
+	for _, m := range []agentMode{modeEBPF, modeNoFast, modeIPTables} {
+		if len(byMode[m]) > 0 {
+			groups = append(groups, byMode[m])
+		}
+	}
+	var out []Scenario
+	k := (rep - 1) % max(1, len(groups))
+	for i := range groups {
+		out = append(out, groups[(k+i)%len(groups)]...)
+		if i < len(others) { // one non-Ferry scenario after each Ferry group
+			out = append(out, others[i])
+		}
+	}
+	for i := len(groups); i < len(others); i++ {
+		out = append(out, others[i])
+	}
+	return out
+}
+
+// waitAgents waits until both agents answer and have enrolled their pods, and pins
+// them to the proxy CPU.
+func (r *runner) waitAgents(ctx context.Context) error {
+	want := map[string]int{"node1": 2, "node2": 1}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for _, n := range r.lab.Nodes() {
+		if err := r.lab.WaitAgentReady(ctx, n); err != nil {
+			return err
+		}
+		c := agent.NewAdminClient(r.lab.AgentSocket(n))
+		for {
+			st, err := c.Status(ctx)
+			if err == nil && len(st.Pods) >= want[n] {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("agent on %s did not enroll its pods: %v", n, err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		if r.pl.Pinned {
+			if err := pinProcess(r.lab.AgentPID(n), r.pl.ProxyCPU); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// ensureMode restarts the agents in mode m unless they already run that way.
+func (r *runner) ensureMode(ctx context.Context, m agentMode) error {
+	if m == modeAny || m == r.mode {
+		return nil
+	}
+	r.progress("agents: restarting with capture mode %q %v", m, m.agentArgs())
+	for _, n := range r.lab.Nodes() {
+		if err := r.lab.StopAgent(n, syscall.SIGTERM); err != nil {
+			return err
+		}
+		if err := r.lab.StartAgent(n, m.agentArgs()...); err != nil {
+			return err
+		}
+	}
+	r.mode = m
+	r.pl.Restarts++
+	return r.waitAgents(ctx)
+}
+
+// onApp prefixes a command with taskset so it runs on the load and server CPU.
+func (r *runner) onApp(bin string, args ...string) (string, []string) {
+	if !r.pl.Pinned {
+		return bin, args
+	}
+	return "taskset", append([]string{"-c", strconv.Itoa(r.pl.AppCPU), bin}, args...)
+}
+
+func (r *runner) onProxy(bin string, args ...string) (string, []string) {
+	if !r.pl.Pinned {
+		return bin, args
+	}
+	return "taskset", append([]string{"-c", strconv.Itoa(r.pl.ProxyCPU), bin}, args...)
+}
+
+// start starts a long-running process in a pod; it is killed when the run ends.
+func (r *runner) start(ctx context.Context, pod, name string, bin string, args ...string) (*exec.Cmd, error) {
+	logf, err := os.Create(filepath.Join(r.cfg.Out, "logs", name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := r.lab.Command(ctx, pod, bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s in %s: %w", name, pod, err)
+	}
+	r.proc = append(r.proc, cmd)
+	return cmd, nil
+}
+
+func (r *runner) stopProcs() {
+	for _, c := range r.proc {
+		if c.Process != nil {
+			c.Process.Kill()
+			c.Wait()
+		}
+	}
+	r.proc = nil
+}
+
+// startServers starts fortio and the bulk sink in every server pod and the HAProxy
+// pair, and waits until each answers.
+func (r *runner) startServers(ctx context.Context) error {
+	r.progress("servers: fortio server and TCP sink in srv1, srv2, nms1, nms2; HAProxy pair for nmc → nms1, nms2")
+	for _, pod := range []string{"srv1", "srv2", "nms1", "nms2"} {
+		bin, args := r.onApp(r.cfg.FortioBinary, "server", "-http-port", strconv.Itoa(httpPort),
+			"-grpc-port", "disabled", "-redirect-port", "disabled", "-tcp-port", "disabled", "-udp-port", "disabled", "-loglevel", "Error")
+		if _, err := r.start(ctx, pod, "fortio-"+pod, bin, args...); err != nil {
+			return err
+		}
+		bin, args = r.onApp(r.cfg.FerryBinary, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort))
+		if _, err := r.start(ctx, pod, "sink-"+pod, bin, args...); err != nil {
+			return err
+		}
+	}
+	if err := r.startHAProxy(ctx); err != nil {
+		return err
+	}
+	// Wait until each path answers: one HTTP request through every scenario.
+	deadline := time.Now().Add(20 * time.Second)
+	for _, sc := range r.cfg.Plan.Scenarios {
+		if sc.mode != modeAny && sc.mode != r.mode {
+			continue
+		}
+		for {
+			_, err := r.fortio(ctx, sc, Workload{kind: kindHTTP, QPS: 10, Conns: 1, Payload: 16}, 100*time.Millisecond)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s does not answer: %w", sc.Key, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// warmup sends light traffic so that pooled tunnels, TLS sessions and the servers'
+// goroutines exist before the measurements, as they would in a running mesh.
+func (r *runner) warmup(ctx context.Context, sc Scenario) error {
+	if r.cfg.Plan.Warmup <= 0 {
+		return nil
+	}
+	_, err := r.fortio(ctx, sc, Workload{kind: kindHTTP, QPS: 200, Conns: 16, Payload: 1024}, r.cfg.Plan.Warmup)
+	return err
+}
+
+// proxyPIDs are the processes whose CPU and memory a scenario is charged.
+func (r *runner) proxyPIDs(sc Scenario) []int {
+	switch sc.proxy {
+	case proxyFerry:
+		var pids []int
+		for _, n := range r.lab.Nodes() {
+			if pid := r.lab.AgentPID(n); pid != 0 {
+				pids = append(pids, pid)
+			}
+		}
+		return pids
+	case proxyHAProxy:
+		return []int{r.hap["client"], r.hap[sc.server]}
+	}
+	return nil
+}
+
+func (r *runner) cpu(pids []int) float64 {
+	var t float64
+	for _, p := range pids {
+		s, err := cpuSeconds(p)
+		if err != nil {
+			r.log.Warn("proxy cpu", "error", err)
+			continue
+		}
+		t += s
+	}
+	return t
+}
+
+func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) (Sample, error) {
+	r.step++
+	pids := r.proxyPIDs(sc)
+	cpu0 := r.cpu(pids)
+	var (
+		s   Sample
+		err error
+	)
+	if w.kind == kindBulk {
+		s, err = r.bulk(ctx, sc, r.cfg.Plan.Duration)
+	} else {
+		s, err = r.fortio(ctx, sc, w, r.cfg.Plan.Duration)
+	}
+	if err != nil {
+		return s, err
+	}
+	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
+	s.ProxyCPU = r.cpu(pids) - cpu0
+	switch {
+	case w.kind == kindBulk && s.Gbps > 0:
+		gib := s.Gbps * 1e9 / 8 * r.cfg.Plan.Duration.Seconds() / (1 << 30)
+		s.CPUPer1k = s.ProxyCPU / gib // CPU seconds per GiB
+	case s.Requests > 0:
+		s.CPUPer1k = s.ProxyCPU / (float64(s.Requests) / 1000)
+	}
+	for _, p := range pids {
+		if rss, err := peakRSS(p); err == nil {
+			s.PeakRSS += rss
+		}
+	}
+	if w.kind == kindBulk {
+		r.progress("[%3d/%d] rep %d  %-10s %-13s %6.2f Gbit/s  proxy cpu %.2fs", r.step, r.all, rep, sc.Key, w.Key, s.Gbps, s.ProxyCPU)
+	} else {
+		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f req/s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs", r.step, r.all, rep, sc.Key, w.Key, s.QPS, s.P50, s.P99, s.Errors, s.ProxyCPU)
+	}
+	return s, nil
+}
+
+// fortioResult is the part of fortio's JSON output the harness reads.
+type fortioResult struct {
+	ActualQPS         float64
+	DurationHistogram struct {
+		Count       int64
+		Percentiles []struct{ Percentile, Value float64 }
+	}
+	RetCodes map[string]int64
+}
+
+// fortio runs fortio load in the scenario's client pod against its server.
+func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
+	target := fmt.Sprintf("%s:%d", r.podIP(sc.server), httpPort)
+	if sc.viaHTTP != "" {
+		target = sc.viaHTTP
+	}
+	out := filepath.Join(r.tmp, "fortio.json")
+	os.Remove(out)
+	args := []string{"load", "-qps", strconv.Itoa(w.QPS), "-c", strconv.Itoa(w.Conns), "-t", d.String(),
+		"-r", "0.00001", "-p", "50,90,99,99.9", "-json", out, "-loglevel", "Error", "-timeout", "5s"}
+	if w.QPS > 0 {
+		args = append(args, "-uniform")
+	}
+	if w.Payload > 0 {
+		args = append(args, "-payload-size", strconv.Itoa(w.Payload))
+	}
+	if w.kind == kindNewConn {
+		args = append(args, "-keepalive=false")
+	}
+	args = append(args, "http://"+target+"/echo")
+	bin, args := r.onApp(r.cfg.FortioBinary, args...)
+	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	defer cancel()
+	if b, err := r.lab.Command(rctx, sc.client, bin, args...).CombinedOutput(); err != nil {
+		return Sample{}, fmt.Errorf("fortio load: %w: %s", err, lastLines(b, 5))
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		return Sample{}, fmt.Errorf("fortio result: %w", err)
+	}
+	var fr fortioResult
+	if err := json.Unmarshal(b, &fr); err != nil {
+		return Sample{}, fmt.Errorf("fortio result: %w", err)
+	}
+	s := Sample{QPS: fr.ActualQPS, Requests: fr.DurationHistogram.Count}
+	s.Errors = s.Requests - fr.RetCodes["200"]
+	for _, p := range fr.DurationHistogram.Percentiles {
+		ms := p.Value * 1000
+		switch p.Percentile {
+		case 50:
+			s.P50 = ms
+		case 90:
+			s.P90 = ms
+		case 99:
+			s.P99 = ms
+		case 99.9:
+			s.P999 = ms
+		}
+	}
+	if s.Requests == 0 || s.Errors == s.Requests {
+		return s, fmt.Errorf("no successful request (%d sent)", s.Requests)
+	}
+	return s, nil
+}
+
+// bulk sends bytes one way over one connection for d.
+func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample, error) {
+	target := fmt.Sprintf("%s:%d", r.podIP(sc.server), sinkPort)
+	if sc.viaBulk != "" {
+		target = sc.viaBulk
+	}
+	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-send", "--to", target, "--duration", d.String())
+	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	defer cancel()
+	cmd := r.lab.Command(rctx, sc.client, bin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return Sample{}, fmt.Errorf("tcp-send: %w: %s", err, lastLines([]byte(stderr.String()), 5))
+	}
+	var res SendResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		return Sample{}, fmt.Errorf("tcp-send output %q: %w", out, err)
+	}
+	if res.Bytes == 0 || res.Seconds == 0 {
+		return Sample{}, errors.New("tcp-send moved no bytes")
+	}
+	return Sample{Gbps: float64(res.Bytes) * 8 / res.Seconds / 1e9}, nil
+}
+
+func (r *runner) podIP(name string) string {
+	p, _ := r.lab.Pod(name)
+	return p.IP.String()
+}
+
+func lastLines(b []byte, n int) string {
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// sortedKeys returns m's keys in order.
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}

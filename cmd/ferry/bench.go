@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/ferrymesh/ferry/bench"
+	"github.com/spf13/cobra"
+)
+
+func newBenchCommand() *cobra.Command {
+	var (
+		quick            bool
+		out              string
+		agentBin, fortio string
+		reps             int
+		duration, warmup time.Duration
+		verbose          bool
+	)
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure Ferry beside no mesh and an HAProxy pair, in one run, and write a table and plots",
+		Long: `Bring up a benchmark lab (prefix bn, pods in 10.104.0.0/16, two nodes) and measure,
+in one run, alternating and repeated:
+
+  no mesh (pod to pod), across nodes and on one node      the floor
+  an HAProxy pair doing mTLS (client cert), both places   the peer
+  Ferry (eBPF capture, sockmap fast path), both places
+  Ferry with --fast-path=false, both places
+  Ferry with --capture=iptables, both places
+
+with fortio (HTTP/1.1 keep-alive at fixed rates with p50/p90/p99/p99.9, maximum
+req/s, one new connection per request; 1 KiB and 10 KiB) and bulk TCP throughput,
+plus the proxies' CPU seconds per 1,000 requests and peak RSS. Load generators and
+servers run on CPU 0, proxies on CPU 1.
+
+It writes report.md (medians, spread, ratios to no mesh and to the HAProxy pair),
+samples.json and latency.png, throughput.png under --out, and prints the report.
+--quick takes under 5 minutes, the full run under 30. Needs root, haproxy, iptables
+and taskset (make deps), ferry-agent and fortio binaries (make bench builds them).`,
+		Example: `  # what make bench QUICK=1 runs
+  sudo ferry bench --quick --agent bin/ferry-agent --fortio bin/fortio
+
+  # the full run, results in a folder of your choice
+  sudo ferry bench --out results/before-change
+
+  # a custom run: 5 repetitions of 10 s
+  sudo ferry bench --reps 5 --duration 10s`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return errors.New("ferry bench needs root (network namespaces, eBPF, iptables)")
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			if agentBin == "" {
+				agentBin = filepath.Join(filepath.Dir(self), "ferry-agent")
+			}
+			if fortio == "" {
+				fortio = filepath.Join(filepath.Dir(self), "fortio")
+				if _, err := os.Stat(fortio); err != nil {
+					if p, lerr := exec.LookPath("fortio"); lerr == nil {
+						fortio = p
+					} else {
+						return fmt.Errorf("no fortio next to ferry or in $PATH: build it with `go build -o bin/ fortio.org/fortio` (make bench does)")
+					}
+				}
+			}
+			if out == "" {
+				out = filepath.Join("results", time.Now().UTC().Format("20060102-150405"))
+			}
+			plan := bench.NewPlan(quick)
+			if reps > 0 {
+				plan.Reps = reps
+			}
+			if duration > 0 {
+				plan.Duration = duration
+			}
+			if warmup >= 0 {
+				plan.Warmup = warmup
+			}
+			level := slog.LevelWarn
+			if verbose {
+				level = slog.LevelInfo
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "bench: %d scenarios × %d workloads × %d repetitions of %s; results in %s\n",
+				len(plan.Scenarios), len(plan.Workloads), plan.Reps, plan.Duration, out)
+			res, err := bench.Run(cmd.Context(), bench.Config{
+				Plan:         plan,
+				Out:          out,
+				FerryBinary:  self,
+				AgentBinary:  agentBin,
+				FortioBinary: fortio,
+				Progress:     w,
+				Log:          slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+			})
+			if err != nil {
+				return err
+			}
+			report, err := bench.Save(out, res)
+			if err != nil {
+				return err
+			}
+			md, err := os.ReadFile(report)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(w, "\n%s\nbench: wrote %s, %s, %s, %s\n", md, report,
+				filepath.Join(out, "samples.json"), filepath.Join(out, "latency.png"), filepath.Join(out, "throughput.png"))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&quick, "quick", false, "the short run (3 repetitions of 1 s; under 5 minutes)")
+	f.StringVar(&out, "out", "", "results folder (default results/<UTC date-time>)")
+	f.StringVar(&agentBin, "agent", "", "ferry-agent binary (default: next to this ferry binary)")
+	f.StringVar(&fortio, "fortio", "", "fortio binary (default: next to this ferry binary, then $PATH)")
+	f.IntVar(&reps, "reps", 0, "repetitions (default 5, or 3 with --quick)")
+	f.DurationVar(&duration, "duration", 0, "length of each workload run (default 3s, or 1s with --quick)")
+	f.DurationVar(&warmup, "warmup", -1, "light traffic before each scenario (default 1s, or 300ms with --quick)")
+	f.BoolVar(&verbose, "verbose", false, "log the lab's steps")
+	cmd.AddCommand(newBenchSinkCommand(), newBenchSendCommand())
+	return cmd
+}
+
+// newBenchSinkCommand is the bulk-throughput server the harness runs in pods.
+func newBenchSinkCommand() *cobra.Command {
+	var listen string
+	cmd := &cobra.Command{
+		Use:     "tcp-sink",
+		Short:   "Accept TCP connections and discard what they send (the bulk-throughput server)",
+		Example: `  sudo ferry lab exec c -- ferry bench tcp-sink --listen :5201`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			lc := net.ListenConfig{}
+			lc.SetMultipathTCP(false)
+			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listen: %w", err)
+			}
+			return bench.Sink(cmd.Context(), ln)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", ":5201", "address to listen on")
+	return cmd
+}
+
+// newBenchSendCommand is the bulk-throughput client the harness runs in pods.
+func newBenchSendCommand() *cobra.Command {
+	var (
+		to    string
+		conns int
+		d     time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "tcp-send",
+		Short: "Send bytes to a tcp-sink as fast as possible for a while and print the total as JSON",
+		Example: `  sudo ferry lab exec a -- ferry bench tcp-send --to 10.100.2.10:5201 --duration 5s
+  {"bytes":6123683840,"seconds":5.0004}`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if to == "" {
+				return errors.New("--to IP:PORT is required")
+			}
+			if conns < 1 || d <= 0 {
+				return errors.New("--conns must be at least 1 and --duration positive")
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), d+10*time.Second)
+			defer cancel()
+			res, err := bench.Send(ctx, to, conns, d)
+			if err != nil {
+				return err
+			}
+			return bench.WriteSendResult(cmd.OutOrStdout(), res)
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "sink address IP:PORT")
+	cmd.Flags().IntVar(&conns, "conns", 1, "parallel connections")
+	cmd.Flags().DurationVar(&d, "duration", 5*time.Second, "how long to send")
+	return cmd
+}
