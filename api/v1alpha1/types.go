@@ -16,6 +16,14 @@ const (
 	Version = "v1alpha1"
 )
 
+// Enrollment label: a namespace with MeshLabel=MeshEnabled is in the mesh; a pod
+// in it with MeshLabel=MeshDisabled opts out.
+const (
+	MeshLabel    = "ferry.io/mesh"
+	MeshEnabled  = "enabled"
+	MeshDisabled = "disabled"
+)
+
 // GroupVersion returns ferry.io/v1alpha1.
 func GroupVersion() schema.GroupVersion {
 	return schema.GroupVersion{Group: Group, Version: Version}

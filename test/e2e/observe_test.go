@@ -13,8 +13,10 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -350,3 +352,45 @@ func countMatches(fs []*ferryv1.Flow, want []expectFlow) int {
 	}
 	return n
 }
+
+// ferry check passes on the lab, and names the failure when the pin folder is not on
+// bpffs or an agent is down.
+func TestCheck(t *testing.T) {
+	e := setup(t)
+	check := func(args ...string) (string, error) {
+		out, err := exec.Command(filepath.Join(e.bin, "ferry"), append([]string{"check", "--lab", prefix}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	out, err := check()
+	if err != nil {
+		t.Fatalf("ferry check on a healthy lab: %v\n%s", err, out)
+	}
+	t.Logf("healthy lab:\n%s", out)
+
+	out, err = check("--bpf-pin-dir", t.TempDir())
+	if err == nil || !regexpMatch(`bpffs node1 +FAIL +bpffs is not mounted at`, out) {
+		t.Errorf("pin folder not on bpffs: exit %v, want a failure naming bpffs:\n%s", err, out)
+	}
+
+	if err := e.lab.StopAgent("node2", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.lab.StartAgent("node2"); err != nil {
+			t.Error(err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		if err := e.lab.WaitAgentReady(ctx, "node2"); err != nil {
+			t.Error(err)
+		}
+	})
+	out, err = check()
+	if err == nil || !regexpMatch(`agent node2 +FAIL +not reachable`, out) || !regexpMatch(`agent node1 +pass`, out) {
+		t.Errorf("agent on node2 down: exit %v, want a failure naming agent node2:\n%s", err, out)
+	}
+	t.Logf("agent on node2 down:\n%s", out)
+}
+
+func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }

@@ -1,0 +1,237 @@
+// This file holds `ferry install`: render Ferry's embedded kustomize base and
+// apply it to a cluster, and `ferry install mount-bpffs`, the node step the
+// agent DaemonSet's init container runs.
+
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/deploy"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/yaml"
+)
+
+// kubeFlags are the flags of commands that talk to a cluster.
+type kubeFlags struct {
+	kubeconfig string
+	context    string
+}
+
+func (f *kubeFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default $KUBECONFIG, then ~/.kube/config)")
+	cmd.Flags().StringVar(&f.context, "context", "", "kubeconfig context (default the current one)")
+}
+
+// restConfig loads the client configuration the way kubectl does.
+func (f *kubeFlags) restConfig() (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = f.kubeconfig
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules,
+		&clientcmd.ConfigOverrides{CurrentContext: f.context}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	cfg.UserAgent = "ferry"
+	// client-go's default of 5 requests a second would make an install of a
+	// few dozen requests take seconds for nothing; the server's priority and
+	// fairness still protects it.
+	cfg.QPS, cfg.Burst = 50, 100
+	cfg.Timeout = 30 * time.Second
+	return cfg, nil
+}
+
+func newInstallCommand() *cobra.Command {
+	var (
+		kf       kubeFlags
+		dryRun   string
+		output   string
+		imageTag string
+	)
+	cmd := &cobra.Command{
+		Use:   "install",
+		Short: "Install Ferry on a Kubernetes cluster (or print its manifests)",
+		Long: `Install renders Ferry's kustomize base (the deploy/ folder, built into this binary:
+namespace ferry-system, CRDs, RBAC, the operator Deployment and the agent DaemonSet) and
+applies it with server-side apply, object by object, in dependency order. Running it
+again upgrades in place; objects that did not change are reported as unchanged.
+
+It needs cluster-administrator credentials: it creates CRDs and cluster-wide RBAC.
+The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
+		Example: `  # print the manifests, to read or to commit to a GitOps repository
+  ferry install -o yaml > ferry.yaml
+
+  # let the API server validate and admit everything, without changing anything
+  ferry install --dry-run=server
+
+  # install (or upgrade) with a given image tag
+  ferry install --image-tag v0.1.0
+
+  # then enroll a namespace
+  ferry enroll shop`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch dryRun {
+			case "none", "client", "server":
+			default:
+				return fmt.Errorf("--dry-run=%q: want none, client or server", dryRun)
+			}
+			switch output {
+			case "", "yaml":
+			default:
+				return fmt.Errorf("-o %q: want yaml (or nothing)", output)
+			}
+			opts := deploy.Options{ImageTag: imageTag}
+			out := cmd.OutOrStdout()
+			if output == "yaml" && dryRun != "server" {
+				// The manifests themselves; nothing is sent anywhere.
+				data, err := deploy.YAML(opts)
+				if err != nil {
+					return err
+				}
+				_, err = out.Write(data)
+				return err
+			}
+			objs, err := deploy.Render(opts)
+			if err != nil {
+				return err
+			}
+			if dryRun == "client" {
+				for _, o := range objs {
+					fmt.Fprintf(out, "%-10s %s\n", "rendered", deploy.Ref(o))
+				}
+				fmt.Fprintf(out, "%d objects rendered (client dry run: nothing was sent to a cluster)\n", len(objs))
+				return nil
+			}
+			cfg, err := kf.restConfig()
+			if err != nil {
+				return err
+			}
+			// With -o yaml the objects go to stdout, so progress goes to stderr.
+			progressOut := out
+			if output == "yaml" {
+				progressOut = cmd.ErrOrStderr()
+			}
+			suffix := ""
+			if dryRun == "server" {
+				suffix = " (server dry run)"
+			}
+			fmt.Fprintf(progressOut, "Installing Ferry on %s%s: %d objects\n", cfg.Host, suffix, len(objs))
+			results, err := deploy.Apply(cmd.Context(), cfg, objs, deploy.DryRun(dryRun), func(r deploy.Result) {
+				line := fmt.Sprintf("  %-10s %s", r.Outcome, deploy.Ref(r.Object))
+				if r.Reason != "" {
+					line += " (" + r.Reason + ")"
+				}
+				fmt.Fprintln(progressOut, line)
+			})
+			if err != nil {
+				return fmt.Errorf("install: %w", err)
+			}
+			if output == "yaml" {
+				if err := writeYAML(out, results); err != nil {
+					return err
+				}
+			}
+			writeInstallSummary(progressOut, results, dryRun)
+			return nil
+		},
+	}
+	kf.add(cmd)
+	cmd.Flags().StringVar(&dryRun, "dry-run", "none", "none, client (render only) or server (the API server checks every object, stores nothing)")
+	cmd.Flags().Lookup("dry-run").NoOptDefVal = "client"
+	cmd.Flags().StringVarP(&output, "output", "o", "", "yaml: print the manifests instead of applying them (with --dry-run=server: the objects as the server would store them)")
+	cmd.Flags().StringVar(&imageTag, "image-tag", "", "tag of the ferry-operator and ferry-agent images (default: the base's)")
+	cmd.AddCommand(newMountBPFFSCommand())
+	return cmd
+}
+
+func writeYAML(w io.Writer, results []deploy.Result) error {
+	for i, r := range results {
+		if i > 0 {
+			fmt.Fprintln(w, "---")
+		}
+		data, err := yaml.Marshal(r.Object.Object)
+		if err != nil {
+			return fmt.Errorf("%s: %w", deploy.Ref(r.Object), err)
+		}
+		if _, err := w.Write(data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeInstallSummary(w io.Writer, results []deploy.Result, dryRun string) {
+	counts := map[deploy.Outcome]int{}
+	for _, r := range results {
+		counts[r.Outcome]++
+	}
+	var parts []string
+	for _, o := range []deploy.Outcome{deploy.Created, deploy.Configured, deploy.Unchanged, deploy.Skipped} {
+		if counts[o] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[o], o))
+		}
+	}
+	if dryRun == "server" {
+		fmt.Fprintf(w, "Server dry run: %s. Nothing was changed.\n", strings.Join(parts, ", "))
+		if counts[deploy.Skipped] > 0 {
+			fmt.Fprintf(w, "To have the server check the skipped objects too: kubectl create namespace %s, then run this again.\n", deploy.Namespace)
+		}
+		return
+	}
+	fmt.Fprintf(w, "Ferry installed: %s.\n", strings.Join(parts, ", "))
+	fmt.Fprintf(w, "Next: kubectl -n %s rollout status daemonset/ferry-agent deployment/ferry-operator\n", deploy.Namespace)
+	fmt.Fprintf(w, "      ferry enroll NAMESPACE\n")
+}
+
+func newMountBPFFSCommand() *cobra.Command {
+	var pinDir string
+	cmd := &cobra.Command{
+		Use:   "mount-bpffs",
+		Short: "Mount bpffs on this node for the agent's pins (the agent DaemonSet's init container)",
+		Long: `The agent pins its programs, maps and links under a bpffs folder so that capture
+outlives the agent's container and the next agent adopts it. That bpffs must be the
+host's, and many hosts do not mount one at /sys/fs/bpf. This command mounts it (when
+missing) and creates the pin folder, then exits.
+
+In the DaemonSet it runs in a privileged init container whose /sys/fs/bpf is the
+host's with Bidirectional mount propagation, so the mount appears on the host; the
+agent itself then needs no privileged mode.`,
+		Example: `  ferry install mount-bpffs --pin-dir /sys/fs/bpf/ferry`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			was, err := onBPFFS(pinDir)
+			if err != nil && !errors.Is(err, unix.ENOENT) {
+				return err
+			}
+			if err := datapath.EnsureBPFFS(pinDir); err != nil {
+				return err
+			}
+			if was {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s is on bpffs already\n", pinDir)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs; pin folder %s is ready\n", pinDir)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&pinDir, "pin-dir", "/sys/fs/bpf/ferry", "pin folder the agent uses (its --bpf-pin-dir)")
+	return cmd
+}
+
+// onBPFFS reports whether dir is on bpffs.
+func onBPFFS(dir string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return false, fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
+}
