@@ -4,7 +4,7 @@ BIN       := bin
 TESTFLAGS ?= -race -count=1 -timeout 25m
 export FERRY_PRIVILEGED_TESTS
 
-.PHONY: help deps build generate check-generated test demo lint
+.PHONY: help deps build generate check-generated test demo lint bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,11 @@ check-generated: generate ## fail if committed generated files differ from their
 
 test: deps ## run every test (as root with FERRY_PRIVILEGED_TESTS=1 for the kernel ones)
 	$(GO) test $(TESTFLAGS) ./...
+
+bench: deps ## Ferry beside no mesh and an HAProxy pair, table and plots in results/<date>/ (QUICK=1: under 5 min)
+	$(GO) build -o $(BIN)/ ./cmd/ferry ./cmd/ferry-agent
+	$(GO) build -o $(BIN)/fortio fortio.org/fortio
+	$(BIN)/ferry bench $(if $(QUICK),--quick) --agent $(BIN)/ferry-agent --fortio $(BIN)/fortio
 
 demo: deps build ## bring up the lab, send traffic between pods and show what crossed the mesh
 	$(BIN)/ferry lab demo --agent $(BIN)/ferry-agent

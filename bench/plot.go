@@ -43,12 +43,18 @@ func plotLatency(path string, res *Results) error {
 		p.Y.Label.Text = m.name + " (ms, median of repetitions)"
 		p.Legend.Top = true
 		p.Legend.Left = true
+		logY := m.name == mP99.name // tails span orders of magnitude between scenarios
+		lo, hi := 0.0, 0.0
 		for i, sc := range res.Plan.Scenarios {
 			var pts plotter.XYs
 			for _, w := range fixed {
 				st := t.stat(sc.Key, w.Key, m)
-				if st.N > 0 {
+				if st.N > 0 && st.Median > 0 {
 					pts = append(pts, plotter.XY{X: float64(w.QPS), Y: st.Median})
+					if lo == 0 || st.Median < lo {
+						lo = st.Median
+					}
+					hi = max(hi, st.Median)
 				}
 			}
 			if len(pts) == 0 {
@@ -65,10 +71,16 @@ func plotLatency(path string, res *Results) error {
 			p.Add(l, s)
 			p.Legend.Add(sc.Key, l, s)
 		}
+		if logY && lo > 0 {
+			p.Y.Min, p.Y.Max = lo/1.5, hi*1.5
+			p.Y.Scale = plot.LogScale{}
+			p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+			p.Y.Label.Text += ", log scale"
+		}
 		p.Add(plotter.NewGrid())
 		panels = append(panels, p)
 	}
-	return savePanels(path, panels, 10*vg.Inch, 6*vg.Inch)
+	return savePanels(path, panels, 10*vg.Inch, 7*vg.Inch)
 }
 
 // plotThroughput draws bars of max req/s (1 KiB), new connections/s and bulk Gbit/s.

@@ -9,6 +9,7 @@ packages=(
   tcpdump tshark                  # capture on the lab fabric in the e2e tests
   protobuf-compiler               # api/ code generation
   prometheus chromium chromium-driver  # promtool check metrics; the web view test in headless Chromium
+  haproxy iptables                # make bench: the peer proxy pair; --capture=iptables
 )
 
 if [ "$(id -u)" -ne 0 ]; then

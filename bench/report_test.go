@@ -1,0 +1,95 @@
+package bench
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestNewStat(t *testing.T) {
+	for _, tc := range []struct {
+		in   []float64
+		want Stat
+	}{
+		{nil, Stat{}},
+		{[]float64{3}, Stat{Median: 3, Min: 3, Max: 3, N: 1}},
+		{[]float64{4, 1, 2}, Stat{Median: 2, Min: 1, Max: 4, N: 3}},
+		{[]float64{4, 1, 2, 3}, Stat{Median: 2.5, Min: 1, Max: 4, N: 4}},
+	} {
+		if got := newStat(tc.in); got != tc.want {
+			t.Errorf("newStat(%v) = %+v, want %+v", tc.in, got, tc.want)
+		}
+	}
+}
+
+// fakeResults has every scenario and workload of the quick plan, with figures
+// that make the ratios easy to check: no mesh 1000 req/s, everything else 500.
+func fakeResults() *Results {
+	plan := NewPlan(true)
+	res := &Results{Plan: plan, Start: time.Date(2026, 1, 2, 3, 4, 0, 0, time.UTC), Elapsed: "1m0s",
+		Placement: Placement{Pinned: true, AppCPU: 0, ProxyCPU: 1, CPUs: 2}}
+	for rep := 1; rep <= plan.Reps; rep++ {
+		for _, sc := range plan.Scenarios {
+			for _, w := range plan.Workloads {
+				s := Sample{Scenario: sc.Key, Workload: w.Key, Rep: rep, QPS: 500, P50: 0.2, P90: 0.3, P99: 1, P999: 2, Requests: 500, Gbps: 5, PeakRSS: 40 << 20}
+				if sc.proxy == proxyNone {
+					s.QPS, s.P50, s.Gbps, s.PeakRSS = 1000, 0.1, 10, 0
+				} else {
+					s.ProxyCPU, s.CPUPer1k = 0.05, 0.1
+				}
+				res.Samples = append(res.Samples, s)
+			}
+		}
+	}
+	return res
+}
+
+func TestWriteReport(t *testing.T) {
+	var b strings.Builder
+	if err := WriteReport(&b, fakeResults()); err != nil {
+		t.Fatal(err)
+	}
+	md := b.String()
+	for _, want := range []string{
+		"## Summary",
+		"| Ferry mTLS tunnel, across nodes | 0.200 (×nm 2.00, ×hap 1.00) |",
+		"Published-figures format",
+		"| Ferry mTLS tunnel, across nodes | 0.200 | 0.300 | 1.000 | 2.000 | +0.100 |",
+		"`taskset -c 0`",
+		"gRPC",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+func TestSaveWritesPlots(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := Save(dir, fakeResults()); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"report.md", "samples.json", "latency.png", "throughput.png"} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || st.Size() == 0 {
+			t.Errorf("%s: %v (size %d)", f, err, st.Size())
+		}
+	}
+}
+
+func TestOrderAlternates(t *testing.T) {
+	r := &runner{cfg: Config{Plan: NewPlan(true)}}
+	first := map[string]bool{}
+	for rep := 1; rep <= 3; rep++ {
+		o := r.order(rep)
+		if len(o) != len(r.cfg.Plan.Scenarios) {
+			t.Fatalf("rep %d: %d scenarios, want %d", rep, len(o), len(r.cfg.Plan.Scenarios))
+		}
+		first[o[0].Key] = true
+	}
+	if len(first) != 3 {
+		t.Errorf("the first scenario should rotate over the three agent modes, got %v", first)
+	}
+}
