@@ -34,6 +34,8 @@ func run(ctx context.Context, args []string) error {
 	root.AddCommand(newBenchCommand())
 	root.AddCommand(newObserveCommand())
 	root.AddCommand(newAgentCommand())
+	root.AddCommand(newCheckCommand())
+	root.AddCommand(newUICommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -394,3 +395,84 @@ func TestCheck(t *testing.T) {
 }
 
 func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+// The web view, in headless Chromium against the lab: the map shows the edges of the
+// traffic sent (with mTLS where it was carried over mTLS) and the table fills.
+func TestWebView(t *testing.T) {
+	e := setup(t)
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatalf("chromium is needed for the web view test (make deps installs it): %v", err)
+	}
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "2000")
+	e.mustRun(t, "a", "echo", e.addr("b", echoPort), "2000")
+	e.mustRun(t, "d", "echo", e.addr("b", echoPort), "2000")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ui := exec.CommandContext(ctx, filepath.Join(e.bin, "ferry"), "ui", "--lab", prefix, "--listen", "127.0.0.1:0")
+	stdout, err := ui.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ui.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer ui.Wait()
+	defer cancel()
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("ferry ui: %v", err)
+	}
+	url := regexp.MustCompile(`http://127\.0\.0\.1:\d+/`).FindString(line)
+	if url == "" {
+		t.Fatalf("ferry ui printed %q, want its URL", line)
+	}
+
+	dir := t.TempDir()
+	chromium := func(args ...string) []byte {
+		t.Helper()
+		base := []string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+			"--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+			"--user-data-dir=" + t.TempDir(), "--window-size=1400,1100", "--virtual-time-budget=4000"}
+		cctx, ccancel := context.WithTimeout(ctx, 90*time.Second)
+		defer ccancel()
+		cmd := exec.CommandContext(cctx, browser, append(append(base, args...), url)...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("chromium %v: %v\n%s", args, err, stderr.String())
+		}
+		return out
+	}
+	dom := string(chromium("--dump-dom"))
+	edge := func(src, dst string) string {
+		m := regexp.MustCompile(`<g class="edge[^"]*" data-edge="` + regexp.QuoteMeta(src+"-&gt;"+dst) + `"[^>]*>`).FindString(dom)
+		return m
+	}
+	for _, tc := range []struct{ src, dst, mtls, security string }{
+		{"default/a", "default/c", "true", "mtls"},
+		{"default/a", "default/b", "false", "local"},
+		{e.pod("d").IP.String(), "default/b", "false", "plaintext"},
+	} {
+		g := edge(tc.src, tc.dst)
+		if g == "" {
+			t.Errorf("the map has no edge %s → %s", tc.src, tc.dst)
+			continue
+		}
+		if !strings.Contains(g, `data-mtls="`+tc.mtls+`"`) || !strings.Contains(g, `data-security="`+tc.security+`"`) {
+			t.Errorf("edge %s → %s is %s, want mtls=%s security=%s", tc.src, tc.dst, g, tc.mtls, tc.security)
+		}
+	}
+	rows := strings.Count(dom, `<tr class="flow `)
+	if rows < 4 { // a→c at both ends, a→b, d→b
+		t.Errorf("the flow table has %d rows, want at least 4", rows)
+	}
+	shot := filepath.Join(dir, "ferry-ui.png")
+	chromium("--screenshot=" + shot)
+	if st, err := os.Stat(shot); err != nil || st.Size() == 0 {
+		t.Fatalf("no screenshot: %v", err)
+	}
+	t.Logf("web view: %d flow rows; screenshot %s", rows, shot)
+}
