@@ -62,12 +62,9 @@ func (l Labels) values() []string {
 
 // Metrics is one agent's metrics, in a registry of its own.
 type Metrics struct {
-	reg                   *prometheus.Registry
-	opened, closed        *prometheus.CounterVec
-	sentBytes, recvBytes  *prometheus.CounterVec
-	flowsSeen, flowsLost  prometheus.CounterFunc
-	liveConns             prometheus.GaugeFunc
-	ringFlows, ringMaxCap prometheus.GaugeFunc
+	reg                  *prometheus.Registry
+	opened, closed       *prometheus.CounterVec
+	sentBytes, recvBytes *prometheus.CounterVec
 }
 
 // Sources are what the metrics read at scrape time; any may be nil.
@@ -80,13 +77,12 @@ type Sources struct {
 	Kernel KernelReader
 }
 
-// New registers the agent's metrics for node, plus Go runtime and process metrics.
+// New registers the agent's metrics, plus Go runtime and process metrics. node is not
+// a label: the scraper adds the target's own (instance, or node in Kubernetes SD).
 func New(node string, src Sources) *Metrics {
 	reg := prometheus.NewRegistry()
-	constLabels := prometheus.Labels{}
-	_ = node // node is a target label the scraper adds (instance), not a metric label
 	tcp := func(name, help string) *prometheus.CounterVec {
-		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: constLabels}, istioLabels)
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, istioLabels)
 	}
 	m := &Metrics{
 		reg:       reg,

@@ -1,0 +1,105 @@
+package metrics
+
+import (
+	"fmt"
+	"net/http/httptest"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+type fakeKernel struct{}
+
+func (fakeKernel) MapFill() ([]MapFill, error) {
+	return []MapFill{{Name: "orig_dst", Entries: 3, MaxEntries: 16384}}, nil
+}
+func (fakeKernel) Counters() (map[string]uint64, error) {
+	return map[string]uint64{"connect_redirected": 7}, nil
+}
+
+func scrape(t *testing.T, m *Metrics) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 {
+		t.Fatalf("GET /metrics: %d", rec.Code)
+	}
+	return rec.Body.String()
+}
+
+func labels(src, dst string) Labels {
+	return Labels{
+		Reporter: ReporterSource, SourceWorkload: src, SourceWorkloadNamespace: "default",
+		SourcePrincipal: "spiffe://cluster.local/ns/default/sa/" + src, DestinationWorkload: dst,
+		DestinationWorkloadNamespace: "default", DestinationPrincipal: "spiffe://cluster.local/ns/default/sa/" + dst,
+		ConnectionSecurityPolicy: MutualTLS,
+	}
+}
+
+// TestScrapeIsValidAndIstioShaped checks the exposition with promtool (when it is
+// installed, as make deps does) and the Istio names and labels.
+func TestScrapeIsValidAndIstioShaped(t *testing.T) {
+	m := New("node1", Sources{Flows: func() (int, int, uint64, uint64) { return 1, 4096, 1, 0 }, LiveConns: func() int { return 2 }, Kernel: fakeKernel{}})
+	m.ConnOpened(labels("a", "c"))
+	m.ConnClosed(labels("a", "c"), 100, 200)
+	m.ConnOpened(Labels{Reporter: ReporterDestination})
+	text := scrape(t, m)
+	for _, want := range []string{
+		`istio_tcp_connections_opened_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/default/sa/c",destination_service="unknown",destination_workload="c",destination_workload_namespace="default",reporter="source",source_principal="spiffe://cluster.local/ns/default/sa/a",source_workload="a",source_workload_namespace="default"} 1`,
+		`istio_tcp_received_bytes_total{`, `istio_tcp_sent_bytes_total{`, `istio_tcp_connections_closed_total{`,
+		`source_workload="unknown"`, // a side not known is "unknown", as Istio reports it
+		`ferry_datapath_events_total{event="connect_redirected"} 7`,
+		`ferry_bpf_map_entries{map="orig_dst"} 3`,
+		`ferry_flow_ring_capacity 4096`, `ferry_proxy_live_connections 2`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("scrape lacks %s", want)
+		}
+	}
+	if !strings.Contains(text, "} 100\n") || !strings.Contains(text, "} 200\n") {
+		t.Errorf("bytes: want 100 received (request) and 200 sent (response):\n%s", text)
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not installed (Debian prometheus; make deps installs it)")
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(text)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("promtool check metrics: %v\n%s", err, out)
+	}
+}
+
+// TestCardinalityBounded records 100,000 connections among 20 workloads and reports
+// the heap: series follow workload pairs, never connections, ports or addresses.
+func TestCardinalityBounded(t *testing.T) {
+	heap := func() uint64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	m := New("node1", Sources{})
+	before := heap()
+	const conns, workloads = 100_000, 20
+	var afterFirst uint64
+	for i := range conns {
+		l := labels(fmt.Sprint("w", i%workloads), fmt.Sprint("w", (i/workloads)%workloads))
+		m.ConnOpened(l)
+		m.ConnClosed(l, int64(i), int64(i))
+		if i == workloads*workloads {
+			afterFirst = heap()
+		}
+	}
+	after := heap()
+	series := strings.Count(scrape(t, m), "\nistio_tcp_connections_closed_total{")
+	t.Logf("metrics after %d connections among %d workloads: %d series per metric, heap %d KiB after every pair was seen, %d KiB at the end",
+		conns, workloads, series, (afterFirst-before)/1024, (after-before)/1024)
+	if series != workloads*workloads {
+		t.Errorf("%d series, want one per workload pair (%d)", series, workloads*workloads)
+	}
+	if after > afterFirst+afterFirst/2+64<<10 {
+		t.Errorf("heap grew from %d to %d bytes once every pair was seen", afterFirst-before, after-before)
+	}
+}
