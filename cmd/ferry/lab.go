@@ -661,6 +661,10 @@ and how many bytes. The lab stays up afterwards so you can look around.`,
 			if err := l.Demo(cmd.Context(), self, log, out); err != nil {
 				return fmt.Errorf("%w\nthe lab stays up; agent logs are in %s", err, l.Status().StateDir)
 			}
+			fmt.Fprintf(out, "\nThe flows, as 'ferry observe --lab %s --last 20 -o table' shows them:\n", l.Prefix())
+			if err := printLabFlows(cmd.Context(), out, l.Prefix(), 20); err != nil {
+				log.Warn("flows: " + err.Error())
+			}
 			fmt.Fprintln(out)
 			printStatus(out, l.Status())
 			pin := filepath.Join(lab.BPFRoot, l.Prefix()+"-node1")
@@ -669,8 +673,11 @@ The lab stays up. Try:
   %[1]s lab exec a -- %[1]s lab echo-client --to 10.100.2.10:%[2]d --bytes 10MiB
   %[1]s bpf progs --pin-dir %[3]s
   %[1]s bpf maps --pin-dir %[3]s
+  %[1]s observe --lab %[5]s -f          (flows as they happen)
+  %[1]s ui --lab %[5]s                  (service map and flows on http://127.0.0.1:8099/)
+  %[1]s check --lab %[5]s
   %[1]s lab down%[4]s
-`, self, lab.DemoPort, pin, prefixFlag(l.Prefix()))
+`, self, lab.DemoPort, pin, prefixFlag(l.Prefix()), l.Prefix())
 			return nil
 		},
 	}

@@ -5,7 +5,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -353,4 +355,29 @@ func byteText(n uint64) string {
 		return fmt.Sprintf("%.1fKiB", float64(n)/(1<<10))
 	}
 	return fmt.Sprintf("%dB", n)
+}
+
+// printLabFlows writes the last flows of the lab's agents as a table, as
+// `ferry observe --lab PREFIX --last N -o table` does.
+func printLabFlows(ctx context.Context, w io.Writer, prefix string, last uint64) error {
+	agents, err := labObservers(prefix)
+	if err != nil {
+		return err
+	}
+	r, err := relay.New(relay.Config{Agents: agents})
+	if err != nil {
+		return err
+	}
+	if err := r.Start(ctx); err != nil {
+		return err
+	}
+	defer r.Stop()
+	p, err := newFlowPrinter(w, "table", false)
+	if err != nil {
+		return err
+	}
+	var agentErrs []error
+	err = r.Flows(ctx, &ferryv1.GetFlowsRequest{Number: last}, p.print, func(e relay.AgentError) { agentErrs = append(agentErrs, e) })
+	p.flush()
+	return errors.Join(append(agentErrs, err)...)
 }
