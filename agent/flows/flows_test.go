@@ -198,3 +198,19 @@ func TestRingMemoryBounded(t *testing.T) {
 	}
 	runtime.KeepAlive(r)
 }
+
+// BenchmarkRingAdd is the ring's cost per recorded connection, with one follower.
+func BenchmarkRingAdd(b *testing.B) {
+	r := NewRing(DefaultCapacity)
+	sub := r.Subscribe()
+	defer sub.Close()
+	go func() {
+		for range sub.C() {
+		}
+	}()
+	f := flow("a", "b", 8080, 0)
+	b.ReportAllocs()
+	for b.Loop() {
+		r.Add(f)
+	}
+}

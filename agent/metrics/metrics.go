@@ -6,6 +6,7 @@ package metrics
 
 import (
 	"net/http"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -65,6 +66,26 @@ type Metrics struct {
 	reg                  *prometheus.Registry
 	opened, closed       *prometheus.CounterVec
 	sentBytes, recvBytes *prometheus.CounterVec
+
+	// series caches each label set's counters: resolving 9 label values in four
+	// vectors costs microseconds a connection, a map hit and four adds far less.
+	series sync.Map // Labels -> *tcpSeries
+}
+
+type tcpSeries struct {
+	opened, closed, sent, recv prometheus.Counter
+}
+
+func (m *Metrics) tcp(l Labels) *tcpSeries {
+	if s, ok := m.series.Load(l); ok {
+		return s.(*tcpSeries)
+	}
+	v := l.values()
+	s, _ := m.series.LoadOrStore(l, &tcpSeries{
+		opened: m.opened.WithLabelValues(v...), closed: m.closed.WithLabelValues(v...),
+		sent: m.sentBytes.WithLabelValues(v...), recv: m.recvBytes.WithLabelValues(v...),
+	})
+	return s.(*tcpSeries)
 }
 
 // Sources are what the metrics read at scrape time; any may be nil.
@@ -116,15 +137,15 @@ func New(node string, src Sources) *Metrics {
 }
 
 // ConnOpened counts a connection that opened.
-func (m *Metrics) ConnOpened(l Labels) { m.opened.WithLabelValues(l.values()...).Inc() }
+func (m *Metrics) ConnOpened(l Labels) { m.tcp(l).opened.Inc() }
 
 // ConnClosed counts a connection that ended and its bytes: request is source to
 // destination, response destination to source.
 func (m *Metrics) ConnClosed(l Labels, request, response int64) {
-	v := l.values()
-	m.closed.WithLabelValues(v...).Inc()
-	m.recvBytes.WithLabelValues(v...).Add(float64(request))
-	m.sentBytes.WithLabelValues(v...).Add(float64(response))
+	s := m.tcp(l)
+	s.closed.Inc()
+	s.recv.Add(float64(request))
+	s.sent.Add(float64(response))
 }
 
 // Registry is where the metrics live, for tests and for adding more collectors.

@@ -103,3 +103,14 @@ func TestCardinalityBounded(t *testing.T) {
 		t.Errorf("heap grew from %d to %d bytes once every pair was seen", afterFirst-before, after-before)
 	}
 }
+
+// BenchmarkConnOpenedClosed is the metrics' cost per proxied connection.
+func BenchmarkConnOpenedClosed(b *testing.B) {
+	m := New("node1", Sources{})
+	l := labels("a", "c")
+	b.ReportAllocs()
+	for b.Loop() {
+		m.ConnOpened(l)
+		m.ConnClosed(l, 1000, 1000)
+	}
+}
