@@ -166,7 +166,7 @@ func NewPlan(quick bool) Plan {
 		p.Reps, p.Duration, p.Warmup = 3, time.Second, 300*time.Millisecond
 		rates = []int{1000, 3000}
 	} else {
-		p.Reps, p.Duration, p.Warmup = 5, 3*time.Second, time.Second
+		p.Reps, p.Duration, p.Warmup = 4, 3*time.Second, time.Second
 		rates = []int{500, 1000, 2000, 4000}
 	}
 	for _, r := range rates {

@@ -125,7 +125,7 @@ and taskset (make deps), ferry-agent and fortio binaries (make bench builds them
 	f.StringVar(&out, "out", "", "results folder (default results/<UTC date-time>)")
 	f.StringVar(&agentBin, "agent", "", "ferry-agent binary (default: next to this ferry binary)")
 	f.StringVar(&fortio, "fortio", "", "fortio binary (default: next to this ferry binary, then $PATH)")
-	f.IntVar(&reps, "reps", 0, "repetitions (default 5, or 3 with --quick)")
+	f.IntVar(&reps, "reps", 0, "repetitions (default 4, or 3 with --quick)")
 	f.DurationVar(&duration, "duration", 0, "length of each workload run (default 3s, or 1s with --quick)")
 	f.DurationVar(&warmup, "warmup", -1, "light traffic before each scenario (default 1s, or 300ms with --quick)")
 	f.BoolVar(&verbose, "verbose", false, "log the lab's steps")
