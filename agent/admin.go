@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/agent/metrics"
@@ -46,6 +47,8 @@ type Status struct {
 	FastPath      bool          `json:"fast_path"`
 	Pods          []StatusPod   `json:"pods"`
 	Uptime        time.Duration `json:"uptime_ns"`
+	// Certificates held from the operator (operator mode only).
+	Certificates []controlplane.CertInfo `json:"certificates,omitempty"`
 }
 
 // StatusPod is one enrolled pod in Status.
@@ -146,6 +149,9 @@ func (s *adminServer) status(w http.ResponseWriter, _ *http.Request) {
 	}
 	a.mu.Unlock()
 	sort.Slice(st.Pods, func(i, j int) bool { return st.Pods[i].Name < st.Pods[j].Name })
+	if a.certs != nil {
+		st.Certificates = a.certs.Held()
+	}
 	writeJSON(w, st)
 }
 

@@ -33,10 +33,14 @@ func (l *Lab) agentCommand(n *nodeInfo, extra ...string) *exec.Cmd {
 	cfg := l.desc.Config
 	args := []string{"--net=" + n.Netns, "--", cfg.AgentBinary,
 		"--node", n.Name,
-		"--state", n.StateFile,
 		"--bpf-pin-dir", n.PinDir,
 		"--cgroup", n.Cgroup,
 		"--admin-socket", n.Socket,
+	}
+	if cfg.usesOperator() {
+		args = append(args, l.operatorArgs(n)...)
+	} else {
+		args = append(args, "--state", n.StateFile)
 	}
 	args = append(args, extra...)
 	cmd := exec.Command("nsenter", args...)

@@ -67,6 +67,7 @@ func Clean(prefix, stateDir string, log *slog.Logger) error {
 func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error {
 	prefix := d.Config.Prefix
 	var errs []error
+	stopOperator(d, log)
 
 	// Agents first, gracefully, so that they can detach and unpin on their own.
 	for i := range d.Nodes {

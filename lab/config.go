@@ -38,6 +38,9 @@ type Config struct {
 	// 10.<PodNet>.i.0/24. Default 100. Labs up at the same time need different
 	// values, because an agent finds a pod's network namespace by its IP.
 	PodNet uint8 `json:"podNet,omitempty"`
+	// Operator, when set, gives the agents their state and certificates from
+	// ferry-operator instead of state files (see OperatorConfig).
+	Operator OperatorConfig `json:"operator,omitempty"`
 }
 
 // NodeConfig is one simulated node.

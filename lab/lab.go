@@ -47,6 +47,8 @@ type Lab struct {
 	desc  description
 	procs map[string]*agentProc // agents this process started, by node
 	cgfds map[string]int        // open cgroup folders, by node, for CLONE_INTO_CGROUP
+	// opDone closes when the operator this process started has been reaped.
+	opDone chan struct{}
 }
 
 // description is everything another process needs to reattach to the lab.
@@ -55,6 +57,8 @@ type description struct {
 	CgroupRoot string     `json:"cgroupRoot"`
 	Nodes      []nodeInfo `json:"nodes"`
 	Pods       []PodInfo  `json:"pods"`
+	// Op is the local-mode operator, when the lab runs one.
+	Op *operatorInfo `json:"operator,omitempty"`
 }
 
 type nodeInfo struct {
@@ -165,6 +169,15 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 			return nil, fmt.Errorf("agent binary: %w", err)
 		}
 	}
+	if cfg.Operator.Binary != "" {
+		bin, err := exec.LookPath(cfg.Operator.Binary)
+		if err != nil {
+			return nil, fmt.Errorf("operator binary: %w", err)
+		}
+		if cfg.Operator.Binary, err = filepath.Abs(bin); err != nil {
+			return nil, fmt.Errorf("operator binary: %w", err)
+		}
+	}
 	cgMount, err := datapath.Cgroup2Mount()
 	if err != nil {
 		return nil, err
@@ -173,6 +186,7 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 		return nil, fmt.Errorf("remove previous lab %s: %w", cfg.Prefix, err)
 	}
 	l := &Lab{log: log, desc: plan(cfg, cgMount), procs: map[string]*agentProc{}, cgfds: map[string]int{}}
+	l.planOperator()
 	if err := l.build(ctx); err != nil {
 		log.Error("lab up failed, removing what was built", "prefix", cfg.Prefix, "error", err)
 		if cerr := l.Down(); cerr != nil {
@@ -209,8 +223,16 @@ func (l *Lab) build(ctx context.Context) error {
 	steps = append(steps,
 		step{"route pod CIDRs between nodes", l.buildRoutes},
 		step{"create node cgroups under " + d.CgroupRoot, l.buildCgroups},
-		step{"issue certificates and write node state files", l.writeStates},
 	)
+	switch {
+	case d.Op != nil:
+		steps = append(steps,
+			step{"write manifests for the local-mode operator in " + d.Op.ManifestDir, l.writeManifests},
+			step{"start the operator (local mode)", func() error { return l.StartOperator(ctx) }},
+		)
+	case !cfg.usesOperator():
+		steps = append(steps, step{"issue certificates and write node state files", l.writeStates})
+	}
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {
 			return err

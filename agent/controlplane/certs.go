@@ -44,6 +44,7 @@ type Certs struct {
 
 type held struct {
 	pem      identity.CertPEM
+	serial   string
 	issued   time.Time
 	notAfter time.Time
 	renewAt  time.Time
@@ -57,6 +58,7 @@ type retryState struct {
 // CertInfo describes one held certificate.
 type CertInfo struct {
 	Identity string    `json:"identity"`
+	Serial   string    `json:"serial"`
 	Issued   time.Time `json:"issued"`
 	NotAfter time.Time `json:"notAfter"`
 	RenewAt  time.Time `json:"renewAt"`
@@ -127,7 +129,7 @@ func (c *Certs) Held() []CertInfo {
 	defer c.mu.Unlock()
 	out := make([]CertInfo, 0, len(c.certs))
 	for id, h := range c.certs {
-		out = append(out, CertInfo{Identity: id, Issued: h.issued, NotAfter: h.notAfter, RenewAt: h.renewAt})
+		out = append(out, CertInfo{Identity: id, Serial: h.serial, Issued: h.issued, NotAfter: h.notAfter, RenewAt: h.renewAt})
 	}
 	slices.SortFunc(out, func(a, b CertInfo) int {
 		if a.Identity < b.Identity {
@@ -296,6 +298,7 @@ func (c *Certs) request(ctx context.Context, id string) (*held, error) {
 	}
 	return &held{
 		pem:      identity.CertPEM{Chain: resp.GetCertChainPem(), Key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})},
+		serial:   leaf.SerialNumber.Text(16),
 		issued:   issued,
 		notAfter: leaf.NotAfter,
 		renewAt:  issued.Add(leaf.NotAfter.Sub(issued) / 2),

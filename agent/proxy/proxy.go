@@ -82,6 +82,9 @@ type Proxy struct {
 
 	pool *tunnel.Pool // tunnels to pods on other nodes
 
+	// draining holds the tunnel servers of removed pods until their streams end.
+	draining map[*tunnel.Server]struct{}
+
 	wg sync.WaitGroup
 }
 
@@ -108,6 +111,8 @@ func New(cfg Config) (*Proxy, error) {
 		byIP:  map[netip.Addr]Workload{},
 		pods:  map[string]*pod{},
 		local: map[netip.Addr]*pod{},
+
+		draining: map[*tunnel.Server]struct{}{},
 	}
 	p.conns.obs, p.conns.resolve = cfg.Observer, p.workloadAt
 	var err error
@@ -247,6 +252,19 @@ func (p *Proxy) RemovePod(uid string) {
 	p.mu.Unlock()
 	if pd != nil {
 		pd.close()
+		if ts := pd.tunnel; ts != nil {
+			// GOAWAY: peers stop opening streams on tunnels into a pod that left
+			// (they could no longer reach its apps), while streams in progress carry on.
+			p.mu.Lock()
+			p.draining[ts] = struct{}{}
+			p.mu.Unlock()
+			go func() {
+				_ = ts.Shutdown(context.Background())
+				p.mu.Lock()
+				delete(p.draining, ts)
+				p.mu.Unlock()
+			}()
+		}
 		p.log.Info("pod listeners closed", "pod", pd.w.Name)
 	}
 }
@@ -272,6 +290,11 @@ func (p *Proxy) Stop() {
 	for _, pd := range pods {
 		pd.close()
 	}
+	p.mu.Lock()
+	for ts := range p.draining {
+		ts.Close() // its Shutdown goroutine then returns
+	}
+	p.mu.Unlock()
 	p.wg.Wait()
 	p.pool.Close()
 	for _, pd := range pods {

@@ -59,6 +59,7 @@ func TestMain(m *testing.M) {
 	if shared != nil {
 		shared.teardown()
 	}
+	cpTeardown()
 	os.Exit(code)
 }
 
