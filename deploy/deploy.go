@@ -55,11 +55,18 @@ func Render(opts Options) ([]*unstructured.Unstructured, error) {
 	}
 	var objs []*unstructured.Unstructured
 	for _, r := range resources.Resources() {
-		m, err := r.Map()
+		// Through JSON, so numbers are int64 and float64 as everywhere else
+		// in unstructured objects (kustomize's maps hold int, which
+		// DeepCopy refuses).
+		data, err := r.MarshalJSON()
 		if err != nil {
 			return nil, fmt.Errorf("kustomize build: %s: %w", r.CurId(), err)
 		}
-		objs = append(objs, &unstructured.Unstructured{Object: m})
+		u := &unstructured.Unstructured{}
+		if err := u.UnmarshalJSON(data); err != nil {
+			return nil, fmt.Errorf("kustomize build: %s: %w", r.CurId(), err)
+		}
+		objs = append(objs, u)
 	}
 	return objs, nil
 }
