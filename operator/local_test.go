@@ -304,3 +304,31 @@ spec:
 		t.Fatalf("%d workloads served, want 2", len(st.GetWorkloads()))
 	}
 }
+
+// The sample manifests in deploy/examples/local load without errors.
+func TestExampleManifests(t *testing.T) {
+	state := t.TempDir()
+	op, err := operator.New(operator.Config{
+		Local: "../deploy/examples/local", StateDir: state, GRPCAddr: "unix://" + filepath.Join(state, "grpc.sock"),
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := op.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer op.Stop()
+	waitFor(t, 10*time.Second, "operator ready", op.Ready)
+	if errs := op.ManifestErrors(); len(errs) != 0 {
+		t.Fatalf("manifest errors: %v", errs)
+	}
+	snap, _ := op.View().Current()
+	if len(snap.Workloads) != 2 || len(snap.Services) != 1 {
+		t.Fatalf("%d workloads and %d services, want web and api, and service api", len(snap.Workloads), len(snap.Services))
+	}
+	for _, node := range []string{"node1", "node2"} {
+		if _, err := os.Stat(filepath.Join(state, "tokens", node)); err != nil {
+			t.Errorf("token of %s: %v", node, err)
+		}
+	}
+}

@@ -84,6 +84,7 @@ func newLabUpCommand(f *labFlags) *cobra.Command {
 		configFile  string
 		nodes       []string
 		agent       string
+		operatorBin string
 		agentArgs   []string
 		trustDomain string
 		waitReady   time.Duration
@@ -107,6 +108,9 @@ pods are 10.100.i.10, .11, ...
 
   # with agents
   sudo ferry lab up --agent ./bin/ferry-agent --agent-arg=--log-level=debug
+
+  # with agents fed by the operator in local mode (manifests in <state-dir>/manifests)
+  sudo ferry lab up --agent ./bin/ferry-agent --operator ./bin/ferry-operator
 
   # three nodes; pod web in namespace shop, pod legacy outside the mesh
   sudo ferry lab up --node n1=shop/web,legacy:out --node n2=shop/api@api-sa --node n3=db`,
@@ -150,6 +154,9 @@ pods are 10.100.i.10, .11, ...
 			if agent != "" {
 				cfg.AgentBinary = agent
 			}
+			if operatorBin != "" {
+				cfg.Operator.Binary = operatorBin
+			}
 			if len(agentArgs) > 0 {
 				cfg.AgentArgs = agentArgs
 			}
@@ -184,6 +191,7 @@ pods are 10.100.i.10, .11, ...
 	fl.StringVar(&configFile, "config", "", "JSON lab config file (fields of lab.Config)")
 	fl.StringArrayVar(&nodes, "node", nil, "a node and its pods: NAME=[NS/]POD[@SA][:out],... (repeatable)")
 	fl.StringVar(&agent, "agent", "", "ferry-agent binary to start on every node")
+	fl.StringVar(&operatorBin, "operator", "", "ferry-operator binary to run in local mode on manifests of the lab's pods; agents then get state and certificates from it instead of state files")
 	fl.StringArrayVar(&agentArgs, "agent-arg", nil, "extra flag for every agent (repeatable)")
 	fl.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain (default cluster.local)")
 	fl.DurationVar(&waitReady, "wait", 30*time.Second, "how long to wait for the agents to answer GET /status (0: do not wait)")
@@ -614,7 +622,7 @@ func (h *progressHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
 func (h *progressHandler) WithGroup(string) slog.Handler { return h }
 
 func newLabDemoCommand(f *labFlags) *cobra.Command {
-	var agentBin string
+	var agentBin, demoOperator string
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Bring up the default lab with agents, send traffic between pods, show what crossed the mesh",
@@ -641,8 +649,15 @@ and how many bytes. The lab stays up afterwards so you can look around.`,
 			if _, err := os.Stat(agentBin); err != nil {
 				return fmt.Errorf("agent binary: %w (build it with 'make build' or pass --agent)", err)
 			}
+			if !cmd.Flags().Changed("operator") {
+				// The demo runs the control plane too when it was built alongside.
+				if p := filepath.Join(filepath.Dir(self), "ferry-operator"); fileExists(p) {
+					demoOperator = p
+				}
+			}
 			cfg := lab.DefaultConfig()
 			cfg.Prefix, cfg.StateDir, cfg.AgentBinary = f.prefix, f.stateDir, agentBin
+			cfg.Operator.Binary = demoOperator
 			out := cmd.OutOrStdout()
 			log := slog.New(newProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
@@ -682,5 +697,11 @@ The lab stays up. Try:
 		},
 	}
 	cmd.Flags().StringVar(&agentBin, "agent", "", "ferry-agent binary (default: next to this ferry binary)")
+	cmd.Flags().StringVar(&demoOperator, "operator", "", "ferry-operator binary run in local mode (default: next to this ferry binary if there; \"\" for state files)")
 	return cmd
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
