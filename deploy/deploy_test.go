@@ -85,6 +85,14 @@ func TestDeploy(t *testing.T) {
 		}
 	})
 
+	t.Run("kubectl apply --dry-run=server -k cleanup/", func(t *testing.T) {
+		out, err := kubectl(t, c, "apply", "--dry-run=server", "-k", "cleanup")
+		t.Logf("kubectl apply --dry-run=server -k deploy/cleanup:\n%s", out)
+		if err != nil || !strings.Contains(out, "daemonset.apps/ferry-cleanup created (server dry run)") {
+			t.Fatalf("kubectl apply --dry-run=server -k deploy/cleanup: %v", err)
+		}
+	})
+
 	t.Run("CRD schemas accept every field of the Go types", func(t *testing.T) {
 		if out, err := kubectl(t, c, "apply", "--server-side", "-f", "crds/"); err != nil {
 			t.Fatalf("kubectl apply -f crds/: %v\n%s", err, out)

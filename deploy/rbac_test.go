@@ -65,42 +65,48 @@ func TestRBAC(t *testing.T) {
 		agentSA    = "system:serviceaccount:ferry-system:ferry-agent"
 	)
 	for _, tc := range []struct {
-		user, verb, group, resource, namespace string
-		allowed                                bool
+		user, verb, group, resource, namespace, name string
+		allowed                                      bool
 	}{
-		{operatorSA, "watch", "", "pods", "", true},
-		{operatorSA, "list", "", "namespaces", "", true},
-		{operatorSA, "list", "", "services", "shop", true},
-		{operatorSA, "watch", "", "serviceaccounts", "", true},
-		{operatorSA, "watch", "discovery.k8s.io", "endpointslices", "", true},
-		{operatorSA, "watch", "gateway.networking.k8s.io", "httproutes", "", true},
-		{operatorSA, "watch", "ferry.io", "authorizationpolicies", "", true},
-		{operatorSA, "watch", "ferry.io", "peerauthentications", "", true},
-		{operatorSA, "watch", "ferry.io", "trafficpolicies", "", true},
-		{operatorSA, "create", "authentication.k8s.io", "tokenreviews", "", true},
-		{operatorSA, "create", "", "secrets", "ferry-system", true},
-		{operatorSA, "get", "", "secrets", "ferry-system", true},
-		{operatorSA, "update", "", "configmaps", "ferry-system", true},
-		{operatorSA, "update", "coordination.k8s.io", "leases", "ferry-system", true},
+		{operatorSA, "watch", "", "pods", "", "", true},
+		{operatorSA, "list", "", "namespaces", "", "", true},
+		{operatorSA, "list", "", "services", "shop", "", true},
+		{operatorSA, "watch", "", "serviceaccounts", "", "", true},
+		{operatorSA, "watch", "discovery.k8s.io", "endpointslices", "", "", true},
+		{operatorSA, "watch", "gateway.networking.k8s.io", "httproutes", "", "", true},
+		{operatorSA, "watch", "ferry.io", "authorizationpolicies", "", "", true},
+		{operatorSA, "watch", "ferry.io", "peerauthentications", "", "", true},
+		{operatorSA, "watch", "ferry.io", "trafficpolicies", "", "", true},
+		{operatorSA, "create", "authentication.k8s.io", "tokenreviews", "", "", true},
+		{operatorSA, "create", "", "secrets", "ferry-system", "", true},
+		{operatorSA, "get", "", "secrets", "ferry-system", "", true},
+		{operatorSA, "create", "", "configmaps", "ferry-system", "", true},
+		{operatorSA, "create", "coordination.k8s.io", "leases", "ferry-system", "", true},
+		{operatorSA, "update", "", "configmaps", "ferry-system", "ferry-ca-bundle", true},
+		{operatorSA, "update", "coordination.k8s.io", "leases", "ferry-system", "ferry-operator", true},
 		// Never beyond its namespace or its needs.
-		{operatorSA, "list", "", "secrets", "ferry-system", false},
-		{operatorSA, "get", "", "secrets", "kube-system", false},
-		{operatorSA, "update", "", "configmaps", "kube-system", false},
-		{operatorSA, "update", "", "pods", "shop", false},
-		{operatorSA, "delete", "", "namespaces", "", false},
-		{operatorSA, "update", "ferry.io", "authorizationpolicies", "shop", false},
-		{operatorSA, "create", "", "serviceaccounts/token", "shop", false},
+		{operatorSA, "update", "", "secrets", "ferry-system", "", false},
+		{operatorSA, "list", "", "configmaps", "ferry-system", "", false},
+		{operatorSA, "update", "", "configmaps", "ferry-system", "", false},                // only ferry-ca-bundle
+		{operatorSA, "update", "coordination.k8s.io", "leases", "ferry-system", "", false}, // only ferry-operator
+		{operatorSA, "list", "", "secrets", "ferry-system", "", false},
+		{operatorSA, "get", "", "secrets", "kube-system", "", false},
+		{operatorSA, "update", "", "configmaps", "kube-system", "", false},
+		{operatorSA, "update", "", "pods", "shop", "", false},
+		{operatorSA, "delete", "", "namespaces", "", "", false},
+		{operatorSA, "update", "ferry.io", "authorizationpolicies", "shop", "", false},
+		{operatorSA, "create", "", "serviceaccounts/token", "shop", "", false},
 		// The agent talks to the operator only.
-		{agentSA, "get", "", "pods", "", false},
-		{agentSA, "get", "", "configmaps", "ferry-system", false},
-		{agentSA, "create", "authentication.k8s.io", "tokenreviews", "", false},
+		{agentSA, "get", "", "pods", "", "", false},
+		{agentSA, "get", "", "configmaps", "ferry-system", "", false},
+		{agentSA, "create", "authentication.k8s.io", "tokenreviews", "", "", false},
 	} {
 		sar, err := client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
 			Spec: authorizationv1.SubjectAccessReviewSpec{
 				User:   tc.user,
 				Groups: []string{"system:serviceaccounts", "system:serviceaccounts:ferry-system", "system:authenticated"},
 				ResourceAttributes: &authorizationv1.ResourceAttributes{
-					Verb: tc.verb, Group: tc.group, Resource: tc.resource, Namespace: tc.namespace,
+					Verb: tc.verb, Group: tc.group, Resource: tc.resource, Namespace: tc.namespace, Name: tc.name,
 				},
 			},
 		}, metav1.CreateOptions{})
@@ -109,7 +115,7 @@ func TestRBAC(t *testing.T) {
 		}
 		if sar.Status.Allowed != tc.allowed {
 			sa := tc.user[strings.LastIndex(tc.user, ":")+1:]
-			t.Errorf("%s may %s %s.%s in %q: %v, want %v", sa, tc.verb, tc.resource, tc.group, tc.namespace, sar.Status.Allowed, tc.allowed)
+			t.Errorf("%s may %s %s.%s %q in %q: %v, want %v", sa, tc.verb, tc.resource, tc.group, tc.name, tc.namespace, sar.Status.Allowed, tc.allowed)
 		}
 	}
 
