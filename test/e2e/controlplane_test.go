@@ -5,23 +5,31 @@ package e2e
 // lab of their own (prefix "cp", pods in 10.102.0.0/16).
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/internal/kubetest"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
+	authnv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 )
 
 const (
@@ -193,6 +201,11 @@ func TestControlPlaneEnrollment(t *testing.T) {
 	for _, node := range []string{"node1", "node2"} {
 		e.waitEnrolled(t, node, append(shopPods(node), latOn(node)...)...)
 	}
+	for _, node := range []string{"node1", "node2"} {
+		if st := e.readyz(t, node); st != "HTTP/1.0 200 OK" {
+			t.Fatalf("agent on %s: GET /readyz: %s", node, st)
+		}
+	}
 	a, c := e.pod("a"), e.pod("c")
 	if a.Identity != "spiffe://cluster.local/ns/shop/sa/web" || c.Identity != "spiffe://cluster.local/ns/shop/sa/db" {
 		t.Fatalf("lab identities %s, %s", a.Identity, c.Identity)
@@ -363,4 +376,198 @@ func TestControlPlaneEnrollLatency(t *testing.T) {
 			return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == src
 		})
 	}
+}
+
+// The control plane on a real kube-apiserver: pods created through the API, in a
+// labelled namespace, with the lab's nodes and addresses, are enrolled by agents that
+// authenticate with bound service-account tokens (TokenReview), and carry mTLS with
+// the identities of their service accounts; removing the label takes them out.
+// The cp lab's agents are pointed at this operator for the test, then back.
+func TestControlPlaneKubeAPI(t *testing.T) {
+	e := cpSetup(t)
+	kc := kubetest.Start(t)
+	client, err := kubernetes.NewForConfig(kc.RestConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(kc.CreateNamespace(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ferry-system"}}))
+	must(client.CoreV1().ServiceAccounts("ferry-system").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "ferry-agent"}}, metav1.CreateOptions{}))
+	must(kc.CreateNamespace(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{"ferry.io/mesh": "enabled"}}}))
+	pod := func(ns, name, node, sa, ip string) {
+		t.Helper()
+		p, err := client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec:       corev1.PodSpec{NodeName: node, ServiceAccountName: sa, Containers: []corev1.Container{{Name: "app", Image: "example.invalid/app"}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ip == "" {
+			return
+		}
+		p.Status.Phase, p.Status.PodIP, p.Status.PodIPs = corev1.PodRunning, ip, []corev1.PodIP{{IP: ip}}
+		must(client.CoreV1().Pods(ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}))
+	}
+	for _, node := range e.lab.Nodes() {
+		must(client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{}))
+		pod("ferry-system", "ferry-agent-"+node, node, "ferry-agent", "")
+	}
+	for _, name := range []string{"a", "b", "c"} {
+		p := e.pod(name)
+		sa := p.ServiceAccount
+		must(client.CoreV1().ServiceAccounts("shop").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}))
+		pod("shop", name, p.Node, sa, p.IP.String())
+	}
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "grpc.sock")
+	opLog, err := os.Create(filepath.Join(dir, "operator.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer opLog.Close()
+	op := exec.Command(filepath.Join(e.bin, "ferry-operator"), "--kubeconfig", kc.Kubeconfig, "--namespace", "ferry-system",
+		"--grpc-addr", "unix://"+sock, "--health-addr", "", "--metrics-addr", "")
+	op.Stdout, op.Stderr = opLog, opLog
+	if err := op.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		op.Process.Signal(syscall.SIGTERM)
+		op.Wait()
+		if t.Failed() {
+			t.Logf("operator log:\n%s", tailFile(opLog.Name(), 30))
+		}
+	})
+	var bundle string
+	deadline := time.Now().Add(30 * time.Second)
+	for bundle == "" && time.Now().Before(deadline) {
+		if cm, err := client.CoreV1().ConfigMaps("ferry-system").Get(ctx, "ferry-ca-bundle", metav1.GetOptions{}); err == nil {
+			bundle = cm.Data["ca.crt"]
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if bundle == "" {
+		t.Fatal("the operator published no ferry-ca-bundle ConfigMap")
+	}
+	caFile := filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(caFile, []byte(bundle), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	// Each agent gets a token as its DaemonSet pod would: projected, audience
+	// ferry-operator, bound to the agent pod on its node.
+	for _, node := range e.lab.Nodes() {
+		ap, err := client.CoreV1().Pods("ferry-system").Get(ctx, "ferry-agent-"+node, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr, err := client.CoreV1().ServiceAccounts("ferry-system").CreateToken(ctx, "ferry-agent", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
+			Audiences:      []string{"ferry-operator"},
+			BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: ap.Name, UID: ap.UID},
+		}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := filepath.Join(dir, "token-"+node)
+		if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		e.restartAgent(t, node, "--operator", "unix://"+sock, "--token-file", tok, "--operator-ca", caFile)
+	}
+	t.Cleanup(func() {
+		for _, node := range e.lab.Nodes() {
+			e.restartAgent(t, node) // back to the lab's local-mode operator
+			e.waitEnrolled(t, node, append(shopPods(node), latOn(node)...)...)
+		}
+	})
+	for _, node := range e.lab.Nodes() {
+		e.waitEnrolled(t, node, shopPods(node)...)
+	}
+	a := e.pod("a")
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
+	in := e.findConn(t, "node2", func(cn connRecord) bool {
+		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 65536
+	})
+	if in.SrcIdentity != "spiffe://cluster.local/ns/shop/sa/web" || in.DstIdentity != "spiffe://cluster.local/ns/shop/sa/db" {
+		t.Fatalf("node2 reports %s → %s, want the service accounts web → db", in.SrcIdentity, in.DstIdentity)
+	}
+
+	// Remove the label through the API: the pods leave, new connections are plaintext.
+	ns, err := client.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	delete(ns.Labels, "ferry.io/mesh")
+	must(client.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}))
+	for _, node := range e.lab.Nodes() {
+		e.waitEnrolled(t, node)
+	}
+	pcap := filepath.Join(t.TempDir(), "fabric.pcap")
+	stop := e.capture(t, pcap)
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
+	stop()
+	raw, err := os.ReadFile(pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(raw, []byte(Marker)) {
+		t.Fatal("after the label was removed, a→c should cross the fabric in plaintext")
+	}
+
+	// Label again: time until every pod is enrolled with its certificate.
+	ns, err = client.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Labels = map[string]string{"ferry.io/mesh": "enabled"}
+	start := time.Now()
+	must(client.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}))
+	for _, node := range e.lab.Nodes() {
+		e.waitEnrolled(t, node, shopPods(node)...)
+	}
+	t.Logf("kube-apiserver: label → 3 pods on 2 nodes enrolled with certificates in %v", time.Since(start).Round(time.Millisecond))
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "4096")
+	e.findConn(t, "node2", func(cn connRecord) bool {
+		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 4096
+	})
+}
+
+// readyz asks node's agent GET /readyz on its health port, from inside the node's
+// network namespace, and returns the status line.
+func (e *env) readyz(t *testing.T, node string) string {
+	t.Helper()
+	ns, err := e.lab.Netns(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	var status string
+	err = ns.Do(func() error {
+		// A plain dial on this locked thread: an http.Client would dial from another.
+		c, err := net.DialTimeout("tcp", "127.0.0.1:15021", 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write([]byte("GET /readyz HTTP/1.0\r\nHost: agent\r\n\r\n")); err != nil {
+			return err
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		status = strings.TrimSpace(line)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("GET /readyz on %s: %v", node, err)
+	}
+	return status
 }
