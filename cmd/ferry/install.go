@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -209,14 +210,14 @@ agent itself then needs no privileged mode.`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			was, err := onBPFFS(pinDir)
-			if err != nil && !errors.Is(err, unix.ENOENT) {
+			if err != nil {
 				return err
 			}
 			if err := datapath.EnsureBPFFS(pinDir); err != nil {
 				return err
 			}
 			if was {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s is on bpffs already\n", pinDir)
+				fmt.Fprintf(cmd.OutOrStdout(), "bpffs is mounted already; pin folder %s is ready\n", pinDir)
 			} else {
 				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs; pin folder %s is ready\n", pinDir)
 			}
@@ -227,11 +228,20 @@ agent itself then needs no privileged mode.`,
 	return cmd
 }
 
-// onBPFFS reports whether dir is on bpffs.
+// onBPFFS reports whether dir, or the nearest folder above it that exists, is
+// on bpffs: whether pins in dir would need a mount first.
 func onBPFFS(dir string) (bool, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return false, fmt.Errorf("statfs %s: %w", dir, err)
+	dir = filepath.Clean(dir)
+	for {
+		var st unix.Statfs_t
+		err := unix.Statfs(dir, &st)
+		if err == nil {
+			return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
+		}
+		parent := filepath.Dir(dir)
+		if !errors.Is(err, unix.ENOENT) || parent == dir {
+			return false, fmt.Errorf("statfs %s: %w", dir, err)
+		}
+		dir = parent
 	}
-	return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
 }
