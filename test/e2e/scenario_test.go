@@ -155,6 +155,19 @@ func scenario(args []string) (scenarioResult, error) {
 			}
 		}
 		return scenarioResult{Bytes: int64(n)}, <-errc
+	case "probe": // a new connection echoing 64 bytes every 50 ms, for n seconds
+		deadline := time.Now().Add(time.Duration(n) * time.Second)
+		var sent int64
+		for time.Now().Before(deadline) {
+			if conn, err := dial(addr); err == nil {
+				if echo(conn, 64) == nil {
+					sent += 64
+				}
+				conn.Close()
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		return scenarioResult{Bytes: sent}, nil
 	case "refused": // the destination refuses: the client sees refused or reset, never a hang
 		conn, err := dial(addr)
 		if err != nil {
