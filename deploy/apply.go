@@ -12,11 +12,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/client-go/discovery"
-	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/restmapper"
 )
 
 // FieldManager is the server-side apply field manager of `ferry install`.
@@ -70,16 +67,10 @@ func Ref(o *unstructured.Unstructured) string {
 // calling progress after each object. It stops at the first error, which names
 // the object.
 func Apply(ctx context.Context, cfg *rest.Config, objs []*unstructured.Unstructured, dryRun DryRun, progress func(Result)) ([]Result, error) {
-	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	dyn, mapper, err := dynamicClients(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("discovery client: %w", err)
+		return nil, err
 	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("dynamic client: %w", err)
-	}
-	cached := memory.NewMemCacheClient(dc)
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(cached)
 
 	var opts metav1.ApplyOptions
 	opts.FieldManager, opts.Force = FieldManager, true

@@ -16,10 +16,10 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 )
 
-// The base's files; examples/ and docker/ are not part of it. go:embed needs a
-// package-level variable; nothing writes to it.
+// The base's files, and cleanup/ for uninstalling; examples/ and docker/ are not
+// part of it. go:embed needs a package-level variable; nothing writes to it.
 //
-//go:embed kustomization.yaml namespace.yaml crds/*.yaml operator/*.yaml agent/*.yaml
+//go:embed kustomization.yaml namespace.yaml crds/*.yaml operator/*.yaml agent/*.yaml cleanup/*.yaml
 var base embed.FS
 
 // Namespace is the namespace the base installs into.
@@ -49,7 +49,17 @@ const tagPattern = `^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`
 // `kubectl kustomize` prints them (kustomize's legacy order: Namespace and
 // CRDs first, then RBAC, then workloads), ready to apply in that order.
 func Render(opts Options) ([]*unstructured.Unstructured, error) {
-	resources, err := build(opts)
+	return render(opts, "")
+}
+
+// RenderCleanup renders cleanup/: the DaemonSet that removes what agents left
+// in each node's kernel, for uninstalling.
+func RenderCleanup(opts Options) ([]*unstructured.Unstructured, error) {
+	return render(opts, "cleanup")
+}
+
+func render(opts Options, sub string) ([]*unstructured.Unstructured, error) {
+	resources, err := build(opts, sub)
 	if err != nil {
 		return nil, err
 	}
@@ -74,7 +84,7 @@ func Render(opts Options) ([]*unstructured.Unstructured, error) {
 // YAML renders the base with opts as one multi-document YAML stream, the same
 // text `kubectl kustomize deploy/` prints.
 func YAML(opts Options) ([]byte, error) {
-	resources, err := build(opts)
+	resources, err := build(opts, "")
 	if err != nil {
 		return nil, err
 	}
@@ -85,7 +95,8 @@ func YAML(opts Options) ([]byte, error) {
 	return out, nil
 }
 
-func build(opts Options) (resmap.ResMap, error) {
+// build runs kustomize on the embedded base, or on its folder sub.
+func build(opts Options, sub string) (resmap.ResMap, error) {
 	if opts.ImageTag != "" && !regexp.MustCompile(tagPattern).MatchString(opts.ImageTag) {
 		return nil, fmt.Errorf("image tag %q: not a valid tag (letters, digits, '_', '.', '-'; at most 128)", opts.ImageTag)
 	}
@@ -103,18 +114,18 @@ func build(opts Options) (resmap.ResMap, error) {
 	if err != nil {
 		return nil, fmt.Errorf("copy base: %w", err)
 	}
-	dir := "/base"
+	dir := path.Join("/base", sub)
 	if opts.ImageTag != "" {
 		// An overlay, exactly what a user would write to pin a release.
 		overlay := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
-resources: [../base]
+resources: [%s]
 images:
   - name: %s
     newTag: %q
   - name: %s
     newTag: %q
-`, OperatorImage, opts.ImageTag, AgentImage, opts.ImageTag)
+`, ".."+dir, OperatorImage, opts.ImageTag, AgentImage, opts.ImageTag)
 		if err := mem.WriteFile("/overlay/kustomization.yaml", []byte(overlay)); err != nil {
 			return nil, fmt.Errorf("write overlay: %w", err)
 		}

@@ -193,6 +193,70 @@ func writeInstallSummary(w io.Writer, results []deploy.Result, dryRun string) {
 	fmt.Fprintf(w, "      ferry enroll NAMESPACE\n")
 }
 
+func newUninstallCommand() *cobra.Command {
+	var (
+		kf   kubeFlags
+		opts deploy.UninstallOptions
+		yes  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "uninstall",
+		Short: "Remove Ferry from a Kubernetes cluster, nodes' kernels included",
+		Long: `Uninstall removes Ferry in the order that leaves nodes clean:
+
+  1. delete the agent DaemonSet and wait for its pods to stop, so no agent puts
+     capture back;
+  2. run the ferry-cleanup DaemonSet until it is ready on every node: each of its
+     pods ran 'ferry-agent --cleanup', which detaches and unpins every program,
+     map and link Ferry put in that node's kernel; then delete it;
+  3. delete everything 'ferry install' created, dependents first: the operator, its
+     RBAC, the CRDs (and with them every Ferry policy, unless --keep-crds) and the
+     namespace ferry-system.
+
+Enrolled pods keep running; once their node is clean their connections are plain
+TCP again. Namespace labels (ferry enroll) are left as they are.`,
+		Example: `  ferry uninstall
+  ferry uninstall --yes --keep-crds
+  # nodes already cleaned by hand (docs/install.md):
+  ferry uninstall --skip-node-cleanup`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := kf.restConfig()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if !yes {
+				fmt.Fprintf(out, "This removes Ferry from %s", cfg.Host)
+				if !opts.KeepCRDs {
+					fmt.Fprint(out, ", with every AuthorizationPolicy, PeerAuthentication and TrafficPolicy")
+				}
+				fmt.Fprint(out, ". Continue? [y/N] ")
+				var answer string
+				fmt.Fscanln(cmd.InOrStdin(), &answer)
+				if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
+					return errors.New("uninstall cancelled (--yes skips this question)")
+				}
+			}
+			fmt.Fprintf(out, "Uninstalling Ferry from %s\n", cfg.Host)
+			err = deploy.Uninstall(cmd.Context(), cfg, opts, func(line string) { fmt.Fprintln(out, "  "+line) })
+			if err != nil {
+				return fmt.Errorf("uninstall: %w", err)
+			}
+			fmt.Fprintf(out, "Ferry uninstalled. The namespace %s disappears once its last objects are gone.\n", deploy.Namespace)
+			return nil
+		},
+	}
+	kf.add(cmd)
+	f := cmd.Flags()
+	f.BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	f.BoolVar(&opts.KeepCRDs, "keep-crds", false, "keep Ferry's CRDs and the policies written with them")
+	f.BoolVar(&opts.SkipNodeCleanup, "skip-node-cleanup", false, "do not run ferry-agent --cleanup on the nodes (only if they were cleaned by hand)")
+	f.StringVar(&opts.ImageTag, "image-tag", "", "tag of the ferry-agent image the cleanup runs (default: the base's)")
+	f.DurationVar(&opts.Timeout, "timeout", 5*time.Minute, "how long to wait for the agents to stop, and again for every node to be cleaned")
+	return cmd
+}
+
 func newMountBPFFSCommand() *cobra.Command {
 	var pinDir string
 	cmd := &cobra.Command{
