@@ -36,6 +36,10 @@ func run(ctx context.Context, args []string) error {
 	root.AddCommand(newAgentCommand())
 	root.AddCommand(newCheckCommand())
 	root.AddCommand(newUICommand())
+	root.AddCommand(newInstallCommand())
+	root.AddCommand(newUninstallCommand())
+	root.AddCommand(newEnrollCommand())
+	root.AddCommand(newUnenrollCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)
 }
