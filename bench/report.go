@@ -61,6 +61,9 @@ type table map[string]map[string][]Sample
 func index(samples []Sample) table {
 	t := table{}
 	for _, s := range samples {
+		if s.Error != "" {
+			continue
+		}
 		if t[s.Scenario] == nil {
 			t[s.Scenario] = map[string][]Sample{}
 		}
@@ -241,6 +244,19 @@ func WriteReport(w io.Writer, res *Results) error {
 				}
 			}
 			b.WriteString("\n")
+		}
+		b.WriteString("\n")
+	}
+	var failed []Sample
+	for _, s := range res.Samples {
+		if s.Error != "" {
+			failed = append(failed, s)
+		}
+	}
+	if len(failed) > 0 {
+		fmt.Fprintf(&b, "## Failed runs\n\n%d of %d workload runs failed; their figures are left out above (a cell with fewer repetitions, or –).\n\n| scenario | workload | repetition | error |\n|---|---|---|---|\n", len(failed), len(res.Samples))
+		for _, s := range failed {
+			fmt.Fprintf(&b, "| %s | %s | %d | %s |\n", s.Scenario, s.Workload, s.Rep, strings.ReplaceAll(s.Error, "\n", " "))
 		}
 		b.WriteString("\n")
 	}

@@ -41,6 +41,9 @@ func fakeResults() *Results {
 				}
 				res.Samples = append(res.Samples, s)
 			}
+			if rep == 1 && sc.Key == "ferry-s" {
+				res.Samples = append(res.Samples, Sample{Scenario: sc.Key, Workload: "bulk", Rep: 1, Error: "write: cannot allocate memory"})
+			}
 		}
 	}
 	return res
@@ -59,6 +62,7 @@ func TestWriteReport(t *testing.T) {
 		"| Ferry mTLS tunnel, across nodes | 0.200 | 0.300 | 1.000 | 2.000 | +0.100 |",
 		"`taskset -c 0`",
 		"gRPC",
+		"| ferry-s | bulk | 1 | write: cannot allocate memory |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)

@@ -61,6 +61,8 @@ type Sample struct {
 	CPUPer1k float64 `json:"cpu_per_1k,omitempty"`
 	// PeakRSS is the sum of the proxies' peak resident set sizes, in bytes.
 	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
+	// Error says why the run failed; a failed sample has no figures.
+	Error string `json:"error,omitempty"`
 }
 
 // Placement says which CPUs load, servers and proxies run on.
@@ -167,7 +169,12 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 			for _, w := range p.Workloads {
 				s, err := r.measure(ctx, sc, w, rep)
 				if err != nil {
-					return nil, fmt.Errorf("%s %s: %w", sc.Key, w.Key, err)
+					if ctx.Err() != nil {
+						return nil, ctx.Err()
+					}
+					// A failure is a result too: record it, show it in the report, go on.
+					r.progress("[%3d/%d] rep %d  %-10s %-13s FAILED: %v", r.step, r.all, rep, sc.Key, w.Key, err)
+					s = Sample{Scenario: sc.Key, Workload: w.Key, Rep: rep, Error: err.Error()}
 				}
 				res.Samples = append(res.Samples, s)
 			}

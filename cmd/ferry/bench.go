@@ -85,7 +85,7 @@ and taskset (make deps), ferry-agent and fortio binaries (make bench builds them
 			if duration > 0 {
 				plan.Duration = duration
 			}
-			if warmup >= 0 {
+			if cmd.Flags().Changed("warmup") {
 				plan.Warmup = warmup
 			}
 			level := slog.LevelWarn
@@ -127,7 +127,7 @@ and taskset (make deps), ferry-agent and fortio binaries (make bench builds them
 	f.StringVar(&fortio, "fortio", "", "fortio binary (default: next to this ferry binary, then $PATH)")
 	f.IntVar(&reps, "reps", 0, "repetitions (default 4, or 3 with --quick)")
 	f.DurationVar(&duration, "duration", 0, "length of each workload run (default 3s, or 1s with --quick)")
-	f.DurationVar(&warmup, "warmup", -1, "light traffic before each scenario (default 1s, or 300ms with --quick)")
+	f.DurationVar(&warmup, "warmup", 0, "light traffic before each scenario (default 1s, or 300ms with --quick)")
 	f.BoolVar(&verbose, "verbose", false, "log the lab's steps")
 	cmd.AddCommand(newBenchSinkCommand(), newBenchSendCommand())
 	return cmd
