@@ -56,6 +56,7 @@ func newInstallCommand() *cobra.Command {
 		dryRun   string
 		output   string
 		imageTag string
+		waitFor  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "install",
@@ -73,8 +74,8 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
   # let the API server validate and admit everything, without changing anything
   ferry install --dry-run=server
 
-  # install (or upgrade) with a given image tag
-  ferry install --image-tag v0.1.0
+  # install (or upgrade) with a given image tag, and wait until it runs
+  ferry install --image-tag v0.1.0 --wait 5m
 
   # then enroll a namespace
   ferry enroll shop`,
@@ -141,7 +142,15 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
 					return err
 				}
 			}
-			writeInstallSummary(progressOut, results, dryRun)
+			writeInstallSummary(progressOut, results, dryRun, waitFor > 0)
+			if waitFor > 0 && dryRun == "none" {
+				fmt.Fprintf(progressOut, "Waiting up to %v for the operator and the agents to run:\n", waitFor)
+				err := deploy.WaitReady(cmd.Context(), cfg, waitFor, 0, func(line string) { fmt.Fprintln(progressOut, "  "+line) })
+				if err != nil {
+					return fmt.Errorf("ferry is installed but %w", err)
+				}
+				fmt.Fprintln(progressOut, "Ferry is running. Next: ferry enroll NAMESPACE")
+			}
 			return nil
 		},
 	}
@@ -150,6 +159,7 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
 	cmd.Flags().Lookup("dry-run").NoOptDefVal = "client"
 	cmd.Flags().StringVarP(&output, "output", "o", "", "yaml: print the manifests instead of applying them (with --dry-run=server: the objects as the server would store them)")
 	cmd.Flags().StringVar(&imageTag, "image-tag", "", "tag of the ferry-operator and ferry-agent images (default: the base's)")
+	cmd.Flags().DurationVar(&waitFor, "wait", 0, "after applying, wait up to this long until the operator is available and an agent is ready on every node")
 	cmd.AddCommand(newMountBPFFSCommand())
 	return cmd
 }
@@ -170,7 +180,7 @@ func writeYAML(w io.Writer, results []deploy.Result) error {
 	return nil
 }
 
-func writeInstallSummary(w io.Writer, results []deploy.Result, dryRun string) {
+func writeInstallSummary(w io.Writer, results []deploy.Result, dryRun string, waiting bool) {
 	counts := map[deploy.Outcome]int{}
 	for _, r := range results {
 		counts[r.Outcome]++
@@ -189,6 +199,9 @@ func writeInstallSummary(w io.Writer, results []deploy.Result, dryRun string) {
 		return
 	}
 	fmt.Fprintf(w, "Ferry installed: %s.\n", strings.Join(parts, ", "))
+	if waiting {
+		return
+	}
 	fmt.Fprintf(w, "Next: kubectl -n %s rollout status daemonset/ferry-agent deployment/ferry-operator\n", deploy.Namespace)
 	fmt.Fprintf(w, "      ferry enroll NAMESPACE\n")
 }

@@ -162,6 +162,47 @@ func TestInstall(t *testing.T) {
 		}
 	})
 
+	t.Run("--wait says what is not running yet", func(t *testing.T) {
+		_, err := ferryCLI(t, newInstallCommand, kubeconfig, "--image-tag", "v0.2.0", "--wait", "3s")
+		if err == nil || !strings.Contains(err.Error(), "ferry is installed but not ready after 3s (operator: 0 of 2 replicas available; agents: 0 of 0 nodes ready") {
+			t.Errorf("ferry install --wait 3s with nothing running: %v", err)
+		}
+	})
+
+	t.Run("--wait returns once everything runs", func(t *testing.T) {
+		// No controllers here: report what they would, the operator's two
+		// replicas available and an agent ready on each of three nodes.
+		d, err := client.AppsV1().Deployments(deploy.Namespace).Get(ctx, deploy.OperatorDeployment, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Status.ObservedGeneration, d.Status.Replicas, d.Status.UpdatedReplicas, d.Status.AvailableReplicas, d.Status.ReadyReplicas = d.Generation, 2, 2, 2, 2
+		if _, err := client.AppsV1().Deployments(deploy.Namespace).UpdateStatus(ctx, d, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		ds, err := client.AppsV1().DaemonSets(deploy.Namespace).Get(ctx, deploy.AgentDaemonSet, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds.Status.ObservedGeneration = ds.Generation
+		ds.Status.DesiredNumberScheduled, ds.Status.CurrentNumberScheduled, ds.Status.UpdatedNumberScheduled, ds.Status.NumberReady = 3, 3, 3, 3
+		if _, err := client.AppsV1().DaemonSets(deploy.Namespace).UpdateStatus(ctx, ds, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		out, err := ferryCLI(t, newInstallCommand, kubeconfig, "--image-tag", "v0.2.0", "--wait", "60s")
+		if err != nil {
+			t.Fatalf("ferry install --wait: %v", err)
+		}
+		for _, want := range []string{
+			"operator: 2 of 2 replicas available; agents: 3 of 3 nodes ready",
+			"Ferry is running. Next: ferry enroll NAMESPACE",
+		} {
+			if !strings.Contains(out, want) {
+				t.Errorf("output lacks %q", want)
+			}
+		}
+	})
+
 	t.Run("a user without rights is told why", func(t *testing.T) {
 		cfg, err := c.UserConfig("alice")
 		if err != nil {
