@@ -28,9 +28,10 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	var (
-		cfg      agent.Config
-		cleanup  bool
-		logLevel slog.Level
+		cfg        agent.Config
+		cleanup    bool
+		mountBPFFS bool
+		logLevel   slog.Level
 	)
 	cfg.Datapath = datapath.Config{
 		PinDir:   datapath.DefaultPinDir,
@@ -61,6 +62,16 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
+			if mountBPFFS {
+				// The DaemonSet's privileged init container: the mount must be
+				// made where the host sees it, which the agent's own container
+				// (not privileged) cannot do.
+				if err := datapath.EnsureBPFFS(cfg.Datapath.PinDir); err != nil {
+					return err
+				}
+				log.Info("bpffs ready for pins", "pin_dir", cfg.Datapath.PinDir)
+				return nil
+			}
 			if cleanup {
 				if err := datapath.Cleanup(cfg.Datapath.PinDir, cfg.Datapath.CgroupPath); err != nil {
 					return err
@@ -99,6 +110,7 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 	f.StringVar(&cfg.Observe.MetricsAddr, "metrics-addr", "", "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
 	f.IntVar(&cfg.Observe.FlowCapacity, "flow-buffer", flows.DefaultCapacity, "flows kept in memory for the Observer API")
 	f.BoolVar(&cleanup, "cleanup", false, "remove everything Ferry put in the kernel and exit")
+	f.BoolVar(&mountBPFFS, "mount-bpffs", false, "mount bpffs for --bpf-pin-dir where none is, create the folder, and exit (the DaemonSet's init container)")
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	cmd.SetArgs(args)
 	return cmd.ExecuteContext(ctx)

@@ -1,6 +1,5 @@
-// This file holds `ferry install`: render Ferry's embedded kustomize base and
-// apply it to a cluster, and `ferry install mount-bpffs`, the node step the
-// agent DaemonSet's init container runs.
+// This file holds `ferry install` and `ferry uninstall`: render Ferry's
+// embedded kustomize base and apply it to a cluster, or remove it.
 
 package main
 
@@ -8,14 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/deploy"
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/yaml"
@@ -160,7 +156,6 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
 	cmd.Flags().StringVarP(&output, "output", "o", "", "yaml: print the manifests instead of applying them (with --dry-run=server: the objects as the server would store them)")
 	cmd.Flags().StringVar(&imageTag, "image-tag", "", "tag of the ferry-operator and ferry-agent images (default: the base's)")
 	cmd.Flags().DurationVar(&waitFor, "wait", 0, "after applying, wait up to this long until the operator is available and an agent is ready on every node")
-	cmd.AddCommand(newMountBPFFSCommand())
 	return cmd
 }
 
@@ -268,57 +263,4 @@ TCP again. Namespace labels (ferry enroll) are left as they are.`,
 	f.StringVar(&opts.ImageTag, "image-tag", "", "tag of the ferry-agent image the cleanup runs (default: the base's)")
 	f.DurationVar(&opts.Timeout, "timeout", 5*time.Minute, "how long to wait for the agents to stop, and again for every node to be cleaned")
 	return cmd
-}
-
-func newMountBPFFSCommand() *cobra.Command {
-	var pinDir string
-	cmd := &cobra.Command{
-		Use:   "mount-bpffs",
-		Short: "Mount bpffs on this node for the agent's pins (the agent DaemonSet's init container)",
-		Long: `The agent pins its programs, maps and links under a bpffs folder so that capture
-outlives the agent's container and the next agent adopts it. That bpffs must be the
-host's, and many hosts do not mount one at /sys/fs/bpf. This command mounts it (when
-missing) and creates the pin folder, then exits.
-
-In the DaemonSet it runs in a privileged init container whose /sys/fs/bpf is the
-host's with Bidirectional mount propagation, so the mount appears on the host; the
-agent itself then needs no privileged mode.`,
-		Example: `  ferry install mount-bpffs --pin-dir /sys/fs/bpf/ferry`,
-		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			was, err := onBPFFS(pinDir)
-			if err != nil {
-				return err
-			}
-			if err := datapath.EnsureBPFFS(pinDir); err != nil {
-				return err
-			}
-			if was {
-				fmt.Fprintf(cmd.OutOrStdout(), "bpffs is mounted already; pin folder %s is ready\n", pinDir)
-			} else {
-				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs; pin folder %s is ready\n", pinDir)
-			}
-			return nil
-		},
-	}
-	cmd.Flags().StringVar(&pinDir, "pin-dir", "/sys/fs/bpf/ferry", "pin folder the agent uses (its --bpf-pin-dir)")
-	return cmd
-}
-
-// onBPFFS reports whether dir, or the nearest folder above it that exists, is
-// on bpffs: whether pins in dir would need a mount first.
-func onBPFFS(dir string) (bool, error) {
-	dir = filepath.Clean(dir)
-	for {
-		var st unix.Statfs_t
-		err := unix.Statfs(dir, &st)
-		if err == nil {
-			return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
-		}
-		parent := filepath.Dir(dir)
-		if !errors.Is(err, unix.ENOENT) || parent == dir {
-			return false, fmt.Errorf("statfs %s: %w", dir, err)
-		}
-		dir = parent
-	}
 }

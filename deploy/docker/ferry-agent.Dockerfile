@@ -1,8 +1,5 @@
 # syntax=docker/dockerfile:1
-# ferry-agent image: the node agent, and the ferry CLI beside it, which the
-# DaemonSet's init container runs (`ferry install mount-bpffs`) and which is
-# handy on a node: `kubectl -n ferry-system exec ds/ferry-agent -- ferry bpf progs`.
-# Build from the repository root:
+# ferry-agent image: the node agent. Build from the repository root:
 #
 #   docker buildx build -f deploy/docker/ferry-agent.Dockerfile \
 #     --platform linux/amd64,linux/arm64 -t ghcr.io/ferrymesh/ferry-agent:TAG .
@@ -10,8 +7,8 @@
 # The eBPF objects are compiled ahead and committed (bpf/*_bpfel.o, embedded by
 # bpf2go's Go files), so the build needs no clang, and the programs are CO-RE
 # free networking hooks that load on any little-endian kernel with the features
-# docs/install.md lists. The image needs nothing beyond the two static
-# binaries: no iproute2, no mount(8) (the agent mounts bpffs itself), no shell.
+# docs/install.md lists. The image needs nothing beyond the static binary: no
+# iproute2, no mount(8) (`ferry-agent --mount-bpffs` mounts bpffs), no shell.
 
 FROM --platform=$BUILDPLATFORM golang:1.26 AS build
 ARG TARGETOS TARGETARCH
@@ -21,11 +18,11 @@ RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -trimpath -ldflags="-s -w" -o /out/ ./cmd/ferry-agent ./cmd/ferry
+    go build -trimpath -ldflags="-s -w" -o /out/ferry-agent ./cmd/ferry-agent
 
 # Not the nonroot variant: the agent runs as root with a short list of added
 # capabilities (see deploy/agent/daemonset.yaml); the DaemonSet says so too.
 FROM gcr.io/distroless/static
-COPY --from=build /out/ferry-agent /out/ferry /usr/local/bin/
+COPY --from=build /out/ferry-agent /usr/local/bin/ferry-agent
 EXPOSE 15020 15021
 ENTRYPOINT ["/usr/local/bin/ferry-agent"]
