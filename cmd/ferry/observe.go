@@ -207,20 +207,26 @@ only new flows.`,
 				return err
 			}
 			defer r.Stop()
-			var unavailable []string
+			unavailable := map[string]bool{}
 			errOut := cmd.ErrOrStderr()
 			err = r.Flows(cmd.Context(), req, p.print, func(e relay.AgentError) {
-				unavailable = append(unavailable, e.Agent)
-				fmt.Fprintf(errOut, "ferry observe: warning: %v\n", e)
+				if !unavailable[e.Agent] {
+					fmt.Fprintf(errOut, "ferry observe: warning: %v\n", e)
+				}
+				unavailable[e.Agent] = true
 			})
 			p.flush()
+			if cmd.Context().Err() != nil {
+				return nil // interrupted while following
+			}
+			if len(unavailable) == len(agents) {
+				var names []string
+				for _, a := range agents {
+					names = append(names, a.Name)
+				}
+				return fmt.Errorf("no agent could be read (%s): is the agent running?", strings.Join(names, ", "))
+			}
 			if err != nil {
-				if cmd.Context().Err() != nil {
-					return nil // interrupted while following
-				}
-				if len(unavailable) == len(agents) {
-					return fmt.Errorf("no agent could be read (%s): is the agent running?", strings.Join(unavailable, ", "))
-				}
 				return err
 			}
 			if p.n == 0 && output != "json" && !follow {

@@ -158,34 +158,11 @@ func (r *Relay) Flows(ctx context.Context, req *ferryv1.GetFlowsRequest, send fu
 		if req.GetSince() != nil && req.GetSince().AsTime().After(from) {
 			from = req.GetSince().AsTime()
 		}
-		since := timestamppb.New(from)
 		for i, c := range clients {
-			stream, err := c.GetFlows(ctx, &ferryv1.GetFlowsRequest{Filter: req.GetFilter(), Since: since, Follow: true})
-			if err != nil {
-				onErr(AgentError{r.cfg.Agents[i].Name, err})
-				continue
-			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				for {
-					m, err := stream.Recv()
-					if err != nil {
-						if ctx.Err() == nil && !errors.Is(err, io.EOF) {
-							onErr(AgentError{r.cfg.Agents[i].Name, err})
-						}
-						select {
-						case live <- item{agent: i, done: true}:
-						case <-ctx.Done():
-						}
-						return
-					}
-					select {
-					case live <- item{agent: i, flow: m.GetFlow()}:
-					case <-ctx.Done():
-						return
-					}
-				}
+				r.follow(ctx, i, c, req.GetFilter(), from, live, onErr)
 			}()
 		}
 	}
@@ -205,7 +182,60 @@ func (r *Relay) Flows(ctx context.Context, req *ferryv1.GetFlowsRequest, send fu
 	if !req.GetFollow() {
 		return nil
 	}
-	return r.merge(ctx, len(clients), live, lastID, send)
+	return r.merge(ctx, len(clients), reached, live, lastID, send)
+}
+
+// retryFollow is how long follow mode waits before reading an agent again after its
+// stream failed (the agent restarted, or is not up yet).
+const retryFollow = time.Second
+
+// follow streams agent i's new flows into live until ctx ends. When the stream
+// breaks it marks the agent ended (so the merge does not wait for it), and reads the
+// agent again from its last flow's time once it answers: an agent restart loses no
+// flow the new agent records. A restarted agent numbers its flows from 1 again, so
+// the first stream alone is matched against the stored flows by ID.
+func (r *Relay) follow(ctx context.Context, i int, c ferryv1.ObserverClient, flt *ferryv1.FlowFilter, from time.Time, live chan<- item, onErr func(AgentError)) {
+	put := func(it item) bool {
+		select {
+		case live <- it:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	reported := false
+	for attempt := 0; ; attempt++ {
+		stream, err := c.GetFlows(ctx, &ferryv1.GetFlowsRequest{Filter: flt, Since: timestamppb.New(from), Follow: true})
+		for err == nil {
+			var m *ferryv1.GetFlowsResponse
+			if m, err = stream.Recv(); err == nil {
+				if reported { // back after an outage
+					reported = false
+					r.log.Info("agent readable again", "agent", r.cfg.Agents[i].Name)
+				}
+				f := m.GetFlow()
+				from = f.GetTime().AsTime().Add(time.Nanosecond)
+				if !put(item{agent: i, flow: f, resumed: attempt > 0}) {
+					return
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if !reported && !errors.Is(err, io.EOF) {
+			onErr(AgentError{r.cfg.Agents[i].Name, err})
+			reported = true
+		}
+		if !put(item{agent: i, done: true}) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(retryFollow):
+		}
+	}
 }
 
 // stored reads every agent's stored flows and merges them in time order.
@@ -277,15 +307,20 @@ type item struct {
 	agent int
 	flow  *ferryv1.Flow
 	done  bool
+	// resumed: the flow comes from a stream opened after an outage, whose IDs may
+	// have restarted; it is not matched against the stored flows' IDs.
+	resumed bool
 }
 
 // merge sends followed flows in time order. Each agent's stream is in time order, so
 // a flow can go once every agent has sent something later (its watermark), or once it
-// is older than the lag, for agents that are quiet.
-func (r *Relay) merge(ctx context.Context, n int, live <-chan item, lastID []uint64, send func(*ferryv1.Flow) error) error {
+// is older than the lag, for agents that are quiet. It runs until ctx ends; it fails
+// only when no agent could ever be read.
+func (r *Relay) merge(ctx context.Context, n, reached int, live <-chan item, lastID []uint64, send func(*ferryv1.Flow) error) error {
 	h := &flowHeap{}
 	water := make([]time.Time, n)
 	ended := make([]bool, n)
+	everRead := reached > 0
 	tick := time.NewTicker(r.cfg.Lag / 4)
 	defer tick.Stop()
 	flush := func() error {
@@ -317,17 +352,14 @@ func (r *Relay) merge(ctx context.Context, n int, live <-chan item, lastID []uin
 		case it := <-live:
 			if it.done {
 				ended[it.agent] = true
-				if !slices.Contains(ended, false) {
-					for h.Len() > 0 {
-						if err := send(heap.Pop(h).(*ferryv1.Flow)); err != nil {
-							return err
-						}
-					}
-					return nil
+				if !slices.Contains(ended, false) && !everRead {
+					return status.Error(codes.Unavailable, "no agent could be read")
 				}
 				continue
 			}
-			if it.flow.GetId() <= lastID[it.agent] {
+			everRead = true
+			ended[it.agent] = false
+			if !it.resumed && it.flow.GetId() <= lastID[it.agent] {
 				continue // already sent with the stored flows
 			}
 			if t := it.flow.GetTime().AsTime(); t.After(water[it.agent]) {

@@ -182,3 +182,76 @@ func TestRelayMergesTwoNodesInTimeOrder(t *testing.T) {
 		t.Errorf("status %v", st)
 	}
 }
+
+// An agent that restarts during follow (its flow IDs start again at 1) is read again
+// from where it stopped.
+func TestRelayFollowSurvivesAgentRestart(t *testing.T) {
+	path := t.TempDir() + "/observer.sock"
+	start := func(a *fakeAgent) *grpc.Server {
+		ln, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := grpc.NewServer()
+		ferryv1.RegisterObserverServer(s, a)
+		go s.Serve(ln)
+		return s
+	}
+	first := &fakeAgent{node: "node1"}
+	srv := start(first)
+	r, err := New(Config{Agents: []Agent{{"node1", "unix://" + path}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out := make(chan *ferryv1.Flow, 10)
+	errs := make(chan AgentError, 10)
+	done := make(chan error, 1)
+	go func() {
+		done <- r.Flows(ctx, &ferryv1.GetFlowsRequest{Follow: true}, func(f *ferryv1.Flow) error { out <- f; return nil },
+			func(e AgentError) { errs <- e })
+	}()
+	next := func(want string) {
+		t.Helper()
+		for {
+			select {
+			case f := <-out:
+				if want == "after" && f.GetSource().GetPod() == "before" {
+					continue // added again while the follower attached
+				}
+				if f.GetSource().GetPod() != want {
+					t.Fatalf("followed %s, want %s", f.GetSource().GetPod(), want)
+				}
+				return
+			case <-time.After(100 * time.Millisecond):
+				if want == "before" {
+					first.add(time.Now(), "before") // until the follower is attached
+				}
+			case <-ctx.Done():
+				t.Fatalf("no flow %s", want)
+			}
+		}
+	}
+	first.add(time.Now(), "before")
+	next("before")
+	srv.Stop()
+	select {
+	case <-errs:
+	case <-ctx.Done():
+		t.Fatal("the broken stream was not reported")
+	}
+	second := &fakeAgent{node: "node1"} // IDs from 1 again
+	srv = start(second)
+	defer srv.Stop()
+	second.add(time.Now(), "after")
+	next("after")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
