@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -414,4 +415,25 @@ func (r *Relay) ServerStatus(ctx context.Context, _ *ferryv1.ServerStatusRequest
 		sum.Nodes = append(sum.Nodes, st.GetNodes()...)
 	}
 	return sum, nil
+}
+
+// Serve serves the relay's Observer API on ln until ctx ends (for the operator, or a
+// relay of its own beside it).
+func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
+	s := grpc.NewServer()
+	r.Register(s)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		select {
+		case <-ctx.Done():
+			s.Stop()
+		case <-stop:
+		}
+	}()
+	err := s.Serve(ln)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
 }

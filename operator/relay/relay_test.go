@@ -11,6 +11,7 @@ import (
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
@@ -252,6 +253,54 @@ func TestRelayFollowSurvivesAgentRestart(t *testing.T) {
 	next("after")
 	cancel()
 	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The relay serves the Observer API itself: a client reads both nodes through it.
+func TestRelayServesObserverAPI(t *testing.T) {
+	n1, n2 := &fakeAgent{node: "node1"}, &fakeAgent{node: "node2"}
+	t0 := time.Now().Add(-time.Minute)
+	n2.add(t0, "first")
+	n1.add(t0.Add(time.Second), "second")
+	r, err := New(Config{Agents: []Agent{{"node1", serve(t, n1)}, {"node2", serve(t, n2)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Stop()
+	ln, err := net.Listen("unix", t.TempDir()+"/relay.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- r.Serve(ctx, ln) }()
+	conn, err := grpc.NewClient("unix://"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := ferryv1.NewObserverClient(conn).GetFlows(ctx, &ferryv1.GetFlowsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			break
+		}
+		got = append(got, m.GetFlow().GetSource().GetPod())
+	}
+	if strings.Join(got, " ") != "first second" {
+		t.Errorf("through the relay: %v, want [first second]", got)
+	}
+	cancel()
+	if err := <-served; err != nil {
 		t.Fatal(err)
 	}
 }
