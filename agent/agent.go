@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/controlplane"
@@ -19,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 )
 
 // Config configures an Agent.
@@ -32,6 +35,10 @@ type Config struct {
 	// TokenFile is the bearer token for the operator; OperatorCA verifies it.
 	TokenFile  string
 	OperatorCA string
+	// StateCache (operator mode) keeps the last state and the certificates with
+	// their keys (mode 0600), so a restarted agent serves before the operator
+	// answers; "" disables it.
+	StateCache string
 	// HealthAddr serves /healthz and /readyz (state applied at least once); "" disables.
 	HealthAddr  string
 	AdminSocket string // unix socket of the admin API; "" disables it
@@ -58,8 +65,10 @@ type Agent struct {
 	stream *controlplane.Stream
 	certs  *controlplane.Certs
 	kick   chan struct{}
-	health *http.Server
-	obs    *observability
+	// cacheDirty says the state cache should be written again.
+	cacheDirty atomic.Bool
+	health     *http.Server
+	obs        *observability
 
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
@@ -100,7 +109,10 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 			return nil, err
 		}
 		a.stream = controlplane.NewStream(a.conn, cfg.Node, a.applyStream, log)
-		a.certs = controlplane.NewCerts(a.conn, a.ids, a.nudge, log)
+		a.certs = controlplane.NewCerts(a.conn, a.ids, func() {
+			a.cacheDirty.Store(true)
+			a.nudge()
+		}, log)
 	}
 	a.obs = newObservability(cfg, a, log)
 	switch cfg.Capture {
@@ -173,6 +185,7 @@ func (a *Agent) startOperator() error {
 	if err := a.dp.Start(context.Background()); err != nil {
 		return fmt.Errorf("datapath: %w", err)
 	}
+	a.loadCache()
 	var ctx context.Context
 	ctx, a.cancel = context.WithCancel(context.Background())
 	for _, f := range []func(context.Context){a.stream.Run, a.certs.Run, a.reconcileLoop} {
@@ -250,7 +263,65 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		case <-a.kick:
 		}
 		a.reconcile()
+		if a.cacheDirty.Swap(false) {
+			if err := a.writeCache(); err != nil {
+				a.log.Warn("state cache", "path", a.cfg.StateCache, "error", err)
+			}
+		}
 	}
+}
+
+// loadCache applies the state and certificates a previous run kept, so that pods
+// are served at once even when the operator is not reachable; the operator's first
+// state replaces it.
+func (a *Agent) loadCache() {
+	if a.cfg.StateCache == "" {
+		return
+	}
+	b, err := os.ReadFile(a.cfg.StateCache)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			a.log.Warn("state cache", "path", a.cfg.StateCache, "error", err)
+		}
+		return
+	}
+	st := &ferryv1.NodeState{}
+	if err := proto.Unmarshal(b, st); err != nil || st.GetNode() != a.cfg.Node {
+		a.log.Warn("state cache unusable; waiting for the operator", "path", a.cfg.StateCache, "error", err, "cached_node", st.GetNode())
+		return
+	}
+	n := a.certs.Preload(st.GetCertificates())
+	st.Certificates = nil
+	if err := a.applyStream(st, true); err != nil {
+		a.log.Warn("state cache not applied; waiting for the operator", "error", err)
+		return
+	}
+	a.log.Info("serving the cached state until the operator answers", "version", st.GetVersion(), "certificates", n)
+}
+
+// writeCache saves the applied state and the held certificates (keys included,
+// hence 0600) for the next start.
+func (a *Agent) writeCache() error {
+	if a.cfg.StateCache == "" {
+		return nil
+	}
+	a.mu.Lock()
+	if a.state == nil {
+		a.mu.Unlock()
+		return nil
+	}
+	st := proto.Clone(a.state).(*ferryv1.NodeState)
+	a.mu.Unlock()
+	st.Certificates = a.certs.Export()
+	b, err := proto.Marshal(st)
+	if err != nil {
+		return err
+	}
+	tmp := a.cfg.StateCache + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, a.cfg.StateCache)
 }
 
 // Stop closes the pods' listeners, waits for proxied connections to end and
@@ -302,6 +373,7 @@ func (a *Agent) applyStream(st *ferryv1.NodeState, fresh bool) error {
 	if err := a.apply(st, fresh); err != nil {
 		return err
 	}
+	a.cacheDirty.Store(true)
 	if first {
 		// Only now is it known which pinned enrollments are still wanted.
 		if err := a.removeStale(); err != nil {

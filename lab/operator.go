@@ -75,7 +75,8 @@ func (l *Lab) planOperator() {
 // operatorArgs are the agent flags that point it at the operator.
 func (l *Lab) operatorArgs(n *nodeInfo) []string {
 	op := l.desc.Config.Operator
-	return []string{"--operator", op.Addr, "--operator-ca", op.CAFile, "--token-file", filepath.Join(op.TokenDir, n.Name)}
+	return []string{"--operator", op.Addr, "--operator-ca", op.CAFile, "--token-file", filepath.Join(op.TokenDir, n.Name),
+		"--state-cache", filepath.Join(n.Dir, "state.cache")}
 }
 
 // ManifestDir is the folder the local-mode operator reads; "" when the lab runs none.

@@ -5,12 +5,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -303,4 +305,48 @@ func (c *Certs) request(ctx context.Context, id string) (*held, error) {
 		notAfter: leaf.NotAfter,
 		renewAt:  issued.Add(leaf.NotAfter.Sub(issued) / 2),
 	}, nil
+}
+
+// Export returns the held certificates with their keys, for the agent's state
+// cache (a root-only file on the node, so a restarted agent can serve before the
+// operator answers).
+func (c *Certs) Export() []*ferryv1.Certificate {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*ferryv1.Certificate, 0, len(c.certs))
+	for id, h := range c.certs {
+		out = append(out, &ferryv1.Certificate{Identity: id, CertChainPem: h.pem.Chain, PrivateKeyPem: h.pem.Key})
+	}
+	slices.SortFunc(out, func(a, b *ferryv1.Certificate) int { return strings.Compare(a.Identity, b.Identity) })
+	return out
+}
+
+// Preload adopts certificates a previous run kept, skipping expired or unreadable
+// ones, and returns how many it took. They are renewed when due like any other; the
+// store gets them with the next Want, which brings the trust bundle.
+func (c *Certs) Preload(certs []*ferryv1.Certificate) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	n := 0
+	for _, pc := range certs {
+		kp, err := tls.X509KeyPair(pc.GetCertChainPem(), pc.GetPrivateKeyPem())
+		if err != nil || kp.Leaf == nil || !now.Before(kp.Leaf.NotAfter) {
+			continue
+		}
+		if id, err := identity.FromCert(kp.Leaf); err != nil || id != pc.GetIdentity() {
+			continue
+		}
+		// When it was asked for is not known: NotBefore (backdated by the CA) makes
+		// the renewal come early rather than late.
+		c.certs[pc.GetIdentity()] = &held{
+			pem:      identity.CertPEM{Chain: pc.GetCertChainPem(), Key: pc.GetPrivateKeyPem()},
+			serial:   kp.Leaf.SerialNumber.Text(16),
+			issued:   kp.Leaf.NotBefore,
+			notAfter: kp.Leaf.NotAfter,
+			renewAt:  kp.Leaf.NotBefore.Add(kp.Leaf.NotAfter.Sub(kp.Leaf.NotBefore) / 2),
+		}
+		n++
+	}
+	return n
 }

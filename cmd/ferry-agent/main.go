@@ -97,6 +97,7 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 	f.StringVar(&cfg.Operator, "operator", "", "operator address for the state stream and certificates (host:port or unix:///path)")
 	f.StringVar(&cfg.TokenFile, "token-file", "/var/run/secrets/ferry/token", "bearer token for the operator (projected service-account token, audience ferry-operator)")
 	f.StringVar(&cfg.OperatorCA, "operator-ca", "/etc/ferry/ca/ca.crt", "PEM bundle that verifies the operator's serving certificate (ConfigMap ferry-ca-bundle)")
+	f.StringVar(&cfg.StateCache, "state-cache", "/run/ferry/state.cache", "with --operator: file keeping the last state and certificates (0600) so a restarted agent serves before the operator answers (\"\" disables)")
 	f.StringVar(&cfg.HealthAddr, "health-addr", ":15021", "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
 	f.StringVar(&cfg.AdminSocket, "admin-socket", "/run/ferry/agent.sock", "unix socket for the admin API (\"\" disables it)")
 	f.StringVar(&cfg.Datapath.PinDir, "bpf-pin-dir", cfg.Datapath.PinDir, "bpffs folder where programs, maps and links are pinned")

@@ -328,6 +328,37 @@ func TestControlPlaneOperatorOutage(t *testing.T) {
 	t.Logf("operator killed and restarted; node1 resynced from version %d to %d, connections kept", before, after)
 }
 
+// An agent restarted while the operator is down serves its pods at once from its
+// state cache (state and certificates), and mTLS keeps working.
+func TestControlPlaneAgentRestartWithoutOperator(t *testing.T) {
+	e := cpSetup(t)
+	all := append(shopPods("node1"), latOn("node1")...)
+	e.waitEnrolled(t, "node1", all...)
+	if err := e.lab.StopOperator(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := e.lab.StartOperator(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+	e.restartAgent(t, "node1")
+	e.waitEnrolled(t, "node1", all...)
+	if log := tailFile(e.lab.AgentLog("node1"), 200); !strings.Contains(log, "serving the cached state until the operator answers") {
+		t.Fatalf("the restarted agent did not start from its state cache:\n%s", tailFile(e.lab.AgentLog("node1"), 20))
+	}
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
+	e.findConn(t, "node2", func(cn connRecord) bool {
+		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == e.pod("a").IP && cn.BytesSent == 65536
+	})
+	e.mustRun(t, "c", "echo", e.addr("a", echoPort), "65536")
+	e.findConn(t, "node1", func(cn connRecord) bool {
+		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == e.pod("c").IP && cn.BytesSent == 65536
+	})
+}
+
 // Time from labelling a namespace (local mode: a manifest edit) to each of its
 // pods' first mTLS connection, over latPods pods on two nodes.
 func TestControlPlaneEnrollLatency(t *testing.T) {
