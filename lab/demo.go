@@ -42,7 +42,7 @@ var DemoRoutes = []DemoRoute{
 // the lab, so a user can go on sending traffic.
 func (l *Lab) Demo(ctx context.Context, ferryBin string, log *slog.Logger, out io.Writer) error {
 	for _, p := range l.Pods() {
-		if err := l.startDemoServer(ctx, p); err != nil {
+		if err := l.startDemoServer(ctx, ferryBin, p); err != nil {
 			return err
 		}
 	}
@@ -106,17 +106,13 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 
 // startDemoServer runs ferry's echo server in pod p, detached so it outlives the
 // demo command (Down ends it with the lab), and waits until it accepts.
-func (l *Lab) startDemoServer(ctx context.Context, p PodInfo) error {
+func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) error {
 	logf, err := os.Create(filepath.Join(l.desc.Config.StateDir, "echo-"+p.Name+".log"))
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	cmd := l.Command(context.Background(), p.Name, self, "lab", "echo-server", "--listen", fmt.Sprintf(":%d", DemoPort))
+	cmd := l.Command(context.Background(), p.Name, ferryBin, "lab", "echo-server", "--listen", fmt.Sprintf(":%d", DemoPort))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if cmd.SysProcAttr != nil {
 		cmd.SysProcAttr.Setsid = true

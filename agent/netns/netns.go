@@ -127,6 +127,7 @@ func (h *Handle) Addrs() ([]netip.Addr, error) {
 // namespace is looked at once, however many paths lead to it.
 func FindByIP(ip netip.Addr) (*Handle, error) {
 	seen := map[[2]uint64]bool{}
+	var denied error // a namespace we may not open might be the one
 	for _, path := range candidatePaths() {
 		var st unix.Stat_t
 		if unix.Stat(path, &st) != nil {
@@ -139,7 +140,10 @@ func FindByIP(ip netip.Addr) (*Handle, error) {
 		seen[id] = true
 		h, err := Open(path)
 		if err != nil {
-			continue // the process exited or the name was removed meanwhile
+			if errors.Is(err, os.ErrPermission) && denied == nil {
+				denied = err
+			}
+			continue // else the process exited or the name was removed meanwhile
 		}
 		addrs, err := h.Addrs()
 		if err == nil {
@@ -150,6 +154,9 @@ func FindByIP(ip netip.Addr) (*Handle, error) {
 			}
 		}
 		h.Close()
+	}
+	if denied != nil {
+		return nil, fmt.Errorf("no network namespace we could open holds %s (is CAP_SYS_ADMIN or CAP_SYS_PTRACE missing?): %w", ip, denied)
 	}
 	return nil, fmt.Errorf("no network namespace holds %s", ip)
 }
