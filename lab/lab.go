@@ -576,6 +576,17 @@ type Status struct {
 	StateDir string       `json:"stateDir"`
 	Nodes    []NodeStatus `json:"nodes"`
 	Pods     []PodInfo    `json:"pods"`
+	// Operator is the local-mode operator, when the lab runs one.
+	Operator *OperatorStatus `json:"operator,omitempty"`
+}
+
+// OperatorStatus is the lab's local-mode operator in a Status.
+type OperatorStatus struct {
+	PID       int    `json:"pid"`
+	Alive     bool   `json:"alive"`
+	Manifests string `json:"manifests"`
+	Socket    string `json:"socket"`
+	Log       string `json:"log"`
 }
 
 // NodeStatus is one node in a Status.
@@ -599,6 +610,9 @@ func (l *Lab) Status() Status {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	s := Status{Prefix: l.desc.Config.Prefix, StateDir: l.desc.Config.StateDir, Pods: append([]PodInfo(nil), l.desc.Pods...)}
+	if op := l.desc.Op; op != nil {
+		s.Operator = &OperatorStatus{PID: op.PID, Alive: op.PID != 0 && pidAlive(op.PID, op.Start), Manifests: op.ManifestDir, Socket: op.Socket, Log: op.LogFile}
+	}
 	for i := range l.desc.Nodes {
 		n := &l.desc.Nodes[i]
 		s.Nodes = append(s.Nodes, NodeStatus{

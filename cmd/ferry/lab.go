@@ -291,6 +291,13 @@ func newLabStatusCommand(f *labFlags) *cobra.Command {
 }
 
 func printStatus(w io.Writer, st lab.Status) {
+	if op := st.Operator; op != nil {
+		state := fmt.Sprintf("pid %d running", op.PID)
+		if !op.Alive {
+			state = fmt.Sprintf("pid %d not running (see %s)", op.PID, op.Log)
+		}
+		fmt.Fprintf(w, "operator (local mode): %s, manifests in %s\n\n", state, op.Manifests)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tFABRIC IP\tPOD CIDR\tAGENT")
 	for _, n := range st.Nodes {
