@@ -16,8 +16,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/controlplane"
@@ -254,6 +256,75 @@ type observability struct {
 	httpSrv *http.Server
 	sockets []string
 	wg      sync.WaitGroup
+
+	// services names the service behind a destination address, for flows and the
+	// destination_service label; replaced whole on every state (SetState).
+	services atomic.Pointer[map[netip.AddrPort]service]
+}
+
+// service is a destination's service in flows ("namespace/name") and in the metrics
+// (Istio's "name.namespace.svc.cluster.local").
+type service struct{ flow, metric string }
+
+// SetState indexes the state's services by the addresses that reach them: each
+// cluster IP and port, and each endpoint pod's IP and numeric target port. When two
+// services select the same pod port, the first by namespace and name wins.
+func (o *observability) SetState(st *ferryv1.NodeState) {
+	o.services.Store(serviceIndex(st))
+}
+
+func serviceIndex(st *ferryv1.NodeState) *map[netip.AddrPort]service {
+	ips := map[string][]netip.Addr{}
+	for _, w := range st.GetWorkloads() {
+		for _, s := range w.GetIps() {
+			if ip, err := netip.ParseAddr(s); err == nil {
+				ips[w.GetUid()] = append(ips[w.GetUid()], ip.Unmap())
+			}
+		}
+	}
+	svcs := append([]*ferryv1.Service(nil), st.GetServices()...)
+	sort.Slice(svcs, func(i, j int) bool {
+		return svcs[i].GetNamespace()+"/"+svcs[i].GetName() < svcs[j].GetNamespace()+"/"+svcs[j].GetName()
+	})
+	idx := map[netip.AddrPort]service{}
+	add := func(ip netip.Addr, port uint32, s service) {
+		k := netip.AddrPortFrom(ip, uint16(port))
+		if _, taken := idx[k]; !taken && port != 0 && port <= 65535 {
+			idx[k] = s
+		}
+	}
+	for _, sv := range svcs {
+		s := service{flow: sv.GetNamespace() + "/" + sv.GetName(), metric: sv.GetName() + "." + sv.GetNamespace() + ".svc.cluster.local"}
+		for _, p := range sv.GetPorts() {
+			for _, c := range sv.GetClusterIps() {
+				if ip, err := netip.ParseAddr(c); err == nil {
+					add(ip.Unmap(), p.GetPort(), s)
+				}
+			}
+			target := p.GetPort()
+			if tp := p.GetTargetPort(); tp != "" {
+				n, err := strconv.ParseUint(tp, 10, 16)
+				if err != nil {
+					continue // a named container port: the state does not say which number
+				}
+				target = uint32(n)
+			}
+			for _, uid := range sv.GetEndpoints() {
+				for _, ip := range ips[uid] {
+					add(ip, target, s)
+				}
+			}
+		}
+	}
+	return &idx
+}
+
+// service returns the service behind dst, if the state names one.
+func (o *observability) service(dst netip.AddrPort) service {
+	if idx := o.services.Load(); idx != nil {
+		return (*idx)[netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())]
+	}
+	return service{}
 }
 
 func newObservability(cfg Config, a *Agent, log *slog.Logger) *observability {
@@ -366,12 +437,17 @@ func (o *observability) Stop() {
 }
 
 // ConnOpened counts a connection the proxy accepted.
-func (o *observability) ConnOpened(c proxy.Conn) { o.metrics.ConnOpened(connLabels(c)) }
+func (o *observability) ConnOpened(c proxy.Conn) {
+	o.metrics.ConnOpened(connLabels(c, o.service(c.Dst)))
+}
 
 // ConnClosed records an ended connection as a flow and in the metrics.
 func (o *observability) ConnClosed(c proxy.Conn) {
-	o.metrics.ConnClosed(connLabels(c), c.BytesSent, c.BytesRecv)
-	o.ring.Add(o.flow(c))
+	svc := o.service(c.Dst)
+	o.metrics.ConnClosed(connLabels(c, svc), c.BytesSent, c.BytesRecv)
+	f := o.flow(c)
+	f.Service = svc.flow
+	o.ring.Add(f)
 }
 
 // flow turns an ended connection into a flow record.
@@ -412,8 +488,9 @@ func endpoint(pod, identity, node string, ap netip.AddrPort) *ferryv1.Endpoint {
 
 // connLabels are the Istio labels of a connection: workloads by pod name (there are no
 // Deployments to name them by), no addresses or ports.
-func connLabels(c proxy.Conn) metrics.Labels {
+func connLabels(c proxy.Conn, svc service) metrics.Labels {
 	l := metrics.Labels{
+		DestinationService:       svc.metric,
 		Reporter:                 metrics.ReporterSource,
 		SourcePrincipal:          c.SrcIdentity,
 		DestinationPrincipal:     c.DstIdentity,

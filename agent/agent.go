@@ -420,6 +420,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 		}
 	}
 	a.proxy.SetMesh(ws)
+	a.obs.SetState(st) // flows and metrics name the destination's service
 	a.want = want
 	a.state, a.applied = st, time.Now()
 	a.reconcileLocked()
