@@ -338,9 +338,21 @@ func (o *Operator) serve(ctx context.Context) error {
 		authority, err = ca.FromDir(o.cfg.StateDir, o.cfg.TrustDomain)
 		auth = o.tokens
 	} else {
-		authority, err = ca.FromSecret(ctx, o.client, ca.SecretSource{
-			Namespace: o.cfg.Namespace, Name: o.cfg.CASecret, UserName: o.cfg.UserCASecret, TrustDomain: o.cfg.TrustDomain,
-		}, o.leader.Load, time.Second)
+		// The API server may not answer yet, or RBAC may be fixed later: retry
+		// rather than stay up unready for good.
+		for wait := time.Second; ; wait = min(wait*2, 30*time.Second) {
+			authority, err = ca.FromSecret(ctx, o.client, ca.SecretSource{
+				Namespace: o.cfg.Namespace, Name: o.cfg.CASecret, UserName: o.cfg.UserCASecret, TrustDomain: o.cfg.TrustDomain,
+			}, o.leader.Load, time.Second)
+			if err == nil || ctx.Err() != nil {
+				break
+			}
+			o.log.Error("mesh CA not loaded; retrying", "error", err, "retry_in", wait)
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait):
+			}
+		}
 		auth = server.NewTokenReviewer(o.client, o.cfg.Namespace, o.cfg.AgentServiceAccount)
 	}
 	if err != nil {
