@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -31,8 +32,12 @@ import (
 	"google.golang.org/grpc/status"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 const systemNS = "ferry-system"
@@ -122,6 +127,63 @@ func (c *cluster) token(t *testing.T, ns, sa, pod, audience string) string {
 	return tr.Status.Token
 }
 
+// operatorKubeconfig applies deploy/operator/rbac.yaml and returns a kubeconfig
+// that acts as the operator's service account under it.
+func (c *cluster) operatorKubeconfig(t *testing.T) string {
+	t.Helper()
+	data, err := os.ReadFile("../deploy/operator/rbac.yaml")
+	if err != nil {
+		t.Fatalf("operator RBAC: %v", err)
+	}
+	ctx := context.Background()
+	r := utilyaml.NewYAMLReader(bufio.NewReader(strings.NewReader(string(data))))
+	for {
+		doc, err := r.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode(doc, nil, nil)
+		if err != nil {
+			if strings.TrimSpace(string(doc)) == "" || strings.Contains(err.Error(), "Object 'Kind' is missing") {
+				continue
+			}
+			t.Fatalf("operator RBAC: %v", err)
+		}
+		rbac := c.client.RbacV1()
+		switch o := obj.(type) {
+		case *rbacv1.ClusterRole:
+			_, err = rbac.ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.ClusterRoleBinding:
+			_, err = rbac.ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.Role:
+			_, err = rbac.Roles(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.RoleBinding:
+			_, err = rbac.RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		default:
+			t.Fatalf("operator RBAC: unexpected %T", obj)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg, err := clientcmd.LoadFromFile(c.Kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ai := range cfg.AuthInfos {
+		ai.Impersonate = "system:serviceaccount:" + systemNS + ":ferry-operator"
+		ai.ImpersonateGroups = []string{"system:serviceaccounts", "system:serviceaccounts:" + systemNS, "system:authenticated"}
+	}
+	path := filepath.Join(t.TempDir(), "operator.kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func bearer(ctx context.Context, token string) context.Context {
 	if token == "" {
 		return ctx
@@ -142,9 +204,11 @@ func TestClusterMode(t *testing.T) {
 	c.pod(t, "shop", "api", "node2", "api", "10.102.2.10", map[string]string{"app": "api"})
 
 	sock := filepath.Join(t.TempDir(), "grpc.sock")
+	// The operator runs with the permissions deploy/ gives it, and leader election
+	// on, so a missing RBAC rule fails here.
 	op, err := operator.New(operator.Config{
-		Kubeconfig: c.Kubeconfig, Namespace: systemNS, GRPCAddr: "unix://" + sock,
-		AgentServiceAccount: operator.DefaultAgentSA, CertTTL: time.Hour,
+		Kubeconfig: c.operatorKubeconfig(t), Namespace: systemNS, GRPCAddr: "unix://" + sock,
+		AgentServiceAccount: operator.DefaultAgentSA, CertTTL: time.Hour, LeaderElect: true,
 	}, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferrymesh/ferry/operator"
 	"github.com/spf13/cobra"
+	"k8s.io/klog/v2"
 )
 
 func main() {
@@ -64,6 +65,8 @@ watched, the CA is kept in --state-dir, and one token per node is written to
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
+			// client-go (informers, leader election) logs through klog: one format.
+			klog.SetSlogLogger(log.With("component", "client-go"))
 			o, err := operator.New(cfg, log)
 			if err != nil {
 				return err
