@@ -91,10 +91,22 @@ func (c *Certs) Want(bundle []byte, ids []string) error {
 		want[id] = true
 	}
 	changed := !slices.Equal(bundle, c.bundle)
-	for id := range c.certs {
+	var roots *x509.CertPool
+	if changed {
+		roots = x509.NewCertPool()
+		roots.AppendCertsFromPEM(bundle)
+	}
+	for id, h := range c.certs {
 		if !want[id] {
 			delete(c.certs, id)
 			changed = true
+			continue
+		}
+		// A new bundle (another CA, or the operator replaced): certificates that no
+		// longer chain to it would fail every handshake; get new ones.
+		if roots != nil && !chainsTo(h.pem.Chain, roots) {
+			c.log.Info("certificate does not chain to the new trust bundle; requesting another", "identity", id)
+			delete(c.certs, id)
 		}
 	}
 	for id := range c.retry {
@@ -305,6 +317,33 @@ func (c *Certs) request(ctx context.Context, id string) (*held, error) {
 		notAfter: leaf.NotAfter,
 		renewAt:  issued.Add(leaf.NotAfter.Sub(issued) / 2),
 	}, nil
+}
+
+// chainsTo says whether the leaf of chainPEM verifies against roots, with the rest
+// of the chain as intermediates.
+func chainsTo(chainPEM []byte, roots *x509.CertPool) bool {
+	var certs []*x509.Certificate
+	for rest := chainPEM; ; {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return false
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		return false
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	_, err := certs[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err == nil
 }
 
 // Export returns the held certificates with their keys, for the agent's state

@@ -223,3 +223,38 @@ func TestStreamAckNackReconnect(t *testing.T) {
 		t.Fatalf("after reconnect applied %+v, want fresh", a)
 	}
 }
+
+// A new trust bundle that the held certificates do not chain to (another CA) drops
+// them, and new ones are requested.
+func TestCertsNewBundleReplacesCertificates(t *testing.T) {
+	f, conn := newFakeOperator(t, time.Hour)
+	store := identity.NewStore()
+	c := NewCerts(conn, store, nil, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); c.Run(ctx) }()
+	defer func() { cancel(); wg.Wait() }()
+	if err := c.Want(f.rootPEM, []string{web}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a certificate", func() bool { return len(c.Held()) == 1 })
+	first := c.Held()[0].Serial
+	other, _ := newFakeOperator(t, time.Hour)
+	// The operator now says: trust the other CA (and the old one, during the move).
+	if err := c.Want(append(append([]byte{}, f.rootPEM...), other.rootPEM...), []string{web}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Held()[0].Serial != first {
+		t.Fatal("a certificate that still chains to the bundle was replaced")
+	}
+	if err := c.Want(other.rootPEM, []string{web}); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range c.Held() {
+		if h.Serial == first {
+			t.Fatal("a certificate of the old CA is kept after the bundle dropped that CA")
+		}
+	}
+	waitFor(t, "a new certificate", func() bool { h := c.Held(); return len(h) == 1 && h[0].Serial != first })
+}
