@@ -490,6 +490,14 @@ func (p *Proxy) dial(ctx context.Context, ns *netns.Handle, src netip.Addr, dst 
 			var serr error
 			err := rc.Control(func(fd uintptr) {
 				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(p.cfg.Mark))
+				if serr == nil && src.IsValid() {
+					// Bound to a source address, the socket would get its port at bind,
+					// where ports in TIME_WAIT are never reused: our half-close leaves
+					// every connection to the app in TIME_WAIT, and ~28k of them in a
+					// minute exhaust the ephemeral range (bind: address already in use).
+					// Choosing the port at connect lets the kernel reuse them.
+					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+				}
 			})
 			if err != nil {
 				return err
