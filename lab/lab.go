@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -612,6 +613,11 @@ func (l *Lab) Status() Status {
 	s := Status{Prefix: l.desc.Config.Prefix, StateDir: l.desc.Config.StateDir, Pods: append([]PodInfo(nil), l.desc.Pods...)}
 	if op := l.desc.Op; op != nil {
 		s.Operator = &OperatorStatus{PID: op.PID, Alive: op.PID != 0 && pidAlive(op.PID, op.Start), Manifests: op.ManifestDir, Socket: op.Socket, Log: op.LogFile}
+		for i := range s.Pods {
+			if slices.Contains(op.Unenrolled, s.Pods[i].Namespace) {
+				s.Pods[i].Enrolled = false // SetNamespaceEnrolled took the label away
+			}
+		}
 	}
 	for i := range l.desc.Nodes {
 		n := &l.desc.Nodes[i]
