@@ -88,6 +88,14 @@ metadata:
 spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 8080}]
+---
+# Other kinds may share the folder; local mode skips them.
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec: {}
 `
 
 // localOperator runs an operator in local mode on a temp folder.
@@ -282,6 +290,9 @@ spec:
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "manifest error", func() bool { return len(op.ManifestErrors()) > 0 })
+	if n := len(op.ManifestErrors()); n != 1 {
+		t.Fatalf("%d manifest errors, want the one of broken.yaml: %v", n, op.ManifestErrors())
+	}
 	msg := op.ManifestErrors()[0].Error()
 	if !strings.Contains(msg, "broken.yaml") || !strings.Contains(msg, "spec.nodeName") {
 		t.Fatalf("error %q does not name the file and the field", msg)

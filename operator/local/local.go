@@ -351,6 +351,9 @@ func parseFile(path, rel string) (map[key]any, []*ManifestError) {
 			errs = append(errs, merr)
 			continue
 		}
+		if obj == nil {
+			continue // a kind local mode does not read
+		}
 		if _, dup := out[k]; dup {
 			errs = append(errs, &ManifestError{File: rel, Document: doc, Object: describe(k), Err: errors.New("defined twice in this file")})
 			continue
@@ -371,6 +374,17 @@ func stripComments(b []byte) []byte {
 	return out
 }
 
+// readKind says whether local mode reads a core v1 kind; other objects are skipped.
+func readKind(kind string) bool {
+	switch kind {
+	case "Namespace", "Node", "Pod", "Service", "ServiceAccount":
+		return true
+	}
+	return false
+}
+
+// parseDoc decodes one document; a nil object with no error is a kind local mode
+// skips.
 func parseDoc(raw []byte) (key, any, *ManifestError) {
 	js, err := yaml.YAMLToJSON(raw)
 	if err != nil {
@@ -380,8 +394,16 @@ func parseDoc(raw []byte) (key, any, *ManifestError) {
 	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(js, &tm); err != nil {
 		return key{}, nil, &ManifestError{Err: err}
 	}
-	if tm.APIVersion != "v1" {
-		return key{}, nil, &ManifestError{Field: "apiVersion", Err: fmt.Errorf("%q: only core v1 objects are read in local mode", tm.APIVersion)}
+	if tm.Kind == "" {
+		return key{}, nil, &ManifestError{Field: "kind", Err: errors.New("required")}
+	}
+	if tm.APIVersion == "" {
+		return key{}, nil, &ManifestError{Field: "apiVersion", Err: errors.New("required")}
+	}
+	if tm.APIVersion != "v1" || !readKind(tm.Kind) {
+		// Deployments, ConfigMaps and the like may share the folder; the mesh does
+		// not read them in local mode.
+		return key{kind: tm.Kind}, nil, nil
 	}
 	var obj interface {
 		GetName() string
@@ -400,8 +422,6 @@ func parseDoc(raw []byte) (key, any, *ManifestError) {
 		obj = &corev1.Service{}
 	case "ServiceAccount":
 		obj = &corev1.ServiceAccount{}
-	default:
-		return key{}, nil, &ManifestError{Field: "kind", Err: fmt.Errorf("%q: local mode reads Namespace, Node, Pod, Service and ServiceAccount", tm.Kind)}
 	}
 	strict, err := sigsjson.UnmarshalStrict(js, obj)
 	if err != nil {
