@@ -70,6 +70,9 @@ func Dial(cfg DialConfig) (*grpc.ClientConn, error) {
 		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, ServerName: serverName})),
 		grpc.WithPerRPCCredentials(tokenCreds{path: cfg.TokenFile}),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// A NodeState lists every workload of the mesh: about 200 bytes each, so
+		// gRPC's 4 MiB default would stop at some 20,000 pods.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20)),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("operator connection: %w", err)
