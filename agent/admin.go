@@ -341,8 +341,14 @@ func newObservability(cfg Config, a *Agent, log *slog.Logger) *observability {
 			st := o.ring.Status()
 			return st.Flows, st.Capacity, st.Seen, st.Lost
 		},
-		LiveConns: func() int { live, _ := a.proxy.Connections(); return len(live) },
-		Kernel:    kernelReader{pinDir: cfg.Datapath.PinDir},
+		LiveConns: func() int {
+			if a.proxy == nil {
+				return 0
+			}
+			live, _ := a.proxy.Connections()
+			return len(live)
+		},
+		Kernel: kernelReader{pinDir: cfg.Datapath.PinDir},
 	})
 	return o
 }

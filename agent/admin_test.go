@@ -1,12 +1,21 @@
 package agent
 
 import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
 	"net/netip"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 )
 
 func TestServiceIndexNamesDestinations(t *testing.T) {
@@ -69,5 +78,62 @@ func TestFlowFromConnection(t *testing.T) {
 	if l.Reporter != "source" || l.ConnectionSecurityPolicy != "mutual_tls" || l.DestinationService != "web.default.svc.cluster.local" ||
 		l.SourceWorkload != "a" || l.DestinationWorkloadNamespace != "default" {
 		t.Errorf("labels %+v", l)
+	}
+}
+
+// The agent's observer serves what the proxy reports: flows on the Observer socket
+// beside the admin socket, metrics on --metrics-addr.
+func TestObservabilityServes(t *testing.T) {
+	dir := t.TempDir()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ln.Addr().String()
+	ln.Close()
+	cfg := Config{Node: "node1", AdminSocket: filepath.Join(dir, "agent.sock"), Observe: ObserveConfig{MetricsAddr: metricsAddr, FlowCapacity: 8}}
+	o := newObservability(cfg, &Agent{}, slog.New(slog.DiscardHandler))
+	if err := o.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer o.Stop()
+	start := time.Now()
+	c := proxy.Conn{Direction: proxy.Inbound, Security: proxy.Plaintext, DstPod: "default/b", DstIdentity: "spiffe://cluster.local/ns/default/sa/b",
+		Src: netip.MustParseAddrPort("10.1.1.12:5000"), Dst: netip.MustParseAddrPort("10.1.1.11:8080"), Start: start, End: start, BytesSent: 7, BytesRecv: 9}
+	o.ConnOpened(c)
+	o.ConnClosed(c)
+
+	conn, err := grpc.NewClient("unix://"+filepath.Join(dir, "observer.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := ferryv1.NewObserverClient(conn).GetFlows(ctx, &ferryv1.GetFlowsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := m.GetFlow(); f.GetNode() != "node1" || f.GetDestination().GetPod() != "b" || f.GetSecurity() != "plaintext" || f.GetBytesReceived() != 9 {
+		t.Errorf("flow %v", f)
+	}
+
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`istio_tcp_connections_closed_total{connection_security_policy="none",destination_principal="spiffe://cluster.local/ns/default/sa/b",destination_service="unknown",destination_workload="b",destination_workload_namespace="default",reporter="destination",source_principal="unknown",source_workload="unknown",source_workload_namespace="unknown"} 1`,
+		"ferry_flows_total 1", "ferry_proxy_live_connections 0",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
 	}
 }
