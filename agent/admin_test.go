@@ -137,3 +137,18 @@ func TestObservabilityServes(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkConnObserved is what the agent adds to every proxied connection: metrics
+// on open, and on close the metrics, a flow record and the ring.
+func BenchmarkConnObserved(b *testing.B) {
+	o := newObservability(Config{Node: "node1"}, &Agent{}, slog.New(slog.DiscardHandler))
+	start := time.Now()
+	c := proxy.Conn{Direction: proxy.Outbound, Security: proxy.MTLS, SrcPod: "default/a", DstPod: "default/c",
+		SrcIdentity: "spiffe://cluster.local/ns/default/sa/a", DstIdentity: "spiffe://cluster.local/ns/default/sa/c",
+		Src: netip.MustParseAddrPort("10.1.1.10:40000"), Dst: netip.MustParseAddrPort("10.1.2.10:8080"), Start: start, End: start}
+	b.ReportAllocs()
+	for b.Loop() {
+		o.ConnOpened(c)
+		o.ConnClosed(c)
+	}
+}
