@@ -269,6 +269,12 @@ func TestControlPlaneRotation(t *testing.T) {
 	if first == "" {
 		t.Fatal("node1 holds no certificate for a")
 	}
+	for _, c := range e.status(t, "node1").Certificates {
+		// NotAfter has whole seconds: half of 29 to 30 s.
+		if half := c.RenewAt.Sub(c.Issued); half < cpCertTTL/2-time.Second || half > cpCertTTL/2 {
+			t.Fatalf("%s renews %v after it was issued, want half its %v lifetime", c.Identity, half, cpCertTTL)
+		}
+	}
 	// idle: echo, stay open for a whole certificate lifetime, echo again.
 	done := make(chan error, 1)
 	go func() {
