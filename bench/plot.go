@@ -4,6 +4,7 @@ package bench
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -42,7 +43,7 @@ func plotLatency(path string, res *Results) error {
 		p.X.Label.Text = "offered load (req/s)"
 		p.Y.Label.Text = m.name + " (ms, median of repetitions)"
 		p.Legend.Top = true
-		p.Legend.Left = true
+		p.Legend.Left = false
 		logY := m.name == mP99.name // tails span orders of magnitude between scenarios
 		lo, hi := 0.0, 0.0
 		for i, sc := range res.Plan.Scenarios {
@@ -71,11 +72,18 @@ func plotLatency(path string, res *Results) error {
 			p.Add(l, s)
 			p.Legend.Add(sc.Key, l, s)
 		}
-		if logY && lo > 0 {
-			p.Y.Min, p.Y.Max = lo/1.5, hi*1.5
+		// The data keeps to the lower half of the panel, so the legend (top right)
+		// covers none of it.
+		const dataShare = 0.5
+		switch {
+		case logY && lo > 0:
+			p.Y.Min = lo / 1.5
+			p.Y.Max = p.Y.Min * math.Pow(hi*1.2/p.Y.Min, 1/dataShare)
 			p.Y.Scale = plot.LogScale{}
 			p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
 			p.Y.Label.Text += ", log scale"
+		case hi > 0:
+			p.Y.Min, p.Y.Max = 0, hi*1.1/dataShare
 		}
 		p.Add(plotter.NewGrid())
 		panels = append(panels, p)
