@@ -41,6 +41,7 @@ type metric struct {
 	ratios bool // show ×no mesh and ×HAProxy
 }
 
+// The figures the tables show; read-only after initialisation.
 var (
 	mQPS  = metric{name: "req/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mConn = metric{name: "conn/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}

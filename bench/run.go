@@ -15,7 +15,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -65,16 +64,17 @@ type Sample struct {
 	Error string `json:"error,omitempty"`
 }
 
-// Placement says which CPUs load, servers and proxies run on.
+// Placement says which CPUs load, servers and proxies ran on, and what else the
+// report needs to say about the machine.
 type Placement struct {
-	Pinned     bool `json:"pinned"`
-	AppCPU     int  `json:"app_cpu"`
-	ProxyCPU   int  `json:"proxy_cpu"`
-	CPUs       int  `json:"cpus"`
-	Restarts   int  `json:"agent_restarts"`
-	Kernel     string
-	GoVersion  string
-	HAProxyVer string
+	Pinned     bool   `json:"pinned"`    // false with one CPU: nothing pinned
+	AppCPU     int    `json:"app_cpu"`   // load generators and servers
+	ProxyCPU   int    `json:"proxy_cpu"` // agents and HAProxy
+	CPUs       int    `json:"cpus"`
+	Restarts   int    `json:"agent_restarts"` // to switch agent modes
+	Kernel     string `json:"kernel"`
+	GoVersion  string `json:"go_version"`
+	HAProxyVer string `json:"haproxy_version"`
 }
 
 // Results is everything a run measured.
@@ -544,14 +544,4 @@ func (r *runner) podIP(name string) string {
 func lastLines(b []byte, n int) string {
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
-// sortedKeys returns m's keys in order.
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
