@@ -27,7 +27,12 @@ import (
 )
 
 // The shared lab: node1 has pods a, b (enrolled) and d (not enrolled); node2 has c.
-const prefix = "e2e"
+// Its pods are in 10.106.0.0/16, apart from a default lab (10.100) a user may have up:
+// agents find pods by IP.
+const (
+	prefix = "e2e"
+	podNet = 106
+)
 
 // Ports of the workloads every test can use: an echo server, and one that speaks first.
 const (
@@ -89,6 +94,7 @@ func bringUp() (*env, error) {
 	}
 	cfg := lab.DefaultConfig()
 	cfg.Prefix = prefix
+	cfg.PodNet = podNet
 	cfg.AgentBinary = filepath.Join(bin, "ferry-agent")
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
