@@ -248,6 +248,8 @@ func WriteReport(w io.Writer, res *Results) error {
 		}
 		b.WriteString("\n")
 	}
+	writeProcTable(&b, p, res.Samples)
+
 	var failed []Sample
 	for _, s := range res.Samples {
 		if s.Error != "" {
@@ -288,4 +290,38 @@ func Save(dir string, res *Results) (string, error) {
 		return "", fmt.Errorf("plots: %w", err)
 	}
 	return report, nil
+}
+
+// writeProcTable gives each proxy process's own cost: CPU seconds per 1,000 requests
+// at maximum rate (1 KiB, median over repetitions) and its peak RSS over the run.
+func writeProcTable(b *strings.Builder, p Plan, samples []Sample) {
+	type key struct{ sc, proc string }
+	cpu := map[key][]float64{}
+	rss := map[key]int64{}
+	var order []key
+	for _, s := range samples {
+		for _, pc := range s.Procs {
+			k := key{s.Scenario, pc.Name}
+			if _, seen := rss[k]; !seen {
+				order = append(order, k)
+			}
+			rss[k] = max(rss[k], pc.PeakRSS)
+			if s.Workload == "http-1k-max" && s.Requests > 0 {
+				cpu[k] = append(cpu[k], pc.CPU/(float64(s.Requests)/1000))
+			}
+		}
+	}
+	if len(order) == 0 {
+		return
+	}
+	rank := map[string]int{}
+	for i, sc := range p.Scenarios {
+		rank[sc.Key] = i
+	}
+	slices.SortStableFunc(order, func(a, b key) int { return rank[a.sc] - rank[b.sc] })
+	b.WriteString("## Proxy processes\n\nEach proxy process on its own: CPU seconds per 1,000 requests at maximum rate (1 KiB keep-alive; median [min–max]) and its peak RSS (largest VmHWM seen in the run; agents restart when the mode changes).\n\n| scenario | process | CPU s/1k req | peak RSS MiB |\n|---|---|---|---|\n")
+	for _, k := range order {
+		fmt.Fprintf(b, "| %s | %s | %s | %.1f |\n", k.sc, k.proc, newStat(cpu[k]).cell(3), float64(rss[k])/(1<<20))
+	}
+	b.WriteString("\n")
 }

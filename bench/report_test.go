@@ -38,6 +38,7 @@ func fakeResults() *Results {
 					s.QPS, s.P50, s.Gbps, s.PeakRSS = 1000, 0.1, 10, 0
 				} else {
 					s.ProxyCPU, s.CPUPer1k = 0.05, 0.1
+					s.Procs = []ProcCost{{Name: "p1", CPU: 0.03, PeakRSS: 30 << 20}, {Name: "p2", CPU: 0.02, PeakRSS: 10 << 20}}
 				}
 				res.Samples = append(res.Samples, s)
 			}
@@ -63,6 +64,7 @@ func TestWriteReport(t *testing.T) {
 		"`taskset -c 0`",
 		"gRPC",
 		"| ferry-s | bulk | 1 | write: cannot allocate memory |",
+		"| ferry-x | p1 | 0.060 | 30.0 |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)

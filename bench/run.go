@@ -60,8 +60,17 @@ type Sample struct {
 	CPUPer1k float64 `json:"cpu_per_1k,omitempty"`
 	// PeakRSS is the sum of the proxies' peak resident set sizes, in bytes.
 	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
+	// Procs splits ProxyCPU and PeakRSS by process.
+	Procs []ProcCost `json:"procs,omitempty"`
 	// Error says why the run failed; a failed sample has no figures.
 	Error string `json:"error,omitempty"`
+}
+
+// ProcCost is one proxy process's share of a sample's cost.
+type ProcCost struct {
+	Name    string  `json:"name"`
+	CPU     float64 `json:"cpu_s"`
+	PeakRSS int64   `json:"peak_rss_bytes"`
 }
 
 // Placement says which CPUs load, servers and proxies ran on, and what else the
@@ -377,40 +386,47 @@ func (r *runner) warmup(ctx context.Context, sc Scenario) error {
 	return err
 }
 
-// proxyPIDs are the processes whose CPU and memory a scenario is charged.
-func (r *runner) proxyPIDs(sc Scenario) []int {
+// proxyProc is one process a scenario's cost is charged to.
+type proxyProc struct {
+	name string
+	pid  int
+}
+
+// proxyProcs are the processes whose CPU and memory a scenario is charged.
+func (r *runner) proxyProcs(sc Scenario) []proxyProc {
 	switch sc.proxy {
 	case proxyFerry:
-		var pids []int
+		var ps []proxyProc
 		for _, n := range r.lab.Nodes() {
 			if pid := r.lab.AgentPID(n); pid != 0 {
-				pids = append(pids, pid)
+				ps = append(ps, proxyProc{"ferry-agent " + n, pid})
 			}
 		}
-		return pids
+		return ps
 	case proxyHAProxy:
-		return []int{r.hap["client"], r.hap[sc.server]}
+		return []proxyProc{{"haproxy client (nmc)", r.hap["client"]}, {"haproxy server (" + sc.server + ")", r.hap[sc.server]}}
 	}
 	return nil
 }
 
-func (r *runner) cpu(pids []int) float64 {
-	var t float64
-	for _, p := range pids {
-		s, err := cpuSeconds(p)
+// cpus reads each process's CPU seconds so far.
+func (r *runner) cpus(ps []proxyProc) []float64 {
+	out := make([]float64, len(ps))
+	for i, p := range ps {
+		s, err := cpuSeconds(p.pid)
 		if err != nil {
 			r.log.Warn("proxy cpu", "error", err)
 			continue
 		}
-		t += s
+		out[i] = s
 	}
-	return t
+	return out
 }
 
 func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) (Sample, error) {
 	r.step++
-	pids := r.proxyPIDs(sc)
-	cpu0 := r.cpu(pids)
+	procs := r.proxyProcs(sc)
+	cpu0 := r.cpus(procs)
 	var (
 		s   Sample
 		err error
@@ -424,18 +440,19 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		return s, err
 	}
 	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
-	s.ProxyCPU = r.cpu(pids) - cpu0
+	for i, c := range r.cpus(procs) {
+		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i]}
+		pc.PeakRSS, _ = peakRSS(procs[i].pid)
+		s.Procs = append(s.Procs, pc)
+		s.ProxyCPU += pc.CPU
+		s.PeakRSS += pc.PeakRSS
+	}
 	switch {
 	case w.kind == kindBulk && s.Gbps > 0:
 		gib := s.Gbps * 1e9 / 8 * r.cfg.Plan.Duration.Seconds() / (1 << 30)
 		s.CPUPer1k = s.ProxyCPU / gib // CPU seconds per GiB
 	case s.Requests > 0:
 		s.CPUPer1k = s.ProxyCPU / (float64(s.Requests) / 1000)
-	}
-	for _, p := range pids {
-		if rss, err := peakRSS(p); err == nil {
-			s.PeakRSS += rss
-		}
 	}
 	if w.kind == kindBulk {
 		r.progress("[%3d/%d] rep %d  %-10s %-13s %6.2f Gbit/s  proxy cpu %.2fs", r.step, r.all, rep, sc.Key, w.Key, s.Gbps, s.ProxyCPU)
