@@ -148,6 +148,30 @@ func TestIPTablesCapture(t *testing.T) {
 	if rules := iptablesSave(t, mustPod(t, l, "a").Netns); strings.Contains(rules, "FERRY") {
 		t.Errorf("the stopped agent left its rules in pod a:\n%s", rules)
 	}
+	// A killed agent leaves its rules; ferry-agent --cleanup with the state removes them.
+	if err := l.StopAgent("node2", syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cNetns := mustPod(t, l, "c").Netns
+	if rules := iptablesSave(t, cNetns); !strings.Contains(rules, "FERRY_OUTPUT") {
+		t.Fatalf("pod c lost its rules before cleanup:\n%s", rules)
+	}
+	stateFile, err := l.StateFile("node2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg, err := l.NodeCgroup("node2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.CommandContext(ctx, cfg.AgentBinary, "--cleanup", "--node", "node2", "--state", stateFile,
+		"--bpf-pin-dir", "/sys/fs/bpf/bnipt-node2", "--cgroup", cg).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ferry-agent --cleanup: %v\n%s", err, out)
+	}
+	if rules := iptablesSave(t, cNetns); strings.Contains(rules, "FERRY") {
+		t.Errorf("ferry-agent --cleanup left the rules in pod c:\n%s", rules)
+	}
 }
 
 func mustPod(t *testing.T, l *lab.Lab, name string) lab.PodInfo {

@@ -47,7 +47,8 @@ func run(ctx context.Context, args []string) error {
 state it is given, and carries their TCP traffic: mutual TLS to pods on other nodes,
 straight through to pods on this node, plaintext to destinations outside the mesh.
 
-With --cleanup it removes everything Ferry put in the kernel and exits.`,
+With --cleanup it removes everything Ferry put in the kernel and exits; given --state
+and --node, also the iptables capture rules in the node's pods.`,
 		Example: `  # in a cluster (the DaemonSet in deploy/)
   ferry-agent --operator ferry-operator.ferry-system.svc:15012 \
       --token-file /var/run/secrets/ferry/token --operator-ca /etc/ferry/ca/ca.crt
@@ -73,6 +74,11 @@ With --cleanup it removes everything Ferry put in the kernel and exits.`,
 				return nil
 			}
 			if cleanup {
+				if cfg.StatePath != "" { // iptables capture lives in the pods, not under the pin folder
+					if err := agent.CleanupIPTables(cfg.StatePath, cfg.Node); err != nil {
+						return err
+					}
+				}
 				if err := datapath.Cleanup(cfg.Datapath.PinDir, cfg.Datapath.CgroupPath); err != nil {
 					return err
 				}
