@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -126,7 +127,7 @@ func plan(cfg Config, cgroupMount string) description {
 				IP:             podIP(cfg.PodNet, idx, j),
 				Netns:          netnsPath(cfg.Prefix + "-" + n.Name + "-" + p.Name),
 				Enrolled:       p.Enrolled,
-				Identity:       fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", cfg.TrustDomain, p.Namespace, p.ServiceAccount),
+				Identity:       spiffe.ID(cfg.TrustDomain, p.Namespace, p.ServiceAccount),
 				UID:            podUID(cfg.Prefix, p.Namespace, p.Name),
 			})
 		}

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	mrand "math/rand/v2"
 	"slices"
@@ -301,7 +302,7 @@ func (c *Certs) request(ctx context.Context, id string) (*held, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
-	if got, err := identity.FromCert(leaf); err != nil || got != id {
+	if got, err := spiffe.FromCert(leaf); err != nil || got != id {
 		return nil, fmt.Errorf("sign: certificate for %s carries %q (%v)", id, got, err)
 	}
 	// Half life measured from when we asked, not from NotBefore: the CA backdates
@@ -373,7 +374,7 @@ func (c *Certs) Preload(certs []*ferryv1.Certificate) int {
 		if err != nil || kp.Leaf == nil || !now.Before(kp.Leaf.NotAfter) {
 			continue
 		}
-		if id, err := identity.FromCert(kp.Leaf); err != nil || id != pc.GetIdentity() {
+		if id, err := spiffe.FromCert(kp.Leaf); err != nil || id != pc.GetIdentity() {
 			continue
 		}
 		// When it was asked for is not known: NotBefore (backdated by the CA) makes

@@ -12,56 +12,14 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
+	"github.com/ferrymesh/ferry/api/spiffe"
 )
 
 var (
-	clientID = identity.SPIFFEID("cluster.local", "default", "client")
-	serverID = identity.SPIFFEID("cluster.local", "default", "server")
-	otherID  = identity.SPIFFEID("cluster.local", "default", "other")
+	clientID = spiffe.ID("cluster.local", "default", "client")
+	serverID = spiffe.ID("cluster.local", "default", "server")
+	otherID  = spiffe.ID("cluster.local", "default", "other")
 )
-
-func TestSPIFFEIDParse(t *testing.T) {
-	id := identity.SPIFFEID("cluster.local", "shop", "web")
-	if id != "spiffe://cluster.local/ns/shop/sa/web" {
-		t.Fatalf("SPIFFEID = %s", id)
-	}
-	ns, sa, err := identity.Parse(id)
-	if err != nil || ns != "shop" || sa != "web" {
-		t.Fatalf("Parse = %q %q %v", ns, sa, err)
-	}
-	for _, bad := range []string{
-		"", "https://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/a",
-		"spiffe:///ns/a/sa/b", "spiffe://cluster.local/ns/a/sa/b/c", "spiffe://cluster.local/sa/b/ns/a",
-		"spiffe://cluster.local/ns/A/sa/b", "spiffe://cluster.local:80/ns/a/sa/b",
-	} {
-		if _, _, err := identity.Parse(bad); err == nil {
-			t.Errorf("Parse(%q) accepted", bad)
-		}
-	}
-}
-
-func TestFromCert(t *testing.T) {
-	ca := identitytest.NewCA(t)
-	c := ca.Valid(t, serverID)
-	kp, err := tls.X509KeyPair(c.Chain, c.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := identity.FromCert(kp.Leaf)
-	if err != nil || id != serverID {
-		t.Fatalf("FromCert = %q, %v", id, err)
-	}
-	two := *kp.Leaf
-	two.URIs = append(append(two.URIs[:0:0], two.URIs...), two.URIs[0])
-	if _, err := identity.FromCert(&two); err == nil || !strings.Contains(err.Error(), "2 URI SANs") {
-		t.Errorf("two URI SANs: %v", err)
-	}
-	none := *kp.Leaf
-	none.URIs = nil
-	if _, err := identity.FromCert(&none); err == nil {
-		t.Error("no URI SAN accepted")
-	}
-}
 
 type result struct {
 	client, server error
@@ -163,7 +121,7 @@ func TestHandshakeAndResumption(t *testing.T) {
 	if r.clientState.Version != tls.VersionTLS13 || r.clientState.NegotiatedProtocol != "h2" {
 		t.Errorf("version %x alpn %q", r.clientState.Version, r.clientState.NegotiatedProtocol)
 	}
-	if id, _ := identity.FromCert(r.clientState.PeerCertificates[0]); id != serverID {
+	if id, _ := spiffe.FromCert(r.clientState.PeerCertificates[0]); id != serverID {
 		t.Errorf("client saw server %s", id)
 	}
 	// A second connection resumes from the ticket, and the peer identity is still checked.

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"sync/atomic"
 	"time"
 )
@@ -53,14 +54,14 @@ func (s *Store) Update(bundlePEM []byte, certs map[string]CertPEM) error {
 	}
 	next := &snapshot{roots: roots, certs: make(map[string]*tls.Certificate, len(certs))}
 	for id, c := range certs {
-		if _, _, _, err := ParseFull(id); err != nil {
+		if _, _, _, err := spiffe.Parse(id); err != nil {
 			return fmt.Errorf("update identities: %w", err)
 		}
 		kp, err := tls.X509KeyPair(c.Chain, c.Key)
 		if err != nil {
 			return fmt.Errorf("update identities: %s: %w", id, err)
 		}
-		certID, err := FromCert(kp.Leaf)
+		certID, err := spiffe.FromCert(kp.Leaf)
 		if err != nil {
 			return fmt.Errorf("update identities: %s: %w", id, err)
 		}
@@ -177,7 +178,7 @@ func (s *Store) verifyChain(cs tls.ConnectionState, usage x509.ExtKeyUsage) (str
 	if err != nil {
 		return "", fmt.Errorf("verify peer: %w", err)
 	}
-	id, err := FromCert(leaf)
+	id, err := spiffe.FromCert(leaf)
 	if err != nil {
 		return "", fmt.Errorf("verify peer: %w", err)
 	}

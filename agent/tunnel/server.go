@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	"net"
 	"net/http"
@@ -21,7 +22,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/identity"
 	"golang.org/x/net/http2"
 )
 
@@ -204,7 +204,7 @@ func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 			if len(cs.PeerCertificates) == 0 {
 				return errors.New("tunnel: no client certificate")
 			}
-			id, err := identity.FromCert(cs.PeerCertificates[0])
+			id, err := spiffe.FromCert(cs.PeerCertificates[0])
 			if err != nil {
 				return err
 			}
@@ -241,7 +241,7 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 		s.log.Info("tunnel refused", "remote", remote.String(), "error", "ALPN is not h2")
 		return
 	}
-	peerID, err := identity.FromCert(cs.PeerCertificates[0])
+	peerID, err := spiffe.FromCert(cs.PeerCertificates[0])
 	if err != nil {
 		s.log.Info("tunnel refused", "remote", remote.String(), "error", err)
 		return

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"io"
 	"net"
 	"net/http"
@@ -23,9 +24,9 @@ import (
 )
 
 var (
-	clientID = identity.SPIFFEID("cluster.local", "default", "client")
-	serverID = identity.SPIFFEID("cluster.local", "default", "server")
-	otherID  = identity.SPIFFEID("cluster.local", "default", "other")
+	clientID = spiffe.ID("cluster.local", "default", "client")
+	serverID = spiffe.ID("cluster.local", "default", "server")
+	otherID  = spiffe.ID("cluster.local", "default", "other")
 )
 
 // env is a tunnel on loopback: Pool → Server (127.0.0.1) → application listeners.

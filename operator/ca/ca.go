@@ -12,9 +12,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"math/big"
 	"net/url"
-	"strings"
 	"time"
 )
 
@@ -37,7 +37,7 @@ type CA struct {
 
 // New creates a CA with a fresh self-signed ECDSA P-256 root valid for RootTTL.
 func New(trustDomain string) (*CA, error) {
-	if err := validTrustDomain(trustDomain); err != nil {
+	if err := spiffe.ValidTrustDomain(trustDomain); err != nil {
 		return nil, err
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -118,7 +118,7 @@ func LoadWithTrustDomain(certPEM, keyPEM []byte, trustDomain string) (*CA, error
 			return nil, errors.New("load ca: certificate has no spiffe:// URI SAN; give the trust domain explicitly")
 		}
 	}
-	if err := validTrustDomain(trustDomain); err != nil {
+	if err := spiffe.ValidTrustDomain(trustDomain); err != nil {
 		return nil, fmt.Errorf("load ca: %w", err)
 	}
 	return &CA{
@@ -203,63 +203,16 @@ func (c *CA) Issue(id string, ttl time.Duration) (certPEM, keyPEM []byte, err er
 	return certPEM, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
-// checkID validates a workload SPIFFE ID of the form spiffe://<td>/ns/<ns>/sa/<sa> in
-// this CA's trust domain. The agent has its own parser (agent/identity); the operator
-// and agent do not import each other, so this small check is kept here.
+// checkID validates a workload SPIFFE ID in this CA's trust domain.
 func (c *CA) checkID(id string) (*url.URL, error) {
-	u, err := url.Parse(id)
+	td, _, _, err := spiffe.Parse(id)
 	if err != nil {
-		return nil, fmt.Errorf("spiffe id %q: %w", id, err)
+		return nil, err
 	}
-	if u.Scheme != "spiffe" {
-		return nil, fmt.Errorf("spiffe id %q: scheme must be spiffe", id)
+	if td != c.trustDomain {
+		return nil, fmt.Errorf("spiffe id %q: trust domain %q, want %q", id, td, c.trustDomain)
 	}
-	if u.User != nil || u.Port() != "" || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
-		return nil, fmt.Errorf("spiffe id %q: must not have user info, port, query or fragment", id)
-	}
-	if u.Host != c.trustDomain {
-		return nil, fmt.Errorf("spiffe id %q: trust domain %q, want %q", id, u.Host, c.trustDomain)
-	}
-	parts := strings.Split(strings.TrimPrefix(u.Path, "/"), "/")
-	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" {
-		return nil, fmt.Errorf("spiffe id %q: path must be /ns/<namespace>/sa/<serviceaccount>", id)
-	}
-	for _, p := range []string{parts[1], parts[3]} {
-		if !validSegment(p) {
-			return nil, fmt.Errorf("spiffe id %q: invalid path segment %q", id, p)
-		}
-	}
-	return u, nil
-}
-
-// validSegment accepts Kubernetes names (DNS labels and subdomains).
-func validSegment(s string) bool {
-	if s == "" || len(s) > 253 || s == "." || s == ".." {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		b := s[i]
-		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b == '-' || b == '.') {
-			return false
-		}
-	}
-	return true
-}
-
-func validTrustDomain(td string) error {
-	if td == "" {
-		return errors.New("trust domain is empty")
-	}
-	if len(td) > 255 {
-		return fmt.Errorf("trust domain %q: too long", td)
-	}
-	for i := 0; i < len(td); i++ {
-		b := td[i]
-		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b == '-' || b == '.' || b == '_') {
-			return fmt.Errorf("trust domain %q: only lower-case letters, digits, '-', '.' and '_' are allowed", td)
-		}
-	}
-	return nil
+	return url.Parse(id)
 }
 
 func newSerial() (*big.Int, error) {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -230,7 +231,7 @@ func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
 		ServiceAccount: sa,
 		Node:           p.Spec.NodeName,
 		Ips:            ips,
-		Identity:       SPIFFEID(v.trustDomain, p.Namespace, sa),
+		Identity:       spiffe.ID(v.trustDomain, p.Namespace, sa),
 	}
 }
 
@@ -287,11 +288,6 @@ func serviceAccount(p *corev1.Pod) string {
 
 func finished(p *corev1.Pod) bool {
 	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
-}
-
-// SPIFFEID is the identity of service account sa in namespace ns.
-func SPIFFEID(trustDomain, ns, sa string) string {
-	return "spiffe://" + trustDomain + "/ns/" + ns + "/sa/" + sa
 }
 
 // StableUID is a UUID-shaped stand-in for a pod without a UID (local manifests).

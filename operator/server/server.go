@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	"strings"
 	"sync"
@@ -279,13 +280,12 @@ func csrKey(csrPEM []byte) (crypto.PublicKey, error) {
 }
 
 func parseID(id, trustDomain string) (ns, sa string, err error) {
-	rest, ok := strings.CutPrefix(id, "spiffe://"+trustDomain+"/")
-	if !ok {
+	td, ns, sa, err := spiffe.Parse(id)
+	if err != nil {
+		return "", "", err
+	}
+	if td != trustDomain {
 		return "", "", fmt.Errorf("identity %q: not in trust domain %s", id, trustDomain)
 	}
-	parts := strings.Split(rest, "/")
-	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" || parts[1] == "" || parts[3] == "" {
-		return "", "", fmt.Errorf("identity %q: want spiffe://%s/ns/<namespace>/sa/<service account>", id, trustDomain)
-	}
-	return parts[1], parts[3], nil
+	return ns, sa, nil
 }
