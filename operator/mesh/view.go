@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -22,14 +23,6 @@ import (
 	"k8s.io/client-go/informers"
 	listersv1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
-)
-
-// Enrollment labels: a namespace labelled EnrollLabel=Enabled is in the mesh; a pod
-// in it labelled EnrollLabel=Disabled opts out.
-const (
-	EnrollLabel = "ferry.io/mesh"
-	Enabled     = "enabled"
-	Disabled    = "disabled"
 )
 
 // Snapshot is one version of the mesh, shared read-only by every stream.
@@ -172,7 +165,7 @@ type enrolledPod struct {
 }
 
 func (v *View) workloads() ([]*ferryv1.Workload, map[string][]enrolledPod, error) {
-	nss, err := v.namespaces.List(labels.SelectorFromSet(labels.Set{EnrollLabel: Enabled}))
+	nss, err := v.namespaces.List(labels.SelectorFromSet(labels.Set{v1alpha1.MeshLabel: v1alpha1.MeshEnabled}))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -202,7 +195,7 @@ func (v *View) workloads() ([]*ferryv1.Workload, map[string][]enrolledPod, error
 // mesh: opted out, not scheduled, without an address yet, finished, or on the host
 // network (whose address is the node's, which the agent cannot capture per pod).
 func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
-	if p.Labels[EnrollLabel] == Disabled || p.Spec.HostNetwork || p.Spec.NodeName == "" || finished(p) || p.DeletionTimestamp != nil {
+	if p.Labels[v1alpha1.MeshLabel] == v1alpha1.MeshDisabled || p.Spec.HostNetwork || p.Spec.NodeName == "" || finished(p) || p.DeletionTimestamp != nil {
 		return nil
 	}
 	var ips []string

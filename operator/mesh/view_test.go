@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 	"log/slog"
 	"testing"
 
@@ -19,7 +20,7 @@ import (
 func scaleObjects() []runtime.Object {
 	var objs []runtime.Object
 	for n := range 5 {
-		objs = append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("ns%d", n), Labels: map[string]string{EnrollLabel: Enabled}}})
+		objs = append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("ns%d", n), Labels: map[string]string{v1alpha1.MeshLabel: v1alpha1.MeshEnabled}}})
 	}
 	for i := range 1000 {
 		objs = append(objs, &corev1.Pod{
