@@ -50,6 +50,29 @@ type operatorInfo struct {
 	Unenrolled []string `json:"unenrolled,omitempty"`
 }
 
+// relaySocket is where the local-mode operator serves the flow relay.
+func relaySocket(op *operatorInfo) string { return filepath.Join(op.Dir, "relay.sock") }
+
+// observerSocket is where an agent serves its Observer API: beside its admin socket
+// (the agent's default).
+func observerSocket(adminSocket string) string {
+	return filepath.Join(filepath.Dir(adminSocket), "observer.sock")
+}
+
+// RelaySocket is the unix socket of the operator's cluster-wide flow relay, or ""
+// when the lab runs no operator.
+func (l *Lab) RelaySocket() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.desc.Op == nil {
+		return ""
+	}
+	return relaySocket(l.desc.Op)
+}
+
+// ObserverSocket is the unix socket of node's agent's Observer API.
+func (l *Lab) ObserverSocket(node string) string { return observerSocket(l.AgentSocket(node)) }
+
 // usesOperator says whether agents get their state from an operator.
 func (c Config) usesOperator() bool { return c.Operator.Binary != "" || c.Operator.Addr != "" }
 
@@ -220,6 +243,11 @@ func (l *Lab) StartOperator(ctx context.Context) error {
 		"--health-addr", "unix://" + op.HealthSocket,
 		"--metrics-addr", "",
 		"--trust-domain", cfg.TrustDomain,
+		// The cluster-wide flow relay, reading every node's agent.
+		"--relay-addr", "unix://" + relaySocket(op),
+	}
+	for _, n := range l.desc.Nodes {
+		args = append(args, "--relay-agent", "unix://"+observerSocket(n.Socket))
 	}
 	cmd := exec.Command(cfg.Operator.Binary, append(args, cfg.Operator.Args...)...)
 	cmd.Dir = "/"

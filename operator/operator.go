@@ -81,6 +81,15 @@ type Config struct {
 	Identity string
 	// PollInterval is how often local mode looks for changed manifests.
 	PollInterval time.Duration
+
+	// RelayAddr serves the cluster-wide flow relay (Observer API); "" turns it off.
+	RelayAddr string
+	// RelayAgents are Observer addresses of agents the relay always reads
+	// ("unix:///path" or host:port), e.g. the lab's agents in local mode.
+	RelayAgents []string
+	// RelayAgentPort, when set, makes the relay read every running agent pod at
+	// its IP and this port (the agents' --observer-addr).
+	RelayAgentPort int
 }
 
 // Operator is one operator replica.
@@ -307,6 +316,9 @@ func (o *Operator) Start(ctx context.Context) error {
 			o.factory.WaitForCacheSync(ctx.Done())
 			o.loader.Start(ctx, o.cfg.PollInterval)
 		})
+	}
+	if err := o.startRelay(ctx); err != nil {
+		o.log.Error("flow relay not started", "error", err)
 	}
 	if o.cfg.LeaderElect {
 		o.goRun(func() { o.elect(ctx) })

@@ -53,7 +53,13 @@ ConfigMap ferry-ca-bundle (key ca.crt) for agents to mount as --operator-ca.
 With --local DIR there is no cluster: Kubernetes manifests (Namespace, Node, Pod
 with spec.nodeName and status.podIP, Service, ServiceAccount) are read from DIR and
 watched, the CA is kept in --state-dir, and one token per node is written to
-<state-dir>/tokens/<node> for the agents' --token-file.`,
+<state-dir>/tokens/<node> for the agents' --token-file.
+
+With --relay-addr it also serves the cluster-wide flow relay: the Observer API that
+'ferry observe --server' and 'ferry ui --server' read, merging every agent's flows in
+time order. Its agents are the --relay-agent addresses and, with --relay-agent-port,
+every running agent pod. The Observer API has no authentication yet: serve it only
+where the network is trusted.`,
 		Example: `  # in a cluster (the Deployment in deploy/)
   ferry-operator --leader-elect
 
@@ -99,6 +105,9 @@ watched, the CA is kept in --state-dir, and one token per node is written to
 	f.DurationVar(&cfg.RetryPeriod, "retry-period", 2*time.Second, "leader election: time between attempts")
 	f.StringVar(&cfg.Identity, "id", os.Getenv("POD_NAME"), "this replica's name in the Lease (default $POD_NAME, else hostname and a random suffix)")
 	f.DurationVar(&cfg.CertTTL, "cert-ttl", 24*time.Hour, "lifetime of workload certificates (agents renew at half life)")
+	f.StringVar(&cfg.RelayAddr, "relay-addr", "", "serve the cluster-wide flow relay (Observer API) here, host:port or unix:///path (\"\" disables)")
+	f.StringArrayVar(&cfg.RelayAgents, "relay-agent", nil, "an agent Observer address the relay reads, unix:///path or host:port (repeatable)")
+	f.IntVar(&cfg.RelayAgentPort, "relay-agent-port", 0, "also read every running agent pod at its IP and this port (the agents' --observer-addr)")
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	cmd.SetArgs(args)
 	return cmd.ExecuteContext(ctx)

@@ -85,8 +85,8 @@ func labObservers(prefix string) ([]relay.Agent, error) {
 		return nil, err
 	}
 	var out []relay.Agent
-	for _, n := range l.Status().Nodes {
-		out = append(out, relay.Agent{Name: n.Name, Address: "unix://" + filepath.Join(filepath.Dir(n.AgentSocket), "observer.sock")})
+	for _, n := range l.Nodes() {
+		out = append(out, relay.Agent{Name: n, Address: "unix://" + l.ObserverSocket(n)})
 	}
 	return out, nil
 }

@@ -46,24 +46,27 @@ type Config struct {
 	Log *slog.Logger
 }
 
-// Relay merges the flows of Config.Agents.
+// Relay merges the flows of its agents: Config.Agents, or the set SetAgents gave it
+// last (the operator follows the agent pods as they come and go).
 type Relay struct {
 	ferryv1.UnimplementedObserverServer
-	cfg   Config
-	log   *slog.Logger
-	mu    sync.Mutex
-	conns []*grpc.ClientConn
+	cfg     Config
+	log     *slog.Logger
+	mu      sync.Mutex
+	started bool
+	agents  []agentConn
+}
+
+// agentConn is one agent and the relay's connection to it.
+type agentConn struct {
+	Agent
+	conn *grpc.ClientConn
 }
 
 // New validates cfg. Connections are made on Start.
 func New(cfg Config) (*Relay, error) {
-	if len(cfg.Agents) == 0 {
-		return nil, errors.New("relay config: no agents")
-	}
-	for _, a := range cfg.Agents {
-		if a.Address == "" {
-			return nil, fmt.Errorf("relay config: agent %q has no address", a.Name)
-		}
+	if err := checkAgents(cfg.Agents); err != nil {
+		return nil, err
 	}
 	if cfg.Lag <= 0 {
 		cfg.Lag = DefaultLag
@@ -74,26 +77,67 @@ func New(cfg Config) (*Relay, error) {
 	return &Relay{cfg: cfg, log: cfg.Log}, nil
 }
 
+func checkAgents(agents []Agent) error {
+	for _, a := range agents {
+		if a.Address == "" {
+			return fmt.Errorf("relay config: agent %q has no address", a.Name)
+		}
+	}
+	return nil
+}
+
 // Start creates the agents' clients; they connect on first use and reconnect on
 // their own, so an agent that is down now is read when it comes back.
 func (r *Relay) Start(context.Context) error {
 	r.mu.Lock()
+	r.started = true
+	r.mu.Unlock()
+	return r.SetAgents(r.cfg.Agents)
+}
+
+// SetAgents replaces the set of agents the relay reads. Connections to agents that
+// stay are kept; queries in progress go on with the set they started with.
+func (r *Relay) SetAgents(agents []Agent) error {
+	if err := checkAgents(agents); err != nil {
+		return err
+	}
+	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, a := range r.cfg.Agents {
+	if !r.started {
+		r.cfg.Agents = agents
+		return nil
+	}
+	old := map[string]agentConn{}
+	for _, a := range r.agents {
+		old[a.Address] = a
+	}
+	next := make([]agentConn, 0, len(agents))
+	for _, a := range agents {
+		if ac, ok := old[a.Address]; ok {
+			delete(old, a.Address)
+			ac.Name = a.Name
+			next = append(next, ac)
+			continue
+		}
 		target := a.Address
 		if !strings.HasPrefix(target, "unix:") {
 			target = "passthrough:///" + target
 		}
 		c, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
-			for _, c := range r.conns {
-				c.Close()
+			for _, ac := range next {
+				if _, kept := old[ac.Address]; !kept {
+					ac.conn.Close()
+				}
 			}
-			r.conns = nil
 			return fmt.Errorf("relay: agent %s: %w", a.Name, err)
 		}
-		r.conns = append(r.conns, c)
+		next = append(next, agentConn{Agent: a, conn: c})
 	}
+	for _, gone := range old {
+		gone.conn.Close()
+	}
+	r.agents = next
 	return nil
 }
 
@@ -101,24 +145,33 @@ func (r *Relay) Start(context.Context) error {
 func (r *Relay) Stop() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, c := range r.conns {
-		c.Close()
+	for _, a := range r.agents {
+		a.conn.Close()
 	}
-	r.conns = nil
+	r.agents, r.started = nil, false
 }
 
 // Register adds the relay's Observer service to a gRPC server.
 func (r *Relay) Register(s grpc.ServiceRegistrar) { ferryv1.RegisterObserverServer(s, r) }
 
-func (r *Relay) clients() ([]ferryv1.ObserverClient, error) {
+// agentClient is one agent's Observer client, named for errors.
+type agentClient struct {
+	name string
+	ferryv1.ObserverClient
+}
+
+func (r *Relay) clients() ([]agentClient, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.conns == nil {
+	if !r.started {
 		return nil, errors.New("relay is not started")
 	}
-	out := make([]ferryv1.ObserverClient, len(r.conns))
-	for i, c := range r.conns {
-		out[i] = ferryv1.NewObserverClient(c)
+	if len(r.agents) == 0 {
+		return nil, status.Error(codes.Unavailable, "the relay knows no agent yet")
+	}
+	out := make([]agentClient, len(r.agents))
+	for i, a := range r.agents {
+		out[i] = agentClient{a.Name, ferryv1.NewObserverClient(a.conn)}
 	}
 	return out, nil
 }
@@ -195,7 +248,7 @@ const retryFollow = time.Second
 // agent again from its last flow's time once it answers: an agent restart loses no
 // flow the new agent records. A restarted agent numbers its flows from 1 again, so
 // the first stream alone is matched against the stored flows by ID.
-func (r *Relay) follow(ctx context.Context, i int, c ferryv1.ObserverClient, flt *ferryv1.FlowFilter, from time.Time, live chan<- item, onErr func(AgentError)) {
+func (r *Relay) follow(ctx context.Context, i int, c agentClient, flt *ferryv1.FlowFilter, from time.Time, live chan<- item, onErr func(AgentError)) {
 	put := func(it item) bool {
 		select {
 		case live <- it:
@@ -212,7 +265,7 @@ func (r *Relay) follow(ctx context.Context, i int, c ferryv1.ObserverClient, flt
 			if m, err = stream.Recv(); err == nil {
 				if reported { // back after an outage
 					reported = false
-					r.log.Info("agent readable again", "agent", r.cfg.Agents[i].Name)
+					r.log.Info("agent readable again", "agent", c.name)
 				}
 				f := m.GetFlow()
 				from = f.GetTime().AsTime().Add(time.Nanosecond)
@@ -225,7 +278,7 @@ func (r *Relay) follow(ctx context.Context, i int, c ferryv1.ObserverClient, flt
 			return
 		}
 		if !reported && !errors.Is(err, io.EOF) {
-			onErr(AgentError{r.cfg.Agents[i].Name, err})
+			onErr(AgentError{c.name, err})
 			reported = true
 		}
 		if !put(item{agent: i, done: true}) {
@@ -240,7 +293,7 @@ func (r *Relay) follow(ctx context.Context, i int, c ferryv1.ObserverClient, flt
 }
 
 // stored reads every agent's stored flows and merges them in time order.
-func (r *Relay) stored(ctx context.Context, clients []ferryv1.ObserverClient, req *ferryv1.GetFlowsRequest, onErr func(AgentError)) (flows []*ferryv1.Flow, lastID []uint64, reached int, err error) {
+func (r *Relay) stored(ctx context.Context, clients []agentClient, req *ferryv1.GetFlowsRequest, onErr func(AgentError)) (flows []*ferryv1.Flow, lastID []uint64, reached int, err error) {
 	type result struct {
 		flows []*ferryv1.Flow
 		err   error
@@ -276,7 +329,7 @@ func (r *Relay) stored(ctx context.Context, clients []ferryv1.ObserverClient, re
 			if status.Code(res.err) == codes.InvalidArgument {
 				return nil, nil, 0, res.err
 			}
-			onErr(AgentError{r.cfg.Agents[i].Name, res.err})
+			onErr(AgentError{clients[i].name, res.err})
 			continue
 		}
 		reached++
@@ -402,10 +455,10 @@ func (r *Relay) ServerStatus(ctx context.Context, _ *ferryv1.ServerStatusRequest
 		return nil, err
 	}
 	sum := &ferryv1.ServerStatusResponse{}
-	for i, c := range clients {
+	for _, c := range clients {
 		st, err := c.ServerStatus(ctx, &ferryv1.ServerStatusRequest{})
 		if err != nil {
-			sum.Unavailable = append(sum.Unavailable, AgentError{r.cfg.Agents[i].Name, err}.Error())
+			sum.Unavailable = append(sum.Unavailable, AgentError{c.name, err}.Error())
 			continue
 		}
 		sum.NumFlows += st.GetNumFlows()

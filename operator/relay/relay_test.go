@@ -304,3 +304,47 @@ func TestRelayServesObserverAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The operator hands the relay the agents it finds as they come and go: a relay with
+// none answers Unavailable, then reads the agents it was given, then only those that
+// remain.
+func TestRelaySetAgents(t *testing.T) {
+	n1, n2 := &fakeAgent{node: "node1"}, &fakeAgent{node: "node2"}
+	t0 := time.Now().Add(-time.Minute)
+	n1.add(t0, "a1")
+	n2.add(t0.Add(time.Second), "b2")
+	a1, a2 := serve(t, n1), serve(t, n2)
+	r, err := New(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	read := func() (string, error) {
+		var got []*ferryv1.Flow
+		err := r.Flows(ctx, &ferryv1.GetFlowsRequest{}, func(f *ferryv1.Flow) error { got = append(got, f); return nil }, nil)
+		return pods(got), err
+	}
+	if _, err := read(); err == nil {
+		t.Fatal("a relay with no agent answered")
+	}
+	for _, tc := range []struct {
+		agents []Agent
+		want   string
+	}{
+		{[]Agent{{"node1", a1}}, "a1"},
+		{[]Agent{{"node1", a1}, {"node2", a2}}, "a1 b2"},
+		{[]Agent{{"node2", a2}}, "b2"},
+	} {
+		if err := r.SetAgents(tc.agents); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := read(); err != nil || got != tc.want {
+			t.Fatalf("with agents %v: flows %q, %v; want %q", tc.agents, got, err, tc.want)
+		}
+	}
+}
