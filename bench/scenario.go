@@ -15,7 +15,7 @@ type agentMode string
 
 const (
 	modeAny      agentMode = ""         // the scenario does not go through an agent
-	modeEBPF     agentMode = "ebpf"     // eBPF capture, sockmap fast path on (the default)
+	modeEBPF     agentMode = "ebpf"     // eBPF capture, sockmap fast path on (--fast-path=true)
 	modeNoFast   agentMode = "nofast"   // eBPF capture, --fast-path=false
 	modeIPTables agentMode = "iptables" // --capture=iptables
 )
@@ -23,6 +23,8 @@ const (
 // agentArgs are the agent flags of a mode.
 func (m agentMode) agentArgs() []string {
 	switch m {
+	case modeEBPF:
+		return []string{"--fast-path=true"}
 	case modeNoFast:
 		return []string{"--fast-path=false"}
 	case modeIPTables:

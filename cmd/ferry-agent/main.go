@@ -36,7 +36,10 @@ func run(ctx context.Context, args []string) error {
 	cfg.Datapath = datapath.Config{
 		PinDir:   datapath.DefaultPinDir,
 		Mark:     datapath.DefaultMark,
-		FastPath: true,
+		// Off by default: with the sk_msg ingress redirect the kernel applies no
+		// back-pressure, and a sender faster than the agent gets ENOMEM from write
+		// (docs/datapath.md, "Fast path").
+		FastPath: false,
 		MaxPods:  datapath.DefaultMaxPods,
 	}
 	cmd := &cobra.Command{
@@ -109,7 +112,7 @@ and --node, also the iptables capture rules in the node's pods.`,
 	f.StringVar(&cfg.Datapath.PinDir, "bpf-pin-dir", cfg.Datapath.PinDir, "bpffs folder where programs, maps and links are pinned")
 	f.StringVar(&cfg.Datapath.CgroupPath, "cgroup", "", "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	f.Uint32Var(&cfg.Datapath.Mark, "mark", cfg.Datapath.Mark, "SO_MARK on the agent's own sockets, which capture skips")
-	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "move bytes between local sockets with sockmap/sk_msg")
+	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
 	f.StringVar(&cfg.Capture, "capture", datapath.CaptureEBPF, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
 	f.StringVar(&cfg.Observe.ObserverSocket, "observer-socket", "", "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")

@@ -38,7 +38,8 @@ const (
 const (
 	echoPort   = 8080
 	bannerPort = 8081
-	closedPort = 9 // nothing listens here
+	closedPort = 9    // nothing listens here
+	sinkPort   = 5201 // reads and discards
 )
 
 var (
@@ -130,16 +131,23 @@ func bringUp() (*env, error) {
 		if err := e.startServer(ctx, pod, bannerPort, "--banner", banner); err != nil {
 			return fail(err)
 		}
+		if err := e.startFerry(ctx, pod, sinkPort, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort)); err != nil {
+			return fail(err)
+		}
 	}
 	return e, nil
 }
 
 // startServer runs ferry's echo server in pod on port and waits until it accepts.
 func (e *env) startServer(ctx context.Context, pod string, port int, args ...string) error {
-	args = append([]string{"lab", "echo-server", "--listen", fmt.Sprintf(":%d", port)}, args...)
+	return e.startFerry(ctx, pod, port, append([]string{"lab", "echo-server", "--listen", fmt.Sprintf(":%d", port)}, args...)...)
+}
+
+// startFerry runs `ferry ARGS...` in pod as a server on port and waits until it accepts.
+func (e *env) startFerry(ctx context.Context, pod string, port int, args ...string) error {
 	cmd := e.lab.Command(context.Background(), pod, filepath.Join(e.bin, "ferry"), args...)
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("echo server in %s: %w", pod, err)
+		return fmt.Errorf("%v in %s: %w", args, pod, err)
 	}
 	e.servers = append(e.servers, cmd)
 	ns, err := e.lab.Netns(pod)
@@ -162,7 +170,7 @@ func (e *env) startServer(ctx context.Context, pod string, port int, args ...str
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	return fmt.Errorf("echo server in %s on %d never listened", pod, port)
+	return fmt.Errorf("%v in %s never listened on %d", args, pod, port)
 }
 
 func (e *env) pod(name string) lab.PodInfo {
