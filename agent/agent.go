@@ -126,9 +126,11 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("agent config: capture %q: want %s or %s", cfg.Capture, datapath.CaptureEBPF, datapath.CaptureIPTables)
 	}
 	a.proxy, err = proxy.New(proxy.Config{
-		Node:       cfg.Node,
-		Mark:       cfg.Datapath.Mark,
-		FastPath:   cfg.Datapath.FastPath,
+		Node: cfg.Node,
+		Mark: cfg.Datapath.Mark,
+		// The fast path keys on eBPF enrollment, which iptables-captured pods lack:
+		// their sockets never enter the sockhash, so splice stays safe for them.
+		FastPath:   cfg.Datapath.FastPath && a.ipt == nil,
 		IPTables:   a.ipt != nil,
 		Datapath:   dp,
 		Identities: a.ids,

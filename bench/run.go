@@ -147,7 +147,9 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
 	r.lab = l
-	r.mode = modeEBPF
+	// The lab starts the agents with their defaults, which are no mode of ours: the
+	// first Ferry scenario restarts them with its flags.
+	r.mode = modeAny
 	defer func() {
 		r.stopProcs()
 		if err := l.Down(); err != nil {
