@@ -34,8 +34,8 @@ func run(ctx context.Context, args []string) error {
 		logLevel   slog.Level
 	)
 	cfg.Datapath = datapath.Config{
-		PinDir:   datapath.DefaultPinDir,
-		Mark:     datapath.DefaultMark,
+		PinDir: datapath.DefaultPinDir,
+		Mark:   datapath.DefaultMark,
 		// Off by default: with the sk_msg ingress redirect the kernel applies no
 		// back-pressure, and a sender faster than the agent gets ENOMEM from write
 		// (docs/datapath.md, "Fast path").
