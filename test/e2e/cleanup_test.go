@@ -25,7 +25,9 @@ func TestAgentCleanup(t *testing.T) {
 		Prefix:      "e2ecln",
 		PodNet:      101, // apart from the shared lab, which is up meanwhile
 		AgentBinary: filepath.Join(e.bin, "ferry-agent"),
-		Nodes:       []lab.NodeConfig{{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}}},
+		// With the fast path the agent holds every kind of object: sk_msg and its link too.
+		AgentArgs: []string{"--fast-path=true"},
+		Nodes:     []lab.NodeConfig{{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}}},
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
