@@ -167,11 +167,8 @@ func (a *Agent) Start(ctx context.Context) error {
 		a.log.Warn("stale enrollments", "error", err)
 	}
 	ctx, a.cancel = context.WithCancel(context.Background())
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		a.watchFile(ctx, a.cfg.StatePath, 500*time.Millisecond)
-	}()
+	watch := func(ctx context.Context) { a.watchFile(ctx, a.cfg.StatePath, 500*time.Millisecond) }
+	a.goRun(ctx, watch, a.reconcileLoop)
 	if err := a.startServers(); err != nil {
 		a.Stop()
 		return err
@@ -190,13 +187,7 @@ func (a *Agent) startOperator() error {
 	a.loadCache()
 	var ctx context.Context
 	ctx, a.cancel = context.WithCancel(context.Background())
-	for _, f := range []func(context.Context){a.stream.Run, a.certs.Run, a.reconcileLoop} {
-		a.wg.Add(1)
-		go func() {
-			defer a.wg.Done()
-			f(ctx)
-		}()
-	}
+	a.goRun(ctx, a.stream.Run, a.certs.Run, a.reconcileLoop)
 	if err := a.startServers(); err != nil {
 		a.Stop()
 		return err
@@ -243,6 +234,17 @@ func (a *Agent) startServers() error {
 		_ = a.health.Serve(l)
 	}()
 	return nil
+}
+
+// goRun runs each loop on a goroutine the agent owns until ctx ends; Stop waits.
+func (a *Agent) goRun(ctx context.Context, loops ...func(context.Context)) {
+	for _, f := range loops {
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			f(ctx)
+		}()
+	}
 }
 
 // nudge asks reconcileLoop to run now (a certificate arrived).

@@ -73,7 +73,6 @@ func (a *Agent) watchFile(ctx context.Context, path string, every time.Duration)
 			return
 		case <-t.C:
 		}
-		a.reconcile()
 		fi, err := os.Stat(path)
 		if err != nil || (fi.ModTime().Equal(lastMod) && fi.Size() == lastSize) {
 			continue

@@ -77,6 +77,27 @@ func (s *sourceFlags) agents() ([]relay.Agent, error) {
 	return []relay.Agent{{Name: "local", Address: "unix://" + defaultObserverSocket}}, nil
 }
 
+// relay starts an in-process relay over the agents the flags name, and returns it
+// with the agents' names; Stop it after.
+func (s *sourceFlags) relay(ctx context.Context) (*relay.Relay, []string, error) {
+	agents, err := s.agents()
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := relay.New(relay.Config{Agents: agents})
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := r.Start(ctx); err != nil {
+		return nil, nil, err
+	}
+	names := make([]string, len(agents))
+	for i, a := range agents {
+		names[i] = a.Name
+	}
+	return r, names, nil
+}
+
 // labObservers lists the Observer sockets of a lab's agents, named by node. Agents
 // run in the nodes' network namespaces; their unix sockets are reachable from here.
 func labObservers(prefix string) ([]relay.Agent, error) {
@@ -195,15 +216,8 @@ only new flows.`,
 			case !follow && !cmd.Flags().Changed("last"):
 				req.Number = 20
 			}
-			agents, err := src.agents()
+			r, names, err := src.relay(cmd.Context())
 			if err != nil {
-				return err
-			}
-			r, err := relay.New(relay.Config{Agents: agents})
-			if err != nil {
-				return err
-			}
-			if err := r.Start(cmd.Context()); err != nil {
 				return err
 			}
 			defer r.Stop()
@@ -219,11 +233,7 @@ only new flows.`,
 			if cmd.Context().Err() != nil {
 				return nil // interrupted while following
 			}
-			if len(unavailable) == len(agents) {
-				var names []string
-				for _, a := range agents {
-					names = append(names, a.Name)
-				}
+			if len(unavailable) == len(names) {
 				return fmt.Errorf("no agent could be read (%s): is the agent running?", strings.Join(names, ", "))
 			}
 			if err != nil {

@@ -49,15 +49,8 @@ loopback unless you mean to show flows to the network: they name pods and identi
   sudo ferry ui --agent-socket /run/ferry/observer.sock`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			agents, err := src.agents()
+			r, names, err := src.relay(cmd.Context())
 			if err != nil {
-				return err
-			}
-			r, err := relay.New(relay.Config{Agents: agents})
-			if err != nil {
-				return err
-			}
-			if err := r.Start(cmd.Context()); err != nil {
 				return err
 			}
 			defer r.Stop()
@@ -68,10 +61,6 @@ loopback unless you mean to show flows to the network: they name pods and identi
 				return fmt.Errorf("ui listener: %w", err)
 			}
 			srv := &http.Server{Handler: uiHandler(r), ReadHeaderTimeout: 5 * time.Second}
-			var names []string
-			for _, a := range agents {
-				names = append(names, a.Name)
-			}
 			fmt.Fprintf(cmd.OutOrStdout(), "ferry ui: http://%s/ (flows from %s); Ctrl-C stops\n", ln.Addr(), strings.Join(names, ", "))
 			go func() {
 				<-cmd.Context().Done()
