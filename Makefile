@@ -33,6 +33,7 @@ bench: deps ## Ferry beside no mesh and an HAProxy pair, table and plots in resu
 demo: deps build ## bring up the lab, send traffic between pods and show what crossed the mesh
 	$(BIN)/ferry lab demo --agent $(BIN)/ferry-agent
 
-lint: ## go vet and gofmt
+lint: ## go vet, gofmt, and go.mod/go.sum tidy
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit (go mod tidy -diff shows what changes)" >&2; exit 1; }
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfel.go$$')); [ -z "$$out" ] || { echo "gofmt: $$out" >&2; exit 1; }

@@ -1,16 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Ferry's build, tests and demo need. Idempotent: only
-# what is missing is installed, so a second run is quick and touches nothing.
+# Installs the Debian packages listed in hack/deb-packages. Idempotent: only what is
+# missing is installed, so a second run is quick and touches nothing. Recommends are
+# never installed: what Ferry needs is listed by name (test/deps checks it).
 set -euo pipefail
 
-packages=(
-  clang llvm libbpf-dev bpftool   # compile and inspect the eBPF programs
-  iproute2 util-linux             # the lab: ip, nsenter
-  tcpdump tshark                  # capture on the lab fabric in the e2e tests
-  protobuf-compiler               # api/ code generation
-  prometheus chromium chromium-driver  # promtool check metrics; the web view test in headless Chromium
-  haproxy iptables                # make bench: the peer proxy pair; --capture=iptables
-)
+list="$(dirname "${BASH_SOURCE[0]}")/deb-packages"
+mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$list")
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: needs root to install Debian packages" >&2
