@@ -43,7 +43,10 @@ type ManifestError struct {
 
 func (e *ManifestError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s: document %d", e.File, e.Document)
+	b.WriteString(e.File)
+	if e.Document > 0 {
+		fmt.Fprintf(&b, ": document %d", e.Document)
+	}
 	if e.Object != "" {
 		fmt.Fprintf(&b, " (%s)", e.Object)
 	}
@@ -74,6 +77,10 @@ type Loader struct {
 	applied map[key]any          // what the clientset holds
 	errs    []*ManifestError     // from the last load
 	stamp   string               // folder listing with sizes and mtimes
+	// serviceCIDR is where Services without a spec.clusterIP get one, and allocated
+	// what each got (clusterip.go).
+	serviceCIDR netip.Prefix
+	allocated   map[key]netip.Addr
 }
 
 type fileState struct {
@@ -89,7 +96,8 @@ func NewLoader(dir string, client kubernetes.Interface, onNodes func([]string), 
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("manifests folder %s: not a folder", dir)
 	}
-	return &Loader{dir: dir, client: client, log: log, onNodes: onNodes, files: map[string]fileState{}, applied: map[key]any{}}, nil
+	return &Loader{dir: dir, client: client, log: log, onNodes: onNodes, files: map[string]fileState{}, applied: map[key]any{},
+		serviceCIDR: netip.MustParsePrefix(DefaultServiceCIDR)}, nil
 }
 
 // Errors returns the manifest errors of the last load.
@@ -139,6 +147,7 @@ func (l *Loader) Load(ctx context.Context) error {
 			want[k] = o
 		}
 	}
+	errs = append(errs, l.assignClusterIPs(want, owner)...)
 	for _, e := range errs {
 		l.log.Error("manifest not loaded; serving its last good version", "file", e.File, "document", e.Document, "object", e.Object, "field", e.Field, "error", e.Err)
 	}
