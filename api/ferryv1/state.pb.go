@@ -144,7 +144,10 @@ type Service struct {
 	ClusterIps []string       `protobuf:"bytes,3,rep,name=cluster_ips,json=clusterIps,proto3" json:"cluster_ips,omitempty"`
 	Ports      []*ServicePort `protobuf:"bytes,4,rep,name=ports,proto3" json:"ports,omitempty"`
 	// UIDs of the enrolled workloads the selector matches (see NodeState.workloads).
-	Endpoints     []string `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	Endpoints []string `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	// Every pod the selector matches, in the mesh or not, with its readiness and the
+	// port each Service port reaches on it (what an EndpointSlice says).
+	Backends      []*Backend `protobuf:"bytes,6,rep,name=backends,proto3" json:"backends,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -214,6 +217,104 @@ func (x *Service) GetEndpoints() []string {
 	return nil
 }
 
+func (x *Service) GetBackends() []*Backend {
+	if x != nil {
+		return x.Backends
+	}
+	return nil
+}
+
+// Backend is one pod behind a Service.
+type Backend struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pod   string                 `protobuf:"bytes,1,opt,name=pod,proto3" json:"pod,omitempty"`
+	// Pod IPs (IPv4 and/or IPv6), as text.
+	Ips  []string `protobuf:"bytes,2,rep,name=ips,proto3" json:"ips,omitempty"`
+	Node string   `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	// The pod's Ready condition is True.
+	Ready bool `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
+	// UID of the pod's workload in NodeState.workloads; "" when the pod is outside the
+	// mesh (its traffic is plaintext).
+	WorkloadUid string `protobuf:"bytes,5,opt,name=workload_uid,json=workloadUid,proto3" json:"workload_uid,omitempty"`
+	// The port on the pod for each of the Service's ports, in the same order; 0 where a
+	// named target port is not among the pod's container ports.
+	Ports         []uint32 `protobuf:"varint,6,rep,packed,name=ports,proto3" json:"ports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Backend) Reset() {
+	*x = Backend{}
+	mi := &file_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Backend) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Backend) ProtoMessage() {}
+
+func (x *Backend) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Backend.ProtoReflect.Descriptor instead.
+func (*Backend) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Backend) GetPod() string {
+	if x != nil {
+		return x.Pod
+	}
+	return ""
+}
+
+func (x *Backend) GetIps() []string {
+	if x != nil {
+		return x.Ips
+	}
+	return nil
+}
+
+func (x *Backend) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Backend) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *Backend) GetWorkloadUid() string {
+	if x != nil {
+		return x.WorkloadUid
+	}
+	return ""
+}
+
+func (x *Backend) GetPorts() []uint32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
 // ServicePort is one port of a Service.
 type ServicePort struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -229,7 +330,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -241,7 +342,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -254,7 +355,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{2}
+	return file_state_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ServicePort) GetName() string {
@@ -306,7 +407,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +419,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +432,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{3}
+	return file_state_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Workload) GetUid() string {
@@ -397,7 +498,7 @@ type Certificate struct {
 
 func (x *Certificate) Reset() {
 	*x = Certificate{}
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +510,7 @@ func (x *Certificate) String() string {
 func (*Certificate) ProtoMessage() {}
 
 func (x *Certificate) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +523,7 @@ func (x *Certificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Certificate.ProtoReflect.Descriptor instead.
 func (*Certificate) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{4}
+	return file_state_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Certificate) GetIdentity() string {
@@ -457,7 +558,7 @@ type MeshConfig struct {
 
 func (x *MeshConfig) Reset() {
 	*x = MeshConfig{}
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -469,7 +570,7 @@ func (x *MeshConfig) String() string {
 func (*MeshConfig) ProtoMessage() {}
 
 func (x *MeshConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -482,7 +583,7 @@ func (x *MeshConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshConfig.ProtoReflect.Descriptor instead.
 func (*MeshConfig) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{5}
+	return file_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *MeshConfig) GetExcludedPorts() []uint32 {
@@ -505,14 +606,22 @@ const file_state_proto_rawDesc = "" +
 	"\tworkloads\x18\x05 \x03(\v2\x12.ferry.v1.WorkloadR\tworkloads\x129\n" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
 	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
-	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xa7\x01\n" +
+	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xd6\x01\n" +
 	"\aService\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x1f\n" +
 	"\vcluster_ips\x18\x03 \x03(\tR\n" +
 	"clusterIps\x12+\n" +
 	"\x05ports\x18\x04 \x03(\v2\x15.ferry.v1.ServicePortR\x05ports\x12\x1c\n" +
-	"\tendpoints\x18\x05 \x03(\tR\tendpoints\"y\n" +
+	"\tendpoints\x18\x05 \x03(\tR\tendpoints\x12-\n" +
+	"\bbackends\x18\x06 \x03(\v2\x11.ferry.v1.BackendR\bbackends\"\x90\x01\n" +
+	"\aBackend\x12\x10\n" +
+	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x10\n" +
+	"\x03ips\x18\x02 \x03(\tR\x03ips\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\bR\x05ready\x12!\n" +
+	"\fworkload_uid\x18\x05 \x01(\tR\vworkloadUid\x12\x14\n" +
+	"\x05ports\x18\x06 \x03(\rR\x05ports\"y\n" +
 	"\vServicePort\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1f\n" +
@@ -547,26 +656,28 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_state_proto_goTypes = []any{
 	(*NodeState)(nil),   // 0: ferry.v1.NodeState
 	(*Service)(nil),     // 1: ferry.v1.Service
-	(*ServicePort)(nil), // 2: ferry.v1.ServicePort
-	(*Workload)(nil),    // 3: ferry.v1.Workload
-	(*Certificate)(nil), // 4: ferry.v1.Certificate
-	(*MeshConfig)(nil),  // 5: ferry.v1.MeshConfig
+	(*Backend)(nil),     // 2: ferry.v1.Backend
+	(*ServicePort)(nil), // 3: ferry.v1.ServicePort
+	(*Workload)(nil),    // 4: ferry.v1.Workload
+	(*Certificate)(nil), // 5: ferry.v1.Certificate
+	(*MeshConfig)(nil),  // 6: ferry.v1.MeshConfig
 }
 var file_state_proto_depIdxs = []int32{
-	3, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
-	4, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
-	5, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
+	4, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
+	5, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
+	6, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
 	1, // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
-	2, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	3, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
+	2, // 5: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -580,7 +691,7 @@ func file_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

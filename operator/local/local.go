@@ -477,6 +477,11 @@ func checkPod(p *corev1.Pod) *ManifestError {
 	if p.Status.Phase == "" && p.Spec.NodeName != "" {
 		p.Status.Phase = corev1.PodRunning
 	}
+	// A running pod that says nothing of readiness is Ready, as kubelet reports a
+	// pod without probes; a manifest can set the condition to False.
+	if p.Status.Phase == corev1.PodRunning && !slices.ContainsFunc(p.Status.Conditions, func(c corev1.PodCondition) bool { return c.Type == corev1.PodReady }) {
+		p.Status.Conditions = append(p.Status.Conditions, corev1.PodCondition{Type: corev1.PodReady, Status: corev1.ConditionTrue})
+	}
 	return nil
 }
 

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
 	listersv1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -198,17 +199,7 @@ func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
 	if p.Labels[v1alpha1.MeshLabel] == v1alpha1.MeshDisabled || p.Spec.HostNetwork || p.Spec.NodeName == "" || finished(p) || p.DeletionTimestamp != nil {
 		return nil
 	}
-	var ips []string
-	for _, ip := range p.Status.PodIPs {
-		if a, err := netip.ParseAddr(ip.IP); err == nil {
-			ips = append(ips, a.String())
-		}
-	}
-	if len(ips) == 0 && p.Status.PodIP != "" {
-		if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
-			ips = append(ips, a.String())
-		}
-	}
+	ips := podIPs(p)
 	if len(ips) == 0 {
 		return nil
 	}
@@ -235,6 +226,15 @@ func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, e
 		if err != nil {
 			return nil, err
 		}
+		all, err := v.pods.Pods(ns).List(labels.Everything())
+		if err != nil {
+			return nil, err
+		}
+		slices.SortFunc(all, func(a, b *corev1.Pod) int { return strings.Compare(a.Name, b.Name) })
+		uids := map[string]string{} // pod name → workload UID, for enrolled pods
+		for _, p := range pods {
+			uids[p.w.Name] = p.w.Uid
+		}
 		for _, s := range svcs {
 			if len(s.Spec.Selector) == 0 {
 				continue // endpoints managed by hand; not in the mesh view yet
@@ -259,6 +259,13 @@ func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, e
 				}
 			}
 			slices.Sort(fs.Endpoints)
+			for _, p := range all {
+				if sel.Matches(labels.Set(p.Labels)) {
+					if b := backend(p, s.Spec.Ports, uids); b != nil {
+						fs.Backends = append(fs.Backends, b)
+					}
+				}
+			}
 			out = append(out, fs)
 		}
 	}
@@ -266,6 +273,78 @@ func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, e
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
 	return out, nil
+}
+
+// backend is a Service's view of one pod its selector matches, or nil when the pod
+// cannot serve: not scheduled, without an address, finished or being deleted.
+func backend(p *corev1.Pod, ports []corev1.ServicePort, uids map[string]string) *ferryv1.Backend {
+	if p.Spec.NodeName == "" || finished(p) || p.DeletionTimestamp != nil {
+		return nil
+	}
+	ips := podIPs(p)
+	if len(ips) == 0 {
+		return nil
+	}
+	b := &ferryv1.Backend{Pod: p.Name, Ips: ips, Node: p.Spec.NodeName, Ready: podReady(p), WorkloadUid: uids[p.Name]}
+	for _, sp := range ports {
+		b.Ports = append(b.Ports, targetPort(p, sp))
+	}
+	return b
+}
+
+// targetPort is the port a Service port reaches on pod p: its targetPort number, the
+// container port of that name, or the Service port itself when targetPort is unset;
+// 0 when the name is not among p's container ports (the pod does not serve it).
+func targetPort(p *corev1.Pod, sp corev1.ServicePort) uint32 {
+	switch {
+	case sp.TargetPort.Type == intstr.Int && sp.TargetPort.IntVal == 0:
+		return uint32(sp.Port)
+	case sp.TargetPort.Type == intstr.Int:
+		return uint32(sp.TargetPort.IntVal)
+	}
+	proto := sp.Protocol
+	if proto == "" {
+		proto = corev1.ProtocolTCP
+	}
+	for _, c := range p.Spec.Containers {
+		for _, cp := range c.Ports {
+			cpProto := cp.Protocol
+			if cpProto == "" {
+				cpProto = corev1.ProtocolTCP
+			}
+			if cp.Name == sp.TargetPort.StrVal && cpProto == proto {
+				return uint32(cp.ContainerPort)
+			}
+		}
+	}
+	return 0
+}
+
+// podReady says whether the pod's Ready condition is True, as the endpoints
+// controller decides which addresses serve.
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// podIPs are the pod's addresses, normalised; status.podIP when podIPs is empty.
+func podIPs(p *corev1.Pod) []string {
+	var ips []string
+	for _, ip := range p.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			ips = append(ips, a.String())
+		}
+	}
+	if len(ips) == 0 && p.Status.PodIP != "" {
+		if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
+			ips = append(ips, a.String())
+		}
+	}
+	return ips
 }
 
 func sameList[M proto.Message](a, b []M) bool {

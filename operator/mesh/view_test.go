@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"github.com/ferrymesh/ferry/api/v1alpha1"
 	"log/slog"
+	"slices"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 )
@@ -77,5 +79,63 @@ func BenchmarkViewRebuild(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		v.rebuild()
+	}
+}
+
+func TestViewBackends(t *testing.T) {
+	ready := []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
+	notReady := []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionFalse}}
+	pod := func(name string, labels map[string]string, node, ip string, conds []corev1.PodCondition, ports ...corev1.ContainerPort) *corev1.Pod {
+		return &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "shop", UID: types.UID("uid-" + name), Labels: labels},
+			Spec:       corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Ports: ports}}},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, Conditions: conds},
+		}
+	}
+	web := map[string]string{"app": "web"}
+	out := map[string]string{"app": "web", v1alpha1.MeshLabel: v1alpha1.MeshDisabled}
+	v := startView(t,
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{v1alpha1.MeshLabel: v1alpha1.MeshEnabled}}},
+		pod("web-1", web, "node1", "10.1.1.10", ready, corev1.ContainerPort{Name: "http", ContainerPort: 8080}),
+		pod("web-2", web, "node2", "10.1.2.10", notReady, corev1.ContainerPort{Name: "http", ContainerPort: 8081}),
+		pod("web-3", out, "node2", "10.1.2.11", ready), // outside the mesh, no port named http
+		pod("web-4", web, "", "", nil), // not scheduled
+		pod("other", map[string]string{"app": "db"}, "node1", "10.1.1.11", ready),
+		&corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop"},
+			Spec: corev1.ServiceSpec{Selector: web, ClusterIP: "10.96.0.50", ClusterIPs: []string{"10.96.0.50"}, Ports: []corev1.ServicePort{
+				{Name: "http", Port: 80, TargetPort: intstr.FromString("http")},
+				{Name: "admin", Port: 9000},
+				{Name: "metrics", Port: 81, TargetPort: intstr.FromInt32(9090)},
+			}},
+		},
+	)
+	v.rebuild()
+	s, _ := v.Current()
+	if len(s.Services) != 1 {
+		t.Fatalf("services: %v", s.Services)
+	}
+	got := s.Services[0].Backends
+	type want struct {
+		pod, ip, node, uid string
+		ready              bool
+		ports              []uint32
+	}
+	wants := []want{
+		{"web-1", "10.1.1.10", "node1", "uid-web-1", true, []uint32{8080, 9000, 9090}},
+		{"web-2", "10.1.2.10", "node2", "uid-web-2", false, []uint32{8081, 9000, 9090}},
+		{"web-3", "10.1.2.11", "node2", "", true, []uint32{0, 9000, 9090}},
+	}
+	if len(got) != len(wants) {
+		t.Fatalf("backends %v, want web-1, web-2, web-3", got)
+	}
+	for i, w := range wants {
+		b := got[i]
+		if b.Pod != w.pod || len(b.Ips) != 1 || b.Ips[0] != w.ip || b.Node != w.node || b.WorkloadUid != w.uid || b.Ready != w.ready || !slices.Equal(b.Ports, w.ports) {
+			t.Errorf("backend %d: %v, want %+v", i, b, w)
+		}
+	}
+	if eps := s.Services[0].Endpoints; !slices.Equal(eps, []string{"uid-web-1", "uid-web-2"}) {
+		t.Errorf("enrolled endpoints %v, want web-1 and web-2", eps)
 	}
 }
