@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -19,7 +18,6 @@ import (
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // capBits are the capability numbers of linux/capability.h that the agent
@@ -130,30 +128,13 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 	ferry := filepath.Join(bin, "ferry")
 	for _, p := range l.Pods() {
 		srv := l.Command(context.Background(), p.Name, ferry, "lab", "echo-server", "--listen", fmt.Sprintf(":%d", lab.DemoPort))
-		if err := srv.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			srv.Process.Kill()
-			srv.Wait()
-		}()
-		ns, err := l.Netns(p.Name)
+		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+		proc, err := l.StartInPod(sctx, p.Name, lab.DemoPort, srv)
+		scancel()
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
-			return ns.Do(func() error {
-				c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", lab.DemoPort), time.Second)
-				if err == nil {
-					c.Close()
-				}
-				return err
-			}) == nil, nil
-		})
-		ns.Close()
-		if err != nil {
-			t.Fatalf("echo server in %s does not listen: %v", p.Name, err)
-		}
+		defer proc.Stop()
 	}
 	for _, r := range lab.DemoRoutes {
 		to, _ := l.Pod(r.To)

@@ -10,7 +10,6 @@ import (
 	"context"
 	"fmt"
 	"github.com/ferrymesh/ferry/api/ferryv1"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -70,23 +69,10 @@ func cpSetup(t *testing.T) *env {
 }
 
 func cpBringUp() (*env, error) {
-	bin, err := os.MkdirTemp("", "ferry-e2e-cp-bin-")
-	if err != nil {
-		return nil, err
-	}
-	build := exec.Command("go", "build", "-o", bin+"/", "github.com/ferrymesh/ferry/cmd/ferry", "github.com/ferrymesh/ferry/cmd/ferry-agent", "github.com/ferrymesh/ferry/cmd/ferry-operator")
-	if out, err := build.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build binaries: %v\n%s", err, out)
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
 	cfg := lab.Config{
-		Prefix:      cpPrefix,
-		PodNet:      cpPodNet,
-		AgentBinary: filepath.Join(bin, "ferry-agent"),
-		Operator:    lab.OperatorConfig{Binary: filepath.Join(bin, "ferry-operator"), Args: []string{"--cert-ttl", cpCertTTL.String()}},
+		Prefix:   cpPrefix,
+		PodNet:   cpPodNet,
+		Operator: lab.OperatorConfig{Args: []string{"--cert-ttl", cpCertTTL.String()}},
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{
 				{Name: "a", Namespace: "shop", ServiceAccount: "web", Enrolled: true},
@@ -102,37 +88,15 @@ func cpBringUp() (*env, error) {
 		n := &cfg.Nodes[i%2]
 		n.Pods = append(n.Pods, lab.PodConfig{Name: fmt.Sprintf("l%d", i), Namespace: "lat", ServiceAccount: fmt.Sprintf("lat%d", i%5), Enrolled: true})
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	l, err := lab.Up(ctx, cfg, log)
+	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent", "ferry-operator")
 	if err != nil {
-		os.RemoveAll(bin)
 		return nil, err
-	}
-	e := &env{lab: l, bin: bin, self: self}
-	e.teardown = func() {
-		for _, s := range e.servers {
-			s.Process.Kill()
-			s.Wait()
-		}
-		if err := l.Down(); err != nil {
-			fmt.Fprintln(os.Stderr, "lab down:", err)
-		}
-		os.RemoveAll(bin)
-	}
-	fail := func(err error) (*env, error) {
-		e.teardown()
-		return nil, err
-	}
-	for _, node := range l.Nodes() {
-		if err := l.WaitAgentReady(ctx, node); err != nil {
-			return fail(err)
-		}
 	}
 	for _, pod := range []string{"a", "c", "d"} {
 		if err := e.startServer(ctx, pod, echoPort); err != nil {
-			return fail(err)
+			return e.fail(err)
 		}
 	}
 	return e, nil
