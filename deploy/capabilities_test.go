@@ -59,8 +59,8 @@ func daemonSetCapabilities(t *testing.T) []string {
 // runLabWithCapabilities brings up the default two-node lab with agents that
 // run as root but with only caps in their bounding (and so effective) set, as
 // the DaemonSet's container would, sends the demo's traffic and returns the
-// table of what the agents carried.
-func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []string) (string, error) {
+// table of what the agents carried and the agents' logs.
+func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []string) (table, logs string, err error) {
 	t.Helper()
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
@@ -98,6 +98,7 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 			t.Errorf("lab down: %v", err)
 		}
 	}()
+
 	agentLogs := func() string {
 		var b strings.Builder
 		for _, n := range l.Nodes() {
@@ -106,9 +107,11 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 		}
 		return b.String()
 	}
+	// Read before Down removes the state folder (deferred calls run last first).
+	defer func() { logs = agentLogs() }()
 	for _, n := range l.Nodes() {
 		if err := l.WaitAgentReady(ctx, n); err != nil {
-			return "", fmt.Errorf("agent on %s: %w\n%s", n, err, agentLogs())
+			return "", "", fmt.Errorf("agent on %s: %w", n, err)
 		}
 		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", l.AgentPID(n)))
 		if err != nil {
@@ -141,14 +144,14 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 		client := l.Command(ctx, r.From, ferry, "lab", "echo-client",
 			"--to", netip.AddrPortFrom(to.IP, lab.DemoPort).String(), "--bytes", "1MiB")
 		if res, err := client.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("%s → %s (%s): %w\n%s\n%s", r.From, r.To, r.What, err, res, agentLogs())
+			return "", "", fmt.Errorf("%s → %s (%s): %w\n%s", r.From, r.To, r.What, err, res)
 		}
 	}
 	var out bytes.Buffer
 	if err := l.WriteCarried(ctx, &out); err != nil {
-		return "", err
+		return "", "", err
 	}
-	return out.String(), nil
+	return out.String(), "", nil
 }
 
 // carried returns the (from, to, how) rows of lab.WriteCarried's table.
@@ -175,10 +178,10 @@ func TestAgentCapabilities(t *testing.T) {
 	caps := daemonSetCapabilities(t)
 
 	t.Run("the DaemonSet's capabilities are enough", func(t *testing.T) {
-		out, err := runLabWithCapabilities(t, "dcap", 110, caps)
+		out, logs, err := runLabWithCapabilities(t, "dcap", 110, caps)
 		t.Logf("agents with %v:\n%s", caps, out)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("%v\n%s", err, logs)
 		}
 		rows := carried(out)
 		for _, want := range [][3]string{
@@ -190,7 +193,15 @@ func TestAgentCapabilities(t *testing.T) {
 		}
 	})
 
-	for _, drop := range []string{"NET_ADMIN", "SYS_ADMIN"} {
+	// What the agent says without each: the kernel's EPERM where the capability is
+	// needed.
+	for _, tc := range []struct{ drop, says string }{
+		// SO_MARK on the tunnel socket, so the agent's own traffic is not captured.
+		{"NET_ADMIN", "set SO_MARK: operation not permitted"},
+		// setns into a pod's network namespace, to find it and open its listeners.
+		{"SYS_ADMIN", "operation not permitted"},
+	} {
+		drop := tc.drop
 		t.Run("without "+drop, func(t *testing.T) {
 			var fewer []string
 			for _, c := range caps {
@@ -201,11 +212,15 @@ func TestAgentCapabilities(t *testing.T) {
 			if len(fewer) == len(caps) {
 				t.Fatalf("the DaemonSet does not add %s", drop)
 			}
-			out, err := runLabWithCapabilities(t, "dcap", 110, fewer)
+			out, logs, err := runLabWithCapabilities(t, "dcap", 110, fewer)
 			t.Logf("agents with %v: %v\n%s", fewer, err, out)
 			if err == nil && carried(out)[[3]string{"a", "c", "mtls"}] {
 				t.Errorf("a → c was carried over mTLS without %s: the DaemonSet need not add it", drop)
 			}
+			if !strings.Contains(logs, tc.says) {
+				t.Errorf("without %s the agents never say %q; their logs:\n%s", drop, tc.says, logs)
+			}
+			t.Logf("agent logs:\n%s", logs)
 		})
 	}
 }

@@ -200,21 +200,62 @@ func (e *env) run(t *testing.T, pod string, args ...string) (scenarioResult, err
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := e.lab.Command(ctx, pod, e.self, "-test.run=^$")
-	cmd.Env = append(cmd.Env, scenarioEnv+"="+strings.Join(args, " "))
+	cmd := e.scenarioCommand(ctx, pod, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
+	return scenarioOutcome(pod, args, out, stderr.String(), err)
+}
+
+func (e *env) scenarioCommand(ctx context.Context, pod string, args ...string) *exec.Cmd {
+	cmd := e.lab.Command(ctx, pod, e.self, "-test.run=^$")
+	cmd.Env = append(cmd.Env, scenarioEnv+"="+strings.Join(args, " "))
+	return cmd
+}
+
+// scenarioOutcome reads a scenario's JSON line and exit status.
+func scenarioOutcome(pod string, args []string, out []byte, stderr string, err error) (scenarioResult, error) {
 	var res scenarioResult
 	if jerr := json.Unmarshal(bytes.TrimSpace(lastLine(out)), &res); jerr != nil {
-		return res, fmt.Errorf("scenario %v in %s: %v (output %q, stderr %q)", args, pod, err, out, stderr.String())
+		return res, fmt.Errorf("scenario %v in %s: %v (output %q, stderr %q)", args, pod, err, out, stderr)
 	}
 	// A scenario that failed says why in its JSON line and exits non-zero; either
 	// alone is a failure too.
 	if res.Err != "" || err != nil {
-		return res, fmt.Errorf("scenario %v in %s: %s (exit: %v, stderr %q)", args, pod, res.Err, err, stderr.String())
+		return res, fmt.Errorf("scenario %v in %s: %s (exit: %v, stderr %q)", args, pod, res.Err, err, stderr)
 	}
 	return res, nil
+}
+
+// hold opens a connection from pod to addr that stays open, echoing before and after,
+// until release is called; release returns the scenario's outcome.
+func (e *env) hold(t *testing.T, pod, addr string) (release func() error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	args := []string{"hold", addr}
+	cmd := e.scenarioCommand(ctx, pod, args...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("scenario %v in %s: %v", args, pod, err)
+	}
+	var once sync.Once
+	var outcome error
+	release = func() error {
+		once.Do(func() {
+			stdin.Close()
+			werr := cmd.Wait()
+			cancel()
+			_, outcome = scenarioOutcome(pod, args, stdout.Bytes(), stderr.String(), werr)
+		})
+		return outcome
+	}
+	t.Cleanup(func() { release() })
+	return release
 }
 
 // mustRun is run that fails the test on error.
@@ -249,10 +290,10 @@ func (e *env) status(t *testing.T, node string) agent.Status {
 	return st
 }
 
-// findConn waits up to 5 s for a connection recorded by node's agent that matches.
+// findConn waits for a connection recorded by node's agent that matches.
 func (e *env) findConn(t *testing.T, node string, match func(c connRecord) bool) connRecord {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(carryWait)
 	var seen []connRecord
 	for time.Now().Before(deadline) {
 		cs, err := e.admin(node).Connections(context.Background())
