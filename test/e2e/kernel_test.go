@@ -26,7 +26,6 @@ import (
 type bpfObject struct {
 	ID     uint32   `json:"id"`
 	Name   string   `json:"name"`
-	Type   string   `json:"type"`
 	MapIDs []uint32 `json:"map_ids"`
 	ProgID uint32   `json:"prog_id"`
 	Pinned []string `json:"pinned"`
@@ -93,7 +92,11 @@ func agentObjects(t *testing.T, pinDir string, pid int) kernelObjects {
 		if _, seen := k.ids[kind][id]; seen {
 			return
 		}
-		k.ids[kind][id] = o.Name
+		name := o.Name
+		if name == "" && len(o.Pinned) > 0 {
+			name = filepath.Base(o.Pinned[0]) // links have no name, only their pin
+		}
+		k.ids[kind][id] = name
 		switch kind {
 		case "link":
 			add("prog", o.ProgID, fmt.Sprintf("link %d", id))
