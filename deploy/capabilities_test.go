@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -19,7 +18,6 @@ import (
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // capBits are the capability numbers of linux/capability.h that the agent
@@ -61,8 +59,8 @@ func daemonSetCapabilities(t *testing.T) []string {
 // runLabWithCapabilities brings up the default two-node lab with agents that
 // run as root but with only caps in their bounding (and so effective) set, as
 // the DaemonSet's container would, sends the demo's traffic and returns the
-// table of what the agents carried.
-func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []string) (string, error) {
+// table of what the agents carried and the agents' logs.
+func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []string) (table, logs string, err error) {
 	t.Helper()
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
@@ -100,6 +98,7 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 			t.Errorf("lab down: %v", err)
 		}
 	}()
+
 	agentLogs := func() string {
 		var b strings.Builder
 		for _, n := range l.Nodes() {
@@ -108,9 +107,11 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 		}
 		return b.String()
 	}
+	// Read before Down removes the state folder (deferred calls run last first).
+	defer func() { logs = agentLogs() }()
 	for _, n := range l.Nodes() {
 		if err := l.WaitAgentReady(ctx, n); err != nil {
-			return "", fmt.Errorf("agent on %s: %w\n%s", n, err, agentLogs())
+			return "", "", fmt.Errorf("agent on %s: %w", n, err)
 		}
 		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", l.AgentPID(n)))
 		if err != nil {
@@ -130,44 +131,27 @@ func runLabWithCapabilities(t *testing.T, prefix string, podNet uint8, caps []st
 	ferry := filepath.Join(bin, "ferry")
 	for _, p := range l.Pods() {
 		srv := l.Command(context.Background(), p.Name, ferry, "lab", "echo-server", "--listen", fmt.Sprintf(":%d", lab.DemoPort))
-		if err := srv.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			srv.Process.Kill()
-			srv.Wait()
-		}()
-		ns, err := l.Netns(p.Name)
+		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+		proc, err := l.StartInPod(sctx, p.Name, lab.DemoPort, srv)
+		scancel()
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
-			return ns.Do(func() error {
-				c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", lab.DemoPort), time.Second)
-				if err == nil {
-					c.Close()
-				}
-				return err
-			}) == nil, nil
-		})
-		ns.Close()
-		if err != nil {
-			t.Fatalf("echo server in %s does not listen: %v", p.Name, err)
-		}
+		defer proc.Stop()
 	}
 	for _, r := range lab.DemoRoutes {
 		to, _ := l.Pod(r.To)
 		client := l.Command(ctx, r.From, ferry, "lab", "echo-client",
 			"--to", netip.AddrPortFrom(to.IP, lab.DemoPort).String(), "--bytes", "1MiB")
 		if res, err := client.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("%s → %s (%s): %w\n%s\n%s", r.From, r.To, r.What, err, res, agentLogs())
+			return "", "", fmt.Errorf("%s → %s (%s): %w\n%s", r.From, r.To, r.What, err, res)
 		}
 	}
 	var out bytes.Buffer
 	if err := l.WriteCarried(ctx, &out); err != nil {
-		return "", err
+		return "", "", err
 	}
-	return out.String(), nil
+	return out.String(), "", nil
 }
 
 // carried returns the (from, to, how) rows of lab.WriteCarried's table.
@@ -194,10 +178,10 @@ func TestAgentCapabilities(t *testing.T) {
 	caps := daemonSetCapabilities(t)
 
 	t.Run("the DaemonSet's capabilities are enough", func(t *testing.T) {
-		out, err := runLabWithCapabilities(t, "dcap", 110, caps)
+		out, logs, err := runLabWithCapabilities(t, "dcap", 110, caps)
 		t.Logf("agents with %v:\n%s", caps, out)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("%v\n%s", err, logs)
 		}
 		rows := carried(out)
 		for _, want := range [][3]string{
@@ -209,7 +193,23 @@ func TestAgentCapabilities(t *testing.T) {
 		}
 	})
 
-	for _, drop := range []string{"NET_ADMIN", "SYS_ADMIN"} {
+	// What the agents say without each: the kernel's EPERM where the capability is
+	// needed, or the outcome it leads to.
+	for _, tc := range []struct {
+		drop string
+		says []string
+		// carriesNothing: no pod gets enrolled, so the agents record no connection.
+		carriesNothing bool
+	}{
+		// SO_MARK on the tunnel socket, so the agent's own traffic is not captured.
+		{drop: "NET_ADMIN", says: []string{"set SO_MARK: operation not permitted"}},
+		// setns into the pods' network namespaces, to find each pod by its IP. (The
+		// agent reports the namespace as not found: agent/netns drops setns's EPERM.)
+		{drop: "SYS_ADMIN", carriesNothing: true, says: []string{
+			"pod default/a: no network namespace holds", "pod default/b: no network namespace holds", "pod default/c: no network namespace holds",
+		}},
+	} {
+		drop := tc.drop
 		t.Run("without "+drop, func(t *testing.T) {
 			var fewer []string
 			for _, c := range caps {
@@ -220,10 +220,21 @@ func TestAgentCapabilities(t *testing.T) {
 			if len(fewer) == len(caps) {
 				t.Fatalf("the DaemonSet does not add %s", drop)
 			}
-			out, err := runLabWithCapabilities(t, "dcap", 110, fewer)
+			out, logs, err := runLabWithCapabilities(t, "dcap", 110, fewer)
 			t.Logf("agents with %v: %v\n%s", fewer, err, out)
 			if err == nil && carried(out)[[3]string{"a", "c", "mtls"}] {
 				t.Errorf("a → c was carried over mTLS without %s: the DaemonSet need not add it", drop)
+			}
+			for _, says := range tc.says {
+				if !strings.Contains(logs, says) {
+					t.Errorf("without %s the agents never say %q", drop, says)
+				}
+			}
+			if rows := carried(out); tc.carriesNothing && (err != nil || len(rows) != 0) {
+				t.Errorf("without %s no pod is enrolled, so the traffic passes and no agent records it; got %v, records %v", drop, err, rows)
+			}
+			if t.Failed() {
+				t.Logf("agent logs:\n%s", logs)
 			}
 		})
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -104,8 +103,8 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 	return tw.Flush()
 }
 
-// startDemoServer runs ferry's echo server in pod p, detached so it outlives the
-// demo command (Down ends it with the lab), and waits until it accepts.
+// startDemoServer runs ferry's echo server in pod p, in a session of its own so it
+// outlives the demo command (Down ends it with the lab), and waits until it accepts.
 func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) error {
 	logf, err := os.Create(filepath.Join(l.desc.Config.StateDir, "echo-"+p.Name+".log"))
 	if err != nil {
@@ -117,33 +116,12 @@ func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) e
 	if cmd.SysProcAttr != nil {
 		cmd.SysProcAttr.Setsid = true
 	}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("echo server in %s: %w", p.Name, err)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := l.StartInPod(ctx, p.Name, DemoPort, cmd); err != nil {
+		return fmt.Errorf("echo server: %w", err)
 	}
-	cmd.Process.Release()
-	ns, err := l.Netns(p.Name)
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
-	// Probe over loopback: a probe to the pod IP would be captured as inbound traffic.
-	addr := fmt.Sprintf("127.0.0.1:%d", DemoPort)
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		err := ns.Do(func() error {
-			c, err := net.DialTimeout("tcp", addr, time.Second)
-			if err == nil {
-				c.Close()
-			}
-			return err
-		})
-		if err == nil {
-			return nil
-		}
-	}
-	return fmt.Errorf("echo server in %s never listened on %d", p.Name, DemoPort)
+	return nil
 }
 
 func lastLine(s string) string {

@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -12,12 +10,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/lab"
 )
 
-// `ferry-agent --cleanup` leaves no Ferry program, map, link or pin: the kernel
-// objects the agent created are gone as bpftool sees them. It runs on a lab of its
+// `ferry-agent --cleanup` leaves no Ferry program, map, link or pin: every kernel
+// object the agent held (pinned or not, .rodata included) is gone as bpftool sees it. It runs on a lab of its
 // own, since other labs' agents keep their own programs loaded meanwhile.
 func TestAgentCleanup(t *testing.T) {
 	e := setup(t) // for the binaries
@@ -37,29 +34,12 @@ func TestAgentCleanup(t *testing.T) {
 	}
 	defer l.Down()
 	if err := l.WaitAgentReady(ctx, "node1"); err != nil {
-		time.Sleep(time.Second)
-		b, _ := os.ReadFile(l.AgentLog("node1"))
-		t.Fatalf("%v\n%s", err, b)
+		t.Fatalf("%v\n%s", err, tailFile(l.AgentLog("node1"), 40))
 	}
 	pinDir := filepath.Join(lab.BPFRoot, cfg.Prefix+"-node1")
-	progs, err := datapath.Programs(pinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	maps, err := datapath.DumpMaps(pinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ours := map[string]map[uint32]bool{"prog": {}, "map": {}, "link": {}}
-	for _, p := range progs {
-		ours["prog"][p.ID], ours["link"][p.LinkID] = true, true
-	}
-	for _, m := range maps.Maps {
-		ours["map"][m.ID] = true
-	}
-	if len(ours["prog"]) < 5 || len(ours["link"]) < 5 || len(ours["map"]) < 6 {
-		t.Fatalf("expected the agent to hold 5+ programs, links and 6 maps; found %v", ours)
-	}
+	ours := agentObjects(t, pinDir, l.AgentPID("node1"))
+	checkObjects(t, ours)
+	t.Logf("objects of the agent before cleanup:\n%s", ours)
 
 	if err := l.StopAgent("node1", syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -75,40 +55,7 @@ func TestAgentCleanup(t *testing.T) {
 	if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
 		t.Fatalf("pin folder %s still there after cleanup (%v)", pinDir, err)
 	}
-	// The kernel frees maps from a work queue after the last reference goes, so
-	// give it a moment before calling what is left a leak.
-	var left []string
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		left = leftovers(t, ours)
-		if len(left) == 0 || time.Now().After(deadline) {
-			break
-		}
-	}
-	if len(left) > 0 {
+	if left := waitGone(t, ours.ids); len(left) > 0 {
 		t.Fatalf("bpftool still lists after cleanup: %v", left)
 	}
-}
-
-// leftovers lists the objects of ours that bpftool still shows.
-func leftovers(t *testing.T, ours map[string]map[uint32]bool) []string {
-	var left []string
-	for kind, ids := range ours {
-		out, err := exec.Command("bpftool", "-j", kind, "show").Output()
-		if err != nil {
-			t.Fatalf("bpftool %s show: %v", kind, err)
-		}
-		var objs []struct {
-			ID   uint32 `json:"id"`
-			Name string `json:"name"`
-		}
-		if err := json.Unmarshal(out, &objs); err != nil {
-			t.Fatalf("bpftool %s show: %v", kind, err)
-		}
-		for _, o := range objs {
-			if ids[o.ID] {
-				left = append(left, fmt.Sprintf("%s %d (%s)", kind, o.ID, o.Name))
-			}
-		}
-	}
-	return left
 }

@@ -10,7 +10,6 @@ import (
 	"context"
 	"fmt"
 	"github.com/ferrymesh/ferry/api/ferryv1"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -70,23 +69,10 @@ func cpSetup(t *testing.T) *env {
 }
 
 func cpBringUp() (*env, error) {
-	bin, err := os.MkdirTemp("", "ferry-e2e-cp-bin-")
-	if err != nil {
-		return nil, err
-	}
-	build := exec.Command("go", "build", "-o", bin+"/", "github.com/ferrymesh/ferry/cmd/ferry", "github.com/ferrymesh/ferry/cmd/ferry-agent", "github.com/ferrymesh/ferry/cmd/ferry-operator")
-	if out, err := build.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build binaries: %v\n%s", err, out)
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
 	cfg := lab.Config{
-		Prefix:      cpPrefix,
-		PodNet:      cpPodNet,
-		AgentBinary: filepath.Join(bin, "ferry-agent"),
-		Operator:    lab.OperatorConfig{Binary: filepath.Join(bin, "ferry-operator"), Args: []string{"--cert-ttl", cpCertTTL.String()}},
+		Prefix:   cpPrefix,
+		PodNet:   cpPodNet,
+		Operator: lab.OperatorConfig{Args: []string{"--cert-ttl", cpCertTTL.String()}},
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{
 				{Name: "a", Namespace: "shop", ServiceAccount: "web", Enrolled: true},
@@ -102,37 +88,15 @@ func cpBringUp() (*env, error) {
 		n := &cfg.Nodes[i%2]
 		n.Pods = append(n.Pods, lab.PodConfig{Name: fmt.Sprintf("l%d", i), Namespace: "lat", ServiceAccount: fmt.Sprintf("lat%d", i%5), Enrolled: true})
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	l, err := lab.Up(ctx, cfg, log)
+	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent", "ferry-operator")
 	if err != nil {
-		os.RemoveAll(bin)
 		return nil, err
-	}
-	e := &env{lab: l, bin: bin, self: self}
-	e.teardown = func() {
-		for _, s := range e.servers {
-			s.Process.Kill()
-			s.Wait()
-		}
-		if err := l.Down(); err != nil {
-			fmt.Fprintln(os.Stderr, "lab down:", err)
-		}
-		os.RemoveAll(bin)
-	}
-	fail := func(err error) (*env, error) {
-		e.teardown()
-		return nil, err
-	}
-	for _, node := range l.Nodes() {
-		if err := l.WaitAgentReady(ctx, node); err != nil {
-			return fail(err)
-		}
 	}
 	for _, pod := range []string{"a", "c", "d"} {
 		if err := e.startServer(ctx, pod, echoPort); err != nil {
-			return fail(err)
+			return e.fail(err)
 		}
 	}
 	return e, nil
@@ -302,12 +266,9 @@ func TestControlPlaneOperatorOutage(t *testing.T) {
 	e := cpSetup(t)
 	e.waitEnrolled(t, "node1", append(shopPods("node1"), latOn("node1")...)...)
 	before := e.status(t, "node1").StateVersion
-	done := make(chan error, 1)
-	go func() {
-		_, err := e.run(t, "a", "idle", e.addr("c", echoPort), "8")
-		done <- err
-	}()
-	time.Sleep(500 * time.Millisecond) // let the idle connection open before the kill
+	// A connection open before the kill, held until the agents have resynced.
+	release := e.hold(t, "a", e.addr("c", echoPort))
+	e.waitLive(t, "node1", "a", "c", echoPort)
 	if err := e.lab.StopOperator(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +289,7 @@ func TestControlPlaneOperatorOutage(t *testing.T) {
 	if after == before {
 		t.Fatalf("agent on node1 did not resync: state version still %d", before)
 	}
-	if err := <-done; err != nil {
+	if err := release(); err != nil {
 		t.Fatalf("a connection open across the outage broke: %v", err)
 	}
 	e.waitEnrolled(t, "node1", append(shopPods("node1"), latOn("node1")...)...)
@@ -601,7 +562,22 @@ func (e *env) firstMTLS(t *testing.T, label func()) []time.Duration {
 		}
 		procs = append(procs, cmd)
 	}
-	time.Sleep(time.Second) // the probes are connecting (in plaintext) before the label
+	// Every probe is connecting (in plaintext, its pod is not in the mesh yet) before
+	// the label: the destination's agent has recorded each.
+	probing := time.Now()
+	seen := map[string]bool{}
+	for deadline := probing.Add(30 * time.Second); len(seen) < latPods; time.Sleep(50 * time.Millisecond) {
+		for _, node := range e.lab.Nodes() {
+			for _, cn := range e.conns(node) {
+				if name, ok := src[cn.Src.Addr()]; ok && cn.Direction == proxy.Inbound && cn.Security == proxy.Plaintext && !cn.Start.Before(probing) {
+					seen[name] = true
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d probes were recorded by their destination's agent within 30s", len(seen), latPods)
+		}
+	}
 	start := time.Now()
 	label()
 	first := map[string]time.Time{}
@@ -686,7 +662,7 @@ func TestControlPlaneRelay(t *testing.T) {
 	e.mustRun(t, "l1", "echo", e.addr("a", echoPort), "4096") // l1 runs on node2, a on node1
 	want := map[string]bool{"node1": false, "node2": false}
 	var flows []*ferryv1.Flow
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+	for deadline := time.Now().Add(carryWait); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		out, err := exec.Command(filepath.Join(e.bin, "ferry"), "observe", "--server", "unix://"+sock, "--last", "200", "-o", "json").Output()
 		if err != nil {
 			continue // the relay reaches the agents on first use

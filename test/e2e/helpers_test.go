@@ -3,17 +3,14 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"fmt"
 	"io"
 	"os/exec"
-	"sort"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent"
-	"github.com/ferrymesh/ferry/agent/datapath"
 )
 
 type agentStatus = agent.Status
@@ -100,16 +97,6 @@ func (e *env) cookie(t *testing.T, node, pod string) uint64 {
 	}
 	t.Fatalf("agent on %s has not enrolled %s", node, pod)
 	return 0
-}
-
-// mapIDs names each map with its kernel ID, in a stable order.
-func mapIDs(d datapath.MapsDump) string {
-	var ids []string
-	for _, m := range d.Maps {
-		ids = append(ids, fmt.Sprintf("%s=%d", m.Name, m.ID))
-	}
-	sort.Strings(ids)
-	return strings.Join(ids, ",")
 }
 
 // goroutines is node's agent's goroutine profile, for failure messages.

@@ -9,11 +9,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -50,11 +50,10 @@ var (
 
 // env is the lab and the binaries the tests drive.
 type env struct {
-	lab      *lab.Lab
-	bin      string // folder with ferry and ferry-agent
-	self     string // this test binary, re-executed in pods for client scenarios
-	servers  []*exec.Cmd
-	teardown func()
+	lab     *lab.Lab
+	bin     string // folder with the binaries newEnv built
+	self    string // this test binary, re-executed in pods for client scenarios
+	servers []*lab.PodProcess
 }
 
 func TestMain(m *testing.M) {
@@ -81,61 +80,89 @@ func setup(t *testing.T) *env {
 }
 
 func bringUp() (*env, error) {
-	bin, err := os.MkdirTemp("", "ferry-e2e-bin-")
+	cfg := lab.DefaultConfig()
+	cfg.Prefix = prefix
+	cfg.PodNet = podNet
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
 	if err != nil {
 		return nil, err
 	}
-	build := exec.Command("go", "build", "-o", bin+"/", "github.com/ferrymesh/ferry/cmd/ferry", "github.com/ferrymesh/ferry/cmd/ferry-agent")
-	if out, err := build.CombinedOutput(); err != nil {
+	for _, pod := range []string{"a", "b", "c", "d"} {
+		if err := e.startServer(ctx, pod, echoPort); err != nil {
+			return e.fail(err)
+		}
+		if err := e.startServer(ctx, pod, bannerPort, "--banner", banner); err != nil {
+			return e.fail(err)
+		}
+		if err := e.startFerry(ctx, pod, sinkPort, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort)); err != nil {
+			return e.fail(err)
+		}
+	}
+	return e, nil
+}
+
+// newEnv builds the commands of cmd/ (by name: "ferry", "ferry-agent",
+// "ferry-operator") into a temporary folder, brings up the lab cfg describes with
+// them (its AgentBinary and Operator.Binary are set when those are built) and waits
+// until every agent is ready.
+func newEnv(ctx context.Context, cfg lab.Config, cmds ...string) (*env, error) {
+	bin, err := os.MkdirTemp("", "ferry-e2e-"+cfg.Prefix+"-bin-")
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"build", "-o", bin + "/"}
+	for _, c := range cmds {
+		args = append(args, "github.com/ferrymesh/ferry/cmd/"+c)
+	}
+	if out, err := exec.CommandContext(ctx, "go", args...).CombinedOutput(); err != nil {
+		os.RemoveAll(bin)
 		return nil, fmt.Errorf("build binaries: %v\n%s", err, out)
 	}
 	self, err := os.Executable()
 	if err != nil {
+		os.RemoveAll(bin)
 		return nil, err
 	}
-	cfg := lab.DefaultConfig()
-	cfg.Prefix = prefix
-	cfg.PodNet = podNet
-	cfg.AgentBinary = filepath.Join(bin, "ferry-agent")
+	if slices.Contains(cmds, "ferry-agent") {
+		cfg.AgentBinary = filepath.Join(bin, "ferry-agent")
+	}
+	if slices.Contains(cmds, "ferry-operator") {
+		cfg.Operator.Binary = filepath.Join(bin, "ferry-operator")
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
 	l, err := lab.Up(ctx, cfg, log)
 	if err != nil {
+		os.RemoveAll(bin)
 		return nil, err
 	}
 	e := &env{lab: l, bin: bin, self: self}
-	e.teardown = func() {
-		for _, s := range e.servers {
-			s.Process.Kill()
-			s.Wait()
-		}
-		if err := l.Down(); err != nil {
-			fmt.Fprintln(os.Stderr, "lab down:", err)
-		}
-		os.RemoveAll(bin)
-	}
-	fail := func(err error) (*env, error) {
-		e.teardown()
-		return nil, err
-	}
-	for _, node := range l.Nodes() {
-		if err := l.WaitAgentReady(ctx, node); err != nil {
-			return fail(err)
-		}
-	}
-	for _, pod := range []string{"a", "b", "c", "d"} {
-		if err := e.startServer(ctx, pod, echoPort); err != nil {
-			return fail(err)
-		}
-		if err := e.startServer(ctx, pod, bannerPort, "--banner", banner); err != nil {
-			return fail(err)
-		}
-		if err := e.startFerry(ctx, pod, sinkPort, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort)); err != nil {
-			return fail(err)
+	if cfg.AgentBinary != "" {
+		for _, node := range l.Nodes() {
+			if err := l.WaitAgentReady(ctx, node); err != nil {
+				return e.fail(err)
+			}
 		}
 	}
 	return e, nil
+}
+
+// teardown stops the servers, takes the lab down and removes the binaries.
+func (e *env) teardown() {
+	for _, s := range e.servers {
+		s.Stop()
+	}
+	if err := e.lab.Down(); err != nil {
+		fmt.Fprintln(os.Stderr, "lab down:", err)
+	}
+	os.RemoveAll(e.bin)
+}
+
+// fail tears the environment down and returns err, for a bring-up that failed.
+func (e *env) fail(err error) (*env, error) {
+	e.teardown()
+	return nil, err
 }
 
 // startServer runs ferry's echo server in pod on port and waits until it accepts.
@@ -146,31 +173,12 @@ func (e *env) startServer(ctx context.Context, pod string, port int, args ...str
 // startFerry runs `ferry ARGS...` in pod as a server on port and waits until it accepts.
 func (e *env) startFerry(ctx context.Context, pod string, port int, args ...string) error {
 	cmd := e.lab.Command(context.Background(), pod, filepath.Join(e.bin, "ferry"), args...)
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("%v in %s: %w", args, pod, err)
-	}
-	e.servers = append(e.servers, cmd)
-	ns, err := e.lab.Netns(pod)
+	p, err := e.lab.StartInPod(ctx, pod, port, cmd)
 	if err != nil {
 		return err
 	}
-	defer ns.Close()
-	// Probe over loopback: a probe to the pod IP would be captured as inbound traffic.
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	for ctx.Err() == nil {
-		err := ns.Do(func() error {
-			c, err := net.DialTimeout("tcp", addr, time.Second)
-			if err == nil {
-				c.Close()
-			}
-			return err
-		})
-		if err == nil {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("%v in %s never listened on %d", args, pod, port)
+	e.servers = append(e.servers, p)
+	return nil
 }
 
 func (e *env) pod(name string) lab.PodInfo {
@@ -192,19 +200,62 @@ func (e *env) run(t *testing.T, pod string, args ...string) (scenarioResult, err
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := e.lab.Command(ctx, pod, e.self, "-test.run=^$")
-	cmd.Env = append(cmd.Env, scenarioEnv+"="+strings.Join(args, " "))
+	cmd := e.scenarioCommand(ctx, pod, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
+	return scenarioOutcome(pod, args, out, stderr.String(), err)
+}
+
+func (e *env) scenarioCommand(ctx context.Context, pod string, args ...string) *exec.Cmd {
+	cmd := e.lab.Command(ctx, pod, e.self, "-test.run=^$")
+	cmd.Env = append(cmd.Env, scenarioEnv+"="+strings.Join(args, " "))
+	return cmd
+}
+
+// scenarioOutcome reads a scenario's JSON line and exit status.
+func scenarioOutcome(pod string, args []string, out []byte, stderr string, err error) (scenarioResult, error) {
 	var res scenarioResult
 	if jerr := json.Unmarshal(bytes.TrimSpace(lastLine(out)), &res); jerr != nil {
-		return res, fmt.Errorf("scenario %v in %s: %v (output %q, stderr %q)", args, pod, err, out, stderr.String())
+		return res, fmt.Errorf("scenario %v in %s: %v (output %q, stderr %q)", args, pod, err, out, stderr)
 	}
-	if res.Err != "" && err != nil {
-		return res, fmt.Errorf("scenario %v in %s: %s", args, pod, res.Err)
+	// A scenario that failed says why in its JSON line and exits non-zero; either
+	// alone is a failure too.
+	if res.Err != "" || err != nil {
+		return res, fmt.Errorf("scenario %v in %s: %s (exit: %v, stderr %q)", args, pod, res.Err, err, stderr)
 	}
 	return res, nil
+}
+
+// hold opens a connection from pod to addr that stays open, echoing before and after,
+// until release is called; release returns the scenario's outcome.
+func (e *env) hold(t *testing.T, pod, addr string) (release func() error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	args := []string{"hold", addr}
+	cmd := e.scenarioCommand(ctx, pod, args...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("scenario %v in %s: %v", args, pod, err)
+	}
+	var once sync.Once
+	var outcome error
+	release = func() error {
+		once.Do(func() {
+			stdin.Close()
+			werr := cmd.Wait()
+			cancel()
+			_, outcome = scenarioOutcome(pod, args, stdout.Bytes(), stderr.String(), werr)
+		})
+		return outcome
+	}
+	t.Cleanup(func() { release() })
+	return release
 }
 
 // mustRun is run that fails the test on error.
@@ -239,10 +290,10 @@ func (e *env) status(t *testing.T, node string) agent.Status {
 	return st
 }
 
-// findConn waits up to 5 s for a connection recorded by node's agent that matches.
+// findConn waits for a connection recorded by node's agent that matches.
 func (e *env) findConn(t *testing.T, node string, match func(c connRecord) bool) connRecord {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(carryWait)
 	var seen []connRecord
 	for time.Now().Before(deadline) {
 		cs, err := e.admin(node).Connections(context.Background())

@@ -131,6 +131,20 @@ func scenario(args []string) (scenarioResult, error) {
 			return scenarioResult{}, fmt.Errorf("after %ds idle: %w", n, err)
 		}
 		return scenarioResult{Bytes: 2048, Seconds: time.Since(start).Seconds()}, nil
+	case "hold": // echo, hold the connection until stdin ends, echo again
+		conn, err := dial(addr)
+		if err != nil {
+			return scenarioResult{}, err
+		}
+		defer conn.Close()
+		if err := echo(conn, 1024); err != nil {
+			return scenarioResult{}, fmt.Errorf("before holding: %w", err)
+		}
+		io.Copy(io.Discard, os.Stdin)
+		if err := echo(conn, 1024); err != nil {
+			return scenarioResult{}, fmt.Errorf("after holding %v: %w", time.Since(start).Round(time.Millisecond), err)
+		}
+		return scenarioResult{Bytes: 2048, Seconds: time.Since(start).Seconds()}, nil
 	case "bytewise": // n writes of one byte each arrive in order
 		conn, err := dial(addr)
 		if err != nil {
