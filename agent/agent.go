@@ -20,6 +20,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
@@ -321,11 +322,7 @@ func (a *Agent) writeCache() error {
 	if err != nil {
 		return err
 	}
-	tmp := a.cfg.StateCache + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, a.cfg.StateCache)
+	return atomicfile.Write(a.cfg.StateCache, b, 0o600)
 }
 
 // Stop closes the pods' listeners, waits for proxied connections to end and
