@@ -21,6 +21,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/ferrymesh/ferry/lab/echo"
 	"github.com/spf13/cobra"
@@ -409,8 +410,7 @@ The listener does not use MPTCP, like every listener Ferry opens.`,
   sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var lc net.ListenConfig
-			lc.SetMultipathTCP(false)
+			lc := listener.Config()
 			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)

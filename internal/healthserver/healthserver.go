@@ -12,7 +12,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ferrymesh/ferry/internal/listen"
+	"github.com/ferrymesh/ferry/internal/listener"
 )
 
 // Routes says what a Server answers; an unset route is not served.
@@ -64,7 +64,7 @@ func New(addr string, routes Routes, log *slog.Logger) *Server {
 // Start opens the listener, failing at once on a bad address, and serves in the
 // background until Stop.
 func (s *Server) Start(ctx context.Context) error {
-	ln, err := listen.Addr(ctx, s.addr)
+	ln, err := listener.Addr(ctx, s.addr)
 	if err != nil {
 		return err
 	}

@@ -1,5 +1,5 @@
-// Package listen opens every listener Ferry serves on, with Multipath TCP off.
-package listen
+// Package listener opens every listener Ferry serves on, with Multipath TCP off.
+package listener
 
 import (
 	"context"
