@@ -29,6 +29,8 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/bpf"
+	"github.com/ferrymesh/ferry/internal/healthserver"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -253,7 +255,7 @@ type observability struct {
 	metrics *metrics.Metrics
 
 	grpc    *grpc.Server
-	httpSrv *http.Server
+	httpSrv *healthserver.Server
 	sockets []string
 	wg      sync.WaitGroup
 
@@ -364,8 +366,7 @@ func (o *observability) Start() error {
 		}
 		return err
 	}
-	lc := net.ListenConfig{}
-	lc.SetMultipathTCP(false)
+	lc := listener.Config()
 	if p := o.cfg.ObserverSocket; p != "" {
 		if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
 			return fmt.Errorf("observer socket dir: %w", err)
@@ -388,19 +389,14 @@ func (o *observability) Start() error {
 		}
 		lns = append(lns, ln)
 	}
-	var metricsLn net.Listener
 	if a := o.cfg.MetricsAddr; a != "" {
-		ln, err := lc.Listen(context.Background(), "tcp", a)
-		if err != nil {
+		o.httpSrv = healthserver.New(a, healthserver.Routes{Metrics: o.metrics.Handler()}, o.log)
+		if err := o.httpSrv.Start(context.Background()); err != nil {
 			return fail(fmt.Errorf("metrics listener: %w", err))
 		}
-		metricsLn = ln
-		lns = append(lns, ln)
+		o.log.Info("metrics listening", "address", o.httpSrv.Addr().String())
 	}
 	for _, ln := range lns {
-		if ln == metricsLn {
-			continue
-		}
 		o.wg.Add(1)
 		go func() {
 			defer o.wg.Done()
@@ -409,19 +405,6 @@ func (o *observability) Start() error {
 			}
 		}()
 		o.log.Info("observer API listening", "address", ln.Addr().String())
-	}
-	if metricsLn != nil {
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", o.metrics.Handler())
-		o.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 60 * time.Second}
-		o.wg.Add(1)
-		go func() {
-			defer o.wg.Done()
-			if err := o.httpSrv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				o.log.Error("metrics server stopped", "error", err)
-			}
-		}()
-		o.log.Info("metrics listening", "address", metricsLn.Addr().String())
 	}
 	return nil
 }
@@ -433,7 +416,7 @@ func (o *observability) Stop() {
 	}
 	if o.httpSrv != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		o.httpSrv.Shutdown(ctx)
+		o.httpSrv.Stop(ctx)
 		cancel()
 	}
 	o.wg.Wait()

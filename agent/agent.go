@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -20,6 +18,8 @@ import (
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/atomicfile"
+	"github.com/ferrymesh/ferry/internal/healthserver"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
@@ -67,7 +67,7 @@ type Agent struct {
 	kick   chan struct{}
 	// cacheDirty says the state cache should be written again.
 	cacheDirty atomic.Bool
-	health     *http.Server
+	health     *healthserver.Server
 	obs        *observability
 
 	mu       sync.Mutex
@@ -209,30 +209,17 @@ func (a *Agent) startServers() error {
 	if a.cfg.HealthAddr == "" {
 		return nil
 	}
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	l, err := lc.Listen(context.Background(), "tcp", a.cfg.HealthAddr)
-	if err != nil {
+	a.health = healthserver.New(a.cfg.HealthAddr, healthserver.Routes{Ready: func() error {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if a.state == nil {
+			return errors.New("no state applied yet")
+		}
+		return nil
+	}}, a.log)
+	if err := a.health.Start(context.Background()); err != nil {
 		return fmt.Errorf("health listener: %w", err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		a.mu.Lock()
-		applied := a.state != nil
-		a.mu.Unlock()
-		if !applied {
-			http.Error(w, "no state applied yet", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	a.health = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		_ = a.health.Serve(l)
-	}()
 	return nil
 }
 
@@ -321,11 +308,7 @@ func (a *Agent) writeCache() error {
 	if err != nil {
 		return err
 	}
-	tmp := a.cfg.StateCache + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, a.cfg.StateCache)
+	return atomicfile.Write(a.cfg.StateCache, b, 0o600)
 }
 
 // Stop closes the pods' listeners, waits for proxied connections to end and
@@ -336,7 +319,7 @@ func (a *Agent) Stop() error {
 		a.cancel()
 	}
 	if a.health != nil {
-		a.health.Close()
+		a.health.Stop(context.Background())
 	}
 	a.wg.Wait()
 	if a.conn != nil {

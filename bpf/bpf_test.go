@@ -22,6 +22,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
@@ -193,8 +194,7 @@ func listen(t *testing.T, h *netns.Handle, network, addr string) *net.TCPListene
 	t.Helper()
 	var ln net.Listener
 	err := h.Do(func() error {
-		var lc net.ListenConfig
-		lc.SetMultipathTCP(false)
+		lc := listener.Config()
 		var err error
 		ln, err = lc.Listen(context.Background(), network, addr)
 		return err
@@ -504,8 +504,7 @@ func child(mode, arg string) error {
 }
 
 func childPair() error {
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
+	lc := listener.Config()
 	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
 	if err != nil {
 		return err

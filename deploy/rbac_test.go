@@ -154,7 +154,7 @@ func TestRBAC(t *testing.T) {
 		if err := op.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
-		defer op.Stop()
+		defer op.Stop(context.Background())
 		err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 60*time.Second, true, func(context.Context) (bool, error) {
 			return op.Leader() && op.Ready(), nil
 		})

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"regexp"
+	"strings"
 )
 
 // DefaultPrefix names everything a lab creates unless Config.Prefix says otherwise.
@@ -178,3 +179,35 @@ func FabricCIDR() netip.Prefix { return netip.MustParsePrefix("10.99.0.0/24") }
 // PodCIDRs holds every pod CIDR of a lab with the default PodNet; it is never routed
 // from the root namespace.
 func PodCIDRs() netip.Prefix { return netip.MustParsePrefix("10.100.0.0/16") }
+
+// ParseNodeFlag reads the value of ferry lab up --node, NAME=[NS/]POD[@SA][:out],...,
+// into a node: a POD without :out is enrolled.
+func ParseNodeFlag(spec string) (NodeConfig, error) {
+	name, pods, ok := strings.Cut(spec, "=")
+	if !ok || name == "" {
+		return NodeConfig{}, fmt.Errorf("--node %q: want NAME=POD[,POD...]", spec)
+	}
+	n := NodeConfig{Name: name}
+	for _, p := range strings.Split(pods, ",") {
+		if p == "" {
+			continue
+		}
+		pc := PodConfig{Enrolled: true}
+		if rest, ok := strings.CutSuffix(p, ":out"); ok {
+			pc.Enrolled = false
+			p = rest
+		}
+		if ns, rest, ok := strings.Cut(p, "/"); ok {
+			pc.Namespace, p = ns, rest
+		}
+		if rest, sa, ok := strings.Cut(p, "@"); ok {
+			p, pc.ServiceAccount = rest, sa
+		}
+		pc.Name = p
+		if pc.Name == "" {
+			return n, fmt.Errorf("--node %q: empty pod name", spec)
+		}
+		n.Pods = append(n.Pods, pc)
+	}
+	return n, nil
+}

@@ -28,6 +28,7 @@ import (
 	"syscall"
 
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -407,10 +408,7 @@ func (l *Lab) save() error {
 		return fmt.Errorf("save lab: %w", err)
 	}
 	p := filepath.Join(l.desc.Config.StateDir, descriptionFile)
-	if err := os.WriteFile(p+".tmp", data, 0o644); err != nil {
-		return fmt.Errorf("save lab: %w", err)
-	}
-	if err := os.Rename(p+".tmp", p); err != nil {
+	if err := atomicfile.Write(p, data, 0o644); err != nil {
 		return fmt.Errorf("save lab: %w", err)
 	}
 	return nil

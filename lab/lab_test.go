@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -75,8 +76,7 @@ func listen(t *testing.T, l *Lab, pod string, port int) {
 	defer h.Close()
 	var ln net.Listener
 	err = h.Do(func() error {
-		var lc net.ListenConfig
-		lc.SetMultipathTCP(false)
+		lc := listener.Config()
 		var err error
 		ln, err = lc.Listen(context.Background(), "tcp", fmt.Sprintf(":%d", port))
 		return err

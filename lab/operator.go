@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -182,10 +183,7 @@ status:
 	}
 	for name, content := range files {
 		p := filepath.Join(op.ManifestDir, name)
-		if err := os.WriteFile(p+".tmp", []byte(content), 0o644); err != nil {
-			return fmt.Errorf("manifests: %w", err)
-		}
-		if err := os.Rename(p+".tmp", p); err != nil {
+		if err := atomicfile.Write(p, []byte(content), 0o644); err != nil {
 			return fmt.Errorf("manifests: %w", err)
 		}
 	}

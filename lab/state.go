@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/operator/ca"
 	"google.golang.org/protobuf/encoding/protojson"
 )
@@ -82,10 +83,7 @@ func (l *Lab) writeStatesWith(ca issuer) error {
 			return fmt.Errorf("state of %s: %w", n.Name, err)
 		}
 		// Private keys inside: readable by root only.
-		if err := os.WriteFile(n.StateFile+".tmp", data, 0o600); err != nil {
-			return fmt.Errorf("state of %s: %w", n.Name, err)
-		}
-		if err := os.Rename(n.StateFile+".tmp", n.StateFile); err != nil {
+		if err := atomicfile.Write(n.StateFile, data, 0o600); err != nil {
 			return fmt.Errorf("state of %s: %w", n.Name, err)
 		}
 	}

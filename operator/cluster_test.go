@@ -216,7 +216,7 @@ func TestClusterMode(t *testing.T) {
 	if err := op.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	defer op.Stop()
+	defer op.Stop(context.Background())
 	waitFor(t, 30*time.Second, "operator ready", op.Ready)
 
 	// The CA root is in its Secret, and the trust bundle in the ConfigMap agents mount.

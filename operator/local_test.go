@@ -119,7 +119,7 @@ func localOperator(t *testing.T) (op *operator.Operator, dir, state, sock string
 	if err := op.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(op.Stop)
+	t.Cleanup(func() { op.Stop(context.Background()) })
 	waitFor(t, 10*time.Second, "operator ready", op.Ready)
 	return op, dir, state, sock
 }
@@ -328,7 +328,7 @@ func TestExampleManifests(t *testing.T) {
 	if err := op.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	defer op.Stop()
+	defer op.Stop(context.Background())
 	waitFor(t, 10*time.Second, "operator ready", op.Ready)
 	if errs := op.ManifestErrors(); len(errs) != 0 {
 		t.Fatalf("manifest errors: %v", errs)

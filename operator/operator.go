@@ -12,14 +12,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/healthserver"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/operator/ca"
 	"github.com/ferrymesh/ferry/operator/local"
 	"github.com/ferrymesh/ferry/operator/mesh"
@@ -51,47 +50,6 @@ const (
 	DefaultAgentSA = "ferry-agent"
 )
 
-// Config configures an Operator. Addresses are host:port or unix:///path; an empty
-// address disables that listener.
-type Config struct {
-	Kubeconfig string // "" means in-cluster
-	// Local is a folder of manifests to serve instead of a cluster.
-	Local string
-	// StateDir keeps local mode's CA and node tokens.
-	StateDir     string
-	Namespace    string
-	GRPCAddr     string
-	HealthAddr   string
-	MetricsAddr  string
-	TrustDomain  string
-	CASecret     string
-	UserCASecret string
-	CertTTL      time.Duration
-	// AgentServiceAccount is the service account (in Namespace) whose tokens
-	// agents present; "" accepts any pod-bound token.
-	AgentServiceAccount string
-	// ServingNames are extra DNS names of the gRPC serving certificate.
-	ServingNames []string
-
-	LeaderElect   bool
-	LeaseDuration time.Duration
-	RenewDeadline time.Duration
-	RetryPeriod   time.Duration
-	// Identity names this replica in the Lease; default hostname plus a random suffix.
-	Identity string
-	// PollInterval is how often local mode looks for changed manifests.
-	PollInterval time.Duration
-
-	// RelayAddr serves the cluster-wide flow relay (Observer API); "" turns it off.
-	RelayAddr string
-	// RelayAgents are Observer addresses of agents the relay always reads
-	// ("unix:///path" or host:port), e.g. the lab's agents in local mode.
-	RelayAgents []string
-	// RelayAgentPort, when set, makes the relay read every running agent pod at
-	// its IP and this port (the agents' --observer-addr).
-	RelayAgentPort int
-}
-
 // Operator is one operator replica.
 type Operator struct {
 	cfg Config
@@ -104,48 +62,26 @@ type Operator struct {
 	loader  *local.Loader
 	tokens  *server.NodeTokens
 
-	grpcLis, healthLis, metricsLis net.Listener
-	grpc                           atomic.Pointer[grpc.Server]
-	https                          []*http.Server
+	grpcLis net.Listener
+	grpc    atomic.Pointer[grpc.Server]
+
+	// The goroutines of the informers, the relay, the election and the agent
+	// server; started holds what Start started, for Stop.
+	informers, relay, election, agents *group
+	started                            []component
 
 	leader  atomic.Bool
 	ready   atomic.Bool
 	ca      atomic.Pointer[ca.CA]
 	serving atomic.Pointer[tls.Certificate]
 	srv     atomic.Pointer[server.Server]
-
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
 }
 
 // New validates cfg and builds the clients; nothing is started.
 func New(cfg Config, log *slog.Logger) (*Operator, error) {
-	if cfg.Namespace == "" {
-		cfg.Namespace = "ferry-system"
-	}
-	if cfg.TrustDomain == "" {
-		cfg.TrustDomain = "cluster.local"
-	}
-	if cfg.CASecret == "" {
-		cfg.CASecret = "ferry-ca"
-	}
-	if cfg.CertTTL == 0 {
-		cfg.CertTTL = ca.DefaultTTL
-	}
+	cfg = cfg.withDefaults()
 	if cfg.CertTTL < 0 {
 		return nil, errors.New("operator config: negative certificate ttl")
-	}
-	if cfg.LeaseDuration == 0 {
-		cfg.LeaseDuration = 15 * time.Second
-	}
-	if cfg.RenewDeadline == 0 {
-		cfg.RenewDeadline = 10 * time.Second
-	}
-	if cfg.RetryPeriod == 0 {
-		cfg.RetryPeriod = 2 * time.Second
-	}
-	if cfg.PollInterval == 0 {
-		cfg.PollInterval = 500 * time.Millisecond
 	}
 	if cfg.Identity == "" {
 		host, _ := os.Hostname()
@@ -252,93 +188,121 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// Listen opens a TCP (host:port) or unix (unix:///path) listener with MPTCP off.
-// A stale unix socket file is replaced.
-func Listen(addr string) (net.Listener, error) {
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	if path, ok := strings.CutPrefix(addr, "unix://"); ok {
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("listen %s: %w", addr, err)
-		}
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-			return nil, fmt.Errorf("listen %s: %w", addr, err)
-		}
-		l, err := lc.Listen(context.Background(), "unix", path)
-		if err != nil {
-			return nil, fmt.Errorf("listen %s: %w", addr, err)
-		}
-		return l, nil
-	}
-	l, err := lc.Listen(context.Background(), "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", addr, err)
-	}
-	return l, nil
-}
-
-// Start opens the listeners (failing at once on a bad address), starts the
-// informers, and in the background loads the CA and serves agents.
+// Start starts the operator's components in order: the gRPC listener (so a bad
+// address fails at once), the health and metrics servers, the informers, the flow
+// relay, leader election, and in the background the agent server, which loads the
+// CA and serves agents. They run until ctx ends or Stop.
 func (o *Operator) Start(ctx context.Context) error {
-	var err error
-	if o.grpcLis, err = Listen(o.cfg.GRPCAddr); err != nil {
+	if !o.cfg.LeaderElect {
+		o.leader.Store(true)
+	}
+	started, err := startAll(ctx, o.components())
+	if err != nil {
 		return err
 	}
-	if o.cfg.HealthAddr != "" {
-		if o.healthLis, err = Listen(o.cfg.HealthAddr); err != nil {
-			o.grpcLis.Close()
-			return err
-		}
-	}
-	if o.cfg.MetricsAddr != "" {
-		if o.metricsLis, err = Listen(o.cfg.MetricsAddr); err != nil {
-			o.grpcLis.Close()
-			if o.healthLis != nil {
-				o.healthLis.Close()
-			}
-			return err
-		}
-	}
-	ctx, o.cancel = context.WithCancel(context.Background())
-	o.serveHTTP()
+	o.started = started
+	return nil
+}
 
+// components lists the operator's parts in start order.
+func (o *Operator) components() []component {
+	cs := []component{{name: "grpc listener", start: o.listenGRPC, stop: func(context.Context) error {
+		o.grpcLis.Close()
+		return nil
+	}}}
+	for _, s := range []struct {
+		name, addr string
+		routes     healthserver.Routes
+	}{
+		{"health server", o.cfg.HealthAddr, healthserver.Routes{Ready: o.readyErr}},
+		{"metrics server", o.cfg.MetricsAddr, healthserver.Routes{Metrics: promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{})}},
+	} {
+		if s.addr == "" {
+			continue
+		}
+		hs := healthserver.New(s.addr, s.routes, o.log)
+		cs = append(cs, component{name: s.name, start: hs.Start, stop: hs.Stop})
+	}
+	cs = append(cs, component{name: "informers", start: o.startInformers, stop: func(ctx context.Context) error {
+		err := o.informers.stop(ctx)
+		o.factory.Shutdown()
+		return err
+	}})
+	if o.cfg.RelayAddr != "" {
+		cs = append(cs, component{name: "flow relay", start: func(ctx context.Context) error {
+			if err := o.startRelay(ctx); err != nil {
+				o.log.Error("flow relay not started", "error", err)
+			}
+			return nil
+		}, stop: func(ctx context.Context) error {
+			if o.relay == nil {
+				return nil
+			}
+			return o.relay.stop(ctx)
+		}})
+	}
+	if o.cfg.LeaderElect {
+		cs = append(cs, component{name: "leader election", start: func(ctx context.Context) error {
+			o.election = newGroup(ctx)
+			o.election.run(o.elect)
+			return nil
+		}, stop: func(ctx context.Context) error { return o.election.stop(ctx) }})
+	}
+	return append(cs, component{name: "agent server", start: func(ctx context.Context) error {
+		o.agents = newGroup(ctx)
+		o.agents.run(func(ctx context.Context) {
+			if err := o.serve(ctx); err != nil && ctx.Err() == nil {
+				o.log.Error("operator cannot serve agents", "error", err)
+			}
+		})
+		return nil
+	}, stop: func(ctx context.Context) error {
+		o.agents.cancel()
+		// Streams never end on their own: close them; agents keep their state and
+		// reconnect to another replica or to the next start.
+		if g := o.grpc.Load(); g != nil {
+			g.Stop()
+		}
+		o.grpcLis.Close()
+		return o.agents.stop(ctx)
+	}})
+}
+
+func (o *Operator) listenGRPC(ctx context.Context) error {
+	var err error
+	o.grpcLis, err = listener.Addr(ctx, o.cfg.GRPCAddr)
+	return err
+}
+
+// startInformers loads local mode's manifests and starts the informers and the
+// mesh view.
+func (o *Operator) startInformers(ctx context.Context) error {
+	o.informers = newGroup(ctx)
+	ctx = o.informers.ctx
 	if o.loader != nil {
 		if err := o.loader.Load(ctx); err != nil {
 			o.log.Error("manifests", "error", err)
 		}
 	}
 	o.factory.Start(ctx.Done())
-	o.goRun(func() { o.view.Run(ctx) })
+	o.informers.run(o.view.Run)
 	if o.loader != nil {
-		o.goRun(func() {
+		o.informers.run(func(ctx context.Context) {
 			// After the informers have listed: the in-memory clientset cannot
 			// replay changes made between an informer's list and its watch.
 			o.factory.WaitForCacheSync(ctx.Done())
 			o.loader.Start(ctx, o.cfg.PollInterval)
 		})
 	}
-	if err := o.startRelay(ctx); err != nil {
-		o.log.Error("flow relay not started", "error", err)
-	}
-	if o.cfg.LeaderElect {
-		o.goRun(func() { o.elect(ctx) })
-	} else {
-		o.leader.Store(true)
-	}
-	o.goRun(func() {
-		if err := o.serve(ctx); err != nil && ctx.Err() == nil {
-			o.log.Error("operator cannot serve agents", "error", err)
-		}
-	})
 	return nil
 }
 
-func (o *Operator) goRun(f func()) {
-	o.wg.Add(1)
-	go func() {
-		defer o.wg.Done()
-		f()
-	}()
+// readyErr says why the replica does not serve agents yet.
+func (o *Operator) readyErr() error {
+	if !o.ready.Load() {
+		return errors.New("not ready: CA or informers not loaded yet")
+	}
+	return nil
 }
 
 // serve loads the CA, then serves gRPC until the listener closes.
@@ -402,7 +366,7 @@ func (o *Operator) serve(ctx context.Context) error {
 	if o.leader.Load() {
 		o.publishBundle(ctx)
 	}
-	o.goRun(func() {
+	o.agents.run(func(ctx context.Context) {
 		o.factory.WaitForCacheSync(ctx.Done())
 		for ctx.Err() == nil {
 			if s, _ := o.view.Current(); s != nil {
@@ -499,33 +463,6 @@ func (o *Operator) elect(ctx context.Context) {
 	}
 }
 
-// serveHTTP serves /healthz, /readyz and /metrics.
-func (o *Operator) serveHTTP() {
-	health := http.NewServeMux()
-	health.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	health.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !o.ready.Load() {
-			http.Error(w, "not ready: CA or informers not loaded yet", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	metrics := http.NewServeMux()
-	metrics.Handle("/metrics", promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{}))
-	for _, p := range []struct {
-		lis net.Listener
-		h   http.Handler
-	}{{o.healthLis, health}, {o.metricsLis, metrics}} {
-		if p.lis == nil {
-			continue
-		}
-		hs := &http.Server{Handler: p.h, ReadHeaderTimeout: 10 * time.Second}
-		o.https = append(o.https, hs)
-		lis := p.lis
-		o.goRun(func() { _ = hs.Serve(lis) })
-	}
-}
-
 // Leader reports whether this replica holds the lease (always, without election).
 func (o *Operator) Leader() bool { return o.leader.Load() }
 
@@ -543,23 +480,13 @@ func (o *Operator) ManifestErrors() []*local.ManifestError {
 	return o.loader.Errors()
 }
 
-// Stop stops serving and waits for every goroutine; a leader releases its lease.
-func (o *Operator) Stop() {
-	if o.cancel == nil {
-		return
+// Stop stops the components in reverse start order and waits for their goroutines,
+// until ctx ends; a leader releases its lease.
+func (o *Operator) Stop(ctx context.Context) error {
+	if o.started == nil {
+		return nil
 	}
-	o.cancel()
-	// Streams never end on their own: close them; agents keep their state and
-	// reconnect to another replica or to the next start.
-	if g := o.grpc.Load(); g != nil {
-		g.Stop()
-	}
-	o.grpcLis.Close()
-	for _, hs := range o.https {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = hs.Shutdown(sctx)
-		cancel()
-	}
-	o.wg.Wait()
-	o.factory.Shutdown()
+	err := stopAll(ctx, o.started)
+	o.started = nil
+	return err
 }

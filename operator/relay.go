@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/operator/relay"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -35,15 +36,18 @@ func (o *Operator) startRelay(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ln, err := Listen(o.cfg.RelayAddr)
+	ln, err := listener.Addr(ctx, o.cfg.RelayAddr)
 	if err != nil {
 		return fmt.Errorf("relay: %w", err)
 	}
-	if err := r.Start(ctx); err != nil {
+	g := newGroup(ctx)
+	if err := r.Start(g.ctx); err != nil {
+		g.cancel()
 		ln.Close()
 		return err
 	}
-	o.goRun(func() {
+	o.relay = g
+	g.run(func(ctx context.Context) {
 		defer r.Stop()
 		if err := r.Serve(ctx, ln); err != nil {
 			o.log.Error("relay stopped", "error", err)
@@ -51,7 +55,7 @@ func (o *Operator) startRelay(ctx context.Context) error {
 	})
 	if o.cfg.RelayAgentPort > 0 {
 		pods := o.factory.Core().V1().Pods().Lister()
-		o.goRun(func() { o.followAgentPods(ctx, r, pods, static) })
+		g.run(func(ctx context.Context) { o.followAgentPods(ctx, r, pods, static) })
 	}
 	o.log.Info("flow relay serving", "addr", o.cfg.RelayAddr, "agents", len(static), "agent_port", o.cfg.RelayAgentPort)
 	return nil

@@ -22,6 +22,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/bpf"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
@@ -250,8 +251,7 @@ func TestOrigDstRoundTrip(t *testing.T) {
 
 	var ln net.Listener
 	if err := pod.Do(func() error {
-		var lc net.ListenConfig
-		lc.SetMultipathTCP(false)
+		lc := listener.Config()
 		var err error
 		ln, err = lc.Listen(context.Background(), "tcp4", "127.0.0.1:15001")
 		return err

@@ -12,6 +12,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/bpf"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"golang.org/x/sys/unix"
 )
@@ -76,8 +77,7 @@ func BenchmarkOrigDst(b *testing.B) {
 		var ln net.Listener
 		var client net.Conn
 		if err := h.Do(func() error {
-			lc := net.ListenConfig{}
-			lc.SetMultipathTCP(false)
+			lc := listener.Config()
 			if ln, err = lc.Listen(context.Background(), "tcp", "127.0.0.1:15001"); err != nil {
 				return err
 			}

@@ -2,12 +2,12 @@ package flows
 
 import (
 	"context"
-	"net"
 	"runtime"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -119,8 +119,7 @@ func TestServerFollow(t *testing.T) {
 	r.Add(flow("c", "b", 80, time.Second))
 	srv := grpc.NewServer()
 	NewServer(r, "node1").Register(srv)
-	lc := net.ListenConfig{}
-	lc.SetMultipathTCP(false)
+	lc := listener.Config()
 	ln, err := lc.Listen(context.Background(), "unix", t.TempDir()+"/obs.sock")
 	if err != nil {
 		t.Fatal(err)

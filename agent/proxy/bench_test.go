@@ -11,6 +11,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
 )
@@ -36,8 +37,7 @@ func BenchmarkConnSetup(b *testing.B) {
 	app := netip.AddrPortFrom(ipB, 8080)
 	var appLn net.Listener
 	if err := nsB.Do(func() error {
-		lc := net.ListenConfig{}
-		lc.SetMultipathTCP(false)
+		lc := listener.Config()
 		var err error
 		appLn, err = lc.Listen(context.Background(), "tcp", app.String())
 		return err

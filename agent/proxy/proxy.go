@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"golang.org/x/sys/unix"
 )
 
@@ -527,8 +528,7 @@ func (p *Proxy) dial(ctx context.Context, ns *netns.Handle, src netip.Addr, dst 
 // listen opens a TCP listener on host:port inside ns, without MPTCP: an MPTCP socket
 // cannot enter a sockmap, so sk_lookup steering and the fast path would silently fail.
 func listen(ns *netns.Handle, host string, port int) (net.Listener, error) {
-	lc := net.ListenConfig{}
-	lc.SetMultipathTCP(false)
+	lc := listener.Config()
 	var ln net.Listener
 	err := ns.Do(func() error {
 		var err error

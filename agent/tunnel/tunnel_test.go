@@ -21,6 +21,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
+	"github.com/ferrymesh/ferry/internal/listener"
 )
 
 var (
@@ -138,8 +139,7 @@ func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 
 func listen(tb testing.TB) net.Listener {
 	tb.Helper()
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
+	lc := listener.Config()
 	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)

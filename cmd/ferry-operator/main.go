@@ -27,11 +27,12 @@ func main() {
 	}
 }
 
+// stopTimeout bounds how long a stopping operator waits for its parts.
+const stopTimeout = 10 * time.Second
+
 func run(ctx context.Context, args []string) error {
-	var (
-		cfg      operator.Config
-		logLevel slog.Level
-	)
+	cfg := operator.DefaultConfig()
+	var logLevel slog.Level
 	cmd := &cobra.Command{
 		Use:   "ferry-operator",
 		Short: "Ferry control plane: workload identities and node state for the agents",
@@ -82,32 +83,13 @@ where the network is trusted.`,
 			}
 			<-cmd.Context().Done()
 			log.Info("stopping")
-			o.Stop()
-			return nil
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(cmd.Context()), stopTimeout)
+			defer cancel()
+			return o.Stop(ctx)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster configuration)")
-	f.StringVar(&cfg.Local, "local", "", "local mode: serve the manifests in this folder instead of a cluster")
-	f.StringVar(&cfg.StateDir, "state-dir", "/var/lib/ferry-operator", "local mode: folder for the CA (ca.crt, ca.key) and node tokens (tokens/<node>)")
-	f.StringVar(&cfg.Namespace, "namespace", "ferry-system", "namespace of the CA Secret, the trust bundle ConfigMap and the Lease")
-	f.StringVar(&cfg.GRPCAddr, "grpc-addr", ":15012", "address of the Discovery and Certificates gRPC services (host:port or unix:///path)")
-	f.StringVar(&cfg.HealthAddr, "health-addr", ":15021", "address of /healthz and /readyz (\"\" disables)")
-	f.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15014", "address of Prometheus /metrics (\"\" disables)")
-	f.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain")
-	f.StringVar(&cfg.CASecret, "ca-secret", "ferry-ca", "Secret holding the CA root (tls.crt, tls.key); created on first start")
-	f.StringVar(&cfg.UserCASecret, "user-ca-secret", "", "Secret with a user-supplied CA (tls.crt, tls.key) used instead when it exists")
-	f.StringVar(&cfg.AgentServiceAccount, "agent-service-account", operator.DefaultAgentSA, "service account (in --namespace) of the agents; \"\" accepts any pod-bound token")
-	f.StringSliceVar(&cfg.ServingNames, "serving-names", nil, "extra DNS names for the gRPC serving certificate")
-	f.BoolVar(&cfg.LeaderElect, "leader-elect", false, "elect a leader with the Lease ferry-operator (run more than one replica)")
-	f.DurationVar(&cfg.LeaseDuration, "lease-duration", 15*time.Second, "leader election: how long a lease lasts without renewal")
-	f.DurationVar(&cfg.RenewDeadline, "renew-deadline", 10*time.Second, "leader election: how long the leader retries renewing before it steps down")
-	f.DurationVar(&cfg.RetryPeriod, "retry-period", 2*time.Second, "leader election: time between attempts")
-	f.StringVar(&cfg.Identity, "id", os.Getenv("POD_NAME"), "this replica's name in the Lease (default $POD_NAME, else hostname and a random suffix)")
-	f.DurationVar(&cfg.CertTTL, "cert-ttl", 24*time.Hour, "lifetime of workload certificates (agents renew at half life)")
-	f.StringVar(&cfg.RelayAddr, "relay-addr", "", "serve the cluster-wide flow relay (Observer API) here, host:port or unix:///path (\"\" disables)")
-	f.StringArrayVar(&cfg.RelayAgents, "relay-agent", nil, "an agent Observer address the relay reads, unix:///path or host:port (repeatable)")
-	f.IntVar(&cfg.RelayAgentPort, "relay-agent-port", 0, "also read every running agent pod at its IP and this port (the agents' --observer-addr)")
+	cfg.Flags(f)
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	cmd.SetArgs(args)
 	return cmd.ExecuteContext(ctx)

@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"time"
 
 	"github.com/ferrymesh/ferry/bench"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/spf13/cobra"
 )
 
@@ -142,8 +142,7 @@ func newBenchSinkCommand() *cobra.Command {
 		Example: `  sudo ferry lab exec c -- ferry bench tcp-sink --listen :5201`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			lc := net.ListenConfig{}
-			lc.SetMultipathTCP(false)
+			lc := listener.Config()
 			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)

@@ -10,17 +10,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
-	"sync"
 	"text/tabwriter"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/ferrymesh/ferry/lab/echo"
 	"github.com/spf13/cobra"
@@ -137,7 +134,7 @@ pods are 10.100.i.10, .11, ...
 			case len(nodes) > 0:
 				cfg.Nodes = nil
 				for _, spec := range nodes {
-					n, err := parseNodeSpec(spec)
+					n, err := lab.ParseNodeFlag(spec)
 					if err != nil {
 						return err
 					}
@@ -164,7 +161,7 @@ pods are 10.100.i.10, .11, ...
 				cfg.TrustDomain = trustDomain
 			}
 			out := cmd.OutOrStdout()
-			log := slog.New(newProgressHandler(out))
+			log := slog.New(lab.NewProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
 			if err != nil {
 				return err
@@ -205,37 +202,6 @@ func prefixFlag(prefix string) string {
 	return " --prefix " + prefix
 }
 
-// parseNodeSpec reads NAME=[NS/]POD[@SA][:out],...
-func parseNodeSpec(spec string) (lab.NodeConfig, error) {
-	name, pods, ok := strings.Cut(spec, "=")
-	if !ok || name == "" {
-		return lab.NodeConfig{}, fmt.Errorf("--node %q: want NAME=POD[,POD...]", spec)
-	}
-	n := lab.NodeConfig{Name: name}
-	for _, p := range strings.Split(pods, ",") {
-		if p == "" {
-			continue
-		}
-		pc := lab.PodConfig{Enrolled: true}
-		if rest, ok := strings.CutSuffix(p, ":out"); ok {
-			pc.Enrolled = false
-			p = rest
-		}
-		if ns, rest, ok := strings.Cut(p, "/"); ok {
-			pc.Namespace, p = ns, rest
-		}
-		if rest, sa, ok := strings.Cut(p, "@"); ok {
-			p, pc.ServiceAccount = rest, sa
-		}
-		pc.Name = p
-		if pc.Name == "" {
-			return n, fmt.Errorf("--node %q: empty pod name", spec)
-		}
-		n.Pods = append(n.Pods, pc)
-	}
-	return n, nil
-}
-
 func newLabDownCommand(f *labFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "down",
@@ -252,7 +218,7 @@ nothing when there is no lab.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			log := slog.New(newProgressHandler(out))
+			log := slog.New(lab.NewProgressHandler(out))
 			if err := lab.Clean(f.prefix, f.stateDir, log); err != nil {
 				return err
 			}
@@ -409,8 +375,7 @@ The listener does not use MPTCP, like every listener Ferry opens.`,
   sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var lc net.ListenConfig
-			lc.SetMultipathTCP(false)
+			lc := listener.Config()
 			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
@@ -460,9 +425,9 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 			if to == "" {
 				return errors.New("--to IP:PORT is required")
 			}
-			n, err := parseSize(size)
+			n, err := echo.ParseSize(size)
 			if err != nil {
-				return err
+				return fmt.Errorf("--bytes %q: %w", size, err)
 			}
 			if conns < 1 {
 				return errors.New("--conns must be at least 1")
@@ -470,40 +435,9 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			if roundTrips > 0 {
-				return runRoundTrips(ctx, cmd.OutOrStdout(), to, roundTrips, n)
+				return echo.MeasureRoundTrips(ctx, cmd.OutOrStdout(), to, roundTrips, n)
 			}
-			start := time.Now()
-			errs := make([]error, conns)
-			var wg sync.WaitGroup
-			for i := range conns {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					errs[i] = echoOnce(ctx, to, banner, n, echo.Pattern{Seed: seed + uint64(i)})
-				}()
-			}
-			wg.Wait()
-			d := time.Since(start)
-			out := cmd.OutOrStdout()
-			failed := 0
-			for i, err := range errs {
-				if err != nil {
-					failed++
-					fmt.Fprintf(out, "conn %d: %v\n", i, err)
-				}
-			}
-			// Only verified connections count towards bytes and throughput.
-			total := int64(n) * int64(conns-failed)
-			result := "ok"
-			if failed > 0 {
-				result = fmt.Sprintf("FAILED on %d of %d connections", failed, conns)
-			}
-			fmt.Fprintf(out, "to=%s conns=%d bytes=%d (each way) duration=%s throughput=%.1f MiB/s verify=%s\n",
-				to, conns, total, d.Round(time.Millisecond), float64(total)/d.Seconds()/(1<<20), result)
-			if failed > 0 {
-				return fmt.Errorf("echo verification failed on %d of %d connections", failed, conns)
-			}
-			return nil
+			return echo.Run(ctx, cmd.OutOrStdout(), echo.Load{To: to, Bytes: n, Conns: conns, Banner: banner, Seed: seed})
 		},
 	}
 	fl := cmd.Flags()
@@ -516,117 +450,6 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 	fl.IntVar(&roundTrips, "round-trips", 0, "measure latency: this many request-response round trips of --bytes")
 	return cmd
 }
-
-// runRoundTrips measures the connect time and n round trips of size bytes to addr.
-func runRoundTrips(ctx context.Context, out io.Writer, addr string, n, size int) error {
-	start := time.Now()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	if _, err := echo.RoundTrips(conn, 1, size); err != nil { // the first byte also waits for the far side's set-up
-		return err
-	}
-	setup := time.Since(start)
-	rtts, err := echo.RoundTrips(conn, n, size)
-	if err != nil {
-		return err
-	}
-	slices.Sort(rtts)
-	pct := func(p float64) time.Duration { return rtts[int(p*float64(len(rtts)-1))] }
-	fmt.Fprintf(out, "to=%s round_trips=%d bytes=%d connect+first=%s p50=%s p90=%s p99=%s max=%s\n",
-		addr, n, size, setup.Round(time.Microsecond), pct(0.5).Round(time.Microsecond), pct(0.9).Round(time.Microsecond),
-		pct(0.99).Round(time.Microsecond), rtts[len(rtts)-1].Round(time.Microsecond))
-	return nil
-}
-
-func echoOnce(ctx context.Context, to, banner string, n int, p echo.Pattern) error {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", to)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	if banner != "" {
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if err := echo.ReadBanner(c, banner); err != nil {
-			return err
-		}
-		c.SetReadDeadline(time.Time{})
-	}
-	return echo.SendAndVerify(ctx, c, n, p)
-}
-
-// parseSize reads sizes such as 10MiB, 1GB or 4096.
-func parseSize(s string) (int, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{
-		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
-		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
-	}
-	num, mult := strings.TrimSpace(s), int64(1)
-	for _, u := range units {
-		if rest, ok := strings.CutSuffix(num, u.suffix); ok {
-			num, mult = strings.TrimSpace(rest), u.mult
-			break
-		}
-	}
-	v, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || v < 0 || v*mult > 1<<40 {
-		return 0, fmt.Errorf("--bytes %q: want a size such as 4096, 10MiB or 1GB (at most 1TiB)", s)
-	}
-	return int(v * mult), nil
-}
-
-// progressHandler prints one plain line per log record: the progress of up and down.
-type progressHandler struct {
-	mu    *sync.Mutex
-	w     io.Writer
-	attrs []slog.Attr
-}
-
-func newProgressHandler(w io.Writer) *progressHandler {
-	return &progressHandler{mu: &sync.Mutex{}, w: w}
-}
-
-func (h *progressHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelInfo }
-
-func (h *progressHandler) Handle(_ context.Context, r slog.Record) error {
-	var b strings.Builder
-	switch {
-	case r.Level >= slog.LevelError:
-		b.WriteString("error: ")
-	case r.Level >= slog.LevelWarn:
-		b.WriteString("warning: ")
-	default:
-		b.WriteString("- ")
-	}
-	b.WriteString(r.Message)
-	add := func(a slog.Attr) bool {
-		fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
-		return true
-	}
-	for _, a := range h.attrs {
-		add(a)
-	}
-	r.Attrs(add)
-	b.WriteByte('\n')
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	_, err := io.WriteString(h.w, b.String())
-	return err
-}
-
-func (h *progressHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return &progressHandler{mu: h.mu, w: h.w, attrs: append(append([]slog.Attr(nil), h.attrs...), attrs...)}
-}
-
-func (h *progressHandler) WithGroup(string) slog.Handler { return h }
 
 func newLabDemoCommand(f *labFlags) *cobra.Command {
 	var agentBin, demoOperator string
@@ -666,7 +489,7 @@ and how many bytes. The lab stays up afterwards so you can look around.`,
 			cfg.Prefix, cfg.StateDir, cfg.AgentBinary = f.prefix, f.stateDir, agentBin
 			cfg.Operator.Binary = demoOperator
 			out := cmd.OutOrStdout()
-			log := slog.New(newProgressHandler(out))
+			log := slog.New(lab.NewProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
 			if err != nil {
 				return err

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/operator/relay"
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -54,8 +54,7 @@ loopback unless you mean to show flows to the network: they name pods and identi
 				return err
 			}
 			defer r.Stop()
-			lc := net.ListenConfig{}
-			lc.SetMultipathTCP(false)
+			lc := listener.Config()
 			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
 			if err != nil {
 				return fmt.Errorf("ui listener: %w", err)

@@ -43,7 +43,7 @@ const MaxBytes = 1 << 30
 
 // Serve answers connections on ln until ctx ends, then closes ln and every open
 // connection and returns nil once the handlers are done. Pass a listener opened with
-// MPTCP off (net.ListenConfig.SetMultipathTCP(false)), as every Ferry listener is.
+// MPTCP off (package internal/listener), as every Ferry listener is.
 func Serve(ctx context.Context, ln net.Listener, opts Options) error {
 	if opts.Mode == ModeHTTP {
 		return serveHTTP(ctx, ln, opts)

@@ -10,14 +10,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/listener"
 )
 
 // start serves opts on a loopback listener (MPTCP off, as in Ferry) until the test ends.
 func start(t *testing.T, opts Options) string {
 	t.Helper()
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	ln, err := listener.TCP(context.Background(), "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}

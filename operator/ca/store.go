@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -125,21 +126,11 @@ func FromDir(dir, trustDomain string) (*CA, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("ca dir: %w", err)
 	}
-	if err := writeAtomic(keyPath, key, 0o600); err != nil {
+	if err := atomicfile.Write(keyPath, key, 0o600); err != nil {
 		return nil, err
 	}
-	if err := writeAtomic(certPath, c.RootPEM(), 0o644); err != nil {
+	if err := atomicfile.Write(certPath, c.RootPEM(), 0o644); err != nil {
 		return nil, err
 	}
 	return c, nil
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := os.WriteFile(path+".tmp", data, mode); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(path+".tmp", path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }

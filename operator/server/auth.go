@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/atomicfile"
 	authnv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -150,10 +151,7 @@ func (t *NodeTokens) Ensure(nodes []string) error {
 		}
 		tok := hex.EncodeToString(b)
 		p := filepath.Join(t.dir, n)
-		if err := os.WriteFile(p+".tmp", []byte(tok+"\n"), 0o600); err != nil {
-			return fmt.Errorf("node token: %w", err)
-		}
-		if err := os.Rename(p+".tmp", p); err != nil {
+		if err := atomicfile.Write(p, []byte(tok+"\n"), 0o600); err != nil {
 			return fmt.Errorf("node token: %w", err)
 		}
 		t.tokens[tok] = n

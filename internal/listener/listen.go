@@ -1,0 +1,61 @@
+// Package listener opens every listener Ferry serves on, with Multipath TCP off.
+package listener
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Config returns the ListenConfig every Ferry listener uses.
+//
+// Go 1.24+ listeners use Multipath TCP by default where the kernel has it. An MPTCP
+// socket cannot be put in a sockmap or sockhash (EOPNOTSUPP), so sk_lookup steering
+// into it and the sockmap fast path would fail silently. Every listener Ferry opens
+// therefore turns MPTCP off, including those that are never steered (one rule, no
+// exceptions to remember).
+func Config() net.ListenConfig {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc
+}
+
+// TCP listens on the TCP address host:port with MPTCP off.
+func TCP(ctx context.Context, address string) (net.Listener, error) {
+	lc := Config()
+	return lc.Listen(ctx, "tcp", address)
+}
+
+// Unix listens on the unix socket path, first removing a socket file a killed
+// process left there and creating its folder.
+func Unix(ctx context.Context, path string) (net.Listener, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	lc := Config()
+	return lc.Listen(ctx, "unix", path)
+}
+
+// Addr listens on addr, which is host:port or unix:///path.
+func Addr(ctx context.Context, addr string) (net.Listener, error) {
+	var (
+		l   net.Listener
+		err error
+	)
+	if path, ok := strings.CutPrefix(addr, "unix://"); ok {
+		l, err = Unix(ctx, path)
+	} else {
+		l, err = TCP(ctx, addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return l, nil
+}
