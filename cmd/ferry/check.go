@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/spf13/cobra"
@@ -193,7 +194,7 @@ func hostChecks() []checkResult {
 	case len(missing) > 0:
 		rs = append(rs, fail("bpf features", "missing: "+strings.Join(missing, "; ")))
 	default:
-		if objs, err := bpf.Load(bpf.Config{AgentMark: datapath.DefaultMark, MaxPods: 8}, ""); err != nil {
+		if objs, err := bpf.Load(bpf.Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, ""); err != nil {
 			rs = append(rs, fail("bpf features", "the verifier refuses Ferry's programs: "+firstLine(err.Error())))
 		} else {
 			objs.Close()
