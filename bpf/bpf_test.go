@@ -30,7 +30,7 @@ import (
 )
 
 const (
-	testMark  = mesh.DefaultMark
+	testMark  = int(mesh.DefaultMark)
 	childEnv  = "FERRY_BPF_TEST_CHILD"
 	pairBytes = 10 << 20
 )
@@ -49,7 +49,7 @@ func TestLoadVerifier(t *testing.T) {
 	privileged.Require(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
-			objs, err := Load(Config{AgentMark: testMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 110}, "")
+			objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 110}, "")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -104,7 +104,7 @@ type env struct {
 func newEnv(t *testing.T, fast bool) *env {
 	t.Helper()
 	privileged.Require(t)
-	objs, err := Load(Config{AgentMark: testMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 8}, "")
+	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 8}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,7 +357,7 @@ func TestConnectCapture(t *testing.T) {
 
 func TestSkLookupSteersInbound(t *testing.T) {
 	privileged.Require(t)
-	objs, err := Load(Config{AgentMark: testMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
+	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
