@@ -347,7 +347,7 @@ func TestSetInboundListener(t *testing.T) {
 	}
 	ln := listen(true)
 	if proto, err := socketProtocol(mustRaw(t, ln)); err != nil || proto != 262 {
-		t.Skipf("kernel gave no MPTCP listener (protocol %d, %v)", proto, err)
+		privileged.Missing(t, "kernel gave no MPTCP listener (protocol %d, %v)", proto, err)
 	}
 	err = d.SetInboundListener(ip, ln)
 	if err == nil || !strings.Contains(err.Error(), "SetMultipathTCP(false)") {
