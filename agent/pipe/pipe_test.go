@@ -2,42 +2,20 @@ package pipe
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
-	"net"
 	"testing"
-)
 
-// tcpPair returns both ends of one loopback TCP connection.
-func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
+	"github.com/ferrymesh/ferry/internal/loopback"
+)
 
 // TestJoinHalfClose: a client that shuts its write side still reads the whole reply,
 // with and without splice, and the byte counts are those that crossed.
 func TestJoinHalfClose(t *testing.T) {
 	for _, splice := range []bool{false, true} {
 		t.Run(fmt.Sprintf("splice=%v", splice), func(t *testing.T) {
-			client, proxyA := tcpPair(t)
-			proxyB, server := tcpPair(t)
+			client, proxyA := loopback.Pair(t)
+			proxyB, server := loopback.Pair(t)
 			type result struct {
 				ab, ba int64
 				err    error

@@ -15,6 +15,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/pipe"
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/mesh"
+	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
 // These tests run as an ordinary user: the capture, the pods' namespaces and the
@@ -99,38 +100,6 @@ func (f *fakeTunnels) Connect(ctx context.Context, src tunnel.Source, dstID stri
 	return c.(*net.TCPConn), nil
 }
 
-// echoApp serves an echo on loopback until the test ends.
-func echoApp(t *testing.T) netip.AddrPort {
-	t.Helper()
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				if _, err := io.Copy(c, c); err == nil {
-					c.(*net.TCPConn).CloseWrite()
-				}
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().(*net.TCPAddr).AddrPort()
-}
-
 var (
 	wa = Workload{UID: "ua", Name: "default/a", Identity: "spiffe://cluster.local/ns/default/sa/a", Node: "node1", IPs: []netip.Addr{netip.MustParseAddr("10.1.1.10")}}
 	wb = Workload{UID: "ub", Name: "default/b", Identity: "spiffe://cluster.local/ns/default/sa/b", Node: "node1", IPs: []netip.Addr{netip.MustParseAddr("10.1.1.11")}}
@@ -150,7 +119,7 @@ type testProxy struct {
 
 func newTestProxy(t *testing.T) *testProxy {
 	t.Helper()
-	app := echoApp(t)
+	app := loopback.Serve(t, loopback.Echo)
 	tp := &testProxy{capture: &fakeCapture{}, tunnels: &fakeTunnels{app: app}, netA: &loopNet{app: app}, netB: &loopNet{app: app}}
 	p, err := New(Config{Node: "node1", Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), Capture: tp.capture,
 		Identities: identity.NewStore(), Log: slog.New(slog.DiscardHandler)})
@@ -187,29 +156,14 @@ func (tp *testProxy) pod(w Workload, n podNet) *pod {
 func (tp *testProxy) outbound(t *testing.T, pd *pod, dst netip.AddrPort, msg string) (string, error, Conn) {
 	t.Helper()
 	tp.capture.dst = dst
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	accepted, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	client, accepted := loopback.Pair(t)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		tp.handleOutbound(pd, accepted.(*net.TCPConn))
+		tp.handleOutbound(pd, accepted)
 	}()
 	client.Write([]byte(msg))
-	client.(*net.TCPConn).CloseWrite()
+	client.CloseWrite()
 	reply, rerr := io.ReadAll(client)
 	<-done
 	_, ended := tp.Connections()
@@ -318,22 +272,8 @@ func TestOutboundRefusedResetsClient(t *testing.T) {
 func TestOutboundWithoutOrigDst(t *testing.T) {
 	tp := newTestProxy(t)
 	tp.capture.err = errors.New("no original destination")
-	var lc net.ListenConfig
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	accepted, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tp.handleOutbound(tp.a, accepted.(*net.TCPConn))
+	client, accepted := loopback.Pair(t)
+	tp.handleOutbound(tp.a, accepted)
 	if _, err := io.ReadAll(client); !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("client read %v, want a reset", err)
 	}

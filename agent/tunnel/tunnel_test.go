@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
 	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/internal/loopback"
 	"golang.org/x/sys/unix"
 )
 
@@ -99,7 +100,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		tb.Fatal(err)
 	}
 	e.srv = srv
-	ln := listen(tb)
+	ln := loopback.Listen(tb)
 	e.tunnelAddr = ln.Addr().(*net.TCPAddr).AddrPort()
 	served := make(chan struct{})
 	go func() {
@@ -147,55 +148,9 @@ func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	return s
 }
 
-func listen(tb testing.TB) net.Listener {
-	tb.Helper()
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return ln
-}
-
-// app runs handle for each connection accepted on a loopback listener until cleanup.
-func app(tb testing.TB, handle func(c *net.TCPConn)) netip.AddrPort {
-	tb.Helper()
-	ln := listen(tb)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				handle(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	tb.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	return ln.Addr().(*net.TCPAddr).AddrPort()
-}
-
-// echo copies back what it reads and half-closes when the client does.
-func echo(c *net.TCPConn) {
-	if _, err := io.Copy(c, c); err == nil {
-		c.CloseWrite()
-	}
-}
-
 func TestEcho10MiB(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	s := e.connect(t, target)
 	defer s.Close()
 
@@ -238,9 +193,9 @@ func TestEcho10MiB(t *testing.T) {
 
 func TestServerSpeaksFirst(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, func(c *net.TCPConn) {
+	target := loopback.Serve(t, func(c *net.TCPConn) {
 		c.Write([]byte("220 hello\r\n"))
-		echo(c)
+		loopback.Echo(c)
 	})
 	s := e.connect(t, target)
 	defer s.Close()
@@ -260,7 +215,7 @@ func TestHalfClose(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	// The app reads to EOF, then answers: only works if CloseWrite reaches it as EOF
 	// while the other direction stays open.
-	target := app(t, func(c *net.TCPConn) {
+	target := loopback.Serve(t, func(c *net.TCPConn) {
 		n, err := io.Copy(io.Discard, c)
 		if err != nil {
 			return
@@ -283,7 +238,7 @@ func TestHalfClose(t *testing.T) {
 
 func TestManySmallWrites(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	const n = 5000
 	done := make(chan []byte)
@@ -407,7 +362,7 @@ func TestWrongServerIdentity(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, otherID, e.tunnelAddr, app(t, echo))
+	_, err := e.pool.Connect(ctx, e.src, otherID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
 	if err == nil || !strings.Contains(err.Error(), "peer identity "+serverID+", want "+otherID) {
 		t.Fatalf("error %v, want identity mismatch", err)
 	}
@@ -424,7 +379,7 @@ func TestWrongClientIdentity(t *testing.T) {
 	}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, app(t, echo))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
 	if err == nil {
 		t.Fatal("server accepted a client the control plane does not know at that address")
 	}
@@ -444,7 +399,7 @@ func TestClientFromOtherCA(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, app(t, echo)); err == nil {
+	if _, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo)); err == nil {
 		t.Fatal("client with a certificate from another CA accepted")
 	}
 }
@@ -463,7 +418,7 @@ func settle(t *testing.T, what string, cond func() bool) {
 
 func TestConcurrentStreams(t *testing.T) {
 	base := runtime.NumGoroutine()
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	e := newEnv(t, envOpt{})
 	const n = 200
 	var wg sync.WaitGroup
@@ -527,7 +482,7 @@ func TestConcurrentStreams(t *testing.T) {
 
 func TestIdleConnectionsClose(t *testing.T) {
 	e := newEnv(t, envOpt{idleTimeout: 200 * time.Millisecond})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	// Counted while the stream is open: the idle clock has not started yet.
 	if st := e.pool.Stats(); st.Conns != 1 {
 		t.Fatalf("conns %d, want 1", st.Conns)
@@ -537,14 +492,14 @@ func TestIdleConnectionsClose(t *testing.T) {
 	s.Close()
 	settle(t, "idle connection to close", func() bool { return e.pool.Stats().Conns == 0 })
 	// The pool dials again when needed.
-	s = e.connect(t, app(t, echo))
+	s = e.connect(t, loopback.Serve(t, loopback.Echo))
 	s.Close()
 }
 
 func TestServerCloseEndsStreams(t *testing.T) {
 	base := runtime.NumGoroutine()
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	if _, err := s.Write([]byte("x")); err != nil {
 		t.Fatal(err)
@@ -562,7 +517,7 @@ func TestServerCloseEndsStreams(t *testing.T) {
 
 func TestPoolReusesConnection(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	for i := 0; i < 3; i++ {
 		s := e.connect(t, target)
 		s.CloseWrite()
@@ -576,7 +531,7 @@ func TestPoolReusesConnection(t *testing.T) {
 
 func TestShutdownWaitsForStreams(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	done := make(chan error, 1)
 	go func() {
