@@ -253,14 +253,16 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	}
 
 	p.mu.Lock()
-	if old := p.pods[w.UID]; old != nil {
-		old.close()
-	}
+	old := p.pods[w.UID]
 	p.pods[w.UID] = pd
 	for _, ip := range w.IPs {
 		p.local[ip] = pd
 	}
 	p.mu.Unlock()
+	if old != nil {
+		old.close()
+		p.pool.Forget(old)
+	}
 
 	for _, ln := range outs {
 		p.goServe(func() { p.serveOutbound(pd, ln) })
@@ -300,7 +302,8 @@ func (p *Proxy) RemovePod(uid string) {
 			p.draining[ts] = struct{}{}
 			p.mu.Unlock()
 			go func() {
-				_ = ts.Shutdown(context.Background())
+				// Stop ends the proxy's context, and closes what is still draining.
+				_ = ts.Shutdown(p.ctx)
 				p.mu.Lock()
 				delete(p.draining, ts)
 				p.mu.Unlock()
