@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -14,17 +15,20 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
 
-// Config configures an Agent.
+// Config configures an Agent. DefaultConfig has the defaults ferry-agent runs with
+// and Flags registers them; a zero field means "off" where it names a server or file.
 type Config struct {
 	Node string
 	// StatePath is a NodeState file (protobuf JSON) with certificates inside; set it
@@ -42,22 +46,100 @@ type Config struct {
 	// HealthAddr serves /healthz and /readyz (state applied at least once); "" disables.
 	HealthAddr  string
 	AdminSocket string // unix socket of the admin API; "" disables it
-	Datapath    datapath.Config
-	Observe     ObserveConfig // flows and metrics (admin.go)
+	// Datapath configures the eBPF data path, loaded in both capture modes; its mark
+	// and mesh ports are also the proxy's.
+	Datapath datapath.Config
+	Observe  ObserveConfig // flows and metrics (admin.go)
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
-	// (default) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
+	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
+}
+
+// DefaultConfig is the configuration ferry-agent starts from: the node name from
+// $NODE_NAME, the paths of the DaemonSet in deploy/, eBPF capture.
+func DefaultConfig() Config {
+	return Config{
+		Node:        os.Getenv("NODE_NAME"),
+		TokenFile:   "/var/run/secrets/ferry/token",
+		OperatorCA:  "/etc/ferry/ca/ca.crt",
+		StateCache:  "/run/ferry/state.cache",
+		HealthAddr:  ":15021",
+		AdminSocket: "/run/ferry/agent.sock",
+		Datapath:    datapath.DefaultConfig(),
+		Observe:     ObserveConfig{FlowCapacity: flows.DefaultCapacity},
+		Capture:     datapath.CaptureEBPF,
+	}
+}
+
+// Flags registers the agent's flags on fs, the data path's among them, with c's
+// values as their defaults.
+func (c *Config) Flags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.Node, "node", c.Node, "name of this node (default $NODE_NAME)")
+	fs.StringVar(&c.StatePath, "state", c.StatePath, "node state file (protobuf JSON NodeState), instead of --operator")
+	fs.StringVar(&c.Operator, "operator", c.Operator, "operator address for the state stream and certificates (host:port or unix:///path)")
+	fs.StringVar(&c.TokenFile, "token-file", c.TokenFile, "bearer token for the operator (projected service-account token, audience ferry-operator)")
+	fs.StringVar(&c.OperatorCA, "operator-ca", c.OperatorCA, "PEM bundle that verifies the operator's serving certificate (ConfigMap ferry-ca-bundle)")
+	fs.StringVar(&c.StateCache, "state-cache", c.StateCache, "with --operator: file keeping the last state and certificates (0600) so a restarted agent serves before the operator answers (\"\" disables)")
+	fs.StringVar(&c.HealthAddr, "health-addr", c.HealthAddr, "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
+	fs.StringVar(&c.AdminSocket, "admin-socket", c.AdminSocket, "unix socket for the admin API (\"\" disables it)")
+	c.Datapath.Flags(fs)
+	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
+	fs.StringVar(&c.Observe.ObserverSocket, "observer-socket", c.Observe.ObserverSocket, "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
+	fs.StringVar(&c.Observe.ObserverAddr, "observer-addr", c.Observe.ObserverAddr, "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
+	fs.StringVar(&c.Observe.MetricsAddr, "metrics-addr", c.Observe.MetricsAddr, "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
+	fs.IntVar(&c.Observe.FlowCapacity, "flow-buffer", c.Observe.FlowCapacity, "flows kept in memory for the Observer API")
+}
+
+// Capture is how enrolled pods' traffic reaches the proxy: the eBPF data path
+// (datapath.Datapath) or iptables rules (datapath.IPTables), chosen once in New.
+type Capture interface {
+	Start(ctx context.Context) error
+	Stop(ctx context.Context) error
+	// Enroll starts capturing the pod whose namespace is ns and returns the
+	// namespace's cookie.
+	Enroll(ns *netns.Handle, pod string) (cookie uint64, err error)
+	// Release stops capturing a pod that left or changed.
+	Release(ns *netns.Handle, cookie uint64) error
+	// Leave is called for each enrolled pod when the agent stops; a capture that
+	// outlives the agent (pinned eBPF) keeps the pod captured.
+	Leave(ns *netns.Handle, cookie uint64) error
+	// Prune releases what a previous run enrolled for namespaces not in keep.
+	Prune(keep map[uint64]bool) error
+	// The proxy's own view of the capture.
+	proxy.Capture
+}
+
+// podServer is the proxy as enrollment uses it.
+type podServer interface {
+	SetMesh(ws []proxy.Workload)
+	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
+	RemovePod(uid string)
+}
+
+// component is one part of the agent with a lifetime: Start starts its goroutines
+// and I/O, Stop ends them and waits.
+type component interface {
+	Start(ctx context.Context) error
+	Stop(ctx context.Context) error
+}
+
+// part is a component with a name, for errors and logs.
+type part struct {
+	name string
+	c    component
 }
 
 // Agent is one node's agent.
 type Agent struct {
-	cfg   Config
-	log   *slog.Logger
-	dp    *datapath.Datapath
-	ipt   *datapath.IPTablesCapture // nil unless capture is iptables
-	ids   *identity.Store
-	proxy *proxy.Proxy
-	admin *adminServer
+	cfg     Config
+	log     *slog.Logger
+	capture Capture
+	// findNetns finds a pod's network namespace by IP (netns.FindByIP).
+	findNetns func(netip.Addr) (*netns.Handle, error)
+	ids       *identity.Store
+	proxy     *proxy.Proxy
+	pods      podServer // the proxy, as enrollment uses it
+	admin     *adminServer
 
 	// Operator mode: the state stream, the certificate manager, and a nudge for
 	// reconcile when a certificate arrives.
@@ -67,8 +149,12 @@ type Agent struct {
 	kick   chan struct{}
 	// cacheDirty says the state cache should be written again.
 	cacheDirty atomic.Bool
-	health     *healthserver.Server
 	obs        *observability
+
+	// parts are started in order and stopped in reverse; started are those that
+	// Start has started and Stop has yet to stop.
+	parts   []part
+	started []part
 
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
@@ -76,9 +162,6 @@ type Agent struct {
 	want     map[string]proxy.Workload // this node's pods in the state, by UID
 	enrolled map[string]enrolledPod    // by pod UID
 	failing  map[string]string         // pods that could not be enrolled: last error
-
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
 }
 
 type enrolledPod struct {
@@ -88,21 +171,37 @@ type enrolledPod struct {
 }
 
 // New validates cfg and allocates the agent's parts; nothing touches the kernel yet.
+// The capture mode is chosen here, once.
 func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	dp, err := datapath.New(cfg.Datapath, log)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Datapath = dp.Config() // the defaults it filled in, for the proxy and the admin API
+	var capture Capture
+	switch cfg.Capture {
+	case "", datapath.CaptureEBPF:
+		capture = dp
+	case datapath.CaptureIPTables:
+		capture = datapath.NewIPTables(dp)
+	default:
+		return nil, fmt.Errorf("agent config: capture %q: want %s or %s", cfg.Capture, datapath.CaptureEBPF, datapath.CaptureIPTables)
+	}
+	return newAgent(cfg, log, capture, netns.FindByIP)
+}
+
+// newAgent builds the agent around a capture and a way to find pods' namespaces,
+// which tests replace with fakes.
+func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(netip.Addr) (*netns.Handle, error)) (*Agent, error) {
 	if cfg.Node == "" {
 		return nil, errors.New("agent config: node name is required")
 	}
 	if (cfg.StatePath == "") == (cfg.Operator == "") {
 		return nil, errors.New("agent config: give either a state file or an operator address")
 	}
-	if cfg.Datapath.Mark == 0 {
-		cfg.Datapath.Mark = datapath.DefaultMark
-	}
-	dp, err := datapath.New(cfg.Datapath, log)
-	if err != nil {
-		return nil, err
-	}
-	a := &Agent{cfg: cfg, log: log, dp: dp, ids: identity.NewStore(), enrolled: map[string]enrolledPod{}, failing: map[string]string{}, kick: make(chan struct{}, 1)}
+	a := &Agent{cfg: cfg, log: log, capture: capture, findNetns: findNetns, ids: identity.NewStore(),
+		enrolled: map[string]enrolledPod{}, failing: map[string]string{}, kick: make(chan struct{}, 1)}
+	var err error
 	if cfg.Operator != "" {
 		a.conn, err = controlplane.Dial(controlplane.DialConfig{Addr: cfg.Operator, CAFile: cfg.OperatorCA, TokenFile: cfg.TokenFile})
 		if err != nil {
@@ -115,24 +214,11 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		}, log)
 	}
 	a.obs = newObservability(cfg, a, log)
-	switch cfg.Capture {
-	case "", datapath.CaptureEBPF:
-	case datapath.CaptureIPTables:
-		a.ipt = &datapath.IPTablesCapture{
-			Mark: cfg.Datapath.Mark, OutboundPort: proxy.OutboundPort, InboundPort: proxy.InboundPort,
-			SkipPorts: []uint16{proxy.OutboundPort, proxy.InboundPort, proxy.TunnelPort},
-		}
-	default:
-		return nil, fmt.Errorf("agent config: capture %q: want %s or %s", cfg.Capture, datapath.CaptureEBPF, datapath.CaptureIPTables)
-	}
 	a.proxy, err = proxy.New(proxy.Config{
-		Node: cfg.Node,
-		Mark: cfg.Datapath.Mark,
-		// The fast path keys on eBPF enrollment, which iptables-captured pods lack:
-		// their sockets never enter the sockhash, so splice stays safe for them.
-		FastPath:   cfg.Datapath.FastPath && a.ipt == nil,
-		IPTables:   a.ipt != nil,
-		Datapath:   dp,
+		Node:       cfg.Node,
+		Mark:       cfg.Datapath.Mark,
+		Ports:      cfg.Datapath.Ports,
+		Capture:    capture,
 		Identities: a.ids,
 		Log:        log,
 		Observer:   a.obs,
@@ -140,98 +226,137 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	a.pods = a.proxy
 	if cfg.AdminSocket != "" {
 		a.admin = newAdminServer(cfg.AdminSocket, a, log)
+	}
+
+	// The order is what each part needs: capture before pods are enrolled into it;
+	// the enrolled pods' namespaces outlive the proxy that dials in them; the state
+	// arrives once the proxy can take pods; the servers report on all of it.
+	a.parts = []part{
+		{"capture", capture},
+		{"enrollments", hooks{stop: a.leavePods}},
+		{"proxy", a.proxy},
+	}
+	if cfg.Operator != "" {
+		a.parts = append(a.parts,
+			part{"state cache", hooks{start: a.loadCache}},
+			part{"state stream", &loop{run: a.stream.Run}},
+			part{"certificates", &loop{run: a.certs.Run}},
+		)
+	} else {
+		a.parts = append(a.parts,
+			part{"state file", hooks{start: a.applyFile}},
+			part{"state file watch", &loop{run: func(ctx context.Context) { a.watchFile(ctx, cfg.StatePath, 500*time.Millisecond) }}},
+		)
+	}
+	a.parts = append(a.parts, part{"reconcile", &loop{run: a.reconcileLoop}})
+	if a.admin != nil {
+		a.parts = append(a.parts, part{"admin API", hooks{
+			start: func(context.Context) error { return a.admin.Start() },
+			stop:  func(context.Context) error { a.admin.Stop(); return nil },
+		}})
+	}
+	a.parts = append(a.parts, part{"observability", hooks{
+		start: func(context.Context) error { return a.obs.Start() },
+		stop:  func(context.Context) error { a.obs.Stop(); return nil },
+	}})
+	if cfg.HealthAddr != "" {
+		a.parts = append(a.parts, part{"health", healthserver.New(cfg.HealthAddr, healthserver.Routes{Ready: a.ready}, log)})
 	}
 	return a, nil
 }
 
-// Start loads the data path (adopting what a previous run pinned), applies the
-// state file, and serves until Stop.
+// Start starts the agent's parts in order: the capture (adopting what a previous run
+// pinned), the proxy, the state (file or operator) and the servers. If one fails, the
+// ones started are stopped again. The parts' goroutines live until ctx ends or Stop.
 func (a *Agent) Start(ctx context.Context) error {
-	if a.cfg.Operator != "" {
-		return a.startOperator()
+	if len(a.started) != 0 {
+		return errors.New("agent already started")
 	}
+	for _, p := range a.parts {
+		if err := p.c.Start(ctx); err != nil {
+			err = fmt.Errorf("start %s: %w", p.name, err)
+			return errors.Join(err, a.Stop(ctx))
+		}
+		a.started = append(a.started, p)
+	}
+	a.mu.Lock()
+	n := len(a.enrolled)
+	a.mu.Unlock()
+	if a.cfg.Operator != "" {
+		a.log.Info("agent started; waiting for the operator's state", "operator", a.cfg.Operator, "pods", n)
+	} else {
+		a.log.Info("agent ready", "version", a.stateVersion(), "pods", n)
+	}
+	return nil
+}
+
+// Stop stops the started parts in reverse order: the servers, the state, the proxy
+// (which waits for proxied connections to end), the pods' namespaces and the capture.
+// eBPF capture stays pinned, so it keeps working for the next agent, which adopts it.
+func (a *Agent) Stop(ctx context.Context) error {
+	var errs []error
+	for i := len(a.started) - 1; i >= 0; i-- {
+		p := a.started[i]
+		if err := p.c.Stop(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("stop %s: %w", p.name, err))
+		}
+	}
+	a.started = nil
+	if a.conn != nil {
+		a.conn.Close()
+		a.conn = nil
+	}
+	return errors.Join(errs...)
+}
+
+// applyFile applies the state file and drops what a previous run enrolled for pods
+// no longer in it.
+func (a *Agent) applyFile(context.Context) error {
 	st, err := ReadStateFile(a.cfg.StatePath)
 	if err != nil {
 		return err
 	}
-	if err := a.dp.Start(ctx); err != nil {
-		return fmt.Errorf("datapath: %w", err)
-	}
 	if err := a.Apply(st); err != nil {
-		a.dp.Close()
 		return err
 	}
 	if err := a.removeStale(); err != nil {
 		a.log.Warn("stale enrollments", "error", err)
 	}
-	ctx, a.cancel = context.WithCancel(context.Background())
-	watch := func(ctx context.Context) { a.watchFile(ctx, a.cfg.StatePath, 500*time.Millisecond) }
-	a.goRun(ctx, watch, a.reconcileLoop)
-	if err := a.startServers(); err != nil {
-		a.Stop()
-		return err
-	}
-	a.log.Info("agent ready", "version", st.GetVersion(), "pods", len(a.enrolled))
 	return nil
 }
 
-// startOperator starts the agent in operator mode: the data path keeps what a
-// previous run pinned, and pods are enrolled as the state and their certificates
-// arrive.
-func (a *Agent) startOperator() error {
-	if err := a.dp.Start(context.Background()); err != nil {
-		return fmt.Errorf("datapath: %w", err)
-	}
-	a.loadCache()
-	var ctx context.Context
-	ctx, a.cancel = context.WithCancel(context.Background())
-	a.goRun(ctx, a.stream.Run, a.certs.Run, a.reconcileLoop)
-	if err := a.startServers(); err != nil {
-		a.Stop()
-		return err
-	}
-	a.log.Info("agent started; waiting for the operator's state", "operator", a.cfg.Operator)
-	return nil
-}
-
-// startServers starts the admin API, observability and the health endpoints.
-func (a *Agent) startServers() error {
-	if a.admin != nil {
-		if err := a.admin.Start(); err != nil {
-			return err
+// leavePods lets go of every enrolled pod as the agent stops: the capture decides
+// what stays (Capture.Leave), and the namespace handles are closed.
+func (a *Agent) leavePods(context.Context) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, p := range a.enrolled {
+		if err := a.capture.Leave(p.ns, p.cookie); err != nil {
+			a.log.Warn("leave capture", "pod", p.w.Name, "error", err)
 		}
+		p.ns.Close()
 	}
-	if err := a.obs.Start(); err != nil {
-		return err
-	}
-	if a.cfg.HealthAddr == "" {
-		return nil
-	}
-	a.health = healthserver.New(a.cfg.HealthAddr, healthserver.Routes{Ready: func() error {
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		if a.state == nil {
-			return errors.New("no state applied yet")
-		}
-		return nil
-	}}, a.log)
-	if err := a.health.Start(context.Background()); err != nil {
-		return fmt.Errorf("health listener: %w", err)
-	}
+	a.enrolled = map[string]enrolledPod{}
 	return nil
 }
 
-// goRun runs each loop on a goroutine the agent owns until ctx ends; Stop waits.
-func (a *Agent) goRun(ctx context.Context, loops ...func(context.Context)) {
-	for _, f := range loops {
-		a.wg.Add(1)
-		go func() {
-			defer a.wg.Done()
-			f(ctx)
-		}()
+func (a *Agent) stateVersion() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.state.GetVersion()
+}
+
+// ready says whether a state has been applied (/readyz).
+func (a *Agent) ready() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.state == nil {
+		return errors.New("no state applied yet")
 	}
+	return nil
 }
 
 // nudge asks reconcileLoop to run now (a certificate arrived).
@@ -265,29 +390,30 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 // loadCache applies the state and certificates a previous run kept, so that pods
 // are served at once even when the operator is not reachable; the operator's first
 // state replaces it.
-func (a *Agent) loadCache() {
+func (a *Agent) loadCache(context.Context) error {
 	if a.cfg.StateCache == "" {
-		return
+		return nil
 	}
 	b, err := os.ReadFile(a.cfg.StateCache)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			a.log.Warn("state cache", "path", a.cfg.StateCache, "error", err)
 		}
-		return
+		return nil
 	}
 	st := &ferryv1.NodeState{}
 	if err := proto.Unmarshal(b, st); err != nil || st.GetNode() != a.cfg.Node {
 		a.log.Warn("state cache unusable; waiting for the operator", "path", a.cfg.StateCache, "error", err, "cached_node", st.GetNode())
-		return
+		return nil
 	}
 	n := a.certs.Preload(st.GetCertificates())
 	st.Certificates = nil
 	if err := a.applyStream(st, true); err != nil {
 		a.log.Warn("state cache not applied; waiting for the operator", "error", err)
-		return
+		return nil
 	}
 	a.log.Info("serving the cached state until the operator answers", "version", st.GetVersion(), "certificates", n)
+	return nil
 }
 
 // writeCache saves the applied state and the held certificates (keys included,
@@ -309,39 +435,6 @@ func (a *Agent) writeCache() error {
 		return err
 	}
 	return atomicfile.Write(a.cfg.StateCache, b, 0o600)
-}
-
-// Stop closes the pods' listeners, waits for proxied connections to end and
-// releases the data path. The kernel state stays pinned: capture keeps working for
-// the next agent, which adopts it.
-func (a *Agent) Stop() error {
-	if a.cancel != nil {
-		a.cancel()
-	}
-	if a.health != nil {
-		a.health.Stop(context.Background())
-	}
-	a.wg.Wait()
-	if a.conn != nil {
-		a.conn.Close()
-	}
-	if a.admin != nil {
-		a.admin.Stop()
-	}
-	a.obs.Stop()
-	a.proxy.Stop()
-	a.mu.Lock()
-	for _, p := range a.enrolled {
-		if a.ipt != nil { // iptables capture ends with the agent; eBPF capture stays pinned
-			if err := a.ipt.Remove(p.ns); err != nil {
-				a.log.Warn("remove iptables capture", "pod", p.w.Name, "error", err)
-			}
-		}
-		p.ns.Close()
-	}
-	a.enrolled = map[string]enrolledPod{}
-	a.mu.Unlock()
-	return a.dp.Close()
 }
 
 // Apply makes the node match st: identities, the mesh directory, and which local
@@ -406,7 +499,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 			return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
 		}
 	}
-	a.proxy.SetMesh(ws)
+	a.pods.SetMesh(ws)
 	a.obs.SetState(st) // flows and metrics name the destination's service
 	a.want = want
 	a.state, a.applied = st, time.Now()
@@ -454,17 +547,17 @@ func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
 	if _, err := a.ids.Certificate(w.Identity); err != nil {
 		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
 	}
-	ns, err := netns.FindByIP(w.IPs[0])
+	ns, err := a.findNetns(w.IPs[0])
 	if err != nil {
 		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
 	}
-	cookie, err := a.capture(ns, w.Name)
+	cookie, err := a.capture.Enroll(ns, w.Name)
 	if err != nil {
 		ns.Close()
 		return enrolledPod{}, fmt.Errorf("pod %s: enroll: %w", w.Name, err)
 	}
-	if err := a.proxy.AddPod(w, ns, cookie); err != nil {
-		a.release(ns, cookie)
+	if err := a.pods.AddPod(w, ns, cookie); err != nil {
+		a.capture.Release(ns, cookie)
 		ns.Close()
 		return enrolledPod{}, err
 	}
@@ -472,57 +565,24 @@ func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
 	return enrolledPod{w: w, ns: ns, cookie: cookie}, nil
 }
 
-// capture starts capturing the pod in ns and returns its netns cookie.
-func (a *Agent) capture(ns *netns.Handle, pod string) (uint64, error) {
-	if a.ipt == nil {
-		return a.dp.Enroll(ns, pod)
-	}
-	cookie, err := ns.Cookie()
-	if err != nil {
-		return 0, err
-	}
-	return cookie, a.ipt.Install(ns)
-}
-
-// release undoes capture.
-func (a *Agent) release(ns *netns.Handle, cookie uint64) error {
-	if a.ipt == nil {
-		return a.dp.Unenroll(cookie)
-	}
-	return a.ipt.Remove(ns)
-}
-
 func (a *Agent) unenroll(p enrolledPod) {
-	if err := a.release(p.ns, p.cookie); err != nil {
+	if err := a.capture.Release(p.ns, p.cookie); err != nil {
 		a.log.Warn("unenroll", "pod", p.w.Name, "error", err)
 	}
-	a.proxy.RemovePod(p.w.UID)
+	a.pods.RemovePod(p.w.UID)
 	p.ns.Close()
 	a.log.Info("pod unenrolled", "pod", p.w.Name)
 }
 
-// removeStale drops enrollments a previous run pinned for pods that are gone.
+// removeStale drops enrollments a previous run left for pods that are gone.
 func (a *Agent) removeStale() error {
-	pinned, err := a.dp.Enrolled()
-	if err != nil {
-		return err
-	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	keep := map[uint64]bool{}
 	for _, p := range a.enrolled {
-		if a.ipt == nil { // under iptables capture no pod keeps an eBPF enrollment
-			keep[p.cookie] = true
-		}
+		keep[p.cookie] = true
 	}
-	var errs []error
-	for cookie, pod := range pinned {
-		if !keep[cookie] {
-			a.log.Info("removing stale enrollment", "pod", pod, "netns_cookie", cookie)
-			errs = append(errs, a.dp.Unenroll(cookie))
-		}
-	}
-	return errors.Join(errs...)
+	return a.capture.Prune(keep)
 }
 
 func sameWorkload(a, b proxy.Workload) bool {

@@ -22,6 +22,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
@@ -30,7 +31,7 @@ import (
 )
 
 const (
-	testMark  = 0x0f3e
+	testMark  = int(mesh.DefaultMark)
 	childEnv  = "FERRY_BPF_TEST_CHILD"
 	pairBytes = 10 << 20
 )
@@ -49,7 +50,7 @@ func TestLoadVerifier(t *testing.T) {
 	privileged.Require(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
-			objs, err := Load(Config{AgentMark: testMark, FastPath: fast, MaxPods: 110}, "")
+			objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 110}, "")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -104,7 +105,7 @@ type env struct {
 func newEnv(t *testing.T, fast bool) *env {
 	t.Helper()
 	privileged.Require(t)
-	objs, err := Load(Config{AgentMark: testMark, FastPath: fast, MaxPods: 8}, "")
+	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: fast, MaxPods: 8}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -356,7 +357,7 @@ func TestConnectCapture(t *testing.T) {
 
 func TestSkLookupSteersInbound(t *testing.T) {
 	privileged.Require(t)
-	objs, err := Load(Config{AgentMark: testMark, MaxPods: 8}, "")
+	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
 	if err != nil {
 		t.Fatal(err)
 	}

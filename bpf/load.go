@@ -7,13 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-)
-
-// Default mesh ports inside every enrolled pod's network namespace.
-const (
-	DefaultOutboundPort uint16 = 15001 // outbound capture, on 127.0.0.1 / ::1
-	DefaultInboundPort  uint16 = 15006 // inbound plaintext capture
-	DefaultTunnelPort   uint16 = 15008 // mTLS tunnel, on the pod IP
+	"github.com/ferrymesh/ferry/api/mesh"
 )
 
 // Names of Ferry's maps, which are also their pin names under the pin folder. The
@@ -74,8 +68,9 @@ type Config struct {
 	FastPath bool
 	// MaxPods is the node's pod limit; map sizes follow from it (see MapSizes).
 	MaxPods int
-	// Mesh ports; zero means the default.
-	OutboundPort, InboundPort, TunnelPort uint16
+	// Ports are the mesh ports the programs redirect to and never capture; the
+	// proxy must listen on the same ones (mesh.DefaultPorts), so they are required.
+	Ports mesh.Ports
 }
 
 // MapSizes returns each map's max_entries for a node running up to maxPods pods, and
@@ -110,15 +105,12 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 	if cfg.MaxPods <= 0 {
 		return nil, fmt.Errorf("bpf config: MaxPods must be positive, got %d", cfg.MaxPods)
 	}
+	if err := cfg.Ports.Validate(); err != nil {
+		return nil, fmt.Errorf("bpf config: %w", err)
+	}
 	spec, err := loadFerry()
 	if err != nil {
 		return nil, err
-	}
-	port := func(p, def uint16) uint16 {
-		if p == 0 {
-			return def
-		}
-		return p
 	}
 	fast := uint8(0)
 	if cfg.FastPath {
@@ -127,9 +119,9 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 	vars := map[string]any{
 		ferryVarAgentMark:    cfg.AgentMark,
 		ferryVarFastPath:     fast,
-		ferryVarOutboundPort: port(cfg.OutboundPort, DefaultOutboundPort),
-		ferryVarInboundPort:  port(cfg.InboundPort, DefaultInboundPort),
-		ferryVarTunnelPort:   port(cfg.TunnelPort, DefaultTunnelPort),
+		ferryVarOutboundPort: cfg.Ports.Outbound,
+		ferryVarInboundPort:  cfg.Ports.Inbound,
+		ferryVarTunnelPort:   cfg.Ports.Tunnel,
 	}
 	for name, v := range vars {
 		vs, ok := spec.Variables[name]

@@ -24,14 +24,16 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
+	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 )
 
-// Defaults for Config's zero values.
+// Defaults for Config's zero values (the socket mark and the mesh ports are
+// mesh.DefaultMark and mesh.DefaultPorts).
 const (
 	DefaultPinDir  = "/sys/fs/bpf/ferry"
-	DefaultMark    = 0x0f3e
 	DefaultMaxPods = 110
 )
 
@@ -54,14 +56,34 @@ type Config struct {
 	// root of the cgroup v2 mount (found in /proc/self/mountinfo).
 	CgroupPath string
 	// Mark is the SO_MARK on the agent's own sockets, which are never captured; 0
-	// means DefaultMark.
+	// means mesh.DefaultMark.
 	Mark uint32
+	// Ports are the mesh ports the programs redirect to and never capture: the
+	// proxy's, which the agent passes to both; zero means mesh.DefaultPorts.
+	Ports mesh.Ports
 	// FastPath enables the sockhash + sk_msg path between local sockets.
 	FastPath bool
 	// MaxPods is the node's pod limit, which sizes the maps; 0 means DefaultMaxPods.
 	MaxPods int
 	// ExcludedPorts are destination ports never captured, besides the mesh ports.
 	ExcludedPorts []uint16
+}
+
+// DefaultConfig is the data path's configuration with every default filled in; the
+// fast path is off by default: with the sk_msg ingress redirect the kernel applies no
+// back-pressure, and a sender faster than the agent gets ENOMEM from write
+// (docs/datapath.md, "Fast path").
+func DefaultConfig() Config {
+	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: DefaultMaxPods}
+}
+
+// Flags registers the data path's flags on fs, with c's values as their defaults.
+func (c *Config) Flags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.PinDir, "bpf-pin-dir", c.PinDir, "bpffs folder where programs, maps and links are pinned")
+	fs.StringVar(&c.CgroupPath, "cgroup", c.CgroupPath, "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
+	fs.Uint32Var(&c.Mark, "mark", c.Mark, "SO_MARK on the agent's own sockets, which capture skips")
+	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
+	fs.IntVar(&c.MaxPods, "max-pods", c.MaxPods, "most pods on this node; sizes the BPF maps")
 }
 
 // Datapath is the loaded, attached and pinned eBPF data path.
@@ -88,7 +110,13 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		return nil, fmt.Errorf("datapath config: cgroup path %q is not absolute", cfg.CgroupPath)
 	}
 	if cfg.Mark == 0 {
-		cfg.Mark = DefaultMark
+		cfg.Mark = mesh.DefaultMark
+	}
+	if cfg.Ports == (mesh.Ports{}) {
+		cfg.Ports = mesh.DefaultPorts()
+	}
+	if err := cfg.Ports.Validate(); err != nil {
+		return nil, fmt.Errorf("datapath config: %w", err)
 	}
 	if cfg.MaxPods == 0 {
 		cfg.MaxPods = DefaultMaxPods
@@ -101,6 +129,15 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	}
 	cfg.ExcludedPorts = append([]uint16(nil), cfg.ExcludedPorts...)
 	return &Datapath{cfg: cfg, log: log, links: map[string]link.Link{}, skLookup: map[uint64]link.Link{}}, nil
+}
+
+// Config is the configuration with its defaults filled in.
+func (d *Datapath) Config() Config {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c := d.cfg
+	c.ExcludedPorts = append([]uint16(nil), c.ExcludedPorts...)
+	return c
 }
 
 // PinDir is the bpffs folder holding the pins.
@@ -128,13 +165,13 @@ func (d *Datapath) Start(ctx context.Context) error {
 		}
 		d.cgroup = mnt
 	}
-	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
+	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
 		return err
 	}
 	d.objs = objs
 	if err := d.start(ctx); err != nil {
-		d.closeLocked()
+		d.stopLocked()
 		return err
 	}
 	d.log.Info("datapath started", "pin_dir", d.cfg.PinDir, "cgroup", d.cgroup, "fast_path", d.cfg.FastPath,
@@ -320,15 +357,15 @@ func dropLink(l link.Link) {
 	l.Close()
 }
 
-// Close releases the data path's file descriptors. Pins stay, so traffic keeps being
+// Stop releases the data path's file descriptors. Pins stay, so traffic keeps being
 // captured until the next Start adopts them or Cleanup removes them.
-func (d *Datapath) Close() error {
+func (d *Datapath) Stop(context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.closeLocked()
+	return d.stopLocked()
 }
 
-func (d *Datapath) closeLocked() error {
+func (d *Datapath) stopLocked() error {
 	var errs []error
 	for name, l := range d.links {
 		errs = append(errs, l.Close())

@@ -21,6 +21,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
@@ -63,7 +64,7 @@ func TestNewValidates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.cfg.PinDir != DefaultPinDir || d.cfg.Mark != DefaultMark || d.cfg.MaxPods != DefaultMaxPods {
+	if d.cfg.PinDir != DefaultPinDir || d.cfg.Mark != mesh.DefaultMark || d.cfg.Ports != mesh.DefaultPorts() || d.cfg.MaxPods != DefaultMaxPods {
 		t.Fatalf("defaults not applied: %+v", d.cfg)
 	}
 	if _, err := New(Config{PinDir: "relative"}, nil); err == nil {
@@ -148,7 +149,7 @@ func TestRestartAdoptsPins(t *testing.T) {
 	if len(links1) != 5 { // connect4, connect6, sockops, sk_msg, sk_lookup_<cookie>
 		t.Fatalf("pinned links %v, want 5", links1)
 	}
-	if err := d1.Close(); err != nil {
+	if err := d1.Stop(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 
@@ -158,7 +159,7 @@ func TestRestartAdoptsPins(t *testing.T) {
 	}
 
 	d2 := f.start(t, true)
-	defer d2.Close()
+	defer d2.Stop(context.Background())
 	for name, m := range objMaps(d2) {
 		if id := mapID(t, m); id != ids1[name] {
 			t.Errorf("map %s id %d after restart, want the adopted %d", name, id, ids1[name])
@@ -196,9 +197,9 @@ func TestRestartAdoptsPins(t *testing.T) {
 func TestRestartWithoutFastPathDetachesSkMsg(t *testing.T) {
 	f := newFixture(t)
 	d := f.start(t, true)
-	d.Close()
+	d.Stop(context.Background())
 	d = f.start(t, false)
-	defer d.Close()
+	defer d.Stop(context.Background())
 	if _, ok := linkIDs(t, f.pinDir)[linkSkMsg]; ok {
 		t.Fatal("sk_msg link still pinned with the fast path off")
 	}
@@ -242,7 +243,7 @@ func equalMaps[K comparable, V comparable](a, b map[K]V) bool {
 func TestOrigDstRoundTrip(t *testing.T) {
 	f := newFixture(t)
 	d := f.start(t, false)
-	defer d.Close()
+	defer d.Stop(context.Background())
 	pod := privileged.NewNetns(t)
 	cookie, err := d.Enroll(pod, "default/client")
 	if err != nil {
@@ -322,7 +323,7 @@ func TestOrigDstRoundTrip(t *testing.T) {
 func TestSetInboundListener(t *testing.T) {
 	f := newFixture(t)
 	d := f.start(t, false)
-	defer d.Close()
+	defer d.Stop(context.Background())
 	listen := func(mptcp bool) *net.TCPListener {
 		var lc net.ListenConfig
 		lc.SetMultipathTCP(mptcp)
@@ -346,7 +347,7 @@ func TestSetInboundListener(t *testing.T) {
 	}
 	ln := listen(true)
 	if proto, err := socketProtocol(mustRaw(t, ln)); err != nil || proto != 262 {
-		t.Skipf("kernel gave no MPTCP listener (protocol %d, %v)", proto, err)
+		privileged.Missing(t, "kernel gave no MPTCP listener (protocol %d, %v)", proto, err)
 	}
 	err = d.SetInboundListener(ip, ln)
 	if err == nil || !strings.Contains(err.Error(), "SetMultipathTCP(false)") {
@@ -385,7 +386,7 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	if len(mine) != 6+5+5 {
 		t.Fatalf("expected 6 maps, 5 programs and 5 links, got %v", mine)
 	}
-	if err := d.Close(); err != nil {
+	if err := d.Stop(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if err := Cleanup(f.pinDir, f.cgroup); err != nil {

@@ -17,13 +17,8 @@ import (
 	"syscall"
 
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"golang.org/x/sys/unix"
-)
-
-// Capture modes of the agent.
-const (
-	CaptureEBPF     = "ebpf"
-	CaptureIPTables = "iptables"
 )
 
 // Chains Ferry owns in each captured pod's nat table; everything Ferry adds lives in
@@ -40,28 +35,27 @@ type IPTablesCapture struct {
 	Bin string
 	// Mark is the agent's socket mark, whose connections are never redirected.
 	Mark uint32
-	// OutboundPort and InboundPort are the proxy's capture listeners.
-	OutboundPort, InboundPort uint16
-	// SkipPorts are destination ports never redirected (the mesh ports).
-	SkipPorts []uint16
+	// Ports are the proxy's: outbound and inbound capture redirect to their
+	// listeners, and no mesh port is ever redirected.
+	Ports mesh.Ports
 }
 
 // rules is the nat table content of Ferry's two chains, in order.
 func (c IPTablesCapture) rules() (out, in [][]string) {
-	skip := make([]string, len(c.SkipPorts))
-	for i, p := range c.SkipPorts {
-		skip[i] = strconv.Itoa(int(p))
+	var skip []string
+	for _, p := range c.Ports.List() {
+		skip = append(skip, strconv.Itoa(int(p)))
 	}
 	mark := fmt.Sprintf("0x%x", c.Mark)
 	out = [][]string{
 		{"-m", "mark", "--mark", mark, "-j", "RETURN"}, // the agent's own hops
 		{"-d", "127.0.0.0/8", "-j", "RETURN"},          // loopback stays in the pod
 		{"-p", "tcp", "-m", "multiport", "--dports", strings.Join(skip, ","), "-j", "RETURN"},
-		{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(c.OutboundPort))},
+		{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(c.Ports.Outbound))},
 	}
 	in = [][]string{
 		{"-p", "tcp", "-m", "multiport", "--dports", strings.Join(skip, ","), "-j", "RETURN"},
-		{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(c.InboundPort))},
+		{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(c.Ports.Inbound))},
 	}
 	return out, in
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
@@ -25,7 +26,7 @@ import (
 func BenchmarkOrigDst(b *testing.B) {
 	privileged.Require(b)
 	b.Run("ebpf", func(b *testing.B) {
-		objs, err := bpf.Load(bpf.Config{AgentMark: datapath.DefaultMark, MaxPods: 16}, "")
+		objs, err := bpf.Load(bpf.Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 16}, "")
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -70,7 +71,7 @@ func BenchmarkOrigDst(b *testing.B) {
 		if out, err := exec.Command("nsenter", "--net="+h.Path(), "ip", "addr", "add", "10.1.2.3/32", "dev", "lo").CombinedOutput(); err != nil {
 			b.Fatalf("ip addr: %v: %s", err, out)
 		}
-		ipt := datapath.IPTablesCapture{Mark: datapath.DefaultMark, OutboundPort: 15001, InboundPort: 15006, SkipPorts: []uint16{15001, 15006, 15008}}
+		ipt := datapath.IPTablesCapture{Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts()}
 		if err := ipt.Install(h); err != nil {
 			b.Fatal(err)
 		}

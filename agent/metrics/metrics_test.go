@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
 type fakeKernel struct{}
@@ -60,10 +62,7 @@ func TestScrapeIsValidAndIstioShaped(t *testing.T) {
 	if !strings.Contains(text, "} 100\n") || !strings.Contains(text, "} 200\n") {
 		t.Errorf("bytes: want 100 received (request) and 200 sent (response):\n%s", text)
 	}
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		t.Skip("promtool not installed (Debian prometheus; make deps installs it)")
-	}
+	promtool := privileged.LookPath(t, "promtool", "Debian prometheus; make deps installs it")
 	cmd := exec.Command(promtool, "check", "metrics")
 	cmd.Stdin = strings.NewReader(text)
 	if out, err := cmd.CombinedOutput(); err != nil {

@@ -6,22 +6,15 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"syscall"
 	"testing"
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/vishvananda/netlink"
 )
-
-// fixedDatapath answers every original-destination lookup with dst, standing in
-// for the eBPF map so the benchmark measures the proxy's own work.
-type fixedDatapath struct{ dst netip.AddrPort }
-
-func (f fixedDatapath) OrigDst(uint64, uint16) (netip.AddrPort, error)  { return f.dst, nil }
-func (fixedDatapath) SetInboundListener(netip.Addr, syscall.Conn) error { return nil }
 
 // BenchmarkConnSetup is one connection through the node proxy on the same-node path:
 // the client connects to pod a's outbound listener (as capture would make it), the
@@ -57,11 +50,15 @@ func BenchmarkConnSetup(b *testing.B) {
 			}()
 		}
 	}()
-	p, err := New(Config{Node: "n1", Mark: 0x0f3e, Datapath: fixedDatapath{app}, Identities: identity.NewStore(), Log: slog.New(slog.DiscardHandler)})
+	p, err := New(Config{Node: "n1", Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), Capture: &fakeCapture{dst: app},
+		Identities: identity.NewStore(), Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer p.Stop()
+	if err := p.Start(b.Context()); err != nil {
+		b.Fatal(err)
+	}
+	defer p.Stop(context.Background())
 	wa := Workload{UID: "a", Name: "default/a", Identity: "spiffe://cluster.local/ns/default/sa/a", Node: "n1", IPs: []netip.Addr{ipA}}
 	wb := Workload{UID: "b", Name: "default/b", Identity: "spiffe://cluster.local/ns/default/sa/b", Node: "n1", IPs: []netip.Addr{ipB}}
 	p.SetMesh([]Workload{wa, wb})

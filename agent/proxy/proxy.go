@@ -17,19 +17,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/identity"
-	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/agent/pipe"
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"golang.org/x/sys/unix"
-)
-
-// The mesh's ports inside every enrolled pod's network namespace.
-const (
-	OutboundPort = 15001
-	InboundPort  = 15006
-	TunnelPort   = 15008
 )
 
 // AppSource is the address the agent connects to a pod's app from, so the pod's
@@ -47,22 +40,40 @@ type Workload struct {
 	IPs      []netip.Addr
 }
 
-// Datapath is what the proxy needs from the kernel side.
-type Datapath interface {
-	OrigDst(netnsCookie uint64, clientPort uint16) (netip.AddrPort, error)
+// Capture is what the proxy needs from the capture mode (eBPF or iptables): where a
+// pod's inbound listener binds and who is told of it, and where a captured
+// connection was going.
+type Capture interface {
+	// InboundAddr is the address a pod's inbound capture listener binds, given the
+	// pod's IP.
+	InboundAddr(podIP netip.Addr) netip.Addr
+	// SetInboundListener hands the capture a pod's open inbound listener.
 	SetInboundListener(podIP netip.Addr, ln syscall.Conn) error
+	// OutboundDst is the original destination of an outbound connection accepted
+	// from the pod whose netns cookie is given.
+	OutboundDst(netnsCookie uint64, c *net.TCPConn) (netip.AddrPort, error)
+	// InboundDst is the original destination of an accepted inbound connection.
+	InboundDst(c *net.TCPConn) (netip.AddrPort, error)
+	// Sockhash reports whether captured sockets may be in Ferry's sockhash (the
+	// fast path), where splice(2) must not be used.
+	Sockhash() bool
+}
+
+// Netns is a pod's network namespace: fn passed to Do runs inside it
+// (*netns.Handle).
+type Netns interface {
+	Do(fn func() error) error
 }
 
 // Config configures a Proxy.
 type Config struct {
-	Node     string
-	Mark     uint32 // SO_MARK on the agent's sockets, so capture skips them
-	FastPath bool   // sockets may be in the sockhash: never splice
-	// IPTables says capture is by nat REDIRECT rules (--capture=iptables), not eBPF:
-	// original destinations come from SO_ORIGINAL_DST and the inbound listener
-	// takes the pod IP, where PREROUTING redirects to.
-	IPTables bool
-	Datapath Datapath
+	Node string
+	// Mark is the SO_MARK on the agent's sockets, so capture skips them; required.
+	Mark uint32
+	// Ports are the mesh ports the pods' listeners open on; the capture redirects
+	// to the same ones (the agent passes one value to both).
+	Ports   mesh.Ports
+	Capture Capture
 	// Identities holds the trust bundle and the local pods' certificates.
 	Identities *identity.Store
 	Log        *slog.Logger
@@ -76,12 +87,16 @@ type Proxy struct {
 	log   *slog.Logger
 	conns *tracker
 
+	ctx    context.Context // from Start; pods' contexts derive from it
+	cancel context.CancelFunc
+
 	mu    sync.RWMutex
 	byIP  map[netip.Addr]Workload // every mesh workload, by IP
 	pods  map[string]*pod         // local enrolled pods, by UID
 	local map[netip.Addr]*pod     // local enrolled pods, by IP
 
-	pool *tunnel.Pool // tunnels to pods on other nodes
+	pool    *tunnel.Pool // tunnels to pods on other nodes
+	tunnels tunnels      // pool, as routing uses it (a fake in tests)
 
 	// draining holds the tunnel servers of removed pods until their streams end.
 	draining map[*tunnel.Server]struct{}
@@ -89,10 +104,29 @@ type Proxy struct {
 	wg sync.WaitGroup
 }
 
-// pod is one enrolled pod on this node and the listeners the proxy holds in it.
+// tunnels opens streams to pods on other nodes.
+type tunnels interface {
+	Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error)
+}
+
+// poolTunnels is a tunnel.Pool as tunnels.
+type poolTunnels struct{ *tunnel.Pool }
+
+func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error) {
+	s, err := p.Pool.Connect(ctx, src, dstID, tunnelAddr, target)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// pod is one enrolled pod on this node and the listeners the proxy holds in it. It
+// is also the tunnel pool's handle for the pod (tunnel.Source): tunnels are pooled
+// per pod and dialled from inside its namespace with its certificate.
 type pod struct {
 	w         Workload
-	ns        *netns.Handle
+	net       podNet
+	ids       *identity.Store
 	cookie    uint64
 	listeners []net.Listener
 	tunnel    *tunnel.Server
@@ -102,8 +136,14 @@ type pod struct {
 
 // New validates cfg and returns a proxy with no pods.
 func New(cfg Config) (*Proxy, error) {
-	if cfg.Datapath == nil || cfg.Identities == nil || cfg.Log == nil {
-		return nil, errors.New("proxy config: datapath, identities and logger are required")
+	if cfg.Capture == nil || cfg.Identities == nil || cfg.Log == nil {
+		return nil, errors.New("proxy config: capture, identities and logger are required")
+	}
+	if cfg.Mark == 0 {
+		return nil, errors.New("proxy config: a socket mark is required, or capture would take the proxy's own connections")
+	}
+	if err := cfg.Ports.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy config: %w", err)
 	}
 	p := &Proxy{
 		cfg:   cfg,
@@ -117,29 +157,24 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.conns.obs, p.conns.resolve = cfg.Observer, p.workloadAt
 	var err error
-	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{
-		// Tunnels are pooled per source pod: the pool's source key is the pod's UID,
-		// and each tunnel is dialled from inside that pod.
-		Dial: func(ctx context.Context, uid string, addr netip.AddrPort) (net.Conn, error) {
-			pd := p.pod(uid)
-			if pd == nil {
-				return nil, fmt.Errorf("pod %s is no longer enrolled", uid)
-			}
-			return p.dial(ctx, pd.ns, netip.Addr{}, addr)
-		},
-		TLS: func(uid, dstID string) *tls.Config {
-			var id string
-			if pd := p.pod(uid); pd != nil {
-				id = pd.w.Identity
-			}
-			return cfg.Identities.ClientConfig(id, dstID)
-		},
-		Logger: cfg.Log,
-	})
+	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{Logger: cfg.Log})
 	if err != nil {
 		return nil, err
 	}
+	p.tunnels = poolTunnels{p.pool}
 	return p, nil
+}
+
+// Start readies the proxy for pods; their listeners open as AddPod is called. ctx
+// bounds the proxy's life: pods' connections derive their contexts from it.
+func (p *Proxy) Start(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ctx != nil {
+		return errors.New("proxy already started")
+	}
+	p.ctx, p.cancel = context.WithCancel(ctx)
+	return nil
 }
 
 // SetMesh replaces the directory of mesh workloads used to route connections.
@@ -157,45 +192,50 @@ func (p *Proxy) SetMesh(ws []Workload) {
 
 // AddPod opens the pod's listeners inside its network namespace and starts serving
 // them. ns stays owned by the caller until RemovePod.
-func (p *Proxy) AddPod(w Workload, ns *netns.Handle, cookie uint64) error {
+func (p *Proxy) AddPod(w Workload, ns Netns, cookie uint64) error {
+	return p.addPod(w, nsNet{ns: ns, mark: p.cfg.Mark}, cookie)
+}
+
+func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	if len(w.IPs) == 0 {
 		return fmt.Errorf("pod %s: no IP", w.Name)
 	}
+	p.mu.RLock()
+	parent := p.ctx
+	p.mu.RUnlock()
+	if parent == nil {
+		return fmt.Errorf("pod %s: proxy not started", w.Name)
+	}
 	ip := w.IPs[0]
-	pd := &pod{w: w, ns: ns, cookie: cookie}
-	pd.ctx, pd.cancel = context.WithCancel(context.Background())
+	ports := p.cfg.Ports
+	pd := &pod{w: w, net: pn, ids: p.cfg.Identities, cookie: cookie}
+	pd.ctx, pd.cancel = context.WithCancel(parent)
 
-	out, err := listen(ns, "127.0.0.1", OutboundPort)
+	out, err := pn.Listen(netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ports.Outbound))
 	if err != nil {
 		pd.cancel()
 		return fmt.Errorf("pod %s outbound listener: %w", w.Name, err)
 	}
 	outs := []net.Listener{out}
-	if out6, err := listen(ns, "::1", OutboundPort); err == nil {
+	if out6, err := pn.Listen(netip.AddrPortFrom(netip.IPv6Loopback(), ports.Outbound)); err == nil {
 		outs = append(outs, out6)
 	} // else no IPv6 loopback in this pod: no IPv6 destination to capture either
 	pd.listeners = append(pd.listeners, outs...)
-	inHost := "127.0.0.1"
-	if p.cfg.IPTables {
-		inHost = ip.String()
-	}
-	in, err := listen(ns, inHost, InboundPort)
+	in, err := pn.Listen(netip.AddrPortFrom(p.cfg.Capture.InboundAddr(ip), ports.Inbound))
 	if err != nil {
 		pd.close()
 		return fmt.Errorf("pod %s inbound listener: %w", w.Name, err)
 	}
 	pd.listeners = append(pd.listeners, in)
-	tun, err := listen(ns, ip.String(), TunnelPort)
+	tun, err := pn.Listen(netip.AddrPortFrom(ip, ports.Tunnel))
 	if err != nil {
 		pd.close()
 		return fmt.Errorf("pod %s tunnel listener: %w", w.Name, err)
 	}
 	pd.listeners = append(pd.listeners, tun)
-	if !p.cfg.IPTables {
-		if err := p.cfg.Datapath.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
-			pd.close()
-			return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
-		}
+	if err := p.cfg.Capture.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
+		pd.close()
+		return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
 	}
 	pd.tunnel, err = tunnel.NewServer(tunnel.ServerConfig{
 		TLS: func(net.Addr) (*tls.Config, error) {
@@ -214,14 +254,16 @@ func (p *Proxy) AddPod(w Workload, ns *netns.Handle, cookie uint64) error {
 	}
 
 	p.mu.Lock()
-	if old := p.pods[w.UID]; old != nil {
-		old.close()
-	}
+	old := p.pods[w.UID]
 	p.pods[w.UID] = pd
 	for _, ip := range w.IPs {
 		p.local[ip] = pd
 	}
 	p.mu.Unlock()
+	if old != nil {
+		old.close()
+		p.pool.Forget(old)
+	}
 
 	for _, ln := range outs {
 		p.goServe(func() { p.serveOutbound(pd, ln) })
@@ -253,6 +295,7 @@ func (p *Proxy) RemovePod(uid string) {
 	p.mu.Unlock()
 	if pd != nil {
 		pd.close()
+		p.pool.Forget(pd) // a pod enrolled again is a new handle with tunnels of its own
 		if ts := pd.tunnel; ts != nil {
 			// GOAWAY: peers stop opening streams on tunnels into a pod that left
 			// (they could no longer reach its apps), while streams in progress carry on.
@@ -260,7 +303,8 @@ func (p *Proxy) RemovePod(uid string) {
 			p.draining[ts] = struct{}{}
 			p.mu.Unlock()
 			go func() {
-				_ = ts.Shutdown(context.Background())
+				// Stop ends the proxy's context, and closes what is still draining.
+				_ = ts.Shutdown(p.ctx)
 				p.mu.Lock()
 				delete(p.draining, ts)
 				p.mu.Unlock()
@@ -282,7 +326,7 @@ func (p *Proxy) Pods() []string {
 }
 
 // Stop closes every pod's listeners and waits for every proxied connection to end.
-func (p *Proxy) Stop() {
+func (p *Proxy) Stop(context.Context) error {
 	p.mu.Lock()
 	pods := p.pods
 	p.pods = map[string]*pod{}
@@ -303,6 +347,10 @@ func (p *Proxy) Stop() {
 			pd.tunnel.Close()
 		}
 	}
+	if p.cancel != nil {
+		p.cancel()
+	}
+	return nil
 }
 
 // TunnelStats counts the tunnel connections and streams this node has open to others.
@@ -311,18 +359,36 @@ func (p *Proxy) TunnelStats() tunnel.PoolStats { return p.pool.Stats() }
 // Connections returns the live proxied connections and the most recent ended ones.
 func (p *Proxy) Connections() (live, ended []Conn) { return p.conns.snapshot() }
 
-func (p *Proxy) pod(uid string) *pod {
-	p.mu.RLock()
-	defer p.mu.RUnlock()
-	return p.pods[uid]
-}
-
 // close stops the pod's listeners; streams in progress carry on to their end.
 func (pd *pod) close() {
 	pd.cancel()
 	for _, ln := range pd.listeners {
 		ln.Close()
 	}
+}
+
+// DialTunnel opens a tunnel connection from inside the pod (tunnel.Source).
+func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	c, err := pd.net.Dial(ctx, netip.Addr{}, addr)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// ClientTLS presents the pod's certificate and requires dstID (tunnel.Source).
+func (pd *pod) ClientTLS(dstID string) *tls.Config { return pd.ids.ClientConfig(pd.w.Identity, dstID) }
+
+// String names the pod (tunnel.Source).
+func (pd *pod) String() string { return pd.w.Name }
+
+func (pd *pod) has(ip netip.Addr) bool {
+	for _, a := range pd.w.IPs {
+		if a == ip.Unmap() {
+			return true
+		}
+	}
+	return false
 }
 
 func (p *Proxy) goServe(fn func()) {
@@ -348,85 +414,98 @@ func (p *Proxy) acceptLoop(pd *pod, ln net.Listener, handle func(*net.TCPConn)) 
 	}
 }
 
-// serveOutbound handles connections the pod's apps made, captured by connect4/6.
+// serveOutbound handles connections the pod's apps made, captured on their way out.
 func (p *Proxy) serveOutbound(pd *pod, ln net.Listener) {
-	p.acceptLoop(pd, ln, func(client *net.TCPConn) {
-		peer := client.RemoteAddr().(*net.TCPAddr).AddrPort()
-		dst, err := p.outboundOrigDst(pd, client, peer.Port())
-		if err != nil {
-			p.log.Warn("outbound without original destination", "pod", pd.w.Name, "port", peer.Port(), "error", err)
-			abort(client)
-			return
-		}
-		src := netip.AddrPortFrom(pd.w.IPs[0], peer.Port())
-		p.mu.RLock()
-		dw, inMesh := p.byIP[dst.Addr().Unmap()]
-		lp := p.local[dst.Addr().Unmap()]
-		p.mu.RUnlock()
-
-		rec := Conn{Direction: Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
-		var upstream halfCloser
-		switch {
-		case lp != nil:
-			rec.Security, rec.DstIdentity = SameNode, lp.w.Identity
-			upstream, err = p.dialApp(pd.ctx, lp, dst)
-		case inMesh:
-			rec.Security, rec.DstIdentity = MTLS, dw.Identity
-			ctx, cancel := context.WithTimeout(pd.ctx, dialTimeout)
-			upstream, err = p.pool.Connect(ctx, pd.w.UID, dw.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), TunnelPort), dst)
-			cancel()
-		default:
-			rec.Security = Plaintext
-			upstream, err = p.dial(pd.ctx, pd.ns, netip.Addr{}, dst)
-		}
-		c := p.conns.open(rec)
-		if err != nil {
-			// The app's connect already succeeded (to the capture listener), so a
-			// reset is how it learns the destination refused.
-			abort(client)
-			p.conns.close(c, 0, 0, err)
-			p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", dst, "error", err)
-			return
-		}
-		sent, recv, err := pipe(client, upstream, p.splice(upstream))
-		p.conns.close(c, sent, recv, err)
-	})
+	p.acceptLoop(pd, ln, func(client *net.TCPConn) { p.handleOutbound(pd, client) })
 }
 
-// serveInbound handles plaintext connections to the pod's ports steered by sk_lookup
-// (permissive mode): the accepted socket's local address is the original one.
+// handleOutbound carries one captured outbound connection of pod pd to where it was
+// going, and records it.
+func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
+	peer := client.RemoteAddr().(*net.TCPAddr).AddrPort()
+	dst, err := p.cfg.Capture.OutboundDst(pd.cookie, client)
+	if err != nil {
+		p.log.Warn("outbound without original destination", "pod", pd.w.Name, "port", peer.Port(), "error", err)
+		pipe.Abort(client)
+		return
+	}
+	src := netip.AddrPortFrom(pd.w.IPs[0], peer.Port())
+	p.mu.RLock()
+	r := decide(dst.Addr(), p.byIP, p.local)
+	p.mu.RUnlock()
+	rec := Conn{Direction: Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity,
+		Security: r.Security, DstIdentity: r.Peer.Identity}
+	upstream, err := p.dialRoute(pd, dst, r)
+	c := p.conns.open(rec)
+	if err != nil {
+		// The app's connect already succeeded (to the capture listener), so a
+		// reset is how it learns the destination refused.
+		pipe.Abort(client)
+		p.conns.close(c, 0, 0, err)
+		p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", dst, "error", err)
+		return
+	}
+	sent, recv, err := pipe.Join(client, upstream, !p.cfg.Capture.Sockhash())
+	p.conns.close(c, sent, recv, err)
+}
+
+// route is how a captured outbound connection reaches its original destination.
+type route struct {
+	Security Security // SameNode, MTLS or Plaintext
+	Local    *pod     // SameNode: the destination pod, which this proxy serves
+	Peer     Workload // SameNode and MTLS: the destination workload
+}
+
+// decide is the one routing rule: a pod this proxy serves is reached directly inside
+// its own namespace, any other mesh workload through the tunnel to its node, and
+// anything else (outside the mesh) in plaintext from the source pod.
+func decide(dst netip.Addr, byIP map[netip.Addr]Workload, local map[netip.Addr]*pod) route {
+	dst = dst.Unmap()
+	if lp := local[dst]; lp != nil {
+		return route{Security: SameNode, Local: lp, Peer: lp.w}
+	}
+	if w, ok := byIP[dst]; ok {
+		return route{Security: MTLS, Peer: w}
+	}
+	return route{Security: Plaintext}
+}
+
+// dialRoute opens the upstream side of a connection from pod from to dst along r.
+func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route) (pipe.HalfCloser, error) {
+	switch r.Security {
+	case SameNode:
+		return p.dialApp(from.ctx, r.Local, dst)
+	case MTLS:
+		ctx, cancel := context.WithTimeout(from.ctx, dialTimeout)
+		defer cancel()
+		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst)
+	default:
+		return from.net.Dial(from.ctx, netip.Addr{}, dst)
+	}
+}
+
+// serveInbound handles plaintext connections to the pod's ports that inbound capture
+// steered to its listener (permissive mode).
 func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 	p.acceptLoop(pd, ln, func(client *net.TCPConn) {
 		src := client.RemoteAddr().(*net.TCPAddr).AddrPort()
-		dst := client.LocalAddr().(*net.TCPAddr).AddrPort()
-		if p.cfg.IPTables {
-			var err error
-			if dst, err = datapath.SocketOrigDst(client); err != nil {
-				p.log.Warn("inbound without original destination", "pod", pd.w.Name, "error", err)
-				abort(client)
-				return
-			}
+		dst, err := p.cfg.Capture.InboundDst(client)
+		if err != nil {
+			p.log.Warn("inbound without original destination", "pod", pd.w.Name, "error", err)
+			pipe.Abort(client)
+			return
 		}
 		rec := Conn{Direction: Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: Plaintext}
 		c := p.conns.open(rec)
 		app, err := p.dialApp(pd.ctx, pd, dst)
 		if err != nil {
-			abort(client)
+			pipe.Abort(client)
 			p.conns.close(c, 0, 0, err)
 			return
 		}
-		sent, recv, err := pipe(client, app, p.splice(app))
+		sent, recv, err := pipe.Join(client, app, !p.cfg.Capture.Sockhash())
 		p.conns.close(c, sent, recv, err)
 	})
-}
-
-// outboundOrigDst is where a captured outbound connection was going: from the eBPF
-// map by (netns cookie, client port), or from the socket under iptables capture.
-func (p *Proxy) outboundOrigDst(pd *pod, client *net.TCPConn, clientPort uint16) (netip.AddrPort, error) {
-	if p.cfg.IPTables {
-		return datapath.SocketOrigDst(client)
-	}
-	return p.cfg.Datapath.OrigDst(pd.cookie, clientPort)
 }
 
 // authorize admits a tunnel from remote only if the verified peer identity is the
@@ -464,33 +543,31 @@ func (p *Proxy) dialApp(ctx context.Context, pd *pod, target netip.AddrPort) (*n
 	if target.Addr().Is6() && !target.Addr().Is4In6() {
 		src = netip.IPv6Loopback()
 	}
-	return p.dial(ctx, pd.ns, src, target)
+	return pd.net.Dial(ctx, src, target)
 }
 
-func (pd *pod) has(ip netip.Addr) bool {
-	for _, a := range pd.w.IPs {
-		if a == ip.Unmap() {
-			return true
-		}
-	}
-	return false
+// podNet opens the proxy's sockets inside one pod's network namespace.
+type podNet interface {
+	Listen(addr netip.AddrPort) (net.Listener, error)
+	// Dial connects to dst, from src when it is valid, with the agent's mark.
+	Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error)
 }
 
-// splice reports whether copies to and from upstream may use splice(2).
-func (p *Proxy) splice(upstream halfCloser) bool {
-	_, tcp := upstream.(*net.TCPConn)
-	return tcp && !p.cfg.FastPath
+// nsNet is podNet for a real namespace.
+type nsNet struct {
+	ns   Netns
+	mark uint32
 }
 
-// dial connects to dst from inside ns, optionally from src, with the agent's mark
-// so the capture programs leave the socket alone.
-func (p *Proxy) dial(ctx context.Context, ns *netns.Handle, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+// Dial connects to dst from inside the namespace, optionally from src, with the
+// agent's mark so the capture programs leave the socket alone.
+func (n nsNet) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	d := net.Dialer{
 		Timeout: dialTimeout,
 		Control: func(_, _ string, rc syscall.RawConn) error {
 			var serr error
 			err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(p.cfg.Mark))
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(n.mark))
 				if serr == nil && src.IsValid() {
 					// Bound to a source address, the socket would get its port at bind,
 					// where ports in TIME_WAIT are never reused: our half-close leaves
@@ -514,7 +591,7 @@ func (p *Proxy) dial(ctx context.Context, ns *netns.Handle, src netip.Addr, dst 
 		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
 	}
 	var conn net.Conn
-	err := ns.Do(func() error {
+	err := n.ns.Do(func() error {
 		var err error
 		conn, err = d.DialContext(ctx, "tcp", dst.String())
 		return err
@@ -525,14 +602,14 @@ func (p *Proxy) dial(ctx context.Context, ns *netns.Handle, src netip.Addr, dst 
 	return conn.(*net.TCPConn), nil
 }
 
-// listen opens a TCP listener on host:port inside ns, without MPTCP: an MPTCP socket
-// cannot enter a sockmap, so sk_lookup steering and the fast path would silently fail.
-func listen(ns *netns.Handle, host string, port int) (net.Listener, error) {
+// Listen opens a TCP listener on addr inside the namespace (internal/listener: MPTCP
+// off, which sk_lookup steering and the sockhash need).
+func (n nsNet) Listen(addr netip.AddrPort) (net.Listener, error) {
 	lc := listener.Config()
 	var ln net.Listener
-	err := ns.Do(func() error {
+	err := n.ns.Do(func() error {
 		var err error
-		ln, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, fmt.Sprint(port)))
+		ln, err = lc.Listen(context.Background(), "tcp", addr.String())
 		return err
 	})
 	return ln, err

@@ -4,13 +4,15 @@ import (
 	"io"
 	"net"
 	"testing"
+
+	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
 // BenchmarkStreamThroughput echoes 32 KiB chunks through one stream: client write →
 // server → app → server → client read, the reader running beside the writer.
 func BenchmarkStreamThroughput(b *testing.B) {
 	e := newEnv(b, envOpt{})
-	s := e.connect(b, app(b, echo))
+	s := e.connect(b, loopback.Serve(b, loopback.Echo))
 	defer s.Close()
 	chunk := make([]byte, 32<<10)
 	b.SetBytes(int64(len(chunk)))
@@ -38,7 +40,7 @@ func BenchmarkStreamThroughput(b *testing.B) {
 // echo, and closes: the per-connection cost of the tunnel once the session exists.
 func BenchmarkConnect(b *testing.B) {
 	e := newEnv(b, envOpt{})
-	target := app(b, func(c *net.TCPConn) { echo(c) })
+	target := loopback.Serve(b, func(c *net.TCPConn) { loopback.Echo(c) })
 	s := e.connect(b, target) // warm the pooled connection
 	s.Close()
 	one := []byte{1}

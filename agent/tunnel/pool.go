@@ -23,15 +23,23 @@ const (
 	defaultConnectTO   = 10 * time.Second
 )
 
+// Source is the local pod a tunnel is opened for: the pool dials through it and
+// presents its certificate. The handle itself is part of the pool's key, so it must
+// be comparable and stand for one pod (a pointer): a pod enrolled again gets a new
+// handle, and so new tunnels, dialled from its new namespace with its new identity.
+type Source interface {
+	// DialTunnel opens the raw TCP connection to a tunnel address from inside the
+	// pod's network namespace, so the destination sees the pod's IP.
+	DialTunnel(ctx context.Context, tunnelAddr netip.AddrPort) (net.Conn, error)
+	// ClientTLS is the client configuration presenting the pod's certificate and
+	// requiring the server to prove dstID, e.g. identity.Store.ClientConfig.
+	ClientTLS(dstID string) *tls.Config
+	// String names the pod in logs.
+	String() string
+}
+
 // PoolConfig configures a client Pool.
 type PoolConfig struct {
-	// Dial opens the raw TCP connection to a tunnel address on behalf of the source
-	// workload src (its SPIFFE ID): from inside that pod's network namespace, so the
-	// destination sees the pod's IP.
-	Dial func(ctx context.Context, src string, tunnelAddr netip.AddrPort) (net.Conn, error)
-	// TLS is the client configuration presenting src's certificate and requiring the
-	// server to prove expectedDstID, e.g. identity.Store.ClientConfig.
-	TLS func(src, expectedDstID string) *tls.Config
 	// Logger receives connection-level events; nil discards them.
 	Logger *slog.Logger
 	// IdleTimeout closes a tunnel connection with no streams for this long; 90 s when
@@ -67,8 +75,10 @@ type PoolStats struct {
 }
 
 // Pool keeps HTTP/2-over-TLS connections to tunnel endpoints and opens CONNECT streams
-// on them. One connection per (source identity, destination identity, tunnel address)
-// serves many streams; more are opened only when the peer's stream limit is reached.
+// on them. Connections are pooled per source pod (its Source handle), destination
+// identity and tunnel address: one serves many streams, and more are opened only when
+// the peer's stream limit is reached. Pooling per pod rather than per identity keeps
+// each tunnel's source address that of the pod whose certificate it presents.
 type Pool struct {
 	cfg PoolConfig
 	log *slog.Logger
@@ -85,9 +95,11 @@ type Pool struct {
 	streams atomic.Int64
 }
 
+// poolKey is what one set of pooled connections serves.
 type poolKey struct {
-	src, dst string
-	addr     netip.AddrPort
+	src  Source         // the source pod
+	dst  string         // the SPIFFE ID the server must prove
+	addr netip.AddrPort // the destination pod's tunnel address
 }
 
 type poolEntry struct {
@@ -104,9 +116,6 @@ type dialCall struct {
 
 // NewPool validates cfg; connections are opened on demand.
 func NewPool(cfg PoolConfig) (*Pool, error) {
-	if cfg.Dial == nil || cfg.TLS == nil {
-		return nil, errors.New("tunnel pool: Dial and TLS are required")
-	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = defaultIdleTimeout
 	}
@@ -137,10 +146,13 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 	}, nil
 }
 
-// Connect opens a stream from workload src to target through the tunnel at tunnelAddr,
+// Connect opens a stream from the pod src to target through the tunnel at tunnelAddr,
 // whose server must prove identity dstID. It returns once the destination answered 200;
 // any other answer is a *RefusedError.
-func (p *Pool) Connect(ctx context.Context, src, dstID string, tunnelAddr, target netip.AddrPort) (*Stream, error) {
+func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr, target netip.AddrPort) (*Stream, error) {
+	if src == nil {
+		return nil, errors.New("tunnel connect: no source pod")
+	}
 	key := poolKey{src: src, dst: dstID, addr: tunnelAddr}
 	var lastErr error
 	// A connection can turn unusable between picking it and sending on it (GOAWAY,
@@ -277,18 +289,18 @@ func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
 	close(call.done)
 	p.mu.Unlock()
 	if err != nil {
-		p.log.Info("tunnel dial", "src", key.src, "dst", key.dst, "addr", key.addr.String(), "error", err)
+		p.log.Info("tunnel dial", "src", key.src.String(), "dst", key.dst, "addr", key.addr.String(), "error", err)
 	}
 }
 
 func (p *Pool) open(key poolKey) (*http2.ClientConn, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
-	raw, err := p.cfg.Dial(ctx, key.src, key.addr)
+	raw, err := key.src.DialTunnel(ctx, key.addr)
 	if err != nil {
 		return nil, fmt.Errorf("tunnel dial %s: %w", key.addr, err)
 	}
-	tc := tls.Client(raw, p.cfg.TLS(key.src, key.dst))
+	tc := tls.Client(raw, key.src.ClientTLS(key.dst))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tunnel handshake %s: %w", key.addr, err)
@@ -327,10 +339,21 @@ func (p *Pool) Stats() PoolStats {
 }
 
 // CloseIdle closes connections that carry no stream, and forgets closed ones.
-func (p *Pool) CloseIdle() {
+func (p *Pool) CloseIdle() { p.closeIdle(nil) }
+
+// Forget closes src's connections that carry no stream, for a pod that left: its
+// handle is never used again, so they would otherwise wait for the idle timeout.
+// Connections still carrying streams close when those end and the timeout passes.
+func (p *Pool) Forget(src Source) { p.closeIdle(src) }
+
+// closeIdle closes the idle connections of src, or of every source when src is nil.
+func (p *Pool) closeIdle(src Source) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, e := range p.entries {
+		if src != nil && k.src != src {
+			continue
+		}
 		live := e.conns[:0]
 		for _, cc := range e.conns {
 			st := cc.State()

@@ -1,10 +1,11 @@
 // Package tunnel carries TCP connections between nodes over mutual TLS: HTTP/2 CONNECT
-// streams multiplexed on one TLS 1.3 session per (source identity, destination), in the
+// streams multiplexed on one TLS 1.3 session per (source pod, destination), in the
 // style of Istio ambient's HBONE. The server side runs on each pod's :15008 listener;
 // the client side is a Pool of such sessions.
 //
-// Which network namespace to dial from or listen in is the caller's business: both sides
-// take dial callbacks, so this package is plain Go and testable on loopback.
+// Which network namespace to dial from or listen in is the caller's business: the pool
+// dials through a Source handle and the server through a dial callback, so this
+// package is plain Go and testable on loopback.
 package tunnel
 
 import (
@@ -12,7 +13,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"github.com/ferrymesh/ferry/api/spiffe"
 	"log/slog"
 	"net"
 	"net/http"
@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/pipe"
+	"github.com/ferrymesh/ferry/api/spiffe"
 	"golang.org/x/net/http2"
 )
 
@@ -331,28 +333,29 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	// Peer → app runs beside; app → peer runs here. When the app is done writing, the
 	// handler returns, which ends the stream (END_STREAM); the body is closed first so
 	// the upload copy stops too.
-	var up copyResult
+	var upN int64
+	var upErr error
 	upDone := make(chan struct{})
 	go func() {
 		defer close(upDone)
-		up = copyBuf(app, r.Body, nil)
-		if up.err == nil {
+		upN, upErr = pipe.Copy(app, r.Body, nil)
+		if upErr == nil {
 			closeWrite(app)
 		} else {
 			app.Close()
 		}
 	}()
-	down := copyBuf(w, app, rc.Flush)
+	downN, downErr := pipe.Copy(w, app, rc.Flush)
 	r.Body.Close()
 	app.Close()
 	<-upDone
 
-	info.BytesIn, info.BytesOut = up.n, down.n
+	info.BytesIn, info.BytesOut = upN, downN
 	switch {
-	case down.err != nil:
-		info.Err = fmt.Errorf("app to peer: %w", down.err)
-	case up.err != nil && !errors.Is(up.err, net.ErrClosed) && !isClosedBody(up.err):
-		info.Err = fmt.Errorf("peer to app: %w", up.err)
+	case downErr != nil:
+		info.Err = fmt.Errorf("app to peer: %w", downErr)
+	case upErr != nil && !errors.Is(upErr, net.ErrClosed) && !isClosedBody(upErr):
+		info.Err = fmt.Errorf("peer to app: %w", upErr)
 	}
 }
 

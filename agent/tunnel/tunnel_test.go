@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"github.com/ferrymesh/ferry/api/spiffe"
 	"io"
 	"net"
 	"net/http"
@@ -21,7 +20,9 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
-	"github.com/ferrymesh/ferry/internal/listener"
+	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/internal/loopback"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -37,6 +38,7 @@ type env struct {
 	sstore     *identity.Store
 	srv        *Server
 	pool       *Pool
+	src        *loopSource // the client pod
 	tunnelAddr netip.AddrPort
 
 	mu      sync.Mutex
@@ -98,7 +100,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		tb.Fatal(err)
 	}
 	e.srv = srv
-	ln := listen(tb)
+	ln := loopback.Listen(tb)
 	e.tunnelAddr = ln.Addr().(*net.TCPAddr).AddrPort()
 	served := make(chan struct{})
 	go func() {
@@ -107,14 +109,8 @@ func newEnv(tb testing.TB, o envOpt) *env {
 			tb.Errorf("Serve: %v", err)
 		}
 	}()
-	e.pool, err = NewPool(PoolConfig{
-		Dial: func(ctx context.Context, src string, addr netip.AddrPort) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "tcp", addr.String())
-		},
-		TLS:         e.cstore.ClientConfig,
-		IdleTimeout: o.idleTimeout,
-	})
+	e.src = &loopSource{store: e.cstore, id: clientID}
+	e.pool, err = NewPool(PoolConfig{IdleTimeout: o.idleTimeout})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -126,65 +122,35 @@ func newEnv(tb testing.TB, o envOpt) *env {
 	return e
 }
 
+// loopSource is a client pod on loopback: it dials from the test's own namespace.
+type loopSource struct {
+	store *identity.Store
+	id    string
+}
+
+func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", addr.String())
+}
+
+func (s *loopSource) ClientTLS(dstID string) *tls.Config { return s.store.ClientConfig(s.id, dstID) }
+
+func (s *loopSource) String() string { return s.id }
+
 func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, target)
+	s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target)
 	if err != nil {
 		tb.Fatalf("Connect: %v", err)
 	}
 	return s
 }
 
-func listen(tb testing.TB) net.Listener {
-	tb.Helper()
-	lc := listener.Config()
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return ln
-}
-
-// app runs handle for each connection accepted on a loopback listener until cleanup.
-func app(tb testing.TB, handle func(c *net.TCPConn)) netip.AddrPort {
-	tb.Helper()
-	ln := listen(tb)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				handle(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	tb.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	return ln.Addr().(*net.TCPAddr).AddrPort()
-}
-
-// echo copies back what it reads and half-closes when the client does.
-func echo(c *net.TCPConn) {
-	if _, err := io.Copy(c, c); err == nil {
-		c.CloseWrite()
-	}
-}
-
 func TestEcho10MiB(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	s := e.connect(t, target)
 	defer s.Close()
 
@@ -227,9 +193,9 @@ func TestEcho10MiB(t *testing.T) {
 
 func TestServerSpeaksFirst(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, func(c *net.TCPConn) {
+	target := loopback.Serve(t, func(c *net.TCPConn) {
 		c.Write([]byte("220 hello\r\n"))
-		echo(c)
+		loopback.Echo(c)
 	})
 	s := e.connect(t, target)
 	defer s.Close()
@@ -249,7 +215,7 @@ func TestHalfClose(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	// The app reads to EOF, then answers: only works if CloseWrite reaches it as EOF
 	// while the other direction stays open.
-	target := app(t, func(c *net.TCPConn) {
+	target := loopback.Serve(t, func(c *net.TCPConn) {
 		n, err := io.Copy(io.Discard, c)
 		if err != nil {
 			return
@@ -272,7 +238,7 @@ func TestHalfClose(t *testing.T) {
 
 func TestManySmallWrites(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	const n = 5000
 	done := make(chan []byte)
@@ -297,28 +263,37 @@ func TestManySmallWrites(t *testing.T) {
 	}
 }
 
+// closedPort is a loopback port that refuses connections: a TCP socket bound to it
+// that never listens holds it until the test ends, so no other test can take it
+// (closing a listener and reusing its port would race with them).
 func closedPort(t *testing.T) netip.AddrPort {
-	ln := listen(t)
-	ap := ln.Addr().(*net.TCPAddr).AddrPort()
-	ln.Close()
-	return ap
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port))
 }
 
 func TestAppRefuses(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	start := time.Now()
-	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, closedPort(t))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, closedPort(t))
 	var re *RefusedError
 	if !errors.As(err, &re) {
 		t.Fatalf("error %v, want *RefusedError", err)
 	}
 	if re.Status != http.StatusBadGateway || re.Reason != "connection refused" {
 		t.Errorf("refused %d %q, want 502 connection refused", re.Status, re.Reason)
-	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Errorf("refusal took %s", d)
 	}
 	if st := e.pool.Stats(); st.Streams != 0 {
 		t.Errorf("streams %d after refusal", st.Streams)
@@ -332,7 +307,7 @@ func TestAppDialTimeout(t *testing.T) {
 	}, dialTimeout: 100 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"))
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusGatewayTimeout {
 		t.Fatalf("error %v, want 504", err)
@@ -343,7 +318,7 @@ func TestTargetMustBeThisPod(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.2:80"))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.2:80"))
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Fatalf("error %v, want 403", err)
@@ -354,7 +329,7 @@ func TestOnlyConnect(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cc, err := e.pool.get(ctx, poolKey{src: clientID, dst: serverID, addr: e.tunnelAddr})
+	cc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -387,7 +362,7 @@ func TestWrongServerIdentity(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, clientID, otherID, e.tunnelAddr, app(t, echo))
+	_, err := e.pool.Connect(ctx, e.src, otherID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
 	if err == nil || !strings.Contains(err.Error(), "peer identity "+serverID+", want "+otherID) {
 		t.Fatalf("error %v, want identity mismatch", err)
 	}
@@ -404,7 +379,7 @@ func TestWrongClientIdentity(t *testing.T) {
 	}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, app(t, echo))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
 	if err == nil {
 		t.Fatal("server accepted a client the control plane does not know at that address")
 	}
@@ -424,7 +399,7 @@ func TestClientFromOtherCA(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, app(t, echo)); err == nil {
+	if _, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo)); err == nil {
 		t.Fatal("client with a certificate from another CA accepted")
 	}
 }
@@ -443,7 +418,7 @@ func settle(t *testing.T, what string, cond func() bool) {
 
 func TestConcurrentStreams(t *testing.T) {
 	base := runtime.NumGoroutine()
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	e := newEnv(t, envOpt{})
 	const n = 200
 	var wg sync.WaitGroup
@@ -455,7 +430,7 @@ func TestConcurrentStreams(t *testing.T) {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			s, err := e.pool.Connect(ctx, clientID, serverID, e.tunnelAddr, target)
+			s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target)
 			if err != nil {
 				errs <- err
 				return
@@ -507,23 +482,24 @@ func TestConcurrentStreams(t *testing.T) {
 
 func TestIdleConnectionsClose(t *testing.T) {
 	e := newEnv(t, envOpt{idleTimeout: 200 * time.Millisecond})
-	s := e.connect(t, app(t, echo))
-	s.CloseWrite()
-	io.ReadAll(s)
-	s.Close()
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
+	// Counted while the stream is open: the idle clock has not started yet.
 	if st := e.pool.Stats(); st.Conns != 1 {
 		t.Fatalf("conns %d, want 1", st.Conns)
 	}
+	s.CloseWrite()
+	io.ReadAll(s)
+	s.Close()
 	settle(t, "idle connection to close", func() bool { return e.pool.Stats().Conns == 0 })
 	// The pool dials again when needed.
-	s = e.connect(t, app(t, echo))
+	s = e.connect(t, loopback.Serve(t, loopback.Echo))
 	s.Close()
 }
 
 func TestServerCloseEndsStreams(t *testing.T) {
 	base := runtime.NumGoroutine()
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	if _, err := s.Write([]byte("x")); err != nil {
 		t.Fatal(err)
@@ -541,7 +517,7 @@ func TestServerCloseEndsStreams(t *testing.T) {
 
 func TestPoolReusesConnection(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	target := app(t, echo)
+	target := loopback.Serve(t, loopback.Echo)
 	for i := 0; i < 3; i++ {
 		s := e.connect(t, target)
 		s.CloseWrite()
@@ -555,7 +531,7 @@ func TestPoolReusesConnection(t *testing.T) {
 
 func TestShutdownWaitsForStreams(t *testing.T) {
 	e := newEnv(t, envOpt{})
-	s := e.connect(t, app(t, echo))
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
 	defer s.Close()
 	done := make(chan error, 1)
 	go func() {
@@ -563,7 +539,9 @@ func TestShutdownWaitsForStreams(t *testing.T) {
 		defer cancel()
 		done <- e.srv.Shutdown(ctx)
 	}()
-	// The stream in progress keeps working while the server drains.
+	// Once the server is draining, the stream in progress keeps working, and
+	// Shutdown cannot have returned: it returns only when the stream has ended.
+	settle(t, "the server to start draining", e.srv.isClosed)
 	if _, err := s.Write([]byte("still here")); err != nil {
 		t.Fatal(err)
 	}
@@ -574,7 +552,7 @@ func TestShutdownWaitsForStreams(t *testing.T) {
 	select {
 	case err := <-done:
 		t.Fatalf("Shutdown returned %v with a stream open", err)
-	case <-time.After(100 * time.Millisecond):
+	default:
 	}
 	s.CloseWrite()
 	io.ReadAll(s)

@@ -12,7 +12,6 @@ import (
 
 	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/spf13/cobra"
 )
 
@@ -28,20 +27,11 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	var (
-		cfg        agent.Config
+		cfg        = agent.DefaultConfig()
 		cleanup    bool
 		mountBPFFS bool
 		logLevel   slog.Level
 	)
-	cfg.Datapath = datapath.Config{
-		PinDir: datapath.DefaultPinDir,
-		Mark:   datapath.DefaultMark,
-		// Off by default: with the sk_msg ingress redirect the kernel applies no
-		// back-pressure, and a sender faster than the agent gets ENOMEM from write
-		// (docs/datapath.md, "Fast path").
-		FastPath: false,
-		MaxPods:  datapath.DefaultMaxPods,
-	}
 	cmd := &cobra.Command{
 		Use:   "ferry-agent",
 		Short: "Ferry node agent: eBPF capture and the node proxy",
@@ -97,28 +87,12 @@ and --node, also the iptables capture rules in the node's pods.`,
 			}
 			<-cmd.Context().Done()
 			log.Info("stopping")
-			return a.Stop()
+			// The signal ended ctx; stopping still waits for what it must.
+			return a.Stop(context.WithoutCancel(cmd.Context()))
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Node, "node", os.Getenv("NODE_NAME"), "name of this node (default $NODE_NAME)")
-	f.StringVar(&cfg.StatePath, "state", "", "node state file (protobuf JSON NodeState), instead of --operator")
-	f.StringVar(&cfg.Operator, "operator", "", "operator address for the state stream and certificates (host:port or unix:///path)")
-	f.StringVar(&cfg.TokenFile, "token-file", "/var/run/secrets/ferry/token", "bearer token for the operator (projected service-account token, audience ferry-operator)")
-	f.StringVar(&cfg.OperatorCA, "operator-ca", "/etc/ferry/ca/ca.crt", "PEM bundle that verifies the operator's serving certificate (ConfigMap ferry-ca-bundle)")
-	f.StringVar(&cfg.StateCache, "state-cache", "/run/ferry/state.cache", "with --operator: file keeping the last state and certificates (0600) so a restarted agent serves before the operator answers (\"\" disables)")
-	f.StringVar(&cfg.HealthAddr, "health-addr", ":15021", "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
-	f.StringVar(&cfg.AdminSocket, "admin-socket", "/run/ferry/agent.sock", "unix socket for the admin API (\"\" disables it)")
-	f.StringVar(&cfg.Datapath.PinDir, "bpf-pin-dir", cfg.Datapath.PinDir, "bpffs folder where programs, maps and links are pinned")
-	f.StringVar(&cfg.Datapath.CgroupPath, "cgroup", "", "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
-	f.Uint32Var(&cfg.Datapath.Mark, "mark", cfg.Datapath.Mark, "SO_MARK on the agent's own sockets, which capture skips")
-	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
-	f.StringVar(&cfg.Capture, "capture", datapath.CaptureEBPF, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
-	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
-	f.StringVar(&cfg.Observe.ObserverSocket, "observer-socket", "", "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
-	f.StringVar(&cfg.Observe.ObserverAddr, "observer-addr", "", "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
-	f.StringVar(&cfg.Observe.MetricsAddr, "metrics-addr", "", "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
-	f.IntVar(&cfg.Observe.FlowCapacity, "flow-buffer", flows.DefaultCapacity, "flows kept in memory for the Observer API")
+	cfg.Flags(f)
 	f.BoolVar(&cleanup, "cleanup", false, "remove everything Ferry put in the kernel and exit")
 	f.BoolVar(&mountBPFFS, "mount-bpffs", false, "mount bpffs for --bpf-pin-dir where none is, create the folder, and exit (the DaemonSet's init container)")
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")

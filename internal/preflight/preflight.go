@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -128,7 +129,7 @@ func bpfCheck() Result {
 	if len(missing) > 0 {
 		return fail("bpf features", "missing: "+strings.Join(missing, "; "))
 	}
-	objs, err := bpf.Load(bpf.Config{AgentMark: datapath.DefaultMark, MaxPods: 8}, "")
+	objs, err := bpf.Load(bpf.Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
 	if err != nil {
 		return fail("bpf features", "the verifier refuses Ferry's programs: "+firstLine(err.Error()))
 	}

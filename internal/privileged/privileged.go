@@ -8,6 +8,7 @@ package privileged
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"runtime"
 	"testing"
 
@@ -30,6 +31,29 @@ func Require(t testing.TB) {
 		t.Fatalf("%s=1 but not running as root: this test needs root, BPF and network namespaces", EnvVar)
 	}
 	t.Skipf("needs root, BPF and network namespaces; run as root with %s=1", EnvVar)
+}
+
+// Missing skips t because the machine lacks something the test needs (a tool, a
+// kernel feature), or under FERRY_PRIVILEGED_TESTS=1 fails it: there the machine is
+// CI's, which has everything, so a missing piece is a regression to see.
+func Missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	what := fmt.Sprintf(format, args...)
+	if os.Getenv(EnvVar) == "1" {
+		t.Fatalf("%s=1 but %s", EnvVar, what)
+	}
+	t.Skip(what)
+}
+
+// LookPath returns the path of the command name, or reports it Missing; install
+// says where it comes from.
+func LookPath(t testing.TB, name, install string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		Missing(t, "%s not installed (%s)", name, install)
+	}
+	return p
 }
 
 // NewNetns creates an anonymous network namespace with its loopback up and returns

@@ -85,3 +85,31 @@ func TestRequireAsUser(t *testing.T) {
 	Require(t)
 	t.Log("ran privileged code")
 }
+
+// TestMissing checks that a missing tool skips a test for an ordinary run and fails
+// it under FERRY_PRIVILEGED_TESTS=1, by re-running this test binary.
+func TestMissing(t *testing.T) {
+	for _, tc := range []struct {
+		env      string
+		wantExit bool
+	}{{"", false}, {"1", true}} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestMissingChild$", "-test.v")
+		cmd.Env = []string{"FERRY_MISSING_CHILD=1", EnvVar + "=" + tc.env, "PATH="}
+		out, err := cmd.CombinedOutput()
+		if (err != nil) != tc.wantExit {
+			t.Fatalf("%s=%q: exit error %v, want failure %v\n%s", EnvVar, tc.env, err, tc.wantExit, out)
+		}
+		if !strings.Contains(string(out), "ferry-no-such-tool not installed (nowhere)") {
+			t.Fatalf("%s=%q: output lacks the reason:\n%s", EnvVar, tc.env, out)
+		}
+	}
+}
+
+// TestMissingChild is TestMissing's child: it looks for a tool that is not there.
+func TestMissingChild(t *testing.T) {
+	if os.Getenv("FERRY_MISSING_CHILD") != "1" {
+		t.Skip("run by TestMissing")
+	}
+	LookPath(t, "ferry-no-such-tool", "nowhere")
+	t.Log("found a tool that cannot exist")
+}
