@@ -14,10 +14,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/adminserver"
 	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/agent/observe"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/grpc"
@@ -43,7 +45,7 @@ type Config struct {
 	HealthAddr  string
 	AdminSocket string // unix socket of the admin API; "" disables it
 	Datapath    datapath.Config
-	Observe     ObserveConfig // flows and metrics (admin.go)
+	Observe     observe.Config // flows and metrics
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// (default) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
@@ -57,7 +59,7 @@ type Agent struct {
 	ipt   *datapath.IPTablesCapture // nil unless capture is iptables
 	ids   *identity.Store
 	proxy *proxy.Proxy
-	admin *adminServer
+	admin *adminserver.Server
 
 	// Operator mode: the state stream, the certificate manager, and a nudge for
 	// reconcile when a certificate arrives.
@@ -68,7 +70,7 @@ type Agent struct {
 	// cacheDirty says the state cache should be written again.
 	cacheDirty atomic.Bool
 	health     *http.Server
-	obs        *observability
+	obs        *observe.Observer
 
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
@@ -114,7 +116,16 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 			a.nudge()
 		}, log)
 	}
-	a.obs = newObservability(cfg, a, log)
+	a.obs = observe.New(cfg.Observe.Beside(cfg.AdminSocket), cfg.Node, observe.Sources{
+		LiveConns: func() int {
+			if a.proxy == nil {
+				return 0
+			}
+			live, _ := a.proxy.Connections()
+			return len(live)
+		},
+		PinDir: cfg.Datapath.PinDir,
+	}, log)
 	switch cfg.Capture {
 	case "", datapath.CaptureEBPF:
 	case datapath.CaptureIPTables:
@@ -141,7 +152,10 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	if cfg.AdminSocket != "" {
-		a.admin = newAdminServer(cfg.AdminSocket, a, log)
+		a.admin, err = adminserver.New(adminserver.Config{Socket: cfg.AdminSocket, Metrics: a.obs.Handler()}, adminSource{a}, log)
+		if err != nil {
+			return nil, err
+		}
 	}
 	return a, nil
 }
@@ -199,11 +213,11 @@ func (a *Agent) startOperator() error {
 // startServers starts the admin API, observability and the health endpoints.
 func (a *Agent) startServers() error {
 	if a.admin != nil {
-		if err := a.admin.Start(); err != nil {
+		if err := a.admin.Start(context.Background()); err != nil {
 			return err
 		}
 	}
-	if err := a.obs.Start(); err != nil {
+	if err := a.obs.Start(context.Background()); err != nil {
 		return err
 	}
 	if a.cfg.HealthAddr == "" {
@@ -342,10 +356,12 @@ func (a *Agent) Stop() error {
 	if a.conn != nil {
 		a.conn.Close()
 	}
+	stopCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
 	if a.admin != nil {
-		a.admin.Stop()
+		a.admin.Stop(stopCtx)
 	}
-	a.obs.Stop()
+	a.obs.Stop(stopCtx)
 	a.proxy.Stop()
 	a.mu.Lock()
 	for _, p := range a.enrolled {

@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/admin"
 	"golang.org/x/sys/unix"
 )
 
@@ -363,19 +364,19 @@ func (p *Proxy) serveOutbound(pd *pod, ln net.Listener) {
 		lp := p.local[dst.Addr().Unmap()]
 		p.mu.RUnlock()
 
-		rec := Conn{Direction: Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
+		rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
 		var upstream halfCloser
 		switch {
 		case lp != nil:
-			rec.Security, rec.DstIdentity = SameNode, lp.w.Identity
+			rec.Security, rec.DstIdentity = admin.SameNode, lp.w.Identity
 			upstream, err = p.dialApp(pd.ctx, lp, dst)
 		case inMesh:
-			rec.Security, rec.DstIdentity = MTLS, dw.Identity
+			rec.Security, rec.DstIdentity = admin.MTLS, dw.Identity
 			ctx, cancel := context.WithTimeout(pd.ctx, dialTimeout)
 			upstream, err = p.pool.Connect(ctx, pd.w.UID, dw.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), TunnelPort), dst)
 			cancel()
 		default:
-			rec.Security = Plaintext
+			rec.Security = admin.Plaintext
 			upstream, err = p.dial(pd.ctx, pd.ns, netip.Addr{}, dst)
 		}
 		c := p.conns.open(rec)
@@ -383,7 +384,7 @@ func (p *Proxy) serveOutbound(pd *pod, ln net.Listener) {
 			// The app's connect already succeeded (to the capture listener), so a
 			// reset is how it learns the destination refused.
 			abort(client)
-			p.conns.close(c, 0, 0, err)
+			p.conns.refused(c, err)
 			p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", dst, "error", err)
 			return
 		}
@@ -406,12 +407,12 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 				return
 			}
 		}
-		rec := Conn{Direction: Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: Plaintext}
+		rec := Conn{Direction: admin.Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: admin.Plaintext}
 		c := p.conns.open(rec)
 		app, err := p.dialApp(pd.ctx, pd, dst)
 		if err != nil {
 			abort(client)
-			p.conns.close(c, 0, 0, err)
+			p.conns.refused(c, err)
 			return
 		}
 		sent, recv, err := pipe(client, app, p.splice(app))
@@ -447,11 +448,11 @@ func (p *Proxy) authorize(peer string, remote netip.AddrPort) error {
 // recordTunnelStream enters an ended inbound tunnel stream in the connection table.
 func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 	c := p.conns.open(Conn{
-		Direction: Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
-		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: MTLS,
+		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
+		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
 	})
 	c.Start = time.Now().Add(-si.Duration)
-	p.conns.close(c, si.BytesIn, si.BytesOut, si.Err)
+	p.conns.stream(c, si)
 }
 
 // dialApp connects to an app in pod pd from AppSource, inside the pod's netns.

@@ -12,7 +12,6 @@ import (
 
 	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/spf13/cobra"
 )
 
@@ -115,10 +114,7 @@ and --node, also the iptables capture rules in the node's pods.`,
 	f.BoolVar(&cfg.Datapath.FastPath, "fast-path", cfg.Datapath.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
 	f.StringVar(&cfg.Capture, "capture", datapath.CaptureEBPF, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	f.IntVar(&cfg.Datapath.MaxPods, "max-pods", cfg.Datapath.MaxPods, "most pods on this node; sizes the BPF maps")
-	f.StringVar(&cfg.Observe.ObserverSocket, "observer-socket", "", "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
-	f.StringVar(&cfg.Observe.ObserverAddr, "observer-addr", "", "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
-	f.StringVar(&cfg.Observe.MetricsAddr, "metrics-addr", "", "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
-	f.IntVar(&cfg.Observe.FlowCapacity, "flow-buffer", flows.DefaultCapacity, "flows kept in memory for the Observer API")
+	cfg.Observe.Flags(f)
 	f.BoolVar(&cleanup, "cleanup", false, "remove everything Ferry put in the kernel and exit")
 	f.BoolVar(&mountBPFFS, "mount-bpffs", false, "mount bpffs for --bpf-pin-dir where none is, create the folder, and exit (the DaemonSet's init container)")
 	f.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")

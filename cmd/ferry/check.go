@@ -18,8 +18,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
-	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/lab"
@@ -290,7 +290,7 @@ func agentChecks(ctx context.Context, t nodeTarget, certWarn time.Duration) []ch
 		}
 	}
 
-	c := agent.NewAdminClient(t.admin)
+	c := admin.NewClient(t.admin)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	st, err := c.Status(cctx)
@@ -318,7 +318,7 @@ func agentChecks(ctx context.Context, t nodeTarget, certWarn time.Duration) []ch
 	now := time.Now()
 	var bad []string
 	soonest := time.Time{}
-	for _, ci := range append(append([]agent.CertInfo(nil), certs.Workloads...), certs.TrustBundle...) {
+	for _, ci := range append(append([]admin.CertInfo(nil), certs.Workloads...), certs.TrustBundle...) {
 		switch {
 		case ci.Error != "":
 			bad = append(bad, ci.Identity+": "+ci.Error)

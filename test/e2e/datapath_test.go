@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 const mib = 1 << 20
@@ -55,7 +55,7 @@ func TestCrossNodeMTLS(t *testing.T) {
 		}
 	}
 	in := e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS &&
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS &&
 			cn.Src.Addr() == a.IP && cn.Dst.String() == e.addr("c", echoPort) && cn.BytesSent == 10*mib
 	})
 	if in.SrcIdentity != a.Identity || in.DstIdentity != c.Identity {
@@ -107,7 +107,7 @@ func TestSameNode(t *testing.T) {
 			}
 			e.mustRun(t, "a", "echo", e.addr("b", echoPort), fmt.Sprint(10*mib))
 			e.findConn(t, "node1", func(cn connRecord) bool {
-				return cn.Direction == proxy.Outbound && cn.Security == proxy.SameNode &&
+				return cn.Direction == admin.Outbound && cn.Security == admin.SameNode &&
 					cn.Dst.String() == e.addr("b", echoPort) && cn.BytesSent == 10*mib && cn.BytesRecv == 10*mib
 			})
 		})
@@ -146,12 +146,12 @@ func TestNotEnrolled(t *testing.T) {
 	d := e.pod("d")
 	e.mustRun(t, "d", "echo", e.addr("c", echoPort), fmt.Sprint(mib))
 	e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.Plaintext &&
+		return cn.Direction == admin.Inbound && cn.Security == admin.Plaintext &&
 			cn.Src.Addr() == d.IP && cn.Dst.String() == e.addr("c", echoPort) && cn.BytesSent == mib
 	})
 	e.mustRun(t, "a", "echo", e.addr("d", echoPort), fmt.Sprint(mib))
 	e.findConn(t, "node1", func(cn connRecord) bool {
-		return cn.Direction == proxy.Outbound && cn.Security == proxy.Plaintext &&
+		return cn.Direction == admin.Outbound && cn.Security == admin.Plaintext &&
 			cn.Dst.String() == e.addr("d", echoPort) && cn.BytesSent == mib
 	})
 	cs, err := e.admin("node1").Connections(context.Background())
@@ -159,7 +159,7 @@ func TestNotEnrolled(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, cn := range append(cs.Live, cs.Ended...) {
-		if cn.Direction == proxy.Outbound && cn.Src.Addr() == d.IP {
+		if cn.Direction == admin.Outbound && cn.Src.Addr() == d.IP {
 			t.Fatalf("d is not enrolled, yet its connection to %s was captured", cn.Dst)
 		}
 	}
