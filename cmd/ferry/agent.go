@@ -11,6 +11,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -150,10 +151,10 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 
 // hint adds what to do when the socket is missing.
 func hint(err error, socket string) error {
-	if errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "no such file") {
+	if errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("%w (is the agent running? its admin socket %s is missing)", err, socket)
 	}
-	if strings.Contains(err.Error(), "connection refused") {
+	if errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("%w (the agent that owned %s is not running)", err, socket)
 	}
 	return err
