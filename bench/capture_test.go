@@ -97,7 +97,7 @@ func TestIPTablesCapture(t *testing.T) {
 		found := 0
 		for _, c := range conns.Ended {
 			// Attempts made before the echo server listened end refused: skip them.
-			if c.Direction == admin.Outbound && c.Dst.String() == to && c.Src.Addr() == a.IP && c.Error == "" {
+			if c.Direction == admin.Outbound && c.Dst.String() == to && c.Src.Addr() == a.IP && c.Verdict == admin.VerdictForwarded && c.Reason == admin.ReasonNone {
 				found++
 				if c.Security != tc.sec || c.DstIdentity != dst.Identity || c.BytesSent != 1<<20 {
 					t.Errorf("a → %s: %+v; want security %s, identity %s, 1 MiB sent", tc.dst, c, tc.sec, dst.Identity)
