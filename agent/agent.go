@@ -13,11 +13,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/adminserver"
 	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/agent/observe"
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
@@ -49,7 +50,7 @@ type Config struct {
 	// Datapath configures the eBPF data path, loaded in both capture modes; its mark
 	// and mesh ports are also the proxy's.
 	Datapath datapath.Config
-	Observe  ObserveConfig // flows and metrics (admin.go)
+	Observe  observe.Config // flows and metrics
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
@@ -66,7 +67,7 @@ func DefaultConfig() Config {
 		HealthAddr:  ":15021",
 		AdminSocket: "/run/ferry/agent.sock",
 		Datapath:    datapath.DefaultConfig(),
-		Observe:     ObserveConfig{FlowCapacity: flows.DefaultCapacity},
+		Observe:     observe.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
 	}
 }
@@ -84,10 +85,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.AdminSocket, "admin-socket", c.AdminSocket, "unix socket for the admin API (\"\" disables it)")
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
-	fs.StringVar(&c.Observe.ObserverSocket, "observer-socket", c.Observe.ObserverSocket, "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
-	fs.StringVar(&c.Observe.ObserverAddr, "observer-addr", c.Observe.ObserverAddr, "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
-	fs.StringVar(&c.Observe.MetricsAddr, "metrics-addr", c.Observe.MetricsAddr, "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
-	fs.IntVar(&c.Observe.FlowCapacity, "flow-buffer", c.Observe.FlowCapacity, "flows kept in memory for the Observer API")
+	c.Observe.Flags(fs)
 }
 
 // Capture is how enrolled pods' traffic reaches the proxy: the eBPF data path
@@ -139,7 +137,7 @@ type Agent struct {
 	ids       *identity.Store
 	proxy     *proxy.Proxy
 	pods      podServer // the proxy, as enrollment uses it
-	admin     *adminServer
+	admin     *adminserver.Server
 
 	// Operator mode: the state stream, the certificate manager, and a nudge for
 	// reconcile when a certificate arrives.
@@ -149,7 +147,7 @@ type Agent struct {
 	kick   chan struct{}
 	// cacheDirty says the state cache should be written again.
 	cacheDirty atomic.Bool
-	obs        *observability
+	obs        *observe.Observer
 
 	// parts are started in order and stopped in reverse; started are those that
 	// Start has started and Stop has yet to stop.
@@ -213,7 +211,16 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 			a.nudge()
 		}, log)
 	}
-	a.obs = newObservability(cfg, a, log)
+	a.obs = observe.New(cfg.Observe.Beside(cfg.AdminSocket), cfg.Node, observe.Sources{
+		LiveConns: func() int {
+			if a.proxy == nil {
+				return 0
+			}
+			live, _ := a.proxy.Connections()
+			return len(live)
+		},
+		PinDir: cfg.Datapath.PinDir,
+	}, log)
 	a.proxy, err = proxy.New(proxy.Config{
 		Node:       cfg.Node,
 		Mark:       cfg.Datapath.Mark,
@@ -228,7 +235,10 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a.pods = a.proxy
 	if cfg.AdminSocket != "" {
-		a.admin = newAdminServer(cfg.AdminSocket, a, log)
+		a.admin, err = adminserver.New(adminserver.Config{Socket: cfg.AdminSocket, Metrics: a.obs.Handler()}, adminSource{a}, log)
+		if err != nil {
+			return nil, err
+		}
 	}
 
 	// The order is what each part needs: capture before pods are enrolled into it;
@@ -253,15 +263,9 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a.parts = append(a.parts, part{"reconcile", &loop{run: a.reconcileLoop}})
 	if a.admin != nil {
-		a.parts = append(a.parts, part{"admin API", hooks{
-			start: func(context.Context) error { return a.admin.Start() },
-			stop:  func(context.Context) error { a.admin.Stop(); return nil },
-		}})
+		a.parts = append(a.parts, part{"admin API", a.admin})
 	}
-	a.parts = append(a.parts, part{"observability", hooks{
-		start: func(context.Context) error { return a.obs.Start() },
-		stop:  func(context.Context) error { a.obs.Stop(); return nil },
-	}})
+	a.parts = append(a.parts, part{"observability", a.obs})
 	if cfg.HealthAddr != "" {
 		a.parts = append(a.parts, part{"health", healthserver.New(cfg.HealthAddr, healthserver.Routes{Ready: a.ready}, log)})
 	}

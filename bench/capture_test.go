@@ -12,8 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 )
@@ -74,8 +73,8 @@ func TestIPTablesCapture(t *testing.T) {
 	for _, tc := range []struct {
 		dst  string
 		node string // where the destination's agent runs
-		sec  proxy.Security
-	}{{"c", "node2", proxy.MTLS}, {"b", "node1", proxy.SameNode}} {
+		sec  admin.Security
+	}{{"c", "node2", admin.MTLS}, {"b", "node1", admin.SameNode}} {
 		dst, _ := l.Pod(tc.dst)
 		to := fmt.Sprintf("%s:8080", dst.IP)
 		var out []byte
@@ -91,14 +90,14 @@ func TestIPTablesCapture(t *testing.T) {
 			t.Fatalf("a → %s: %v\n%s", tc.dst, err, out)
 		}
 		// The source agent's outbound record: the original destination, carried as tc.sec.
-		conns, err := agent.NewAdminClient(l.AgentSocket("node1")).Connections(ctx)
+		conns, err := admin.NewClient(l.AgentSocket("node1")).Connections(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		found := 0
 		for _, c := range conns.Ended {
 			// Attempts made before the echo server listened end refused: skip them.
-			if c.Direction == proxy.Outbound && c.Dst.String() == to && c.Src.Addr() == a.IP && c.Error == "" {
+			if c.Direction == admin.Outbound && c.Dst.String() == to && c.Src.Addr() == a.IP && c.Verdict == admin.VerdictForwarded && c.Reason == admin.ReasonNone {
 				found++
 				if c.Security != tc.sec || c.DstIdentity != dst.Identity || c.BytesSent != 1<<20 {
 					t.Errorf("a → %s: %+v; want security %s, identity %s, 1 MiB sent", tc.dst, c, tc.sec, dst.Identity)
@@ -115,13 +114,13 @@ func TestIPTablesCapture(t *testing.T) {
 	if err != nil {
 		t.Fatalf("node2 → c: %v\n%s", err, out)
 	}
-	conns, err := agent.NewAdminClient(l.AgentSocket("node2")).Connections(ctx)
+	conns, err := admin.NewClient(l.AgentSocket("node2")).Connections(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	inbound := false
 	for _, c := range conns.Ended {
-		if c.Direction == proxy.Inbound && c.Security == proxy.Plaintext && c.Dst.Port() == 8080 {
+		if c.Direction == admin.Inbound && c.Security == admin.Plaintext && c.Dst.Port() == 8080 {
 			inbound = true
 		}
 	}

@@ -20,7 +20,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/lab"
 )
 
@@ -259,7 +259,7 @@ func (r *runner) waitAgents(ctx context.Context) error {
 		if err := r.lab.WaitAgentReady(ctx, n); err != nil {
 			return err
 		}
-		c := agent.NewAdminClient(r.lab.AgentSocket(n))
+		c := admin.NewClient(r.lab.AgentSocket(n))
 		for {
 			st, err := c.Status(ctx)
 			if err == nil && len(st.Pods) >= want[n] {

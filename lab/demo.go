@@ -13,8 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 // DemoPort is where the demo's echo servers listen in every pod.
@@ -77,11 +76,11 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 	}
 	type row struct {
 		node string
-		c    proxy.Conn
+		c    admin.Conn
 	}
 	var rows []row
 	for _, node := range l.Nodes() {
-		cs, err := agent.NewAdminClient(l.AgentSocket(node)).Connections(ctx)
+		cs, err := admin.NewClient(l.AgentSocket(node)).Connections(ctx)
 		if err != nil {
 			return fmt.Errorf("agent on %s: %w", node, err)
 		}

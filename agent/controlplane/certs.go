@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/identity"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/grpc"
 )
@@ -58,14 +59,8 @@ type retryState struct {
 	backoff time.Duration
 }
 
-// CertInfo describes one held certificate.
-type CertInfo struct {
-	Identity string    `json:"identity"`
-	Serial   string    `json:"serial"`
-	Issued   time.Time `json:"issued"`
-	NotAfter time.Time `json:"notAfter"`
-	RenewAt  time.Time `json:"renewAt"`
-}
+// CertInfo describes one held certificate, as the admin API reports it.
+type CertInfo = admin.HeldCert
 
 // NewCerts returns a manager that signs over conn and fills store; onChange runs
 // (outside any lock) after each new certificate.

@@ -4,56 +4,25 @@
 package proxy
 
 import (
+	"context"
+	"crypto/tls"
+	"errors"
 	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
-// Security says how a proxied connection was carried.
-type Security string
-
-const (
-	// MTLS: through the mutual-TLS tunnel between nodes.
-	MTLS Security = "mtls"
-	// SameNode: both ends on this node; the agent delivered it without leaving the
-	// host, and knows both identities from the listeners it owns.
-	SameNode Security = "same-node"
-	// Plaintext: a destination or source outside the mesh.
-	Plaintext Security = "plaintext"
-)
-
-// Direction says which side of the agent a connection entered.
-type Direction string
-
-const (
-	Outbound Direction = "outbound"
-	Inbound  Direction = "inbound"
-)
-
-// Conn describes one proxied connection, live or recently ended.
-type Conn struct {
-	ID          uint64         `json:"id"`
-	Direction   Direction      `json:"direction"`
-	Pod         string         `json:"pod"`
-	Src         netip.AddrPort `json:"src"`
-	Dst         netip.AddrPort `json:"dst"`
-	SrcIdentity string         `json:"src_identity,omitempty"`
-	DstIdentity string         `json:"dst_identity,omitempty"`
-	Security    Security       `json:"security"`
-	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
-	// when the address is one; SrcNode and DstNode the nodes they run on.
-	SrcPod    string    `json:"src_pod,omitempty"`
-	DstPod    string    `json:"dst_pod,omitempty"`
-	SrcNode   string    `json:"src_node,omitempty"`
-	DstNode   string    `json:"dst_node,omitempty"`
-	Start     time.Time `json:"start"`
-	End       time.Time `json:"end,omitzero"`
-	BytesSent int64     `json:"bytes_sent"`
-	BytesRecv int64     `json:"bytes_received"`
-	Error     string    `json:"error,omitempty"`
-}
+// Conn is the record of one proxied connection; its type is the admin API's, so
+// the record the proxy keeps is the one GET /connections returns.
+type Conn = admin.Conn
 
 // ConnObserver is told of every proxied connection when it opens and when it ends.
 // Both calls run on the connection's goroutine: they must be quick and must not block.
@@ -106,7 +75,36 @@ func (t *tracker) fill(c *Conn) {
 	}
 }
 
+// close records that c, once carried, ended after sent and recv bytes; err is why
+// it ended badly (nil: both directions ended cleanly).
 func (t *tracker) close(c *Conn, sent, recv int64, err error) {
+	c.Verdict, c.Reason = admin.VerdictForwarded, carriedReason(err)
+	if c.Security == admin.MTLS && c.Status == 0 {
+		c.Status = http.StatusOK // carried through a tunnel: its CONNECT was answered 200
+	}
+	t.end(c, sent, recv, err)
+}
+
+// refused records that c was never carried: dialling its destination (or the
+// tunnel to it) failed with err.
+func (t *tracker) refused(c *Conn, err error) {
+	c.Verdict, c.Reason, c.Status = dialOutcome(err)
+	t.end(c, 0, 0, err)
+}
+
+// stream records an inbound tunnel stream from the tunnel server's report: the
+// status it answered the CONNECT with says whether the stream was carried.
+func (t *tracker) stream(c *Conn, si tunnel.StreamInfo) {
+	if si.Status != http.StatusOK {
+		c.Verdict, c.Reason = statusOutcome(si.Status)
+		c.Status = si.Status
+		t.end(c, si.BytesIn, si.BytesOut, si.Err)
+		return
+	}
+	t.close(c, si.BytesIn, si.BytesOut, si.Err)
+}
+
+func (t *tracker) end(c *Conn, sent, recv int64, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	delete(t.live, c.ID)
@@ -123,6 +121,67 @@ func (t *tracker) close(c *Conn, sent, recv int64, err error) {
 	if t.obs != nil {
 		t.obs.ConnClosed(*c)
 	}
+}
+
+// dialOutcome classifies a failure to reach a connection's destination by the
+// error's type: a tunnel refusal by the status the destination answered, the rest
+// by the system error underneath.
+func dialOutcome(err error) (admin.Verdict, admin.Reason, int) {
+	var re *tunnel.RefusedError
+	if errors.As(err, &re) {
+		v, r := statusOutcome(re.Status)
+		return v, r, re.Status
+	}
+	var alert tls.AlertError
+	var certErr *tls.CertificateVerificationError
+	switch {
+	case errors.As(err, &alert), errors.As(err, &certErr):
+		return admin.VerdictError, admin.ReasonTunnel, 0
+	case errors.Is(err, tunnel.ErrPoolClosed), errors.Is(err, context.Canceled):
+		return admin.VerdictError, admin.ReasonCanceled, 0
+	}
+	return admin.VerdictError, errnoReason(err), 0
+}
+
+// statusOutcome classifies the tunnel's answer to a CONNECT.
+func statusOutcome(status int) (admin.Verdict, admin.Reason) {
+	switch status {
+	case http.StatusOK:
+		return admin.VerdictForwarded, admin.ReasonNone
+	case http.StatusForbidden:
+		return admin.VerdictDenied, admin.ReasonForbidden
+	case http.StatusBadGateway:
+		return admin.VerdictError, admin.ReasonRefused
+	case http.StatusGatewayTimeout:
+		return admin.VerdictError, admin.ReasonTimeout
+	}
+	return admin.VerdictError, admin.ReasonTunnel
+}
+
+// carriedReason is why a carried connection ended: none for a clean end.
+func carriedReason(err error) admin.Reason {
+	if err == nil {
+		return admin.ReasonNone
+	}
+	return errnoReason(err)
+}
+
+// errnoReason names a network error by its kind.
+func errnoReason(err error) admin.Reason {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return admin.ReasonRefused
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return admin.ReasonTimeout
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return admin.ReasonUnreachable
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return admin.ReasonReset
+	case errors.Is(err, context.Canceled):
+		return admin.ReasonCanceled
+	}
+	return admin.ReasonOther
 }
 
 // workloadAt returns the mesh workload with address ip.

@@ -22,6 +22,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/listener"
+	"github.com/ferrymesh/ferry/api/admin"
 	"golang.org/x/sys/unix"
 )
 
@@ -433,7 +434,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 	p.mu.RLock()
 	r := decide(dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	rec := Conn{Direction: Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity,
+	rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity,
 		Security: r.Security, DstIdentity: r.Peer.Identity}
 	upstream, err := p.dialRoute(pd, dst, r)
 	c := p.conns.open(rec)
@@ -441,7 +442,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		// The app's connect already succeeded (to the capture listener), so a
 		// reset is how it learns the destination refused.
 		pipe.Abort(client)
-		p.conns.close(c, 0, 0, err)
+		p.conns.refused(c, err)
 		p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", dst, "error", err)
 		return
 	}
@@ -451,7 +452,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 
 // route is how a captured outbound connection reaches its original destination.
 type route struct {
-	Security Security // SameNode, MTLS or Plaintext
+	Security admin.Security // SameNode, MTLS or Plaintext
 	Local    *pod     // SameNode: the destination pod, which this proxy serves
 	Peer     Workload // SameNode and MTLS: the destination workload
 }
@@ -462,20 +463,20 @@ type route struct {
 func decide(dst netip.Addr, byIP map[netip.Addr]Workload, local map[netip.Addr]*pod) route {
 	dst = dst.Unmap()
 	if lp := local[dst]; lp != nil {
-		return route{Security: SameNode, Local: lp, Peer: lp.w}
+		return route{Security: admin.SameNode, Local: lp, Peer: lp.w}
 	}
 	if w, ok := byIP[dst]; ok {
-		return route{Security: MTLS, Peer: w}
+		return route{Security: admin.MTLS, Peer: w}
 	}
-	return route{Security: Plaintext}
+	return route{Security: admin.Plaintext}
 }
 
 // dialRoute opens the upstream side of a connection from pod from to dst along r.
 func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route) (pipe.HalfCloser, error) {
 	switch r.Security {
-	case SameNode:
+	case admin.SameNode:
 		return p.dialApp(from.ctx, r.Local, dst)
-	case MTLS:
+	case admin.MTLS:
 		ctx, cancel := context.WithTimeout(from.ctx, dialTimeout)
 		defer cancel()
 		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst)
@@ -495,12 +496,12 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 			pipe.Abort(client)
 			return
 		}
-		rec := Conn{Direction: Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: Plaintext}
+		rec := Conn{Direction: admin.Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: admin.Plaintext}
 		c := p.conns.open(rec)
 		app, err := p.dialApp(pd.ctx, pd, dst)
 		if err != nil {
 			pipe.Abort(client)
-			p.conns.close(c, 0, 0, err)
+			p.conns.refused(c, err)
 			return
 		}
 		sent, recv, err := pipe.Join(client, app, !p.cfg.Capture.Sockhash())
@@ -527,11 +528,11 @@ func (p *Proxy) authorize(peer string, remote netip.AddrPort) error {
 // recordTunnelStream enters an ended inbound tunnel stream in the connection table.
 func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 	c := p.conns.open(Conn{
-		Direction: Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
-		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: MTLS,
+		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
+		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
 	})
 	c.Start = time.Now().Add(-si.Duration)
-	p.conns.close(c, si.BytesIn, si.BytesOut, si.Err)
+	p.conns.stream(c, si)
 }
 
 // dialApp connects to an app in pod pd from AppSource, inside the pod's netns.

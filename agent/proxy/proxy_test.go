@@ -15,6 +15,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/pipe"
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/loopback"
 )
@@ -184,19 +185,19 @@ func TestDecide(t *testing.T) {
 	locals := map[netip.Addr]*pod{wb.IPs[0]: local}
 	for _, tc := range []struct {
 		dst  string
-		want Security
+		want admin.Security
 		peer string
 	}{
-		{"10.1.1.11", SameNode, wb.Identity},
-		{"::ffff:10.1.1.11", SameNode, wb.Identity}, // a v4-mapped address is the same pod
-		{"10.1.2.10", MTLS, wc.Identity},
-		{"192.0.2.1", Plaintext, ""},
+		{"10.1.1.11", admin.SameNode, wb.Identity},
+		{"::ffff:10.1.1.11", admin.SameNode, wb.Identity}, // a v4-mapped address is the same pod
+		{"10.1.2.10", admin.MTLS, wc.Identity},
+		{"192.0.2.1", admin.Plaintext, ""},
 	} {
 		r := decide(netip.MustParseAddr(tc.dst), byIP, locals)
 		if r.Security != tc.want || r.Peer.Identity != tc.peer {
 			t.Errorf("%s: %s to %q, want %s to %q", tc.dst, r.Security, r.Peer.Identity, tc.want, tc.peer)
 		}
-		if (r.Security == SameNode) != (r.Local == local) {
+		if (r.Security == admin.SameNode) != (r.Local == local) {
 			t.Errorf("%s: local pod %v", tc.dst, r.Local)
 		}
 	}
@@ -209,7 +210,7 @@ func TestOutboundSameNode(t *testing.T) {
 	if err != nil || reply != "ping" {
 		t.Fatalf("reply %q, %v", reply, err)
 	}
-	if rec.Security != SameNode || rec.SrcIdentity != wa.Identity || rec.DstIdentity != wb.Identity || rec.Dst != dst || rec.Src.Addr() != wa.IPs[0] {
+	if rec.Security != admin.SameNode || rec.SrcIdentity != wa.Identity || rec.DstIdentity != wb.Identity || rec.Dst != dst || rec.Src.Addr() != wa.IPs[0] {
 		t.Errorf("record %+v", rec)
 	}
 	// Delivered from the agent's own address inside b's namespace, not a's.
@@ -231,7 +232,7 @@ func TestOutboundOtherNodeThroughTunnel(t *testing.T) {
 	if err != nil || reply != "ping" {
 		t.Fatalf("reply %q, %v", reply, err)
 	}
-	if rec.Security != MTLS || rec.DstIdentity != wc.Identity || rec.BytesSent != 4 || rec.BytesRecv != 4 {
+	if rec.Security != admin.MTLS || rec.DstIdentity != wc.Identity || rec.BytesSent != 4 || rec.BytesRecv != 4 {
 		t.Errorf("record %+v", rec)
 	}
 	want := dialed{src: tp.a, id: wc.Identity, via: netip.AddrPortFrom(wc.IPs[0], mesh.DefaultPorts().Tunnel), to: dst}
@@ -250,7 +251,7 @@ func TestOutboundOutsideMeshPlaintext(t *testing.T) {
 	if err != nil || reply != "ping" {
 		t.Fatalf("reply %q, %v", reply, err)
 	}
-	if rec.Security != Plaintext || rec.DstIdentity != "" {
+	if rec.Security != admin.Plaintext || rec.DstIdentity != "" {
 		t.Errorf("record %+v", rec)
 	}
 	// From the source pod's own namespace and address, unchanged.
@@ -269,8 +270,8 @@ func TestOutboundRefusedResetsClient(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
 		t.Errorf("client saw %v, want a reset", err)
 	}
-	if rec.Security != MTLS || rec.Error == "" || rec.BytesSent != 0 {
-		t.Errorf("record %+v, want an MTLS connection that failed", rec)
+	if rec.Security != admin.MTLS || rec.Verdict != admin.VerdictDenied || rec.Reason != admin.ReasonForbidden || rec.Status != 403 || rec.BytesSent != 0 {
+		t.Errorf("record %+v, want an mTLS connection denied with 403 (forbidden)", rec)
 	}
 }
 

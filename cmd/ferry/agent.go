@@ -11,10 +11,11 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/spf13/cobra"
 )
@@ -89,7 +90,7 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 	pf.StringSliceVar(&f.nodes, "node", nil, "with --lab: only these nodes")
 	pf.StringVarP(&f.output, "output", "o", "table", "table or json")
 
-	sub := func(use, short, long, example string, show func(ctx context.Context, w io.Writer, c *agent.AdminClient, t adminTarget, json bool) error) *cobra.Command {
+	sub := func(use, short, long, example string, show func(ctx context.Context, w io.Writer, c *admin.Client, t adminTarget, json bool) error) *cobra.Command {
 		return &cobra.Command{
 			Use: use, Short: short, Long: long, Example: example, Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, _ []string) error {
@@ -110,7 +111,7 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 						fmt.Fprintf(w, "== agent on %s\n", t.node)
 					}
 					ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
-					err := show(ctx, w, agent.NewAdminClient(t.socket), t, f.output == "json")
+					err := show(ctx, w, admin.NewClient(t.socket), t, f.output == "json")
 					cancel()
 					if err != nil {
 						name := t.node
@@ -150,10 +151,10 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 
 // hint adds what to do when the socket is missing.
 func hint(err error, socket string) error {
-	if errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "no such file") {
+	if errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("%w (is the agent running? its admin socket %s is missing)", err, socket)
 	}
-	if strings.Contains(err.Error(), "connection refused") {
+	if errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("%w (the agent that owned %s is not running)", err, socket)
 	}
 	return err
@@ -165,7 +166,7 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func showStatus(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminTarget, asJSON bool) error {
+func showStatus(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget, asJSON bool) error {
 	st, err := c.Status(ctx)
 	if err != nil {
 		return err
@@ -194,7 +195,7 @@ func showStatus(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminT
 	return tw.Flush()
 }
 
-func showWorkloads(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminTarget, asJSON bool) error {
+func showWorkloads(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget, asJSON bool) error {
 	ws, err := c.Workloads(ctx)
 	if err != nil {
 		return err
@@ -242,7 +243,7 @@ type stateServices struct {
 	} `json:"workloads"`
 }
 
-func showServices(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminTarget, asJSON bool) error {
+func showServices(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget, asJSON bool) error {
 	raw, err := c.State(ctx)
 	if err != nil {
 		return err
@@ -290,7 +291,7 @@ func showServices(ctx context.Context, w io.Writer, c *agent.AdminClient, _ admi
 }
 
 // certState says whether a certificate is usable now.
-func certState(c agent.CertInfo, now time.Time) string {
+func certState(c admin.CertInfo, now time.Time) string {
 	switch {
 	case c.Error != "":
 		return "MISSING: " + c.Error
@@ -310,7 +311,7 @@ func durationText(d time.Duration) string {
 	return strings.TrimSuffix(d.Round(time.Minute).String(), "0s")
 }
 
-func showCerts(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminTarget, asJSON bool) error {
+func showCerts(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget, asJSON bool) error {
 	cs, err := c.Certs(ctx)
 	if err != nil {
 		return err
@@ -342,7 +343,7 @@ func timeText(t time.Time) string {
 	return t.UTC().Format(time.RFC3339)
 }
 
-func showConfig(ctx context.Context, w io.Writer, c *agent.AdminClient, _ adminTarget, asJSON bool) error {
+func showConfig(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget, asJSON bool) error {
 	cfg, err := c.Config(ctx)
 	if err != nil {
 		return err

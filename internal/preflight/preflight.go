@@ -18,8 +18,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
-	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
@@ -215,7 +215,7 @@ func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
 		}
 	}
 
-	c := agent.NewAdminClient(t.AdminSocket)
+	c := admin.NewClient(t.AdminSocket)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	st, err := c.Status(cctx)
@@ -244,10 +244,10 @@ func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
 
 // certCheck passes when every certificate in certs is valid at now and for at
 // least certWarn more, and there is a trust bundle.
-func certCheck(name string, certs agent.Certs, now time.Time, certWarn time.Duration) Result {
+func certCheck(name string, certs admin.Certs, now time.Time, certWarn time.Duration) Result {
 	var bad []string
 	soonest := time.Time{}
-	for _, ci := range append(append([]agent.CertInfo(nil), certs.Workloads...), certs.TrustBundle...) {
+	for _, ci := range append(append([]admin.CertInfo(nil), certs.Workloads...), certs.TrustBundle...) {
 		switch {
 		case ci.Error != "":
 			bad = append(bad, ci.Identity+": "+ci.Error)

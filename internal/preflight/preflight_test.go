@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 func TestKernelAtLeast(t *testing.T) {
@@ -46,22 +46,22 @@ func TestCapabilityCheck(t *testing.T) {
 
 func TestCertCheck(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	ca := agent.CertInfo{Identity: "ca", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour)}
-	good := agent.CertInfo{Identity: "spiffe://td/ns/a/sa/a", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * time.Minute)}
+	ca := admin.CertInfo{Identity: "ca", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour)}
+	good := admin.CertInfo{Identity: "spiffe://td/ns/a/sa/a", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * time.Minute)}
 	for _, tc := range []struct {
 		name   string
-		certs  agent.Certs
+		certs  admin.Certs
 		ok     bool
 		detail string
 	}{
-		{"valid", agent.Certs{Workloads: []agent.CertInfo{good}, TrustBundle: []agent.CertInfo{ca}}, true,
+		{"valid", admin.Certs{Workloads: []admin.CertInfo{good}, TrustBundle: []admin.CertInfo{ca}}, true,
 			"1 workload certificates and 1 CAs valid; first expiry in 1h30m"},
-		{"no bundle", agent.Certs{Workloads: []agent.CertInfo{good}}, false, "no trust bundle"},
-		{"expiring", agent.Certs{Workloads: []agent.CertInfo{{Identity: "w", NotAfter: now.Add(time.Minute)}}, TrustBundle: []agent.CertInfo{ca}}, false,
+		{"no bundle", admin.Certs{Workloads: []admin.CertInfo{good}}, false, "no trust bundle"},
+		{"expiring", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", NotAfter: now.Add(time.Minute)}}, TrustBundle: []admin.CertInfo{ca}}, false,
 			"w: expires 2026-01-01T00:01:00Z"},
-		{"future", agent.Certs{Workloads: []agent.CertInfo{{Identity: "w", NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)}}, TrustBundle: []agent.CertInfo{ca}}, false,
+		{"future", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)}}, TrustBundle: []admin.CertInfo{ca}}, false,
 			"w: not valid before 2026-01-01T01:00:00Z"},
-		{"error", agent.Certs{Workloads: []agent.CertInfo{{Identity: "w", Error: "no key"}}, TrustBundle: []agent.CertInfo{ca}}, false, "w: no key"},
+		{"error", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", Error: "no key"}}, TrustBundle: []admin.CertInfo{ca}}, false, "w: no key"},
 	} {
 		r := certCheck("certificates", tc.certs, now, time.Hour)
 		if r.OK != tc.ok || r.Detail != tc.detail {

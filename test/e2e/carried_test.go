@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 // carryWait bounds how long the tests wait for a record; it only stops a hung test.
@@ -21,8 +21,8 @@ const carryWait = 30 * time.Second
 // carriage is one record an agent must hold for a connection between two lab pods.
 type carriage struct {
 	node         string
-	dir          proxy.Direction
-	security     proxy.Security
+	dir          admin.Direction
+	security     admin.Security
 	srcID, dstID string
 }
 
@@ -46,16 +46,16 @@ func (e *env) carriages(from, to string) []carriage {
 	f, d := e.pod(from), e.pod(to)
 	switch {
 	case f.Enrolled && d.Enrolled && f.Node == d.Node:
-		return []carriage{{f.Node, proxy.Outbound, proxy.SameNode, f.Identity, d.Identity}}
+		return []carriage{{f.Node, admin.Outbound, admin.SameNode, f.Identity, d.Identity}}
 	case f.Enrolled && d.Enrolled:
 		return []carriage{
-			{f.Node, proxy.Outbound, proxy.MTLS, f.Identity, d.Identity},
-			{d.Node, proxy.Inbound, proxy.MTLS, f.Identity, d.Identity},
+			{f.Node, admin.Outbound, admin.MTLS, f.Identity, d.Identity},
+			{d.Node, admin.Inbound, admin.MTLS, f.Identity, d.Identity},
 		}
 	case f.Enrolled:
-		return []carriage{{f.Node, proxy.Outbound, proxy.Plaintext, f.Identity, ""}}
+		return []carriage{{f.Node, admin.Outbound, admin.Plaintext, f.Identity, ""}}
 	case d.Enrolled:
-		return []carriage{{d.Node, proxy.Inbound, proxy.Plaintext, "", d.Identity}}
+		return []carriage{{d.Node, admin.Inbound, admin.Plaintext, "", d.Identity}}
 	}
 	return nil
 }
@@ -124,8 +124,11 @@ func echoed(n int64) func(connRecord) bool {
 	return func(c connRecord) bool { return c.BytesSent == n && c.BytesRecv == n && !c.End.IsZero() }
 }
 
-// refusedRecord accepts a record of a connection that ended with an error.
-func refusedRecord(c connRecord) bool { return c.Error != "" && !c.End.IsZero() }
+// refusedRecord accepts a record of a connection the destination refused: the typed
+// outcome, never the error text (across nodes the tunnel answers 502).
+func refusedRecord(c connRecord) bool {
+	return c.Verdict == admin.VerdictError && c.Reason == admin.ReasonRefused && !c.End.IsZero()
+}
 
 // waitLive waits until node's agent holds a live connection from pod from to to's port.
 func (e *env) waitLive(t *testing.T, node, from, to string, port int) connRecord {

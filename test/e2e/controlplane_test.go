@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"net"
 	"net/netip"
@@ -23,7 +24,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/internal/kubetest"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
@@ -178,7 +178,7 @@ func TestControlPlaneEnrollment(t *testing.T) {
 	}
 	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
 	in := e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 65536
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 65536
 	})
 	if in.SrcIdentity != a.Identity || in.DstIdentity != c.Identity {
 		t.Fatalf("node2 reports %s → %s, want %s → %s", in.SrcIdentity, in.DstIdentity, a.Identity, c.Identity)
@@ -213,7 +213,7 @@ func TestControlPlaneEnrollment(t *testing.T) {
 	// which left the mesh, in plaintext.
 	e.mustRun(t, "l0", "echo", e.addr("c", echoPort), "4096")
 	e.findConn(t, "node1", func(cn connRecord) bool {
-		return cn.Direction == proxy.Outbound && cn.Security == proxy.Plaintext && cn.Src.Addr() == e.pod("l0").IP && cn.Dst.String() == e.addr("c", echoPort)
+		return cn.Direction == admin.Outbound && cn.Security == admin.Plaintext && cn.Src.Addr() == e.pod("l0").IP && cn.Dst.String() == e.addr("c", echoPort)
 	})
 }
 
@@ -274,7 +274,7 @@ func TestControlPlaneOperatorOutage(t *testing.T) {
 	}
 	e.mustRun(t, "b", "echo", e.addr("c", echoPort), "65536")
 	e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == e.pod("b").IP && cn.BytesSent == 65536
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == e.pod("b").IP && cn.BytesSent == 65536
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -319,11 +319,11 @@ func TestControlPlaneAgentRestartWithoutOperator(t *testing.T) {
 	}
 	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
 	e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == e.pod("a").IP && cn.BytesSent == 65536
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == e.pod("a").IP && cn.BytesSent == 65536
 	})
 	e.mustRun(t, "c", "echo", e.addr("a", echoPort), "65536")
 	e.findConn(t, "node1", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == e.pod("c").IP && cn.BytesSent == 65536
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == e.pod("c").IP && cn.BytesSent == 65536
 	})
 }
 
@@ -472,7 +472,7 @@ func TestControlPlaneKubeAPI(t *testing.T) {
 	a := e.pod("a")
 	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
 	in := e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 65536
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 65536
 	})
 	if in.SrcIdentity != "spiffe://cluster.local/ns/shop/sa/web" || in.DstIdentity != "spiffe://cluster.local/ns/shop/sa/db" {
 		t.Fatalf("node2 reports %s → %s, want the service accounts web → db", in.SrcIdentity, in.DstIdentity)
@@ -514,7 +514,7 @@ func TestControlPlaneKubeAPI(t *testing.T) {
 	t.Logf("kube-apiserver: label → 3 pods on 2 nodes enrolled with certificates in %v", time.Since(start).Round(time.Millisecond))
 	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "4096")
 	e.findConn(t, "node2", func(cn connRecord) bool {
-		return cn.Direction == proxy.Inbound && cn.Security == proxy.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 4096
+		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == a.IP && cn.BytesSent == 4096
 	})
 
 	// Label lat: the time from the label to each pod's first mTLS connection, over
@@ -569,7 +569,7 @@ func (e *env) firstMTLS(t *testing.T, label func()) []time.Duration {
 	for deadline := probing.Add(30 * time.Second); len(seen) < latPods; time.Sleep(50 * time.Millisecond) {
 		for _, node := range e.lab.Nodes() {
 			for _, cn := range e.conns(node) {
-				if name, ok := src[cn.Src.Addr()]; ok && cn.Direction == proxy.Inbound && cn.Security == proxy.Plaintext && !cn.Start.Before(probing) {
+				if name, ok := src[cn.Src.Addr()]; ok && cn.Direction == admin.Inbound && cn.Security == admin.Plaintext && !cn.Start.Before(probing) {
 					seen[name] = true
 				}
 			}
@@ -586,7 +586,7 @@ func (e *env) firstMTLS(t *testing.T, label func()) []time.Duration {
 		for _, node := range e.lab.Nodes() {
 			for _, cn := range e.conns(node) {
 				name, ok := src[cn.Src.Addr()]
-				if !ok || cn.Direction != proxy.Inbound || cn.Security != proxy.MTLS {
+				if !ok || cn.Direction != admin.Inbound || cn.Security != admin.MTLS {
 					continue
 				}
 				if f, seen := first[name]; !seen || cn.Start.Before(f) {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 const mib = 1 << 20
@@ -158,7 +158,7 @@ func TestNotEnrolled(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, cn := range append(cs.Live, cs.Ended...) {
-		if cn.Direction == proxy.Outbound && cn.Src.Addr() == d.IP {
+		if cn.Direction == admin.Outbound && cn.Src.Addr() == d.IP {
 			t.Fatalf("d is not enrolled, yet its connection to %s was captured", cn.Dst)
 		}
 	}

@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
-type agentStatus = agent.Status
+type agentStatus = admin.Status
 
 // capture runs tcpdump on every interface of the fabric namespace, writing to file,
 // until the returned stop is called.

@@ -19,9 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent"
 	"github.com/ferrymesh/ferry/agent/datapath"
-	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 )
@@ -277,11 +276,11 @@ func lastLine(b []byte) []byte {
 }
 
 // admin returns a client for node's agent admin API.
-func (e *env) admin(node string) *agent.AdminClient {
-	return agent.NewAdminClient(e.lab.AgentSocket(node))
+func (e *env) admin(node string) *admin.Client {
+	return admin.NewClient(e.lab.AgentSocket(node))
 }
 
-func (e *env) status(t *testing.T, node string) agent.Status {
+func (e *env) status(t *testing.T, node string) admin.Status {
 	t.Helper()
 	st, err := e.admin(node).Status(context.Background())
 	if err != nil {
@@ -312,7 +311,7 @@ func (e *env) findConn(t *testing.T, node string, match func(c connRecord) bool)
 	return connRecord{}
 }
 
-type connRecord = proxy.Conn
+type connRecord = admin.Conn
 
 func formatConns(cs []connRecord) string {
 	var b strings.Builder

@@ -1,0 +1,210 @@
+// Package admin is the contract of the agent's admin API, served over a unix socket
+// on every node: the JSON documents its endpoints return and a client for them. It
+// imports no agent package, so the CLI and the tests read an agent without linking
+// the agent (model: cilium's pkg/client, which depends only on API models).
+package admin
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Status is what GET /status returns.
+type Status struct {
+	Node          string        `json:"node"`
+	StateVersion  uint64        `json:"state_version"`
+	StateAge      string        `json:"state_age"`
+	Goroutines    int           `json:"goroutines"`
+	OpenFDs       int           `json:"open_fds"`
+	LiveConns     int           `json:"live_connections"`
+	TunnelConns   int           `json:"tunnel_connections"`
+	TunnelStreams int           `json:"tunnel_streams"`
+	FastPath      bool          `json:"fast_path"`
+	Pods          []StatusPod   `json:"pods"`
+	Uptime        time.Duration `json:"uptime_ns"`
+	// Certificates held from the operator (operator mode only).
+	Certificates []HeldCert `json:"certificates,omitempty"`
+}
+
+// StatusPod is one enrolled pod in Status.
+type StatusPod struct {
+	Name        string `json:"name"`
+	IP          string `json:"ip"`
+	Identity    string `json:"identity"`
+	NetnsCookie uint64 `json:"netns_cookie"`
+}
+
+// HeldCert is one certificate the agent holds from the operator, with when it renews.
+type HeldCert struct {
+	Identity string    `json:"identity"`
+	Serial   string    `json:"serial"`
+	Issued   time.Time `json:"issued"`
+	NotAfter time.Time `json:"notAfter"`
+	RenewAt  time.Time `json:"renewAt"`
+}
+
+// Connections is what GET /connections returns.
+type Connections struct {
+	Live  []Conn `json:"live"`
+	Ended []Conn `json:"ended"`
+}
+
+// Workload is one mesh workload in GET /workloads: every workload of the state, with
+// whether this node runs it and whether it is enrolled here.
+type Workload struct {
+	Name      string   `json:"name"`
+	Namespace string   `json:"namespace"`
+	Node      string   `json:"node"`
+	IPs       []string `json:"ips"`
+	Identity  string   `json:"identity"`
+	// Local: scheduled on this agent's node. Enrolled: captured by this agent now.
+	Local       bool   `json:"local"`
+	Enrolled    bool   `json:"enrolled"`
+	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
+	// Error says why a local workload is not enrolled yet.
+	Error string `json:"error,omitempty"`
+}
+
+// Workloads is what GET /workloads returns.
+type Workloads struct {
+	StateVersion uint64     `json:"state_version"`
+	StateAge     string     `json:"state_age"`
+	Workloads    []Workload `json:"workloads"`
+}
+
+// CertInfo describes one certificate in GET /certs.
+type CertInfo struct {
+	// Identity is the SPIFFE ID (workload certificates) or the subject (CAs).
+	Identity  string    `json:"identity"`
+	Serial    string    `json:"serial"`
+	Issuer    string    `json:"issuer"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	// Error is set when the agent holds no usable certificate for the identity.
+	Error string `json:"error,omitempty"`
+}
+
+// Certs is what GET /certs returns: the local workloads' certificates and the CAs
+// the agent trusts.
+type Certs struct {
+	StateVersion uint64     `json:"state_version"`
+	StateAge     string     `json:"state_age"`
+	Workloads    []CertInfo `json:"workloads"`
+	TrustBundle  []CertInfo `json:"trust_bundle"`
+}
+
+// AgentConfig is what GET /config returns: how the agent runs.
+type AgentConfig struct {
+	Node           string   `json:"node"`
+	StatePath      string   `json:"state_path"`
+	StateVersion   uint64   `json:"state_version"`
+	StateAge       string   `json:"state_age"`
+	TrustDomain    string   `json:"trust_domain"`
+	AdminSocket    string   `json:"admin_socket"`
+	ObserverSocket string   `json:"observer_socket,omitempty"`
+	ObserverAddr   string   `json:"observer_addr,omitempty"`
+	MetricsAddr    string   `json:"metrics_addr,omitempty"`
+	FlowCapacity   int      `json:"flow_capacity"`
+	PinDir         string   `json:"bpf_pin_dir"`
+	Cgroup         string   `json:"cgroup"`
+	Mark           uint32   `json:"mark"`
+	FastPath       bool     `json:"fast_path"`
+	MaxPods        int      `json:"max_pods"`
+	ExcludedPorts  []uint32 `json:"excluded_ports"`
+}
+
+// Conn is one proxied connection, live or recently ended: the node proxy's record
+// of it, which GET /connections returns and flows and metrics are made from.
+type Conn struct {
+	ID          uint64         `json:"id"`
+	Direction   Direction      `json:"direction"`
+	Pod         string         `json:"pod"`
+	Src         netip.AddrPort `json:"src"`
+	Dst         netip.AddrPort `json:"dst"`
+	SrcIdentity string         `json:"src_identity,omitempty"`
+	DstIdentity string         `json:"dst_identity,omitempty"`
+	Security    Security       `json:"security"`
+	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
+	// when the address is one; SrcNode and DstNode the nodes they run on.
+	SrcPod    string    `json:"src_pod,omitempty"`
+	DstPod    string    `json:"dst_pod,omitempty"`
+	SrcNode   string    `json:"src_node,omitempty"`
+	DstNode   string    `json:"dst_node,omitempty"`
+	Start     time.Time `json:"start"`
+	End       time.Time `json:"end,omitzero"`
+	BytesSent int64     `json:"bytes_sent"`
+	BytesRecv int64     `json:"bytes_received"`
+	// Verdict, Reason and Status say how an ended connection came out; empty while
+	// it is live.
+	Verdict Verdict `json:"verdict,omitempty"`
+	Reason  Reason  `json:"reason,omitempty"`
+	// Status is the tunnel's answer to the CONNECT (200, or e.g. 403, 502, 504); 0
+	// when the connection did not go through a tunnel or never got an answer.
+	Status int `json:"status,omitempty"`
+	// Error is the error that ended the connection, as text for people to read;
+	// decide nothing on it (Verdict and Reason are the values).
+	Error string `json:"error,omitempty"`
+}
+
+// Security says how a proxied connection was carried.
+type Security string
+
+const (
+	// MTLS: through the mutual-TLS tunnel between nodes.
+	MTLS Security = "mtls"
+	// SameNode: both ends on this node; the agent delivered it without leaving the
+	// host, and knows both identities from the listeners it owns.
+	SameNode Security = "same-node"
+	// Plaintext: a destination or source outside the mesh.
+	Plaintext Security = "plaintext"
+)
+
+// Direction says which side of the agent a connection entered.
+type Direction string
+
+const (
+	// Outbound: an enrolled pod on this node made the connection.
+	Outbound Direction = "outbound"
+	// Inbound: the connection is to an enrolled pod on this node.
+	Inbound Direction = "inbound"
+)
+
+// Verdict says what the mesh did with a connection.
+type Verdict string
+
+const (
+	// VerdictForwarded: carried to its destination; it may still have ended with an
+	// error later (Reason says which).
+	VerdictForwarded Verdict = "forwarded"
+	// VerdictDenied: refused by the mesh, e.g. the destination's tunnel answered 403.
+	VerdictDenied Verdict = "denied"
+	// VerdictError: the mesh tried and failed: the destination refused, timed out or
+	// could not be reached.
+	VerdictError Verdict = "error"
+)
+
+// Reason says why a connection was not carried, or why it ended badly.
+type Reason string
+
+const (
+	// ReasonNone: a clean end.
+	ReasonNone Reason = ""
+	// ReasonRefused: the destination refused the connection (nothing listens there),
+	// on this node or behind the tunnel.
+	ReasonRefused Reason = "refused"
+	// ReasonTimeout: the destination did not answer in time.
+	ReasonTimeout Reason = "timeout"
+	// ReasonUnreachable: no route to the destination.
+	ReasonUnreachable Reason = "unreachable"
+	// ReasonForbidden: the destination's tunnel refused the stream (403).
+	ReasonForbidden Reason = "forbidden"
+	// ReasonTunnel: the tunnel failed otherwise: its handshake, a malformed or
+	// refused CONNECT, a destination agent shutting down.
+	ReasonTunnel Reason = "tunnel"
+	// ReasonReset: a peer reset the connection while it was carried.
+	ReasonReset Reason = "reset"
+	// ReasonCanceled: the agent stopped, or the pod left, before it could be carried.
+	ReasonCanceled Reason = "canceled"
+	// ReasonOther: any other error (Conn.Error has the text).
+	ReasonOther Reason = "error"
+)
