@@ -20,9 +20,9 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/pipe"
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/listener"
-	"github.com/ferrymesh/ferry/api/admin"
 	"golang.org/x/sys/unix"
 )
 
@@ -453,8 +453,8 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 // route is how a captured outbound connection reaches its original destination.
 type route struct {
 	Security admin.Security // SameNode, MTLS or Plaintext
-	Local    *pod     // SameNode: the destination pod, which this proxy serves
-	Peer     Workload // SameNode and MTLS: the destination workload
+	Local    *pod           // SameNode: the destination pod, which this proxy serves
+	Peer     Workload       // SameNode and MTLS: the destination workload
 }
 
 // decide is the one routing rule: a pod this proxy serves is reached directly inside
