@@ -1,10 +1,12 @@
 package operator
 
 import (
+	"net/netip"
 	"os"
 	"time"
 
 	"github.com/ferrymesh/ferry/operator/ca"
+	"github.com/ferrymesh/ferry/operator/local"
 	"github.com/spf13/pflag"
 )
 
@@ -39,6 +41,9 @@ type Config struct {
 	Identity string
 	// PollInterval is how often local mode looks for changed manifests.
 	PollInterval time.Duration
+	// ServiceCIDR is where local mode allocates cluster IPs for Services that set
+	// none, as the API server's --service-cluster-ip-range.
+	ServiceCIDR netip.Prefix
 
 	// RelayAddr serves the cluster-wide flow relay (Observer API); "" turns it off.
 	RelayAddr string
@@ -67,6 +72,7 @@ func DefaultConfig() Config {
 		RetryPeriod:         2 * time.Second,
 		Identity:            os.Getenv("POD_NAME"),
 		PollInterval:        500 * time.Millisecond,
+		ServiceCIDR:         netip.MustParsePrefix(local.DefaultServiceCIDR),
 	}
 }
 
@@ -75,6 +81,7 @@ func DefaultConfig() Config {
 func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file (default: in-cluster configuration)")
 	fs.StringVar(&c.Local, "local", c.Local, "local mode: serve the manifests in this folder instead of a cluster")
+	fs.TextVar(&c.ServiceCIDR, "service-cidr", c.ServiceCIDR, "local mode: range cluster IPs are allocated from for Services that set none")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "local mode: folder for the CA (ca.crt, ca.key) and node tokens (tokens/<node>)")
 	fs.StringVar(&c.Namespace, "namespace", c.Namespace, "namespace of the CA Secret, the trust bundle ConfigMap and the Lease")
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", c.GRPCAddr, "address of the Discovery and Certificates gRPC services (host:port or unix:///path)")
@@ -116,6 +123,9 @@ func (c Config) withDefaults() Config {
 		if *f.v == 0 {
 			*f.v = f.def
 		}
+	}
+	if !c.ServiceCIDR.IsValid() {
+		c.ServiceCIDR = d.ServiceCIDR
 	}
 	return c
 }

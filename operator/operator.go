@@ -113,6 +113,9 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := o.loader.SetServiceCIDR(cfg.ServiceCIDR); err != nil {
+			return nil, fmt.Errorf("operator config: %w", err)
+		}
 	} else {
 		rc, err := restConfig(cfg.Kubeconfig)
 		if err != nil {
