@@ -98,7 +98,7 @@ func TestCLIDoesNotLinkTheAgent(t *testing.T) {
 		"bench": "the bench command drives labs (package lab)",
 		"agent/datapath": "`ferry bpf` and `ferry check` read the kernel objects the agent pinned (datapath.Programs, DumpMaps, Cgroup2Mount); " +
 			"they must work while no agent runs, so they cannot go through the admin API",
-		"bpf": "`ferry check` loads Ferry's objects through the verifier to test the kernel",
+		"bpf":                "`ferry check` loads Ferry's objects through the verifier to test the kernel",
 		"internal/preflight": "`ferry check`'s checks: BPF features and Ferry's objects through the verifier (bpf), the cgroup2 mount and pinned programs (agent/datapath)",
 	}
 	// Walk the CLI's own part of the graph (stopping at gateways and at the kernel
