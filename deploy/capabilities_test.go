@@ -203,10 +203,11 @@ func TestAgentCapabilities(t *testing.T) {
 	}{
 		// SO_MARK on the tunnel socket, so the agent's own traffic is not captured.
 		{drop: "NET_ADMIN", says: []string{"set SO_MARK: operation not permitted"}},
-		// setns into the pods' network namespaces, to find each pod by its IP. (The
-		// agent reports the namespace as not found: agent/netns drops setns's EPERM.)
+		// setns into the pods' network namespaces, to find each pod by its IP: the
+		// agent says which capability is missing.
 		{drop: "SYS_ADMIN", carriesNothing: true, says: []string{
-			"pod default/a: no network namespace holds", "pod default/b: no network namespace holds", "pod default/c: no network namespace holds",
+			"pod default/a: no network namespace we could open holds", "pod default/b: no network namespace we could open holds", "pod default/c: no network namespace we could open holds",
+			"is CAP_SYS_ADMIN or CAP_SYS_PTRACE missing?",
 		}},
 	} {
 		drop := tc.drop

@@ -152,6 +152,12 @@ func FindByIP(ip netip.Addr) (*Handle, error) {
 					return h, nil
 				}
 			}
+		} else if denied == nil {
+			// netlink flattens setns's error to text: try entering it ourselves to
+			// tell a missing CAP_SYS_ADMIN from a namespace that went away.
+			if derr := h.Do(func() error { return nil }); errors.Is(derr, os.ErrPermission) {
+				denied = derr
+			}
 		}
 		h.Close()
 	}
