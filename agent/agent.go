@@ -110,6 +110,7 @@ type Capture interface {
 // podServer is the proxy as enrollment uses it.
 type podServer interface {
 	SetMesh(ws []proxy.Workload)
+	SetServices(svcs []proxy.Service)
 	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
 	RemovePod(uid string)
 }
@@ -480,6 +481,10 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	svcs, err := services(st)
+	if err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
 	want := map[string]proxy.Workload{}
 	var ids []string
 	for _, w := range ws {
@@ -504,6 +509,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 		}
 	}
 	a.pods.SetMesh(ws)
+	a.pods.SetServices(svcs)
 	a.obs.SetState(st) // flows and metrics name the destination's service
 	a.want = want
 	a.state, a.applied = st, time.Now()

@@ -135,6 +135,8 @@ type fakePods struct {
 
 func (f *fakePods) SetMesh([]proxy.Workload) {}
 
+func (f *fakePods) SetServices([]proxy.Service) {}
+
 func (f *fakePods) AddPod(w proxy.Workload, _ proxy.Netns, _ uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -57,6 +57,52 @@ func workloads(st *ferryv1.NodeState) ([]proxy.Workload, error) {
 	return out, nil
 }
 
+// services converts the state's Services to the proxy's form: cluster IPs, ports,
+// and every backend with its readiness and pod ports. A malformed entry makes the
+// whole state invalid, as for workloads.
+func services(st *ferryv1.NodeState) ([]proxy.Service, error) {
+	out := make([]proxy.Service, 0, len(st.GetServices()))
+	for i, sv := range st.GetServices() {
+		name := sv.GetNamespace() + "/" + sv.GetName()
+		ps := proxy.Service{Name: name}
+		for _, text := range sv.GetClusterIps() {
+			ip, err := netip.ParseAddr(text)
+			if err != nil {
+				return nil, fmt.Errorf("services[%d] (%s): cluster ip %q: %w", i, name, text, err)
+			}
+			ps.VIPs = append(ps.VIPs, ip.Unmap())
+		}
+		for j, p := range sv.GetPorts() {
+			if p.GetPort() == 0 || p.GetPort() > 65535 {
+				return nil, fmt.Errorf("services[%d] (%s): ports[%d]: port %d out of range", i, name, j, p.GetPort())
+			}
+			ps.Ports = append(ps.Ports, uint16(p.GetPort()))
+		}
+		for j, b := range sv.GetBackends() {
+			pb := proxy.Backend{Ready: b.GetReady()}
+			for _, text := range b.GetIps() {
+				ip, err := netip.ParseAddr(text)
+				if err != nil {
+					return nil, fmt.Errorf("services[%d] (%s): backends[%d]: ip %q: %w", i, name, j, text, err)
+				}
+				pb.IPs = append(pb.IPs, ip.Unmap())
+			}
+			if len(b.GetPorts()) != len(ps.Ports) {
+				return nil, fmt.Errorf("services[%d] (%s): backends[%d]: %d ports for the service's %d", i, name, j, len(b.GetPorts()), len(ps.Ports))
+			}
+			for _, port := range b.GetPorts() {
+				if port > 65535 {
+					return nil, fmt.Errorf("services[%d] (%s): backends[%d]: port %d out of range", i, name, j, port)
+				}
+				pb.Ports = append(pb.Ports, uint16(port))
+			}
+			ps.Backends = append(ps.Backends, pb)
+		}
+		out = append(out, ps)
+	}
+	return out, nil
+}
+
 // watchFile calls apply with the file's state each time it changes, until ctx ends.
 // A state that cannot be read or applied is reported and the last good one stays.
 func (a *Agent) watchFile(ctx context.Context, path string, every time.Duration) {

@@ -226,12 +226,12 @@ func (o *Observer) Stop(ctx context.Context) error {
 
 // ConnOpened counts a connection the proxy accepted.
 func (o *Observer) ConnOpened(c admin.Conn) {
-	o.metrics.ConnOpened(connLabels(c, o.service(c.Dst)))
+	o.metrics.ConnOpened(connLabels(c, o.serviceOf(c)))
 }
 
 // ConnClosed records an ended connection as a flow and in the metrics.
 func (o *Observer) ConnClosed(c admin.Conn) {
-	svc := o.service(c.Dst)
+	svc := o.serviceOf(c)
 	o.metrics.ConnClosed(connLabels(c, svc), c.BytesSent, c.BytesRecv)
 	f := o.flow(c)
 	f.Service = svc.flow

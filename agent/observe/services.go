@@ -1,6 +1,7 @@
 package observe
 
 import (
+	"github.com/ferrymesh/ferry/api/admin"
 	"net/netip"
 	"sort"
 	"strconv"
@@ -57,8 +58,29 @@ func serviceIndex(st *ferryv1.NodeState) *map[netip.AddrPort]service {
 				}
 			}
 		}
+		// Backends carry their ports resolved, named target ports too.
+		for _, b := range sv.GetBackends() {
+			for _, port := range b.GetPorts() {
+				for _, text := range b.GetIps() {
+					if ip, err := netip.ParseAddr(text); err == nil {
+						add(ip.Unmap(), port, s)
+					}
+				}
+			}
+		}
 	}
 	return &idx
+}
+
+// serviceOf names the Service of c: the one the client dialled, else the one whose
+// endpoint the destination is.
+func (o *Observer) serviceOf(c admin.Conn) service {
+	if c.Service.IsValid() {
+		if s := o.service(c.Service); s.flow != "" {
+			return s
+		}
+	}
+	return o.service(c.Dst)
 }
 
 // service returns the service behind dst, if the state names one.

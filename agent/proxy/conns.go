@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
@@ -90,6 +91,13 @@ func (t *tracker) close(c *Conn, sent, recv int64, err error) {
 func (t *tracker) refused(c *Conn, err error) {
 	c.Verdict, c.Reason, c.Status = dialOutcome(err)
 	t.end(c, 0, 0, err)
+}
+
+// noEndpoint records that c, to a Service, was refused: the Service has no ready
+// endpoint for the port the client dialled.
+func (t *tracker) noEndpoint(c *Conn, service string) {
+	c.Verdict, c.Reason = admin.VerdictError, admin.ReasonNoEndpoints
+	t.end(c, 0, 0, fmt.Errorf("service %s has no ready endpoint for %s", service, c.Service))
 }
 
 // stream records an inbound tunnel stream from the tunnel server's report: the

@@ -95,6 +95,8 @@ type Proxy struct {
 	byIP  map[netip.Addr]Workload // every mesh workload, by IP
 	pods  map[string]*pod         // local enrolled pods, by UID
 	local map[netip.Addr]*pod     // local enrolled pods, by IP
+	// services are the Services' cluster IPs and their ready endpoints (services.go).
+	services serviceTable
 
 	pool    *tunnel.Pool // tunnels to pods on other nodes
 	tunnels tunnels      // pool, as routing uses it (a fake in tests)
@@ -431,19 +433,33 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		return
 	}
 	src := netip.AddrPortFrom(pd.w.IPs[0], peer.Port())
+	rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
 	p.mu.RLock()
-	r := decide(dst.Addr(), p.byIP, p.local)
+	endpoint, service, isService, ok := p.services.resolve(dst)
+	if isService {
+		// A Service address: the proxy picks the endpoint, as kube-proxy would
+		// have, so the connection is carried like one to the pod itself.
+		rec.Service = dst
+		if ok {
+			rec.Dst = endpoint
+		}
+	}
+	r := decide(rec.Dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity,
-		Security: r.Security, DstIdentity: r.Peer.Identity}
-	upstream, err := p.dialRoute(pd, dst, r)
+	if isService && !ok {
+		pipe.Abort(client) // refused at once: no endpoint will come
+		p.conns.noEndpoint(p.conns.open(rec), service)
+		return
+	}
+	rec.Security, rec.DstIdentity = r.Security, r.Peer.Identity
+	upstream, err := p.dialRoute(pd, rec.Dst, r)
 	c := p.conns.open(rec)
 	if err != nil {
 		// The app's connect already succeeded (to the capture listener), so a
 		// reset is how it learns the destination refused.
 		pipe.Abort(client)
 		p.conns.refused(c, err)
-		p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", dst, "error", err)
+		p.log.Debug("outbound refused", "pod", pd.w.Name, "dst", rec.Dst, "error", err)
 		return
 	}
 	sent, recv, err := pipe.Join(client, upstream, !p.cfg.Capture.Sockhash())

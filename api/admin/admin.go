@@ -116,11 +116,14 @@ type AgentConfig struct {
 // Conn is one proxied connection, live or recently ended: the node proxy's record
 // of it, which GET /connections returns and flows and metrics are made from.
 type Conn struct {
-	ID          uint64         `json:"id"`
-	Direction   Direction      `json:"direction"`
-	Pod         string         `json:"pod"`
-	Src         netip.AddrPort `json:"src"`
-	Dst         netip.AddrPort `json:"dst"`
+	ID        uint64         `json:"id"`
+	Direction Direction      `json:"direction"`
+	Pod       string         `json:"pod"`
+	Src       netip.AddrPort `json:"src"`
+	Dst       netip.AddrPort `json:"dst"`
+	// Service is the Service address (cluster IP and port) the client dialled, when
+	// it dialled one; Dst is then the endpoint the proxy chose.
+	Service     netip.AddrPort `json:"service,omitzero"`
 	SrcIdentity string         `json:"src_identity,omitempty"`
 	DstIdentity string         `json:"dst_identity,omitempty"`
 	Security    Security       `json:"security"`
@@ -205,6 +208,9 @@ const (
 	ReasonReset Reason = "reset"
 	// ReasonCanceled: the agent stopped, or the pod left, before it could be carried.
 	ReasonCanceled Reason = "canceled"
+	// ReasonNoEndpoints: the connection was to a Service with no ready endpoint for
+	// its port (or to a port the Service does not have).
+	ReasonNoEndpoints Reason = "no_endpoints"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )
