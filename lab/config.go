@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 )
 
@@ -42,6 +43,26 @@ type Config struct {
 	// Operator, when set, gives the agents their state and certificates from
 	// ferry-operator instead of state files (see OperatorConfig).
 	Operator OperatorConfig `json:"operator,omitempty"`
+	// Services are Kubernetes Services over the lab's pods, in the agents' state and
+	// in the operator's manifests.
+	Services []ServiceConfig `json:"services,omitempty"`
+}
+
+// ServiceConfig is a Service with one TCP port over some of the lab's pods, all of
+// them ready.
+type ServiceConfig struct {
+	Name string `json:"name"`
+	// Namespace is the Service's namespace, which its pods share. Default "default".
+	Namespace string `json:"namespace,omitempty"`
+	// ClusterIP is the address clients dial (e.g. 10.96.0.50); nothing routes it:
+	// the mesh balances connections to it.
+	ClusterIP netip.Addr `json:"clusterIP"`
+	Port      uint16     `json:"port"`
+	// TargetPort is the pods' port. Default Port.
+	TargetPort uint16 `json:"targetPort,omitempty"`
+	// Pods are the names of the pods behind the Service; none makes a Service with
+	// no endpoint.
+	Pods []string `json:"pods,omitempty"`
 }
 
 // NodeConfig is one simulated node.
@@ -153,6 +174,37 @@ func (c Config) withDefaults() (Config, error) {
 		}
 	}
 	c.Nodes = nodes
+	services := make([]ServiceConfig, len(c.Services))
+	names := map[string]bool{}
+	for i, sv := range c.Services {
+		if sv.Namespace == "" {
+			sv.Namespace = "default"
+		}
+		if sv.TargetPort == 0 {
+			sv.TargetPort = sv.Port
+		}
+		what := fmt.Sprintf("services[%d] (%s/%s)", i, sv.Namespace, sv.Name)
+		switch {
+		case !nameRE.MatchString(sv.Name):
+			return c, fmt.Errorf("%s: want a DNS label as name", what)
+		case names[sv.Namespace+"/"+sv.Name]:
+			return c, fmt.Errorf("%s: defined twice", what)
+		case !sv.ClusterIP.IsValid():
+			return c, fmt.Errorf("%s: clusterIP is required", what)
+		case sv.Port == 0:
+			return c, fmt.Errorf("%s: port is required", what)
+		}
+		names[sv.Namespace+"/"+sv.Name] = true
+		for _, pod := range sv.Pods {
+			if !slices.ContainsFunc(c.Nodes, func(n NodeConfig) bool {
+				return slices.ContainsFunc(n.Pods, func(p PodConfig) bool { return p.Name == pod && p.Namespace == sv.Namespace })
+			}) {
+				return c, fmt.Errorf("%s: no pod %q in namespace %s", what, pod, sv.Namespace)
+			}
+		}
+		services[i] = sv
+	}
+	c.Services = services
 	return c, nil
 }
 

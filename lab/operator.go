@@ -158,10 +158,16 @@ func (l *Lab) writeManifests() error {
 		}
 		sort.Slice(pods, func(i, j int) bool { return pods[i].Name < pods[j].Name })
 		for _, p := range pods {
-			labels := "{app: " + p.Name + "}"
-			if !p.Enrolled {
-				labels = "{app: " + p.Name + ", ferry.io/mesh: disabled}"
+			labels := "{app: " + p.Name
+			for _, sv := range l.desc.Config.Services {
+				if sv.Namespace == ns && slices.Contains(sv.Pods, p.Name) {
+					labels += ", lab.ferry.io/" + sv.Name + ": backend"
+				}
 			}
+			if !p.Enrolled {
+				labels += ", ferry.io/mesh: disabled"
+			}
+			labels += "}"
 			fmt.Fprintf(&b, `---
 apiVersion: v1
 kind: Pod
@@ -178,6 +184,23 @@ status:
   phase: Running
   podIP: %s
 `, p.Name, ns, p.UID, labels, p.Node, p.ServiceAccount, p.IP)
+		}
+		for _, sv := range l.desc.Config.Services {
+			if sv.Namespace != ns {
+				continue
+			}
+			// A selector no pod matches when the Service has none behind it.
+			fmt.Fprintf(&b, `---
+apiVersion: v1
+kind: Service
+metadata:
+  name: %s
+  namespace: %s
+spec:
+  clusterIP: %s
+  selector: {lab.ferry.io/%s: backend}
+  ports: [{port: %d, targetPort: %d}]
+`, sv.Name, ns, sv.ClusterIP, sv.Name, sv.Port, sv.TargetPort)
 		}
 		files["ns-"+ns+".yaml"] = b.String()
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
@@ -55,6 +56,7 @@ func (l *Lab) writeStatesWith(ca issuer) error {
 			Identity:       p.Identity,
 		})
 	}
+	services := l.services()
 	for _, n := range l.desc.Nodes {
 		st := &ferryv1.NodeState{
 			Version:        1,
@@ -63,6 +65,7 @@ func (l *Lab) writeStatesWith(ca issuer) error {
 			TrustBundlePem: ca.RootPEM(),
 			Workloads:      workloads,
 			Mesh:           &ferryv1.MeshConfig{},
+			Services:       services,
 		}
 		for _, p := range l.desc.Pods {
 			if !p.Enrolled || p.Node != n.Name {
@@ -88,4 +91,29 @@ func (l *Lab) writeStatesWith(ca issuer) error {
 		}
 	}
 	return nil
+}
+
+// services are the lab's Services as the operator would compute them: every pod
+// named is a ready backend, enrolled ones also endpoints by workload UID.
+func (l *Lab) services() []*ferryv1.Service {
+	var out []*ferryv1.Service
+	for _, sv := range l.desc.Config.Services {
+		s := &ferryv1.Service{
+			Name: sv.Name, Namespace: sv.Namespace, ClusterIps: []string{sv.ClusterIP.String()},
+			Ports: []*ferryv1.ServicePort{{Port: uint32(sv.Port), TargetPort: fmt.Sprint(sv.TargetPort)}},
+		}
+		for _, p := range l.desc.Pods {
+			if p.Namespace != sv.Namespace || !slices.Contains(sv.Pods, p.Name) {
+				continue
+			}
+			b := &ferryv1.Backend{Pod: p.Name, Ips: []string{p.IP.String()}, Node: p.Node, Ready: true, Ports: []uint32{uint32(sv.TargetPort)}}
+			if p.Enrolled {
+				b.WorkloadUid = p.UID
+				s.Endpoints = append(s.Endpoints, p.UID)
+			}
+			s.Backends = append(s.Backends, b)
+		}
+		out = append(out, s)
+	}
+	return out
 }

@@ -82,6 +82,12 @@ func bringUp() (*env, error) {
 	cfg := lab.DefaultConfig()
 	cfg.Prefix = prefix
 	cfg.PodNet = podNet
+	cfg.Services = []lab.ServiceConfig{
+		{Name: "web", ClusterIP: webVIP, Port: servicePort, TargetPort: echoPort, Pods: []string{"b", "c", "d"}},
+		{Name: "empty", ClusterIP: emptyVIP, Port: servicePort},
+		{Name: "echo-c", ClusterIP: echoCVIP, Port: servicePort, TargetPort: echoPort, Pods: []string{"c"}},
+		{Name: "banner-c", ClusterIP: bannerCVIP, Port: servicePort, TargetPort: bannerPort, Pods: []string{"c"}},
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
