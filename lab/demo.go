@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -26,12 +27,21 @@ type DemoRoute struct {
 }
 
 // DemoRoutes are the demo's paths through the default lab: across nodes, on one node,
-// into the mesh from a pod outside it, and out of the mesh.
+// into the mesh from a pod outside it, out of the mesh, and twice to a Service (To
+// names a pod or one of DemoServices), balanced over its endpoints.
 var DemoRoutes = []DemoRoute{
 	{"a", "c", "across nodes: mTLS tunnel"},
 	{"a", "b", "same node: through the agent, no wire"},
 	{"d", "c", "from outside the mesh: inbound capture"},
 	{"a", "d", "to outside the mesh: plaintext passthrough"},
+	{"a", "web", "to a Service: the proxy picks an endpoint"},
+	{"a", "web", "to a Service again: the next endpoint"},
+}
+
+// DemoServices are the Services the demo adds to the default lab: web, at a cluster
+// IP no route knows, over b (node1) and c (node2).
+var DemoServices = []ServiceConfig{
+	{Name: "web", ClusterIP: netip.MustParseAddr("10.96.0.50"), Port: 80, TargetPort: DemoPort, Pods: []string{"b", "c"}},
 }
 
 // Demo starts an echo server in every pod, sends 1 MiB along each DemoRoute with
@@ -45,13 +55,18 @@ func (l *Lab) Demo(ctx context.Context, ferryBin string, log *slog.Logger, out i
 		}
 	}
 	for _, r := range DemoRoutes {
-		to, ok := l.Pod(r.To)
-		if !ok {
-			return fmt.Errorf("demo: the lab has no pod %q (the demo needs the default lab)", r.To)
+		var dst netip.AddrPort
+		if to, ok := l.Pod(r.To); ok {
+			dst = netip.AddrPortFrom(to.IP, DemoPort)
+		} else if i := slices.IndexFunc(l.desc.Config.Services, func(s ServiceConfig) bool { return s.Name == r.To }); i >= 0 {
+			sv := l.desc.Config.Services[i]
+			dst = netip.AddrPortFrom(sv.ClusterIP, sv.Port)
+		} else {
+			return fmt.Errorf("demo: the lab has no pod or Service %q (the demo needs the default lab with DemoServices)", r.To)
 		}
-		log.Info(fmt.Sprintf("send 1 MiB %s → %s (%s)", r.From, r.To, r.What))
+		log.Info(fmt.Sprintf("send 1 MiB %s → %s %s (%s)", r.From, r.To, dst, r.What))
 		cmd := l.Command(ctx, r.From, ferryBin, "lab", "echo-client",
-			"--to", netip.AddrPortFrom(to.IP, DemoPort).String(), "--bytes", "1MiB")
+			"--to", dst.String(), "--bytes", "1MiB")
 		res, err := cmd.CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("demo %s → %s: %w\n%s", r.From, r.To, err, res)
@@ -93,10 +108,14 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 	sort.Slice(rows, func(i, j int) bool { return rows[i].c.Start.Before(rows[j].c.Start) })
 	fmt.Fprintln(out, "\nWhat the agents carried:")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "AGENT\tDIRECTION\tFROM\tTO\tHOW\tSOURCE IDENTITY\tDESTINATION IDENTITY\tBYTES SENT/RECEIVED")
+	services := map[netip.AddrPort]string{}
+	for _, sv := range l.desc.Config.Services {
+		services[netip.AddrPortFrom(sv.ClusterIP, sv.Port)] = sv.Name
+	}
+	fmt.Fprintln(tw, "AGENT\tDIRECTION\tFROM\tTO\tVIA SERVICE\tHOW\tSOURCE IDENTITY\tDESTINATION IDENTITY\tBYTES SENT/RECEIVED")
 	for _, r := range rows {
 		c := r.c
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", r.node, c.Direction, name(c.Src), name(c.Dst),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", r.node, c.Direction, name(c.Src), name(c.Dst), orDash(services[c.Service]),
 			c.Security, orDash(c.SrcIdentity), orDash(c.DstIdentity), c.BytesSent, c.BytesRecv)
 	}
 	return tw.Flush()

@@ -488,6 +488,7 @@ and how many bytes. The lab stays up afterwards so you can look around.`,
 			cfg := lab.DefaultConfig()
 			cfg.Prefix, cfg.StateDir, cfg.AgentBinary = f.prefix, f.stateDir, agentBin
 			cfg.Operator.Binary = demoOperator
+			cfg.Services = lab.DemoServices
 			out := cmd.OutOrStdout()
 			log := slog.New(lab.NewProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
