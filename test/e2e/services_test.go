@@ -110,8 +110,14 @@ func TestServiceTCPSemantics(t *testing.T) {
 		}},
 		{"half-close", echo, []string{"halfclose"}, func(c connRecord) bool { return c.BytesSent == 4*mib && c.BytesRecv == 4*mib }},
 		{"one-byte-writes", echo, []string{"bytewise"}, func(c connRecord) bool { return c.BytesSent == 5000 && c.BytesRecv == 5000 }},
+		{"idle-60s", echo, []string{"idle"}, func(c connRecord) bool {
+			return c.BytesSent == 2048 && c.BytesRecv == 2048 && c.End.Sub(c.Start) >= 60*time.Second
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "idle-60s" {
+				t.Parallel() // a minute of nothing: let the others go on
+			}
 			since := time.Now()
 			args := append([]string{tc.args[0], tc.vip}, tc.args[1:]...)
 			switch tc.name {
@@ -119,6 +125,8 @@ func TestServiceTCPSemantics(t *testing.T) {
 				args = append(args, "4194304")
 			case "one-byte-writes":
 				args = append(args, "5000")
+			case "idle-60s":
+				args = append(args, "60")
 			}
 			e.mustRun(t, "a", args...)
 			rec := e.findConn(t, "node1", func(r connRecord) bool {
