@@ -1,11 +1,31 @@
 #!/usr/bin/env bash
-# Installs the Debian packages listed in hack/deb-packages. Idempotent: only what is
-# missing is installed, so a second run is quick and touches nothing. Recommends are
-# never installed: what Ferry needs is listed by name (test/deps checks it).
+# Installs the Debian packages Ferry's build, tests, demo and bench need. Idempotent:
+# only what is missing is installed, so a second run is quick and touches nothing.
+# Recommends are never installed, so anything that is only a Recommends of a package
+# here must be listed itself. test/deps reads this list (one package a line, between
+# "packages=(" and ")") and checks that every program and file Ferry runs or reads
+# comes from one of these packages (dpkg -S): add a package here, not by hand on one
+# machine.
 set -euo pipefail
 
-list="$(dirname "${BASH_SOURCE[0]}")/deb-packages"
-mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$list")
+packages=(
+  clang              # compile the eBPF programs (bpf2go)
+  llvm               # llvm-strip, which bpf2go runs on the objects
+  libbpf-dev         # bpf_helpers.h and friends
+  linux-libc-dev     # linux/bpf.h and the other uapi headers the programs include
+  bpftool            # inspect programs and maps in the tests
+  iproute2           # ip, tc: the lab and tests
+  util-linux         # nsenter, taskset, setpriv
+  tcpdump            # capture on the lab fabric in the e2e tests
+  tshark             # read those captures
+  protobuf-compiler  # protoc: api/ code generation
+  libprotobuf-dev    # google/protobuf/*.proto (well-known types protoc imports)
+  prometheus         # promtool check metrics
+  chromium           # the web view test in headless Chromium
+  haproxy            # make bench: the peer proxy pair
+  iptables           # --capture=iptables, and its tests
+  git                # make check-generated
+)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: needs root to install Debian packages" >&2

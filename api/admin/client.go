@@ -3,18 +3,24 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"syscall"
 	"time"
 )
 
 // Client talks to an agent's admin API over its unix socket.
-type Client struct{ hc *http.Client }
+type Client struct {
+	socket string
+	hc     *http.Client
+}
 
 // NewClient returns a client for the admin API at socket.
 func NewClient(socket string) *Client {
-	return &Client{hc: &http.Client{
+	return &Client{socket: socket, hc: &http.Client{
 		Timeout: 5 * time.Second,
 		Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -71,7 +77,12 @@ func (c *Client) get(ctx context.Context, path string, v any) error {
 		return fmt.Errorf("agent admin API %s: %w", path, err)
 	}
 	resp, err := c.hc.Do(req)
-	if err != nil {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("agent admin API: %w (is the agent running? its admin socket %s is missing)", err, c.socket)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return fmt.Errorf("agent admin API: %w (the agent that owned %s is not running)", err, c.socket)
+	case err != nil:
 		return fmt.Errorf("agent admin API: %w", err)
 	}
 	defer resp.Body.Close()

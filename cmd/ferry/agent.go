@@ -8,10 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -118,7 +116,7 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 						if name == "" {
 							name = t.socket
 						}
-						fmt.Fprintf(cmd.ErrOrStderr(), "ferry agent %s: %s: %v\n", use, name, hint(err, t.socket))
+						fmt.Fprintf(cmd.ErrOrStderr(), "ferry agent %s: %s: %v\n", use, name, err)
 						failed = append(failed, name)
 					}
 				}
@@ -147,17 +145,6 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 			"  ferry agent config -o json", showConfig),
 	)
 	return cmd
-}
-
-// hint adds what to do when the socket is missing.
-func hint(err error, socket string) error {
-	if errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("%w (is the agent running? its admin socket %s is missing)", err, socket)
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("%w (the agent that owned %s is not running)", err, socket)
-	}
-	return err
 }
 
 func printJSON(w io.Writer, v any) error {

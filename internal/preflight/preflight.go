@@ -11,7 +11,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -220,7 +219,7 @@ func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
 	defer cancel()
 	st, err := c.Status(cctx)
 	if err != nil {
-		rs = append(rs, fail("agent"+suffix, "not reachable: "+unreachable(err, t.AdminSocket).Error()))
+		rs = append(rs, fail("agent"+suffix, "not reachable: "+err.Error()))
 		return rs
 	}
 	if st.StateVersion == 0 {
@@ -285,17 +284,6 @@ func durationText(d time.Duration) string {
 		return fmt.Sprintf("%dd", int(d.Hours()/24))
 	}
 	return strings.TrimSuffix(d.Round(time.Minute).String(), "0s")
-}
-
-// unreachable adds to err what a missing or orphaned admin socket means.
-func unreachable(err error, socket string) error {
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("%w (is the agent running? its admin socket %s is missing)", err, socket)
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return fmt.Errorf("%w (the agent that owned %s is not running)", err, socket)
-	}
-	return err
 }
 
 func uniq(s []string) []string {

@@ -1,12 +1,14 @@
 package local
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"math/big"
 	"net/netip"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -31,19 +33,7 @@ func (l *Loader) assignClusterIPs(want map[key]any, owner map[key]string) []*Man
 		}
 	}
 	slices.SortFunc(keys, func(a, b key) int {
-		if a.namespace != b.namespace {
-			if a.namespace < b.namespace {
-				return -1
-			}
-			return 1
-		}
-		switch {
-		case a.name < b.name:
-			return -1
-		case a.name > b.name:
-			return 1
-		}
-		return 0
+		return cmp.Or(strings.Compare(a.namespace, b.namespace), strings.Compare(a.name, b.name))
 	})
 	var errs []*ManifestError
 	fail := func(k key, field string, err error) {

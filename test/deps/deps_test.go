@@ -1,11 +1,10 @@
 // Package deps checks that every external program and file Ferry's build, tests,
 // demo and bench use comes from a Debian package that hack/install-deps.sh installs
-// (hack/deb-packages), so a tool that is on one developer's machine by chance, or only
+// (hack/install-deps.sh), so a tool that is on one developer's machine by chance, or only
 // as a Recommends, fails here by name instead of on the next fresh machine.
 package deps
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -24,7 +23,7 @@ import (
 // package that provides it on Debian.
 type need struct {
 	name    string // program name, or absolute path of a file
-	pkg     string // the Debian package to list in hack/deb-packages
+	pkg     string // the Debian package to list in hack/install-deps.sh
 	usedFor string
 }
 
@@ -62,12 +61,12 @@ var needs = []need{
 var notDebian = []string{"go", "/proc/self/exe", "fortio"}
 
 // TestNeedsInstalled checks the real list: each program and file is there and owned
-// by a package that hack/deb-packages lists (or that Debian always has installed).
+// by a package that hack/install-deps.sh lists (or that Debian always has installed).
 func TestNeedsInstalled(t *testing.T) {
 	if _, err := exec.LookPath("dpkg-query"); err != nil {
 		t.Fatalf("dpkg-query not found: Ferry's machines are Debian, and install-deps needs dpkg: %v", err)
 	}
-	listed, err := readPackages(filepath.Join(repoRoot(t), "hack", "deb-packages"))
+	listed, err := readPackages(filepath.Join(repoRoot(t), "hack", "install-deps.sh"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +80,7 @@ func TestNeedsInstalled(t *testing.T) {
 // list that leaves libprotobuf-dev out (the package a fresh machine once missed),
 // then with fake owners so it needs nothing installed.
 func TestMissingPackageNamed(t *testing.T) {
-	listed, err := readPackages(filepath.Join(repoRoot(t), "hack", "deb-packages"))
+	listed, err := readPackages(filepath.Join(repoRoot(t), "hack", "install-deps.sh"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,9 +120,9 @@ func TestMissingPackageNamed(t *testing.T) {
 	}
 	got := check(fake, []string{"fake-pkg"}, m)
 	want := []string{
-		"/usr/bin/from-dep (a test) comes from package some-dependency, which hack/deb-packages does not list: add some-dependency",
-		"/usr/bin/not-there (a test) is not installed: add absent-pkg to hack/deb-packages and run make deps",
-		"/usr/bin/by-hand (a test) at /usr/bin/by-hand belongs to no Debian package (installed by hand?): add by-hand-pkg to hack/deb-packages",
+		"/usr/bin/from-dep (a test) comes from package some-dependency, which hack/install-deps.sh does not list: add some-dependency",
+		"/usr/bin/not-there (a test) is not installed: add absent-pkg to hack/install-deps.sh and run make deps",
+		"/usr/bin/by-hand (a test) at /usr/bin/by-hand belongs to no Debian package (installed by hand?): add by-hand-pkg to hack/install-deps.sh",
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("fake list:\n got  %q\n want %q", got, want)
@@ -214,16 +213,16 @@ func check(needs []need, listed []string, m machine) []string {
 		what := fmt.Sprintf("%s (%s)", n.name, n.usedFor)
 		path, err := m.find(n.name)
 		if err != nil {
-			problems = append(problems, fmt.Sprintf("%s is not installed: add %s to hack/deb-packages and run make deps", what, n.pkg))
+			problems = append(problems, fmt.Sprintf("%s is not installed: add %s to hack/install-deps.sh and run make deps", what, n.pkg))
 			continue
 		}
 		pkg, err := ownerOf(path, m.owner)
 		if err != nil {
-			problems = append(problems, fmt.Sprintf("%s at %s belongs to no Debian package (installed by hand?): add %s to hack/deb-packages", what, path, n.pkg))
+			problems = append(problems, fmt.Sprintf("%s at %s belongs to no Debian package (installed by hand?): add %s to hack/install-deps.sh", what, path, n.pkg))
 			continue
 		}
 		if !slices.Contains(listed, pkg) && !m.essential(pkg) {
-			problems = append(problems, fmt.Sprintf("%s comes from package %s, which hack/deb-packages does not list: add %s", what, pkg, pkg))
+			problems = append(problems, fmt.Sprintf("%s comes from package %s, which hack/install-deps.sh does not list: add %s", what, pkg, pkg))
 		}
 	}
 	return problems
@@ -288,26 +287,25 @@ func essential(pkg string) bool {
 	return err == nil && strings.TrimSpace(string(out)) == "yes"
 }
 
-// readPackages reads hack/deb-packages: a name a line, `#` starts a comment.
+// readPackages reads the packages install-deps.sh installs: the lines between
+// "packages=(" and ")", a name a line, `#` starting a comment.
 func readPackages(path string) ([]string, error) {
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("package list: %w", err)
 	}
-	defer f.Close()
-	var pkgs []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line, _, _ := strings.Cut(sc.Text(), "#")
-		if line = strings.TrimSpace(line); line != "" {
-			pkgs = append(pkgs, line)
-		}
+	_, rest, ok := strings.Cut(string(b), "\npackages=(\n")
+	list, _, closed := strings.Cut(rest, "\n)\n")
+	if !ok || !closed {
+		return nil, fmt.Errorf("package list: no packages=( ... ) array in %s", path)
 	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("package list: %w", err)
+	var pkgs []string
+	for _, line := range strings.Split(list, "\n") {
+		line, _, _ = strings.Cut(line, "#")
+		pkgs = append(pkgs, strings.Fields(line)...)
 	}
 	if len(pkgs) == 0 {
-		return nil, fmt.Errorf("package list %s is empty", path)
+		return nil, fmt.Errorf("package list in %s is empty", path)
 	}
 	return pkgs, nil
 }
