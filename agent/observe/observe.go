@@ -237,3 +237,11 @@ func (o *Observer) ConnClosed(c admin.Conn) {
 	f.Service = svc.flow
 	o.ring.Add(f)
 }
+
+// Request records one request the proxy carried at L7 (c.HTTP is set) as a flow.
+// TODO(issue 10): Istio's request metrics from it.
+func (o *Observer) Request(c admin.Conn) {
+	f := o.flow(c)
+	f.Service = o.serviceOf(c).flow
+	o.ring.Add(f)
+}

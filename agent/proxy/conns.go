@@ -25,11 +25,14 @@ import (
 // the record the proxy keeps is the one GET /connections returns.
 type Conn = admin.Conn
 
-// ConnObserver is told of every proxied connection when it opens and when it ends.
-// Both calls run on the connection's goroutine: they must be quick and must not block.
+// ConnObserver is told of every proxied connection when it opens and when it ends,
+// and of every request carried at L7 when its response has ended (Conn.HTTP set).
+// The calls run on the connection's or request's goroutine: they must be quick and
+// must not block.
 type ConnObserver interface {
 	ConnOpened(Conn)
 	ConnClosed(Conn)
+	Request(Conn)
 }
 
 // tracker keeps the live connections and a bounded ring of ended ones.

@@ -98,4 +98,5 @@ func TestTrackerRecordsOutcome(t *testing.T) {
 type observerFunc func(admin.Conn)
 
 func (observerFunc) ConnOpened(admin.Conn)     {}
+func (observerFunc) Request(admin.Conn)        {}
 func (f observerFunc) ConnClosed(c admin.Conn) { f(c) }

@@ -147,6 +147,46 @@ type Conn struct {
 	// Error is the error that ended the connection, as text for people to read;
 	// decide nothing on it (Verdict and Reason are the values).
 	Error string `json:"error,omitempty"`
+	// Protocol is what the proxy understood the bytes to be; "" is TCP.
+	Protocol Protocol `json:"protocol,omitempty"`
+	// HTTP is set on a request record (Observer.Request): one HTTP request or gRPC
+	// call the proxy carried at L7. Start and End then bound the request, Dst is the
+	// endpoint chosen for it, and BytesSent and BytesRecv count the request's and the
+	// response's body bytes.
+	HTTP *HTTP `json:"http,omitempty"`
+}
+
+// Protocol is what a connection's bytes were understood to be.
+type Protocol string
+
+const (
+	// TCP: an opaque byte stream (declared, or nothing else detected).
+	TCP Protocol = "tcp"
+	// HTTP1: HTTP/1.x, proxied per request.
+	HTTP1 Protocol = "http"
+	// HTTP2: HTTP/2 without TLS (h2c, prior knowledge), proxied per stream.
+	HTTP2 Protocol = "http2"
+	// GRPC: HTTP/2 whose requests are gRPC calls (Content-Type application/grpc).
+	GRPC Protocol = "grpc"
+)
+
+// HTTP is what the proxy saw of one request and its response.
+type HTTP struct {
+	Method    string `json:"method"`
+	Authority string `json:"authority"`
+	Path      string `json:"path"`
+	// Proto is the request's protocol version: "HTTP/1.1", "HTTP/2.0".
+	Proto string `json:"proto"`
+	// Status is the response's status code; 0 when no response came (Reason says why).
+	// A status the mesh answered itself (503 for no endpoint, 502 for an endpoint that
+	// failed) comes with a Reason.
+	Status int `json:"status,omitempty"`
+	// GRPCStatus is the call's grpc-status (from the trailers, or the headers of a
+	// trailers-only response), for gRPC; "" otherwise.
+	GRPCStatus string `json:"grpc_status,omitempty"`
+	// TraceID is the W3C trace id of the request's traceparent, or the B3 trace id,
+	// when it carried one.
+	TraceID string `json:"trace_id,omitempty"`
 }
 
 // Security says how a proxied connection was carried.
