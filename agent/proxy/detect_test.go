@@ -32,8 +32,8 @@ func TestClassify(t *testing.T) {
 		{"GET /\r\n", admin.TCP, false},
 		{"hello\n", admin.TCP, false},
 		{"\x16\x03\x01\x02\x00", admin.TCP, false}, // a TLS ClientHello
-		{"*1\r\n$4\r\nPING\r\n", admin.TCP, false},  // redis
-		{"ping", "", true},                             // could still be a method
+		{"*1\r\n$4\r\nPING\r\n", admin.TCP, false}, // redis
+		{"ping", "", true},                         // could still be a method
 	} {
 		proto, more := classify([]byte(tc.in))
 		if proto != tc.proto || more != tc.more {

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/pipe"
+	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
 )
 
@@ -62,18 +63,34 @@ func (p *Proxy) newL7() *l7 {
 	return h
 }
 
-// serve hands c, a client connection whose protocol is HTTP, to the HTTP server;
-// rec is its connection record, closed when the connection ends.
+// serveHTTP hands c, a client connection whose protocol is HTTP, to the HTTP
+// server; rec is its connection record, closed when the connection ends.
 func (p *Proxy) serveHTTP(pd *pod, c *net.TCPConn, r io.Reader, rec Conn) {
-	hc := &httpConn{TCPConn: c, r: r, p: p, pd: pd}
+	hc := &httpConn{Conn: c, r: r, p: p, pd: pd}
 	if r == nil {
 		hc.r = c
 	}
 	hc.rec = p.conns.open(rec)
-	p.l7.mu.Lock()
-	p.l7.conns[hc] = struct{}{}
-	p.l7.mu.Unlock()
-	if !p.l7.ln.put(hc) {
+	p.l7.serve(hc)
+}
+
+// serveInboundHTTP serves the HTTP requests a source node's proxy sends through a
+// tunnel stream into pod pd: each goes to the app at the stream's target, and is
+// recorded on this side too (reporter destination). The stream itself is recorded
+// by the tunnel's report when it ends.
+func (p *Proxy) serveInboundHTTP(pd *pod, si tunnel.StreamInfo, c net.Conn) {
+	hc := &httpConn{Conn: c, r: c, p: p, pd: pd, inbound: &endpoint{addr: si.Target}, rec: &Conn{
+		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
+		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
+	}}
+	p.l7.serve(hc)
+}
+
+func (h *l7) serve(hc *httpConn) {
+	h.mu.Lock()
+	h.conns[hc] = struct{}{}
+	h.mu.Unlock()
+	if !h.ln.put(hc) {
 		hc.Close() // the proxy is stopping
 	}
 }
@@ -99,31 +116,34 @@ func (h *l7) stop(ctx context.Context) {
 func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	hc := r.Context().Value(httpConnKey{}).(*httpConn)
 	rec := Conn{
-		Direction: admin.Outbound, Pod: hc.rec.Pod, Src: hc.rec.Src, Service: hc.rec.Service,
-		SrcIdentity: hc.rec.SrcIdentity, Protocol: requestProtocol(r), Start: time.Now(),
+		Direction: hc.rec.Direction, Pod: hc.rec.Pod, Src: hc.rec.Src, Dst: hc.rec.Dst, Service: hc.rec.Service,
+		SrcIdentity: hc.rec.SrcIdentity, DstIdentity: hc.rec.DstIdentity, Security: hc.rec.Security,
+		Protocol: requestProtocol(r), Start: time.Now(),
 		HTTP: &admin.HTTP{Method: r.Method, Authority: r.Host, Path: r.URL.RequestURI(), Proto: r.Proto, TraceID: traceID(r.Header)},
 	}
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
 
-	p.mu.RLock()
-	vp, _, _ := p.services.lookup(hc.rec.Service)
-	var ep *endpoint
-	ok := vp != nil
-	if ok {
-		ep, ok = vp.balancer.pick()
+	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
+	if ep == nil {
+		p.mu.RLock()
+		vp, _, _ := p.services.lookup(hc.rec.Service)
+		ok := vp != nil
+		if ok {
+			ep, ok = vp.balancer.pick()
+		}
+		var rt route
+		if ok {
+			rt = decide(ep.addr.Addr(), p.byIP, p.local)
+		}
+		p.mu.RUnlock()
+		if !ok {
+			rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
+			meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
+			return
+		}
+		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
 	}
-	var rt route
-	if ok {
-		rt = decide(ep.addr.Addr(), p.byIP, p.local)
-	}
-	p.mu.RUnlock()
-	if !ok {
-		rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
-		meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
-		return
-	}
-	rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
 
 	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
 	out := r.WithContext(context.WithValue(r.Context(), upstreamKey{}, up))
@@ -246,7 +266,7 @@ func (pd *pod) dialUpstream(_ context.Context, _, addr string) (net.Conn, error)
 	p.mu.RLock()
 	r := decide(dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	c, err := p.dialRoute(pd, dst, r)
+	c, err := p.dialRoute(pd, dst, r, tunnel.ProtocolHTTP)
 	if err != nil {
 		return nil, err
 	}
@@ -272,8 +292,8 @@ type streamConn struct {
 	remote netip.AddrPort
 }
 
-func (streamConn) LocalAddr() net.Addr                { return &net.TCPAddr{} }
-func (s streamConn) RemoteAddr() net.Addr             { return net.TCPAddrFromAddrPort(s.remote) }
+func (streamConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (s streamConn) RemoteAddr() net.Addr           { return net.TCPAddrFromAddrPort(s.remote) }
 func (streamConn) SetDeadline(time.Time) error      { return nil }
 func (streamConn) SetReadDeadline(time.Time) error  { return nil }
 func (streamConn) SetWriteDeadline(time.Time) error { return nil }
@@ -282,11 +302,16 @@ func (streamConn) SetWriteDeadline(time.Time) error { return nil }
 // came from and its connection record, counts its bytes, and ends the record when
 // it closes.
 type httpConn struct {
-	*net.TCPConn
-	r        io.Reader // the connection, after the bytes protocol detection read
-	p        *Proxy
-	pd       *pod
-	rec      *Conn
+	net.Conn
+	r  io.Reader // the connection, after the bytes protocol detection read
+	p  *Proxy
+	pd *pod
+	// rec is the connection's record: tracked for a client's connection (outbound),
+	// a template for the requests of a tunnel stream (inbound).
+	rec *Conn
+	// inbound is the app a tunnel stream's requests go to; nil for a client's
+	// connection, whose requests are balanced over the Service's endpoints.
+	inbound  *endpoint
 	in, out  atomic.Int64
 	closeOne sync.Once
 }
@@ -298,18 +323,20 @@ func (c *httpConn) Read(b []byte) (int, error) {
 }
 
 func (c *httpConn) Write(b []byte) (int, error) {
-	n, err := c.TCPConn.Write(b)
+	n, err := c.Conn.Write(b)
 	c.out.Add(int64(n))
 	return n, err
 }
 
 func (c *httpConn) Close() error {
-	err := c.TCPConn.Close()
+	err := c.Conn.Close()
 	c.closeOne.Do(func() {
 		c.p.l7.mu.Lock()
 		delete(c.p.l7.conns, c)
 		c.p.l7.mu.Unlock()
-		c.p.conns.close(c.rec, c.in.Load(), c.out.Load(), nil)
+		if c.inbound == nil {
+			c.p.conns.close(c.rec, c.in.Load(), c.out.Load(), nil)
+		}
 	})
 	return err
 }

@@ -113,14 +113,14 @@ type Proxy struct {
 
 // tunnels opens streams to pods on other nodes.
 type tunnels interface {
-	Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error)
+	Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, protocol string) (pipe.HalfCloser, error)
 }
 
 // poolTunnels is a tunnel.Pool as tunnels.
 type poolTunnels struct{ *tunnel.Pool }
 
-func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error) {
-	s, err := p.Pool.Connect(ctx, src, dstID, tunnelAddr, target)
+func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, protocol string) (pipe.HalfCloser, error) {
+	s, err := p.Pool.Connect(ctx, src, dstID, tunnelAddr, target, protocol)
 	if err != nil {
 		return nil, err
 	}
@@ -259,8 +259,9 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
 			return p.dialApp(ctx, pd, target)
 		},
-		Logger:   p.log.With("pod", w.Name),
-		OnStream: func(si tunnel.StreamInfo) { p.recordTunnelStream(pd, si) },
+		Logger:    p.log.With("pod", w.Name),
+		OnStream:  func(si tunnel.StreamInfo) { p.recordTunnelStream(pd, si) },
+		ServeHTTP: func(si tunnel.StreamInfo, c net.Conn) { p.serveInboundHTTP(pd, si, c) },
 	})
 	if err != nil {
 		pd.close()
@@ -479,7 +480,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 	r := decide(rec.Dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
 	rec.Security, rec.DstIdentity = r.Security, r.Peer.Identity
-	upstream, err := p.dialRoute(pd, rec.Dst, r)
+	upstream, err := p.dialRoute(pd, rec.Dst, r, "")
 	if err == nil && len(early) > 0 {
 		if _, err = upstream.Write(early); err != nil {
 			upstream.Close()
@@ -519,15 +520,16 @@ func decide(dst netip.Addr, byIP map[netip.Addr]Workload, local map[netip.Addr]*
 	return route{Security: admin.Plaintext}
 }
 
-// dialRoute opens the upstream side of a connection from pod from to dst along r.
-func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route) (pipe.HalfCloser, error) {
+// dialRoute opens the upstream side of a connection from pod from to dst along r;
+// protocol tells a tunnel what the stream carries (tunnel.Pool.Connect).
+func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route, protocol string) (pipe.HalfCloser, error) {
 	switch r.Security {
 	case admin.SameNode:
 		return p.dialApp(from.ctx, r.Local, dst)
 	case admin.MTLS:
 		ctx, cancel := context.WithTimeout(from.ctx, dialTimeout)
 		defer cancel()
-		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst)
+		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst, protocol)
 	default:
 		return from.net.Dial(from.ctx, netip.Addr{}, dst)
 	}
@@ -579,6 +581,9 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
 		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
 	})
+	if si.HTTP {
+		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
+	}
 	c.Start = time.Now().Add(-si.Duration)
 	p.conns.stream(c, si)
 }

@@ -87,7 +87,7 @@ type fakeTunnels struct {
 	log []dialed
 }
 
-func (f *fakeTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error) {
+func (f *fakeTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, _ string) (pipe.HalfCloser, error) {
 	f.mu.Lock()
 	f.log = append(f.log, dialed{src: src, id: dstID, via: tunnelAddr, to: target})
 	f.mu.Unlock()
