@@ -238,6 +238,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		Identities: a.ids,
 		Log:        log,
 		Observer:   a.obs,
+		Tracer:     a.tracer,
 	})
 	if err != nil {
 		return nil, err
