@@ -23,8 +23,8 @@ const (
 	// ModeEcho copies every byte back, and on read EOF closes its write side once
 	// everything has been echoed.
 	ModeEcho Mode = iota
-	// ModeHTTP answers /echo with the request body, /bytes?n=N with N bytes, and /
-	// with JSON {pod, remote_addr}.
+	// ModeHTTP answers /echo with the request body, /bytes?n=N with N bytes,
+	// /headers with the request's headers (JSON), and / with JSON {pod, remote_addr}.
 	ModeHTTP
 )
 
@@ -158,6 +158,10 @@ func serveHTTP(ctx context.Context, ln net.Listener, opts Options) error {
 			}
 			off += int64(len(chunk))
 		}
+	})
+	mux.HandleFunc("/headers", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(r.Header)
 	})
 	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")

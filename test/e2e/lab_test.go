@@ -59,6 +59,9 @@ func TestMain(m *testing.M) {
 	if name := os.Getenv(scenarioEnv); name != "" {
 		os.Exit(runScenario(strings.Fields(name)))
 	}
+	if addr := os.Getenv(collectorEnv); addr != "" {
+		os.Exit(runCollector(addr))
+	}
 	code := m.Run()
 	if shared != nil {
 		shared.teardown()
@@ -87,6 +90,7 @@ func bringUp() (*env, error) {
 		{Name: "empty", ClusterIP: emptyVIP, Port: servicePort},
 		{Name: "echo-c", ClusterIP: echoCVIP, Port: servicePort, TargetPort: echoPort, Pods: []string{"c"}},
 		{Name: "banner-c", ClusterIP: bannerCVIP, Port: servicePort, TargetPort: bannerPort, Pods: []string{"c"}},
+		{Name: "http-c", ClusterIP: httpCVIP, Port: servicePort, TargetPort: httpPort, Pods: []string{"c"}},
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

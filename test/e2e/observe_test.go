@@ -223,9 +223,9 @@ func TestObserve(t *testing.T) {
 			{[]string{"--to-identity", "default/b"}, func(f *ferryv1.Flow) bool { return f.GetDestination().GetIdentity() == id("b") }},
 			{[]string{"--verdict", "error"}, func(f *ferryv1.Flow) bool { return f.GetVerdict() == ferryv1.Verdict_VERDICT_ERROR }},
 			{[]string{"--verdict", "forwarded,dropped"}, func(f *ferryv1.Flow) bool { return f.GetVerdict() == ferryv1.Verdict_VERDICT_FORWARDED }},
-			{[]string{"--protocol", "tcp"}, func(*ferryv1.Flow) bool { return true }},
-			{[]string{"--protocol", "http"}, func(*ferryv1.Flow) bool { return false }}, // no L7 yet
-			{[]string{"--http-status", "200"}, func(*ferryv1.Flow) bool { return false }},
+			{[]string{"--protocol", "tcp"}, func(f *ferryv1.Flow) bool { return f.GetProtocol() == "tcp" }},
+			{[]string{"--protocol", "http"}, func(f *ferryv1.Flow) bool { return f.GetProtocol() == "http" }},
+			{[]string{"--http-status", "200"}, func(f *ferryv1.Flow) bool { return f.GetHttp().GetStatus() == 200 }},
 			{[]string{"--port", strconv.Itoa(closedPort)}, func(f *ferryv1.Flow) bool { return f.GetDestination().GetPort() == closedPort }},
 			{[]string{"--node", "node2"}, func(f *ferryv1.Flow) bool { return f.GetNode() == "node2" }},
 		} {
