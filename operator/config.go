@@ -41,6 +41,9 @@ type Config struct {
 	Identity string
 	// PollInterval is how often local mode looks for changed manifests.
 	PollInterval time.Duration
+	// CRDPollInterval is how often, in a cluster without Ferry's TrafficPolicy
+	// CRD, the operator looks for it again.
+	CRDPollInterval time.Duration
 	// ServiceCIDR is where local mode allocates cluster IPs for Services that set
 	// none, as the API server's --service-cluster-ip-range.
 	ServiceCIDR netip.Prefix
@@ -72,6 +75,7 @@ func DefaultConfig() Config {
 		RetryPeriod:         2 * time.Second,
 		Identity:            os.Getenv("POD_NAME"),
 		PollInterval:        500 * time.Millisecond,
+		CRDPollInterval:     30 * time.Second,
 		ServiceCIDR:         netip.MustParsePrefix(local.DefaultServiceCIDR),
 	}
 }
@@ -119,7 +123,7 @@ func (c Config) withDefaults() Config {
 	for _, f := range []struct {
 		v   *time.Duration
 		def time.Duration
-	}{{&c.CertTTL, d.CertTTL}, {&c.LeaseDuration, d.LeaseDuration}, {&c.RenewDeadline, d.RenewDeadline}, {&c.RetryPeriod, d.RetryPeriod}, {&c.PollInterval, d.PollInterval}} {
+	}{{&c.CertTTL, d.CertTTL}, {&c.LeaseDuration, d.LeaseDuration}, {&c.RenewDeadline, d.RenewDeadline}, {&c.RetryPeriod, d.RetryPeriod}, {&c.PollInterval, d.PollInterval}, {&c.CRDPollInterval, d.CRDPollInterval}} {
 		if *f.v == 0 {
 			*f.v = f.def
 		}

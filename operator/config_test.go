@@ -38,7 +38,7 @@ func TestWithDefaults(t *testing.T) {
 	got := Config{GRPCAddr: "unix:///x", CertTTL: time.Hour}.withDefaults()
 	d := DefaultConfig()
 	want := Config{GRPCAddr: "unix:///x", CertTTL: time.Hour, Namespace: d.Namespace, TrustDomain: d.TrustDomain, CASecret: d.CASecret,
-		LeaseDuration: d.LeaseDuration, RenewDeadline: d.RenewDeadline, RetryPeriod: d.RetryPeriod, PollInterval: d.PollInterval, ServiceCIDR: d.ServiceCIDR}
+		LeaseDuration: d.LeaseDuration, RenewDeadline: d.RenewDeadline, RetryPeriod: d.RetryPeriod, PollInterval: d.PollInterval, CRDPollInterval: d.CRDPollInterval, ServiceCIDR: d.ServiceCIDR}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("withDefaults = %+v, want %+v", got, want)
 	}

@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -32,6 +33,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
@@ -58,9 +62,13 @@ type Operator struct {
 
 	client  kubernetes.Interface
 	factory informers.SharedInformerFactory
-	view    *mesh.View
-	loader  *local.Loader
-	tokens  *server.NodeTokens
+	// policies is Ferry's custom resources: the API server's in a cluster, an
+	// in-memory store in local mode; read through policyInformers.
+	policies        dynamic.Interface
+	policyInformers dynamicinformer.DynamicSharedInformerFactory
+	view            *mesh.View
+	loader          *local.Loader
+	tokens          *server.NodeTokens
 
 	grpcLis net.Listener
 	grpc    atomic.Pointer[grpc.Server]
@@ -101,6 +109,7 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 			return nil, errors.New("operator config: leader election needs a cluster, not local mode")
 		}
 		o.client = fake.NewClientset()
+		o.policies = local.NewPolicyClient()
 		var err error
 		if o.tokens, err = server.NewNodeTokens(filepath.Join(cfg.StateDir, "tokens")); err != nil {
 			return nil, err
@@ -116,6 +125,7 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 		if err := o.loader.SetServiceCIDR(cfg.ServiceCIDR); err != nil {
 			return nil, fmt.Errorf("operator config: %w", err)
 		}
+		o.loader.SetPolicyClient(o.policies)
 	} else {
 		rc, err := restConfig(cfg.Kubeconfig)
 		if err != nil {
@@ -124,8 +134,12 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 		if o.client, err = kubernetes.NewForConfig(rc); err != nil {
 			return nil, fmt.Errorf("kubernetes client: %w", err)
 		}
+		if o.policies, err = dynamic.NewForConfig(rc); err != nil {
+			return nil, fmt.Errorf("kubernetes dynamic client: %w", err)
+		}
 	}
 	o.factory = informers.NewSharedInformerFactory(o.client, 0)
+	o.policyInformers = dynamicinformer.NewDynamicSharedInformerFactory(o.policies, 0)
 	var err error
 	if o.view, err = mesh.NewView(o.factory, cfg.TrustDomain, log); err != nil {
 		return nil, err
@@ -229,6 +243,7 @@ func (o *Operator) components() []component {
 	cs = append(cs, component{name: "informers", start: o.startInformers, stop: func(ctx context.Context) error {
 		err := o.informers.stop(ctx)
 		o.factory.Shutdown()
+		o.policyInformers.Shutdown()
 		return err
 	}})
 	if o.cfg.RelayAddr != "" {
@@ -286,18 +301,76 @@ func (o *Operator) startInformers(ctx context.Context) error {
 		if err := o.loader.Load(ctx); err != nil {
 			o.log.Error("manifests", "error", err)
 		}
+		// The in-memory store always serves TrafficPolicies.
+		if err := o.view.WatchTrafficPolicies(o.policyInformers); err != nil {
+			return err
+		}
+	} else if err := o.watchPoliciesWhenServed(ctx); err != nil {
+		return err
 	}
 	o.factory.Start(ctx.Done())
+	o.policyInformers.Start(ctx.Done())
 	o.informers.run(o.view.Run)
 	if o.loader != nil {
 		o.informers.run(func(ctx context.Context) {
 			// After the informers have listed: the in-memory clientset cannot
 			// replay changes made between an informer's list and its watch.
 			o.factory.WaitForCacheSync(ctx.Done())
+			o.policyInformers.WaitForCacheSync(ctx.Done())
 			o.loader.Start(ctx, o.cfg.PollInterval)
 		})
 	}
 	return nil
+}
+
+// watchPoliciesWhenServed watches TrafficPolicies at once when the API server
+// serves them, so the first snapshot has them. A cluster may lack Ferry's CRDs
+// (or not answer yet): the operator then serves Services with the defaults and
+// looks again every CRDPollInterval, watching the policies once they appear.
+func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
+	served, err := o.trafficPoliciesServed(ctx)
+	if served {
+		return o.view.WatchTrafficPolicies(o.policyInformers)
+	}
+	attrs := []any{"resource", mesh.TrafficPolicyResource().String(), "recheck", o.cfg.CRDPollInterval}
+	if err != nil {
+		attrs = append(attrs, "error", err)
+	}
+	o.log.Warn("TrafficPolicy not served by the API server (is deploy/crds applied?); Services get the default load balancer until it is", attrs...)
+	o.informers.run(func(ctx context.Context) {
+		_ = wait.PollUntilContextCancel(ctx, o.cfg.CRDPollInterval, false, func(ctx context.Context) (bool, error) {
+			served, _ := o.trafficPoliciesServed(ctx)
+			return served, nil
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		if err := o.view.WatchTrafficPolicies(o.policyInformers); err != nil {
+			o.log.Error("watch traffic policies", "error", err)
+			return
+		}
+		o.policyInformers.Start(ctx.Done())
+		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", mesh.TrafficPolicyResource().String())
+	})
+	return nil
+}
+
+// trafficPoliciesServed asks the API server's discovery whether ferry.io/v1alpha1
+// has trafficpolicies. Not found is (false, nil); an unanswered question is
+// (false, err).
+func (o *Operator) trafficPoliciesServed(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	gvr := mesh.TrafficPolicyResource()
+	var list metav1.APIResourceList
+	err := o.client.Discovery().RESTClient().Get().AbsPath("/apis", gvr.Group, gvr.Version).Do(ctx).Into(&list)
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("discovery of %s: %w", gvr.GroupVersion(), err)
+	}
+	return slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == gvr.Resource }), nil
 }
 
 // readyErr says why the replica does not serve agents yet.

@@ -22,11 +22,17 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 	"github.com/ferrymesh/ferry/operator/mesh"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/dynamic"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes"
 	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
@@ -68,7 +74,9 @@ type key struct {
 type Loader struct {
 	dir    string
 	client kubernetes.Interface
-	log    *slog.Logger
+	// policies holds Ferry's custom resources (SetPolicyClient).
+	policies dynamic.Interface
+	log      *slog.Logger
 	// onNodes is told the node names the manifests mention after each load.
 	onNodes func([]string)
 
@@ -81,6 +89,10 @@ type Loader struct {
 	// what each got (clusterip.go).
 	serviceCIDR netip.Prefix
 	allocated   map[key]netip.Addr
+	// created is when each policy was first applied: its creationTimestamp, as an
+	// API server sets it, unless the manifest sets one. The oldest of two
+	// policies on one Service wins.
+	created map[key]metav1.Time
 }
 
 type fileState struct {
@@ -97,7 +109,22 @@ func NewLoader(dir string, client kubernetes.Interface, onNodes func([]string), 
 		return nil, fmt.Errorf("manifests folder %s: not a folder", dir)
 	}
 	return &Loader{dir: dir, client: client, log: log, onNodes: onNodes, files: map[string]fileState{}, applied: map[key]any{},
-		serviceCIDR: netip.MustParsePrefix(DefaultServiceCIDR)}, nil
+		serviceCIDR: netip.MustParsePrefix(DefaultServiceCIDR), created: map[key]metav1.Time{}}, nil
+}
+
+// NewPolicyClient is an in-memory client for Ferry's custom resources, to hand to
+// SetPolicyClient and to the informers that read them.
+func NewPolicyClient() dynamic.Interface {
+	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{mesh.TrafficPolicyResource(): "TrafficPolicyList"})
+}
+
+// SetPolicyClient makes the loader apply the TrafficPolicies of the folder to d
+// (call before Load); without it they are reported as not loaded.
+func (l *Loader) SetPolicyClient(d dynamic.Interface) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.policies = d
 }
 
 // Errors returns the manifest errors of the last load.
@@ -228,7 +255,7 @@ func (l *Loader) scan() (string, []string, error) {
 func (l *Loader) apply(ctx context.Context, want map[key]any) error {
 	var errs []error
 	order := func(k key) int {
-		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod"}, k.kind)
+		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "TrafficPolicy"}, k.kind)
 	}
 	var keys []key
 	for k := range want {
@@ -308,8 +335,37 @@ func (l *Loader) put(ctx context.Context, k key, o any, exists bool) error {
 		} else {
 			_, err = core.Pods(k.namespace).Create(ctx, c, metav1.CreateOptions{})
 		}
+	case *v1alpha1.TrafficPolicy:
+		err = l.putPolicy(ctx, k, obj, exists)
 	default:
 		err = fmt.Errorf("kind %T not supported", o)
+	}
+	return err
+}
+
+// putPolicy stores a TrafficPolicy as the API server would: unstructured, with its
+// creationTimestamp kept from its first version.
+func (l *Loader) putPolicy(ctx context.Context, k key, tp *v1alpha1.TrafficPolicy, exists bool) error {
+	if l.policies == nil {
+		return errors.New("local mode has no client for ferry.io objects")
+	}
+	c := tp.DeepCopy()
+	c.APIVersion, c.Kind = v1alpha1.GroupVersion().String(), "TrafficPolicy"
+	if c.CreationTimestamp.IsZero() {
+		if _, ok := l.created[k]; !ok {
+			l.created[k] = metav1.Now()
+		}
+		c.CreationTimestamp = l.created[k]
+	}
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(c)
+	if err != nil {
+		return fmt.Errorf("convert: %w", err)
+	}
+	res := l.policies.Resource(mesh.TrafficPolicyResource()).Namespace(k.namespace)
+	if exists {
+		_, err = res.Update(ctx, &unstructured.Unstructured{Object: m}, metav1.UpdateOptions{})
+	} else {
+		_, err = res.Create(ctx, &unstructured.Unstructured{Object: m}, metav1.CreateOptions{})
 	}
 	return err
 }
@@ -327,6 +383,12 @@ func (l *Loader) remove(ctx context.Context, k key) error {
 		return core.Services(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{})
 	case "Pod":
 		return core.Pods(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{})
+	case "TrafficPolicy":
+		if err := l.policies.Resource(mesh.TrafficPolicyResource()).Namespace(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{}); err != nil {
+			return err
+		}
+		delete(l.created, k)
+		return nil
 	}
 	return fmt.Errorf("kind %s not supported", k.kind)
 }
@@ -383,11 +445,17 @@ func stripComments(b []byte) []byte {
 	return out
 }
 
-// readKind says whether local mode reads a core v1 kind; other objects are skipped.
-func readKind(kind string) bool {
-	switch kind {
-	case "Namespace", "Node", "Pod", "Service", "ServiceAccount":
-		return true
+// readKind says whether local mode reads a kind: core v1 kinds the mesh view
+// watches, and Ferry's TrafficPolicy; other objects are skipped.
+func readKind(tm metav1.TypeMeta) bool {
+	switch {
+	case tm.APIVersion == "v1":
+		switch tm.Kind {
+		case "Namespace", "Node", "Pod", "Service", "ServiceAccount":
+			return true
+		}
+	case tm.APIVersion == v1alpha1.GroupVersion().String():
+		return tm.Kind == "TrafficPolicy"
 	}
 	return false
 }
@@ -409,7 +477,7 @@ func parseDoc(raw []byte) (key, any, *ManifestError) {
 	if tm.APIVersion == "" {
 		return key{}, nil, &ManifestError{Field: "apiVersion", Err: errors.New("required")}
 	}
-	if tm.APIVersion != "v1" || !readKind(tm.Kind) {
+	if !readKind(tm) {
 		// Deployments, ConfigMaps and the like may share the folder; the mesh does
 		// not read them in local mode.
 		return key{kind: tm.Kind}, nil, nil
@@ -431,6 +499,8 @@ func parseDoc(raw []byte) (key, any, *ManifestError) {
 		obj = &corev1.Service{}
 	case "ServiceAccount":
 		obj = &corev1.ServiceAccount{}
+	case "TrafficPolicy":
+		obj = &v1alpha1.TrafficPolicy{}
 	}
 	strict, err := sigsjson.UnmarshalStrict(js, obj)
 	if err != nil {

@@ -46,13 +46,18 @@ type View struct {
 	pods       listersv1.PodLister
 	namespaces listersv1.NamespaceLister
 	services   listersv1.ServiceLister
-	synced     []cache.InformerSynced
 
 	dirty chan struct{}
 
-	mu      sync.Mutex
-	snap    *Snapshot
-	changed chan struct{} // closed when snap is replaced
+	// logged are the policy notes the last rebuild logged (rebuild only).
+	logged map[policyNote]bool
+
+	mu       sync.Mutex
+	synced   []cache.InformerSynced
+	running  bool                // Run has started waiting for synced
+	policies cache.GenericLister // TrafficPolicies; nil until WatchTrafficPolicies
+	snap     *Snapshot
+	changed  chan struct{} // closed when snap is replaced
 }
 
 // NewView registers the informers it needs with factory; start the factory after.
@@ -70,18 +75,22 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 		dirty:       make(chan struct{}, 1),
 		changed:     make(chan struct{}),
 	}
-	h := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { v.markDirty() },
-		UpdateFunc: func(any, any) { v.markDirty() },
-		DeleteFunc: func(any) { v.markDirty() },
-	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
-		if _, err := inf.AddEventHandler(h); err != nil {
+		if _, err := inf.AddEventHandler(v.handler()); err != nil {
 			return nil, fmt.Errorf("mesh view: %w", err)
 		}
 		v.synced = append(v.synced, inf.HasSynced)
 	}
 	return v, nil
+}
+
+// handler marks the view dirty on every change of an informer's objects.
+func (v *View) handler() cache.ResourceEventHandler {
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { v.markDirty() },
+		UpdateFunc: func(any, any) { v.markDirty() },
+		DeleteFunc: func(any) { v.markDirty() },
+	}
 }
 
 func (v *View) markDirty() {
@@ -95,7 +104,11 @@ func (v *View) markDirty() {
 // change, until ctx ends. Changes that arrive during a rebuild are folded into the
 // next one.
 func (v *View) Run(ctx context.Context) {
-	if !cache.WaitForCacheSync(ctx.Done(), v.synced...) {
+	v.mu.Lock()
+	v.running = true
+	synced := slices.Clone(v.synced)
+	v.mu.Unlock()
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return
 	}
 	v.rebuild()
@@ -139,11 +152,13 @@ func (v *View) rebuild() {
 		v.log.Error("mesh view: list pods", "error", err)
 		return
 	}
-	svcs, err := v.servicesFor(byNS)
+	var notes []policyNote
+	svcs, err := v.servicesFor(byNS, &notes)
 	if err != nil {
 		v.log.Error("mesh view: list services", "error", err)
 		return
 	}
+	v.logNotes(notes)
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) {
@@ -219,10 +234,16 @@ func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
 	}
 }
 
-func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, error) {
+// servicesFor lists the Services of the enrolled namespaces with the TrafficPolicy
+// that applies to each; what users should hear about policies goes to notes.
+func (v *View) servicesFor(byNS map[string][]enrolledPod, notes *[]policyNote) ([]*ferryv1.Service, error) {
 	var out []*ferryv1.Service
 	for ns, pods := range byNS {
 		svcs, err := v.services.Services(ns).List(labels.Everything())
+		if err != nil {
+			return nil, err
+		}
+		policies, err := v.trafficPolicies(ns, notes)
 		if err != nil {
 			return nil, err
 		}
@@ -265,6 +286,9 @@ func (v *View) servicesFor(byNS map[string][]enrolledPod) ([]*ferryv1.Service, e
 						fs.Backends = append(fs.Backends, b)
 					}
 				}
+			}
+			if tp := policies[s.Name]; tp != nil {
+				applyTrafficPolicy(fs, tp, notes)
 			}
 			out = append(out, fs)
 		}

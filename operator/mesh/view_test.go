@@ -10,9 +10,14 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 )
@@ -43,16 +48,55 @@ func scaleObjects() []runtime.Object {
 
 func startView(tb testing.TB, objs ...runtime.Object) *View {
 	tb.Helper()
-	factory := informers.NewSharedInformerFactory(fake.NewClientset(objs...), 0)
-	v, err := NewView(factory, "cluster.local", slog.New(slog.DiscardHandler))
+	return startViewLog(tb, slog.New(slog.DiscardHandler), objs...).View
+}
+
+// testView is a view over in-memory clients: core objects in a fake clientset,
+// TrafficPolicies in a fake dynamic client, as local mode holds them.
+type testView struct {
+	*View
+	policies dynamic.Interface
+}
+
+func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testView {
+	tb.Helper()
+	var core, policies []runtime.Object
+	for _, o := range objs {
+		if tp, ok := o.(*v1alpha1.TrafficPolicy); ok {
+			policies = append(policies, unstructuredPolicy(tb, tp))
+			continue
+		}
+		core = append(core, o)
+	}
+	factory := informers.NewSharedInformerFactory(fake.NewClientset(core...), 0)
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{TrafficPolicyResource(): "TrafficPolicyList"}, policies...)
+	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
+	v, err := NewView(factory, "cluster.local", log)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	if err := v.WatchTrafficPolicies(dynFactory); err != nil {
+		tb.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	tb.Cleanup(func() { cancel(); factory.Shutdown() })
+	tb.Cleanup(func() { cancel(); factory.Shutdown(); dynFactory.Shutdown() })
 	factory.Start(ctx.Done())
+	dynFactory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
-	return v
+	dynFactory.WaitForCacheSync(ctx.Done())
+	return testView{View: v, policies: dyn}
+}
+
+func unstructuredPolicy(tb testing.TB, tp *v1alpha1.TrafficPolicy) *unstructured.Unstructured {
+	tb.Helper()
+	c := tp.DeepCopy()
+	c.APIVersion, c.Kind = v1alpha1.GroupVersion().String(), "TrafficPolicy"
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(c)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return &unstructured.Unstructured{Object: m}
 }
 
 func TestViewScale(t *testing.T) {
