@@ -2,14 +2,13 @@ package metrics
 
 import (
 	"fmt"
+	"github.com/ferrymesh/ferry/internal/promcheck"
 	"net/http/httptest"
-	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
 type fakeKernel struct{}
@@ -63,29 +62,7 @@ func TestScrapeIsValidAndIstioShaped(t *testing.T) {
 	if !strings.Contains(text, "} 100\n") || !strings.Contains(text, "} 200\n") {
 		t.Errorf("bytes: want 100 received (request) and 200 sent (response):\n%s", text)
 	}
-	promtoolCheck(t, text)
-}
-
-// istioUnitLint is the one finding promtool's linter has on Istio's own metric name:
-// Istio counts request durations in milliseconds, and dashboards query that name.
-const istioUnitLint = `istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds"`
-
-// promtoolCheck checks an exposition with promtool (installed by make deps): it must
-// parse, and lint clean but for Istio's millisecond unit.
-func promtoolCheck(t *testing.T, text string) {
-	t.Helper()
-	promtool := privileged.LookPath(t, "promtool", "Debian prometheus; make deps installs it")
-	cmd := exec.Command(promtool, "check", "metrics")
-	cmd.Stdin = strings.NewReader(text)
-	out, err := cmd.CombinedOutput()
-	if err == nil {
-		return
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		if line != istioUnitLint {
-			t.Fatalf("promtool check metrics: %v\n%s", err, out)
-		}
-	}
+	promcheck.Check(t, text)
 }
 
 // TestCardinalityBounded records 100,000 connections among 20 workloads and reports
@@ -167,7 +144,7 @@ func TestRequestMetricsIstioShaped(t *testing.T) {
 			t.Errorf("scrape lacks %s", want)
 		}
 	}
-	promtoolCheck(t, text)
+	promcheck.Check(t, text)
 }
 
 // BenchmarkRequest is the request metrics' cost per request.

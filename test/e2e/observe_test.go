@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/ferrymesh/ferry/internal/promcheck"
 	"io"
 	"net/http"
 	"os"
@@ -266,11 +267,7 @@ func TestObserve(t *testing.T) {
 		var mConns, mOpened, mReq, mResp float64
 		for _, n := range nodes {
 			text := e.scrape(t, n)
-			promtool := exec.Command("promtool", "check", "metrics")
-			promtool.Stdin = strings.NewReader(text)
-			if out, err := promtool.CombinedOutput(); err != nil {
-				t.Errorf("promtool check metrics on %s's scrape: %v\n%s", n, err, out)
-			}
+			promcheck.Check(t, text)
 			after := metricSums(text)
 			mConns += after["istio_tcp_connections_closed_total"] - before[n]["istio_tcp_connections_closed_total"]
 			mOpened += after["istio_tcp_connections_opened_total"] - before[n]["istio_tcp_connections_opened_total"]
