@@ -24,7 +24,8 @@ const (
 	// everything has been echoed.
 	ModeEcho Mode = iota
 	// ModeHTTP answers /echo with the request body, /bytes?n=N with N bytes,
-	// /headers with the request's headers (JSON), and / with JSON {pod, remote_addr}.
+	// /status/CODE with that status, /headers with the request's headers (JSON), and
+	// / with JSON {pod, remote_addr}.
 	ModeHTTP
 )
 
@@ -158,6 +159,14 @@ func serveHTTP(ctx context.Context, ln net.Listener, opts Options) error {
 			}
 			off += int64(len(chunk))
 		}
+	})
+	mux.HandleFunc("/status/{code}", func(w http.ResponseWriter, r *http.Request) {
+		code, err := strconv.Atoi(r.PathValue("code"))
+		if err != nil || code < 200 || code > 599 {
+			http.Error(w, "code: want a status from 200 to 599", http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(code)
 	})
 	mux.HandleFunc("/headers", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
