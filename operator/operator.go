@@ -332,7 +332,7 @@ func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
 	if served {
 		return o.view.WatchTrafficPolicies(o.policyInformers)
 	}
-	attrs := []any{"resource", mesh.TrafficPolicyResource().String(), "recheck", o.cfg.CRDPollInterval}
+	attrs := []any{"resource", mesh.TrafficPolicyResource().GroupResource().String(), "recheck", o.cfg.CRDPollInterval}
 	if err != nil {
 		attrs = append(attrs, "error", err)
 	}
@@ -350,7 +350,7 @@ func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
 			return
 		}
 		o.policyInformers.Start(ctx.Done())
-		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", mesh.TrafficPolicyResource().String())
+		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", mesh.TrafficPolicyResource().GroupResource().String())
 	})
 	return nil
 }
