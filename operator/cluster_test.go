@@ -184,6 +184,23 @@ func (c *cluster) operatorKubeconfig(t *testing.T) string {
 	return path
 }
 
+// bundleFile waits for the trust bundle ConfigMap the leader publishes and writes
+// it to a file, as agents mount it for --operator-ca.
+func (c *cluster) bundleFile(t *testing.T) string {
+	t.Helper()
+	var cm *corev1.ConfigMap
+	waitFor(t, 10*time.Second, "bundle ConfigMap", func() bool {
+		var err error
+		cm, err = c.client.CoreV1().ConfigMaps(systemNS).Get(context.Background(), operator.BundleConfig, metav1.GetOptions{})
+		return err == nil
+	})
+	caFile := filepath.Join(t.TempDir(), "ca.crt")
+	if err := os.WriteFile(caFile, []byte(cm.Data[operator.BundleKey]), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return caFile
+}
+
 func bearer(ctx context.Context, token string) context.Context {
 	if token == "" {
 		return ctx
@@ -224,17 +241,9 @@ func TestClusterMode(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CA Secret: %v", err)
 	}
-	var cm *corev1.ConfigMap
-	waitFor(t, 10*time.Second, "bundle ConfigMap", func() bool {
-		cm, err = c.client.CoreV1().ConfigMaps(systemNS).Get(ctx, operator.BundleConfig, metav1.GetOptions{})
-		return err == nil
-	})
-	if cm.Data[operator.BundleKey] != string(secret.Data["tls.crt"]) {
+	caFile := c.bundleFile(t)
+	if b, _ := os.ReadFile(caFile); string(b) != string(secret.Data["tls.crt"]) {
 		t.Fatal("ConfigMap ferry-ca-bundle does not hold the CA certificate of Secret ferry-ca")
-	}
-	caFile := filepath.Join(t.TempDir(), "ca.crt")
-	if err := os.WriteFile(caFile, []byte(cm.Data[operator.BundleKey]), 0o644); err != nil {
-		t.Fatal(err)
 	}
 	conn := dial(t, sock, caFile)
 

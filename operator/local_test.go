@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -163,6 +164,40 @@ func withToken(ctx context.Context, t *testing.T, state, node string) context.Co
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.TrimSpace(string(tok)))
 }
 
+// stateStream opens a state stream as node's agent (ctx carries its token) and
+// asks for the state.
+func stateStream(t *testing.T, ctx context.Context, conn *grpc.ClientConn, node string) ferryv1.Discovery_StreamStateClient {
+	t.Helper()
+	stream, err := ferryv1.NewDiscoveryClient(conn).StreamState(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&ferryv1.StateRequest{Node: node}); err != nil {
+		t.Fatal(err)
+	}
+	return stream
+}
+
+// untilLoadBalancers reads states, acknowledging each, until the services' load
+// balancers are want (service name → load_balancer).
+func untilLoadBalancers(t *testing.T, stream ferryv1.Discovery_StreamStateClient, node, what string, want map[string]string) {
+	t.Helper()
+	var got map[string]string
+	for !maps.Equal(got, want) {
+		st, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("%s: services' load balancers %v, want %v: %v", what, got, want, err)
+		}
+		got = map[string]string{}
+		for _, s := range st.GetServices() {
+			got[s.GetName()] = s.GetLoadBalancer()
+		}
+		if err := stream.Send(&ferryv1.StateRequest{Node: node, VersionAck: st.GetVersion(), ResponseTo: st.GetVersion()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 func csr(t *testing.T) []byte {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -181,13 +216,7 @@ func TestLocalModeStreamsNodeState(t *testing.T) {
 	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	stream, err := ferryv1.NewDiscoveryClient(conn).StreamState(withToken(ctx, t, state, "node1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stream.Send(&ferryv1.StateRequest{Node: "node1"}); err != nil {
-		t.Fatal(err)
-	}
+	stream := stateStream(t, withToken(ctx, t, state, "node1"), conn, "node1")
 	st, err := stream.Recv()
 	if err != nil {
 		t.Fatal(err)
@@ -342,4 +371,83 @@ func TestExampleManifests(t *testing.T) {
 			t.Errorf("token of %s: %v", node, err)
 		}
 	}
+}
+
+const webPolicy = `# Ferry's TrafficPolicy: how the proxy balances requests to Service web.
+apiVersion: ferry.io/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: web-lb
+  namespace: shop
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  loadBalancer: {type: RoundRobin}
+`
+
+// laterPolicy is written after webPolicy; its name sorts first, so only its
+// creation time (stamped by local mode as an API server would) keeps it from
+// taking web over.
+const laterPolicy = `apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: ferry.io/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: aa-later
+  namespace: shop
+spec:
+  targetRefs: [{kind: Service, name: web}, {kind: Service, name: api}]
+  loadBalancer: {type: LeastRequest}
+`
+
+func TestLocalModeTrafficPolicy(t *testing.T) {
+	op, dir, state, sock := localOperator(t)
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("policy.yaml", webPolicy)
+	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream := stateStream(t, withToken(ctx, t, state, "node1"), conn, "node1")
+	until := func(what string, want map[string]string) {
+		t.Helper()
+		untilLoadBalancers(t, stream, "node1", what, want)
+	}
+	until("policy.yaml added", map[string]string{"web": "RoundRobin"})
+
+	// creationTimestamp counts whole seconds, as the API server's does, and two
+	// policies of the same second are ordered by name: start the next second.
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
+	write("later.yaml", laterPolicy)
+	until("later.yaml added", map[string]string{"web": "RoundRobin", "api": "LeastRequest"})
+
+	// A misspelt field: the file is not loaded and the error names it.
+	write("bad.yaml", strings.NewReplacer("web-lb", "typo", "{type: RoundRobin}", "{typ: Random}").Replace(webPolicy))
+	waitFor(t, 10*time.Second, "manifest error", func() bool { return len(op.ManifestErrors()) > 0 })
+	if errs := op.ManifestErrors(); len(errs) != 1 || !strings.Contains(errs[0].Error(), "bad.yaml") || !strings.Contains(errs[0].Error(), "spec.loadBalancer.typ") {
+		t.Fatalf("manifest errors %v; want one naming bad.yaml and spec.loadBalancer.typ", errs)
+	}
+	t.Logf("reported: %s", op.ManifestErrors()[0])
+	if err := os.Remove(filepath.Join(dir, "bad.yaml")); err != nil {
+		t.Fatal(err)
+	}
+
+	// A type the proxy lacks rejects web-lb whole; aa-later is then the only
+	// policy on web.
+	write("policy.yaml", strings.Replace(webPolicy, "RoundRobin", "RingHash", 1))
+	until("web-lb changed to RingHash", map[string]string{"web": "LeastRequest", "api": "LeastRequest"})
+	if err := os.Remove(filepath.Join(dir, "later.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	until("later.yaml removed", map[string]string{"web": ""})
 }

@@ -332,11 +332,12 @@ func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
 	if served {
 		return o.view.WatchTrafficPolicies(o.policyInformers)
 	}
-	attrs := []any{"resource", mesh.TrafficPolicyResource().String(), "recheck", o.cfg.CRDPollInterval}
+	resource := mesh.TrafficPolicyResource().GroupResource().String()
 	if err != nil {
-		attrs = append(attrs, "error", err)
+		o.log.Warn("TrafficPolicy: API discovery did not answer; Services get the default load balancer until it does", "resource", resource, "recheck", o.cfg.CRDPollInterval, "error", err)
+	} else {
+		o.log.Warn("TrafficPolicy not served by the API server (is deploy/crds applied?); Services get the default load balancer until it is", "resource", resource, "recheck", o.cfg.CRDPollInterval)
 	}
-	o.log.Warn("TrafficPolicy not served by the API server (is deploy/crds applied?); Services get the default load balancer until it is", attrs...)
 	o.informers.run(func(ctx context.Context) {
 		_ = wait.PollUntilContextCancel(ctx, o.cfg.CRDPollInterval, false, func(ctx context.Context) (bool, error) {
 			served, _ := o.trafficPoliciesServed(ctx)
@@ -350,7 +351,7 @@ func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
 			return
 		}
 		o.policyInformers.Start(ctx.Done())
-		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", mesh.TrafficPolicyResource().String())
+		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", resource)
 	})
 	return nil
 }
