@@ -116,7 +116,8 @@ func TestTraceThroughBothProxies(t *testing.T) {
 	collector := netip.AddrPortFrom(e.pod("d").IP, collectorPort).String()
 	out := &lockedBuffer{}
 	cmd := e.lab.Command(context.Background(), "d", e.self, "-test.run=^$")
-	cmd.Env = append(os.Environ(), collectorEnv+"="+collector)
+	// It listens on every address: the lab probes a server over the pod's loopback.
+	cmd.Env = append(cmd.Env, collectorEnv+"="+fmt.Sprintf(":%d", collectorPort))
 	cmd.Stdout = out
 	p, err := e.lab.StartInPod(t.Context(), "d", collectorPort, cmd)
 	if err != nil {
