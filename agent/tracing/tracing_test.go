@@ -12,42 +12,16 @@ import (
 	"testing"
 	"time"
 
-	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"github.com/ferrymesh/ferry/agent/tracing/tracingtest"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
-	"google.golang.org/grpc"
 )
 
-// collector is an in-process OTLP/gRPC trace receiver.
+// collector holds the spans an in-process OTLP receiver got.
 type collector struct {
-	collectortrace.UnimplementedTraceServiceServer
 	mu      sync.Mutex
 	spans   []*tracepb.Span
 	service []string // service.name of each span's resource
 	got     chan struct{}
-}
-
-func (c *collector) Export(_ context.Context, req *collectortrace.ExportTraceServiceRequest) (*collectortrace.ExportTraceServiceResponse, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, rs := range req.GetResourceSpans() {
-		name := ""
-		for _, kv := range rs.GetResource().GetAttributes() {
-			if kv.GetKey() == "service.name" {
-				name = kv.GetValue().GetStringValue()
-			}
-		}
-		for _, ss := range rs.GetScopeSpans() {
-			for _, s := range ss.GetSpans() {
-				c.spans = append(c.spans, s)
-				c.service = append(c.service, name)
-			}
-		}
-	}
-	select {
-	case c.got <- struct{}{}:
-	default:
-	}
-	return &collectortrace.ExportTraceServiceResponse{}, nil
 }
 
 func startCollector(t *testing.T) (*collector, string) {
@@ -57,9 +31,16 @@ func startCollector(t *testing.T) (*collector, string) {
 		t.Fatal(err)
 	}
 	c := &collector{got: make(chan struct{}, 1)}
-	srv := grpc.NewServer()
-	collectortrace.RegisterTraceServiceServer(srv, c)
-	go srv.Serve(ln)
+	srv := tracingtest.Serve(ln, func(service string, s *tracepb.Span) {
+		c.mu.Lock()
+		c.spans = append(c.spans, s)
+		c.service = append(c.service, service)
+		c.mu.Unlock()
+		select {
+		case c.got <- struct{}{}:
+		default:
+		}
+	})
 	t.Cleanup(srv.Stop)
 	return c, ln.Addr().String()
 }

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
-	"google.golang.org/grpc"
+	"github.com/ferrymesh/ferry/agent/tracing/tracingtest"
+	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 )
 
 // collectorEnv makes the test binary an OTLP trace collector on the address it
@@ -40,41 +40,13 @@ func runCollector(addr string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	srv := grpc.NewServer()
-	collectortrace.RegisterTraceServiceServer(srv, &printCollector{out: json.NewEncoder(os.Stdout)})
-	if err := srv.Serve(ln); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return 0
-}
-
-type printCollector struct {
-	collectortrace.UnimplementedTraceServiceServer
-	mu  sync.Mutex
-	out *json.Encoder
-}
-
-func (c *printCollector) Export(_ context.Context, req *collectortrace.ExportTraceServiceRequest) (*collectortrace.ExportTraceServiceResponse, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, rs := range req.GetResourceSpans() {
-		name := ""
-		for _, kv := range rs.GetResource().GetAttributes() {
-			if kv.GetKey() == "service.name" {
-				name = kv.GetValue().GetStringValue()
-			}
-		}
-		for _, ss := range rs.GetScopeSpans() {
-			for _, s := range ss.GetSpans() {
-				c.out.Encode(span{Service: name, Name: s.GetName(), Kind: s.GetKind().String(),
-					TraceID: hex.EncodeToString(s.GetTraceId()), SpanID: hex.EncodeToString(s.GetSpanId()),
-					ParentID: hex.EncodeToString(s.GetParentSpanId())})
-			}
-		}
-	}
-	os.Stdout.Sync()
-	return &collectortrace.ExportTraceServiceResponse{}, nil
+	out := json.NewEncoder(os.Stdout)
+	tracingtest.Serve(ln, func(service string, s *tracepb.Span) {
+		out.Encode(span{Service: service, Name: s.GetName(), Kind: s.GetKind().String(),
+			TraceID: hex.EncodeToString(s.GetTraceId()), SpanID: hex.EncodeToString(s.GetSpanId()),
+			ParentID: hex.EncodeToString(s.GetParentSpanId())})
+	})
+	select {} // until the test kills it
 }
 
 // lockedBuffer is a collector's stdout, read while it writes.
