@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
 )
@@ -215,5 +216,15 @@ func TestZoneErrors(t *testing.T) {
 	}
 	if _, err := testZone(t).Answer([]byte{1, 2, 3}, true); err == nil {
 		t.Error("garbage gets a reply")
+	}
+}
+
+func TestProbe(t *testing.T) {
+	if err := Probe(serve(t, testZone(t)), DefaultDomain, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	z, _ := NewZone("other.zone", nil)
+	if err := Probe(serve(t, z), DefaultDomain, time.Second); err == nil {
+		t.Fatal("a responder for another zone passes the probe")
 	}
 }
