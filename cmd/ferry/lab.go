@@ -53,7 +53,9 @@ func newLabCommand() *cobra.Command {
 with a bridge for its pods, each pod is a network namespace with a veth to its node, and
 the nodes share a fabric bridge in one more namespace. Each node has a cgroup v2 that
 holds its agent and its pods' processes. Nothing is routed from the host: lab traffic
-never leaves these namespaces.
+never leaves these namespaces. Service names (NAME.NAMESPACE.svc.cluster.local, and the
+short forms a pod's search list allows) resolve in the pods through the lab's DNS on each
+node's pod gateway (see 'ferry lab dns').
 
 Everything the lab creates is named after --prefix, so 'ferry lab up' and
 'ferry lab down' also remove what a crashed run left.`,
