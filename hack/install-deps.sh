@@ -16,6 +16,7 @@ packages=(
   bpftool            # inspect programs and maps in the tests
   iproute2           # ip, tc: the lab and tests
   util-linux         # nsenter, taskset, setpriv
+  mount              # the lab bind-mounts each pod's resolv.conf (not Essential)
   tcpdump            # capture on the lab fabric in the e2e tests
   tshark             # read those captures
   protobuf-compiler  # protoc: api/ code generation

@@ -68,6 +68,7 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 	prefix := d.Config.Prefix
 	var errs []error
 	stopOperator(d, log)
+	stopDNS(d, log)
 
 	// Agents first, gracefully, so that they can detach and unpin on their own.
 	for i := range d.Nodes {

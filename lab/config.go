@@ -46,6 +46,8 @@ type Config struct {
 	// Services are Kubernetes Services over the lab's pods, in the agents' state and
 	// in the operator's manifests.
 	Services []ServiceConfig `json:"services,omitempty"`
+	// DNS, when set, answers for the Services' names in the pods (see DNSConfig).
+	DNS DNSConfig `json:"dns,omitempty"`
 }
 
 // ServiceConfig is a Service with one TCP port over some of the lab's pods, all of

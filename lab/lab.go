@@ -62,6 +62,8 @@ type description struct {
 	Pods       []PodInfo  `json:"pods"`
 	// Op is the local-mode operator, when the lab runs one.
 	Op *operatorInfo `json:"operator,omitempty"`
+	// DNS is the lab's DNS responder, when it runs one.
+	DNS *dnsInfo `json:"dns,omitempty"`
 }
 
 type nodeInfo struct {
@@ -181,6 +183,15 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 			return nil, fmt.Errorf("operator binary: %w", err)
 		}
 	}
+	if cfg.DNS.Binary != "" {
+		bin, err := exec.LookPath(cfg.DNS.Binary)
+		if err != nil {
+			return nil, fmt.Errorf("dns binary: %w", err)
+		}
+		if cfg.DNS.Binary, err = filepath.Abs(bin); err != nil {
+			return nil, fmt.Errorf("dns binary: %w", err)
+		}
+	}
 	cgMount, err := datapath.Cgroup2Mount()
 	if err != nil {
 		return nil, err
@@ -190,6 +201,7 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 	}
 	l := &Lab{log: log, desc: plan(cfg, cgMount), procs: map[string]*agentProc{}, cgfds: map[string]int{}}
 	l.planOperator()
+	l.planDNS()
 	if err := l.build(ctx); err != nil {
 		log.Error("lab up failed, removing what was built", "prefix", cfg.Prefix, "error", err)
 		if cerr := l.Down(); cerr != nil {
@@ -227,6 +239,12 @@ func (l *Lab) build(ctx context.Context) error {
 		step{"route pod CIDRs between nodes", l.buildRoutes},
 		step{"create node cgroups under " + d.CgroupRoot, l.buildCgroups},
 	)
+	if d.DNS != nil {
+		steps = append(steps,
+			step{"write the pods' resolv.conf in " + d.DNS.Dir, l.writeResolvConfs},
+			step{"start the DNS responder on every node's pod gateway, port 53", func() error { return l.startDNS(ctx) }},
+		)
+	}
 	switch {
 	case d.Op != nil:
 		steps = append(steps,
@@ -516,11 +534,12 @@ func (l *Lab) Netns(name string) (*netns.Handle, error) {
 }
 
 // Command prepares a process that runs in the pod's network namespace and its node's
-// cgroup, with FERRY_LAB_POD, FERRY_LAB_NODE and FERRY_LAB_IP in its environment.
+// cgroup, with FERRY_LAB_POD, FERRY_LAB_NODE and FERRY_LAB_IP in its environment and,
+// when the lab runs DNS, the pod's resolv.conf as /etc/resolv.conf.
 // Errors (an unknown pod) surface from Start or Run.
 func (l *Lab) Command(ctx context.Context, pod string, name string, args ...string) *exec.Cmd {
 	p, ok := l.Pod(pod)
-	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + p.Netns, "--", name}, args...)...)
+	cmd := l.podCommand(ctx, p, name, args...)
 	if !ok {
 		cmd.Err = fmt.Errorf("lab %s has no pod %q", l.Prefix(), pod)
 		return cmd
@@ -578,6 +597,8 @@ type Status struct {
 	Pods     []PodInfo    `json:"pods"`
 	// Operator is the local-mode operator, when the lab runs one.
 	Operator *OperatorStatus `json:"operator,omitempty"`
+	// DNS is the lab's DNS responder, when it runs one.
+	DNS *DNSStatus `json:"dns,omitempty"`
 }
 
 // OperatorStatus is the lab's local-mode operator in a Status.
@@ -609,7 +630,7 @@ type NodeStatus struct {
 func (l *Lab) Status() Status {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	s := Status{Prefix: l.desc.Config.Prefix, StateDir: l.desc.Config.StateDir, Pods: append([]PodInfo(nil), l.desc.Pods...)}
+	s := Status{Prefix: l.desc.Config.Prefix, StateDir: l.desc.Config.StateDir, Pods: append([]PodInfo(nil), l.desc.Pods...), DNS: l.dnsStatusLocked()}
 	if op := l.desc.Op; op != nil {
 		s.Operator = &OperatorStatus{PID: op.PID, Alive: op.PID != 0 && pidAlive(op.PID, op.Start), Manifests: op.ManifestDir, Socket: op.Socket, Log: op.LogFile}
 		for i := range s.Pods {

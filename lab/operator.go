@@ -366,12 +366,18 @@ func stopOperator(d *description, log interface{ Info(string, ...any) }) {
 		return
 	}
 	log.Info("stop operator", "pid", d.Op.PID)
-	_ = unix.Kill(d.Op.PID, unix.SIGTERM)
+	endProcess(d.Op.PID, d.Op.Start)
+}
+
+// endProcess sends SIGTERM to the process pid that started at start, and SIGKILL
+// when it still runs 5 seconds later.
+func endProcess(pid int, start uint64) {
+	_ = unix.Kill(pid, unix.SIGTERM)
 	deadline := time.Now().Add(5 * time.Second)
-	for pidAlive(d.Op.PID, d.Op.Start) && time.Now().Before(deadline) {
+	for pidAlive(pid, start) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if pidAlive(d.Op.PID, d.Op.Start) {
-		_ = unix.Kill(d.Op.PID, unix.SIGKILL)
+	if pidAlive(pid, start) {
+		_ = unix.Kill(pid, unix.SIGKILL)
 	}
 }

@@ -36,6 +36,14 @@ func (f *labFlags) dir() string {
 	return lab.StateDirFor(f.prefix)
 }
 
+// load reattaches to the lab the flags name; it needs root.
+func (f *labFlags) load() (*lab.Lab, error) {
+	if err := requireRoot(); err != nil {
+		return nil, err
+	}
+	return lab.LoadDir(f.dir())
+}
+
 func newLabCommand() *cobra.Command {
 	f := &labFlags{}
 	cmd := &cobra.Command{
@@ -45,7 +53,9 @@ func newLabCommand() *cobra.Command {
 with a bridge for its pods, each pod is a network namespace with a veth to its node, and
 the nodes share a fabric bridge in one more namespace. Each node has a cgroup v2 that
 holds its agent and its pods' processes. Nothing is routed from the host: lab traffic
-never leaves these namespaces.
+never leaves these namespaces. Service names (NAME.NAMESPACE.svc.cluster.local, and the
+short forms a pod's search list allows) resolve in the pods through the lab's DNS on each
+node's pod gateway (see 'ferry lab dns').
 
 Everything the lab creates is named after --prefix, so 'ferry lab up' and
 'ferry lab down' also remove what a crashed run left.`,
@@ -65,6 +75,7 @@ Everything the lab creates is named after --prefix, so 'ferry lab up' and
 		newLabEchoServerCommand(),
 		newLabEchoClientCommand(),
 		newLabDemoCommand(f),
+		newLabDNSCommand(f),
 	)
 	return cmd
 }
@@ -85,6 +96,7 @@ func newLabUpCommand(f *labFlags) *cobra.Command {
 		agentArgs   []string
 		trustDomain string
 		waitReady   time.Duration
+		withDNS     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "up",
@@ -160,6 +172,16 @@ pods are 10.100.i.10, .11, ...
 			if trustDomain != "" {
 				cfg.TrustDomain = trustDomain
 			}
+			if withDNS && cfg.DNS.Binary == "" {
+				self, err := os.Executable()
+				if err != nil {
+					return fmt.Errorf("dns: %w", err)
+				}
+				cfg.DNS.Binary = self
+			}
+			if !withDNS {
+				cfg.DNS = lab.DNSConfig{}
+			}
 			out := cmd.OutOrStdout()
 			log := slog.New(lab.NewProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
@@ -192,6 +214,7 @@ pods are 10.100.i.10, .11, ...
 	fl.StringArrayVar(&agentArgs, "agent-arg", nil, "extra flag for every agent (repeatable)")
 	fl.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain (default cluster.local)")
 	fl.DurationVar(&waitReady, "wait", 30*time.Second, "how long to wait for the agents to answer GET /status (0: do not wait)")
+	fl.BoolVar(&withDNS, "dns", true, "answer DNS for the Services (NAME.NAMESPACE.svc.cluster.local) on every node's pod gateway and give pod commands a resolv.conf pointing there")
 	return cmd
 }
 
@@ -264,6 +287,13 @@ func printStatus(w io.Writer, st lab.Status) {
 		}
 		fmt.Fprintf(w, "operator (local mode): %s, manifests in %s\n\n", state, op.Manifests)
 	}
+	if d := st.DNS; d != nil {
+		state := fmt.Sprintf("pid %d running", d.PID)
+		if !d.Alive {
+			state = fmt.Sprintf("pid %d not running (see %s)", d.PID, d.Log)
+		}
+		fmt.Fprintf(w, "dns (%s, on each node's pod gateway): %s\n\n", d.Domain, state)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tFABRIC IP\tPOD CIDR\tAGENT")
 	for _, n := range st.Nodes {
@@ -312,10 +342,7 @@ ferry exit with status 1.`,
   sudo ferry lab exec b -- sh`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			l, err := lab.LoadDir(f.dir())
+			l, err := f.load()
 			if err != nil {
 				return err
 			}
@@ -489,6 +516,7 @@ and how many bytes. The lab stays up afterwards so you can look around.`,
 			cfg.Prefix, cfg.StateDir, cfg.AgentBinary = f.prefix, f.stateDir, agentBin
 			cfg.Operator.Binary = demoOperator
 			cfg.Services = lab.DemoServices
+			cfg.DNS.Binary = self
 			out := cmd.OutOrStdout()
 			log := slog.New(lab.NewProgressHandler(out))
 			l, err := lab.Up(cmd.Context(), cfg, log)
@@ -530,6 +558,31 @@ The lab stays up. Try:
 	cmd.Flags().StringVar(&agentBin, "agent", "", "ferry-agent binary (default: next to this ferry binary)")
 	cmd.Flags().StringVar(&demoOperator, "operator", "", "ferry-operator binary run in local mode (default: next to this ferry binary if there; \"\" for state files)")
 	return cmd
+}
+
+func newLabDNSCommand(f *labFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "dns",
+		Short: "Answer DNS for the lab's Services (ferry lab up runs it)",
+		Long: `Answer DNS queries for the lab's zone, cluster.local, on port 53 (UDP and TCP) of
+every node's pod gateway, inside the node's network namespace, until stopped.
+NAME.NAMESPACE.svc.cluster.local is a Service's cluster IP (A; AAAA for IPv6 ones); an
+unknown name in the zone is NXDOMAIN, and a name outside it is REFUSED at once: nothing is
+forwarded off the machine. 'ferry lab up' starts it (unless --dns=false) and 'ferry lab
+down' stops it; the pods' resolv.conf point at it with the search list of their namespace.`,
+		Example: `  sudo ferry lab exec a -- getent hosts web.default.svc.cluster.local
+  sudo ferry lab exec a -- ferry lab echo-client --to web.default:80`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			l, err := f.load()
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			return l.ServeDNS(cmd.Context(), log)
+		},
+	}
 }
 
 func fileExists(path string) bool {

@@ -140,6 +140,9 @@ func newEnv(ctx context.Context, cfg lab.Config, cmds ...string) (*env, error) {
 	if slices.Contains(cmds, "ferry-operator") {
 		cfg.Operator.Binary = filepath.Join(bin, "ferry-operator")
 	}
+	if slices.Contains(cmds, "ferry") {
+		cfg.DNS.Binary = filepath.Join(bin, "ferry") // Service names resolve in the pods
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	l, err := lab.Up(ctx, cfg, log)
 	if err != nil {
