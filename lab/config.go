@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 )
 
 // DefaultPrefix names everything a lab creates unless Config.Prefix says otherwise.
@@ -61,9 +63,29 @@ type ServiceConfig struct {
 	// TargetPort is the pods' port. Default Port.
 	TargetPort uint16 `json:"targetPort,omitempty"`
 	// Pods are the names of the pods behind the Service; none makes a Service with
-	// no endpoint.
+	// no endpoint. (*Lab).SetServicePods changes them while the lab runs.
 	Pods []string `json:"pods,omitempty"`
+	// PortName is the Service port's name (an IANA service name: at most 15
+	// lower-case letters, digits and '-'); a prefix http-, grpc- or tcp- declares
+	// the port's protocol as in Istio. Default none.
+	PortName string `json:"portName,omitempty"`
+	// AppProtocol is the Service port's appProtocol (one of AppProtocols); "" lets
+	// the proxy detect the protocol from the client's first bytes.
+	AppProtocol string `json:"appProtocol,omitempty"`
+	// LoadBalancer, when set, is written as a ferry.io/v1alpha1 TrafficPolicy
+	// targeting the Service with this spec.loadBalancer.type (P2CEWMA, RoundRobin,
+	// Random, LeastRequest, RingHash). It needs the lab's operator: a state file
+	// carries no TrafficPolicy.
+	LoadBalancer string `json:"loadBalancer,omitempty"`
 }
+
+// AppProtocols are the appProtocol values a lab Service port may declare: the ones
+// Ferry's proxy reads.
+var AppProtocols = []string{"http", "http2", "grpc", "kubernetes.io/h2c", "kubernetes.io/ws", "tcp"}
+
+// loadBalancers are the TrafficPolicy load-balancing types.
+var loadBalancers = []v1alpha1.LoadBalancerType{v1alpha1.LoadBalancerP2CEWMA, v1alpha1.LoadBalancerRoundRobin,
+	v1alpha1.LoadBalancerRandom, v1alpha1.LoadBalancerLeastRequest, v1alpha1.LoadBalancerRingHash}
 
 // NodeConfig is one simulated node.
 type NodeConfig struct {
@@ -109,6 +131,8 @@ var (
 	prefixRE = regexp.MustCompile(`^[a-z0-9]{1,8}$`)
 	// Names end up in netns names and, for nodes, in pin folder and cgroup names.
 	nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`)
+	// A Service port name is an IANA_SVC_NAME, as the API server checks it.
+	portNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$`)
 )
 
 // withDefaults fills defaults and checks the config; the result is what the lab runs.
@@ -193,6 +217,14 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("%s: clusterIP is required", what)
 		case sv.Port == 0:
 			return c, fmt.Errorf("%s: port is required", what)
+		case sv.PortName != "" && (!portNameRE.MatchString(sv.PortName) || !strings.ContainsAny(sv.PortName, "abcdefghijklmnopqrstuvwxyz") || strings.Contains(sv.PortName, "--")):
+			return c, fmt.Errorf("%s: portName %q: want at most 15 lower-case letters, digits and '-', with a letter, no '--'", what, sv.PortName)
+		case sv.AppProtocol != "" && !slices.Contains(AppProtocols, sv.AppProtocol):
+			return c, fmt.Errorf("%s: appProtocol %q: want one of %s", what, sv.AppProtocol, strings.Join(AppProtocols, ", "))
+		case sv.LoadBalancer != "" && !slices.Contains(loadBalancers, v1alpha1.LoadBalancerType(sv.LoadBalancer)):
+			return c, fmt.Errorf("%s: loadBalancer %q: want one of %v", what, sv.LoadBalancer, loadBalancers)
+		case sv.LoadBalancer != "" && !c.usesOperator():
+			return c, fmt.Errorf("%s: loadBalancer %s is a TrafficPolicy, which only the lab's operator reads (set Operator); state files carry none", what, sv.LoadBalancer)
 		}
 		names[sv.Namespace+"/"+sv.Name] = true
 		for _, pod := range sv.Pods {

@@ -1,7 +1,9 @@
 package lab
 
 import (
+	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -21,6 +23,44 @@ func TestParseNodeFlag(t *testing.T) {
 	for _, bad := range []string{"n1", "=a", "n1=shop/", "n1=@sa"} {
 		if _, err := ParseNodeFlag(bad); err == nil {
 			t.Errorf("ParseNodeFlag(%q) passed", bad)
+		}
+	}
+}
+
+// Service ports say their name, appProtocol and load balancer, and a bad value is
+// refused with the field and what is wanted.
+func TestServiceConfigValidation(t *testing.T) {
+	base := func(sv ServiceConfig, operator bool) Config {
+		c := DefaultConfig()
+		sv.Name, sv.ClusterIP, sv.Port = "web", netip.MustParseAddr("10.96.0.50"), 80
+		c.Services = []ServiceConfig{sv}
+		if operator {
+			c.Operator.Binary = "/bin/true"
+		}
+		return c
+	}
+	good, err := base(ServiceConfig{PortName: "http-web", AppProtocol: "kubernetes.io/h2c", LoadBalancer: "RoundRobin", Pods: []string{"b", "c"}}, true).withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sv := good.Services[0]; sv.TargetPort != 80 || sv.Namespace != "default" {
+		t.Errorf("defaults: %+v", sv)
+	}
+	for _, tc := range []struct {
+		sv       ServiceConfig
+		operator bool
+		want     string
+	}{
+		{ServiceConfig{PortName: "HTTP"}, false, `portName "HTTP"`},
+		{ServiceConfig{PortName: "http-a-very-long-name"}, false, `portName "http-a-very-long-name"`},
+		{ServiceConfig{PortName: "80"}, false, `portName "80"`},
+		{ServiceConfig{AppProtocol: "h2"}, false, `appProtocol "h2": want one of http, http2, grpc`},
+		{ServiceConfig{LoadBalancer: "Fastest"}, true, `loadBalancer "Fastest"`},
+		{ServiceConfig{LoadBalancer: "RoundRobin"}, false, "only the lab's operator reads"},
+	} {
+		_, err := base(tc.sv, tc.operator).withDefaults()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: error %v, want one saying %q", tc.sv, err, tc.want)
 		}
 	}
 }
