@@ -36,7 +36,7 @@ func TestManifestsFromPods(t *testing.T) {
 			t.Errorf("pod %s: node %s ip %s sa %s uid %s opted out %t; lab says %+v", p.Name, pod.Spec.NodeName, pod.Status.PodIP, pod.Spec.ServiceAccountName, pod.UID, optedOut, p)
 		}
 	}
-	if got := l.operatorArgs(&l.desc.Nodes[1]); got[1] != "unix://"+filepath.Join(cfg.StateDir, "operator", "grpc.sock") || got[5] != filepath.Join(cfg.StateDir, "operator", "tokens", "node2") {
+	if got := l.operatorArgs(&l.desc.Nodes[1]); got[1] != "unix://"+filepath.Join(l.desc.Config.StateDir, "operator", "grpc.sock") || got[5] != filepath.Join(l.desc.Config.StateDir, "operator", "tokens", "node2") {
 		t.Errorf("agent flags %v", got)
 	}
 }
