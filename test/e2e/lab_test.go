@@ -53,17 +53,22 @@ type env struct {
 	bin     string // folder with the binaries newEnv built
 	self    string // this test binary, re-executed in pods for client scenarios
 	servers []*lab.PodProcess
+	apps    map[string]*lab.PodProcess // by "pod/name", for the servers startApp started
 }
 
 func TestMain(m *testing.M) {
 	if name := os.Getenv(scenarioEnv); name != "" {
 		os.Exit(runScenario(strings.Fields(name)))
 	}
+	if app := os.Getenv(appEnv); app != "" {
+		os.Exit(runApp(strings.Fields(app)))
+	}
 	code := m.Run()
 	if shared != nil {
 		shared.teardown()
 	}
 	cpTeardown()
+	lbTeardown()
 	os.Exit(code)
 }
 
@@ -88,6 +93,7 @@ func bringUp() (*env, error) {
 		{Name: "echo-c", ClusterIP: echoCVIP, Port: servicePort, TargetPort: echoPort, Pods: []string{"c"}},
 		{Name: "banner-c", ClusterIP: bannerCVIP, Port: servicePort, TargetPort: bannerPort, Pods: []string{"c"}},
 	}
+	cfg.Services = append(cfg.Services, l7Services...)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
@@ -104,6 +110,12 @@ func bringUp() (*env, error) {
 		if err := e.startFerry(ctx, pod, sinkPort, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort)); err != nil {
 			return e.fail(err)
 		}
+	}
+	if err := e.startL7Servers(ctx, l7ServerPods...); err != nil {
+		return e.fail(err)
+	}
+	if err := e.startBulkServer(ctx, "c"); err != nil {
+		return e.fail(err)
 	}
 	return e, nil
 }
