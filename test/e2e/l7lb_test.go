@@ -10,11 +10,9 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 )
 
@@ -31,28 +29,10 @@ var (
 	rrHTTPVIP = netip.MustParseAddr("10.96.1.10")
 	rrGRPCVIP = netip.MustParseAddr("10.96.1.11")
 	scaleVIP  = netip.MustParseAddr("10.96.1.12")
-	lbOnce    sync.Once
-	lbEnv     *env
-	lbErr     error
+	lbLab     = onceLab{what: "load-balancing lab", bringUp: lbBringUp}
 )
 
-func lbSetup(t *testing.T) *env {
-	t.Helper()
-	privileged.Require(t)
-	lbOnce.Do(func() { lbEnv, lbErr = lbBringUp() })
-	if lbErr != nil {
-		t.Fatalf("load-balancing lab: %v", lbErr)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, node := range lbEnv.lab.Nodes() {
-				t.Logf("end of the agent log on %s:\n%s", node, tailFile(lbEnv.lab.AgentLog(node), 30))
-			}
-			t.Logf("end of the operator log:\n%s", tailFile(lbEnv.lab.OperatorLog(), 20))
-		}
-	})
-	return lbEnv
-}
+func lbSetup(t *testing.T) *env { return lbLab.get(t) }
 
 func lbBringUp() (*env, error) {
 	cfg := lab.Config{
@@ -88,13 +68,6 @@ func lbBringUp() (*env, error) {
 		}
 	}
 	return e, nil
-}
-
-// lbTeardown is called from TestMain.
-func lbTeardown() {
-	if lbEnv != nil {
-		lbEnv.teardown()
-	}
 }
 
 // evenly fails unless each endpoint got n/len(per) within ±10%.

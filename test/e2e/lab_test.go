@@ -67,8 +67,8 @@ func TestMain(m *testing.M) {
 	if shared != nil {
 		shared.teardown()
 	}
-	cpTeardown()
-	lbTeardown()
+	cpLab.teardown()
+	lbLab.teardown()
 	os.Exit(code)
 }
 
@@ -81,6 +81,42 @@ func setup(t *testing.T) *env {
 		t.Fatalf("lab: %v", setupErr)
 	}
 	return shared
+}
+
+// onceLab is a lab with an operator that tests share, brought up on first use and
+// taken down by TestMain.
+type onceLab struct {
+	what    string
+	bringUp func() (*env, error)
+	once    sync.Once
+	env     *env
+	err     error
+}
+
+// get returns the lab, bringing it up on first use; a failing test logs the end of
+// the agents' and the operator's logs.
+func (o *onceLab) get(t *testing.T) *env {
+	t.Helper()
+	privileged.Require(t)
+	o.once.Do(func() { o.env, o.err = o.bringUp() })
+	if o.err != nil {
+		t.Fatalf("%s: %v", o.what, o.err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, node := range o.env.lab.Nodes() {
+				t.Logf("end of the agent log on %s:\n%s", node, tailFile(o.env.lab.AgentLog(node), 40))
+			}
+			t.Logf("end of the operator log:\n%s", tailFile(o.env.lab.OperatorLog(), 20))
+		}
+	})
+	return o.env
+}
+
+func (o *onceLab) teardown() {
+	if o.env != nil {
+		o.env.teardown()
+	}
 }
 
 func bringUp() (*env, error) {
