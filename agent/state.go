@@ -64,7 +64,10 @@ func services(st *ferryv1.NodeState) ([]proxy.Service, error) {
 	out := make([]proxy.Service, 0, len(st.GetServices()))
 	for i, sv := range st.GetServices() {
 		name := sv.GetNamespace() + "/" + sv.GetName()
-		ps := proxy.Service{Name: name}
+		ps := proxy.Service{Name: name, LoadBalancer: proxy.LoadBalancer(sv.GetLoadBalancer())}
+		if !ps.LoadBalancer.Known() {
+			return nil, fmt.Errorf("services[%d] (%s): load balancer %q is not one this agent has", i, name, ps.LoadBalancer)
+		}
 		for _, text := range sv.GetClusterIps() {
 			ip, err := netip.ParseAddr(text)
 			if err != nil {
@@ -76,7 +79,7 @@ func services(st *ferryv1.NodeState) ([]proxy.Service, error) {
 			if p.GetPort() == 0 || p.GetPort() > 65535 {
 				return nil, fmt.Errorf("services[%d] (%s): ports[%d]: port %d out of range", i, name, j, p.GetPort())
 			}
-			ps.Ports = append(ps.Ports, uint16(p.GetPort()))
+			ps.Ports = append(ps.Ports, proxy.ServicePort{Port: uint16(p.GetPort()), Name: p.GetName(), AppProtocol: p.GetAppProtocol()})
 		}
 		for j, b := range sv.GetBackends() {
 			pb := proxy.Backend{Ready: b.GetReady()}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"github.com/ferrymesh/ferry/agent/proxy"
 	"net/netip"
 	"slices"
 	"strings"
@@ -12,7 +13,8 @@ import (
 func TestServicesFromState(t *testing.T) {
 	st := &ferryv1.NodeState{Services: []*ferryv1.Service{{
 		Name: "web", Namespace: "shop", ClusterIps: []string{"10.96.0.50"},
-		Ports: []*ferryv1.ServicePort{{Name: "http", Port: 80, TargetPort: "http"}},
+		Ports:        []*ferryv1.ServicePort{{Name: "http", Port: 80, TargetPort: "http", AppProtocol: "kubernetes.io/h2c"}},
+		LoadBalancer: "RoundRobin",
 		Backends: []*ferryv1.Backend{
 			{Pod: "web-1", Ips: []string{"10.1.1.10"}, Ready: true, Ports: []uint32{8080}},
 			{Pod: "web-2", Ips: []string{"10.1.2.10"}, Ready: false, Ports: []uint32{8080}},
@@ -23,7 +25,7 @@ func TestServicesFromState(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := svcs[0]
-	if s.Name != "shop/web" || !slices.Equal(s.VIPs, []netip.Addr{netip.MustParseAddr("10.96.0.50")}) || !slices.Equal(s.Ports, []uint16{80}) ||
+	if s.Name != "shop/web" || !slices.Equal(s.VIPs, []netip.Addr{netip.MustParseAddr("10.96.0.50")}) || !slices.Equal(s.Ports, []proxy.ServicePort{{Port: 80, Name: "http", AppProtocol: "kubernetes.io/h2c"}}) || s.LoadBalancer != proxy.RoundRobin ||
 		len(s.Backends) != 2 || !s.Backends[0].Ready || s.Backends[1].Ready || s.Backends[0].Ports[0] != 8080 {
 		t.Fatalf("converted %+v", s)
 	}
@@ -33,6 +35,7 @@ func TestServicesFromState(t *testing.T) {
 	}{
 		{func(s *ferryv1.Service) { s.ClusterIps = []string{"ten"} }, `cluster ip "ten"`},
 		{func(s *ferryv1.Service) { s.Ports[0].Port = 70000 }, "port 70000 out of range"},
+		{func(s *ferryv1.Service) { s.LoadBalancer = "Fastest" }, `load balancer "Fastest"`},
 		{func(s *ferryv1.Service) { s.Backends[0].Ports = nil }, "0 ports for the service's 1"},
 		{func(s *ferryv1.Service) { s.Backends[1].Ips = []string{"x"} }, `backends[1]: ip "x"`},
 	}

@@ -103,6 +103,32 @@ func (t *tracker) noEndpoint(c *Conn, service string) {
 	t.end(c, 0, 0, fmt.Errorf("service %s has no ready endpoint for %s", service, c.Service))
 }
 
+// request reports one request carried at L7 (c.HTTP set) once its response has
+// ended; w is what was answered, and aborted what the handler panicked with (an
+// upstream that failed mid-response aborts the client's stream, as it should: the
+// panic goes on once the request is counted).
+func (t *tracker) request(c Conn, w *responseWriter, aborted any) {
+	c.End = time.Now()
+	c.HTTP.Status = w.status
+	c.BytesSent, c.BytesRecv = w.requestBytes.Load(), w.bytes
+	if c.Protocol == admin.GRPC {
+		c.HTTP.GRPCStatus = grpcStatus(w.Header())
+	}
+	switch {
+	case aborted != nil:
+		c.Verdict, c.Reason = admin.VerdictError, admin.ReasonReset
+	case c.Verdict == "":
+		c.Verdict = admin.VerdictForwarded
+	}
+	t.fill(&c)
+	if t.obs != nil {
+		t.obs.Request(c)
+	}
+	if aborted != nil {
+		panic(aborted)
+	}
+}
+
 // stream records an inbound tunnel stream from the tunnel server's report: the
 // status it answered the CONNECT with says whether the stream was carried.
 func (t *tracker) stream(c *Conn, si tunnel.StreamInfo) {

@@ -6,12 +6,15 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"sync"
 	"syscall"
@@ -98,6 +101,7 @@ type Proxy struct {
 	// services are the Services' cluster IPs and their ready endpoints (services.go).
 	services serviceTable
 
+	l7      *l7          // the HTTP server of connections proxied per request (l7.go)
 	pool    *tunnel.Pool // tunnels to pods on other nodes
 	tunnels tunnels      // pool, as routing uses it (a fake in tests)
 
@@ -109,14 +113,14 @@ type Proxy struct {
 
 // tunnels opens streams to pods on other nodes.
 type tunnels interface {
-	Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error)
+	Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, protocol string) (pipe.HalfCloser, error)
 }
 
 // poolTunnels is a tunnel.Pool as tunnels.
 type poolTunnels struct{ *tunnel.Pool }
 
-func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error) {
-	s, err := p.Pool.Connect(ctx, src, dstID, tunnelAddr, target)
+func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, protocol string) (pipe.HalfCloser, error) {
+	s, err := p.Pool.Connect(ctx, src, dstID, tunnelAddr, target, protocol)
 	if err != nil {
 		return nil, err
 	}
@@ -127,6 +131,7 @@ func (p poolTunnels) Connect(ctx context.Context, src tunnel.Source, dstID strin
 // is also the tunnel pool's handle for the pod (tunnel.Source): tunnels are pooled
 // per pod and dialled from inside its namespace with its certificate.
 type pod struct {
+	proxy     *Proxy
 	w         Workload
 	net       podNet
 	ids       *identity.Store
@@ -135,6 +140,10 @@ type pod struct {
 	tunnel    *tunnel.Server
 	ctx       context.Context
 	cancel    context.CancelFunc
+
+	// h1 and h2 are the pod's upstream HTTP connections, per endpoint (l7.go).
+	transportsOnce sync.Once
+	h1, h2         *http.Transport
 }
 
 // New validates cfg and returns a proxy with no pods.
@@ -165,6 +174,7 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p.tunnels = poolTunnels{p.pool}
+	p.l7 = p.newL7()
 	return p, nil
 }
 
@@ -177,6 +187,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 		return errors.New("proxy already started")
 	}
 	p.ctx, p.cancel = context.WithCancel(ctx)
+	p.goServe(func() { _ = p.l7.srv.Serve(p.l7.ln) })
 	return nil
 }
 
@@ -211,7 +222,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	}
 	ip := w.IPs[0]
 	ports := p.cfg.Ports
-	pd := &pod{w: w, net: pn, ids: p.cfg.Identities, cookie: cookie}
+	pd := &pod{proxy: p, w: w, net: pn, ids: p.cfg.Identities, cookie: cookie}
 	pd.ctx, pd.cancel = context.WithCancel(parent)
 
 	out, err := pn.Listen(netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ports.Outbound))
@@ -248,8 +259,9 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
 			return p.dialApp(ctx, pd, target)
 		},
-		Logger:   p.log.With("pod", w.Name),
-		OnStream: func(si tunnel.StreamInfo) { p.recordTunnelStream(pd, si) },
+		Logger:    p.log.With("pod", w.Name),
+		OnStream:  func(si tunnel.StreamInfo) { p.recordTunnelStream(pd, si) },
+		ServeHTTP: func(si tunnel.StreamInfo, c net.Conn) { p.serveInboundHTTP(pd, si, c) },
 	})
 	if err != nil {
 		pd.close()
@@ -328,8 +340,9 @@ func (p *Proxy) Pods() []string {
 	return uids
 }
 
-// Stop closes every pod's listeners and waits for every proxied connection to end.
-func (p *Proxy) Stop(context.Context) error {
+// Stop closes every pod's listeners and waits for every proxied connection to end;
+// requests in flight at L7 get until ctx ends.
+func (p *Proxy) Stop(ctx context.Context) error {
 	p.mu.Lock()
 	pods := p.pods
 	p.pods = map[string]*pod{}
@@ -338,6 +351,7 @@ func (p *Proxy) Stop(context.Context) error {
 	for _, pd := range pods {
 		pd.close()
 	}
+	p.l7.stop(ctx)
 	p.mu.Lock()
 	for ts := range p.draining {
 		ts.Close() // its Shutdown goroutine then returns
@@ -368,6 +382,7 @@ func (pd *pod) close() {
 	for _, ln := range pd.listeners {
 		ln.Close()
 	}
+	pd.closeTransports()
 }
 
 // DialTunnel opens a tunnel connection from inside the pod (tunnel.Source).
@@ -435,24 +450,42 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 	src := netip.AddrPortFrom(pd.w.IPs[0], peer.Port())
 	rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
 	p.mu.RLock()
-	endpoint, service, isService, ok := p.services.resolve(dst)
+	vp, service, isService := p.services.lookup(dst)
+	p.mu.RUnlock()
+	var early []byte // what the client sent while its protocol was detected
 	if isService {
 		// A Service address: the proxy picks the endpoint, as kube-proxy would
-		// have, so the connection is carried like one to the pod itself.
+		// have, per connection (TCP) or per request (HTTP).
 		rec.Service = dst
-		if ok {
-			rec.Dst = endpoint
+		if vp == nil || len(vp.endpoints) == 0 {
+			pipe.Abort(client) // refused at once: no endpoint will come
+			p.conns.noEndpoint(p.conns.open(rec), service)
+			return
 		}
+		proto, r := vp.protocol, io.Reader(nil)
+		if proto == "" {
+			br := bufio.NewReaderSize(client, 2*maxRequestLine)
+			proto, r = detect(client, br, detectWait), br
+			early, _ = br.Peek(br.Buffered())
+		}
+		if proto != admin.TCP {
+			rec.Protocol = proto
+			p.serveHTTP(pd, client, r, rec)
+			return
+		}
+		rec.Protocol = admin.TCP
+		rec.Dst, _ = vp.pick()
 	}
+	p.mu.RLock()
 	r := decide(rec.Dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	if isService && !ok {
-		pipe.Abort(client) // refused at once: no endpoint will come
-		p.conns.noEndpoint(p.conns.open(rec), service)
-		return
-	}
 	rec.Security, rec.DstIdentity = r.Security, r.Peer.Identity
-	upstream, err := p.dialRoute(pd, rec.Dst, r)
+	upstream, err := p.dialRoute(pd, rec.Dst, r, "")
+	if err == nil && len(early) > 0 {
+		if _, err = upstream.Write(early); err != nil {
+			upstream.Close()
+		}
+	}
 	c := p.conns.open(rec)
 	if err != nil {
 		// The app's connect already succeeded (to the capture listener), so a
@@ -463,7 +496,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		return
 	}
 	sent, recv, err := pipe.Join(client, upstream, !p.cfg.Capture.Sockhash())
-	p.conns.close(c, sent, recv, err)
+	p.conns.close(c, sent+int64(len(early)), recv, err)
 }
 
 // route is how a captured outbound connection reaches its original destination.
@@ -487,15 +520,16 @@ func decide(dst netip.Addr, byIP map[netip.Addr]Workload, local map[netip.Addr]*
 	return route{Security: admin.Plaintext}
 }
 
-// dialRoute opens the upstream side of a connection from pod from to dst along r.
-func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route) (pipe.HalfCloser, error) {
+// dialRoute opens the upstream side of a connection from pod from to dst along r;
+// protocol tells a tunnel what the stream carries (tunnel.Pool.Connect).
+func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route, protocol string) (pipe.HalfCloser, error) {
 	switch r.Security {
 	case admin.SameNode:
 		return p.dialApp(from.ctx, r.Local, dst)
 	case admin.MTLS:
 		ctx, cancel := context.WithTimeout(from.ctx, dialTimeout)
 		defer cancel()
-		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst)
+		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst, protocol)
 	default:
 		return from.net.Dial(from.ctx, netip.Addr{}, dst)
 	}
@@ -547,6 +581,9 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
 		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
 	})
+	if si.HTTP {
+		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
+	}
 	c.Start = time.Now().Add(-si.Duration)
 	p.conns.stream(c, si)
 }

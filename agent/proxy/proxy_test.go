@@ -87,7 +87,7 @@ type fakeTunnels struct {
 	log []dialed
 }
 
-func (f *fakeTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort) (pipe.HalfCloser, error) {
+func (f *fakeTunnels) Connect(ctx context.Context, src tunnel.Source, dstID string, tunnelAddr, target netip.AddrPort, _ string) (pipe.HalfCloser, error) {
 	f.mu.Lock()
 	f.log = append(f.log, dialed{src: src, id: dstID, via: tunnelAddr, to: target})
 	f.mu.Unlock()
@@ -142,7 +142,7 @@ func newTestProxy(t *testing.T) *testProxy {
 // pod enters w as a local pod without opening listeners: the tests hand connections
 // to handleOutbound as an accept would.
 func (tp *testProxy) pod(w Workload, n podNet) *pod {
-	pd := &pod{w: w, net: n, ids: tp.cfg.Identities}
+	pd := &pod{proxy: tp.Proxy, w: w, net: n, ids: tp.cfg.Identities}
 	pd.ctx, pd.cancel = context.WithCancel(tp.ctx)
 	tp.mu.Lock()
 	tp.pods[w.UID] = pd

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"net/netip"
+	"strings"
 	"sync/atomic"
+
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 // Service is a Kubernetes Service as the proxy balances it: the cluster IPs clients
@@ -10,8 +13,19 @@ import (
 type Service struct {
 	Name     string // namespace/name
 	VIPs     []netip.Addr
-	Ports    []uint16 // the Service's ports, in order
+	Ports    []ServicePort // the Service's ports, in order
 	Backends []Backend
+	// LoadBalancer picks each request's endpoint at L7; "" is P2CEWMA.
+	LoadBalancer LoadBalancer
+}
+
+// ServicePort is one port of a Service and what it says of its protocol.
+type ServicePort struct {
+	Port uint16
+	// Name and AppProtocol are the Service port's; they declare its protocol
+	// (declaredProtocol), or leave it to detection.
+	Name        string
+	AppProtocol string
 }
 
 // Backend is one pod behind a Service.
@@ -25,9 +39,12 @@ type Backend struct {
 
 // vipPort is one (cluster IP, port) of a Service and the ready endpoints behind it.
 type vipPort struct {
-	service   string
-	endpoints []netip.AddrPort
-	next      atomic.Uint64 // round robin over endpoints, per connection
+	service string
+	// protocol is what the port declares; "" means detect it from the client's bytes.
+	protocol  admin.Protocol
+	endpoints []*endpoint
+	balancer  balancer      // per request, at L7
+	next      atomic.Uint64 // round robin over endpoints, per connection at L4
 }
 
 // pick chooses the endpoint for a new connection; false when there is none.
@@ -35,7 +52,7 @@ func (v *vipPort) pick() (netip.AddrPort, bool) {
 	if len(v.endpoints) == 0 {
 		return netip.AddrPort{}, false
 	}
-	return v.endpoints[(v.next.Add(1)-1)%uint64(len(v.endpoints))], true
+	return v.endpoints[(v.next.Add(1)-1)%uint64(len(v.endpoints))].addr, true
 }
 
 // serviceTable maps what clients dial to Services: every cluster IP (so a port the
@@ -44,56 +61,96 @@ func (v *vipPort) pick() (netip.AddrPort, bool) {
 type serviceTable struct {
 	vips  map[netip.Addr]string
 	ports map[netip.AddrPort]*vipPort
+	// endpoints holds each endpoint's load and latency estimate, kept from one
+	// table to the next so that a new state does not forget what was measured.
+	endpoints map[netip.AddrPort]*endpoint
 }
 
-// buildServices indexes svcs. An endpoint is reached at its address of the cluster
-// IP's family, so an IPv6 cluster IP balances over the pods' IPv6 addresses.
-func buildServices(svcs []Service) serviceTable {
-	t := serviceTable{vips: map[netip.Addr]string{}, ports: map[netip.AddrPort]*vipPort{}}
+// buildServices indexes svcs, reusing the endpoint estimates of prev. An endpoint is
+// reached at its address of the cluster IP's family, so an IPv6 cluster IP balances
+// over the pods' IPv6 addresses.
+func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTable {
+	t := serviceTable{vips: map[netip.Addr]string{}, ports: map[netip.AddrPort]*vipPort{}, endpoints: map[netip.AddrPort]*endpoint{}}
+	endpointAt := func(a netip.AddrPort) *endpoint {
+		if e := t.endpoints[a]; e != nil {
+			return e
+		}
+		e := prev[a]
+		if e == nil {
+			e = &endpoint{addr: a}
+		}
+		t.endpoints[a] = e
+		return e
+	}
 	for _, s := range svcs {
 		for _, vip := range s.VIPs {
 			vip = vip.Unmap()
 			t.vips[vip] = s.Name
 			for i, port := range s.Ports {
-				v := &vipPort{service: s.Name}
+				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name)}
 				for _, b := range s.Backends {
 					if !b.Ready || i >= len(b.Ports) || b.Ports[i] == 0 {
 						continue
 					}
 					for _, ip := range b.IPs {
 						if ip.Unmap().Is4() == vip.Is4() {
-							v.endpoints = append(v.endpoints, netip.AddrPortFrom(ip.Unmap(), b.Ports[i]))
+							v.endpoints = append(v.endpoints, endpointAt(netip.AddrPortFrom(ip.Unmap(), b.Ports[i])))
 							break
 						}
 					}
 				}
-				t.ports[netip.AddrPortFrom(vip, port)] = v
+				v.balancer = newBalancer(s.LoadBalancer, v.endpoints)
+				t.ports[netip.AddrPortFrom(vip, port.Port)] = v
 			}
 		}
 	}
 	return t
 }
 
-// resolve says whether dst is a Service address and, if so, which endpoint a new
-// connection to it goes to (ok false: no ready endpoint, refuse it).
-func (t serviceTable) resolve(dst netip.AddrPort) (endpoint netip.AddrPort, service string, isService, ok bool) {
+// lookup finds the Service port dst names: isService when dst is a cluster IP, and
+// v nil when the Service has no such port.
+func (t serviceTable) lookup(dst netip.AddrPort) (v *vipPort, service string, isService bool) {
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	name, isVIP := t.vips[dst.Addr()]
 	if !isVIP {
-		return netip.AddrPort{}, "", false, false
+		return nil, "", false
 	}
-	v := t.ports[dst]
-	if v == nil {
-		return netip.AddrPort{}, name, true, false
-	}
-	ep, ok := v.pick()
-	return ep, name, true, ok
+	return t.ports[dst], name, true
 }
 
-// SetServices replaces the Services the proxy balances connections to.
+// declaredProtocol is what a Service port says it speaks, from its appProtocol or,
+// without one, its name's prefix (Istio's convention); "" leaves it to detection.
+// Any other declared protocol (https, mysql, kubernetes.io/wss...) is opaque TCP:
+// the proxy must not look into it.
+func declaredProtocol(appProtocol, name string) admin.Protocol {
+	switch strings.ToLower(appProtocol) {
+	case "":
+	case "http", "kubernetes.io/ws":
+		return admin.HTTP1
+	case "http2", "kubernetes.io/h2c":
+		return admin.HTTP2
+	case "grpc", "grpc-web":
+		return admin.GRPC
+	default:
+		return admin.TCP
+	}
+	prefix, _, _ := strings.Cut(strings.ToLower(name), "-")
+	switch prefix {
+	case "http":
+		return admin.HTTP1
+	case "http2":
+		return admin.HTTP2
+	case "grpc":
+		return admin.GRPC
+	case "tcp", "https", "tls", "mongo", "mysql", "redis":
+		return admin.TCP
+	}
+	return ""
+}
+
+// SetServices replaces the Services the proxy balances connections and requests to.
 func (p *Proxy) SetServices(svcs []Service) {
-	t := buildServices(svcs)
 	p.mu.Lock()
-	p.services = t
+	p.services = buildServices(svcs, p.services.endpoints)
 	p.mu.Unlock()
 }

@@ -12,7 +12,7 @@ import (
 var (
 	vip     = netip.MustParseAddr("10.96.0.50")
 	outside = netip.MustParseAddr("10.1.3.7") // a pod outside the mesh
-	web     = Service{Name: "default/web", VIPs: []netip.Addr{vip}, Ports: []uint16{80, 9000},
+	web     = Service{Name: "default/web", VIPs: []netip.Addr{vip}, Ports: []ServicePort{{Port: 80}, {Port: 9000}},
 		Backends: []Backend{
 			{IPs: wb.IPs, Ready: true, Ports: []uint16{8080, 9001}},                // same node
 			{IPs: wc.IPs, Ready: true, Ports: []uint16{8081, 0}},                   // other node; no port for 9000
@@ -78,7 +78,7 @@ func TestServicePortSkipsEndpointsWithoutIt(t *testing.T) {
 // once and the record says why; nothing is dialled.
 func TestServiceWithoutEndpointRefused(t *testing.T) {
 	tp := newTestProxy(t)
-	empty := Service{Name: "default/empty", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.51")}, Ports: []uint16{80},
+	empty := Service{Name: "default/empty", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.51")}, Ports: []ServicePort{{Port: 80}},
 		Backends: []Backend{{IPs: wc.IPs, Ready: false, Ports: []uint16{8080}}}}
 	tp.SetServices([]Service{web, empty})
 	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("10.96.0.51:80"), netip.AddrPortFrom(vip, 81)} {
@@ -98,17 +98,20 @@ func TestServiceWithoutEndpointRefused(t *testing.T) {
 // An IPv6 cluster IP balances over the pods' IPv6 addresses.
 func TestServiceFamilies(t *testing.T) {
 	v6 := netip.MustParseAddr("fd00:10:96::50")
-	tb := buildServices([]Service{{Name: "default/dual", VIPs: []netip.Addr{vip, v6}, Ports: []uint16{80}, Backends: []Backend{
+	tb := buildServices([]Service{{Name: "default/dual", VIPs: []netip.Addr{vip, v6}, Ports: []ServicePort{{Port: 80}}, Backends: []Backend{
 		{IPs: []netip.Addr{netip.MustParseAddr("10.1.1.20"), netip.MustParseAddr("fd00:1::20")}, Ready: true, Ports: []uint16{8080}},
 		{IPs: []netip.Addr{netip.MustParseAddr("10.1.1.21")}, Ready: true, Ports: []uint16{8080}}, // IPv4 only
-	}}})
+	}}}, nil)
 	for range 3 {
-		ep, _, isSvc, ok := tb.resolve(netip.AddrPortFrom(v6, 80))
-		if !isSvc || !ok || ep != netip.MustParseAddrPort("[fd00:1::20]:8080") {
-			t.Fatalf("IPv6 service address went to %s (%v %v), want [fd00:1::20]:8080", ep, isSvc, ok)
+		v, _, isSvc := tb.lookup(netip.AddrPortFrom(v6, 80))
+		if !isSvc || v == nil {
+			t.Fatalf("IPv6 service address: %v, %v", v, isSvc)
+		}
+		if ep, ok := v.pick(); !ok || ep != netip.MustParseAddrPort("[fd00:1::20]:8080") {
+			t.Fatalf("IPv6 service address went to %s (%v), want [fd00:1::20]:8080", ep, ok)
 		}
 	}
-	if _, _, isSvc, _ := tb.resolve(netip.MustParseAddrPort("10.96.0.99:80")); isSvc {
+	if _, _, isSvc := tb.lookup(netip.MustParseAddrPort("10.96.0.99:80")); isSvc {
 		t.Error("an address no Service has was taken for a Service")
 	}
 }

@@ -147,9 +147,11 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 }
 
 // Connect opens a stream from the pod src to target through the tunnel at tunnelAddr,
-// whose server must prove identity dstID. It returns once the destination answered 200;
-// any other answer is a *RefusedError.
-func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr, target netip.AddrPort) (*Stream, error) {
+// whose server must prove identity dstID. protocol is what the stream carries: ""
+// for a byte stream to the app, ProtocolHTTP for HTTP requests the destination's
+// proxy serves itself (ServerConfig.ServeHTTP). It returns once the destination
+// answered 200; any other answer is a *RefusedError.
+func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr, target netip.AddrPort, protocol string) (*Stream, error) {
 	if src == nil {
 		return nil, errors.New("tunnel connect: no source pod")
 	}
@@ -162,7 +164,7 @@ func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr
 		if err != nil {
 			return nil, err
 		}
-		s, err := p.roundTrip(ctx, cc, target)
+		s, err := p.roundTrip(ctx, cc, target, protocol)
 		if err == nil {
 			return s, nil
 		}
@@ -175,7 +177,7 @@ func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr
 	return nil, lastErr
 }
 
-func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip.AddrPort) (*Stream, error) {
+func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip.AddrPort, protocol string) (*Stream, error) {
 	pr, pw := io.Pipe()
 	// The stream outlives Connect's ctx; only the pool or Stream.Close end it. ctx
 	// still cancels the request while we wait for the answer.
@@ -191,6 +193,9 @@ func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip
 		ContentLength: -1,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,
+	}
+	if protocol != "" {
+		req.Header.Set(ProtocolHeader, protocol)
 	}
 	req = req.WithContext(rctx)
 	resp, err := cc.RoundTrip(req)

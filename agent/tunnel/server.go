@@ -63,7 +63,20 @@ type ServerConfig struct {
 	Logger *slog.Logger
 	// OnStream, optional, is called when a stream ends.
 	OnStream func(StreamInfo)
+	// ServeHTTP, optional, takes over a stream whose CONNECT says ProtocolHTTP: it
+	// serves c, the stream as a connection (HTTP requests the source node's proxy
+	// sends), and closes c when done; it must not block. The stream ends when c is
+	// closed or the peer resets it. Nil: such streams are dialled like any other.
+	ServeHTTP func(si StreamInfo, c net.Conn)
 }
+
+// ProtocolHeader, on a CONNECT, says what the stream carries; absent, it is a byte
+// stream for the app. A peer that does not know it (an HBONE peer) ignores it.
+const ProtocolHeader = "Ferry-Protocol"
+
+// ProtocolHTTP is ProtocolHeader's value for a stream of HTTP/1.1 requests, or an
+// HTTP/2 connection with prior knowledge, from the source node's proxy.
+const ProtocolHTTP = "http"
 
 // StreamInfo describes one tunnelled connection, reported when it ends.
 type StreamInfo struct {
@@ -75,6 +88,8 @@ type StreamInfo struct {
 	Duration time.Duration
 	Status   int   // HTTP status answered to the CONNECT
 	Err      error // nil when both directions ended cleanly
+	// HTTP: the stream carried HTTP requests that ServeHTTP served.
+	HTTP bool
 }
 
 // Server terminates tunnels: it accepts TLS connections, serves HTTP/2 CONNECT streams
@@ -301,6 +316,12 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	// cannot use one pod's tunnel to reach a neighbour on the same node.
 	if la := ci.local.Addr(); la.IsValid() && !la.IsUnspecified() && la.Unmap() != target.Addr() {
 		refuse(http.StatusForbidden, "target is not this pod")
+		return
+	}
+
+	if s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP {
+		info.HTTP = true
+		s.serveHTTP(w, r, &info, ci)
 		return
 	}
 

@@ -51,6 +51,7 @@ type envOpt struct {
 	authorize   func(peerID string, remote netip.AddrPort) error
 	idleTimeout time.Duration
 	dialTimeout time.Duration
+	serveHTTP   func(si StreamInfo, c net.Conn)
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -86,6 +87,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		Authorize:   authorize,
 		Dial:        dial,
 		DialTimeout: o.dialTimeout,
+		ServeHTTP:   o.serveHTTP,
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
@@ -141,7 +143,7 @@ func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target)
+	s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
 	if err != nil {
 		tb.Fatalf("Connect: %v", err)
 	}
@@ -287,7 +289,7 @@ func TestAppRefuses(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, closedPort(t))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, closedPort(t), "")
 	var re *RefusedError
 	if !errors.As(err, &re) {
 		t.Fatalf("error %v, want *RefusedError", err)
@@ -307,7 +309,7 @@ func TestAppDialTimeout(t *testing.T) {
 	}, dialTimeout: 100 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"), "")
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusGatewayTimeout {
 		t.Fatalf("error %v, want 504", err)
@@ -318,7 +320,7 @@ func TestTargetMustBeThisPod(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.2:80"))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.2:80"), "")
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Fatalf("error %v, want 403", err)
@@ -362,7 +364,7 @@ func TestWrongServerIdentity(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, otherID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
+	_, err := e.pool.Connect(ctx, e.src, otherID, e.tunnelAddr, loopback.Serve(t, loopback.Echo), "")
 	if err == nil || !strings.Contains(err.Error(), "peer identity "+serverID+", want "+otherID) {
 		t.Fatalf("error %v, want identity mismatch", err)
 	}
@@ -379,7 +381,7 @@ func TestWrongClientIdentity(t *testing.T) {
 	}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo))
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo), "")
 	if err == nil {
 		t.Fatal("server accepted a client the control plane does not know at that address")
 	}
@@ -399,7 +401,7 @@ func TestClientFromOtherCA(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo)); err == nil {
+	if _, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo), ""); err == nil {
 		t.Fatal("client with a certificate from another CA accepted")
 	}
 }
@@ -430,7 +432,7 @@ func TestConcurrentStreams(t *testing.T) {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target)
+			s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
 			if err != nil {
 				errs <- err
 				return

@@ -147,7 +147,11 @@ type Service struct {
 	Endpoints []string `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
 	// Every pod the selector matches, in the mesh or not, with its readiness and the
 	// port each Service port reaches on it (what an EndpointSlice says).
-	Backends      []*Backend `protobuf:"bytes,6,rep,name=backends,proto3" json:"backends,omitempty"`
+	Backends []*Backend `protobuf:"bytes,6,rep,name=backends,proto3" json:"backends,omitempty"`
+	// How the proxy picks each request's endpoint at L7: a TrafficPolicy's
+	// spec.loadBalancer.type (api/v1alpha1.LoadBalancerType: "P2CEWMA",
+	// "RoundRobin", "Random", "LeastRequest"); "" is P2CEWMA.
+	LoadBalancer  string `protobuf:"bytes,7,opt,name=load_balancer,json=loadBalancer,proto3" json:"load_balancer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -222,6 +226,13 @@ func (x *Service) GetBackends() []*Backend {
 		return x.Backends
 	}
 	return nil
+}
+
+func (x *Service) GetLoadBalancer() string {
+	if x != nil {
+		return x.LoadBalancer
+	}
+	return ""
 }
 
 // Backend is one pod behind a Service.
@@ -606,7 +617,7 @@ const file_state_proto_rawDesc = "" +
 	"\tworkloads\x18\x05 \x03(\v2\x12.ferry.v1.WorkloadR\tworkloads\x129\n" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
 	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
-	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xd6\x01\n" +
+	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xfb\x01\n" +
 	"\aService\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x1f\n" +
@@ -614,7 +625,8 @@ const file_state_proto_rawDesc = "" +
 	"clusterIps\x12+\n" +
 	"\x05ports\x18\x04 \x03(\v2\x15.ferry.v1.ServicePortR\x05ports\x12\x1c\n" +
 	"\tendpoints\x18\x05 \x03(\tR\tendpoints\x12-\n" +
-	"\bbackends\x18\x06 \x03(\v2\x11.ferry.v1.BackendR\bbackends\"\x90\x01\n" +
+	"\bbackends\x18\x06 \x03(\v2\x11.ferry.v1.BackendR\bbackends\x12#\n" +
+	"\rload_balancer\x18\a \x01(\tR\floadBalancer\"\x90\x01\n" +
 	"\aBackend\x12\x10\n" +
 	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x10\n" +
 	"\x03ips\x18\x02 \x03(\tR\x03ips\x12\x12\n" +

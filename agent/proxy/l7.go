@@ -1,0 +1,474 @@
+// This file is the proxy's L7 path: a connection to a Service port that speaks
+// HTTP/1.1 or HTTP/2 (declared, or detected) is served by an HTTP server in the
+// proxy, and each request goes to an endpoint of its own, picked by the Service's
+// load balancer, over an upstream connection the proxy keeps per (source pod,
+// endpoint): straight to a pod on this node, a stream of the pooled mTLS tunnel to a
+// pod on another, plaintext outside the mesh. The destination node's proxy carries
+// such a stream to the app like any other, so the app hears its own protocol.
+
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferrymesh/ferry/agent/pipe"
+	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/admin"
+)
+
+// l7 serves the HTTP connections of every pod on this node.
+type l7 struct {
+	srv   *http.Server
+	ln    *connListener
+	proxy *httputil.ReverseProxy
+	mu    sync.Mutex
+	conns map[*httpConn]struct{} // open, including hijacked (upgraded) ones
+}
+
+func (p *Proxy) newL7() *l7 {
+	h := &l7{ln: newConnListener(), conns: map[*httpConn]struct{}{}}
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true) // prior knowledge, as a client with h2c speaks
+	errLog := slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
+	h.srv = &http.Server{
+		Handler:   http.HandlerFunc(p.serveRequest),
+		Protocols: &protocols,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, httpConnKey{}, c.(*httpConn))
+		},
+		ErrorLog: errLog,
+	}
+	h.proxy = &httputil.ReverseProxy{
+		Rewrite:       rewrite,
+		Transport:     upstreamTransport{},
+		FlushInterval: -1, // streams (gRPC, SSE, long polls) flow as they come
+		ErrorHandler:  upstreamError,
+		ErrorLog:      errLog,
+		BufferPool:    &copyBuffers{},
+	}
+	return h
+}
+
+// serveHTTP hands c, a client connection whose protocol is HTTP, to the HTTP
+// server; rec is its connection record, closed when the connection ends.
+func (p *Proxy) serveHTTP(pd *pod, c *net.TCPConn, r io.Reader, rec Conn) {
+	hc := &httpConn{Conn: c, r: r, p: p, pd: pd}
+	if r == nil {
+		hc.r = c
+	}
+	hc.rec = p.conns.open(rec)
+	p.l7.serve(hc)
+}
+
+// serveInboundHTTP serves the HTTP requests a source node's proxy sends through a
+// tunnel stream into pod pd: each goes to the app at the stream's target, and is
+// recorded on this side too (reporter destination). The stream itself is recorded
+// by the tunnel's report when it ends.
+func (p *Proxy) serveInboundHTTP(pd *pod, si tunnel.StreamInfo, c net.Conn) {
+	hc := &httpConn{Conn: c, r: c, p: p, pd: pd, inbound: &endpoint{addr: si.Target}, rec: &Conn{
+		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
+		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
+	}}
+	p.l7.serve(hc)
+}
+
+func (h *l7) serve(hc *httpConn) {
+	h.mu.Lock()
+	h.conns[hc] = struct{}{}
+	h.mu.Unlock()
+	if !h.ln.put(hc) {
+		hc.Close() // the proxy is stopping
+	}
+}
+
+// stop ends the HTTP server: requests in flight get until ctx ends, then every
+// connection, upgraded ones too, is closed.
+func (h *l7) stop(ctx context.Context) {
+	h.ln.Close()
+	_ = h.srv.Shutdown(ctx)
+	_ = h.srv.Close()
+	h.mu.Lock()
+	conns := make([]*httpConn, 0, len(h.conns))
+	for c := range h.conns {
+		conns = append(conns, c)
+	}
+	h.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// serveRequest carries one request to an endpoint of the Service the client dialled.
+func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
+	hc := r.Context().Value(httpConnKey{}).(*httpConn)
+	rec := Conn{
+		Direction: hc.rec.Direction, Pod: hc.rec.Pod, Src: hc.rec.Src, Dst: hc.rec.Dst, Service: hc.rec.Service,
+		SrcIdentity: hc.rec.SrcIdentity, DstIdentity: hc.rec.DstIdentity, Security: hc.rec.Security,
+		Protocol: requestProtocol(r), Start: time.Now(),
+		HTTP: &admin.HTTP{Method: r.Method, Authority: r.Host, Path: r.URL.RequestURI(), Proto: r.Proto, TraceID: traceID(r.Header)},
+	}
+	rw := &responseWriter{ResponseWriter: w}
+	defer func() { p.conns.request(rec, rw, recover()) }()
+
+	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
+	if ep == nil {
+		p.mu.RLock()
+		vp, _, _ := p.services.lookup(hc.rec.Service)
+		ok := vp != nil
+		if ok {
+			ep, ok = vp.balancer.pick()
+		}
+		var rt route
+		if ok {
+			rt = decide(ep.addr.Addr(), p.byIP, p.local)
+		}
+		p.mu.RUnlock()
+		if !ok {
+			rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
+			meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
+			return
+		}
+		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
+	}
+
+	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
+	out := r.WithContext(context.WithValue(r.Context(), upstreamKey{}, up))
+	if r.Body != nil && r.Body != http.NoBody {
+		out.Body = &countingBody{ReadCloser: r.Body, n: &rw.requestBytes}
+	}
+	ep.begin()
+	start := time.Now()
+	defer func() {
+		var rtt time.Duration
+		if up.err == nil && !rw.headerAt.IsZero() {
+			rtt = rw.headerAt.Sub(start)
+		}
+		ep.done(rtt)
+		if up.err != nil {
+			rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
+			rec.Error = up.err.Error()
+		}
+	}()
+	p.l7.proxy.ServeHTTP(rw, out)
+}
+
+// rewrite addresses the request to the chosen endpoint and otherwise forwards what
+// the client sent: a transparent mesh invents no X-Forwarded-* (ReverseProxy drops
+// the client's own before Rewrite, so they are put back).
+func rewrite(pr *httputil.ProxyRequest) {
+	up := pr.In.Context().Value(upstreamKey{}).(*upstream)
+	pr.Out.URL.Scheme = "http"
+	pr.Out.URL.Host = up.ep.addr.String()
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if v, ok := pr.In.Header[h]; ok {
+			pr.Out.Header[h] = v
+		}
+	}
+}
+
+// upstreamError answers a request whose endpoint could not be reached, or failed
+// before its response began (ReverseProxy's ErrorHandler).
+func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	up := r.Context().Value(upstreamKey{}).(*upstream)
+	up.err = err
+	if r.Context().Err() != nil {
+		return // the client is gone: nobody to answer
+	}
+	status := http.StatusBadGateway
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
+		status = http.StatusGatewayTimeout
+	}
+	_, reason, _ := dialOutcome(err)
+	meshAnswer(w, status, "upstream "+string(reason))
+}
+
+// meshAnswer is a response the mesh gives itself, in Envoy's manner: a status and
+// one line saying why.
+func meshAnswer(w http.ResponseWriter, status int, why string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	fmt.Fprintln(w, why)
+}
+
+// upstream is where one request goes: set by serveRequest, read by rewrite, the
+// transport and the error handler through the request's context.
+type upstream struct {
+	pod *pod
+	ep  *endpoint
+	h2  bool  // the client spoke HTTP/2, so the app does
+	err error // why the request failed before a response, if it did
+}
+
+type upstreamKey struct{}
+type httpConnKey struct{}
+
+// upstreamTransport sends a request over the source pod's upstream connections of
+// the client's protocol version.
+type upstreamTransport struct{}
+
+func (upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	up := r.Context().Value(upstreamKey{}).(*upstream)
+	return up.pod.transport(up.h2).RoundTrip(r)
+}
+
+// transport returns the pod's pool of upstream connections for HTTP/1.1 or (h2)
+// HTTP/2 with prior knowledge, made on first use.
+func (pd *pod) transport(h2 bool) *http.Transport {
+	pd.transportsOnce.Do(func() {
+		pd.h1 = pd.newTransport(false)
+		pd.h2 = pd.newTransport(true)
+	})
+	if h2 {
+		return pd.h2
+	}
+	return pd.h1
+}
+
+func (pd *pod) newTransport(h2 bool) *http.Transport {
+	var protocols http.Protocols
+	if h2 {
+		protocols.SetUnencryptedHTTP2(true)
+	} else {
+		protocols.SetHTTP1(true)
+	}
+	return &http.Transport{
+		Protocols:           &protocols,
+		DialContext:         pd.dialUpstream,
+		DisableCompression:  true, // the app's Accept-Encoding and bodies pass as they are
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+		Proxy:               nil, // never an HTTP_PROXY from the agent's environment
+	}
+}
+
+// dialUpstream opens an upstream connection from the pod to an endpoint, the way a
+// connection to it would be carried (route).
+func (pd *pod) dialUpstream(_ context.Context, _, addr string) (net.Conn, error) {
+	dst, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("upstream address %q: %w", addr, err)
+	}
+	p := pd.proxy
+	p.mu.RLock()
+	r := decide(dst.Addr(), p.byIP, p.local)
+	p.mu.RUnlock()
+	c, err := p.dialRoute(pd, dst, r, tunnel.ProtocolHTTP)
+	if err != nil {
+		return nil, err
+	}
+	if nc, ok := c.(net.Conn); ok {
+		return nc, nil
+	}
+	return streamConn{HalfCloser: c, remote: dst}, nil
+}
+
+// closeTransports drops the pod's idle upstream connections; requests in flight
+// finish on theirs.
+func (pd *pod) closeTransports() {
+	if pd.h1 != nil {
+		pd.h1.CloseIdleConnections()
+		pd.h2.CloseIdleConnections()
+	}
+}
+
+// streamConn is a tunnel stream as the net.Conn an HTTP transport wants. Deadlines
+// are not set by the transports as configured here; the stream ends with its context.
+type streamConn struct {
+	pipe.HalfCloser
+	remote netip.AddrPort
+}
+
+func (streamConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (s streamConn) RemoteAddr() net.Addr           { return net.TCPAddrFromAddrPort(s.remote) }
+func (streamConn) SetDeadline(time.Time) error      { return nil }
+func (streamConn) SetReadDeadline(time.Time) error  { return nil }
+func (streamConn) SetWriteDeadline(time.Time) error { return nil }
+
+// httpConn is a client connection the HTTP server serves: it carries the pod it
+// came from and its connection record, counts its bytes, and ends the record when
+// it closes.
+type httpConn struct {
+	net.Conn
+	r  io.Reader // the connection, after the bytes protocol detection read
+	p  *Proxy
+	pd *pod
+	// rec is the connection's record: tracked for a client's connection (outbound),
+	// a template for the requests of a tunnel stream (inbound).
+	rec *Conn
+	// inbound is the app a tunnel stream's requests go to; nil for a client's
+	// connection, whose requests are balanced over the Service's endpoints.
+	inbound  *endpoint
+	in, out  atomic.Int64
+	closeOne sync.Once
+}
+
+func (c *httpConn) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.in.Add(int64(n))
+	return n, err
+}
+
+func (c *httpConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.out.Add(int64(n))
+	return n, err
+}
+
+func (c *httpConn) Close() error {
+	err := c.Conn.Close()
+	c.closeOne.Do(func() {
+		c.p.l7.mu.Lock()
+		delete(c.p.l7.conns, c)
+		c.p.l7.mu.Unlock()
+		if c.inbound == nil {
+			c.p.conns.close(c.rec, c.in.Load(), c.out.Load(), nil)
+		}
+	})
+	return err
+}
+
+// connListener is the HTTP server's listener: connections arrive from the pods'
+// outbound listeners once their protocol is known.
+type connListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func newConnListener() *connListener {
+	return &connListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// put hands c to the server; false once the listener is closed.
+func (l *connListener) put(c net.Conn) bool {
+	select {
+	case l.conns <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// responseWriter notes what the response was, for the request's record and the
+// endpoint's latency; Unwrap lets ReverseProxy flush and hijack through it.
+type responseWriter struct {
+	http.ResponseWriter
+	status       int
+	headerAt     time.Time
+	bytes        int64
+	requestBytes atomic.Int64
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
+		w.status, w.headerAt = code, time.Now()
+		h := w.ResponseWriter.Header()
+		// net/http would add these to a response without them: nothing invented.
+		for _, k := range []string{"Date", "Content-Type"} {
+			if _, ok := h[k]; !ok {
+				h[k] = nil
+			}
+		}
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.bytes += int64(n)
+	return n, err
+}
+
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// countingBody counts a request body's bytes as the upstream reads them.
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// copyBuffers lends ReverseProxy its body copy buffers, so a request allocates none.
+type copyBuffers struct{ pool sync.Pool }
+
+func (c *copyBuffers) Get() []byte {
+	if bp, ok := c.pool.Get().(*[]byte); ok {
+		return *bp
+	}
+	return make([]byte, 32<<10)
+}
+
+func (c *copyBuffers) Put(b []byte) { c.pool.Put(&b) }
+
+// requestProtocol says what a request is: gRPC is HTTP/2 with a gRPC content type.
+func requestProtocol(r *http.Request) admin.Protocol {
+	if r.ProtoMajor != 2 {
+		return admin.HTTP1
+	}
+	if ct := r.Header.Get("Content-Type"); strings.HasPrefix(ct, "application/grpc") {
+		return admin.GRPC
+	}
+	return admin.HTTP2
+}
+
+// traceID is the trace a request belongs to, from its W3C traceparent or B3 headers.
+func traceID(h http.Header) string {
+	if tp := h.Get("Traceparent"); len(tp) >= 35 && tp[2] == '-' {
+		return tp[3:35]
+	}
+	if id := h.Get("X-B3-Traceid"); id != "" {
+		return id
+	}
+	if b3 := h.Get("B3"); b3 != "" {
+		id, _, _ := strings.Cut(b3, "-")
+		return id
+	}
+	return ""
+}
+
+// grpcStatus is the grpc-status a response carried: in its trailers, or in its
+// headers for a trailers-only response.
+func grpcStatus(h http.Header) string {
+	if s := h.Get("Grpc-Status"); s != "" {
+		return s
+	}
+	return h.Get(http.TrailerPrefix + "Grpc-Status")
+}
