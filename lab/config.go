@@ -72,10 +72,10 @@ type ServiceConfig struct {
 	// AppProtocol is the Service port's appProtocol (one of AppProtocols); "" lets
 	// the proxy detect the protocol from the client's first bytes.
 	AppProtocol string `json:"appProtocol,omitempty"`
-	// LoadBalancer, when set, is written as a ferry.io/v1alpha1 TrafficPolicy
-	// targeting the Service with this spec.loadBalancer.type (P2CEWMA, RoundRobin,
-	// Random, LeastRequest, RingHash). It needs the lab's operator: a state file
-	// carries no TrafficPolicy.
+	// LoadBalancer picks each request's endpoint at L7: P2CEWMA (the proxy's
+	// default), RoundRobin, Random or LeastRequest. The operator's manifests get it
+	// as a ferry.io/v1alpha1 TrafficPolicy targeting the Service; state files, as
+	// the compiled Service.load_balancer the operator would send.
 	LoadBalancer string `json:"loadBalancer,omitempty"`
 }
 
@@ -83,9 +83,10 @@ type ServiceConfig struct {
 // Ferry's proxy reads.
 var AppProtocols = []string{"http", "http2", "grpc", "kubernetes.io/h2c", "kubernetes.io/ws", "tcp"}
 
-// loadBalancers are the TrafficPolicy load-balancing types.
+// loadBalancers are the TrafficPolicy load-balancing types the proxy has
+// (RingHash is in the API, not yet in the proxy).
 var loadBalancers = []v1alpha1.LoadBalancerType{v1alpha1.LoadBalancerP2CEWMA, v1alpha1.LoadBalancerRoundRobin,
-	v1alpha1.LoadBalancerRandom, v1alpha1.LoadBalancerLeastRequest, v1alpha1.LoadBalancerRingHash}
+	v1alpha1.LoadBalancerRandom, v1alpha1.LoadBalancerLeastRequest}
 
 // NodeConfig is one simulated node.
 type NodeConfig struct {
@@ -223,8 +224,6 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("%s: appProtocol %q: want one of %s", what, sv.AppProtocol, strings.Join(AppProtocols, ", "))
 		case sv.LoadBalancer != "" && !slices.Contains(loadBalancers, v1alpha1.LoadBalancerType(sv.LoadBalancer)):
 			return c, fmt.Errorf("%s: loadBalancer %q: want one of %v", what, sv.LoadBalancer, loadBalancers)
-		case sv.LoadBalancer != "" && !c.usesOperator():
-			return c, fmt.Errorf("%s: loadBalancer %s is a TrafficPolicy, which only the lab's operator reads (set Operator); state files carry none", what, sv.LoadBalancer)
 		}
 		names[sv.Namespace+"/"+sv.Name] = true
 		for _, pod := range sv.Pods {

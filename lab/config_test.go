@@ -39,7 +39,7 @@ func TestServiceConfigValidation(t *testing.T) {
 		}
 		return c
 	}
-	good, err := base(ServiceConfig{PortName: "http-web", AppProtocol: "kubernetes.io/h2c", LoadBalancer: "RoundRobin", Pods: []string{"b", "c"}}, true).withDefaults()
+	good, err := base(ServiceConfig{PortName: "http-web", AppProtocol: "kubernetes.io/h2c", LoadBalancer: "RoundRobin", Pods: []string{"b", "c"}}, false).withDefaults()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +56,7 @@ func TestServiceConfigValidation(t *testing.T) {
 		{ServiceConfig{PortName: "80"}, false, `portName "80"`},
 		{ServiceConfig{AppProtocol: "h2"}, false, `appProtocol "h2": want one of http, http2, grpc`},
 		{ServiceConfig{LoadBalancer: "Fastest"}, true, `loadBalancer "Fastest"`},
-		{ServiceConfig{LoadBalancer: "RoundRobin"}, false, "only the lab's operator reads"},
+		{ServiceConfig{LoadBalancer: "RingHash"}, false, `loadBalancer "RingHash"`},
 	} {
 		_, err := base(tc.sv, tc.operator).withDefaults()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -80,9 +80,7 @@ func TestManifestsServicePorts(t *testing.T) {
 func TestSetServicePodsStateFiles(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.StateDir = t.TempDir()
-	svs := slices.Clone(l7Services)
-	svs[0].LoadBalancer = ""
-	cfg.Services = svs
+	cfg.Services = l7Services
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		t.Fatal(err)
@@ -116,7 +114,7 @@ func TestSetServicePodsStateFiles(t *testing.T) {
 		}
 	}
 	if web == nil || len(web.Backends) != 1 || web.Backends[0].Pod != "c" || !web.Backends[0].Ready ||
-		web.Ports[0].Name != "http-web" || web.Ports[0].AppProtocol != "http" {
+		web.Ports[0].Name != "http-web" || web.Ports[0].AppProtocol != "http" || web.LoadBalancer != "RoundRobin" {
 		t.Errorf("web after the change: %v", web)
 	}
 	if err := l.SetServicePods(context.Background(), "web", []string{"nosuch"}); err == nil {

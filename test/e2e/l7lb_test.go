@@ -1,9 +1,9 @@
 package e2e
 
-// Per-request load balancing on a lab of its own (prefix "lb", pods in 10.107.0.0/16)
-// whose agents get their state from ferry-operator in local mode, because the choice
-// of balancer is a TrafficPolicy, which only the operator reads: a Service over
-// three endpoints on two nodes (b on node1, c and e on node2), clients in a (node1).
+// Per-request load balancing on a lab of its own (prefix "lb", pods in 10.107.0.0/16,
+// state files): Services over three endpoints on two nodes (b on node1, c and e on
+// node2), clients in a (node1). Its Services carry the load balancer as the operator
+// compiles a TrafficPolicy into the state (Service.load_balancer).
 
 import (
 	"context"
@@ -50,7 +50,7 @@ func lbBringUp() (*env, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent", "ferry-operator")
+	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
 	if err != nil {
 		return nil, err
 	}

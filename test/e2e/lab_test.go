@@ -83,8 +83,8 @@ func setup(t *testing.T) *env {
 	return shared
 }
 
-// onceLab is a lab with an operator that tests share, brought up on first use and
-// taken down by TestMain.
+// onceLab is a lab that tests share, brought up on first use and taken down by
+// TestMain.
 type onceLab struct {
 	what    string
 	bringUp func() (*env, error)
@@ -94,7 +94,7 @@ type onceLab struct {
 }
 
 // get returns the lab, bringing it up on first use; a failing test logs the end of
-// the agents' and the operator's logs.
+// the agents' logs (and the operator's, when the lab runs one).
 func (o *onceLab) get(t *testing.T) *env {
 	t.Helper()
 	privileged.Require(t)
@@ -107,7 +107,9 @@ func (o *onceLab) get(t *testing.T) *env {
 			for _, node := range o.env.lab.Nodes() {
 				t.Logf("end of the agent log on %s:\n%s", node, tailFile(o.env.lab.AgentLog(node), 40))
 			}
-			t.Logf("end of the operator log:\n%s", tailFile(o.env.lab.OperatorLog(), 20))
+			if log := o.env.lab.OperatorLog(); log != "" {
+				t.Logf("end of the operator log:\n%s", tailFile(log, 20))
+			}
 		}
 	})
 	return o.env
