@@ -2,9 +2,12 @@ package lab
 
 import (
 	"net/netip"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseNodeFlag(t *testing.T) {
@@ -62,5 +65,28 @@ func TestServiceConfigValidation(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: error %v, want one saying %q", tc.sv, err, tc.want)
 		}
+	}
+}
+
+// A descriptor this process inherited (as a command run by flock(1) inherits its
+// lock) is not passed on to the processes the lab starts.
+func TestChildrenInheritNothing(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	// Clear close-on-exec, as an inherited descriptor has it cleared.
+	if _, err := unix.FcntlInt(w.Fd(), unix.F_SETFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	childrenInheritNothing()
+	flags, err := unix.FcntlInt(w.Fd(), unix.F_GETFD, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flags&unix.FD_CLOEXEC == 0 {
+		t.Error("an inherited descriptor would pass to the lab's processes")
 	}
 }
