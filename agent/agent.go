@@ -20,6 +20,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/observe"
 	"github.com/ferrymesh/ferry/agent/proxy"
+	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
@@ -51,6 +52,7 @@ type Config struct {
 	// and mesh ports are also the proxy's.
 	Datapath datapath.Config
 	Observe  observe.Config // flows and metrics
+	Tracing  tracing.Config // the proxies' spans, exported over OTLP
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
@@ -68,6 +70,7 @@ func DefaultConfig() Config {
 		AdminSocket: "/run/ferry/agent.sock",
 		Datapath:    datapath.DefaultConfig(),
 		Observe:     observe.DefaultConfig(),
+		Tracing:     tracing.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
 	}
 }
@@ -86,6 +89,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	c.Observe.Flags(fs)
+	c.Tracing.Flags(fs)
 }
 
 // Capture is how enrolled pods' traffic reaches the proxy: the eBPF data path
@@ -149,6 +153,7 @@ type Agent struct {
 	// cacheDirty says the state cache should be written again.
 	cacheDirty atomic.Bool
 	obs        *observe.Observer
+	tracer     *tracing.Tracer
 
 	// parts are started in order and stopped in reverse; started are those that
 	// Start has started and Stop has yet to stop.
@@ -222,6 +227,9 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		},
 		PinDir: cfg.Datapath.PinDir,
 	}, log)
+	if a.tracer, err = tracing.New(cfg.Tracing, cfg.Node, log); err != nil {
+		return nil, err
+	}
 	a.proxy, err = proxy.New(proxy.Config{
 		Node:       cfg.Node,
 		Mark:       cfg.Datapath.Mark,
@@ -230,6 +238,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		Identities: a.ids,
 		Log:        log,
 		Observer:   a.obs,
+		Tracer:     a.tracer,
 	})
 	if err != nil {
 		return nil, err
@@ -246,6 +255,8 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	// the enrolled pods' namespaces outlive the proxy that dials in them; the state
 	// arrives once the proxy can take pods; the servers report on all of it.
 	a.parts = []part{
+		// Tracing outlives the proxy, so the spans of the requests it drains are sent.
+		{"tracing", a.tracer},
 		{"capture", capture},
 		{"enrollments", hooks{stop: a.leavePods}},
 		{"proxy", a.proxy},

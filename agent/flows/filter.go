@@ -3,6 +3,7 @@ package flows
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
@@ -14,7 +15,7 @@ func Match(f *ferryv1.Flow, flt *ferryv1.FlowFilter) bool {
 	if flt == nil {
 		return true
 	}
-	src, dst := f.GetSource(), f.GetDestination()
+	src, dst, h := f.GetSource(), f.GetDestination(), f.GetHttp()
 	switch {
 	case !anyOf(flt.GetFromPod(), func(p string) bool { return podIs(src, p) }),
 		!anyOf(flt.GetToPod(), func(p string) bool { return podIs(dst, p) }),
@@ -24,7 +25,13 @@ func Match(f *ferryv1.Flow, flt *ferryv1.FlowFilter) bool {
 		!anyOf(flt.GetVerdict(), func(v string) bool { return strings.EqualFold(VerdictName(f.GetVerdict()), v) }),
 		!anyOf(flt.GetProtocol(), func(p string) bool { return strings.EqualFold(f.GetProtocol(), p) }),
 		!anyOf(flt.GetPort(), func(p uint32) bool { return dst.GetPort() == p }),
-		!anyOf(flt.GetHttpStatus(), func(s uint32) bool { return f.GetHttp().GetStatus() == s }),
+		!anyOf(flt.GetHttpStatus(), func(s uint32) bool { return h != nil && h.GetStatus() == s }),
+		!anyOf(flt.GetHttpStatusRange(), func(r *ferryv1.StatusRange) bool {
+			return h != nil && h.GetStatus() >= r.GetMin() && h.GetStatus() <= r.GetMax()
+		}),
+		!anyOf(flt.GetHttpMethod(), func(m string) bool { return h != nil && strings.EqualFold(h.GetMethod(), m) }),
+		!anyOf(flt.GetHttpPathPrefix(), func(p string) bool { return h != nil && strings.HasPrefix(h.GetPath(), p) }),
+		!anyOf(flt.GetGrpcStatus(), func(c string) bool { return h.GetGrpcStatus() != "" && h.GetGrpcStatus() == c }),
 		!anyOf(flt.GetNode(), func(n string) bool { return f.GetNode() == n }):
 		return false
 	}
@@ -90,10 +97,40 @@ func CheckFilter(flt *ferryv1.FlowFilter) error {
 	}
 	for _, p := range flt.GetProtocol() {
 		switch strings.ToLower(p) {
-		case "tcp", "http":
+		case "tcp", "http", "grpc":
 		default:
-			return fmt.Errorf("protocol %q: want tcp or http", p)
+			return fmt.Errorf("protocol %q: want tcp, http or grpc", p)
+		}
+	}
+	for _, r := range flt.GetHttpStatusRange() {
+		if r.GetMin() > r.GetMax() || r.GetMax() > 999 {
+			return fmt.Errorf("http status range %d-%d: want MIN-MAX with MIN <= MAX <= 999", r.GetMin(), r.GetMax())
+		}
+	}
+	for _, c := range flt.GetGrpcStatus() {
+		if n, err := strconv.ParseUint(c, 10, 8); err != nil || n > 16 {
+			return fmt.Errorf("grpc status %q: want a code from 0 (OK) to 16", c)
 		}
 	}
 	return nil
+}
+
+// ParseStatusRange reads an HTTP status filter: a code ("404"), a range ("500-599")
+// or a class ("5xx").
+func ParseStatusRange(s string) (*ferryv1.StatusRange, error) {
+	bad := fmt.Errorf("http status %q: want a code (404), a range (500-599) or a class (5xx)", s)
+	if len(s) == 3 && strings.HasSuffix(strings.ToLower(s), "xx") && s[0] >= '1' && s[0] <= '9' {
+		lo := uint32(s[0]-'0') * 100
+		return &ferryv1.StatusRange{Min: lo, Max: lo + 99}, nil
+	}
+	lo, hi, isRange := strings.Cut(s, "-")
+	if !isRange {
+		hi = lo
+	}
+	a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+	b, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+	if err1 != nil || err2 != nil || a > b || b > 999 {
+		return nil, bad
+	}
+	return &ferryv1.StatusRange{Min: uint32(a), Max: uint32(b)}, nil
 }

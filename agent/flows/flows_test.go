@@ -72,14 +72,18 @@ func TestEveryFilter(t *testing.T) {
 	failed := flow("a", "d", 9, 0)
 	failed.Verdict = ferryv1.Verdict_VERDICT_ERROR
 	httpFlow := flow("b", "a", 80, 0)
-	httpFlow.Protocol, httpFlow.Http = "http", &ferryv1.HTTP{Status: 503}
-	all := []*ferryv1.Flow{a2b, c2shop, failed, httpFlow}
+	httpFlow.Protocol, httpFlow.Http = "http", &ferryv1.HTTP{Status: 503, Method: "GET", Path: "/api/items?x=1"}
+	notFound := flow("d", "a", 80, 0)
+	notFound.Protocol, notFound.Http = "http", &ferryv1.HTTP{Status: 404, Method: "POST", Path: "/login"}
+	call := flow("e", "a", 9000, 0)
+	call.Protocol, call.Http = "grpc", &ferryv1.HTTP{Status: 200, Method: "POST", Path: "/shop.Cart/Add", GrpcStatus: "14"}
+	all := []*ferryv1.Flow{a2b, c2shop, failed, httpFlow, notFound, call}
 	for _, tc := range []struct {
 		name string
 		f    *ferryv1.FlowFilter
 		want []string
 	}{
-		{"none", nil, []string{"a>b", "c>web", "a>d", "b>a"}},
+		{"none", nil, []string{"a>b", "c>web", "a>d", "b>a", "d>a", "e>a"}},
 		{"from pod", &ferryv1.FlowFilter{FromPod: []string{"a"}}, []string{"a>b", "a>d"}},
 		{"from pod with namespace", &ferryv1.FlowFilter{FromPod: []string{"default/c"}}, []string{"c>web"}},
 		{"to pod", &ferryv1.FlowFilter{ToPod: []string{"shop/web", "b"}}, []string{"a>b", "c>web"}},
@@ -88,9 +92,17 @@ func TestEveryFilter(t *testing.T) {
 		{"to identity short", &ferryv1.FlowFilter{ToIdentity: []string{"shop/web"}}, []string{"c>web"}},
 		{"to identity path", &ferryv1.FlowFilter{ToIdentity: []string{"ns/default/sa/b"}}, []string{"a>b"}},
 		{"verdict", &ferryv1.FlowFilter{Verdict: []string{"error"}}, []string{"a>d"}},
-		{"protocol", &ferryv1.FlowFilter{Protocol: []string{"http"}}, []string{"b>a"}},
+		{"protocol", &ferryv1.FlowFilter{Protocol: []string{"http"}}, []string{"b>a", "d>a"}},
+		{"protocol grpc", &ferryv1.FlowFilter{Protocol: []string{"GRPC"}}, []string{"e>a"}},
 		{"port", &ferryv1.FlowFilter{Port: []uint32{443, 9}}, []string{"c>web", "a>d"}},
 		{"http status", &ferryv1.FlowFilter{HttpStatus: []uint32{503}}, []string{"b>a"}},
+		{"http status range", &ferryv1.FlowFilter{HttpStatusRange: []*ferryv1.StatusRange{{Min: 500, Max: 599}}}, []string{"b>a"}},
+		{"http status ranges", &ferryv1.FlowFilter{HttpStatusRange: []*ferryv1.StatusRange{{Min: 400, Max: 499}, {Min: 200, Max: 200}}}, []string{"d>a", "e>a"}},
+		{"status range leaves tcp out", &ferryv1.FlowFilter{HttpStatusRange: []*ferryv1.StatusRange{{Min: 0, Max: 999}}}, []string{"b>a", "d>a", "e>a"}},
+		{"http method", &ferryv1.FlowFilter{HttpMethod: []string{"post"}}, []string{"d>a", "e>a"}},
+		{"http path prefix", &ferryv1.FlowFilter{HttpPathPrefix: []string{"/api/", "/shop."}}, []string{"b>a", "e>a"}},
+		{"grpc status", &ferryv1.FlowFilter{GrpcStatus: []string{"14"}}, []string{"e>a"}},
+		{"protocol and status", &ferryv1.FlowFilter{Protocol: []string{"http"}, HttpStatusRange: []*ferryv1.StatusRange{{Min: 500, Max: 599}}}, []string{"b>a"}},
 		{"node", &ferryv1.FlowFilter{Node: []string{"node2"}}, []string{"c>web"}},
 		{"fields and", &ferryv1.FlowFilter{FromPod: []string{"a"}, Verdict: []string{"forwarded"}}, []string{"a>b"}},
 	} {
@@ -106,8 +118,29 @@ func TestEveryFilter(t *testing.T) {
 			}
 		}
 	}
-	if err := CheckFilter(&ferryv1.FlowFilter{Verdict: []string{"denied"}}); err == nil {
-		t.Error("verdict denied accepted")
+	for _, bad := range []*ferryv1.FlowFilter{
+		{Verdict: []string{"denied"}},
+		{Protocol: []string{"udp"}},
+		{HttpStatusRange: []*ferryv1.StatusRange{{Min: 599, Max: 500}}},
+		{GrpcStatus: []string{"UNAVAILABLE"}},
+	} {
+		if err := CheckFilter(bad); err == nil {
+			t.Errorf("filter %v accepted", bad)
+		}
+	}
+}
+
+func TestParseStatusRange(t *testing.T) {
+	for in, want := range map[string][2]uint32{"404": {404, 404}, "500-599": {500, 599}, "5xx": {500, 599}, "2XX": {200, 299}, "200-204": {200, 204}} {
+		r, err := ParseStatusRange(in)
+		if err != nil || r.GetMin() != want[0] || r.GetMax() != want[1] {
+			t.Errorf("%q: %v %v, want %v", in, r, err, want)
+		}
+	}
+	for _, in := range []string{"", "abc", "599-500", "5x", "1000", "-1", "0xx"} {
+		if r, err := ParseStatusRange(in); err == nil {
+			t.Errorf("%q accepted as %v", in, r)
+		}
 	}
 }
 

@@ -1,5 +1,6 @@
-// Package metrics holds the agent's Prometheus metrics: Istio's standard TCP metrics
-// (same names and labels, so existing dashboards and queries translate), the flow
+// Package metrics holds the agent's Prometheus metrics: Istio's standard TCP and
+// request metrics (same names, labels and buckets, so existing dashboards and queries
+// translate), the flow
 // ring's counters, and the kernel side: BPF map fill levels and the data path's
 // event counters read from BPF maps at scrape time.
 package metrics
@@ -7,6 +8,7 @@ package metrics
 import (
 	"net/http"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -22,7 +24,22 @@ const (
 	// ReporterDestination: by the agent of its destination pod.
 	ReporterSource      = "source"
 	ReporterDestination = "destination"
+	// ProtocolHTTP and ProtocolGRPC are request_protocol's values: HTTP/1.x and
+	// HTTP/2 are both "http", as Istio reports them.
+	ProtocolHTTP = "http"
+	ProtocolGRPC = "grpc"
+	// NoFlags is response_flags when nothing went wrong in the mesh.
+	NoFlags = "-"
 )
+
+// DurationBuckets are istio_request_duration_milliseconds' bucket bounds: Envoy's
+// default histogram buckets, which Istio's proxies export unless told otherwise, so
+// histogram_quantile over Ferry's and Istio's series agrees.
+var DurationBuckets = []float64{0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000}
+
+// SizeBuckets are istio_request_bytes' and istio_response_bytes' bounds: powers of
+// ten from 1 byte to 1 GB.
+var SizeBuckets = prometheus.ExponentialBuckets(1, 10, 10)
 
 // istioLabels are the label names of Istio's TCP metrics, in Labels' field order.
 var istioLabels = []string{
@@ -54,11 +71,59 @@ func (l Labels) values() []string {
 		l.ConnectionSecurityPolicy,
 	}
 	for i := range v {
-		if v[i] == "" {
-			v[i] = Unknown
-		}
+		v[i] = orUnknown(v[i])
 	}
 	return v
+}
+
+// requestLabels are the label names of Istio's request metrics, in
+// RequestLabels.values' order: the connection's, then the request's.
+var requestLabels = append(append([]string(nil), istioLabels...),
+	"source_app", "source_version", "source_canonical_service",
+	"destination_service_name", "destination_service_namespace",
+	"request_protocol", "response_code", "grpc_response_status", "response_flags",
+)
+
+// RequestLabels are one request's Istio labels: its connection's, the source's app
+// labels and the destination service's parts, and the request's outcome. Each value
+// is bounded: a status code, a gRPC code, a flag from a short list, never a path or
+// an authority.
+type RequestLabels struct {
+	Labels
+	SourceApp                   string
+	SourceVersion               string
+	SourceCanonicalService      string
+	DestinationServiceName      string
+	DestinationServiceNamespace string
+	// RequestProtocol is ProtocolHTTP or ProtocolGRPC.
+	RequestProtocol string
+	// ResponseCode is the HTTP status as text, "0" when no response came.
+	ResponseCode string
+	// GRPCResponseStatus is the gRPC status code as text; "" for plain HTTP.
+	GRPCResponseStatus string
+	// ResponseFlags are Envoy's response flags for what the mesh did ("UH": no
+	// healthy upstream...); NoFlags when nothing.
+	ResponseFlags string
+}
+
+func (l RequestLabels) values() []string {
+	v := append(l.Labels.values(), orUnknown(l.SourceApp), orUnknown(l.SourceVersion), orUnknown(l.SourceCanonicalService),
+		orUnknown(l.DestinationServiceName), orUnknown(l.DestinationServiceNamespace),
+		orUnknown(l.RequestProtocol), l.ResponseCode, l.GRPCResponseStatus, l.ResponseFlags)
+	if v[len(v)-1] == "" {
+		v[len(v)-1] = NoFlags
+	}
+	if v[len(v)-3] == "" {
+		v[len(v)-3] = "0"
+	}
+	return v
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return Unknown
+	}
+	return s
 }
 
 // Metrics is one agent's metrics, in a registry of its own.
@@ -66,10 +131,32 @@ type Metrics struct {
 	reg                  *prometheus.Registry
 	opened, closed       *prometheus.CounterVec
 	sentBytes, recvBytes *prometheus.CounterVec
+	requests             *prometheus.CounterVec
+	duration             *prometheus.HistogramVec
+	reqBytes, respBytes  *prometheus.HistogramVec
 
 	// series caches each label set's counters: resolving 9 label values in four
 	// vectors costs microseconds a connection, a map hit and four adds far less.
 	series sync.Map // Labels -> *tcpSeries
+	// requestSeries does the same for requests' 18 labels.
+	requestSeries sync.Map // RequestLabels -> *requestSeries
+}
+
+type requestSeries struct {
+	count                      prometheus.Counter
+	duration, reqSize, rspSize prometheus.Observer
+}
+
+func (m *Metrics) request(l RequestLabels) *requestSeries {
+	if s, ok := m.requestSeries.Load(l); ok {
+		return s.(*requestSeries)
+	}
+	v := l.values()
+	s, _ := m.requestSeries.LoadOrStore(l, &requestSeries{
+		count: m.requests.WithLabelValues(v...), duration: m.duration.WithLabelValues(v...),
+		reqSize: m.reqBytes.WithLabelValues(v...), rspSize: m.respBytes.WithLabelValues(v...),
+	})
+	return s.(*requestSeries)
 }
 
 type tcpSeries struct {
@@ -112,7 +199,14 @@ func New(node string, src Sources) *Metrics {
 		sentBytes: tcp("istio_tcp_sent_bytes_total", "Bytes sent in response (destination to source), counted when the connection closes."),
 		recvBytes: tcp("istio_tcp_received_bytes_total", "Bytes received in request (source to destination), counted when the connection closes."),
 	}
-	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes)
+	hist := func(name, help string, buckets []float64) *prometheus.HistogramVec {
+		return prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets}, requestLabels)
+	}
+	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_requests_total", Help: "HTTP requests and gRPC calls the proxy carried, counted when the response ends."}, requestLabels)
+	m.duration = hist("istio_request_duration_milliseconds", "Time from the request's start to the response's end, in milliseconds.", DurationBuckets)
+	m.reqBytes = hist("istio_request_bytes", "Request body sizes, in bytes.", SizeBuckets)
+	m.respBytes = hist("istio_response_bytes", "Response body sizes, in bytes.", SizeBuckets)
+	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes, m.requests, m.duration, m.reqBytes, m.respBytes)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if f := src.Flows; f != nil {
 		reg.MustRegister(
@@ -146,6 +240,16 @@ func (m *Metrics) ConnClosed(l Labels, request, response int64) {
 	s.closed.Inc()
 	s.recv.Add(float64(request))
 	s.sent.Add(float64(response))
+}
+
+// Request counts one HTTP request or gRPC call that ended, how long it took and
+// its body sizes: request is source to destination, response destination to source.
+func (m *Metrics) Request(l RequestLabels, d time.Duration, request, response int64) {
+	s := m.request(l)
+	s.count.Inc()
+	s.duration.Observe(float64(d) / float64(time.Millisecond))
+	s.reqSize.Observe(float64(max(request, 0)))
+	s.rspSize.Observe(float64(max(response, 0)))
 }
 
 // Registry is where the metrics live, for tests and for adding more collectors.

@@ -2,6 +2,7 @@ package observe
 
 import (
 	"net/netip"
+	"strconv"
 	"strings"
 
 	"github.com/ferrymesh/ferry/agent/metrics"
@@ -29,6 +30,29 @@ func (o *Observer) flow(c admin.Conn) *ferryv1.Flow {
 		BytesReceived: uint64(max(c.BytesRecv, 0)),
 		Duration:      durationpb.New(c.End.Sub(c.Start)),
 	}
+}
+
+// requestFlow turns a request the proxy carried at L7 (c.HTTP set) into a flow: the
+// connection's fields, with the request's bounds as its time and duration and its
+// bodies as its bytes, and the HTTP fields.
+func (o *Observer) requestFlow(c admin.Conn) *ferryv1.Flow {
+	f := o.flow(c)
+	h := c.HTTP
+	f.Protocol = requestProtocol(c)
+	f.Http = &ferryv1.HTTP{
+		Method: h.Method, Path: h.Path, Status: uint32(max(h.Status, 0)), Authority: h.Authority,
+		Version: h.Proto, GrpcStatus: h.GRPCStatus, TraceId: h.TraceID,
+	}
+	return f
+}
+
+// requestProtocol is a request's protocol in flows and in request_protocol: "grpc"
+// for a gRPC call, else "http" (HTTP/1.x and HTTP/2 alike, as Istio counts them).
+func requestProtocol(c admin.Conn) string {
+	if c.Protocol == admin.GRPC || (c.HTTP != nil && c.HTTP.GRPCStatus != "") {
+		return metrics.ProtocolGRPC
+	}
+	return metrics.ProtocolHTTP
 }
 
 // flowVerdict is the Observer API's name for a verdict: the mesh denying a
@@ -90,4 +114,53 @@ func connLabels(c admin.Conn, svc service) metrics.Labels {
 		l.DestinationWorkloadNamespace, l.DestinationWorkload = ns, name
 	}
 	return l
+}
+
+// requestLabels are a request's Istio labels: its connection's (connLabels, the one
+// helper both kinds of metrics use) and the request's own. Every value is bounded:
+// a status outside 100-999 is "0", a gRPC status that is not a code is "unknown".
+func requestLabels(c admin.Conn, svc service) metrics.RequestLabels {
+	l := metrics.RequestLabels{
+		Labels:                      connLabels(c, svc),
+		DestinationServiceName:      svc.name,
+		DestinationServiceNamespace: svc.namespace,
+		RequestProtocol:             requestProtocol(c),
+		ResponseCode:                "0",
+		ResponseFlags:               responseFlags(c.Reason),
+	}
+	// Istio's canonical service falls back to the workload's name when the pod has no
+	// app labels; the state carries no pod labels, so app and version stay unknown.
+	l.SourceCanonicalService = l.SourceWorkload
+	if h := c.HTTP; h != nil {
+		if h.Status >= 100 && h.Status <= 999 {
+			l.ResponseCode = strconv.Itoa(h.Status)
+		}
+		if g := h.GRPCStatus; g != "" {
+			l.GRPCResponseStatus = metrics.Unknown
+			if n, err := strconv.ParseUint(g, 10, 8); err == nil && n <= 16 {
+				l.GRPCResponseStatus = strconv.FormatUint(n, 10)
+			}
+		}
+	}
+	return l
+}
+
+// responseFlags are Envoy's response flags for what went wrong in the mesh, so
+// queries written for Istio (response_flags="UH") find the same requests.
+func responseFlags(r admin.Reason) string {
+	switch r {
+	case admin.ReasonNoEndpoints:
+		return "UH" // no healthy upstream
+	case admin.ReasonRefused, admin.ReasonUnreachable, admin.ReasonTunnel:
+		return "UF" // upstream connection failure
+	case admin.ReasonTimeout:
+		return "UT" // upstream request timeout
+	case admin.ReasonReset:
+		return "UC" // upstream connection termination
+	case admin.ReasonCanceled:
+		return "DC" // downstream connection termination
+	case admin.ReasonForbidden:
+		return "RBAC" // denied by authorization policy
+	}
+	return metrics.NoFlags
 }

@@ -1,6 +1,6 @@
-// Package observe is the agent's observability component: every connection the
-// proxy reports becomes a flow in a bounded ring, served over the Observer gRPC API,
-// and counts in the Prometheus metrics, served on an address of its own (and, through
+// Package observe is the agent's observability component: every connection and
+// every L7 request the proxy reports becomes a flow in a bounded ring, served over
+// the Observer gRPC API, and counts in the Prometheus metrics, served on an address of its own (and, through
 // Handler, on the admin socket).
 package observe
 
@@ -238,10 +238,15 @@ func (o *Observer) ConnClosed(c admin.Conn) {
 	o.ring.Add(f)
 }
 
-// Request records one request the proxy carried at L7 (c.HTTP is set) as a flow.
-// TODO(issue 10): Istio's request metrics from it.
+// Request records one request the proxy carried at L7 as a flow and in Istio's
+// request metrics. A record without c.HTTP is not a request and is ignored.
 func (o *Observer) Request(c admin.Conn) {
-	f := o.flow(c)
-	f.Service = o.serviceOf(c).flow
+	if c.HTTP == nil {
+		return
+	}
+	svc := o.serviceOf(c)
+	o.metrics.Request(requestLabels(c, svc), c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	f := o.requestFlow(c)
+	f.Service = svc.flow
 	o.ring.Add(f)
 }

@@ -2,11 +2,14 @@ package observe
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/netip"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -190,5 +193,173 @@ func BenchmarkConnObserved(b *testing.B) {
 	for b.Loop() {
 		o.ConnOpened(c)
 		o.ConnClosed(c)
+	}
+}
+
+// request is one HTTP request from a to a Service endpoint on c, as the source
+// node's proxy reports it.
+func request(i, status int, reason admin.Reason) admin.Conn {
+	start := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC).Add(time.Duration(i) * time.Millisecond)
+	c := admin.Conn{
+		Direction: admin.Outbound, Security: admin.MTLS, SrcPod: "default/a", DstPod: "default/c", DstNode: "node2",
+		Src: netip.AddrPortFrom(netip.MustParseAddr("10.1.1.10"), uint16(40000+i%2000)), Dst: netip.MustParseAddrPort("10.1.2.10:8080"),
+		Service:     netip.MustParseAddrPort("10.96.0.50:80"),
+		SrcIdentity: "spiffe://cluster.local/ns/default/sa/a", DstIdentity: "spiffe://cluster.local/ns/default/sa/c",
+		Start: start, End: start.Add(time.Duration(2+i%7) * time.Millisecond), BytesSent: int64(i % 100), BytesRecv: 1000,
+		Verdict: admin.VerdictForwarded, Reason: reason, Protocol: admin.HTTP1,
+		// Paths and client ports vary per request: neither may become a label.
+		HTTP: &admin.HTTP{Method: "GET", Authority: "web.default", Path: fmt.Sprintf("/items/%d", i), Proto: "HTTP/1.1", Status: status},
+	}
+	if reason != admin.ReasonNone {
+		c.Verdict = admin.VerdictError
+	}
+	return c
+}
+
+// Metrics equal flows at L7: N requests with a mix of 200, 404 and 503 give
+// istio_requests_total summing to N, split by response_code as sent, on the metrics
+// listener a Prometheus scrapes; and N request flows with their HTTP fields on the
+// Observer socket.
+func TestRequestsBecomeMetricsAndFlows(t *testing.T) {
+	dir := t.TempDir()
+	const n = 1000
+	cfg := Config{MetricsAddr: "127.0.0.1:0", FlowCapacity: 2 * n}.Beside(filepath.Join(dir, "agent.sock"))
+	o := New(cfg, "node1", Sources{}, slog.New(slog.DiscardHandler))
+	o.SetState(&ferryv1.NodeState{Services: []*ferryv1.Service{{Name: "web", Namespace: "default", ClusterIps: []string{"10.96.0.50"},
+		Ports: []*ferryv1.ServicePort{{Port: 80, TargetPort: "8080"}}}}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := o.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer o.Stop(ctx)
+	want := map[string]int{}
+	for i := range n {
+		status, reason := 200, admin.ReasonNone
+		switch {
+		case i%10 == 3:
+			status = 404
+		case i%10 == 7:
+			status, reason = 503, admin.ReasonNoEndpoints
+		}
+		want[strconv.Itoa(status)]++
+		o.Request(request(i, status, reason))
+	}
+	o.Request(admin.Conn{Direction: admin.Outbound}) // not a request record: ignored
+
+	resp, err := http.Get("http://" + o.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	got, total, series := map[string]int{}, 0, 0
+	line := regexp.MustCompile(`(?m)^istio_requests_total\{(.*)\} (\d+)$`)
+	for _, m := range line.FindAllStringSubmatch(string(body), -1) {
+		v, _ := strconv.Atoi(m[2])
+		code := regexp.MustCompile(`response_code="(\d+)"`).FindStringSubmatch(m[1])
+		if code == nil {
+			t.Fatalf("series without response_code: %s", m[0])
+		}
+		got[code[1]] += v
+		total += v
+		series++
+		for _, l := range []string{`reporter="source"`, `request_protocol="http"`, `destination_service="web.default.svc.cluster.local"`,
+			`destination_service_name="web"`, `destination_service_namespace="default"`, `source_workload="a"`, `destination_workload="c"`,
+			`connection_security_policy="mutual_tls"`, `source_canonical_service="a"`} {
+			if !strings.Contains(m[1], l) {
+				t.Errorf("series %s lacks %s", m[0], l)
+			}
+		}
+		if strings.Contains(m[1], `response_code="503"`) != strings.Contains(m[1], `response_flags="UH"`) {
+			t.Errorf("series %s: 503 for no endpoint goes with response_flags UH, and only it", m[0])
+		}
+	}
+	if total != n || got["200"] != want["200"] || got["404"] != want["404"] || got["503"] != want["503"] {
+		t.Errorf("istio_requests_total: %v (sum %d), want %v (sum %d)", got, total, want, n)
+	}
+	if series != 3 {
+		t.Errorf("%d series of istio_requests_total, want 3 (one per status): paths or ports became labels?", series)
+	}
+	for _, name := range []string{"istio_request_duration_milliseconds_count", "istio_request_bytes_count", "istio_response_bytes_count"} {
+		sum := 0
+		for _, m := range regexp.MustCompile(`(?m)^`+name+`\{.*\} (\d+)$`).FindAllStringSubmatch(string(body), -1) {
+			v, _ := strconv.Atoi(m[1])
+			sum += v
+		}
+		if sum != n {
+			t.Errorf("%s sums to %d, want %d", name, sum, n)
+		}
+	}
+
+	conn, err := grpc.NewClient("unix://"+filepath.Join(dir, "observer.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := ferryv1.NewObserverClient(conn).GetFlows(ctx, &ferryv1.GetFlowsRequest{Filter: &ferryv1.FlowFilter{
+		Protocol: []string{"http"}, HttpStatusRange: []*ferryv1.StatusRange{{Min: 500, Max: 599}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	flows := 0
+	for {
+		m, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := m.GetFlow()
+		h := f.GetHttp()
+		if flows == 0 && (f.GetProtocol() != "http" || h.GetMethod() != "GET" || h.GetAuthority() != "web.default" || !strings.HasPrefix(h.GetPath(), "/items/") ||
+			h.GetVersion() != "HTTP/1.1" || h.GetStatus() != 503 || f.GetService() != "default/web" || f.GetReason() != "no_endpoints" ||
+			f.GetVerdict() != ferryv1.Verdict_VERDICT_ERROR || f.GetDuration().AsDuration() < 2*time.Millisecond || f.GetBytesReceived() != 1000) {
+			t.Errorf("request flow %v", f)
+		}
+		flows++
+	}
+	if flows != want["503"] {
+		t.Errorf("%d flows with --protocol http --http-status 500-599, want %d", flows, want["503"])
+	}
+}
+
+func TestRequestLabelsBounded(t *testing.T) {
+	c := request(1, 200, admin.ReasonNone)
+	c.Protocol, c.HTTP.GRPCStatus = admin.GRPC, "14"
+	l := requestLabels(c, service{metric: "web.default.svc.cluster.local", name: "web", namespace: "default"})
+	if l.RequestProtocol != "grpc" || l.GRPCResponseStatus != "14" || l.ResponseCode != "200" || l.ResponseFlags != "-" {
+		t.Errorf("grpc labels %+v", l)
+	}
+	for _, tc := range []struct {
+		status     int
+		grpc, code string
+		wantGRPC   string
+	}{
+		{0, "", "0", ""}, {42, "", "0", ""}, {1000, "", "0", ""}, {599, "", "599", ""},
+		{200, "UNAVAILABLE", "200", "unknown"}, {200, "99", "200", "unknown"}, {200, "0", "200", "0"},
+	} {
+		c.HTTP.Status, c.HTTP.GRPCStatus = tc.status, tc.grpc
+		l := requestLabels(c, service{})
+		if l.ResponseCode != tc.code || l.GRPCResponseStatus != tc.wantGRPC {
+			t.Errorf("status %d grpc %q: labels %q %q, want %q %q", tc.status, tc.grpc, l.ResponseCode, l.GRPCResponseStatus, tc.code, tc.wantGRPC)
+		}
+	}
+	for r, want := range map[admin.Reason]string{admin.ReasonNoEndpoints: "UH", admin.ReasonTimeout: "UT", admin.ReasonRefused: "UF", admin.ReasonNone: "-"} {
+		if got := responseFlags(r); got != want {
+			t.Errorf("reason %q: flags %q, want %q", r, got, want)
+		}
+	}
+}
+
+// BenchmarkRequestObserved is what the agent adds to every request the proxy
+// carries at L7: the metrics, a flow record and the ring.
+func BenchmarkRequestObserved(b *testing.B) {
+	o := New(DefaultConfig(), "node1", Sources{}, slog.New(slog.DiscardHandler))
+	c := request(1, 200, admin.ReasonNone)
+	b.ReportAllocs()
+	for b.Loop() {
+		o.Request(c)
 	}
 }

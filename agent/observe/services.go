@@ -1,17 +1,17 @@
 package observe
 
 import (
-	"github.com/ferrymesh/ferry/api/admin"
 	"net/netip"
 	"sort"
 	"strconv"
 
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 )
 
 // service is a destination's service in flows ("namespace/name") and in the metrics
-// (Istio's "name.namespace.svc.cluster.local").
-type service struct{ flow, metric string }
+// (Istio's "name.namespace.svc.cluster.local", and its name and namespace apart).
+type service struct{ flow, metric, name, namespace string }
 
 // serviceIndex indexes the state's services by the addresses that reach them: each
 // cluster IP and port, and each endpoint pod's IP and numeric target port. When two
@@ -37,7 +37,8 @@ func serviceIndex(st *ferryv1.NodeState) *map[netip.AddrPort]service {
 		}
 	}
 	for _, sv := range svcs {
-		s := service{flow: sv.GetNamespace() + "/" + sv.GetName(), metric: sv.GetName() + "." + sv.GetNamespace() + ".svc.cluster.local"}
+		s := service{flow: sv.GetNamespace() + "/" + sv.GetName(), metric: sv.GetName() + "." + sv.GetNamespace() + ".svc.cluster.local",
+			name: sv.GetName(), namespace: sv.GetNamespace()}
 		for _, p := range sv.GetPorts() {
 			for _, c := range sv.GetClusterIps() {
 				if ip, err := netip.ParseAddr(c); err == nil {

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/pipe"
+	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
 )
@@ -119,13 +120,18 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		Direction: hc.rec.Direction, Pod: hc.rec.Pod, Src: hc.rec.Src, Dst: hc.rec.Dst, Service: hc.rec.Service,
 		SrcIdentity: hc.rec.SrcIdentity, DstIdentity: hc.rec.DstIdentity, Security: hc.rec.Security,
 		Protocol: requestProtocol(r), Start: time.Now(),
-		HTTP: &admin.HTTP{Method: r.Method, Authority: r.Host, Path: r.URL.RequestURI(), Proto: r.Proto, TraceID: traceID(r.Header)},
+		HTTP: &admin.HTTP{Method: r.Method, Authority: r.Host, Path: r.URL.RequestURI(), Proto: r.Proto},
 	}
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
 
 	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
-	if ep == nil {
+	var from, to Workload
+	var service string
+	if ep != nil {
+		to = hc.pd.w
+		from, _ = p.workloadAt(rec.Src.Addr())
+	} else {
 		p.mu.RLock()
 		vp, _, _ := p.services.lookup(hc.rec.Service)
 		ok := vp != nil
@@ -143,7 +149,18 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
+		from, to, service = hc.pd.w, rt.Peer, vp.service
 	}
+
+	// The hop's span: the client's on the source node, the server's on the
+	// destination; either sets the trace headers the next hop receives.
+	attrs := spanAttrs(from, to, service, ep.addr)
+	endSpan := p.cfg.Tracer.Client
+	if hc.inbound != nil {
+		endSpan = p.cfg.Tracer.Server
+	}
+	end := endSpan(r, attrs)
+	rec.HTTP.TraceID = tracing.TraceID(r.Header)
 
 	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
 	out := r.WithContext(context.WithValue(r.Context(), upstreamKey{}, up))
@@ -162,6 +179,7 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 			rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
 			rec.Error = up.err.Error()
 		}
+		end(rw.status, grpcStatus(rw.Header()), up.err)
 	}()
 	p.l7.proxy.ServeHTTP(rw, out)
 }
@@ -449,19 +467,16 @@ func requestProtocol(r *http.Request) admin.Protocol {
 	return admin.HTTP2
 }
 
-// traceID is the trace a request belongs to, from its W3C traceparent or B3 headers.
-func traceID(h http.Header) string {
-	if tp := h.Get("Traceparent"); len(tp) >= 35 && tp[2] == '-' {
-		return tp[3:35]
+// spanAttrs describes a hop from workload from to workload to (either may be
+// unknown: outside the mesh) for its span.
+func spanAttrs(from, to Workload, service string, upstream netip.AddrPort) tracing.Attrs {
+	a := tracing.Attrs{Upstream: upstream.String()}
+	a.SourceNamespace, a.SourceWorkload, _ = strings.Cut(from.Name, "/")
+	a.DestinationNamespace, a.DestinationWorkload, _ = strings.Cut(to.Name, "/")
+	if ns, name, ok := strings.Cut(service, "/"); ok {
+		a.Service = name + "." + ns + ".svc.cluster.local"
 	}
-	if id := h.Get("X-B3-Traceid"); id != "" {
-		return id
-	}
-	if b3 := h.Get("B3"); b3 != "" {
-		id, _, _ := strings.Cut(b3, "-")
-		return id
-	}
-	return ""
+	return a
 }
 
 // grpcStatus is the grpc-status a response carried: in its trailers, or in its

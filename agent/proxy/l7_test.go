@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/internal/loopback"
@@ -30,10 +32,23 @@ func (r *requests) Request(c Conn) {
 	r.mu.Unlock()
 }
 
-func (r *requests) all() []Conn {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]Conn(nil), r.got...)
+// wait returns the records once there are n: a request is recorded when its
+// handler returns, just after the client has its answer.
+func (r *requests) wait(t *testing.T, n int) []Conn {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r.mu.Lock()
+		got := append([]Conn(nil), r.got...)
+		r.mu.Unlock()
+		if len(got) >= n || time.Now().After(deadline) {
+			if len(got) != n {
+				t.Fatalf("%d request records, want %d", len(got), n)
+			}
+			return got
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // newL7Proxy is a test proxy whose every endpoint is one HTTP app (HTTP/1.1 and h2c)
@@ -144,7 +159,7 @@ func TestL7BalancesEachRequest(t *testing.T) {
 				}
 			}
 			per := map[netip.AddrPort]int{}
-			for _, r := range obs.all() {
+			for _, r := range obs.wait(t, 9) {
 				per[r.Dst]++
 				if r.Service != netip.AddrPortFrom(vip, 80) || r.HTTP == nil || r.HTTP.Method != "GET" || r.HTTP.Authority != "web.default" ||
 					!strings.HasPrefix(r.HTTP.Path, "/p/") || r.Verdict != admin.VerdictForwarded {
@@ -182,8 +197,8 @@ func TestL7GRPCTrailers(t *testing.T) {
 	if string(body) != "\x00\x00\x00\x00\x01x" || res.Trailer.Get("Grpc-Status") != "5" {
 		t.Fatalf("body %q trailer %v", body, res.Trailer)
 	}
-	rs := obs.all()
-	if len(rs) != 1 || rs[0].Protocol != admin.GRPC || rs[0].HTTP.GRPCStatus != "5" || rs[0].BytesSent != 6 || rs[0].BytesRecv != 6 {
+	rs := obs.wait(t, 1)
+	if rs[0].Protocol != admin.GRPC || rs[0].HTTP.GRPCStatus != "5" || rs[0].BytesSent != 6 || rs[0].BytesRecv != 6 {
 		t.Fatalf("records %+v", rs)
 	}
 }
@@ -203,8 +218,85 @@ func TestL7NoEndpointAnswers503(t *testing.T) {
 	if res.StatusCode != http.StatusServiceUnavailable || body != "no healthy upstream\n" {
 		t.Fatalf("%d %q, want 503 no healthy upstream", res.StatusCode, body)
 	}
-	rs := obs.all()
+	rs := obs.wait(t, 2)
 	if last := rs[len(rs)-1]; last.Reason != admin.ReasonNoEndpoints || last.Verdict != admin.VerdictError || last.HTTP.Status != 503 {
 		t.Fatalf("record %+v", last)
+	}
+}
+
+// An Upgrade (WebSocket's handshake) answered 101 goes on as a byte stream both ways.
+func TestL7Upgrade(t *testing.T) {
+	tp, _, _ := newL7Proxy(t, "", "kubernetes.io/ws")
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", 400)
+			return
+		}
+		c, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		rw.Flush()
+		io.Copy(c, rw)
+	}))
+	t.Cleanup(app.Close)
+	addr := netip.MustParseAddrPort(app.Listener.Addr().String())
+	tp.netA.app, tp.netB.app, tp.tunnels.app = addr, addr, addr
+
+	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	client, accepted := loopback.Pair(t)
+	go tp.handleOutbound(tp.a, accepted)
+	fmt.Fprint(client, "GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	br := bufio.NewReader(client)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("%v %v", res, err)
+	}
+	for i := range 100 {
+		msg := fmt.Sprintf("message %d\n", i)
+		client.Write([]byte(msg))
+		line, err := br.ReadString('\n')
+		if err != nil || line != msg {
+			t.Fatalf("echo %d: %q %v", i, line, err)
+		}
+	}
+	client.Close()
+}
+
+// Expect: 100-continue: the client hears 100 Continue and then the answer.
+func TestL7ExpectContinue(t *testing.T) {
+	tp, obs, _ := newL7Proxy(t, "", "http")
+	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	client, accepted := loopback.Pair(t)
+	go tp.handleOutbound(tp.a, accepted)
+	fmt.Fprint(client, "PUT /up HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	br := bufio.NewReader(client)
+	line, err := br.ReadString('\n')
+	if err != nil || line != "HTTP/1.1 100 Continue\r\n" {
+		t.Fatalf("first line %q %v, want 100 Continue before the body", line, err)
+	}
+	for line != "\r\n" {
+		line, _ = br.ReadString('\n')
+	}
+	client.Write([]byte("hello"))
+	for {
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.StatusCode == http.StatusContinue {
+			continue // the app's own 100, relayed
+		}
+		body, _ := io.ReadAll(res.Body)
+		if res.StatusCode != 200 || string(body) != "HTTP/1.1 /up 5" {
+			t.Fatalf("%d %q", res.StatusCode, body)
+		}
+		break
+	}
+	client.Close()
+	if rs := obs.wait(t, 1); rs[0].BytesSent != 5 {
+		t.Fatalf("records %+v", rs)
 	}
 }

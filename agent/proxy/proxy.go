@@ -22,6 +22,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/pipe"
+	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/mesh"
@@ -83,6 +84,8 @@ type Config struct {
 	Log        *slog.Logger
 	// Observer, optional, is told of every connection (flows and metrics).
 	Observer ConnObserver
+	// Tracer, optional, makes a span of every request carried at L7.
+	Tracer *tracing.Tracer
 }
 
 // Proxy serves the enrolled pods of one node.

@@ -115,7 +115,8 @@ func labObservers(prefix string) ([]relay.Agent, error) {
 // filterFlags are ferry observe's filters.
 type filterFlags struct {
 	fromPod, toPod, namespace, fromID, toID, verdict, protocol, node []string
-	port, httpStatus                                                 []uint
+	httpStatus, httpMethod, httpPath, grpcStatus                     []string
+	port                                                             []uint
 }
 
 func (ff *filterFlags) add(cmd *cobra.Command) {
@@ -126,9 +127,12 @@ func (ff *filterFlags) add(cmd *cobra.Command) {
 	f.StringSliceVar(&ff.fromID, "from-identity", nil, "source identity: SPIFFE ID or NAMESPACE/SERVICEACCOUNT")
 	f.StringSliceVar(&ff.toID, "to-identity", nil, "destination identity: SPIFFE ID or NAMESPACE/SERVICEACCOUNT")
 	f.StringSliceVar(&ff.verdict, "verdict", nil, "forwarded, dropped or error")
-	f.StringSliceVar(&ff.protocol, "protocol", nil, "tcp or http")
+	f.StringSliceVar(&ff.protocol, "protocol", nil, "tcp (connections), http or grpc (requests)")
 	f.UintSliceVar(&ff.port, "port", nil, "destination port")
-	f.UintSliceVar(&ff.httpStatus, "http-status", nil, "HTTP status (L7 flows)")
+	f.StringSliceVar(&ff.httpStatus, "http-status", nil, "HTTP status of request flows: a code (404), a range (500-599) or a class (5xx)")
+	f.StringSliceVar(&ff.httpMethod, "http-method", nil, "HTTP method of request flows (GET, POST)")
+	f.StringSliceVar(&ff.httpPath, "http-path", nil, "prefix of the request path (/api/)")
+	f.StringSliceVar(&ff.grpcStatus, "grpc-status", nil, "gRPC status code of gRPC calls (0 is OK, 14 UNAVAILABLE)")
 	f.StringSliceVar(&ff.node, "node", nil, "node whose agent recorded the flow")
 }
 
@@ -136,7 +140,14 @@ func (ff *filterFlags) filter() (*ferryv1.FlowFilter, error) {
 	flt := &ferryv1.FlowFilter{
 		FromPod: ff.fromPod, ToPod: ff.toPod, Namespace: ff.namespace,
 		FromIdentity: ff.fromID, ToIdentity: ff.toID, Verdict: ff.verdict, Protocol: ff.protocol,
-		Port: u32s(ff.port), HttpStatus: u32s(ff.httpStatus), Node: ff.node,
+		Port: u32s(ff.port), Node: ff.node, HttpMethod: ff.httpMethod, HttpPathPrefix: ff.httpPath, GrpcStatus: ff.grpcStatus,
+	}
+	for _, s := range ff.httpStatus {
+		r, err := flows.ParseStatusRange(s)
+		if err != nil {
+			return nil, fmt.Errorf("--http-status: %w", err)
+		}
+		flt.HttpStatusRange = append(flt.HttpStatusRange, r)
 	}
 	return flt, flows.CheckFilter(flt)
 }
@@ -178,6 +189,11 @@ identities, the verdict (forwarded, dropped, error) and why, how it was secured 
 same-node, plaintext), bytes each way and duration. A flow is recorded when its
 connection ends. Each agent keeps its last flows (4096 by default) in memory.
 
+Traffic the proxies carry at L7 (HTTP/1.1, HTTP/2, gRPC) also gives one flow per
+request, with protocol http or grpc: method, authority and path, status, gRPC status
+and latency (the flow's duration), and the bodies' bytes. Select them with
+--protocol http (or grpc) and the --http-* and --grpc-status filters.
+
 Flows come from every agent of a lab (--lab), from agents' Observer sockets
 (--agent-socket), or from an agent or relay over TCP (--server); from several sources
 they are merged in time order. With no source flag: the lab "fy" if it is up, else
@@ -190,7 +206,10 @@ only new flows.`,
   ferry observe --lab fy --from-pod a --verdict error -o table
   ferry observe --lab fy -f --to-identity default/c
   ferry observe --agent-socket /run/ferry/observer.sock --last 100 -o json | jq .
-  ferry observe --server 10.0.0.5:4245 --since 5m --port 8080`,
+  ferry observe --server 10.0.0.5:4245 --since 5m --port 8080
+  ferry observe --lab fy --protocol http --http-status 500-599
+  ferry observe --lab fy -f --protocol http,grpc --http-method POST --http-path /api/
+  ferry observe --lab fy --protocol grpc --grpc-status 14 -o table`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
@@ -297,26 +316,54 @@ func (p *flowPrinter) print(f *ferryv1.Flow) error {
 		return err
 	case "table":
 		if p.n == 1 {
-			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tSENT\tRECEIVED\tDURATION\tREASON")
+			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tPROTOCOL\tREQUEST\tSTATUS\tSENT\tRECEIVED\tDURATION\tREASON")
 		}
-		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
+		request, status := "-", "-"
+		if h := f.GetHttp(); h != nil {
+			request, status = requestText(h), statusText(h)
+		}
+		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
 			f.GetTime().AsTime().Local().Format("15:04:05.000"), f.GetNode(),
 			endpointText(f.GetSource()), endpointText(f.GetDestination()), f.GetSecurity(),
-			strings.ToUpper(flows.VerdictName(f.GetVerdict())), f.GetBytesSent(), f.GetBytesReceived(),
-			f.GetDuration().AsDuration().Round(time.Microsecond), dash(f.GetReason()))
+			strings.ToUpper(flows.VerdictName(f.GetVerdict())), dash(f.GetProtocol()), request, status,
+			f.GetBytesSent(), f.GetBytesReceived(), f.GetDuration().AsDuration().Round(time.Microsecond), dash(f.GetReason()))
 		if p.follow { // each row as it comes; columns may then shift a little
 			return p.tw.Flush()
 		}
 		return nil
 	}
 	src, dst := f.GetSource(), f.GetDestination()
-	_, err := fmt.Fprintf(p.w, "%s [%s] %s %s -> %s %s %s %s ↑%s ↓%s %s%s\n",
+	// A request flow reads as Hubble's http lines do: the protocol and version, the
+	// request, "=>", its status and latency.
+	l7 := ""
+	if h := f.GetHttp(); h != nil {
+		l7 = fmt.Sprintf(" %s %s %s => %s", f.GetProtocol(), dash(h.GetVersion()), requestText(h), statusText(h))
+	}
+	_, err := fmt.Fprintf(p.w, "%s [%s] %s %s -> %s %s %s %s%s ↑%s ↓%s %s%s\n",
 		f.GetTime().AsTime().Local().Format("Jan _2 15:04:05.000"), f.GetNode(),
 		endpointText(src), idText(src.GetIdentity()), endpointText(dst), idText(dst.GetIdentity()),
-		f.GetSecurity(), strings.ToUpper(flows.VerdictName(f.GetVerdict())),
+		f.GetSecurity(), strings.ToUpper(flows.VerdictName(f.GetVerdict())), l7,
 		byteText(f.GetBytesSent()), byteText(f.GetBytesReceived()),
 		f.GetDuration().AsDuration().Round(time.Microsecond), reasonText(f.GetReason()))
 	return err
+}
+
+// requestText is "METHOD authority/path": GET web.default/items/1.
+func requestText(h *ferryv1.HTTP) string {
+	return dash(h.GetMethod()) + " " + h.GetAuthority() + h.GetPath()
+}
+
+// statusText is the response status, with the gRPC status of a call: "200",
+// "200 grpc-status 14", "-" when no response came.
+func statusText(h *ferryv1.HTTP) string {
+	s := "-"
+	if h.GetStatus() != 0 {
+		s = strconv.Itoa(int(h.GetStatus()))
+	}
+	if g := h.GetGrpcStatus(); g != "" {
+		s += " grpc-status " + g
+	}
+	return s
 }
 
 func (p *flowPrinter) flush() {

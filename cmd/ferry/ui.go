@@ -40,7 +40,9 @@ func newUICommand() *cobra.Command {
 		Short: "Serve a web page with the live service map and the flows",
 		Long: `Serve a web page that shows, from the agents' flows, a live service map (workloads as
 nodes; connections as edges with their rate, error rate and whether they were carried
-over mutual TLS) and a filterable table of the flows, refreshed every second.
+over mutual TLS; requests carried at L7 as edges to the Service they called, with their
+rate, success rate (a response that is not 5xx, and gRPC status OK) and p99 latency
+over the last minute) and a filterable table of the flows, refreshed every second.
 
 The page reads the agents through this process (an in-process relay merges their flows
 in time order), so it works against a lab from the host: pass --lab PREFIX. Listen on
