@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/lab"
 )
 
@@ -284,6 +285,7 @@ func TestL7CurlKeepAlive(t *testing.T) {
 	for _, sv := range []netip.Addr{httpVIP, httpNamedVIP, httpDetVIP} {
 		t.Run(sv.String(), func(t *testing.T) {
 			for _, keepAlive := range []bool{true, false} {
+				since := time.Now()
 				tg := tag(t)
 				const n = 40
 				args := []string{"-sS", "-o", "/dev/null", "-w", curlWriteOut}
@@ -307,6 +309,12 @@ func TestL7CurlKeepAlive(t *testing.T) {
 				}
 				e.servedAll(t, fmt.Sprintf("keep-alive %t", keepAlive), tg, "HTTP/1.1", n)
 				t.Logf("keep-alive %t: slowest request %.1f ms", keepAlive, slowest*1000)
+				// Declared or detected, node1's proxy carried each connection at L7.
+				for _, c := range e.clientConns(t, "node1", netip.AddrPortFrom(sv, servicePort), since, connects) {
+					if c.Protocol != admin.HTTP1 {
+						t.Errorf("keep-alive %t: node1 carried a connection to %s as %q, want %q (per request)", keepAlive, c.Service, c.Protocol, admin.HTTP1)
+					}
+				}
 			}
 		})
 	}
@@ -361,6 +369,30 @@ func TestL7H2load(t *testing.T) {
 		t.Fatalf("h2load:\n%s", out)
 	}
 	e.servedAll(t, "h2load", tg, "HTTP/2.0", n)
+}
+
+// clientConns waits until node's agent has recorded n ended client connections (not
+// request records) to the Service address svc since since, and returns them.
+func (e *env) clientConns(t *testing.T, node string, svc netip.AddrPort, since time.Time, n int) []connRecord {
+	t.Helper()
+	var got []connRecord
+	deadline := time.Now().Add(carryWait)
+	for {
+		got = got[:0]
+		for _, c := range e.conns(node) {
+			if c.Service == svc && c.HTTP == nil && !c.Start.Before(since) && !c.End.IsZero() {
+				got = append(got, c)
+			}
+		}
+		if len(got) >= n || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(got) != n {
+		t.Fatalf("node %s recorded %d ended connections to %s, want %d:\n%s", node, len(got), svc, n, formatConns(got))
+	}
+	return got
 }
 
 // servedAll checks that the shared lab's L7 servers saw n requests tagged tg, all
