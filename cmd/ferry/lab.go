@@ -472,10 +472,13 @@ func newLabDemoCommand(f *labFlags) *cobra.Command {
 		Use:   "demo",
 		Short: "Bring up the default lab with agents, send traffic between pods, show what crossed the mesh",
 		Long: `The demo (what 'make demo' runs): build the default two-node lab with an agent on
-each node, start an echo server in every pod, send 1 MiB across nodes (a → c, mTLS
-tunnel), on one node (a → b), into the mesh from a pod outside it (d → c) and out of
-the mesh (a → d), and print what the agents carried: how, between which identities,
-and how many bytes. The lab stays up afterwards so you can look around.`,
+each node, start echo servers (TCP, HTTP, gRPC) in every pod, send 1 MiB across nodes
+(a → c, mTLS tunnel), on one node (a → b), into the mesh from a pod outside it (d → c),
+out of the mesh (a → d) and twice to Service web (10.96.0.50, TCP); then 6 curl
+requests on one connection to Service api (10.96.0.51, HTTP) and 6 gRPC calls on one
+channel to Service rpc (10.96.0.52), each balanced per request over b and c; and print
+what the agents carried: how, between which identities, and how many bytes. The lab
+stays up afterwards so you can look around.`,
 		Example: `  sudo ferry lab demo --agent ./bin/ferry-agent
   sudo ferry lab status
   sudo ferry lab down`,
