@@ -84,6 +84,7 @@ func evenly(t *testing.T, what string, n int, per map[string]int) {
 	if total != n {
 		t.Errorf("%s: the endpoints saw %d requests, want %d (%v)", what, total, n, per)
 	}
+	t.Logf("%s: %d, per endpoint %v", what, n, per)
 }
 
 // 3,000 requests over one keep-alive HTTP/1.1 connection (fortio -c 1), with
