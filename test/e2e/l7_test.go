@@ -527,11 +527,7 @@ func TestL7FabricOnlyTLS(t *testing.T) {
 	e.mustRun(t, "a", "grpc", vip(grpcVIP), "large_unary", "ping_pong", "unary:20")
 	e.mustRun(t, "a", "ws", vip(wsVIP), "200")
 	stop()
-	raw, err := os.ReadFile(pcap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if bytes.Contains(raw, []byte(Marker)) {
+	if captured(t, pcap, Marker) {
 		t.Error("the plaintext marker crossed the fabric")
 	}
 	if other := tshark(t, pcap, "-Y", "tcp.len > 0 && tcp.srcport != 15008 && tcp.dstport != 15008", "-T", "fields", "-e", "tcp.srcport", "-e", "tcp.dstport"); len(other) > 0 {
