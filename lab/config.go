@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 )
 
 // DefaultPrefix names everything a lab creates unless Config.Prefix says otherwise.
@@ -63,9 +65,30 @@ type ServiceConfig struct {
 	// TargetPort is the pods' port. Default Port.
 	TargetPort uint16 `json:"targetPort,omitempty"`
 	// Pods are the names of the pods behind the Service; none makes a Service with
-	// no endpoint.
+	// no endpoint. (*Lab).SetServicePods changes them while the lab runs.
 	Pods []string `json:"pods,omitempty"`
+	// PortName is the Service port's name (an IANA service name: at most 15
+	// lower-case letters, digits and '-'); a prefix http-, grpc- or tcp- declares
+	// the port's protocol as in Istio. Default none.
+	PortName string `json:"portName,omitempty"`
+	// AppProtocol is the Service port's appProtocol (one of AppProtocols); "" lets
+	// the proxy detect the protocol from the client's first bytes.
+	AppProtocol string `json:"appProtocol,omitempty"`
+	// LoadBalancer picks each request's endpoint at L7: P2CEWMA (the proxy's
+	// default), RoundRobin, Random or LeastRequest. The operator's manifests get it
+	// as a ferry.io/v1alpha1 TrafficPolicy targeting the Service; state files, as
+	// the compiled Service.load_balancer the operator would send.
+	LoadBalancer string `json:"loadBalancer,omitempty"`
 }
+
+// AppProtocols are the appProtocol values a lab Service port may declare: the ones
+// Ferry's proxy reads.
+var AppProtocols = []string{"http", "http2", "grpc", "kubernetes.io/h2c", "kubernetes.io/ws", "tcp"}
+
+// loadBalancers are the TrafficPolicy load-balancing types the proxy has
+// (RingHash is in the API, not yet in the proxy).
+var loadBalancers = []v1alpha1.LoadBalancerType{v1alpha1.LoadBalancerP2CEWMA, v1alpha1.LoadBalancerRoundRobin,
+	v1alpha1.LoadBalancerRandom, v1alpha1.LoadBalancerLeastRequest}
 
 // NodeConfig is one simulated node.
 type NodeConfig struct {
@@ -111,6 +134,8 @@ var (
 	prefixRE = regexp.MustCompile(`^[a-z0-9]{1,8}$`)
 	// Names end up in netns names and, for nodes, in pin folder and cgroup names.
 	nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`)
+	// A Service port name is an IANA_SVC_NAME, as the API server checks it.
+	portNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$`)
 )
 
 // withDefaults fills defaults and checks the config; the result is what the lab runs.
@@ -195,6 +220,12 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("%s: clusterIP is required", what)
 		case sv.Port == 0:
 			return c, fmt.Errorf("%s: port is required", what)
+		case sv.PortName != "" && (!portNameRE.MatchString(sv.PortName) || !strings.ContainsAny(sv.PortName, "abcdefghijklmnopqrstuvwxyz") || strings.Contains(sv.PortName, "--")):
+			return c, fmt.Errorf("%s: portName %q: want at most 15 lower-case letters, digits and '-', with a letter, no '--'", what, sv.PortName)
+		case sv.AppProtocol != "" && !slices.Contains(AppProtocols, sv.AppProtocol):
+			return c, fmt.Errorf("%s: appProtocol %q: want one of %s", what, sv.AppProtocol, strings.Join(AppProtocols, ", "))
+		case sv.LoadBalancer != "" && !slices.Contains(loadBalancers, v1alpha1.LoadBalancerType(sv.LoadBalancer)):
+			return c, fmt.Errorf("%s: loadBalancer %q: want one of %v", what, sv.LoadBalancer, loadBalancers)
 		}
 		names[sv.Namespace+"/"+sv.Name] = true
 		for _, pod := range sv.Pods {

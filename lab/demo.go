@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -17,8 +18,13 @@ import (
 	"github.com/ferrymesh/ferry/api/admin"
 )
 
-// DemoPort is where the demo's echo servers listen in every pod.
-const DemoPort = 8080
+// Ports the demo's servers listen on in every pod: ferry's TCP echo, its HTTP
+// server and its gRPC (health) server.
+const (
+	DemoPort     = 8080
+	DemoHTTPPort = 8081
+	DemoGRPCPort = 8082
+)
 
 // DemoRoute is one kind of traffic the demo sends.
 type DemoRoute struct {
@@ -38,10 +44,23 @@ var DemoRoutes = []DemoRoute{
 	{"a", "web", "to a Service again: the next endpoint"},
 }
 
-// DemoServices are the Services the demo adds to the default lab: web, at a cluster
-// IP no route knows, over b (node1) and c (node2).
+// DemoRequests are the demo's requests to its HTTP and gRPC Services (To names one
+// of DemoServices): several on one connection, each balanced on its own.
+var DemoRequests = []DemoRoute{
+	{"a", "api", "HTTP/1.1 (curl), 6 requests on one connection: an endpoint per request"},
+	{"a", "rpc", "gRPC, 6 calls on one channel: an endpoint per call"},
+}
+
+// demoRequests is how many requests each of DemoRequests sends.
+const demoRequests = 6
+
+// DemoServices are the Services the demo adds to the default lab, at cluster IPs
+// no route knows, each over b (node1) and c (node2): web (TCP echo), api (HTTP) and
+// rpc (gRPC), their protocols declared by appProtocol.
 var DemoServices = []ServiceConfig{
-	{Name: "web", ClusterIP: netip.MustParseAddr("10.96.0.50"), Port: 80, TargetPort: DemoPort, Pods: []string{"b", "c"}},
+	{Name: "web", ClusterIP: netip.MustParseAddr("10.96.0.50"), Port: 80, TargetPort: DemoPort, AppProtocol: "tcp", Pods: []string{"b", "c"}},
+	{Name: "api", ClusterIP: netip.MustParseAddr("10.96.0.51"), Port: 80, TargetPort: DemoHTTPPort, AppProtocol: "http", Pods: []string{"b", "c"}},
+	{Name: "rpc", ClusterIP: netip.MustParseAddr("10.96.0.52"), Port: 80, TargetPort: DemoGRPCPort, AppProtocol: "grpc", Pods: []string{"b", "c"}},
 }
 
 // Demo starts an echo server in every pod, sends 1 MiB along each DemoRoute with
@@ -58,22 +77,76 @@ func (l *Lab) Demo(ctx context.Context, ferryBin string, log *slog.Logger, out i
 		var dst netip.AddrPort
 		if to, ok := l.Pod(r.To); ok {
 			dst = netip.AddrPortFrom(to.IP, DemoPort)
-		} else if i := slices.IndexFunc(l.desc.Config.Services, func(s ServiceConfig) bool { return s.Name == r.To }); i >= 0 {
-			sv := l.desc.Config.Services[i]
+		} else if sv, ok := l.service(r.To); ok {
 			dst = netip.AddrPortFrom(sv.ClusterIP, sv.Port)
 		} else {
 			return fmt.Errorf("demo: the lab has no pod or Service %q (the demo needs the default lab with DemoServices)", r.To)
 		}
 		log.Info(fmt.Sprintf("send 1 MiB %s → %s %s (%s)", r.From, r.To, dst, r.What))
-		cmd := l.Command(ctx, r.From, ferryBin, "lab", "echo-client",
-			"--to", dst.String(), "--bytes", "1MiB")
-		res, err := cmd.CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("demo %s → %s: %w\n%s", r.From, r.To, err, res)
+		if err := l.demoClient(ctx, log, r, ferryBin, "lab", "echo-client", "--to", dst.String(), "--bytes", "1MiB"); err != nil {
+			return err
 		}
-		log.Info("  " + strings.TrimSpace(lastLine(string(res))))
+	}
+	for _, r := range DemoRequests {
+		sv, ok := l.service(r.To)
+		if !ok {
+			return fmt.Errorf("demo: the lab has no Service %q (the demo needs the default lab with DemoServices)", r.To)
+		}
+		dst := netip.AddrPortFrom(sv.ClusterIP, sv.Port)
+		log.Info(fmt.Sprintf("%s → %s %s (%s)", r.From, r.To, dst, r.What))
+		var err error
+		if sv.AppProtocol == "grpc" {
+			err = l.demoClient(ctx, log, r, ferryBin, "lab", "echo-client", "--to", dst.String(), "--grpc-calls", fmt.Sprint(demoRequests))
+		} else {
+			// curl prints each answer, {"pod": ..., "remote_addr": ...}, on a line.
+			args := []string{"-sS", "--fail", "-w", "\\n"}
+			for range demoRequests {
+				args = append(args, "http://"+dst.String()+"/")
+			}
+			err = l.demoClient(ctx, log, r, "curl", args...)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	return l.WriteCarried(ctx, out)
+}
+
+// demoClient runs a client of route r in its source pod and logs its last line.
+func (l *Lab) demoClient(ctx context.Context, log *slog.Logger, r DemoRoute, name string, args ...string) error {
+	res, err := l.Command(ctx, r.From, name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("demo %s → %s: %w\n%s", r.From, r.To, err, res)
+	}
+	if name == "curl" {
+		log.Info("  answered by: " + strings.Join(answeredBy(string(res)), ", "))
+		return nil
+	}
+	log.Info("  " + strings.TrimSpace(lastLine(string(res))))
+	return nil
+}
+
+// answeredBy reads the pod of each JSON answer of the demo's HTTP server.
+func answeredBy(out string) []string {
+	var pods []string
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var a struct{ Pod string }
+		if json.Unmarshal([]byte(line), &a) == nil && a.Pod != "" {
+			pods = append(pods, a.Pod)
+		}
+	}
+	return pods
+}
+
+// service is the lab's Service called name.
+func (l *Lab) service(name string) (ServiceConfig, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	i := slices.IndexFunc(l.desc.Config.Services, func(s ServiceConfig) bool { return s.Name == name })
+	if i < 0 {
+		return ServiceConfig{}, false
+	}
+	return l.desc.Config.Services[i], true
 }
 
 // WriteCarried writes a table of the connections the lab's agents carried to the
@@ -100,7 +173,7 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 			return fmt.Errorf("agent on %s: %w", node, err)
 		}
 		for _, c := range append(cs.Live, cs.Ended...) {
-			if c.Dst.Port() == DemoPort {
+			if p := c.Dst.Port(); p == DemoPort || p == DemoHTTPPort || p == DemoGRPCPort {
 				rows = append(rows, row{node, c})
 			}
 		}
@@ -121,23 +194,30 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 	return tw.Flush()
 }
 
-// startDemoServer runs ferry's echo server in pod p, in a session of its own so it
-// outlives the demo command (Down ends it with the lab), and waits until it accepts.
+// startDemoServer runs ferry's echo servers (TCP, HTTP, gRPC) in pod p, each in a
+// session of its own so it outlives the demo command (Down ends it with the lab), and
+// waits until they accept.
 func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) error {
 	logf, err := os.Create(filepath.Join(l.desc.Config.StateDir, "echo-"+p.Name+".log"))
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := l.Command(context.Background(), p.Name, ferryBin, "lab", "echo-server", "--listen", fmt.Sprintf(":%d", DemoPort))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if cmd.SysProcAttr != nil {
-		cmd.SysProcAttr.Setsid = true
-	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := l.StartInPod(ctx, p.Name, DemoPort, cmd); err != nil {
-		return fmt.Errorf("echo server: %w", err)
+	for _, srv := range []struct {
+		port int
+		mode []string
+	}{{DemoPort, nil}, {DemoHTTPPort, []string{"--http"}}, {DemoGRPCPort, []string{"--grpc"}}} {
+		args := append([]string{"lab", "echo-server", "--listen", fmt.Sprintf(":%d", srv.port)}, srv.mode...)
+		cmd := l.Command(context.Background(), p.Name, ferryBin, args...)
+		cmd.Stdout, cmd.Stderr = logf, logf
+		if cmd.SysProcAttr != nil {
+			cmd.SysProcAttr.Setsid = true
+		}
+		if _, err := l.StartInPod(ctx, p.Name, srv.port, cmd); err != nil {
+			return fmt.Errorf("echo server: %w", err)
+		}
 	}
 	return nil
 }

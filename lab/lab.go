@@ -162,6 +162,7 @@ func Up(ctx context.Context, cfg Config, log *slog.Logger) (*Lab, error) {
 	if os.Geteuid() != 0 {
 		return nil, ErrNotRoot
 	}
+	childrenInheritNothing()
 	if cfg.StateDir, err = filepath.Abs(cfg.StateDir); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -409,6 +410,7 @@ func LoadDir(dir string) (*Lab, error) {
 	if err := json.Unmarshal(data, &d); err != nil {
 		return nil, fmt.Errorf("load lab %s: %w", dir, err)
 	}
+	childrenInheritNothing()
 	return &Lab{log: slog.New(slog.DiscardHandler), desc: d, procs: map[string]*agentProc{}, cgfds: map[string]int{}}, nil
 }
 

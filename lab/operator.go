@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/v1alpha1"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"golang.org/x/sys/unix"
 )
@@ -199,8 +200,20 @@ metadata:
 spec:
   clusterIP: %s
   selector: {lab.ferry.io/%s: backend}
-  ports: [{port: %d, targetPort: %d}]
-`, sv.Name, ns, sv.ClusterIP, sv.Name, sv.Port, sv.TargetPort)
+  ports: [%s]
+`, sv.Name, ns, sv.ClusterIP, sv.Name, servicePortYAML(sv))
+			if sv.LoadBalancer != "" {
+				fmt.Fprintf(&b, `---
+apiVersion: %s
+kind: TrafficPolicy
+metadata:
+  name: %s
+  namespace: %s
+spec:
+  targetRefs: [{group: "", kind: Service, name: %s}]
+  loadBalancer: {type: %s}
+`, v1alpha1.GroupVersion(), sv.Name, ns, sv.Name, sv.LoadBalancer)
+			}
 		}
 		files["ns-"+ns+".yaml"] = b.String()
 	}
@@ -211,6 +224,18 @@ spec:
 		}
 	}
 	return nil
+}
+
+// servicePortYAML is the Service's one port as a flow-style YAML mapping.
+func servicePortYAML(sv ServiceConfig) string {
+	port := fmt.Sprintf("{port: %d, targetPort: %d", sv.Port, sv.TargetPort)
+	if sv.PortName != "" {
+		port += ", name: " + sv.PortName
+	}
+	if sv.AppProtocol != "" {
+		port += ", appProtocol: " + sv.AppProtocol
+	}
+	return port + "}"
 }
 
 // SetNamespaceEnrolled adds or removes the ferry.io/mesh=enabled label of a

@@ -9,6 +9,7 @@ import (
 	"github.com/ferrymesh/ferry/operator/local"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 )
 
@@ -18,6 +19,32 @@ import (
 func TestManifestsFromPods(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Nodes[0].Pods = append(cfg.Nodes[0].Pods, PodConfig{Name: "web", Namespace: "shop", ServiceAccount: "websa", Enrolled: true})
+	l, client := loadManifests(t, cfg)
+	ctx := context.Background()
+	ns, err := client.CoreV1().Namespaces().Get(ctx, "default", metav1.GetOptions{})
+	if err != nil || ns.Labels["ferry.io/mesh"] != "enabled" {
+		t.Fatalf("namespace default: %v %v", ns.GetLabels(), err)
+	}
+	for _, p := range l.Pods() {
+		pod, err := client.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		optedOut := pod.Labels["ferry.io/mesh"] == "disabled"
+		if pod.Spec.NodeName != p.Node || pod.Status.PodIP != p.IP.String() || pod.Spec.ServiceAccountName != p.ServiceAccount ||
+			string(pod.UID) != p.UID || optedOut == p.Enrolled || pod.Status.Phase != corev1.PodRunning {
+			t.Errorf("pod %s: node %s ip %s sa %s uid %s opted out %t; lab says %+v", p.Name, pod.Spec.NodeName, pod.Status.PodIP, pod.Spec.ServiceAccountName, pod.UID, optedOut, p)
+		}
+	}
+	if got := l.operatorArgs(&l.desc.Nodes[1]); got[1] != "unix://"+filepath.Join(l.desc.Config.StateDir, "operator", "grpc.sock") || got[5] != filepath.Join(l.desc.Config.StateDir, "operator", "tokens", "node2") {
+		t.Errorf("agent flags %v", got)
+	}
+}
+
+// loadManifests writes the manifests of cfg, run with a local-mode operator, and loads
+// them as that operator does, failing on any manifest error.
+func loadManifests(t *testing.T, cfg Config) (*Lab, kubernetes.Interface) {
+	t.Helper()
 	cfg.StateDir = t.TempDir()
 	cfg.Operator.Binary = "/bin/true"
 	cfg, err := cfg.withDefaults()
@@ -40,23 +67,5 @@ func TestManifestsFromPods(t *testing.T) {
 	if errs := loader.Errors(); len(errs) != 0 {
 		t.Fatalf("manifest errors: %v", errs)
 	}
-	ctx := context.Background()
-	ns, err := client.CoreV1().Namespaces().Get(ctx, "default", metav1.GetOptions{})
-	if err != nil || ns.Labels["ferry.io/mesh"] != "enabled" {
-		t.Fatalf("namespace default: %v %v", ns.GetLabels(), err)
-	}
-	for _, p := range l.Pods() {
-		pod, err := client.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		optedOut := pod.Labels["ferry.io/mesh"] == "disabled"
-		if pod.Spec.NodeName != p.Node || pod.Status.PodIP != p.IP.String() || pod.Spec.ServiceAccountName != p.ServiceAccount ||
-			string(pod.UID) != p.UID || optedOut == p.Enrolled || pod.Status.Phase != corev1.PodRunning {
-			t.Errorf("pod %s: node %s ip %s sa %s uid %s opted out %t; lab says %+v", p.Name, pod.Spec.NodeName, pod.Status.PodIP, pod.Spec.ServiceAccountName, pod.UID, optedOut, p)
-		}
-	}
-	if got := l.operatorArgs(&l.desc.Nodes[1]); got[1] != "unix://"+filepath.Join(cfg.StateDir, "operator", "grpc.sock") || got[5] != filepath.Join(cfg.StateDir, "operator", "tokens", "node2") {
-		t.Errorf("agent flags %v", got)
-	}
+	return l, client
 }

@@ -388,6 +388,7 @@ func newLabEchoServerCommand() *cobra.Command {
 		listen   string
 		banner   string
 		httpMode bool
+		grpcMode bool
 	)
 	cmd := &cobra.Command{
 		Use:   "echo-server",
@@ -396,10 +397,12 @@ func newLabEchoServerCommand() *cobra.Command {
 the client closes its side the server finishes echoing and closes its own (half-close).
 --banner makes the server speak first. --http serves /echo (the request body),
 /bytes?n=N (N pattern bytes) and / (JSON with the pod and the client's address).
-The listener does not use MPTCP, like every listener Ferry opens.`,
+--grpc serves the gRPC health service, naming the pod in the response header
+ferry-lab-pod. The listener does not use MPTCP, like every listener Ferry opens.`,
 		Example: `  sudo ferry lab exec c -- ferry lab echo-server --listen :8080
   sudo ferry lab exec c -- ferry lab echo-server --listen :8081 --banner "hello from c"
-  sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http`,
+  sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http
+  sudo ferry lab exec b -- ferry lab echo-server --listen :8082 --grpc`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			lc := listener.Config()
@@ -409,8 +412,13 @@ The listener does not use MPTCP, like every listener Ferry opens.`,
 			}
 			opts := echo.Options{Banner: banner, Pod: os.Getenv("FERRY_LAB_POD")}
 			mode := "echo"
-			if httpMode {
+			switch {
+			case httpMode && grpcMode:
+				return errors.New("--http and --grpc: pick one")
+			case httpMode:
 				opts.Mode, mode = echo.ModeHTTP, "http"
+			case grpcMode:
+				opts.Mode, mode = echo.ModeGRPC, "grpc"
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s server listening on %s\n", mode, ln.Addr())
 			return echo.Serve(cmd.Context(), ln, opts)
@@ -419,6 +427,7 @@ The listener does not use MPTCP, like every listener Ferry opens.`,
 	cmd.Flags().StringVar(&listen, "listen", ":8080", "address to listen on")
 	cmd.Flags().StringVar(&banner, "banner", "", "text sent to each client on accept, before reading")
 	cmd.Flags().BoolVar(&httpMode, "http", false, "serve HTTP instead of raw echo")
+	cmd.Flags().BoolVar(&grpcMode, "grpc", false, "serve the gRPC health service instead of raw echo")
 	return cmd
 }
 
@@ -432,6 +441,7 @@ func newLabEchoClientCommand() *cobra.Command {
 		timeout time.Duration
 
 		roundTrips int
+		grpcCalls  int
 	)
 	cmd := &cobra.Command{
 		Use:   "echo-client",
@@ -446,7 +456,8 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 		Example: `  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080
   sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8080 --round-trips 10000 --bytes 64
   sudo ferry lab exec a -- ferry lab echo-client --to 10.100.1.11:8080 --bytes 1GiB --conns 8
-  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8081 --banner "hello from c"`,
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.100.2.10:8081 --banner "hello from c"
+  sudo ferry lab exec a -- ferry lab echo-client --to 10.96.0.52:80 --grpc-calls 6`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if to == "" {
@@ -464,6 +475,9 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 			if roundTrips > 0 {
 				return echo.MeasureRoundTrips(ctx, cmd.OutOrStdout(), to, roundTrips, n)
 			}
+			if grpcCalls > 0 {
+				return echo.GRPCCalls(ctx, cmd.OutOrStdout(), to, grpcCalls)
+			}
 			return echo.Run(ctx, cmd.OutOrStdout(), echo.Load{To: to, Bytes: n, Conns: conns, Banner: banner, Seed: seed})
 		},
 	}
@@ -475,6 +489,7 @@ round trips of --bytes each, and prints the connect time and the percentiles.`,
 	fl.Uint64Var(&seed, "seed", 0, "pattern seed (connection i uses seed+i)")
 	fl.DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")
 	fl.IntVar(&roundTrips, "round-trips", 0, "measure latency: this many request-response round trips of --bytes")
+	fl.IntVar(&grpcCalls, "grpc-calls", 0, "instead of echo: this many gRPC health checks over one channel to a --grpc server; prints which pods answered")
 	return cmd
 }
 
@@ -484,10 +499,13 @@ func newLabDemoCommand(f *labFlags) *cobra.Command {
 		Use:   "demo",
 		Short: "Bring up the default lab with agents, send traffic between pods, show what crossed the mesh",
 		Long: `The demo (what 'make demo' runs): build the default two-node lab with an agent on
-each node, start an echo server in every pod, send 1 MiB across nodes (a → c, mTLS
-tunnel), on one node (a → b), into the mesh from a pod outside it (d → c) and out of
-the mesh (a → d), and print what the agents carried: how, between which identities,
-and how many bytes. The lab stays up afterwards so you can look around.`,
+each node, start echo servers (TCP, HTTP, gRPC) in every pod, send 1 MiB across nodes
+(a → c, mTLS tunnel), on one node (a → b), into the mesh from a pod outside it (d → c),
+out of the mesh (a → d) and twice to Service web (10.96.0.50, TCP); then 6 curl
+requests on one connection to Service api (10.96.0.51, HTTP) and 6 gRPC calls on one
+channel to Service rpc (10.96.0.52), each balanced per request over b and c; and print
+what the agents carried: how, between which identities, and how many bytes. The lab
+stays up afterwards so you can look around.`,
 		Example: `  sudo ferry lab demo --agent ./bin/ferry-agent
   sudo ferry lab status
   sudo ferry lab down`,

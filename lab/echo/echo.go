@@ -27,6 +27,9 @@ const (
 	// /status/CODE with that status, /headers with the request's headers (JSON), and
 	// / with JSON {pod, remote_addr}.
 	ModeHTTP
+	// ModeGRPC serves the gRPC health service, naming the pod in a response
+	// header (PodHeader).
+	ModeGRPC
 )
 
 // Options configure Serve.
@@ -35,7 +38,7 @@ type Options struct {
 	// Banner is sent on accept, before reading: a server that speaks first
 	// (ModeEcho only).
 	Banner string
-	// Pod is the name reported by the HTTP / handler.
+	// Pod is the name reported by the HTTP / handler and in gRPC responses.
 	Pod string
 }
 
@@ -46,8 +49,11 @@ const MaxBytes = 1 << 30
 // connection and returns nil once the handlers are done. Pass a listener opened with
 // MPTCP off (package internal/listener), as every Ferry listener is.
 func Serve(ctx context.Context, ln net.Listener, opts Options) error {
-	if opts.Mode == ModeHTTP {
+	switch opts.Mode {
+	case ModeHTTP:
 		return serveHTTP(ctx, ln, opts)
+	case ModeGRPC:
+		return serveGRPC(ctx, ln, opts)
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex

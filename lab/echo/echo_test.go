@@ -205,3 +205,16 @@ func TestPatternIsPositional(t *testing.T) {
 		t.Error("seed does not change the pattern")
 	}
 }
+
+// A gRPC client of the health service gets SERVING, and GRPCCalls says which pod
+// answered each call.
+func TestGRPCMode(t *testing.T) {
+	addr := start(t, Options{Mode: ModeGRPC, Pod: "c"})
+	var out strings.Builder
+	if err := GRPCCalls(context.Background(), &out, addr, 3); err != nil {
+		t.Fatal(err)
+	}
+	if want := "3 gRPC calls over one channel to " + addr + ", answered by: c 3\n"; out.String() != want {
+		t.Errorf("got %q, want %q", out.String(), want)
+	}
+}

@@ -57,6 +57,9 @@ var needs = []need{
 	{"iptables-save", "iptables", "capture tests read the nat table"},
 	{"bash", "bash", "hack/ scripts"},
 	{"dpkg-query", "dpkg", "hack/install-deps.sh and this test"},
+	{"curl", "curl", "L7 e2e: the HTTP/1.1 client through Service VIPs"},
+	{"h2load", "nghttp2-client", "L7 e2e: the HTTP/2 load client (prior knowledge, 100 streams)"},
+	{"nghttpd", "nghttp2-server", "L7 e2e: the h2c server of a 1 GiB response"},
 }
 
 // notDebian are programs the source runs that are not Debian packages: Go itself,

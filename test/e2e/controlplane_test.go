@@ -19,13 +19,11 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/internal/kubetest"
-	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -41,32 +39,12 @@ const (
 	latPods   = 50
 )
 
-var (
-	cpOnce sync.Once
-	cpEnv  *env
-	cpErr  error
-)
+var cpLab = onceLab{what: "control-plane lab", bringUp: cpBringUp}
 
 // cpSetup returns the control-plane lab: namespace shop with a, b (node1) and c
 // (node2) enrolled, d (node2) not enrolled; namespace lat with latPods pods spread
 // over both nodes, for the enrollment latency measurement.
-func cpSetup(t *testing.T) *env {
-	t.Helper()
-	privileged.Require(t)
-	cpOnce.Do(func() { cpEnv, cpErr = cpBringUp() })
-	if cpErr != nil {
-		t.Fatalf("control-plane lab: %v", cpErr)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, node := range cpEnv.lab.Nodes() {
-				t.Logf("end of the agent log on %s:\n%s", node, tailFile(cpEnv.lab.AgentLog(node), 40))
-			}
-			t.Logf("end of the operator log:\n%s", tailFile(cpEnv.lab.OperatorLog(), 20))
-		}
-	})
-	return cpEnv
-}
+func cpSetup(t *testing.T) *env { return cpLab.get(t) }
 
 func cpBringUp() (*env, error) {
 	cfg := lab.Config{
@@ -100,13 +78,6 @@ func cpBringUp() (*env, error) {
 		}
 	}
 	return e, nil
-}
-
-// cpTeardown is called from TestMain.
-func cpTeardown() {
-	if cpEnv != nil {
-		cpEnv.teardown()
-	}
 }
 
 // waitEnrolled waits until node's agent has enrolled exactly the pods in want

@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -35,11 +33,7 @@ func TestCrossNodeMTLS(t *testing.T) {
 	res := e.mustRun(t, "a", "echo", e.addr("c", echoPort), fmt.Sprint(10*mib))
 	stop()
 
-	raw, err := os.ReadFile(pcap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if bytes.Contains(raw, []byte(Marker)) {
+	if captured(t, pcap, Marker) {
 		t.Fatal("plaintext payload seen on the fabric between the nodes")
 	}
 	ports := tshark(t, pcap, "-Y", "tcp.len > 0", "-T", "fields", "-e", "tcp.srcport", "-e", "tcp.dstport")

@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -53,6 +55,17 @@ func (e *env) capture(t *testing.T, file string) (stop func()) {
 		cmd.Process.Signal(syscall.SIGINT)
 		cmd.Wait()
 	}
+}
+
+// captured says whether the capture file holds s anywhere, as bytes: a plaintext
+// payload on the wire.
+func captured(t *testing.T, file, s string) bool {
+	t.Helper()
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Contains(raw, []byte(s))
 }
 
 // tshark reads a capture and returns its non-empty output lines.

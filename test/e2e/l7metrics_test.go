@@ -41,9 +41,6 @@ func requestCounts(text string) map[string]float64 {
 // (reporter source on node1, destination on node2), by status, and each is a flow.
 func TestL7MetricsEqualFlows(t *testing.T) {
 	e := setup(t)
-	if err := e.startServer(t.Context(), "c", httpPort, "--http"); err != nil {
-		t.Fatal(err)
-	}
 	before := map[string]map[string]float64{}
 	for _, n := range []string{"node1", "node2"} {
 		before[n] = requestCounts(e.scrape(t, n))
@@ -53,7 +50,7 @@ func TestL7MetricsEqualFlows(t *testing.T) {
 	args := []string{"-sS", "--max-time", "20"}
 	for code, n := range want {
 		for range n {
-			args = append(args, "-o", "/dev/null", fmt.Sprintf("http://%s/status/%s", httpCVIP, code))
+			args = append(args, "-o", "/dev/null", fmt.Sprintf("http://%s/status/%s", echoHTTPCVIP, code))
 		}
 	}
 	if out, err := e.lab.Command(t.Context(), "a", "curl", args...).CombinedOutput(); err != nil {

@@ -53,6 +53,7 @@ type env struct {
 	bin     string // folder with the binaries newEnv built
 	self    string // this test binary, re-executed in pods for client scenarios
 	servers []*lab.PodProcess
+	apps    map[string]*lab.PodProcess // by "pod/name", for the servers startApp started
 }
 
 func TestMain(m *testing.M) {
@@ -62,11 +63,15 @@ func TestMain(m *testing.M) {
 	if addr := os.Getenv(collectorEnv); addr != "" {
 		os.Exit(runCollector(addr))
 	}
+	if app := os.Getenv(appEnv); app != "" {
+		os.Exit(runApp(strings.Fields(app)))
+	}
 	code := m.Run()
 	if shared != nil {
 		shared.teardown()
 	}
-	cpTeardown()
+	cpLab.teardown()
+	lbLab.teardown()
 	os.Exit(code)
 }
 
@@ -81,6 +86,44 @@ func setup(t *testing.T) *env {
 	return shared
 }
 
+// onceLab is a lab that tests share, brought up on first use and taken down by
+// TestMain.
+type onceLab struct {
+	what    string
+	bringUp func() (*env, error)
+	once    sync.Once
+	env     *env
+	err     error
+}
+
+// get returns the lab, bringing it up on first use; a failing test logs the end of
+// the agents' logs (and the operator's, when the lab runs one).
+func (o *onceLab) get(t *testing.T) *env {
+	t.Helper()
+	privileged.Require(t)
+	o.once.Do(func() { o.env, o.err = o.bringUp() })
+	if o.err != nil {
+		t.Fatalf("%s: %v", o.what, o.err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, node := range o.env.lab.Nodes() {
+				t.Logf("end of the agent log on %s:\n%s", node, tailFile(o.env.lab.AgentLog(node), 40))
+			}
+			if log := o.env.lab.OperatorLog(); log != "" {
+				t.Logf("end of the operator log:\n%s", tailFile(log, 20))
+			}
+		}
+	})
+	return o.env
+}
+
+func (o *onceLab) teardown() {
+	if o.env != nil {
+		o.env.teardown()
+	}
+}
+
 func bringUp() (*env, error) {
 	cfg := lab.DefaultConfig()
 	cfg.Prefix = prefix
@@ -90,8 +133,9 @@ func bringUp() (*env, error) {
 		{Name: "empty", ClusterIP: emptyVIP, Port: servicePort},
 		{Name: "echo-c", ClusterIP: echoCVIP, Port: servicePort, TargetPort: echoPort, Pods: []string{"c"}},
 		{Name: "banner-c", ClusterIP: bannerCVIP, Port: servicePort, TargetPort: bannerPort, Pods: []string{"c"}},
-		{Name: "http-c", ClusterIP: httpCVIP, Port: servicePort, TargetPort: httpPort, Pods: []string{"c"}},
+		{Name: "echo-http-c", ClusterIP: echoHTTPCVIP, Port: servicePort, TargetPort: echoHTTPPort, Pods: []string{"c"}},
 	}
+	cfg.Services = append(cfg.Services, l7Services...)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
@@ -108,6 +152,15 @@ func bringUp() (*env, error) {
 		if err := e.startFerry(ctx, pod, sinkPort, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", sinkPort)); err != nil {
 			return e.fail(err)
 		}
+	}
+	if err := e.startServer(ctx, "c", echoHTTPPort, "--http"); err != nil {
+		return e.fail(err)
+	}
+	if err := e.startL7Servers(ctx, l7ServerPods...); err != nil {
+		return e.fail(err)
+	}
+	if err := e.startBulkServer(ctx, "c"); err != nil {
+		return e.fail(err)
 	}
 	return e, nil
 }

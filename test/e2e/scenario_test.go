@@ -205,6 +205,9 @@ func scenario(args []string) (scenarioResult, error) {
 			return scenarioResult{}, fmt.Errorf("want refused or reset, got %v", err)
 		}
 	}
+	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
+		return res, err
+	}
 	return scenarioResult{}, fmt.Errorf("unknown scenario %q", name)
 }
 

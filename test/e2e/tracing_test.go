@@ -23,10 +23,10 @@ const collectorEnv = "FERRY_E2E_OTLP_COLLECTOR"
 
 const (
 	collectorPort = 4317
-	httpPort      = 8090
+	echoHTTPPort  = 8093 // ferry's HTTP echo server: /headers, /status/CODE
 )
 
-var httpCVIP = netip.MustParseAddr("10.96.0.54")
+var echoHTTPCVIP = netip.MustParseAddr("10.96.0.54")
 
 // span is what the test reads of a received span.
 type span struct {
@@ -80,9 +80,6 @@ func (b *lockedBuffer) spans() []span {
 // of the client span), the app's parent being the server span.
 func TestTraceThroughBothProxies(t *testing.T) {
 	e := setup(t)
-	if err := e.startServer(t.Context(), "c", httpPort, "--http"); err != nil {
-		t.Fatal(err)
-	}
 	// The collector runs in d, outside the mesh; both agents reach it from their
 	// nodes' namespaces.
 	collector := netip.AddrPortFrom(e.pod("d").IP, collectorPort).String()
@@ -104,7 +101,7 @@ func TestTraceThroughBothProxies(t *testing.T) {
 
 	const traceID, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 	got, err := e.lab.Command(t.Context(), "a", "curl", "-sS", "--max-time", "10",
-		"-H", "traceparent: 00-"+traceID+"-"+parent+"-01", "http://"+httpCVIP.String()+"/headers").CombinedOutput()
+		"-H", "traceparent: 00-"+traceID+"-"+parent+"-01", "http://"+echoHTTPCVIP.String()+"/headers").CombinedOutput()
 	if err != nil {
 		t.Fatalf("curl: %v\n%s", err, got)
 	}
