@@ -63,6 +63,9 @@ type ServiceConfig struct {
 	// Pods are the names of the pods behind the Service; none makes a Service with
 	// no endpoint.
 	Pods []string `json:"pods,omitempty"`
+	// AppProtocol is the port's appProtocol (e.g. kubernetes.io/h2c, grpc), which
+	// tells the mesh what the port speaks; "" says nothing.
+	AppProtocol string `json:"appProtocol,omitempty"`
 }
 
 // NodeConfig is one simulated node.

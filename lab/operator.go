@@ -189,6 +189,10 @@ status:
 			if sv.Namespace != ns {
 				continue
 			}
+			appProtocol := ""
+			if sv.AppProtocol != "" {
+				appProtocol = ", appProtocol: " + sv.AppProtocol
+			}
 			// A selector no pod matches when the Service has none behind it.
 			fmt.Fprintf(&b, `---
 apiVersion: v1
@@ -199,8 +203,8 @@ metadata:
 spec:
   clusterIP: %s
   selector: {lab.ferry.io/%s: backend}
-  ports: [{port: %d, targetPort: %d}]
-`, sv.Name, ns, sv.ClusterIP, sv.Name, sv.Port, sv.TargetPort)
+  ports: [{port: %d, targetPort: %d%s}]
+`, sv.Name, ns, sv.ClusterIP, sv.Name, sv.Port, sv.TargetPort, appProtocol)
 		}
 		files["ns-"+ns+".yaml"] = b.String()
 	}

@@ -100,7 +100,7 @@ func (l *Lab) services() []*ferryv1.Service {
 	for _, sv := range l.desc.Config.Services {
 		s := &ferryv1.Service{
 			Name: sv.Name, Namespace: sv.Namespace, ClusterIps: []string{sv.ClusterIP.String()},
-			Ports: []*ferryv1.ServicePort{{Port: uint32(sv.Port), TargetPort: fmt.Sprint(sv.TargetPort)}},
+			Ports: []*ferryv1.ServicePort{{Port: uint32(sv.Port), TargetPort: fmt.Sprint(sv.TargetPort), AppProtocol: sv.AppProtocol}},
 		}
 		for _, p := range l.desc.Pods {
 			if p.Namespace != sv.Namespace || !slices.Contains(sv.Pods, p.Name) {
