@@ -2,8 +2,10 @@
 // client-side one, in the client pod, takes plaintext on loopback and originates
 // mutual TLS with a client certificate; the server-side one, in the server pod,
 // terminates it (requiring a client certificate from the mesh CA) in front of the
-// app. It stands in for an Envoy-class proxy pair. Both are L4 (mode tcp), like
-// Ferry's proxy today, with one TLS connection per client connection.
+// app. It stands in for an Envoy-class proxy pair. For HTTP/1.1 and bulk both are
+// L4 (mode tcp), with one TLS connection per client connection; for HTTP/2 and gRPC
+// both are L7 (mode http): each terminates HTTP/2 and proxies streams, speaking h2
+// over mTLS to the other.
 
 package bench
 
@@ -30,6 +32,12 @@ defaults
     timeout client 60s
     timeout server 60s
 `
+
+// hapForwards are the server-side HAProxy's TLS ports, one per protocol.
+var hapForwards = []struct {
+	proto protocol
+	tls   int
+}{{protoHTTP1, hapTLSHTTPPort}, {protoTCP, hapTLSBulkPort}, {protoH2, hapTLSH2Port}, {protoGRPC, hapTLSGRPCPort}}
 
 // startHAProxy issues certificates from a mesh CA and starts the client-side
 // HAProxy in nmc and a server-side one in nms1 and nms2.
@@ -60,7 +68,7 @@ func (r *runner) startHAProxy(ctx context.Context) error {
 	}
 	var client strings.Builder
 	client.WriteString(hapDefaults)
-	for i, srv := range []string{"nms2", "nms1"} {
+	for i, srv := range hapServers {
 		srvCrt, err := crt(srv, "spiffe://cluster.local/ns/default/sa/"+srv)
 		if err != nil {
 			return err
@@ -68,16 +76,19 @@ func (r *runner) startHAProxy(ctx context.Context) error {
 		ip := r.podIP(srv)
 		var server strings.Builder
 		server.WriteString(hapDefaults)
-		for _, fw := range []struct {
-			tls, app int
-		}{{hapTLSHTTPPort, httpPort}, {hapTLSBulkPort, sinkPort}} {
-			fmt.Fprintf(&server, "listen in%d\n    bind %s:%d ssl crt %s ca-file %s verify required\n    server app 127.0.0.1:%d\n",
-				fw.tls, ip, fw.tls, srvCrt, root, fw.app)
-			// Local ports 15001..15004: HTTP then bulk for nms2, then for nms1.
-			local := 15001 + 2*i
-			if fw.tls == hapTLSBulkPort {
-				local++
+		for _, fw := range hapForwards {
+			local := hapLocalPort(fw.proto, i)
+			if fw.proto.l7() {
+				// HTTP/2 both ways: h2c from the app client, h2 with ALPN over mTLS
+				// between the pair, h2c to the app; requests are proxied per stream.
+				fmt.Fprintf(&server, "listen in%d\n    mode http\n    bind %s:%d ssl crt %s ca-file %s verify required alpn h2\n    server app 127.0.0.1:%d proto h2\n",
+					fw.tls, ip, fw.tls, srvCrt, root, fw.proto.serverPort())
+				fmt.Fprintf(&client, "listen out%d\n    mode http\n    bind 127.0.0.1:%d proto h2\n    server up %s:%d ssl crt %s ca-file %s verify required alpn h2\n",
+					local, local, ip, fw.tls, clientCrt, root)
+				continue
 			}
+			fmt.Fprintf(&server, "listen in%d\n    bind %s:%d ssl crt %s ca-file %s verify required\n    server app 127.0.0.1:%d\n",
+				fw.tls, ip, fw.tls, srvCrt, root, fw.proto.serverPort())
 			fmt.Fprintf(&client, "listen out%d\n    bind 127.0.0.1:%d\n    server up %s:%d ssl crt %s ca-file %s verify required\n",
 				local, local, ip, fw.tls, clientCrt, root)
 		}
