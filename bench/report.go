@@ -214,7 +214,7 @@ func WriteReport(w io.Writer, res *Results) error {
 		kind, p.Reps, p.Duration, p.Warmup, res.Elapsed, res.Placement.Restarts, res.Placement.Kernel, res.Placement.GoVersion, res.Placement.HAProxyVer)
 	pl := res.Placement
 	if pl.Pinned {
-		fmt.Fprintf(&b, "Placement on %d CPUs: load generators (fortio load, tcp-send) and servers (fortio server, TCP sink) on CPU %d (`taskset -c %d`); proxies (ferry-agent of both nodes, all three HAProxy processes) on CPU %d (`taskset -c %d`, agents re-pinned after each restart). Kernel work (softirq, netfilter, TLS-free TCP) runs on whichever CPU it lands on.\n\n",
+		fmt.Fprintf(&b, "Placement on %d CPUs: load generators (fortio load, h2load, tcp-send) and servers (fortio server, TCP sink) on CPU %d (`taskset -c %d`); proxies (ferry-agent of both nodes, all three HAProxy processes) on CPU %d (`taskset -c %d`, agents re-pinned after each restart). Kernel work (softirq, netfilter, TLS-free TCP) runs on whichever CPU it lands on.\n\n",
 			pl.CPUs, pl.AppCPU, pl.AppCPU, pl.ProxyCPU, pl.ProxyCPU)
 	} else {
 		fmt.Fprintf(&b, "Placement: %d CPU, so load generators, servers and proxies share it (nothing pinned).\n\n", pl.CPUs)
