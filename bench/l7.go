@@ -31,13 +31,16 @@ func (r *runner) h2load(ctx context.Context, sc Scenario, w Workload, d time.Dur
 	os.Remove(logPath) // h2load appends
 	args := []string{"-c", strconv.Itoa(w.Conns), "-m", strconv.Itoa(max(1, w.Streams)), "-t", "1",
 		"-D", d.String(), "--log-file", logPath}
+	if wu := r.cfg.Plan.H2Warmup; wu > 0 {
+		args = append(args, "--warm-up-time", wu.String())
+	}
 	if w.QPS > 0 {
 		// --rps is per connection.
 		args = append(args, "--rps", strconv.Itoa(max(1, w.QPS/w.Conns)))
 	}
 	args = append(args, fmt.Sprintf("http://%s/echo?size=%d", target, w.Payload))
 	bin, args := r.onApp("h2load", args...)
-	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	rctx, cancel := context.WithTimeout(ctx, r.cfg.Plan.H2Warmup+d+30*time.Second)
 	defer cancel()
 	out, err := r.lab.Command(rctx, sc.client, bin, args...).CombinedOutput()
 	if err != nil {
@@ -81,8 +84,10 @@ func parseH2load(out []byte) (Sample, error) {
 }
 
 // h2loadLatencies are the response times in ms of the requests in h2load's log
-// (tab-separated: start µs since the epoch, status, µs to the end of the response;
-// status -1 is a failed stream), sorted.
+// (tab-separated: start µs since the epoch, status, µs to the end of the response),
+// sorted. Status -1 is a failed stream; status 0 a request that began in the
+// warm-up and ended in the measured time (h2load counts it done but not in the
+// status codes): neither is a measured request.
 func h2loadLatencies(log []byte) ([]float64, error) {
 	var lat []float64
 	sc := bufio.NewScanner(bytes.NewReader(log))
@@ -91,7 +96,7 @@ func h2loadLatencies(log []byte) ([]float64, error) {
 		if len(f) < 3 {
 			continue
 		}
-		if f[1] == "-1" {
+		if f[1] == "-1" || f[1] == "0" {
 			continue
 		}
 		us, err := strconv.ParseFloat(f[2], 64)

@@ -35,12 +35,13 @@ func TestParseH2load(t *testing.T) {
 }
 
 func TestH2loadLatencies(t *testing.T) {
-	log := "1796168094373821\t200\t8857\n1796168094373834\t-1\t99999\n1796168094373848\t200\t1000\n1796168094373849\t503\t3000\n"
+	log := "1796168094373821\t200\t8857\n1796168094373834\t-1\t99999\n1796168094373835\t0\t99999\n1796168094373848\t200\t1000\n1796168094373849\t503\t3000\n"
 	lat, err := h2loadLatencies([]byte(log))
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The failed stream (-1) has no response time; the others, sorted, in ms.
+	// The failed stream (-1) and the one begun in the warm-up (0) are left out; the
+	// others, sorted, in ms.
 	if want := []float64{1, 3, 8.857}; len(lat) != 3 || lat[0] != want[0] || lat[1] != want[1] || lat[2] != want[2] {
 		t.Errorf("got %v, want %v", lat, want)
 	}

@@ -487,7 +487,11 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		if s.Carried != "" {
 			carried = "  carried at " + s.Carried
 		}
-		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f req/s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs%s", r.step, r.all, rep, sc.Key, w.Key, s.QPS, s.P50, s.P99, s.Errors, s.ProxyCPU, carried)
+		unit := "req/s"
+		if w.kind == kindGRPC {
+			unit = "calls/s"
+		}
+		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f %-7s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs%s", r.step, r.all, rep, sc.Key, w.Key, s.QPS, unit, s.P50, s.P99, s.Errors, s.ProxyCPU, carried)
 	}
 	return s, nil
 }

@@ -38,8 +38,8 @@ in one run, alternating and repeated:
 
 with fortio (HTTP/1.1 keep-alive at fixed rates with p50/p90/p99/p99.9, maximum
 req/s, one new connection per request; 1 KiB and 10 KiB), bulk TCP throughput,
-HTTP/2 with h2load (h2c, 4 connections × 100 streams; maximum req/s, and 1,000
-req/s in the full run) and gRPC with fortio's ping service (unary, 1 KiB; 1,000
+HTTP/2 with h2load (h2c, 4 connections × 100 streams, after 1 s of its own
+warm-up; maximum req/s, and 1,000 req/s in the full run) and gRPC with fortio's ping service (unary, 1 KiB; 1,000
 calls/s and maximum, 3,000 calls/s in the full run), plus the proxies' CPU seconds
 per 1,000 requests and peak RSS. Load generators and servers run on CPU 0, proxies
 on CPU 1.
