@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -175,11 +176,39 @@ func plotThroughput(path string, res *Results) error {
 			return err
 		}
 		p.Add(eb)
+		// Headroom over the highest bar end, which also keeps the default ticker
+		// from choosing only two ticks when the top lands on a round number.
+		top := 0.0
+		for i, v := range vals {
+			top = max(top, v+errs[i].High)
+		}
+		if top > 0 {
+			p.Y.Min, p.Y.Max = 0, top*1.1
+			p.Y.Tick.Marker = plot.TickerFunc(roundTicks)
+		}
 		p.NominalX(names...)
 		p.Add(plotter.NewGrid())
 		panels = append(panels, p)
 	}
 	return savePanels(path, panels, 11*vg.Inch, 4*vg.Inch*vg.Length(len(panels)))
+}
+
+// roundTicks labels 4 to 10 round values (a step of 1, 2 or 5 times a power of ten)
+// from 0; gonum's default ticker can pick just two, labelled with decimals.
+func roundTicks(lo, hi float64) []plot.Tick {
+	step := math.Pow(10, math.Floor(math.Log10((hi-lo)/4)))
+	for _, m := range []float64{1, 2, 5, 10} {
+		if (hi-lo)/(m*step) <= 10 && (hi-lo)/(m*step) >= 4 {
+			step *= m
+			break
+		}
+	}
+	decimals := max(0, int(-math.Floor(math.Log10(step))))
+	var ticks []plot.Tick
+	for i := math.Ceil(lo / step); i*step <= hi; i++ {
+		ticks = append(ticks, plot.Tick{Value: i * step, Label: strconv.FormatFloat(i*step, 'f', decimals, 64)})
+	}
+	return ticks
 }
 
 // savePanels stacks the plots vertically in one PNG.

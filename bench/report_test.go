@@ -104,6 +104,25 @@ func TestQuickL7Rows(t *testing.T) {
 	}
 }
 
+func TestRoundTicks(t *testing.T) {
+	for _, tc := range []struct {
+		hi   float64
+		want string
+	}{
+		{28256, "0 5000 10000 15000 20000 25000"},
+		{19.8, "0 2 4 6 8 10 12 14 16 18"},
+		{0.9, "0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"},
+	} {
+		var got []string
+		for _, tk := range roundTicks(0, tc.hi) {
+			got = append(got, tk.Label)
+		}
+		if strings.Join(got, " ") != tc.want {
+			t.Errorf("roundTicks(0, %v) = %v, want %s", tc.hi, got, tc.want)
+		}
+	}
+}
+
 func TestSaveWritesPlots(t *testing.T) {
 	dir := t.TempDir()
 	if _, err := Save(dir, fakeResults()); err != nil {
