@@ -138,7 +138,7 @@ func plotThroughput(path string, res *Results) error {
 		w := res.Plan.workload(c.w)
 		var names []string
 		for _, sc := range res.Plan.Scenarios {
-			if w.runsIn(sc.Key) {
+			if w.runsIn(sc) {
 				names = append(names, sc.Key)
 			}
 		}
@@ -151,7 +151,7 @@ func plotThroughput(path string, res *Results) error {
 		var vals plotter.Values
 		var errs plotter.YErrors
 		for _, sc := range res.Plan.Scenarios {
-			if !w.runsIn(sc.Key) {
+			if !w.runsIn(sc) {
 				continue
 			}
 			st := t.stat(sc.Key, c.w, c.m)

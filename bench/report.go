@@ -146,7 +146,7 @@ func writeSummary(b *strings.Builder, p Plan, t table, cols []summaryCol, l7 boo
 	}
 	b.WriteString("\n")
 	for _, sc := range p.Scenarios {
-		if !slices.ContainsFunc(cols, func(c summaryCol) bool { return p.workload(c.w).runsIn(sc.Key) }) {
+		if !slices.ContainsFunc(cols, func(c summaryCol) bool { return p.workload(c.w).runsIn(sc) }) {
 			continue
 		}
 		name := sc.Name
@@ -252,7 +252,7 @@ func WriteReport(w io.Writer, res *Results) error {
 	b.WriteString("Added latency is the scenario's median percentile minus no mesh's, in ms, as mesh benchmarks publish it.\n\n")
 	b.WriteString("| scenario | p50 | p90 | p99 | p99.9 | added p50 | added p90 | added p99 | added p99.9 |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, sc := range p.Scenarios {
-		if !sc.CrossNode {
+		if !sc.CrossNode || !p.workload("http-1k-1000").runsIn(sc) {
 			continue
 		}
 		fmt.Fprintf(&b, "| %s |", sc.Name)
@@ -294,7 +294,7 @@ func WriteReport(w io.Writer, res *Results) error {
 		}
 		b.WriteString("\n")
 		for _, sc := range p.Scenarios {
-			if !wl.runsIn(sc.Key) {
+			if !wl.runsIn(sc) {
 				continue
 			}
 			fmt.Fprintf(&b, "| %s |", rowName(sc, t, wl.Key))
@@ -391,6 +391,9 @@ func writeProcTable(b *strings.Builder, p Plan, samples []Sample) {
 	slices.SortStableFunc(order, func(a, b key) int { return rank[a.sc] - rank[b.sc] })
 	b.WriteString("## Proxy processes\n\nEach proxy process on its own: CPU seconds per 1,000 requests at maximum rate (1 KiB keep-alive; median [min–max]) and its peak RSS (largest VmHWM seen in the run; agents restart when the mode changes).\n\n| scenario | process | CPU s/1k req | peak RSS MiB |\n|---|---|---|---|\n")
 	for _, k := range order {
+		if len(cpu[k]) == 0 {
+			continue // a scenario without the 1 KiB keep-alive workload
+		}
 		fmt.Fprintf(b, "| %s | %s | %s | %.1f |\n", k.sc, k.proc, newStat(cpu[k]).cell(3), float64(rss[k])/(1<<20))
 	}
 	b.WriteString("\n")

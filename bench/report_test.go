@@ -34,7 +34,7 @@ func fakeResults() *Results {
 	for rep := 1; rep <= plan.Reps; rep++ {
 		for _, sc := range plan.Scenarios {
 			for _, w := range plan.Workloads {
-				if !w.runsIn(sc.Key) {
+				if !w.runsIn(sc) {
 					continue
 				}
 				s := Sample{Scenario: sc.Key, Workload: w.Key, Rep: rep, QPS: 500, P50: 0.2, P90: 0.3, P99: 1, P999: 2, Requests: 500, Gbps: 5, PeakRSS: 40 << 20}

@@ -169,13 +169,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 	}
 
 	p := cfg.Plan
-	for _, sc := range p.Scenarios {
-		for _, w := range p.Workloads {
-			if w.runsIn(sc.Key) {
-				r.all += p.Reps
-			}
-		}
-	}
+	r.all = p.Runs()
 	for rep := 1; rep <= p.Reps; rep++ {
 		for _, sc := range r.order(rep) {
 			if err := ctx.Err(); err != nil {
@@ -188,7 +182,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 				return nil, fmt.Errorf("%s warm-up: %w", sc.Key, err)
 			}
 			for _, w := range p.Workloads {
-				if !w.runsIn(sc.Key) {
+				if !w.runsIn(sc) {
 					continue
 				}
 				s, err := r.measure(ctx, sc, w, rep)

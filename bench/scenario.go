@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/ferrymesh/ferry/lab"
@@ -97,6 +98,9 @@ type Scenario struct {
 	// via holds, per protocol, the address the client dials instead of the server
 	// pod's: the client-side HAProxy on loopback, or a Service's cluster IP.
 	via map[protocol]string
+	// l7Only scenarios run only the HTTP/2 and gRPC workloads: the others would
+	// measure the same path as another scenario.
+	l7Only bool
 }
 
 // target is the address the scenario's client dials for p, given the server pod's IP.
@@ -110,16 +114,19 @@ func (s Scenario) target(p protocol, serverIP string) string {
 // benchService is a Service of the benchmark lab. Ferry's clients reach the HTTP/2
 // and gRPC servers through these, so that the port's appProtocol tells the mesh
 // what the port speaks, as it would in a cluster. One Service per server pod keeps
-// the placement (across nodes or on one node) what the scenario says.
+// the placement (across nodes or on one node) what the scenario says. An opaque
+// Service declares the same server's port tcp, so the mesh carries it as bytes:
+// Ferry's L4 figure for the same workload, in the same run.
 type benchService struct {
 	proto  protocol
 	server string
+	opaque bool
 	svc    lab.ServiceConfig
 }
 
 func benchServices() []benchService {
 	svc := func(name, ip string, port uint16, p protocol, appProtocol, pod string) benchService {
-		return benchService{proto: p, server: pod, svc: lab.ServiceConfig{
+		return benchService{proto: p, server: pod, opaque: appProtocol == "tcp", svc: lab.ServiceConfig{
 			Name: name, ClusterIP: netip.MustParseAddr(ip), Port: port, TargetPort: uint16(p.serverPort()),
 			AppProtocol: appProtocol, Pods: []string{pod},
 		}}
@@ -129,14 +136,19 @@ func benchServices() []benchService {
 		svc("grpc-srv2", "10.96.104.2", 50051, protoGRPC, "grpc", "srv2"),
 		svc("h2-srv1", "10.96.104.3", 80, protoH2, "kubernetes.io/h2c", "srv1"),
 		svc("grpc-srv1", "10.96.104.4", 50051, protoGRPC, "grpc", "srv1"),
+		svc("h2-tcp-srv2", "10.96.104.5", 80, protoH2, "tcp", "srv2"),
+		svc("grpc-tcp-srv2", "10.96.104.6", 50051, protoGRPC, "tcp", "srv2"),
+		svc("h2-tcp-srv1", "10.96.104.7", 80, protoH2, "tcp", "srv1"),
+		svc("grpc-tcp-srv1", "10.96.104.8", 50051, protoGRPC, "tcp", "srv1"),
 	}
 }
 
-// viaServices is the cluster IP and port of each of server's Services, by protocol.
-func viaServices(server string) map[protocol]string {
+// viaServices is the cluster IP and port of each of server's Services, by
+// protocol: the opaque ones (declared tcp) or those that declare the protocol.
+func viaServices(server string, opaque bool) map[protocol]string {
 	via := map[protocol]string{}
 	for _, s := range benchServices() {
-		if s.server == server {
+		if s.server == server && s.opaque == opaque {
 			via[s.proto] = netip.AddrPortFrom(s.svc.ClusterIP, s.svc.Port).String()
 		}
 	}
@@ -194,8 +206,16 @@ func scenarios() []Scenario {
 		if cross {
 			server = "srv2"
 		}
-		return Scenario{Key: key, Name: name, CrossNode: cross, mode: m, proxy: proxyFerry, client: "cli", server: server, via: viaServices(server)}
+		return Scenario{Key: key, Name: name, CrossNode: cross, mode: m, proxy: proxyFerry, client: "cli", server: server, via: viaServices(server, false)}
 	}
+	opaque := func(s Scenario) Scenario {
+		s.Key = strings.Replace(s.Key, "-", "-tcp-", 1)
+		s.Name = strings.Replace(s.Name, ", ", ", ports declared tcp, ", 1)
+		s.via, s.l7Only = viaServices(s.server, true), true
+		return s
+	}
+	nofastX := ferry("nofast-x", "Ferry no fast path, across nodes", true, modeNoFast)
+	nofastS := ferry("nofast-s", "Ferry no fast path, same node", false, modeNoFast)
 	return []Scenario{
 		{Key: "nomesh-x", Name: "no mesh, across nodes", CrossNode: true, client: "nmc", server: "nms2"},
 		{Key: "nomesh-s", Name: "no mesh, same node", client: "nmc", server: "nms1"},
@@ -203,8 +223,10 @@ func scenarios() []Scenario {
 		{Key: "haproxy-s", Name: "HAProxy pair mTLS, same node", proxy: proxyHAProxy, client: "nmc", server: "nms1", via: viaHAProxy("nms1")},
 		ferry("ferry-x", "Ferry mTLS tunnel, across nodes", true, modeEBPF),
 		ferry("ferry-s", "Ferry, same node", false, modeEBPF),
-		ferry("nofast-x", "Ferry no fast path, across nodes", true, modeNoFast),
-		ferry("nofast-s", "Ferry no fast path, same node", false, modeNoFast),
+		nofastX,
+		nofastS,
+		opaque(nofastX),
+		opaque(nofastS),
 		ferry("ipt-x", "Ferry iptables capture, across nodes", true, modeIPTables),
 		ferry("ipt-s", "Ferry iptables capture, same node", false, modeIPTables),
 	}
@@ -265,9 +287,12 @@ type Workload struct {
 	only []string
 }
 
-// runsIn says whether the workload is measured in scenario key.
-func (w Workload) runsIn(key string) bool {
-	return w.only == nil || slices.Contains(w.only, key)
+// runsIn says whether the workload is measured in scenario sc.
+func (w Workload) runsIn(sc Scenario) bool {
+	if sc.l7Only && !w.kind.proto().l7() {
+		return false
+	}
+	return w.only == nil || slices.Contains(w.only, sc.Key)
 }
 
 // Plan is the set of scenarios, workloads, repetitions and durations of a run.
@@ -324,8 +349,22 @@ func l7Workload(kind workloadKind, qps int) Workload {
 }
 
 // quickL7Scenarios are the scenarios the quick run measures HTTP/2 and gRPC in: the
-// baselines and Ferry as it ships (--fast-path=false), to stay within its time.
-var quickL7Scenarios = []string{"nomesh-x", "nomesh-s", "haproxy-x", "haproxy-s", "nofast-x", "nofast-s"}
+// baselines and Ferry as it ships (--fast-path=false), through Services that declare
+// the protocol and through ones declared tcp, to stay within its time.
+var quickL7Scenarios = []string{"nomesh-x", "nomesh-s", "haproxy-x", "haproxy-s", "nofast-x", "nofast-s", "nofast-tcp-x", "nofast-tcp-s"}
+
+// Runs is how many workload runs the plan makes in all.
+func (p Plan) Runs() int {
+	n := 0
+	for _, sc := range p.Scenarios {
+		for _, w := range p.Workloads {
+			if w.runsIn(sc) {
+				n += p.Reps
+			}
+		}
+	}
+	return n
+}
 
 // NewPlan is the run `ferry bench` makes; quick is the short one.
 func NewPlan(quick bool) Plan {

@@ -34,6 +34,7 @@ in one run, alternating and repeated:
   an HAProxy pair doing mTLS (client cert), both places   the peer
   Ferry (eBPF capture, sockmap fast path), both places
   Ferry with --fast-path=false, both places
+  the same through Service ports declared tcp             HTTP/2, gRPC only: Ferry at L4
   Ferry with --capture=iptables, both places
 
 with fortio (HTTP/1.1 keep-alive at fixed rates with p50/p90/p99/p99.9, maximum
@@ -47,9 +48,10 @@ on CPU 1.
 For HTTP/2 and gRPC the HAProxy pair works at L7 (mode http, h2 over mTLS), and
 Ferry's client dials a Service cluster IP whose port declares its protocol
 (appProtocol kubernetes.io/h2c or grpc); each Ferry row says whether Ferry carried
-it at L7 or at L4, as the client node's connection records say. The quick run
-measures HTTP/2 and gRPC in the no-mesh, HAProxy and --fast-path=false scenarios
-only; the full run in all.
+it at L7 or at L4, as the client node's connection records say. The rows through
+ports declared tcp give Ferry's L4 figure for the same workloads, so L7 and L4 sit
+side by side in one run. The quick run measures HTTP/2 and gRPC in the no-mesh,
+HAProxy and --fast-path=false scenarios only; the full run in all.
 
 It writes report.md (medians, spread, ratios to no mesh and to the HAProxy pair),
 samples.json and latency.png, throughput.png under --out, and prints the report.
@@ -104,8 +106,8 @@ them).`,
 				level = slog.LevelInfo
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "bench: %d scenarios × %d workloads × %d repetitions of %s; results in %s\n",
-				len(plan.Scenarios), len(plan.Workloads), plan.Reps, plan.Duration, out)
+			fmt.Fprintf(w, "bench: %d scenarios, %d workloads, %d runs of %s (%d repetitions); results in %s\n",
+				len(plan.Scenarios), len(plan.Workloads), plan.Runs(), plan.Duration, plan.Reps, out)
 			res, err := bench.Run(cmd.Context(), bench.Config{
 				Plan:         plan,
 				Out:          out,
