@@ -25,7 +25,7 @@ check-generated: generate ## fail if committed generated files differ from their
 test: deps ## run every test (as root with FERRY_PRIVILEGED_TESTS=1 for the kernel ones)
 	$(GO) test $(TESTFLAGS) ./...
 
-bench: deps ## Ferry beside no mesh and an HAProxy pair, table and plots in results/<date>/ (QUICK=1: under 5 min)
+bench: deps ## Ferry beside no mesh and an HAProxy pair, table and plots in results/<date>/ (QUICK=1: about 6 min)
 	$(GO) build -o $(BIN)/ ./cmd/ferry ./cmd/ferry-agent
 	$(GO) build -o $(BIN)/fortio fortio.org/fortio
 	$(BIN)/ferry bench $(if $(QUICK),--quick) --agent $(BIN)/ferry-agent --fortio $(BIN)/fortio

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -25,22 +26,47 @@ func Plot(dir string, res *Results) error {
 	return plotThroughput(filepath.Join(dir, "throughput.png"), res)
 }
 
-// plotLatency draws median p50 and p99 against offered load (1 KiB keep-alive, 16
-// connections), one line per scenario, one panel per percentile.
+// plotLatency draws median p50 and p99 against offered load, one line per
+// scenario, one panel per percentile: HTTP/1.1 (1 KiB keep-alive, 16 connections),
+// then gRPC unary calls (1 KiB).
 func plotLatency(path string, res *Results) error {
+	var panels []*plot.Plot
+	for _, fam := range []struct {
+		kind  workloadKind
+		title string
+		unit  string
+	}{
+		{kindHTTP, "HTTP/1.1 keep-alive, 1 KiB, 16 connections", "req/s"},
+		{kindGRPC, fmt.Sprintf("gRPC unary, 1 KiB, %d connections × %d streams", grpcConns, grpcStreams), "calls/s"},
+	} {
+		ps, err := latencyPanels(res, fam.kind, fam.title, fam.unit)
+		if err != nil {
+			return err
+		}
+		panels = append(panels, ps...)
+	}
+	return savePanels(path, panels, 10*vg.Inch, 3.5*vg.Inch*vg.Length(len(panels)))
+}
+
+// latencyPanels are the p50 and p99 panels of the fixed-rate 1 KiB workloads of kind;
+// none when the plan has no such workload.
+func latencyPanels(res *Results, kind workloadKind, title, unit string) ([]*plot.Plot, error) {
 	t := index(res.Samples)
 	var fixed []Workload
 	for _, w := range res.Plan.Workloads {
-		if w.kind == kindHTTP && w.QPS > 0 && w.Payload == 1024 {
+		if w.kind == kind && w.QPS > 0 && w.Payload == 1024 {
 			fixed = append(fixed, w)
 		}
+	}
+	if len(fixed) == 0 {
+		return nil, nil
 	}
 	sort.Slice(fixed, func(i, j int) bool { return fixed[i].QPS < fixed[j].QPS })
 	var panels []*plot.Plot
 	for _, m := range []metric{mP50, mP99} {
 		p := plot.New()
-		p.Title.Text = fmt.Sprintf("%s latency, HTTP/1.1 keep-alive, 1 KiB, 16 connections", m.name)
-		p.X.Label.Text = "offered load (req/s)"
+		p.Title.Text = fmt.Sprintf("%s latency, %s", m.name, title)
+		p.X.Label.Text = "offered load (" + unit + ")"
 		p.Y.Label.Text = m.name + " (ms, median of repetitions)"
 		p.Legend.Top = true
 		p.Legend.Left = false
@@ -63,7 +89,7 @@ func plotLatency(path string, res *Results) error {
 			}
 			l, s, err := plotter.NewLinePoints(pts)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			l.Color = plotutil.Color(i)
 			l.Dashes = plotutil.Dashes(i / 7)
@@ -85,19 +111,19 @@ func plotLatency(path string, res *Results) error {
 		case hi > 0:
 			p.Y.Min, p.Y.Max = 0, hi*1.1/dataShare
 		}
+		if len(fixed) == 1 { // one rate: a point in the middle, not an axis one req/s wide
+			p.X.Min, p.X.Max = 0, 2*float64(fixed[0].QPS)
+		}
 		p.Add(plotter.NewGrid())
 		panels = append(panels, p)
 	}
-	return savePanels(path, panels, 10*vg.Inch, 7*vg.Inch)
+	return panels, nil
 }
 
-// plotThroughput draws bars of max req/s (1 KiB), new connections/s and bulk Gbit/s.
+// plotThroughput draws bars of max req/s (HTTP/1.1 and HTTP/2, 1 KiB), max gRPC
+// calls/s, new connections/s and bulk Gbit/s, for the scenarios that ran each.
 func plotThroughput(path string, res *Results) error {
 	t := index(res.Samples)
-	var names []string
-	for _, sc := range res.Plan.Scenarios {
-		names = append(names, sc.Key)
-	}
 	var panels []*plot.Plot
 	for _, c := range []struct {
 		title, w string
@@ -106,13 +132,28 @@ func plotThroughput(path string, res *Results) error {
 		{"max req/s, HTTP/1.1 keep-alive, 1 KiB, 16 connections", "http-1k-max", mQPS},
 		{"new connections/s (one request each), 1 KiB", "newconn", mConn},
 		{"bulk TCP, 1 connection (Gbit/s)", "bulk", mGbps},
+		{fmt.Sprintf("max req/s, HTTP/2 h2c (h2load), 1 KiB, %d connections × %d streams", h2Conns, h2Streams), "h2-1k-max", mQPS},
+		{fmt.Sprintf("max calls/s, gRPC unary, 1 KiB, %d connections × %d streams", grpcConns, grpcStreams), "grpc-1k-max", mCall},
 	} {
+		w := res.Plan.workload(c.w)
+		var names []string
+		for _, sc := range res.Plan.Scenarios {
+			if w.runsIn(sc) {
+				names = append(names, sc.Key)
+			}
+		}
+		if len(names) == 0 {
+			continue
+		}
 		p := plot.New()
 		p.Title.Text = c.title
 		p.Y.Label.Text = c.m.name + " (median; bar ends: min, max)"
 		var vals plotter.Values
 		var errs plotter.YErrors
 		for _, sc := range res.Plan.Scenarios {
+			if !w.runsIn(sc) {
+				continue
+			}
 			st := t.stat(sc.Key, c.w, c.m)
 			vals = append(vals, st.Median)
 			errs = append(errs, struct{ Low, High float64 }{st.Median - st.Min, st.Max - st.Median})
@@ -135,11 +176,39 @@ func plotThroughput(path string, res *Results) error {
 			return err
 		}
 		p.Add(eb)
+		// Headroom over the highest bar end, which also keeps the default ticker
+		// from choosing only two ticks when the top lands on a round number.
+		top := 0.0
+		for i, v := range vals {
+			top = max(top, v+errs[i].High)
+		}
+		if top > 0 {
+			p.Y.Min, p.Y.Max = 0, top*1.1
+			p.Y.Tick.Marker = plot.TickerFunc(roundTicks)
+		}
 		p.NominalX(names...)
 		p.Add(plotter.NewGrid())
 		panels = append(panels, p)
 	}
-	return savePanels(path, panels, 11*vg.Inch, 12*vg.Inch)
+	return savePanels(path, panels, 11*vg.Inch, 4*vg.Inch*vg.Length(len(panels)))
+}
+
+// roundTicks labels 4 to 10 round values (a step of 1, 2 or 5 times a power of ten)
+// from 0; gonum's default ticker can pick just two, labelled with decimals.
+func roundTicks(lo, hi float64) []plot.Tick {
+	step := math.Pow(10, math.Floor(math.Log10((hi-lo)/4)))
+	for _, m := range []float64{1, 2, 5, 10} {
+		if (hi-lo)/(m*step) <= 10 && (hi-lo)/(m*step) >= 4 {
+			step *= m
+			break
+		}
+	}
+	decimals := max(0, int(-math.Floor(math.Log10(step))))
+	var ticks []plot.Tick
+	for i := math.Ceil(lo / step); i*step <= hi; i++ {
+		ticks = append(ticks, plot.Tick{Value: i * step, Label: strconv.FormatFloat(i*step, 'f', decimals, 64)})
+	}
+	return ticks
 }
 
 // savePanels stacks the plots vertically in one PNG.

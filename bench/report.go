@@ -44,6 +44,7 @@ type metric struct {
 // The figures the tables show; read-only after initialisation.
 var (
 	mQPS  = metric{name: "req/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
+	mCall = metric{name: "calls/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mConn = metric{name: "conn/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mP50  = metric{name: "p50", unit: "ms", get: func(s Sample) float64 { return s.P50 }, prec: 3, ratios: true}
 	mP90  = metric{name: "p90", unit: "ms", get: func(s Sample) float64 { return s.P90 }, prec: 3}
@@ -114,10 +115,85 @@ func metricsFor(w Workload) []metric {
 	case kindNewConn:
 		return []metric{mConn, mP50, mP99, mCPU, mRSS, mErr}
 	}
-	if w.QPS == 0 {
-		return []metric{mQPS, mP50, mP99, mCPU, mRSS, mErr}
+	rate := mQPS
+	if w.kind == kindGRPC {
+		rate = mCall
 	}
-	return []metric{mQPS, mP50, mP90, mP99, mP999, mCPU, mRSS, mErr}
+	if w.QPS == 0 {
+		return []metric{rate, mP50, mP99, mCPU, mRSS, mErr}
+	}
+	return []metric{rate, mP50, mP90, mP99, mP999, mCPU, mRSS, mErr}
+}
+
+// summaryCol is one column of a summary table: a figure of one workload.
+type summaryCol struct {
+	title string
+	w     string
+	m     metric
+}
+
+// writeSummary writes a table of the scenarios that ran any of the columns'
+// workloads, one figure a column with its ratios; l7 labels Ferry's rows with how
+// Ferry carried them.
+func writeSummary(b *strings.Builder, p Plan, t table, cols []summaryCol, l7 bool) {
+	b.WriteString("| scenario |")
+	for _, c := range cols {
+		fmt.Fprintf(b, " %s |", c.title)
+	}
+	b.WriteString("\n|---|")
+	for range cols {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	for _, sc := range p.Scenarios {
+		if !slices.ContainsFunc(cols, func(c summaryCol) bool { return p.workload(c.w).runsIn(sc) }) {
+			continue
+		}
+		name := sc.Name
+		if l7 {
+			var ws []string
+			for _, c := range cols {
+				ws = append(ws, c.w)
+			}
+			name = rowName(sc, t, ws...)
+		}
+		fmt.Fprintf(b, "| %s |", name)
+		for _, c := range cols {
+			st := t.stat(sc.Key, c.w, c.m)
+			cell := fmtNum(st.Median, c.m.prec)
+			switch {
+			case st.N == 0:
+				cell = "–"
+			case c.m.ratios && sc.proxy != proxyNone && c.m.name == mCPU.name:
+				cell += fmt.Sprintf(" (×hap %s)", ratio(st, t.stat(sc.peerKey(), c.w, c.m)))
+			case c.m.ratios && sc.proxy != proxyNone:
+				cell += fmt.Sprintf(" (×nm %s, ×hap %s)", ratio(st, t.stat(sc.noMeshKey(), c.w, c.m)), ratio(st, t.stat(sc.peerKey(), c.w, c.m)))
+			}
+			fmt.Fprintf(b, " %s |", cell)
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("\n")
+}
+
+// rowName is the scenario's name, and for Ferry how it carried the workloads ws as
+// its connection records say ("carried at L4", "carried at L7 http2").
+func rowName(sc Scenario, t table, ws ...string) string {
+	if sc.proxy != proxyFerry {
+		return sc.Name
+	}
+	var how []string
+	for _, w := range ws {
+		for _, s := range t[sc.Key][w] {
+			if s.Carried != "" && !slices.Contains(how, s.Carried) {
+				how = append(how, s.Carried)
+			}
+		}
+	}
+	if len(how) == 0 {
+		return sc.Name
+	}
+	return sc.Name + ", carried at " + strings.Join(how, " and ")
 }
 
 // WriteReport writes the markdown report.
@@ -138,7 +214,7 @@ func WriteReport(w io.Writer, res *Results) error {
 		kind, p.Reps, p.Duration, p.Warmup, res.Elapsed, res.Placement.Restarts, res.Placement.Kernel, res.Placement.GoVersion, res.Placement.HAProxyVer)
 	pl := res.Placement
 	if pl.Pinned {
-		fmt.Fprintf(&b, "Placement on %d CPUs: load generators (fortio load, tcp-send) and servers (fortio server, TCP sink) on CPU %d (`taskset -c %d`); proxies (ferry-agent of both nodes, all three HAProxy processes) on CPU %d (`taskset -c %d`, agents re-pinned after each restart). Kernel work (softirq, netfilter, TLS-free TCP) runs on whichever CPU it lands on.\n\n",
+		fmt.Fprintf(&b, "Placement on %d CPUs: load generators (fortio load, h2load, tcp-send) and servers (fortio server, TCP sink) on CPU %d (`taskset -c %d`); proxies (ferry-agent of both nodes, all three HAProxy processes) on CPU %d (`taskset -c %d`, agents re-pinned after each restart). Kernel work (softirq, netfilter, TLS-free TCP) runs on whichever CPU it lands on.\n\n",
 			pl.CPUs, pl.AppCPU, pl.AppCPU, pl.ProxyCPU, pl.ProxyCPU)
 	} else {
 		fmt.Fprintf(&b, "Placement: %d CPU, so load generators, servers and proxies share it (nothing pinned).\n\n", pl.CPUs)
@@ -147,11 +223,7 @@ func WriteReport(w io.Writer, res *Results) error {
 
 	// The headline: a compact table of the key figures.
 	b.WriteString("## Summary\n\n")
-	cols := []struct {
-		title string
-		w     string
-		m     metric
-	}{
+	writeSummary(&b, p, t, []summaryCol{
 		{"p50 @1000 req/s", "http-1k-1000", mP50},
 		{"p99 @1000 req/s", "http-1k-1000", mP99},
 		{"max req/s 1 KiB", "http-1k-max", mQPS},
@@ -160,41 +232,27 @@ func WriteReport(w io.Writer, res *Results) error {
 		{"bulk Gbit/s", "bulk", mGbps},
 		{"CPU s/1k req @max", "http-1k-max", mCPU},
 		{"peak RSS MiB", "http-1k-max", mRSS},
-	}
-	b.WriteString("| scenario |")
-	for _, c := range cols {
-		fmt.Fprintf(&b, " %s |", c.title)
-	}
-	b.WriteString("\n|---|")
-	for range cols {
-		b.WriteString("---|")
-	}
-	b.WriteString("\n")
-	for _, sc := range p.Scenarios {
-		fmt.Fprintf(&b, "| %s |", sc.Name)
-		for _, c := range cols {
-			st := t.stat(sc.Key, c.w, c.m)
-			cell := fmtNum(st.Median, c.m.prec)
-			if st.N == 0 {
-				cell = "–"
-			} else if c.m.ratios && sc.proxy != proxyNone {
-				cell += fmt.Sprintf(" (×nm %s, ×hap %s)", ratio(st, t.stat(sc.noMeshKey(), c.w, c.m)), ratio(st, t.stat(sc.peerKey(), c.w, c.m)))
-				if c.m.name == mCPU.name {
-					cell = fmtNum(st.Median, c.m.prec) + fmt.Sprintf(" (×hap %s)", ratio(st, t.stat(sc.peerKey(), c.w, c.m)))
-				}
-			}
-			fmt.Fprintf(&b, " %s |", cell)
-		}
-		b.WriteString("\n")
-	}
-	b.WriteString("\n")
+	}, false)
+	b.WriteString("## Summary, HTTP/2 and gRPC\n\n")
+	fmt.Fprintf(&b, "HTTP/2: h2load (nghttp2), prior knowledge (h2c), %d connections × %d concurrent streams, GET of a 1 KiB body. gRPC: fortio's ping service, unary, 1 KiB each way, %d connections × %d concurrent calls. The HAProxy pair runs these at L7 (mode http, h2 over mTLS between the two). Ferry's clients dial a Service cluster IP whose port declares its protocol (appProtocol `kubernetes.io/h2c`, `grpc`); each Ferry row says how Ferry carried them, as the client node's connection records say: at L7 (requests proxied) or at L4 (a byte stream through the tunnel).\n\n",
+		h2Conns, h2Streams, grpcConns, grpcStreams)
+	writeSummary(&b, p, t, []summaryCol{
+		{"HTTP/2 max req/s", "h2-1k-max", mQPS},
+		{"HTTP/2 p50 @max", "h2-1k-max", mP50},
+		{"HTTP/2 p99 @max", "h2-1k-max", mP99},
+		{"gRPC p50 @1000 calls/s", "grpc-1k-1000", mP50},
+		{"gRPC p99 @1000 calls/s", "grpc-1k-1000", mP99},
+		{"gRPC max calls/s", "grpc-1k-max", mCall},
+		{"CPU s/1k req HTTP/2 @max", "h2-1k-max", mCPU},
+		{"CPU s/1k calls gRPC @max", "grpc-1k-max", mCPU},
+	}, true)
 
 	// The published-figures format: added latency over no mesh.
 	b.WriteString("## Published-figures format: fortio, 1 KiB, 1,000 req/s, 16 connections, across nodes\n\n")
 	b.WriteString("Added latency is the scenario's median percentile minus no mesh's, in ms, as mesh benchmarks publish it.\n\n")
 	b.WriteString("| scenario | p50 | p90 | p99 | p99.9 | added p50 | added p90 | added p99 | added p99.9 |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, sc := range p.Scenarios {
-		if !sc.CrossNode {
+		if !sc.CrossNode || !p.workload("http-1k-1000").runsIn(sc) {
 			continue
 		}
 		fmt.Fprintf(&b, "| %s |", sc.Name)
@@ -236,7 +294,10 @@ func WriteReport(w io.Writer, res *Results) error {
 		}
 		b.WriteString("\n")
 		for _, sc := range p.Scenarios {
-			fmt.Fprintf(&b, "| %s |", sc.Name)
+			if !wl.runsIn(sc) {
+				continue
+			}
+			fmt.Fprintf(&b, "| %s |", rowName(sc, t, wl.Key))
 			for _, m := range ms {
 				st := t.stat(sc.Key, wl.Key, m)
 				fmt.Fprintf(&b, " %s |", st.cell(m.prec))
@@ -263,9 +324,18 @@ func WriteReport(w io.Writer, res *Results) error {
 		}
 		b.WriteString("\n")
 	}
-	b.WriteString("Not measured yet: gRPC (needs Ferry's L7 proxy). Plots: latency.png (p50 and p99 against offered load), throughput.png (max req/s, new connections/s, bulk Gbit/s).\n")
+	b.WriteString("Plots: latency.png (p50 and p99 against offered load, HTTP/1.1 and gRPC), throughput.png (max req/s HTTP/1.1 and HTTP/2, max gRPC calls/s, new connections/s, bulk Gbit/s).\n")
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// workload is the plan's workload with key k; the zero Workload (which runs in no
+// scenario) when the plan has none.
+func (p Plan) workload(k string) Workload {
+	if i := slices.IndexFunc(p.Workloads, func(w Workload) bool { return w.Key == k }); i >= 0 {
+		return p.Workloads[i]
+	}
+	return Workload{only: []string{}}
 }
 
 // Save writes report.md, samples.json and the plots into dir, and returns the
@@ -321,6 +391,9 @@ func writeProcTable(b *strings.Builder, p Plan, samples []Sample) {
 	slices.SortStableFunc(order, func(a, b key) int { return rank[a.sc] - rank[b.sc] })
 	b.WriteString("## Proxy processes\n\nEach proxy process on its own: CPU seconds per 1,000 requests at maximum rate (1 KiB keep-alive; median [min–max]) and its peak RSS (largest VmHWM seen in the run; agents restart when the mode changes).\n\n| scenario | process | CPU s/1k req | peak RSS MiB |\n|---|---|---|---|\n")
 	for _, k := range order {
+		if len(cpu[k]) == 0 {
+			continue // a scenario without the 1 KiB keep-alive workload
+		}
 		fmt.Fprintf(b, "| %s | %s | %s | %.1f |\n", k.sc, k.proc, newStat(cpu[k]).cell(3), float64(rss[k])/(1<<20))
 	}
 	b.WriteString("\n")

@@ -3,6 +3,7 @@ package bench
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -33,12 +34,18 @@ func fakeResults() *Results {
 	for rep := 1; rep <= plan.Reps; rep++ {
 		for _, sc := range plan.Scenarios {
 			for _, w := range plan.Workloads {
+				if !w.runsIn(sc) {
+					continue
+				}
 				s := Sample{Scenario: sc.Key, Workload: w.Key, Rep: rep, QPS: 500, P50: 0.2, P90: 0.3, P99: 1, P999: 2, Requests: 500, Gbps: 5, PeakRSS: 40 << 20}
 				if sc.proxy == proxyNone {
 					s.QPS, s.P50, s.Gbps, s.PeakRSS = 1000, 0.1, 10, 0
 				} else {
 					s.ProxyCPU, s.CPUPer1k = 0.05, 0.1
 					s.Procs = []ProcCost{{Name: "p1", CPU: 0.03, PeakRSS: 30 << 20}, {Name: "p2", CPU: 0.02, PeakRSS: 10 << 20}}
+				}
+				if sc.proxy == proxyFerry && w.kind.proto().l7() {
+					s.Carried = "L4"
 				}
 				res.Samples = append(res.Samples, s)
 			}
@@ -62,12 +69,56 @@ func TestWriteReport(t *testing.T) {
 		"Published-figures format",
 		"| Ferry mTLS tunnel, across nodes | 0.200 | 0.300 | 1.000 | 2.000 | +0.100 |",
 		"`taskset -c 0`",
-		"gRPC",
+		"## Summary, HTTP/2 and gRPC",
+		// The L7 summary: HTTP/2 max req/s with its ratios, Ferry labelled by how it carried it.
+		"| Ferry no fast path, across nodes, carried at L4 | 500 (×nm 0.50, ×hap 1.00) |",
+		"| HAProxy pair mTLS, same node | 500 (×nm 0.50, ×hap 1.00) |",
+		"## gRPC unary (fortio ping), 1 KiB each way, 4 conns × 4 streams, max calls/s\n\n| scenario | calls/s |",
 		"| ferry-s | bulk | 1 | write: cannot allocate memory |",
 		"| ferry-x | p1 | 0.060 | 30.0 |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+// TestQuickL7Rows checks that the quick run's HTTP/2 and gRPC tables hold the
+// scenarios it measures them in and no others.
+func TestQuickL7Rows(t *testing.T) {
+	var b strings.Builder
+	if err := WriteReport(&b, fakeResults()); err != nil {
+		t.Fatal(err)
+	}
+	md := b.String()
+	_, l7, _ := strings.Cut(md, "## Summary, HTTP/2 and gRPC")
+	l7, _, _ = strings.Cut(l7, "## Published")
+	for _, sc := range NewPlan(true).Scenarios {
+		row := "| " + sc.Name + " |"
+		if sc.proxy == proxyFerry {
+			row = "| " + sc.Name + ", carried at L4 |"
+		}
+		if got, want := strings.Contains(l7, row), slices.Contains(quickL7Scenarios, sc.Key); got != want {
+			t.Errorf("L7 summary has row %q: %v, want %v\n%s", row, got, want, l7)
+		}
+	}
+}
+
+func TestRoundTicks(t *testing.T) {
+	for _, tc := range []struct {
+		hi   float64
+		want string
+	}{
+		{28256, "0 5000 10000 15000 20000 25000"},
+		{19.8, "0 2 4 6 8 10 12 14 16 18"},
+		{0.9, "0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"},
+	} {
+		var got []string
+		for _, tk := range roundTicks(0, tc.hi) {
+			got = append(got, tk.Label)
+		}
+		if strings.Join(got, " ") != tc.want {
+			t.Errorf("roundTicks(0, %v) = %v, want %s", tc.hi, got, tc.want)
 		}
 	}
 }

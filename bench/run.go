@@ -62,6 +62,10 @@ type Sample struct {
 	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
 	// Procs splits ProxyCPU and PeakRSS by process.
 	Procs []ProcCost `json:"procs,omitempty"`
+	// Carried is how Ferry carried an HTTP/2 or gRPC workload, from the client
+	// node's connection records of the Service address: "L7 http2", "L7 grpc",
+	// or "L4" (a byte stream through the tunnel); empty for other scenarios.
+	Carried string `json:"carried,omitempty"`
 	// Error says why the run failed; a failed sample has no figures.
 	Error string `json:"error,omitempty"`
 }
@@ -117,7 +121,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 	if cfg.Progress == nil {
 		cfg.Progress = io.Discard
 	}
-	for _, tool := range []string{"nsenter", "taskset", "haproxy", "iptables"} {
+	for _, tool := range []string{"nsenter", "taskset", "haproxy", "iptables", "h2load"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return nil, fmt.Errorf("%s is not installed (make deps installs it): %w", tool, err)
 		}
@@ -165,7 +169,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 	}
 
 	p := cfg.Plan
-	r.all = p.Reps * len(p.Scenarios) * len(p.Workloads)
+	r.all = p.Runs()
 	for rep := 1; rep <= p.Reps; rep++ {
 		for _, sc := range r.order(rep) {
 			if err := ctx.Err(); err != nil {
@@ -178,6 +182,9 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 				return nil, fmt.Errorf("%s warm-up: %w", sc.Key, err)
 			}
 			for _, w := range p.Workloads {
+				if !w.runsIn(sc) {
+					continue
+				}
 				s, err := r.measure(ctx, sc, w, rep)
 				if err != nil {
 					if ctx.Err() != nil {
@@ -343,10 +350,10 @@ func (r *runner) stopProcs() {
 // startServers starts fortio and the bulk sink in every server pod and the HAProxy
 // pair, and waits until each answers.
 func (r *runner) startServers(ctx context.Context) error {
-	r.progress("servers: fortio server and TCP sink in srv1, srv2, nms1, nms2; HAProxy pair for nmc → nms1, nms2")
+	r.progress("servers: fortio server (HTTP/1.1 and h2c on %d, gRPC on %d) and TCP sink in srv1, srv2, nms1, nms2; HAProxy pair for nmc → nms1, nms2", httpPort, grpcPort)
 	for _, pod := range []string{"srv1", "srv2", "nms1", "nms2"} {
 		bin, args := r.onApp(r.cfg.FortioBinary, "server", "-http-port", strconv.Itoa(httpPort),
-			"-grpc-port", "disabled", "-redirect-port", "disabled", "-tcp-port", "disabled", "-udp-port", "disabled", "-loglevel", "Error")
+			"-grpc-port", strconv.Itoa(grpcPort), "-redirect-port", "disabled", "-tcp-port", "disabled", "-udp-port", "disabled", "-loglevel", "Error")
 		if _, err := r.start(ctx, pod, "fortio-"+pod, bin, args...); err != nil {
 			return err
 		}
@@ -433,12 +440,23 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		s   Sample
 		err error
 	)
-	if w.kind == kindBulk {
+	start := time.Now()
+	switch w.kind {
+	case kindBulk:
 		s, err = r.bulk(ctx, sc, r.cfg.Plan.Duration)
-	} else {
+	case kindH2:
+		s, err = r.h2load(ctx, sc, w, r.cfg.Plan.Duration)
+	default:
 		s, err = r.fortio(ctx, sc, w, r.cfg.Plan.Duration)
 	}
+	if sc.proxy == proxyFerry && w.kind.proto().l7() {
+		// What the flows say, failed run or not: the report labels the row with it.
+		s.Carried = r.carried(ctx, sc, w, start)
+	}
 	if err != nil {
+		if s.Carried != "" {
+			err = fmt.Errorf("%w (Ferry carried it at %s)", err, s.Carried)
+		}
 		return s, err
 	}
 	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
@@ -459,7 +477,15 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	if w.kind == kindBulk {
 		r.progress("[%3d/%d] rep %d  %-10s %-13s %6.2f Gbit/s  proxy cpu %.2fs", r.step, r.all, rep, sc.Key, w.Key, s.Gbps, s.ProxyCPU)
 	} else {
-		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f req/s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs", r.step, r.all, rep, sc.Key, w.Key, s.QPS, s.P50, s.P99, s.Errors, s.ProxyCPU)
+		carried := ""
+		if s.Carried != "" {
+			carried = "  carried at " + s.Carried
+		}
+		unit := "req/s"
+		if w.kind == kindGRPC {
+			unit = "calls/s"
+		}
+		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f %-7s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs%s", r.step, r.all, rep, sc.Key, w.Key, s.QPS, unit, s.P50, s.P99, s.Errors, s.ProxyCPU, carried)
 	}
 	return s, nil
 }
@@ -474,12 +500,10 @@ type fortioResult struct {
 	RetCodes map[string]int64
 }
 
-// fortio runs fortio load in the scenario's client pod against its server.
+// fortio runs fortio load in the scenario's client pod against its server: HTTP/1.1,
+// or gRPC pings for kindGRPC.
 func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
-	target := fmt.Sprintf("%s:%d", r.podIP(sc.server), httpPort)
-	if sc.viaHTTP != "" {
-		target = sc.viaHTTP
-	}
+	target := sc.target(w.kind.proto(), r.podIP(sc.server))
 	out := filepath.Join(r.tmp, "fortio.json")
 	os.Remove(out)
 	args := []string{"load", "-qps", strconv.Itoa(w.QPS), "-c", strconv.Itoa(w.Conns), "-t", d.String(),
@@ -490,10 +514,20 @@ func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Dur
 	if w.Payload > 0 {
 		args = append(args, "-payload-size", strconv.Itoa(w.Payload))
 	}
-	if w.kind == kindNewConn {
+	ok := "200"
+	switch w.kind {
+	case kindNewConn:
 		args = append(args, "-keepalive=false")
+	case kindGRPC:
+		// -c connections, each with -s concurrent calls; a call that succeeds is "SERVING".
+		args = append(args, "-grpc", "-ping", "-s", strconv.Itoa(max(1, w.Streams)))
+		ok = "SERVING"
 	}
-	args = append(args, "http://"+target+"/echo")
+	if w.kind == kindGRPC {
+		args = append(args, target)
+	} else {
+		args = append(args, "http://"+target+"/echo")
+	}
 	bin, args := r.onApp(r.cfg.FortioBinary, args...)
 	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
@@ -509,7 +543,7 @@ func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Dur
 		return Sample{}, fmt.Errorf("fortio result: %w", err)
 	}
 	s := Sample{QPS: fr.ActualQPS, Requests: fr.DurationHistogram.Count}
-	s.Errors = s.Requests - fr.RetCodes["200"]
+	s.Errors = s.Requests - fr.RetCodes[ok]
 	for _, p := range fr.DurationHistogram.Percentiles {
 		ms := p.Value * 1000
 		switch p.Percentile {
@@ -531,10 +565,7 @@ func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Dur
 
 // bulk sends bytes one way over one connection for d.
 func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample, error) {
-	target := fmt.Sprintf("%s:%d", r.podIP(sc.server), sinkPort)
-	if sc.viaBulk != "" {
-		target = sc.viaBulk
-	}
+	target := sc.target(protoTCP, r.podIP(sc.server))
 	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-send", "--to", target, "--duration", d.String())
 	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()

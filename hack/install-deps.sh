@@ -24,6 +24,7 @@ packages=(
   prometheus         # promtool check metrics
   chromium           # the web view test in headless Chromium
   haproxy            # make bench: the peer proxy pair
+  nghttp2-client     # h2load: make bench's HTTP/2 load client (h2c, multiplexed streams)
   iptables           # --capture=iptables, and its tests
   git                # make check-generated
   curl               # the L7 e2e tests' HTTP/1.1 client (keep-alive, chunked uploads, Expect: 100-continue)

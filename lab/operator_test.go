@@ -61,6 +61,7 @@ func loadManifests(t *testing.T, cfg Config) (*Lab, kubernetes.Interface) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	loader.SetPolicyClient(local.NewPolicyClient()) // as the operator's local mode does
 	if err := loader.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -35,8 +35,8 @@ func detect(c net.Conn, r *bufio.Reader, wait time.Duration) admin.Protocol {
 	defer c.SetReadDeadline(time.Time{})
 	n := 1
 	for {
-		b, err := r.Peek(n)
-		if len(b) > 0 {
+		_, err := r.Peek(n) // waits for n bytes; what arrived with them is buffered too
+		if b, _ := r.Peek(r.Buffered()); len(b) > 0 {
 			proto, more := classify(b)
 			if !more {
 				return proto

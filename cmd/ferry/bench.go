@@ -34,17 +34,30 @@ in one run, alternating and repeated:
   an HAProxy pair doing mTLS (client cert), both places   the peer
   Ferry (eBPF capture, sockmap fast path), both places
   Ferry with --fast-path=false, both places
+  the same through Service ports declared tcp             HTTP/2, gRPC only: Ferry at L4
   Ferry with --capture=iptables, both places
 
 with fortio (HTTP/1.1 keep-alive at fixed rates with p50/p90/p99/p99.9, maximum
-req/s, one new connection per request; 1 KiB and 10 KiB) and bulk TCP throughput,
-plus the proxies' CPU seconds per 1,000 requests and peak RSS. Load generators and
-servers run on CPU 0, proxies on CPU 1.
+req/s, one new connection per request; 1 KiB and 10 KiB), bulk TCP throughput,
+HTTP/2 with h2load (h2c, 4 connections × 100 streams, after 1 s of its own
+warm-up; maximum req/s, and 1,000 req/s in the full run) and gRPC with fortio's ping service (unary, 1 KiB; 1,000
+calls/s and maximum, 3,000 calls/s in the full run), plus the proxies' CPU seconds
+per 1,000 requests and peak RSS. Load generators and servers run on CPU 0, proxies
+on CPU 1.
+
+For HTTP/2 and gRPC the HAProxy pair works at L7 (mode http, h2 over mTLS), and
+Ferry's client dials a Service cluster IP whose port declares its protocol
+(appProtocol kubernetes.io/h2c or grpc); each Ferry row says whether Ferry carried
+it at L7 or at L4, as the client node's connection records say. The rows through
+ports declared tcp give Ferry's L4 figure for the same workloads, so L7 and L4 sit
+side by side in one run. The quick run measures HTTP/2 and gRPC in the no-mesh,
+HAProxy and --fast-path=false scenarios only; the full run in all.
 
 It writes report.md (medians, spread, ratios to no mesh and to the HAProxy pair),
 samples.json and latency.png, throughput.png under --out, and prints the report.
---quick takes under 5 minutes, the full run under 30. Needs root, haproxy, iptables
-and taskset (make deps), ferry-agent and fortio binaries (make bench builds them).`,
+--quick takes about 6 minutes, the full run about 30. Needs root, haproxy, h2load,
+iptables and taskset (make deps), ferry-agent and fortio binaries (make bench builds
+them).`,
 		Example: `  # what make bench QUICK=1 runs
   sudo ferry bench --quick --agent bin/ferry-agent --fortio bin/fortio
 
@@ -93,8 +106,8 @@ and taskset (make deps), ferry-agent and fortio binaries (make bench builds them
 				level = slog.LevelInfo
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "bench: %d scenarios × %d workloads × %d repetitions of %s; results in %s\n",
-				len(plan.Scenarios), len(plan.Workloads), plan.Reps, plan.Duration, out)
+			fmt.Fprintf(w, "bench: %d scenarios, %d workloads, %d runs of %s (%d repetitions); results in %s\n",
+				len(plan.Scenarios), len(plan.Workloads), plan.Runs(), plan.Duration, plan.Reps, out)
 			res, err := bench.Run(cmd.Context(), bench.Config{
 				Plan:         plan,
 				Out:          out,
@@ -121,7 +134,7 @@ and taskset (make deps), ferry-agent and fortio binaries (make bench builds them
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&quick, "quick", false, "the short run (3 repetitions of 1 s; under 5 minutes)")
+	f.BoolVar(&quick, "quick", false, "the short run (3 repetitions of 1 s; about 6 minutes)")
 	f.StringVar(&out, "out", "", "results folder (default results/<UTC date-time>)")
 	f.StringVar(&agentBin, "agent", "", "ferry-agent binary (default: next to this ferry binary)")
 	f.StringVar(&fortio, "fortio", "", "fortio binary (default: next to this ferry binary, then $PATH)")

@@ -52,6 +52,7 @@ var needs = []need{
 	{"promtool", "prometheus", "metrics tests: promtool check metrics"},
 	{"chromium", "chromium", "the web view test"},
 	{"haproxy", "haproxy", "make bench: the peer proxy pair"},
+	{"h2load", "nghttp2-client", "make bench: the HTTP/2 load client"},
 	{"iptables", "iptables", "--capture=iptables"},
 	{"ip6tables", "iptables", "--capture=iptables (IPv6)"},
 	{"iptables-save", "iptables", "capture tests read the nat table"},
