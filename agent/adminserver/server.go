@@ -89,6 +89,9 @@ func New(cfg Config, src Source, log *slog.Logger) (*Server, error) {
 	mux.HandleFunc("GET /config", s.config)
 	mux.HandleFunc("GET /state", s.stateJSON)
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	// CPU profiles and traces are not named profiles: Index does not serve them.
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	if cfg.Metrics != nil {
 		mux.Handle("GET /metrics", cfg.Metrics)
 	}

@@ -10,8 +10,10 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/netip"
 	"path/filepath"
@@ -62,6 +64,12 @@ func selfSigned(t *testing.T, cn string, serial int64) *x509.Certificate {
 // serve starts a server for src on a socket in a fresh folder and returns a client.
 func serve(t *testing.T, src Source) *admin.Client {
 	t.Helper()
+	return admin.NewClient(serveSocket(t, src))
+}
+
+// serveSocket serves src's admin API on a socket of its own and returns its path.
+func serveSocket(t *testing.T, src Source) string {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	metrics := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ferry_up 1\n")) })
 	s, err := New(Config{Socket: sock, Metrics: metrics}, src, slog.New(slog.DiscardHandler))
@@ -78,7 +86,26 @@ func serve(t *testing.T, src Source) *admin.Client {
 			t.Errorf("stop: %v", err)
 		}
 	})
-	return admin.NewClient(sock)
+	return sock
+}
+
+// A CPU profile is served, as go tool pprof asks for it (not a named profile).
+func TestCPUProfile(t *testing.T) {
+	sock := serveSocket(t, testSource(t))
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}}
+	res, err := hc.Get("http://agent/debug/pprof/profile?seconds=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(res.Body)
+	// A profile is gzipped protobuf.
+	if res.StatusCode != http.StatusOK || len(body) < 2 || body[0] != 0x1f || body[1] != 0x8b {
+		t.Fatalf("%s, %d bytes %q", res.Status, len(body), body[:min(len(body), 40)])
+	}
 }
 
 func testSource(t *testing.T) *fakeSource {
