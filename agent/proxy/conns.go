@@ -111,9 +111,6 @@ func (t *tracker) request(c Conn, w *responseWriter, aborted any) {
 	c.End = time.Now()
 	c.HTTP.Status = w.status
 	c.BytesSent, c.BytesRecv = w.requestBytes.Load(), w.bytes
-	if c.Protocol == admin.GRPC {
-		c.HTTP.GRPCStatus = grpcStatus(w.Header())
-	}
 	switch {
 	case aborted != nil:
 		c.Verdict, c.Reason = admin.VerdictError, admin.ReasonReset
@@ -241,31 +238,4 @@ func (t *tracker) snapshot() (live, ended []Conn) {
 	}
 	ended = append(ended, t.ended[:t.next]...)
 	return live, ended
-}
-
-// countedConn counts the bytes through a connection that something else copies,
-// and reports them once when it is closed.
-type countedConn struct {
-	*net.TCPConn
-	in, out atomic.Int64
-	once    sync.Once
-	done    func(in, out int64)
-}
-
-func (c *countedConn) Read(b []byte) (int, error) {
-	n, err := c.TCPConn.Read(b)
-	c.in.Add(int64(n))
-	return n, err
-}
-
-func (c *countedConn) Write(b []byte) (int, error) {
-	n, err := c.TCPConn.Write(b)
-	c.out.Add(int64(n))
-	return n, err
-}
-
-func (c *countedConn) Close() error {
-	err := c.TCPConn.Close()
-	c.once.Do(func() { c.done(c.in.Load(), c.out.Load()) })
-	return err
 }

@@ -179,7 +179,11 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 			rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
 			rec.Error = up.err.Error()
 		}
-		end(rw.status, grpcStatus(rw.Header()), up.err)
+		gs := grpcStatus(rw.Header())
+		if rec.Protocol == admin.GRPC {
+			rec.HTTP.GRPCStatus = gs
+		}
+		end(rw.status, gs, up.err)
 	}()
 	p.l7.proxy.ServeHTTP(rw, out)
 }
@@ -295,12 +299,11 @@ func (pd *pod) dialUpstream(_ context.Context, _, addr string) (net.Conn, error)
 }
 
 // closeTransports drops the pod's idle upstream connections; requests in flight
-// finish on theirs.
+// finish on theirs. (It goes through transport, whose Once orders it after a
+// request that is making them.)
 func (pd *pod) closeTransports() {
-	if pd.h1 != nil {
-		pd.h1.CloseIdleConnections()
-		pd.h2.CloseIdleConnections()
-	}
+	pd.transport(false).CloseIdleConnections()
+	pd.transport(true).CloseIdleConnections()
 }
 
 // streamConn is a tunnel stream as the net.Conn an HTTP transport wants. Deadlines
