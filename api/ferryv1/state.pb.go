@@ -150,8 +150,15 @@ type Service struct {
 	Backends []*Backend `protobuf:"bytes,6,rep,name=backends,proto3" json:"backends,omitempty"`
 	// How the proxy picks each request's endpoint at L7: a TrafficPolicy's
 	// spec.loadBalancer.type (api/v1alpha1.LoadBalancerType: "P2CEWMA",
-	// "RoundRobin", "Random", "LeastRequest"); "" is P2CEWMA.
-	LoadBalancer  string `protobuf:"bytes,7,opt,name=load_balancer,json=loadBalancer,proto3" json:"load_balancer,omitempty"`
+	// "RoundRobin", "Random", "LeastRequest", "RingHash"); "" is P2CEWMA.
+	LoadBalancer string `protobuf:"bytes,7,opt,name=load_balancer,json=loadBalancer,proto3" json:"load_balancer,omitempty"`
+	// Request routing, compiled from the HTTPRoutes and GRPCRoutes whose parentRefs name
+	// this Service (GAMMA): one table per Service port that has routes and per set of
+	// clients. A port without a table sends every request to this Service's endpoints.
+	RouteTables []*RouteTable `protobuf:"bytes,8,rep,name=route_tables,json=routeTables,proto3" json:"route_tables,omitempty"`
+	// What the TrafficPolicy targeting this Service sets besides the load balancer;
+	// absent: no limits, no outlier detection, no faults.
+	Policy        *ServicePolicy `protobuf:"bytes,9,opt,name=policy,proto3" json:"policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -235,6 +242,1438 @@ func (x *Service) GetLoadBalancer() string {
 	return ""
 }
 
+func (x *Service) GetRouteTables() []*RouteTable {
+	if x != nil {
+		return x.RouteTables
+	}
+	return nil
+}
+
+func (x *Service) GetPolicy() *ServicePolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+// RouteTable is the routing one set of clients sees on one Service port: the
+// producer routes (client_namespace ""), or the consumer routes of one namespace,
+// which replace the producer routes for clients in that namespace (GAMMA).
+type RouteTable struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The Service port (ServicePort.port) the table applies to.
+	Port uint32 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	// "" for the producer routes (every client); else the namespace whose clients use
+	// this table instead.
+	ClientNamespace string `protobuf:"bytes,2,opt,name=client_namespace,json=clientNamespace,proto3" json:"client_namespace,omitempty"`
+	// The rules of every route in the table.
+	Rules []*RouteRule `protobuf:"bytes,3,rep,name=rules,proto3" json:"rules,omitempty"`
+	// Every match of every rule, in Gateway API's precedence order (exact path,
+	// longest prefix, method, most headers, most query parameters, oldest route,
+	// route name, rule order). A request takes the first that matches; a request that
+	// matches none is answered 404 by the proxy.
+	Matches       []*RouteMatch `protobuf:"bytes,4,rep,name=matches,proto3" json:"matches,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteTable) Reset() {
+	*x = RouteTable{}
+	mi := &file_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteTable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteTable) ProtoMessage() {}
+
+func (x *RouteTable) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteTable.ProtoReflect.Descriptor instead.
+func (*RouteTable) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RouteTable) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *RouteTable) GetClientNamespace() string {
+	if x != nil {
+		return x.ClientNamespace
+	}
+	return ""
+}
+
+func (x *RouteTable) GetRules() []*RouteRule {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+func (x *RouteTable) GetMatches() []*RouteMatch {
+	if x != nil {
+		return x.Matches
+	}
+	return nil
+}
+
+// RouteMatch is one of a rule's matches; every part that is set must match.
+type RouteMatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Index of the rule in RouteTable.rules.
+	Rule uint32 `protobuf:"varint,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	// Absent: any path. (A GRPCRoute's service and method are compiled to a path
+	// match on /<service>/<method>.)
+	Path        *StringMatch  `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	Headers     []*NamedMatch `protobuf:"bytes,3,rep,name=headers,proto3" json:"headers,omitempty"`
+	QueryParams []*NamedMatch `protobuf:"bytes,4,rep,name=query_params,json=queryParams,proto3" json:"query_params,omitempty"`
+	// "" matches every method.
+	Method        string `protobuf:"bytes,5,opt,name=method,proto3" json:"method,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteMatch) Reset() {
+	*x = RouteMatch{}
+	mi := &file_state_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteMatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteMatch) ProtoMessage() {}
+
+func (x *RouteMatch) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteMatch.ProtoReflect.Descriptor instead.
+func (*RouteMatch) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RouteMatch) GetRule() uint32 {
+	if x != nil {
+		return x.Rule
+	}
+	return 0
+}
+
+func (x *RouteMatch) GetPath() *StringMatch {
+	if x != nil {
+		return x.Path
+	}
+	return nil
+}
+
+func (x *RouteMatch) GetHeaders() []*NamedMatch {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *RouteMatch) GetQueryParams() []*NamedMatch {
+	if x != nil {
+		return x.QueryParams
+	}
+	return nil
+}
+
+func (x *RouteMatch) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+// StringMatch matches a path or a value.
+type StringMatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "Exact", "PathPrefix" (paths only: whole segments, "/a" matches "/a/b" but not
+	// "/ab") or "RegularExpression" (RE2, matching the whole value).
+	Type          string `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
+	Value         string `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StringMatch) Reset() {
+	*x = StringMatch{}
+	mi := &file_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StringMatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StringMatch) ProtoMessage() {}
+
+func (x *StringMatch) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StringMatch.ProtoReflect.Descriptor instead.
+func (*StringMatch) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *StringMatch) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *StringMatch) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+// NamedMatch matches a header (name case-insensitive) or a query parameter (name
+// exact) by value: "Exact" or "RegularExpression".
+type NamedMatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	Value         string                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NamedMatch) Reset() {
+	*x = NamedMatch{}
+	mi := &file_state_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NamedMatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NamedMatch) ProtoMessage() {}
+
+func (x *NamedMatch) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NamedMatch.ProtoReflect.Descriptor instead.
+func (*NamedMatch) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *NamedMatch) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NamedMatch) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *NamedMatch) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+// RouteRule is what happens to the requests one rule of a route matches.
+type RouteRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The route, for flows and metrics: "<kind> <namespace>/<name>", e.g.
+	// "HTTPRoute default/canary".
+	Route string `protobuf:"bytes,1,opt,name=route,proto3" json:"route,omitempty"`
+	// The rule's index in the route's spec.rules.
+	Index uint32 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// Where requests go, by weight; a request picks one in proportion to the weights.
+	// Empty with no redirect filter: the proxy answers 500, as Gateway API asks.
+	Backends []*WeightedBackend `protobuf:"bytes,3,rep,name=backends,proto3" json:"backends,omitempty"`
+	// Filters, in the order the route lists them.
+	Filters []*RouteFilter `protobuf:"bytes,4,rep,name=filters,proto3" json:"filters,omitempty"`
+	// Bounds the whole request, retries included; 0: none.
+	RequestTimeoutMs uint32 `protobuf:"varint,5,opt,name=request_timeout_ms,json=requestTimeoutMs,proto3" json:"request_timeout_ms,omitempty"`
+	// Bounds each try; 0: none.
+	BackendRequestTimeoutMs uint32 `protobuf:"varint,6,opt,name=backend_request_timeout_ms,json=backendRequestTimeoutMs,proto3" json:"backend_request_timeout_ms,omitempty"`
+	// Absent: no retries.
+	Retry         *RouteRetry `protobuf:"bytes,7,opt,name=retry,proto3" json:"retry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteRule) Reset() {
+	*x = RouteRule{}
+	mi := &file_state_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteRule) ProtoMessage() {}
+
+func (x *RouteRule) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteRule.ProtoReflect.Descriptor instead.
+func (*RouteRule) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RouteRule) GetRoute() string {
+	if x != nil {
+		return x.Route
+	}
+	return ""
+}
+
+func (x *RouteRule) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *RouteRule) GetBackends() []*WeightedBackend {
+	if x != nil {
+		return x.Backends
+	}
+	return nil
+}
+
+func (x *RouteRule) GetFilters() []*RouteFilter {
+	if x != nil {
+		return x.Filters
+	}
+	return nil
+}
+
+func (x *RouteRule) GetRequestTimeoutMs() uint32 {
+	if x != nil {
+		return x.RequestTimeoutMs
+	}
+	return 0
+}
+
+func (x *RouteRule) GetBackendRequestTimeoutMs() uint32 {
+	if x != nil {
+		return x.BackendRequestTimeoutMs
+	}
+	return 0
+}
+
+func (x *RouteRule) GetRetry() *RouteRetry {
+	if x != nil {
+		return x.Retry
+	}
+	return nil
+}
+
+// WeightedBackend is a Service requests are sent to.
+type WeightedBackend struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// namespace/name of a Service in NodeState.services.
+	Service string `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	// The Service port (ServicePort.port).
+	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// 0 sends nothing to it.
+	Weight        uint32 `protobuf:"varint,3,opt,name=weight,proto3" json:"weight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WeightedBackend) Reset() {
+	*x = WeightedBackend{}
+	mi := &file_state_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WeightedBackend) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WeightedBackend) ProtoMessage() {}
+
+func (x *WeightedBackend) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WeightedBackend.ProtoReflect.Descriptor instead.
+func (*WeightedBackend) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *WeightedBackend) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *WeightedBackend) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *WeightedBackend) GetWeight() uint32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+// RouteFilter changes a request or its response; exactly one field is set.
+type RouteFilter struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Filter:
+	//
+	//	*RouteFilter_RequestHeaders
+	//	*RouteFilter_ResponseHeaders
+	//	*RouteFilter_Redirect
+	//	*RouteFilter_UrlRewrite
+	//	*RouteFilter_Mirror
+	Filter        isRouteFilter_Filter `protobuf_oneof:"filter"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteFilter) Reset() {
+	*x = RouteFilter{}
+	mi := &file_state_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteFilter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteFilter) ProtoMessage() {}
+
+func (x *RouteFilter) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteFilter.ProtoReflect.Descriptor instead.
+func (*RouteFilter) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RouteFilter) GetFilter() isRouteFilter_Filter {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *RouteFilter) GetRequestHeaders() *HeaderModifier {
+	if x != nil {
+		if x, ok := x.Filter.(*RouteFilter_RequestHeaders); ok {
+			return x.RequestHeaders
+		}
+	}
+	return nil
+}
+
+func (x *RouteFilter) GetResponseHeaders() *HeaderModifier {
+	if x != nil {
+		if x, ok := x.Filter.(*RouteFilter_ResponseHeaders); ok {
+			return x.ResponseHeaders
+		}
+	}
+	return nil
+}
+
+func (x *RouteFilter) GetRedirect() *Redirect {
+	if x != nil {
+		if x, ok := x.Filter.(*RouteFilter_Redirect); ok {
+			return x.Redirect
+		}
+	}
+	return nil
+}
+
+func (x *RouteFilter) GetUrlRewrite() *URLRewrite {
+	if x != nil {
+		if x, ok := x.Filter.(*RouteFilter_UrlRewrite); ok {
+			return x.UrlRewrite
+		}
+	}
+	return nil
+}
+
+func (x *RouteFilter) GetMirror() *Mirror {
+	if x != nil {
+		if x, ok := x.Filter.(*RouteFilter_Mirror); ok {
+			return x.Mirror
+		}
+	}
+	return nil
+}
+
+type isRouteFilter_Filter interface {
+	isRouteFilter_Filter()
+}
+
+type RouteFilter_RequestHeaders struct {
+	RequestHeaders *HeaderModifier `protobuf:"bytes,1,opt,name=request_headers,json=requestHeaders,proto3,oneof"`
+}
+
+type RouteFilter_ResponseHeaders struct {
+	ResponseHeaders *HeaderModifier `protobuf:"bytes,2,opt,name=response_headers,json=responseHeaders,proto3,oneof"`
+}
+
+type RouteFilter_Redirect struct {
+	Redirect *Redirect `protobuf:"bytes,3,opt,name=redirect,proto3,oneof"`
+}
+
+type RouteFilter_UrlRewrite struct {
+	UrlRewrite *URLRewrite `protobuf:"bytes,4,opt,name=url_rewrite,json=urlRewrite,proto3,oneof"`
+}
+
+type RouteFilter_Mirror struct {
+	// A copy of each request (of the share percent says) goes to the backend; its
+	// responses are discarded.
+	Mirror *Mirror `protobuf:"bytes,5,opt,name=mirror,proto3,oneof"`
+}
+
+func (*RouteFilter_RequestHeaders) isRouteFilter_Filter() {}
+
+func (*RouteFilter_ResponseHeaders) isRouteFilter_Filter() {}
+
+func (*RouteFilter_Redirect) isRouteFilter_Filter() {}
+
+func (*RouteFilter_UrlRewrite) isRouteFilter_Filter() {}
+
+func (*RouteFilter_Mirror) isRouteFilter_Filter() {}
+
+type HeaderModifier struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Replace the header's values.
+	Set []*Header `protobuf:"bytes,1,rep,name=set,proto3" json:"set,omitempty"`
+	// Append a value.
+	Add []*Header `protobuf:"bytes,2,rep,name=add,proto3" json:"add,omitempty"`
+	// Header names to remove.
+	Remove        []string `protobuf:"bytes,3,rep,name=remove,proto3" json:"remove,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeaderModifier) Reset() {
+	*x = HeaderModifier{}
+	mi := &file_state_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeaderModifier) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeaderModifier) ProtoMessage() {}
+
+func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeaderModifier.ProtoReflect.Descriptor instead.
+func (*HeaderModifier) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *HeaderModifier) GetSet() []*Header {
+	if x != nil {
+		return x.Set
+	}
+	return nil
+}
+
+func (x *HeaderModifier) GetAdd() []*Header {
+	if x != nil {
+		return x.Add
+	}
+	return nil
+}
+
+func (x *HeaderModifier) GetRemove() []string {
+	if x != nil {
+		return x.Remove
+	}
+	return nil
+}
+
+type Header struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Header) Reset() {
+	*x = Header{}
+	mi := &file_state_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Header) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Header) ProtoMessage() {}
+
+func (x *Header) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Header.ProtoReflect.Descriptor instead.
+func (*Header) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Header) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Header) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+// Redirect answers the request with a redirect; unset fields keep the request's.
+type Redirect struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Scheme   string                 `protobuf:"bytes,1,opt,name=scheme,proto3" json:"scheme,omitempty"`
+	Hostname string                 `protobuf:"bytes,2,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	Path     *PathModifier          `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	Port     uint32                 `protobuf:"varint,4,opt,name=port,proto3" json:"port,omitempty"`
+	// 301 or 302 (the default).
+	StatusCode    uint32 `protobuf:"varint,5,opt,name=status_code,json=statusCode,proto3" json:"status_code,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Redirect) Reset() {
+	*x = Redirect{}
+	mi := &file_state_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Redirect) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Redirect) ProtoMessage() {}
+
+func (x *Redirect) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Redirect.ProtoReflect.Descriptor instead.
+func (*Redirect) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Redirect) GetScheme() string {
+	if x != nil {
+		return x.Scheme
+	}
+	return ""
+}
+
+func (x *Redirect) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *Redirect) GetPath() *PathModifier {
+	if x != nil {
+		return x.Path
+	}
+	return nil
+}
+
+func (x *Redirect) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Redirect) GetStatusCode() uint32 {
+	if x != nil {
+		return x.StatusCode
+	}
+	return 0
+}
+
+// URLRewrite changes the request before it is sent on.
+type URLRewrite struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hostname      string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	Path          *PathModifier          `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *URLRewrite) Reset() {
+	*x = URLRewrite{}
+	mi := &file_state_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *URLRewrite) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*URLRewrite) ProtoMessage() {}
+
+func (x *URLRewrite) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use URLRewrite.ProtoReflect.Descriptor instead.
+func (*URLRewrite) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *URLRewrite) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *URLRewrite) GetPath() *PathModifier {
+	if x != nil {
+		return x.Path
+	}
+	return nil
+}
+
+// PathModifier: type "ReplaceFullPath" (value is the new path) or
+// "ReplacePrefixMatch" (value replaces the prefix the rule's PathPrefix match
+// matched).
+type PathModifier struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Type          string                 `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
+	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PathModifier) Reset() {
+	*x = PathModifier{}
+	mi := &file_state_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PathModifier) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PathModifier) ProtoMessage() {}
+
+func (x *PathModifier) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PathModifier.ProtoReflect.Descriptor instead.
+func (*PathModifier) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PathModifier) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *PathModifier) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+type Mirror struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Backend *WeightedBackend       `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// Share of requests mirrored, 0 to 100; 100 when the route does not say.
+	Percent       float64 `protobuf:"fixed64,2,opt,name=percent,proto3" json:"percent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Mirror) Reset() {
+	*x = Mirror{}
+	mi := &file_state_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Mirror) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Mirror) ProtoMessage() {}
+
+func (x *Mirror) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Mirror.ProtoReflect.Descriptor instead.
+func (*Mirror) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Mirror) GetBackend() *WeightedBackend {
+	if x != nil {
+		return x.Backend
+	}
+	return nil
+}
+
+func (x *Mirror) GetPercent() float64 {
+	if x != nil {
+		return x.Percent
+	}
+	return 0
+}
+
+// RouteRetry retries a failed try on another endpoint.
+type RouteRetry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Most tries after the first.
+	Attempts uint32 `protobuf:"varint,1,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// Response statuses retried; connection failures and resets are always retried.
+	Codes []uint32 `protobuf:"varint,2,rep,packed,name=codes,proto3" json:"codes,omitempty"`
+	// Base of the jittered exponential wait between tries; 0: 25 ms.
+	BackoffMs     uint32 `protobuf:"varint,3,opt,name=backoff_ms,json=backoffMs,proto3" json:"backoff_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteRetry) Reset() {
+	*x = RouteRetry{}
+	mi := &file_state_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteRetry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteRetry) ProtoMessage() {}
+
+func (x *RouteRetry) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteRetry.ProtoReflect.Descriptor instead.
+func (*RouteRetry) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RouteRetry) GetAttempts() uint32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *RouteRetry) GetCodes() []uint32 {
+	if x != nil {
+		return x.Codes
+	}
+	return nil
+}
+
+func (x *RouteRetry) GetBackoffMs() uint32 {
+	if x != nil {
+		return x.BackoffMs
+	}
+	return 0
+}
+
+// ServicePolicy is a compiled TrafficPolicy: what the proxy enforces on requests
+// and connections to the Service, across the node.
+type ServicePolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// namespace/name of the TrafficPolicy.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// RingHash (load_balancer "RingHash"): the request header hashed; "" hashes the
+	// client's IP address.
+	HashHeader string `protobuf:"bytes,2,opt,name=hash_header,json=hashHeader,proto3" json:"hash_header,omitempty"`
+	// Connection pool limits, per destination Service across the node; 0: no limit.
+	// Past a limit new work fails at once (503, circuit open).
+	MaxConnections           uint32            `protobuf:"varint,3,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`
+	MaxPendingRequests       uint32            `protobuf:"varint,4,opt,name=max_pending_requests,json=maxPendingRequests,proto3" json:"max_pending_requests,omitempty"`
+	MaxRequests              uint32            `protobuf:"varint,5,opt,name=max_requests,json=maxRequests,proto3" json:"max_requests,omitempty"`
+	MaxRequestsPerConnection uint32            `protobuf:"varint,6,opt,name=max_requests_per_connection,json=maxRequestsPerConnection,proto3" json:"max_requests_per_connection,omitempty"`
+	OutlierDetection         *OutlierDetection `protobuf:"bytes,7,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
+	Fault                    *Fault            `protobuf:"bytes,8,opt,name=fault,proto3" json:"fault,omitempty"`
+	RetryBudget              *RetryBudget      `protobuf:"bytes,9,opt,name=retry_budget,json=retryBudget,proto3" json:"retry_budget,omitempty"`
+	RateLimit                *RateLimit        `protobuf:"bytes,10,opt,name=rate_limit,json=rateLimit,proto3" json:"rate_limit,omitempty"`
+	// Connect and idle timeouts to endpoints; 0: the proxy's defaults.
+	ConnectTimeoutMs uint32 `protobuf:"varint,11,opt,name=connect_timeout_ms,json=connectTimeoutMs,proto3" json:"connect_timeout_ms,omitempty"`
+	IdleTimeoutMs    uint32 `protobuf:"varint,12,opt,name=idle_timeout_ms,json=idleTimeoutMs,proto3" json:"idle_timeout_ms,omitempty"`
+	// Request timeout and retries of requests no route rule sets them for.
+	RequestTimeoutMs uint32      `protobuf:"varint,13,opt,name=request_timeout_ms,json=requestTimeoutMs,proto3" json:"request_timeout_ms,omitempty"`
+	Retry            *RouteRetry `protobuf:"bytes,14,opt,name=retry,proto3" json:"retry,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ServicePolicy) Reset() {
+	*x = ServicePolicy{}
+	mi := &file_state_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicePolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicePolicy) ProtoMessage() {}
+
+func (x *ServicePolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicePolicy.ProtoReflect.Descriptor instead.
+func (*ServicePolicy) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ServicePolicy) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ServicePolicy) GetHashHeader() string {
+	if x != nil {
+		return x.HashHeader
+	}
+	return ""
+}
+
+func (x *ServicePolicy) GetMaxConnections() uint32 {
+	if x != nil {
+		return x.MaxConnections
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetMaxPendingRequests() uint32 {
+	if x != nil {
+		return x.MaxPendingRequests
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetMaxRequests() uint32 {
+	if x != nil {
+		return x.MaxRequests
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetMaxRequestsPerConnection() uint32 {
+	if x != nil {
+		return x.MaxRequestsPerConnection
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetOutlierDetection() *OutlierDetection {
+	if x != nil {
+		return x.OutlierDetection
+	}
+	return nil
+}
+
+func (x *ServicePolicy) GetFault() *Fault {
+	if x != nil {
+		return x.Fault
+	}
+	return nil
+}
+
+func (x *ServicePolicy) GetRetryBudget() *RetryBudget {
+	if x != nil {
+		return x.RetryBudget
+	}
+	return nil
+}
+
+func (x *ServicePolicy) GetRateLimit() *RateLimit {
+	if x != nil {
+		return x.RateLimit
+	}
+	return nil
+}
+
+func (x *ServicePolicy) GetConnectTimeoutMs() uint32 {
+	if x != nil {
+		return x.ConnectTimeoutMs
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetIdleTimeoutMs() uint32 {
+	if x != nil {
+		return x.IdleTimeoutMs
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetRequestTimeoutMs() uint32 {
+	if x != nil {
+		return x.RequestTimeoutMs
+	}
+	return 0
+}
+
+func (x *ServicePolicy) GetRetry() *RouteRetry {
+	if x != nil {
+		return x.Retry
+	}
+	return nil
+}
+
+// OutlierDetection ejects an endpoint after consecutive errors, for
+// base_ejection_ms times the number of times it was ejected, keeping at most
+// max_ejection_percent of the endpoints out.
+type OutlierDetection struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Consecutive 5xx responses or connection failures; 0: not counted.
+	Consecutive_5Xx uint32 `protobuf:"varint,1,opt,name=consecutive_5xx,json=consecutive5xx,proto3" json:"consecutive_5xx,omitempty"`
+	// Consecutive 502, 503, 504 and connection failures; 0: not counted.
+	ConsecutiveGatewayErrors uint32 `protobuf:"varint,2,opt,name=consecutive_gateway_errors,json=consecutiveGatewayErrors,proto3" json:"consecutive_gateway_errors,omitempty"`
+	IntervalMs               uint32 `protobuf:"varint,3,opt,name=interval_ms,json=intervalMs,proto3" json:"interval_ms,omitempty"`
+	BaseEjectionMs           uint32 `protobuf:"varint,4,opt,name=base_ejection_ms,json=baseEjectionMs,proto3" json:"base_ejection_ms,omitempty"`
+	MaxEjectionPercent       uint32 `protobuf:"varint,5,opt,name=max_ejection_percent,json=maxEjectionPercent,proto3" json:"max_ejection_percent,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *OutlierDetection) Reset() {
+	*x = OutlierDetection{}
+	mi := &file_state_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutlierDetection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutlierDetection) ProtoMessage() {}
+
+func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
+func (*OutlierDetection) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *OutlierDetection) GetConsecutive_5Xx() uint32 {
+	if x != nil {
+		return x.Consecutive_5Xx
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetConsecutiveGatewayErrors() uint32 {
+	if x != nil {
+		return x.ConsecutiveGatewayErrors
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetIntervalMs() uint32 {
+	if x != nil {
+		return x.IntervalMs
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetBaseEjectionMs() uint32 {
+	if x != nil {
+		return x.BaseEjectionMs
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetMaxEjectionPercent() uint32 {
+	if x != nil {
+		return x.MaxEjectionPercent
+	}
+	return 0
+}
+
+// Fault answers or delays a share of requests (percent 0 to 100).
+type Fault struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AbortPercent  float64                `protobuf:"fixed64,1,opt,name=abort_percent,json=abortPercent,proto3" json:"abort_percent,omitempty"`
+	AbortStatus   uint32                 `protobuf:"varint,2,opt,name=abort_status,json=abortStatus,proto3" json:"abort_status,omitempty"`
+	DelayPercent  float64                `protobuf:"fixed64,3,opt,name=delay_percent,json=delayPercent,proto3" json:"delay_percent,omitempty"`
+	DelayMs       uint32                 `protobuf:"varint,4,opt,name=delay_ms,json=delayMs,proto3" json:"delay_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Fault) Reset() {
+	*x = Fault{}
+	mi := &file_state_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Fault) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Fault) ProtoMessage() {}
+
+func (x *Fault) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Fault.ProtoReflect.Descriptor instead.
+func (*Fault) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Fault) GetAbortPercent() float64 {
+	if x != nil {
+		return x.AbortPercent
+	}
+	return 0
+}
+
+func (x *Fault) GetAbortStatus() uint32 {
+	if x != nil {
+		return x.AbortStatus
+	}
+	return 0
+}
+
+func (x *Fault) GetDelayPercent() float64 {
+	if x != nil {
+		return x.DelayPercent
+	}
+	return 0
+}
+
+func (x *Fault) GetDelayMs() uint32 {
+	if x != nil {
+		return x.DelayMs
+	}
+	return 0
+}
+
+// RetryBudget caps retries at a share of requests (Linkerd's budgets): retries in
+// the last ttl_ms may be at most percent of the requests in it, plus
+// min_retries_per_second.
+type RetryBudget struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	Percent             float64                `protobuf:"fixed64,1,opt,name=percent,proto3" json:"percent,omitempty"`
+	MinRetriesPerSecond uint32                 `protobuf:"varint,2,opt,name=min_retries_per_second,json=minRetriesPerSecond,proto3" json:"min_retries_per_second,omitempty"`
+	TtlMs               uint32                 `protobuf:"varint,3,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *RetryBudget) Reset() {
+	*x = RetryBudget{}
+	mi := &file_state_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetryBudget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetryBudget) ProtoMessage() {}
+
+func (x *RetryBudget) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetryBudget.ProtoReflect.Descriptor instead.
+func (*RetryBudget) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RetryBudget) GetPercent() float64 {
+	if x != nil {
+		return x.Percent
+	}
+	return 0
+}
+
+func (x *RetryBudget) GetMinRetriesPerSecond() uint32 {
+	if x != nil {
+		return x.MinRetriesPerSecond
+	}
+	return 0
+}
+
+func (x *RetryBudget) GetTtlMs() uint32 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
+// RateLimit is a token bucket per destination workload: requests_per_second
+// refill, burst tokens at most; a request without a token is answered 429.
+type RateLimit struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	RequestsPerSecond uint32                 `protobuf:"varint,1,opt,name=requests_per_second,json=requestsPerSecond,proto3" json:"requests_per_second,omitempty"`
+	Burst             uint32                 `protobuf:"varint,2,opt,name=burst,proto3" json:"burst,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *RateLimit) Reset() {
+	*x = RateLimit{}
+	mi := &file_state_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RateLimit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RateLimit) ProtoMessage() {}
+
+func (x *RateLimit) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RateLimit.ProtoReflect.Descriptor instead.
+func (*RateLimit) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RateLimit) GetRequestsPerSecond() uint32 {
+	if x != nil {
+		return x.RequestsPerSecond
+	}
+	return 0
+}
+
+func (x *RateLimit) GetBurst() uint32 {
+	if x != nil {
+		return x.Burst
+	}
+	return 0
+}
+
 // Backend is one pod behind a Service.
 type Backend struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -256,7 +1695,7 @@ type Backend struct {
 
 func (x *Backend) Reset() {
 	*x = Backend{}
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -268,7 +1707,7 @@ func (x *Backend) String() string {
 func (*Backend) ProtoMessage() {}
 
 func (x *Backend) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -281,7 +1720,7 @@ func (x *Backend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Backend.ProtoReflect.Descriptor instead.
 func (*Backend) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{2}
+	return file_state_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Backend) GetPod() string {
@@ -341,7 +1780,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -353,7 +1792,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -366,7 +1805,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{3}
+	return file_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ServicePort) GetName() string {
@@ -418,7 +1857,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -430,7 +1869,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -443,7 +1882,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{4}
+	return file_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Workload) GetUid() string {
@@ -509,7 +1948,7 @@ type Certificate struct {
 
 func (x *Certificate) Reset() {
 	*x = Certificate{}
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -521,7 +1960,7 @@ func (x *Certificate) String() string {
 func (*Certificate) ProtoMessage() {}
 
 func (x *Certificate) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -534,7 +1973,7 @@ func (x *Certificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Certificate.ProtoReflect.Descriptor instead.
 func (*Certificate) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{5}
+	return file_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Certificate) GetIdentity() string {
@@ -569,7 +2008,7 @@ type MeshConfig struct {
 
 func (x *MeshConfig) Reset() {
 	*x = MeshConfig{}
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +2020,7 @@ func (x *MeshConfig) String() string {
 func (*MeshConfig) ProtoMessage() {}
 
 func (x *MeshConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +2033,7 @@ func (x *MeshConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshConfig.ProtoReflect.Descriptor instead.
 func (*MeshConfig) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{6}
+	return file_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *MeshConfig) GetExcludedPorts() []uint32 {
@@ -617,7 +2056,7 @@ const file_state_proto_rawDesc = "" +
 	"\tworkloads\x18\x05 \x03(\v2\x12.ferry.v1.WorkloadR\tworkloads\x129\n" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
 	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
-	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xfb\x01\n" +
+	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xe5\x02\n" +
 	"\aService\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x1f\n" +
@@ -626,7 +2065,117 @@ const file_state_proto_rawDesc = "" +
 	"\x05ports\x18\x04 \x03(\v2\x15.ferry.v1.ServicePortR\x05ports\x12\x1c\n" +
 	"\tendpoints\x18\x05 \x03(\tR\tendpoints\x12-\n" +
 	"\bbackends\x18\x06 \x03(\v2\x11.ferry.v1.BackendR\bbackends\x12#\n" +
-	"\rload_balancer\x18\a \x01(\tR\floadBalancer\"\x90\x01\n" +
+	"\rload_balancer\x18\a \x01(\tR\floadBalancer\x127\n" +
+	"\froute_tables\x18\b \x03(\v2\x14.ferry.v1.RouteTableR\vrouteTables\x12/\n" +
+	"\x06policy\x18\t \x01(\v2\x17.ferry.v1.ServicePolicyR\x06policy\"\xa6\x01\n" +
+	"\n" +
+	"RouteTable\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\x12)\n" +
+	"\x10client_namespace\x18\x02 \x01(\tR\x0fclientNamespace\x12)\n" +
+	"\x05rules\x18\x03 \x03(\v2\x13.ferry.v1.RouteRuleR\x05rules\x12.\n" +
+	"\amatches\x18\x04 \x03(\v2\x14.ferry.v1.RouteMatchR\amatches\"\xcc\x01\n" +
+	"\n" +
+	"RouteMatch\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\rR\x04rule\x12)\n" +
+	"\x04path\x18\x02 \x01(\v2\x15.ferry.v1.StringMatchR\x04path\x12.\n" +
+	"\aheaders\x18\x03 \x03(\v2\x14.ferry.v1.NamedMatchR\aheaders\x127\n" +
+	"\fquery_params\x18\x04 \x03(\v2\x14.ferry.v1.NamedMatchR\vqueryParams\x12\x16\n" +
+	"\x06method\x18\x05 \x01(\tR\x06method\"7\n" +
+	"\vStringMatch\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"J\n" +
+	"\n" +
+	"NamedMatch\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
+	"\x05value\x18\x03 \x01(\tR\x05value\"\xb6\x02\n" +
+	"\tRouteRule\x12\x14\n" +
+	"\x05route\x18\x01 \x01(\tR\x05route\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\rR\x05index\x125\n" +
+	"\bbackends\x18\x03 \x03(\v2\x19.ferry.v1.WeightedBackendR\bbackends\x12/\n" +
+	"\afilters\x18\x04 \x03(\v2\x15.ferry.v1.RouteFilterR\afilters\x12,\n" +
+	"\x12request_timeout_ms\x18\x05 \x01(\rR\x10requestTimeoutMs\x12;\n" +
+	"\x1abackend_request_timeout_ms\x18\x06 \x01(\rR\x17backendRequestTimeoutMs\x12*\n" +
+	"\x05retry\x18\a \x01(\v2\x14.ferry.v1.RouteRetryR\x05retry\"W\n" +
+	"\x0fWeightedBackend\x12\x18\n" +
+	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\rR\x06weight\"\xba\x02\n" +
+	"\vRouteFilter\x12C\n" +
+	"\x0frequest_headers\x18\x01 \x01(\v2\x18.ferry.v1.HeaderModifierH\x00R\x0erequestHeaders\x12E\n" +
+	"\x10response_headers\x18\x02 \x01(\v2\x18.ferry.v1.HeaderModifierH\x00R\x0fresponseHeaders\x120\n" +
+	"\bredirect\x18\x03 \x01(\v2\x12.ferry.v1.RedirectH\x00R\bredirect\x127\n" +
+	"\vurl_rewrite\x18\x04 \x01(\v2\x14.ferry.v1.URLRewriteH\x00R\n" +
+	"urlRewrite\x12*\n" +
+	"\x06mirror\x18\x05 \x01(\v2\x10.ferry.v1.MirrorH\x00R\x06mirrorB\b\n" +
+	"\x06filter\"p\n" +
+	"\x0eHeaderModifier\x12\"\n" +
+	"\x03set\x18\x01 \x03(\v2\x10.ferry.v1.HeaderR\x03set\x12\"\n" +
+	"\x03add\x18\x02 \x03(\v2\x10.ferry.v1.HeaderR\x03add\x12\x16\n" +
+	"\x06remove\x18\x03 \x03(\tR\x06remove\"2\n" +
+	"\x06Header\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x9f\x01\n" +
+	"\bRedirect\x12\x16\n" +
+	"\x06scheme\x18\x01 \x01(\tR\x06scheme\x12\x1a\n" +
+	"\bhostname\x18\x02 \x01(\tR\bhostname\x12*\n" +
+	"\x04path\x18\x03 \x01(\v2\x16.ferry.v1.PathModifierR\x04path\x12\x12\n" +
+	"\x04port\x18\x04 \x01(\rR\x04port\x12\x1f\n" +
+	"\vstatus_code\x18\x05 \x01(\rR\n" +
+	"statusCode\"T\n" +
+	"\n" +
+	"URLRewrite\x12\x1a\n" +
+	"\bhostname\x18\x01 \x01(\tR\bhostname\x12*\n" +
+	"\x04path\x18\x02 \x01(\v2\x16.ferry.v1.PathModifierR\x04path\"8\n" +
+	"\fPathModifier\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"W\n" +
+	"\x06Mirror\x123\n" +
+	"\abackend\x18\x01 \x01(\v2\x19.ferry.v1.WeightedBackendR\abackend\x12\x18\n" +
+	"\apercent\x18\x02 \x01(\x01R\apercent\"]\n" +
+	"\n" +
+	"RouteRetry\x12\x1a\n" +
+	"\battempts\x18\x01 \x01(\rR\battempts\x12\x14\n" +
+	"\x05codes\x18\x02 \x03(\rR\x05codes\x12\x1d\n" +
+	"\n" +
+	"backoff_ms\x18\x03 \x01(\rR\tbackoffMs\"\x8f\x05\n" +
+	"\rServicePolicy\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\vhash_header\x18\x02 \x01(\tR\n" +
+	"hashHeader\x12'\n" +
+	"\x0fmax_connections\x18\x03 \x01(\rR\x0emaxConnections\x120\n" +
+	"\x14max_pending_requests\x18\x04 \x01(\rR\x12maxPendingRequests\x12!\n" +
+	"\fmax_requests\x18\x05 \x01(\rR\vmaxRequests\x12=\n" +
+	"\x1bmax_requests_per_connection\x18\x06 \x01(\rR\x18maxRequestsPerConnection\x12G\n" +
+	"\x11outlier_detection\x18\a \x01(\v2\x1a.ferry.v1.OutlierDetectionR\x10outlierDetection\x12%\n" +
+	"\x05fault\x18\b \x01(\v2\x0f.ferry.v1.FaultR\x05fault\x128\n" +
+	"\fretry_budget\x18\t \x01(\v2\x15.ferry.v1.RetryBudgetR\vretryBudget\x122\n" +
+	"\n" +
+	"rate_limit\x18\n" +
+	" \x01(\v2\x13.ferry.v1.RateLimitR\trateLimit\x12,\n" +
+	"\x12connect_timeout_ms\x18\v \x01(\rR\x10connectTimeoutMs\x12&\n" +
+	"\x0fidle_timeout_ms\x18\f \x01(\rR\ridleTimeoutMs\x12,\n" +
+	"\x12request_timeout_ms\x18\r \x01(\rR\x10requestTimeoutMs\x12*\n" +
+	"\x05retry\x18\x0e \x01(\v2\x14.ferry.v1.RouteRetryR\x05retry\"\xf6\x01\n" +
+	"\x10OutlierDetection\x12'\n" +
+	"\x0fconsecutive_5xx\x18\x01 \x01(\rR\x0econsecutive5xx\x12<\n" +
+	"\x1aconsecutive_gateway_errors\x18\x02 \x01(\rR\x18consecutiveGatewayErrors\x12\x1f\n" +
+	"\vinterval_ms\x18\x03 \x01(\rR\n" +
+	"intervalMs\x12(\n" +
+	"\x10base_ejection_ms\x18\x04 \x01(\rR\x0ebaseEjectionMs\x120\n" +
+	"\x14max_ejection_percent\x18\x05 \x01(\rR\x12maxEjectionPercent\"\x8f\x01\n" +
+	"\x05Fault\x12#\n" +
+	"\rabort_percent\x18\x01 \x01(\x01R\fabortPercent\x12!\n" +
+	"\fabort_status\x18\x02 \x01(\rR\vabortStatus\x12#\n" +
+	"\rdelay_percent\x18\x03 \x01(\x01R\fdelayPercent\x12\x19\n" +
+	"\bdelay_ms\x18\x04 \x01(\rR\adelayMs\"s\n" +
+	"\vRetryBudget\x12\x18\n" +
+	"\apercent\x18\x01 \x01(\x01R\apercent\x123\n" +
+	"\x16min_retries_per_second\x18\x02 \x01(\rR\x13minRetriesPerSecond\x12\x15\n" +
+	"\x06ttl_ms\x18\x03 \x01(\rR\x05ttlMs\"Q\n" +
+	"\tRateLimit\x12.\n" +
+	"\x13requests_per_second\x18\x01 \x01(\rR\x11requestsPerSecond\x12\x14\n" +
+	"\x05burst\x18\x02 \x01(\rR\x05burst\"\x90\x01\n" +
 	"\aBackend\x12\x10\n" +
 	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x10\n" +
 	"\x03ips\x18\x02 \x03(\tR\x03ips\x12\x12\n" +
@@ -668,28 +2217,72 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_state_proto_goTypes = []any{
-	(*NodeState)(nil),   // 0: ferry.v1.NodeState
-	(*Service)(nil),     // 1: ferry.v1.Service
-	(*Backend)(nil),     // 2: ferry.v1.Backend
-	(*ServicePort)(nil), // 3: ferry.v1.ServicePort
-	(*Workload)(nil),    // 4: ferry.v1.Workload
-	(*Certificate)(nil), // 5: ferry.v1.Certificate
-	(*MeshConfig)(nil),  // 6: ferry.v1.MeshConfig
+	(*NodeState)(nil),        // 0: ferry.v1.NodeState
+	(*Service)(nil),          // 1: ferry.v1.Service
+	(*RouteTable)(nil),       // 2: ferry.v1.RouteTable
+	(*RouteMatch)(nil),       // 3: ferry.v1.RouteMatch
+	(*StringMatch)(nil),      // 4: ferry.v1.StringMatch
+	(*NamedMatch)(nil),       // 5: ferry.v1.NamedMatch
+	(*RouteRule)(nil),        // 6: ferry.v1.RouteRule
+	(*WeightedBackend)(nil),  // 7: ferry.v1.WeightedBackend
+	(*RouteFilter)(nil),      // 8: ferry.v1.RouteFilter
+	(*HeaderModifier)(nil),   // 9: ferry.v1.HeaderModifier
+	(*Header)(nil),           // 10: ferry.v1.Header
+	(*Redirect)(nil),         // 11: ferry.v1.Redirect
+	(*URLRewrite)(nil),       // 12: ferry.v1.URLRewrite
+	(*PathModifier)(nil),     // 13: ferry.v1.PathModifier
+	(*Mirror)(nil),           // 14: ferry.v1.Mirror
+	(*RouteRetry)(nil),       // 15: ferry.v1.RouteRetry
+	(*ServicePolicy)(nil),    // 16: ferry.v1.ServicePolicy
+	(*OutlierDetection)(nil), // 17: ferry.v1.OutlierDetection
+	(*Fault)(nil),            // 18: ferry.v1.Fault
+	(*RetryBudget)(nil),      // 19: ferry.v1.RetryBudget
+	(*RateLimit)(nil),        // 20: ferry.v1.RateLimit
+	(*Backend)(nil),          // 21: ferry.v1.Backend
+	(*ServicePort)(nil),      // 22: ferry.v1.ServicePort
+	(*Workload)(nil),         // 23: ferry.v1.Workload
+	(*Certificate)(nil),      // 24: ferry.v1.Certificate
+	(*MeshConfig)(nil),       // 25: ferry.v1.MeshConfig
 }
 var file_state_proto_depIdxs = []int32{
-	4, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
-	5, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
-	6, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
-	1, // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
-	3, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
-	2, // 5: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	23, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
+	24, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
+	25, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
+	1,  // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
+	22, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
+	21, // 5: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
+	2,  // 6: ferry.v1.Service.route_tables:type_name -> ferry.v1.RouteTable
+	16, // 7: ferry.v1.Service.policy:type_name -> ferry.v1.ServicePolicy
+	6,  // 8: ferry.v1.RouteTable.rules:type_name -> ferry.v1.RouteRule
+	3,  // 9: ferry.v1.RouteTable.matches:type_name -> ferry.v1.RouteMatch
+	4,  // 10: ferry.v1.RouteMatch.path:type_name -> ferry.v1.StringMatch
+	5,  // 11: ferry.v1.RouteMatch.headers:type_name -> ferry.v1.NamedMatch
+	5,  // 12: ferry.v1.RouteMatch.query_params:type_name -> ferry.v1.NamedMatch
+	7,  // 13: ferry.v1.RouteRule.backends:type_name -> ferry.v1.WeightedBackend
+	8,  // 14: ferry.v1.RouteRule.filters:type_name -> ferry.v1.RouteFilter
+	15, // 15: ferry.v1.RouteRule.retry:type_name -> ferry.v1.RouteRetry
+	9,  // 16: ferry.v1.RouteFilter.request_headers:type_name -> ferry.v1.HeaderModifier
+	9,  // 17: ferry.v1.RouteFilter.response_headers:type_name -> ferry.v1.HeaderModifier
+	11, // 18: ferry.v1.RouteFilter.redirect:type_name -> ferry.v1.Redirect
+	12, // 19: ferry.v1.RouteFilter.url_rewrite:type_name -> ferry.v1.URLRewrite
+	14, // 20: ferry.v1.RouteFilter.mirror:type_name -> ferry.v1.Mirror
+	10, // 21: ferry.v1.HeaderModifier.set:type_name -> ferry.v1.Header
+	10, // 22: ferry.v1.HeaderModifier.add:type_name -> ferry.v1.Header
+	13, // 23: ferry.v1.Redirect.path:type_name -> ferry.v1.PathModifier
+	13, // 24: ferry.v1.URLRewrite.path:type_name -> ferry.v1.PathModifier
+	7,  // 25: ferry.v1.Mirror.backend:type_name -> ferry.v1.WeightedBackend
+	17, // 26: ferry.v1.ServicePolicy.outlier_detection:type_name -> ferry.v1.OutlierDetection
+	18, // 27: ferry.v1.ServicePolicy.fault:type_name -> ferry.v1.Fault
+	19, // 28: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
+	20, // 29: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
+	15, // 30: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -697,13 +2290,20 @@ func file_state_proto_init() {
 	if File_state_proto != nil {
 		return
 	}
+	file_state_proto_msgTypes[8].OneofWrappers = []any{
+		(*RouteFilter_RequestHeaders)(nil),
+		(*RouteFilter_ResponseHeaders)(nil),
+		(*RouteFilter_Redirect)(nil),
+		(*RouteFilter_UrlRewrite)(nil),
+		(*RouteFilter_Mirror)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
