@@ -17,6 +17,10 @@ type Service struct {
 	Backends []Backend
 	// LoadBalancer picks each request's endpoint at L7; "" is P2CEWMA.
 	LoadBalancer LoadBalancer
+	// Routes are the Service's compiled HTTPRoutes and GRPCRoutes (routes.go).
+	Routes []RouteTable
+	// Policy is what its TrafficPolicy enforces (policy.go).
+	Policy Policy
 }
 
 // ServicePort is one port of a Service and what it says of its protocol.
