@@ -184,6 +184,12 @@ type HTTP struct {
 	// GRPCStatus is the call's grpc-status (from the trailers, or the headers of a
 	// trailers-only response), for gRPC; "" otherwise.
 	GRPCStatus string `json:"grpc_status,omitempty"`
+	// Route is the route rule that carried the request ("HTTPRoute default/canary"
+	// and RouteRule its index in spec.rules); "" when the Service has no routes.
+	Route     string `json:"route,omitempty"`
+	RouteRule int    `json:"route_rule,omitempty"`
+	// Retries is how many times the request was tried again after its first try.
+	Retries int `json:"retries,omitempty"`
 	// TraceID is the W3C trace id of the request's traceparent, or the B3 trace id,
 	// when it carried one.
 	TraceID string `json:"trace_id,omitempty"`
@@ -251,6 +257,16 @@ const (
 	// ReasonNoEndpoints: the connection was to a Service with no ready endpoint for
 	// its port (or to a port the Service does not have).
 	ReasonNoEndpoints Reason = "no_endpoints"
+	// ReasonFault: a TrafficPolicy's fault injection answered the request.
+	ReasonFault Reason = "fault"
+	// ReasonCircuitOpen: a TrafficPolicy's connection pool limit was reached
+	// (connections, pending or concurrent requests); the mesh answered 503 at once.
+	ReasonCircuitOpen Reason = "circuit_open"
+	// ReasonRateLimited: a TrafficPolicy's rate limit answered 429.
+	ReasonRateLimited Reason = "rate_limited"
+	// ReasonNoRoute: the Service has routes and none matched the request (404), or
+	// the matching rule has no backend (500).
+	ReasonNoRoute Reason = "no_route"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )
