@@ -44,7 +44,10 @@ type NodeState struct {
 	// Mesh-wide settings.
 	Mesh *MeshConfig `protobuf:"bytes,7,opt,name=mesh,proto3" json:"mesh,omitempty"`
 	// Services whose selector matches enrolled workloads, with their endpoints.
-	Services      []*Service `protobuf:"bytes,8,rep,name=services,proto3" json:"services,omitempty"`
+	Services []*Service `protobuf:"bytes,8,rep,name=services,proto3" json:"services,omitempty"`
+	// Every HTTPRoute, GRPCRoute and TrafficPolicy the operator read and what became of
+	// it (`ferry agent routes` shows them), rejected ones included.
+	ConfigStatus  []*ConfigStatus `protobuf:"bytes,9,rep,name=config_status,json=configStatus,proto3" json:"config_status,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -135,6 +138,184 @@ func (x *NodeState) GetServices() []*Service {
 	return nil
 }
 
+func (x *NodeState) GetConfigStatus() []*ConfigStatus {
+	if x != nil {
+		return x.ConfigStatus
+	}
+	return nil
+}
+
+// ConfigStatus is one route or policy and its conditions, as Gateway API reports
+// them (in a cluster they are also written to the object's status).
+type ConfigStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "HTTPRoute", "GRPCRoute" or "TrafficPolicy".
+	Kind string `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
+	// namespace/name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The manifest file it came from, in local mode.
+	File       string `protobuf:"bytes,3,opt,name=file,proto3" json:"file,omitempty"`
+	Generation uint64 `protobuf:"varint,4,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The Services (namespace/name) it attaches to.
+	Targets    []string     `protobuf:"bytes,5,rep,name=targets,proto3" json:"targets,omitempty"`
+	Conditions []*Condition `protobuf:"bytes,6,rep,name=conditions,proto3" json:"conditions,omitempty"`
+	// The configuration in force is an earlier generation: this one was rejected and
+	// the last good one stays.
+	InForceGeneration uint64 `protobuf:"varint,7,opt,name=in_force_generation,json=inForceGeneration,proto3" json:"in_force_generation,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ConfigStatus) Reset() {
+	*x = ConfigStatus{}
+	mi := &file_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfigStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfigStatus) ProtoMessage() {}
+
+func (x *ConfigStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfigStatus.ProtoReflect.Descriptor instead.
+func (*ConfigStatus) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ConfigStatus) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *ConfigStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ConfigStatus) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+func (x *ConfigStatus) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *ConfigStatus) GetTargets() []string {
+	if x != nil {
+		return x.Targets
+	}
+	return nil
+}
+
+func (x *ConfigStatus) GetConditions() []*Condition {
+	if x != nil {
+		return x.Conditions
+	}
+	return nil
+}
+
+func (x *ConfigStatus) GetInForceGeneration() uint64 {
+	if x != nil {
+		return x.InForceGeneration
+	}
+	return 0
+}
+
+// Condition is a Gateway API condition: type ("Accepted", "ResolvedRefs"), status,
+// reason ("Accepted", "BackendNotFound", "UnsupportedValue", ...) and a message
+// that names the field.
+type Condition struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Type          string                 `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
+	Status        bool                   `protobuf:"varint,2,opt,name=status,proto3" json:"status,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Message       string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Condition) Reset() {
+	*x = Condition{}
+	mi := &file_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Condition) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Condition) ProtoMessage() {}
+
+func (x *Condition) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Condition.ProtoReflect.Descriptor instead.
+func (*Condition) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Condition) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Condition) GetStatus() bool {
+	if x != nil {
+		return x.Status
+	}
+	return false
+}
+
+func (x *Condition) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Condition) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // Service is a Kubernetes Service and the enrolled pods its selector picks.
 type Service struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -165,7 +346,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -177,7 +358,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -190,7 +371,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{1}
+	return file_state_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Service) GetName() string {
@@ -279,7 +460,7 @@ type RouteTable struct {
 
 func (x *RouteTable) Reset() {
 	*x = RouteTable{}
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -291,7 +472,7 @@ func (x *RouteTable) String() string {
 func (*RouteTable) ProtoMessage() {}
 
 func (x *RouteTable) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -304,7 +485,7 @@ func (x *RouteTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteTable.ProtoReflect.Descriptor instead.
 func (*RouteTable) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{2}
+	return file_state_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RouteTable) GetPort() uint32 {
@@ -353,7 +534,7 @@ type RouteMatch struct {
 
 func (x *RouteMatch) Reset() {
 	*x = RouteMatch{}
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -365,7 +546,7 @@ func (x *RouteMatch) String() string {
 func (*RouteMatch) ProtoMessage() {}
 
 func (x *RouteMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -378,7 +559,7 @@ func (x *RouteMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteMatch.ProtoReflect.Descriptor instead.
 func (*RouteMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{3}
+	return file_state_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RouteMatch) GetRule() uint32 {
@@ -429,7 +610,7 @@ type StringMatch struct {
 
 func (x *StringMatch) Reset() {
 	*x = StringMatch{}
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -441,7 +622,7 @@ func (x *StringMatch) String() string {
 func (*StringMatch) ProtoMessage() {}
 
 func (x *StringMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -454,7 +635,7 @@ func (x *StringMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StringMatch.ProtoReflect.Descriptor instead.
 func (*StringMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{4}
+	return file_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StringMatch) GetType() string {
@@ -484,7 +665,7 @@ type NamedMatch struct {
 
 func (x *NamedMatch) Reset() {
 	*x = NamedMatch{}
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +677,7 @@ func (x *NamedMatch) String() string {
 func (*NamedMatch) ProtoMessage() {}
 
 func (x *NamedMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +690,7 @@ func (x *NamedMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NamedMatch.ProtoReflect.Descriptor instead.
 func (*NamedMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{5}
+	return file_state_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *NamedMatch) GetName() string {
@@ -558,7 +739,7 @@ type RouteRule struct {
 
 func (x *RouteRule) Reset() {
 	*x = RouteRule{}
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +751,7 @@ func (x *RouteRule) String() string {
 func (*RouteRule) ProtoMessage() {}
 
 func (x *RouteRule) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +764,7 @@ func (x *RouteRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRule.ProtoReflect.Descriptor instead.
 func (*RouteRule) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{6}
+	return file_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RouteRule) GetRoute() string {
@@ -650,7 +831,7 @@ type WeightedBackend struct {
 
 func (x *WeightedBackend) Reset() {
 	*x = WeightedBackend{}
-	mi := &file_state_proto_msgTypes[7]
+	mi := &file_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -662,7 +843,7 @@ func (x *WeightedBackend) String() string {
 func (*WeightedBackend) ProtoMessage() {}
 
 func (x *WeightedBackend) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[7]
+	mi := &file_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -675,7 +856,7 @@ func (x *WeightedBackend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WeightedBackend.ProtoReflect.Descriptor instead.
 func (*WeightedBackend) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{7}
+	return file_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WeightedBackend) GetService() string {
@@ -716,7 +897,7 @@ type RouteFilter struct {
 
 func (x *RouteFilter) Reset() {
 	*x = RouteFilter{}
-	mi := &file_state_proto_msgTypes[8]
+	mi := &file_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +909,7 @@ func (x *RouteFilter) String() string {
 func (*RouteFilter) ProtoMessage() {}
 
 func (x *RouteFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[8]
+	mi := &file_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +922,7 @@ func (x *RouteFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteFilter.ProtoReflect.Descriptor instead.
 func (*RouteFilter) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{8}
+	return file_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouteFilter) GetFilter() isRouteFilter_Filter {
@@ -846,7 +1027,7 @@ type HeaderModifier struct {
 
 func (x *HeaderModifier) Reset() {
 	*x = HeaderModifier{}
-	mi := &file_state_proto_msgTypes[9]
+	mi := &file_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -858,7 +1039,7 @@ func (x *HeaderModifier) String() string {
 func (*HeaderModifier) ProtoMessage() {}
 
 func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[9]
+	mi := &file_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -871,7 +1052,7 @@ func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderModifier.ProtoReflect.Descriptor instead.
 func (*HeaderModifier) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{9}
+	return file_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HeaderModifier) GetSet() []*Header {
@@ -905,7 +1086,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_state_proto_msgTypes[10]
+	mi := &file_state_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +1098,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[10]
+	mi := &file_state_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1111,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{10}
+	return file_state_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Header) GetName() string {
@@ -962,7 +1143,7 @@ type Redirect struct {
 
 func (x *Redirect) Reset() {
 	*x = Redirect{}
-	mi := &file_state_proto_msgTypes[11]
+	mi := &file_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1155,7 @@ func (x *Redirect) String() string {
 func (*Redirect) ProtoMessage() {}
 
 func (x *Redirect) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[11]
+	mi := &file_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1168,7 @@ func (x *Redirect) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Redirect.ProtoReflect.Descriptor instead.
 func (*Redirect) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{11}
+	return file_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Redirect) GetScheme() string {
@@ -1036,7 +1217,7 @@ type URLRewrite struct {
 
 func (x *URLRewrite) Reset() {
 	*x = URLRewrite{}
-	mi := &file_state_proto_msgTypes[12]
+	mi := &file_state_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +1229,7 @@ func (x *URLRewrite) String() string {
 func (*URLRewrite) ProtoMessage() {}
 
 func (x *URLRewrite) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[12]
+	mi := &file_state_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,7 +1242,7 @@ func (x *URLRewrite) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use URLRewrite.ProtoReflect.Descriptor instead.
 func (*URLRewrite) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{12}
+	return file_state_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *URLRewrite) GetHostname() string {
@@ -1091,7 +1272,7 @@ type PathModifier struct {
 
 func (x *PathModifier) Reset() {
 	*x = PathModifier{}
-	mi := &file_state_proto_msgTypes[13]
+	mi := &file_state_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1284,7 @@ func (x *PathModifier) String() string {
 func (*PathModifier) ProtoMessage() {}
 
 func (x *PathModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[13]
+	mi := &file_state_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1297,7 @@ func (x *PathModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathModifier.ProtoReflect.Descriptor instead.
 func (*PathModifier) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{13}
+	return file_state_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PathModifier) GetType() string {
@@ -1144,7 +1325,7 @@ type Mirror struct {
 
 func (x *Mirror) Reset() {
 	*x = Mirror{}
-	mi := &file_state_proto_msgTypes[14]
+	mi := &file_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1337,7 @@ func (x *Mirror) String() string {
 func (*Mirror) ProtoMessage() {}
 
 func (x *Mirror) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[14]
+	mi := &file_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1350,7 @@ func (x *Mirror) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mirror.ProtoReflect.Descriptor instead.
 func (*Mirror) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{14}
+	return file_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Mirror) GetBackend() *WeightedBackend {
@@ -1201,7 +1382,7 @@ type RouteRetry struct {
 
 func (x *RouteRetry) Reset() {
 	*x = RouteRetry{}
-	mi := &file_state_proto_msgTypes[15]
+	mi := &file_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1394,7 @@ func (x *RouteRetry) String() string {
 func (*RouteRetry) ProtoMessage() {}
 
 func (x *RouteRetry) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[15]
+	mi := &file_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1407,7 @@ func (x *RouteRetry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRetry.ProtoReflect.Descriptor instead.
 func (*RouteRetry) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{15}
+	return file_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RouteRetry) GetAttempts() uint32 {
@@ -1281,7 +1462,7 @@ type ServicePolicy struct {
 
 func (x *ServicePolicy) Reset() {
 	*x = ServicePolicy{}
-	mi := &file_state_proto_msgTypes[16]
+	mi := &file_state_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1474,7 @@ func (x *ServicePolicy) String() string {
 func (*ServicePolicy) ProtoMessage() {}
 
 func (x *ServicePolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[16]
+	mi := &file_state_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1487,7 @@ func (x *ServicePolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePolicy.ProtoReflect.Descriptor instead.
 func (*ServicePolicy) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{16}
+	return file_state_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ServicePolicy) GetName() string {
@@ -1425,7 +1606,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_state_proto_msgTypes[17]
+	mi := &file_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1437,7 +1618,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[17]
+	mi := &file_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1450,7 +1631,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{17}
+	return file_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *OutlierDetection) GetConsecutive_5Xx() uint32 {
@@ -1501,7 +1682,7 @@ type Fault struct {
 
 func (x *Fault) Reset() {
 	*x = Fault{}
-	mi := &file_state_proto_msgTypes[18]
+	mi := &file_state_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1513,7 +1694,7 @@ func (x *Fault) String() string {
 func (*Fault) ProtoMessage() {}
 
 func (x *Fault) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[18]
+	mi := &file_state_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1526,7 +1707,7 @@ func (x *Fault) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fault.ProtoReflect.Descriptor instead.
 func (*Fault) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{18}
+	return file_state_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Fault) GetAbortPercent() float64 {
@@ -1571,7 +1752,7 @@ type RetryBudget struct {
 
 func (x *RetryBudget) Reset() {
 	*x = RetryBudget{}
-	mi := &file_state_proto_msgTypes[19]
+	mi := &file_state_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1583,7 +1764,7 @@ func (x *RetryBudget) String() string {
 func (*RetryBudget) ProtoMessage() {}
 
 func (x *RetryBudget) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[19]
+	mi := &file_state_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1596,7 +1777,7 @@ func (x *RetryBudget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryBudget.ProtoReflect.Descriptor instead.
 func (*RetryBudget) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{19}
+	return file_state_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RetryBudget) GetPercent() float64 {
@@ -1632,7 +1813,7 @@ type RateLimit struct {
 
 func (x *RateLimit) Reset() {
 	*x = RateLimit{}
-	mi := &file_state_proto_msgTypes[20]
+	mi := &file_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1644,7 +1825,7 @@ func (x *RateLimit) String() string {
 func (*RateLimit) ProtoMessage() {}
 
 func (x *RateLimit) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[20]
+	mi := &file_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1657,7 +1838,7 @@ func (x *RateLimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RateLimit.ProtoReflect.Descriptor instead.
 func (*RateLimit) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{20}
+	return file_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RateLimit) GetRequestsPerSecond() uint32 {
@@ -1695,7 +1876,7 @@ type Backend struct {
 
 func (x *Backend) Reset() {
 	*x = Backend{}
-	mi := &file_state_proto_msgTypes[21]
+	mi := &file_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1707,7 +1888,7 @@ func (x *Backend) String() string {
 func (*Backend) ProtoMessage() {}
 
 func (x *Backend) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[21]
+	mi := &file_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1720,7 +1901,7 @@ func (x *Backend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Backend.ProtoReflect.Descriptor instead.
 func (*Backend) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{21}
+	return file_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Backend) GetPod() string {
@@ -1780,7 +1961,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_state_proto_msgTypes[22]
+	mi := &file_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1792,7 +1973,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[22]
+	mi := &file_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1805,7 +1986,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{22}
+	return file_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ServicePort) GetName() string {
@@ -1857,7 +2038,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_state_proto_msgTypes[23]
+	mi := &file_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1869,7 +2050,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[23]
+	mi := &file_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1882,7 +2063,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{23}
+	return file_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Workload) GetUid() string {
@@ -1948,7 +2129,7 @@ type Certificate struct {
 
 func (x *Certificate) Reset() {
 	*x = Certificate{}
-	mi := &file_state_proto_msgTypes[24]
+	mi := &file_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1960,7 +2141,7 @@ func (x *Certificate) String() string {
 func (*Certificate) ProtoMessage() {}
 
 func (x *Certificate) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[24]
+	mi := &file_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1973,7 +2154,7 @@ func (x *Certificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Certificate.ProtoReflect.Descriptor instead.
 func (*Certificate) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{24}
+	return file_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Certificate) GetIdentity() string {
@@ -2008,7 +2189,7 @@ type MeshConfig struct {
 
 func (x *MeshConfig) Reset() {
 	*x = MeshConfig{}
-	mi := &file_state_proto_msgTypes[25]
+	mi := &file_state_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2020,7 +2201,7 @@ func (x *MeshConfig) String() string {
 func (*MeshConfig) ProtoMessage() {}
 
 func (x *MeshConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[25]
+	mi := &file_state_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2033,7 +2214,7 @@ func (x *MeshConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshConfig.ProtoReflect.Descriptor instead.
 func (*MeshConfig) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{25}
+	return file_state_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *MeshConfig) GetExcludedPorts() []uint32 {
@@ -2047,7 +2228,7 @@ var File_state_proto protoreflect.FileDescriptor
 
 const file_state_proto_rawDesc = "" +
 	"\n" +
-	"\vstate.proto\x12\bferry.v1\"\xcc\x02\n" +
+	"\vstate.proto\x12\bferry.v1\"\x89\x03\n" +
 	"\tNodeState\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12!\n" +
@@ -2056,7 +2237,25 @@ const file_state_proto_rawDesc = "" +
 	"\tworkloads\x18\x05 \x03(\v2\x12.ferry.v1.WorkloadR\tworkloads\x129\n" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
 	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
-	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\"\xe5\x02\n" +
+	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\x12;\n" +
+	"\rconfig_status\x18\t \x03(\v2\x16.ferry.v1.ConfigStatusR\fconfigStatus\"\xe9\x01\n" +
+	"\fConfigStatus\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
+	"\x04file\x18\x03 \x01(\tR\x04file\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x04 \x01(\x04R\n" +
+	"generation\x12\x18\n" +
+	"\atargets\x18\x05 \x03(\tR\atargets\x123\n" +
+	"\n" +
+	"conditions\x18\x06 \x03(\v2\x13.ferry.v1.ConditionR\n" +
+	"conditions\x12.\n" +
+	"\x13in_force_generation\x18\a \x01(\x04R\x11inForceGeneration\"i\n" +
+	"\tCondition\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\bR\x06status\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\"\xe5\x02\n" +
 	"\aService\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x1f\n" +
@@ -2217,72 +2416,76 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_state_proto_goTypes = []any{
 	(*NodeState)(nil),        // 0: ferry.v1.NodeState
-	(*Service)(nil),          // 1: ferry.v1.Service
-	(*RouteTable)(nil),       // 2: ferry.v1.RouteTable
-	(*RouteMatch)(nil),       // 3: ferry.v1.RouteMatch
-	(*StringMatch)(nil),      // 4: ferry.v1.StringMatch
-	(*NamedMatch)(nil),       // 5: ferry.v1.NamedMatch
-	(*RouteRule)(nil),        // 6: ferry.v1.RouteRule
-	(*WeightedBackend)(nil),  // 7: ferry.v1.WeightedBackend
-	(*RouteFilter)(nil),      // 8: ferry.v1.RouteFilter
-	(*HeaderModifier)(nil),   // 9: ferry.v1.HeaderModifier
-	(*Header)(nil),           // 10: ferry.v1.Header
-	(*Redirect)(nil),         // 11: ferry.v1.Redirect
-	(*URLRewrite)(nil),       // 12: ferry.v1.URLRewrite
-	(*PathModifier)(nil),     // 13: ferry.v1.PathModifier
-	(*Mirror)(nil),           // 14: ferry.v1.Mirror
-	(*RouteRetry)(nil),       // 15: ferry.v1.RouteRetry
-	(*ServicePolicy)(nil),    // 16: ferry.v1.ServicePolicy
-	(*OutlierDetection)(nil), // 17: ferry.v1.OutlierDetection
-	(*Fault)(nil),            // 18: ferry.v1.Fault
-	(*RetryBudget)(nil),      // 19: ferry.v1.RetryBudget
-	(*RateLimit)(nil),        // 20: ferry.v1.RateLimit
-	(*Backend)(nil),          // 21: ferry.v1.Backend
-	(*ServicePort)(nil),      // 22: ferry.v1.ServicePort
-	(*Workload)(nil),         // 23: ferry.v1.Workload
-	(*Certificate)(nil),      // 24: ferry.v1.Certificate
-	(*MeshConfig)(nil),       // 25: ferry.v1.MeshConfig
+	(*ConfigStatus)(nil),     // 1: ferry.v1.ConfigStatus
+	(*Condition)(nil),        // 2: ferry.v1.Condition
+	(*Service)(nil),          // 3: ferry.v1.Service
+	(*RouteTable)(nil),       // 4: ferry.v1.RouteTable
+	(*RouteMatch)(nil),       // 5: ferry.v1.RouteMatch
+	(*StringMatch)(nil),      // 6: ferry.v1.StringMatch
+	(*NamedMatch)(nil),       // 7: ferry.v1.NamedMatch
+	(*RouteRule)(nil),        // 8: ferry.v1.RouteRule
+	(*WeightedBackend)(nil),  // 9: ferry.v1.WeightedBackend
+	(*RouteFilter)(nil),      // 10: ferry.v1.RouteFilter
+	(*HeaderModifier)(nil),   // 11: ferry.v1.HeaderModifier
+	(*Header)(nil),           // 12: ferry.v1.Header
+	(*Redirect)(nil),         // 13: ferry.v1.Redirect
+	(*URLRewrite)(nil),       // 14: ferry.v1.URLRewrite
+	(*PathModifier)(nil),     // 15: ferry.v1.PathModifier
+	(*Mirror)(nil),           // 16: ferry.v1.Mirror
+	(*RouteRetry)(nil),       // 17: ferry.v1.RouteRetry
+	(*ServicePolicy)(nil),    // 18: ferry.v1.ServicePolicy
+	(*OutlierDetection)(nil), // 19: ferry.v1.OutlierDetection
+	(*Fault)(nil),            // 20: ferry.v1.Fault
+	(*RetryBudget)(nil),      // 21: ferry.v1.RetryBudget
+	(*RateLimit)(nil),        // 22: ferry.v1.RateLimit
+	(*Backend)(nil),          // 23: ferry.v1.Backend
+	(*ServicePort)(nil),      // 24: ferry.v1.ServicePort
+	(*Workload)(nil),         // 25: ferry.v1.Workload
+	(*Certificate)(nil),      // 26: ferry.v1.Certificate
+	(*MeshConfig)(nil),       // 27: ferry.v1.MeshConfig
 }
 var file_state_proto_depIdxs = []int32{
-	23, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
-	24, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
-	25, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
-	1,  // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
-	22, // 4: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
-	21, // 5: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
-	2,  // 6: ferry.v1.Service.route_tables:type_name -> ferry.v1.RouteTable
-	16, // 7: ferry.v1.Service.policy:type_name -> ferry.v1.ServicePolicy
-	6,  // 8: ferry.v1.RouteTable.rules:type_name -> ferry.v1.RouteRule
-	3,  // 9: ferry.v1.RouteTable.matches:type_name -> ferry.v1.RouteMatch
-	4,  // 10: ferry.v1.RouteMatch.path:type_name -> ferry.v1.StringMatch
-	5,  // 11: ferry.v1.RouteMatch.headers:type_name -> ferry.v1.NamedMatch
-	5,  // 12: ferry.v1.RouteMatch.query_params:type_name -> ferry.v1.NamedMatch
-	7,  // 13: ferry.v1.RouteRule.backends:type_name -> ferry.v1.WeightedBackend
-	8,  // 14: ferry.v1.RouteRule.filters:type_name -> ferry.v1.RouteFilter
-	15, // 15: ferry.v1.RouteRule.retry:type_name -> ferry.v1.RouteRetry
-	9,  // 16: ferry.v1.RouteFilter.request_headers:type_name -> ferry.v1.HeaderModifier
-	9,  // 17: ferry.v1.RouteFilter.response_headers:type_name -> ferry.v1.HeaderModifier
-	11, // 18: ferry.v1.RouteFilter.redirect:type_name -> ferry.v1.Redirect
-	12, // 19: ferry.v1.RouteFilter.url_rewrite:type_name -> ferry.v1.URLRewrite
-	14, // 20: ferry.v1.RouteFilter.mirror:type_name -> ferry.v1.Mirror
-	10, // 21: ferry.v1.HeaderModifier.set:type_name -> ferry.v1.Header
-	10, // 22: ferry.v1.HeaderModifier.add:type_name -> ferry.v1.Header
-	13, // 23: ferry.v1.Redirect.path:type_name -> ferry.v1.PathModifier
-	13, // 24: ferry.v1.URLRewrite.path:type_name -> ferry.v1.PathModifier
-	7,  // 25: ferry.v1.Mirror.backend:type_name -> ferry.v1.WeightedBackend
-	17, // 26: ferry.v1.ServicePolicy.outlier_detection:type_name -> ferry.v1.OutlierDetection
-	18, // 27: ferry.v1.ServicePolicy.fault:type_name -> ferry.v1.Fault
-	19, // 28: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
-	20, // 29: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
-	15, // 30: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
-	31, // [31:31] is the sub-list for method output_type
-	31, // [31:31] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	25, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
+	26, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
+	27, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
+	3,  // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
+	1,  // 4: ferry.v1.NodeState.config_status:type_name -> ferry.v1.ConfigStatus
+	2,  // 5: ferry.v1.ConfigStatus.conditions:type_name -> ferry.v1.Condition
+	24, // 6: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
+	23, // 7: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
+	4,  // 8: ferry.v1.Service.route_tables:type_name -> ferry.v1.RouteTable
+	18, // 9: ferry.v1.Service.policy:type_name -> ferry.v1.ServicePolicy
+	8,  // 10: ferry.v1.RouteTable.rules:type_name -> ferry.v1.RouteRule
+	5,  // 11: ferry.v1.RouteTable.matches:type_name -> ferry.v1.RouteMatch
+	6,  // 12: ferry.v1.RouteMatch.path:type_name -> ferry.v1.StringMatch
+	7,  // 13: ferry.v1.RouteMatch.headers:type_name -> ferry.v1.NamedMatch
+	7,  // 14: ferry.v1.RouteMatch.query_params:type_name -> ferry.v1.NamedMatch
+	9,  // 15: ferry.v1.RouteRule.backends:type_name -> ferry.v1.WeightedBackend
+	10, // 16: ferry.v1.RouteRule.filters:type_name -> ferry.v1.RouteFilter
+	17, // 17: ferry.v1.RouteRule.retry:type_name -> ferry.v1.RouteRetry
+	11, // 18: ferry.v1.RouteFilter.request_headers:type_name -> ferry.v1.HeaderModifier
+	11, // 19: ferry.v1.RouteFilter.response_headers:type_name -> ferry.v1.HeaderModifier
+	13, // 20: ferry.v1.RouteFilter.redirect:type_name -> ferry.v1.Redirect
+	14, // 21: ferry.v1.RouteFilter.url_rewrite:type_name -> ferry.v1.URLRewrite
+	16, // 22: ferry.v1.RouteFilter.mirror:type_name -> ferry.v1.Mirror
+	12, // 23: ferry.v1.HeaderModifier.set:type_name -> ferry.v1.Header
+	12, // 24: ferry.v1.HeaderModifier.add:type_name -> ferry.v1.Header
+	15, // 25: ferry.v1.Redirect.path:type_name -> ferry.v1.PathModifier
+	15, // 26: ferry.v1.URLRewrite.path:type_name -> ferry.v1.PathModifier
+	9,  // 27: ferry.v1.Mirror.backend:type_name -> ferry.v1.WeightedBackend
+	19, // 28: ferry.v1.ServicePolicy.outlier_detection:type_name -> ferry.v1.OutlierDetection
+	20, // 29: ferry.v1.ServicePolicy.fault:type_name -> ferry.v1.Fault
+	21, // 30: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
+	22, // 31: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
+	17, // 32: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -2290,7 +2493,7 @@ func file_state_proto_init() {
 	if File_state_proto != nil {
 		return
 	}
-	file_state_proto_msgTypes[8].OneofWrappers = []any{
+	file_state_proto_msgTypes[10].OneofWrappers = []any{
 		(*RouteFilter_RequestHeaders)(nil),
 		(*RouteFilter_ResponseHeaders)(nil),
 		(*RouteFilter_Redirect)(nil),
@@ -2303,7 +2506,7 @@ func file_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
