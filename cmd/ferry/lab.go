@@ -387,8 +387,10 @@ func newLabEchoServerCommand() *cobra.Command {
 	var (
 		listen   string
 		banner   string
-		httpMode bool
-		grpcMode bool
+		httpMode   bool
+		grpcMode   bool
+		failStatus int
+		delay      time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "echo-server",
@@ -396,13 +398,18 @@ func newLabEchoServerCommand() *cobra.Command {
 		Long: `Serve on --listen until interrupted. In echo mode every byte is copied back, and when
 the client closes its side the server finishes echoing and closes its own (half-close).
 --banner makes the server speak first. --http serves /echo (the request body),
-/bytes?n=N (N pattern bytes) and / (JSON with the pod and the client's address).
---grpc serves the gRPC health service, naming the pod in the response header
+/bytes?n=N (N pattern bytes), / (JSON with the pod and the client's address), and for
+traffic tests: /fail?percent=P&code=C (C for P% of the requests, spread evenly),
+/delay/DURATION, /request/... (the request as the app saw it, JSON) and /stats
+(requests and client cancellations per "tag" query parameter); every answer names the
+pod in the header Ferry-Lab-Pod. --fail-status and --delay make the whole server fail
+or slow. --grpc serves the gRPC health service, naming the pod in the response header
 ferry-lab-pod. The listener does not use MPTCP, like every listener Ferry opens.`,
 		Example: `  sudo ferry lab exec c -- ferry lab echo-server --listen :8080
   sudo ferry lab exec c -- ferry lab echo-server --listen :8081 --banner "hello from c"
   sudo ferry lab exec b -- ferry lab echo-server --listen :80 --http
-  sudo ferry lab exec b -- ferry lab echo-server --listen :8082 --grpc`,
+  sudo ferry lab exec b -- ferry lab echo-server --listen :8082 --grpc
+  sudo ferry lab exec e -- ferry lab echo-server --listen :8083 --http --fail-status 500`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			lc := listener.Config()
@@ -410,11 +417,15 @@ ferry-lab-pod. The listener does not use MPTCP, like every listener Ferry opens.
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
 			}
-			opts := echo.Options{Banner: banner, Pod: os.Getenv("FERRY_LAB_POD")}
+			opts := echo.Options{Banner: banner, Pod: os.Getenv("FERRY_LAB_POD"), FailStatus: failStatus, Delay: delay}
 			mode := "echo"
 			switch {
 			case httpMode && grpcMode:
 				return errors.New("--http and --grpc: pick one")
+			case !httpMode && (failStatus != 0 || delay != 0):
+				return errors.New("--fail-status and --delay need --http")
+			case failStatus != 0 && (failStatus < 200 || failStatus > 599):
+				return fmt.Errorf("--fail-status %d: want a status from 200 to 599", failStatus)
 			case httpMode:
 				opts.Mode, mode = echo.ModeHTTP, "http"
 			case grpcMode:
@@ -428,6 +439,8 @@ ferry-lab-pod. The listener does not use MPTCP, like every listener Ferry opens.
 	cmd.Flags().StringVar(&banner, "banner", "", "text sent to each client on accept, before reading")
 	cmd.Flags().BoolVar(&httpMode, "http", false, "serve HTTP instead of raw echo")
 	cmd.Flags().BoolVar(&grpcMode, "grpc", false, "serve the gRPC health service instead of raw echo")
+	cmd.Flags().IntVar(&failStatus, "fail-status", 0, "with --http: answer every request with this status (an endpoint that keeps failing)")
+	cmd.Flags().DurationVar(&delay, "delay", 0, "with --http: hold every answer back this long (an endpoint slower than its peers)")
 	return cmd
 }
 

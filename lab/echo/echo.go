@@ -5,13 +5,10 @@ package echo
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"strconv"
 	"sync"
 	"time"
 )
@@ -24,8 +21,9 @@ const (
 	// everything has been echoed.
 	ModeEcho Mode = iota
 	// ModeHTTP answers /echo with the request body, /bytes?n=N with N bytes,
-	// /status/CODE with that status, /headers with the request's headers (JSON), and
-	// / with JSON {pod, remote_addr}.
+	// /status/CODE with that status, /headers with the request's headers (JSON), /
+	// with JSON {pod, remote_addr}, and the paths http.go lists for traffic tests
+	// (/fail, /delay, /request/, /stats).
 	ModeHTTP
 	// ModeGRPC serves the gRPC health service, naming the pod in a response
 	// header (PodHeader).
@@ -40,6 +38,12 @@ type Options struct {
 	Banner string
 	// Pod is the name reported by the HTTP / handler and in gRPC responses.
 	Pod string
+	// FailStatus, when set, answers every HTTP request (but /stats) with this
+	// status: an endpoint that keeps failing.
+	FailStatus int
+	// Delay holds every HTTP answer (but /stats) back this long: an endpoint
+	// slower than its peers.
+	Delay time.Duration
 }
 
 // MaxBytes caps /bytes?n=N.
@@ -127,74 +131,5 @@ func echoConn(c net.Conn, banner string) error {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
-	return nil
-}
-
-func serveHTTP(ctx context.Context, ln net.Listener, opts Options) error {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/octet-stream")
-		buf := make([]byte, 64*1024)
-		for {
-			n, err := r.Body.Read(buf)
-			if n > 0 {
-				if _, werr := w.Write(buf[:n]); werr != nil {
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
-	})
-	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
-		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
-		if err != nil || n < 0 || n > MaxBytes {
-			http.Error(w, fmt.Sprintf("n: want an integer from 0 to %d", MaxBytes), http.StatusBadRequest)
-			return
-		}
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
-		buf := make([]byte, 64*1024)
-		var p Pattern
-		for off := int64(0); off < n; {
-			chunk := buf[:min(int64(len(buf)), n-off)]
-			p.Fill(chunk, off)
-			if _, err := w.Write(chunk); err != nil {
-				return
-			}
-			off += int64(len(chunk))
-		}
-	})
-	mux.HandleFunc("/status/{code}", func(w http.ResponseWriter, r *http.Request) {
-		code, err := strconv.Atoi(r.PathValue("code"))
-		if err != nil || code < 200 || code > 599 {
-			http.Error(w, "code: want a status from 200 to 599", http.StatusBadRequest)
-			return
-		}
-		w.WriteHeader(code)
-	})
-	mux.HandleFunc("/headers", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(r.Header)
-	})
-	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]string{"pod": opts.Pod, "remote_addr": r.RemoteAddr})
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("http serve: %w", err)
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		srv.Close()
-	}
-	<-errc
 	return nil
 }

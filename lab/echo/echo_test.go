@@ -218,3 +218,120 @@ func TestGRPCMode(t *testing.T) {
 		t.Errorf("got %q, want %q", out.String(), want)
 	}
 }
+
+func getStats(t *testing.T, addr string) Stats {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st Stats
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func status(t *testing.T, url string) (int, http.Header) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, resp.Header
+}
+
+// /fail fails exactly its share, spread so that no two failures are adjacent; every
+// answer names the pod; /stats counts requests by tag and not itself.
+func TestHTTPFailShare(t *testing.T) {
+	addr := start(t, Options{Mode: ModeHTTP, Pod: "c"})
+	failed, prev := 0, false
+	for i := range 100 {
+		code, h := status(t, "http://"+addr+"/fail?percent=30&code=503&tag=x")
+		if h.Get(PodHTTPHeader) != "c" {
+			t.Fatalf("request %d: %s header %q", i, PodHTTPHeader, h.Get(PodHTTPHeader))
+		}
+		if code == 503 {
+			failed++
+			if prev {
+				t.Errorf("requests %d and %d both failed", i-1, i)
+			}
+		} else if code != 200 {
+			t.Fatalf("request %d: %d", i, code)
+		}
+		prev = code == 503
+	}
+	if failed != 30 {
+		t.Errorf("%d of 100 failed, want 30", failed)
+	}
+	// Another query counts on its own: all of its requests fail.
+	if code, _ := status(t, "http://"+addr+"/fail?percent=100&code=500&tag=y"); code != 500 {
+		t.Errorf("percent=100: %d", code)
+	}
+	if code, _ := status(t, "http://"+addr+"/fail?percent=101&code=500"); code != 400 {
+		t.Errorf("percent=101: %d, want 400", code)
+	}
+	st := getStats(t, addr)
+	if st.Pod != "c" || st.Requests["x"] != 100 || st.Requests["y"] != 1 || st.Requests[""] != 1 || len(st.Canceled) != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// A client that gives up on /delay is counted as canceled, and one that waits gets
+// its answer after the delay.
+func TestHTTPDelayCanceled(t *testing.T) {
+	addr := start(t, Options{Mode: ModeHTTP, Pod: "c"})
+	client := &http.Client{Timeout: 100 * time.Millisecond}
+	if _, err := client.Get("http://" + addr + "/delay/2s?tag=t"); err == nil {
+		t.Fatal("a 2 s answer came within 100 ms")
+	}
+	start := time.Now()
+	if code, _ := status(t, "http://"+addr+"/delay/50ms?tag=u"); code != 200 || time.Since(start) < 50*time.Millisecond {
+		t.Errorf("/delay/50ms: %d after %v", code, time.Since(start))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for getStats(t, addr).Canceled["t"] != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the canceled request is not counted: %+v", getStats(t, addr))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if st := getStats(t, addr); st.Requests["t"] != 1 || st.Requests["u"] != 1 || st.Canceled["u"] != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// /request/ shows the request as the app got it; FailStatus and Delay apply to
+// every path but /stats.
+func TestHTTPRequestAndServerKnobs(t *testing.T) {
+	addr := start(t, Options{Mode: ModeHTTP, Pod: "c"})
+	req, _ := http.NewRequest("GET", "http://"+addr+"/request/a/b?x=1", nil)
+	req.Host = "web.example"
+	req.Header.Set("X-Marked", "yes")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got Request
+	json.NewDecoder(resp.Body).Decode(&got)
+	resp.Body.Close()
+	if got.Pod != "c" || got.Host != "web.example" || got.Path != "/request/a/b" || got.Query != "x=1" || got.Headers.Get("X-Marked") != "yes" {
+		t.Errorf("/request/: %+v", got)
+	}
+
+	failing := start(t, Options{Mode: ModeHTTP, Pod: "e", FailStatus: 500})
+	if code, _ := status(t, "http://"+failing+"/"); code != 500 {
+		t.Errorf("FailStatus 500: / answered %d", code)
+	}
+	if st := getStats(t, failing); st.Requests[""] != 1 {
+		t.Errorf("FailStatus: stats %+v", st)
+	}
+	slow := start(t, Options{Mode: ModeHTTP, Pod: "f", Delay: 50 * time.Millisecond})
+	begin := time.Now()
+	if code, _ := status(t, "http://"+slow+"/"); code != 200 || time.Since(begin) < 50*time.Millisecond {
+		t.Errorf("Delay 50ms: %d after %v", code, time.Since(begin))
+	}
+}
