@@ -385,8 +385,8 @@ ferry exit with status 1.`,
 
 func newLabEchoServerCommand() *cobra.Command {
 	var (
-		listen   string
-		banner   string
+		listen     string
+		banner     string
 		httpMode   bool
 		grpcMode   bool
 		failStatus int
