@@ -32,6 +32,7 @@ func Match(f *ferryv1.Flow, flt *ferryv1.FlowFilter) bool {
 		!anyOf(flt.GetHttpMethod(), func(m string) bool { return h != nil && strings.EqualFold(h.GetMethod(), m) }),
 		!anyOf(flt.GetHttpPathPrefix(), func(p string) bool { return h != nil && strings.HasPrefix(h.GetPath(), p) }),
 		!anyOf(flt.GetGrpcStatus(), func(c string) bool { return h.GetGrpcStatus() != "" && h.GetGrpcStatus() == c }),
+		!anyOf(flt.GetRoute(), func(r string) bool { return routeIs(h.GetRoute(), r) }),
 		!anyOf(flt.GetNode(), func(n string) bool { return f.GetNode() == n }):
 		return false
 	}
@@ -52,6 +53,19 @@ func podIs(e *ferryv1.Endpoint, want string) bool {
 		return e.GetNamespace() == ns && e.GetPod() == name
 	}
 	return e.GetPod() == want
+}
+
+// routeIs matches a route as flows name it ("HTTPRoute default/canary") against the
+// same text, any case for the kind, or against "namespace/name" alone.
+func routeIs(route, want string) bool {
+	if route == "" {
+		return false
+	}
+	kind, name, _ := strings.Cut(route, " ")
+	if wk, wn, ok := strings.Cut(want, " "); ok {
+		return strings.EqualFold(kind, wk) && name == wn
+	}
+	return name == want
 }
 
 // identityIs matches a whole SPIFFE ID, or its path ("ns/x/sa/y") or a service

@@ -72,11 +72,11 @@ func TestEveryFilter(t *testing.T) {
 	failed := flow("a", "d", 9, 0)
 	failed.Verdict = ferryv1.Verdict_VERDICT_ERROR
 	httpFlow := flow("b", "a", 80, 0)
-	httpFlow.Protocol, httpFlow.Http = "http", &ferryv1.HTTP{Status: 503, Method: "GET", Path: "/api/items?x=1"}
+	httpFlow.Protocol, httpFlow.Http = "http", &ferryv1.HTTP{Status: 503, Method: "GET", Path: "/api/items?x=1", Route: "HTTPRoute default/canary"}
 	notFound := flow("d", "a", 80, 0)
 	notFound.Protocol, notFound.Http = "http", &ferryv1.HTTP{Status: 404, Method: "POST", Path: "/login"}
 	call := flow("e", "a", 9000, 0)
-	call.Protocol, call.Http = "grpc", &ferryv1.HTTP{Status: 200, Method: "POST", Path: "/shop.Cart/Add", GrpcStatus: "14"}
+	call.Protocol, call.Http = "grpc", &ferryv1.HTTP{Status: 200, Method: "POST", Path: "/shop.Cart/Add", GrpcStatus: "14", Route: "GRPCRoute shop/cart"}
 	all := []*ferryv1.Flow{a2b, c2shop, failed, httpFlow, notFound, call}
 	for _, tc := range []struct {
 		name string
@@ -104,6 +104,10 @@ func TestEveryFilter(t *testing.T) {
 		{"grpc status", &ferryv1.FlowFilter{GrpcStatus: []string{"14"}}, []string{"e>a"}},
 		{"protocol and status", &ferryv1.FlowFilter{Protocol: []string{"http"}, HttpStatusRange: []*ferryv1.StatusRange{{Min: 500, Max: 599}}}, []string{"b>a"}},
 		{"node", &ferryv1.FlowFilter{Node: []string{"node2"}}, []string{"c>web"}},
+		{"route", &ferryv1.FlowFilter{Route: []string{"HTTPRoute default/canary"}}, []string{"b>a"}},
+		{"route kind any case", &ferryv1.FlowFilter{Route: []string{"grpcroute shop/cart"}}, []string{"e>a"}},
+		{"route by name", &ferryv1.FlowFilter{Route: []string{"shop/cart", "default/canary"}}, []string{"b>a", "e>a"}},
+		{"route of another kind", &ferryv1.FlowFilter{Route: []string{"GRPCRoute default/canary"}}, nil},
 		{"fields and", &ferryv1.FlowFilter{FromPod: []string{"a"}, Verdict: []string{"forwarded"}}, []string{"a>b"}},
 	} {
 		got := names(Select(all, Query{Filter: tc.f}))

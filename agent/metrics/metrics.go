@@ -30,6 +30,8 @@ const (
 	ProtocolGRPC = "grpc"
 	// NoFlags is response_flags when nothing went wrong in the mesh.
 	NoFlags = "-"
+	// NoRoute is the route label of a request to a Service without routes.
+	NoRoute = "-"
 )
 
 // DurationBuckets are istio_request_duration_milliseconds' bucket bounds: Envoy's
@@ -82,6 +84,7 @@ var requestLabels = append(append([]string(nil), istioLabels...),
 	"source_app", "source_version", "source_canonical_service",
 	"destination_service_name", "destination_service_namespace",
 	"request_protocol", "response_code", "grpc_response_status", "response_flags",
+	"route",
 )
 
 // RequestLabels are one request's Istio labels: its connection's, the source's app
@@ -104,19 +107,27 @@ type RequestLabels struct {
 	// ResponseFlags are Envoy's response flags for what the mesh did ("UH": no
 	// healthy upstream...); NoFlags when nothing.
 	ResponseFlags string
+	// Route is the route that carried the request ("HTTPRoute default/canary");
+	// NoRoute when the Service has none. Istio's standard metrics have no such label
+	// (Envoy knows the route only in access logs); it is bounded by the number of
+	// routes, so a split's sides can be told apart in one query.
+	Route string
 }
 
 func (l RequestLabels) values() []string {
-	v := append(l.Labels.values(), orUnknown(l.SourceApp), orUnknown(l.SourceVersion), orUnknown(l.SourceCanonicalService),
+	code, flags, route := l.ResponseCode, l.ResponseFlags, l.Route
+	if code == "" {
+		code = "0"
+	}
+	if flags == "" {
+		flags = NoFlags
+	}
+	if route == "" {
+		route = NoRoute
+	}
+	return append(l.Labels.values(), orUnknown(l.SourceApp), orUnknown(l.SourceVersion), orUnknown(l.SourceCanonicalService),
 		orUnknown(l.DestinationServiceName), orUnknown(l.DestinationServiceNamespace),
-		orUnknown(l.RequestProtocol), l.ResponseCode, l.GRPCResponseStatus, l.ResponseFlags)
-	if v[len(v)-1] == "" {
-		v[len(v)-1] = NoFlags
-	}
-	if v[len(v)-3] == "" {
-		v[len(v)-3] = "0"
-	}
-	return v
+		orUnknown(l.RequestProtocol), code, l.GRPCResponseStatus, flags, route)
 }
 
 func orUnknown(s string) string {
@@ -134,11 +145,12 @@ type Metrics struct {
 	requests             *prometheus.CounterVec
 	duration             *prometheus.HistogramVec
 	reqBytes, respBytes  *prometheus.HistogramVec
+	retries              *prometheus.CounterVec
 
 	// series caches each label set's counters: resolving 9 label values in four
 	// vectors costs microseconds a connection, a map hit and four adds far less.
 	series sync.Map // Labels -> *tcpSeries
-	// requestSeries does the same for requests' 18 labels.
+	// requestSeries does the same for requests' 19 labels.
 	requestSeries sync.Map // RequestLabels -> *requestSeries
 }
 
@@ -206,7 +218,10 @@ func New(node string, src Sources) *Metrics {
 	m.duration = hist("istio_request_duration_milliseconds", "Time from the request's start to the response's end, in milliseconds.", DurationBuckets)
 	m.reqBytes = hist("istio_request_bytes", "Request body sizes, in bytes.", SizeBuckets)
 	m.respBytes = hist("istio_response_bytes", "Response body sizes, in bytes.", SizeBuckets)
-	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes, m.requests, m.duration, m.reqBytes, m.respBytes)
+	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_request_retries_total",
+		Help: "Tries of HTTP requests and gRPC calls after their first (route or TrafficPolicy retries), by destination service, counted when the request ends."},
+		[]string{"destination_service"})
+	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes, m.requests, m.duration, m.reqBytes, m.respBytes, m.retries)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if f := src.Flows; f != nil {
 		reg.MustRegister(
@@ -250,6 +265,14 @@ func (m *Metrics) Request(l RequestLabels, d time.Duration, request, response in
 	s.duration.Observe(float64(d) / float64(time.Millisecond))
 	s.reqSize.Observe(float64(max(request, 0)))
 	s.rspSize.Observe(float64(max(response, 0)))
+}
+
+// Retries counts n tries after the first of a request to destinationService (Istio's
+// form, name.namespace.svc.cluster.local; "" is unknown).
+func (m *Metrics) Retries(destinationService string, n int) {
+	if n > 0 {
+		m.retries.WithLabelValues(orUnknown(destinationService)).Add(float64(n))
+	}
 }
 
 // Registry is where the metrics live, for tests and for adding more collectors.

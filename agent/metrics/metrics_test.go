@@ -128,11 +128,20 @@ func TestRequestMetricsIstioShaped(t *testing.T) {
 	noEndpoint := reqLabels("503", "")
 	noEndpoint.ResponseFlags = "UH"
 	m.Request(noEndpoint, 0, 0, 0)
+	aborted := reqLabels("503", "")
+	aborted.ResponseFlags, aborted.Route = "FI", "HTTPRoute default/canary"
+	m.Request(aborted, time.Millisecond, 0, 0)
+	m.Retries("web.default.svc.cluster.local", 3)
+	m.Retries("web.default.svc.cluster.local", 0)
+	m.Retries("", 1)
 	text := scrape(t, m)
 	for _, want := range []string{
-		`istio_requests_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/default/sa/c",destination_service="web.default.svc.cluster.local",destination_service_name="web",destination_service_namespace="default",destination_workload="c",destination_workload_namespace="default",grpc_response_status="",reporter="source",request_protocol="http",response_code="200",response_flags="-",source_app="unknown",source_canonical_service="a",source_principal="spiffe://cluster.local/ns/default/sa/a",source_version="unknown",source_workload="a",source_workload_namespace="default"} 2`,
+		`istio_requests_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/default/sa/c",destination_service="web.default.svc.cluster.local",destination_service_name="web",destination_service_namespace="default",destination_workload="c",destination_workload_namespace="default",grpc_response_status="",reporter="source",request_protocol="http",response_code="200",response_flags="-",route="-",source_app="unknown",source_canonical_service="a",source_principal="spiffe://cluster.local/ns/default/sa/a",source_version="unknown",source_workload="a",source_workload_namespace="default"} 2`,
 		`grpc_response_status="14"`, `request_protocol="grpc"`,
-		`response_code="503",response_flags="UH"`,
+		`response_code="503",response_flags="UH",route="-"`,
+		`response_code="503",response_flags="FI",route="HTTPRoute default/canary"`,
+		`ferry_request_retries_total{destination_service="web.default.svc.cluster.local"} 3`,
+		`ferry_request_retries_total{destination_service="unknown"} 1`,
 		// Envoy's default buckets, as Istio's proxies export them.
 		`istio_request_duration_milliseconds_bucket{`, `le="0.5"} 0`, `le="1"} 1`, `le="5"} 1`, `le="3.6e+06"} 2`,
 		`istio_request_duration_milliseconds_sum{`, `istio_request_duration_milliseconds_count{`,

@@ -42,6 +42,7 @@ func (o *Observer) requestFlow(c admin.Conn) *ferryv1.Flow {
 	f.Http = &ferryv1.HTTP{
 		Method: h.Method, Path: h.Path, Status: uint32(max(h.Status, 0)), Authority: h.Authority,
 		Version: h.Proto, GrpcStatus: h.GRPCStatus, TraceId: h.TraceID,
+		Route: h.Route, RouteRule: uint32(max(h.RouteRule, 0)), Retries: uint32(max(h.Retries, 0)),
 	}
 	return f
 }
@@ -126,7 +127,7 @@ func requestLabels(c admin.Conn, svc service) metrics.RequestLabels {
 		DestinationServiceNamespace: svc.namespace,
 		RequestProtocol:             requestProtocol(c),
 		ResponseCode:                "0",
-		ResponseFlags:               responseFlags(c.Reason),
+		ResponseFlags:               responseFlags(c),
 	}
 	// Istio's canonical service falls back to the workload's name when the pod has no
 	// app labels; the state carries no pod labels, so app and version stay unknown.
@@ -135,6 +136,7 @@ func requestLabels(c admin.Conn, svc service) metrics.RequestLabels {
 		if h.Status >= 100 && h.Status <= 999 {
 			l.ResponseCode = strconv.Itoa(h.Status)
 		}
+		l.Route = h.Route
 		if g := h.GRPCStatus; g != "" {
 			l.GRPCResponseStatus = metrics.Unknown
 			if n, err := strconv.ParseUint(g, 10, 8); err == nil && n <= 16 {
@@ -146,9 +148,19 @@ func requestLabels(c admin.Conn, svc service) metrics.RequestLabels {
 }
 
 // responseFlags are Envoy's response flags for what went wrong in the mesh, so
-// queries written for Istio (response_flags="UH") find the same requests.
-func responseFlags(r admin.Reason) string {
-	switch r {
+// queries written for Istio (response_flags="UH") find the same requests. A request
+// the mesh retried whose last try still failed is URX, as Envoy flags a request
+// whose retries ran out (or that the retry budget stopped) with a failure.
+func responseFlags(c admin.Conn) string {
+	switch c.Reason {
+	case admin.ReasonFault:
+		return "FI" // fault injection abort
+	case admin.ReasonCircuitOpen:
+		return "UO" // upstream overflow: a connection pool limit
+	case admin.ReasonRateLimited:
+		return "RL" // rate limited
+	case admin.ReasonNoRoute:
+		return "NR" // no route
 	case admin.ReasonNoEndpoints:
 		return "UH" // no healthy upstream
 	case admin.ReasonRefused, admin.ReasonUnreachable, admin.ReasonTunnel:
@@ -161,6 +173,10 @@ func responseFlags(r admin.Reason) string {
 		return "DC" // downstream connection termination
 	case admin.ReasonForbidden:
 		return "RBAC" // denied by authorization policy
+	case admin.ReasonNone:
+		if h := c.HTTP; h != nil && h.Retries > 0 && h.Status >= 500 {
+			return "URX" // upstream retry limit exceeded
+		}
 	}
 	return metrics.NoFlags
 }

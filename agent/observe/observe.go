@@ -246,6 +246,7 @@ func (o *Observer) Request(c admin.Conn) {
 	}
 	svc := o.serviceOf(c)
 	o.metrics.Request(requestLabels(c, svc), c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	o.metrics.Retries(svc.metric, c.HTTP.Retries)
 	f := o.requestFlow(c)
 	f.Service = svc.flow
 	o.ring.Add(f)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
 	"regexp"
@@ -14,8 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/promcheck"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -346,11 +349,69 @@ func TestRequestLabelsBounded(t *testing.T) {
 			t.Errorf("status %d grpc %q: labels %q %q, want %q %q", tc.status, tc.grpc, l.ResponseCode, l.GRPCResponseStatus, tc.code, tc.wantGRPC)
 		}
 	}
-	for r, want := range map[admin.Reason]string{admin.ReasonNoEndpoints: "UH", admin.ReasonTimeout: "UT", admin.ReasonRefused: "UF", admin.ReasonNone: "-"} {
-		if got := responseFlags(r); got != want {
+	for r, want := range map[admin.Reason]string{
+		admin.ReasonNoEndpoints: "UH", admin.ReasonTimeout: "UT", admin.ReasonRefused: "UF", admin.ReasonNone: "-",
+		admin.ReasonFault: "FI", admin.ReasonCircuitOpen: "UO", admin.ReasonRateLimited: "RL", admin.ReasonNoRoute: "NR",
+	} {
+		if got := responseFlags(request(1, 503, r)); got != want {
 			t.Errorf("reason %q: flags %q, want %q", r, got, want)
 		}
 	}
+	retried := request(1, 503, admin.ReasonNone)
+	retried.HTTP.Retries = 3
+	if got := responseFlags(retried); got != "URX" {
+		t.Errorf("a request retried 3 times that still got 503: flags %q, want URX", got)
+	}
+	retried.HTTP.Status = 200
+	if got := responseFlags(retried); got != "-" {
+		t.Errorf("a request a retry got through: flags %q, want -", got)
+	}
+}
+
+// A routed request's flow names its route, rule and retries, and its metrics carry
+// the route; a request the mesh answered itself carries the reason in its flow and
+// Envoy's flag in its metrics; retries are counted per destination service.
+func TestRouteRetriesAndMeshAnswers(t *testing.T) {
+	o := New(DefaultConfig(), "node1", Sources{}, slog.New(slog.DiscardHandler))
+	o.SetState(&ferryv1.NodeState{Services: []*ferryv1.Service{{
+		Name: "web", Namespace: "default", ClusterIps: []string{"10.96.0.50"}, Ports: []*ferryv1.ServicePort{{Port: 80}},
+	}}})
+	routed := request(1, 200, admin.ReasonNone)
+	routed.HTTP.Route, routed.HTTP.RouteRule, routed.HTTP.Retries = "HTTPRoute default/canary", 2, 1
+	o.Request(routed)
+	aborted := request(2, 503, admin.ReasonFault)
+	aborted.HTTP.Route = "HTTPRoute default/canary"
+	o.Request(aborted)
+	limited := request(3, 429, admin.ReasonRateLimited)
+	o.Request(limited)
+
+	fs := o.ring.Flows(flows.Query{})
+	if len(fs) != 3 {
+		t.Fatalf("%d flows, want 3", len(fs))
+	}
+	if h := fs[0].GetHttp(); h.GetRoute() != "HTTPRoute default/canary" || h.GetRouteRule() != 2 || h.GetRetries() != 1 || fs[0].GetReason() != "" {
+		t.Errorf("routed flow: %v", fs[0])
+	}
+	if fs[1].GetReason() != "fault" || fs[1].GetHttp().GetStatus() != 503 || fs[1].GetHttp().GetRoute() != "HTTPRoute default/canary" {
+		t.Errorf("aborted flow: %v", fs[1])
+	}
+	if fs[2].GetReason() != "rate_limited" || fs[2].GetHttp().GetRoute() != "" {
+		t.Errorf("rate limited flow: %v", fs[2])
+	}
+	rec := httptest.NewRecorder()
+	o.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	text := rec.Body.String()
+	for _, want := range []string{
+		`response_code="200",response_flags="-",route="HTTPRoute default/canary"`,
+		`response_code="503",response_flags="FI",route="HTTPRoute default/canary"`,
+		`response_code="429",response_flags="RL",route="-"`,
+		`ferry_request_retries_total{destination_service="web.default.svc.cluster.local"} 1`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	promcheck.Check(t, text)
 }
 
 // BenchmarkRequestObserved is what the agent adds to every request the proxy

@@ -191,7 +191,13 @@ type HTTP struct {
 	// OK); empty for plain HTTP.
 	GrpcStatus string `protobuf:"bytes,6,opt,name=grpc_status,json=grpcStatus,proto3" json:"grpc_status,omitempty"`
 	// W3C (or B3) trace id the request carried, in hex; empty without one.
-	TraceId       string `protobuf:"bytes,7,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	TraceId string `protobuf:"bytes,7,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The route rule that carried the request: "HTTPRoute default/canary" and the
+	// rule's index in spec.rules; empty when the Service has no routes.
+	Route     string `protobuf:"bytes,8,opt,name=route,proto3" json:"route,omitempty"`
+	RouteRule uint32 `protobuf:"varint,9,opt,name=route_rule,json=routeRule,proto3" json:"route_rule,omitempty"`
+	// Tries after the first (route or TrafficPolicy retries).
+	Retries       uint32 `protobuf:"varint,10,opt,name=retries,proto3" json:"retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -273,6 +279,27 @@ func (x *HTTP) GetTraceId() string {
 		return x.TraceId
 	}
 	return ""
+}
+
+func (x *HTTP) GetRoute() string {
+	if x != nil {
+		return x.Route
+	}
+	return ""
+}
+
+func (x *HTTP) GetRouteRule() uint32 {
+	if x != nil {
+		return x.RouteRule
+	}
+	return 0
+}
+
+func (x *HTTP) GetRetries() uint32 {
+	if x != nil {
+		return x.Retries
+	}
+	return 0
 }
 
 // Flow is one proxied connection, or one request carried at L7, recorded when it ends.
@@ -469,7 +496,10 @@ type FlowFilter struct {
 	// Prefixes of the request path ("/api/").
 	HttpPathPrefix []string `protobuf:"bytes,13,rep,name=http_path_prefix,json=httpPathPrefix,proto3" json:"http_path_prefix,omitempty"`
 	// gRPC status codes ("0" is OK, "14" UNAVAILABLE).
-	GrpcStatus    []string `protobuf:"bytes,14,rep,name=grpc_status,json=grpcStatus,proto3" json:"grpc_status,omitempty"`
+	GrpcStatus []string `protobuf:"bytes,14,rep,name=grpc_status,json=grpcStatus,proto3" json:"grpc_status,omitempty"`
+	// Routes of request flows: "HTTPRoute default/canary", or "namespace/name" for a
+	// route of any kind.
+	Route         []string `protobuf:"bytes,15,rep,name=route,proto3" json:"route,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -598,6 +628,13 @@ func (x *FlowFilter) GetHttpPathPrefix() []string {
 func (x *FlowFilter) GetGrpcStatus() []string {
 	if x != nil {
 		return x.GrpcStatus
+	}
+	return nil
+}
+
+func (x *FlowFilter) GetRoute() []string {
+	if x != nil {
+		return x.Route
 	}
 	return nil
 }
@@ -909,7 +946,7 @@ const file_observer_proto_rawDesc = "" +
 	"\bidentity\x18\x03 \x01(\tR\bidentity\x12\x0e\n" +
 	"\x02ip\x18\x04 \x01(\tR\x02ip\x12\x12\n" +
 	"\x04port\x18\x05 \x01(\rR\x04port\x12\x12\n" +
-	"\x04node\x18\x06 \x01(\tR\x04node\"\xbe\x01\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\"\x8d\x02\n" +
 	"\x04HTTP\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x16\n" +
@@ -918,7 +955,12 @@ const file_observer_proto_rawDesc = "" +
 	"\aversion\x18\x05 \x01(\tR\aversion\x12\x1f\n" +
 	"\vgrpc_status\x18\x06 \x01(\tR\n" +
 	"grpcStatus\x12\x19\n" +
-	"\btrace_id\x18\a \x01(\tR\atraceId\"\x92\x04\n" +
+	"\btrace_id\x18\a \x01(\tR\atraceId\x12\x14\n" +
+	"\x05route\x18\b \x01(\tR\x05route\x12\x1d\n" +
+	"\n" +
+	"route_rule\x18\t \x01(\rR\trouteRule\x12\x18\n" +
+	"\aretries\x18\n" +
+	" \x01(\rR\aretries\"\x92\x04\n" +
 	"\x04Flow\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1c\n" +
@@ -936,7 +978,7 @@ const file_observer_proto_rawDesc = "" +
 	"\x0ebytes_received\x18\f \x01(\x04R\rbytesReceived\x125\n" +
 	"\bduration\x18\r \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\"\n" +
 	"\x04http\x18\x0e \x01(\v2\x0e.ferry.v1.HTTPR\x04http\x12\x0e\n" +
-	"\x02id\x18\x0f \x01(\x04R\x02id\"\xd0\x03\n" +
+	"\x02id\x18\x0f \x01(\x04R\x02id\"\xe6\x03\n" +
 	"\n" +
 	"FlowFilter\x12\x19\n" +
 	"\bfrom_pod\x18\x01 \x03(\tR\afromPod\x12\x15\n" +
@@ -957,7 +999,8 @@ const file_observer_proto_rawDesc = "" +
 	"httpMethod\x12(\n" +
 	"\x10http_path_prefix\x18\r \x03(\tR\x0ehttpPathPrefix\x12\x1f\n" +
 	"\vgrpc_status\x18\x0e \x03(\tR\n" +
-	"grpcStatus\"1\n" +
+	"grpcStatus\x12\x14\n" +
+	"\x05route\x18\x0f \x03(\tR\x05route\"1\n" +
 	"\vStatusRange\x12\x10\n" +
 	"\x03min\x18\x01 \x01(\rR\x03min\x12\x10\n" +
 	"\x03max\x18\x02 \x01(\rR\x03max\"\xa1\x01\n" +

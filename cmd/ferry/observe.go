@@ -115,7 +115,7 @@ func labObservers(prefix string) ([]relay.Agent, error) {
 // filterFlags are ferry observe's filters.
 type filterFlags struct {
 	fromPod, toPod, namespace, fromID, toID, verdict, protocol, node []string
-	httpStatus, httpMethod, httpPath, grpcStatus                     []string
+	httpStatus, httpMethod, httpPath, grpcStatus, route              []string
 	port                                                             []uint
 }
 
@@ -134,6 +134,7 @@ func (ff *filterFlags) add(cmd *cobra.Command) {
 	f.StringSliceVar(&ff.httpPath, "http-path", nil, "prefix of the request path (/api/)")
 	f.StringSliceVar(&ff.grpcStatus, "grpc-status", nil, "gRPC status code of gRPC calls (0 is OK, 14 UNAVAILABLE)")
 	f.StringSliceVar(&ff.node, "node", nil, "node whose agent recorded the flow")
+	f.StringSliceVar(&ff.route, "route", nil, `route of request flows: "HTTPRoute NAMESPACE/NAME" or NAMESPACE/NAME`)
 }
 
 func (ff *filterFlags) filter() (*ferryv1.FlowFilter, error) {
@@ -141,6 +142,7 @@ func (ff *filterFlags) filter() (*ferryv1.FlowFilter, error) {
 		FromPod: ff.fromPod, ToPod: ff.toPod, Namespace: ff.namespace,
 		FromIdentity: ff.fromID, ToIdentity: ff.toID, Verdict: ff.verdict, Protocol: ff.protocol,
 		Port: u32s(ff.port), Node: ff.node, HttpMethod: ff.httpMethod, HttpPathPrefix: ff.httpPath, GrpcStatus: ff.grpcStatus,
+		Route: ff.route,
 	}
 	for _, s := range ff.httpStatus {
 		r, err := flows.ParseStatusRange(s)
@@ -192,7 +194,10 @@ connection ends. Each agent keeps its last flows (4096 by default) in memory.
 Traffic the proxies carry at L7 (HTTP/1.1, HTTP/2, gRPC) also gives one flow per
 request, with protocol http or grpc: method, authority and path, status, gRPC status
 and latency (the flow's duration), and the bodies' bytes. Select them with
---protocol http (or grpc) and the --http-* and --grpc-status filters.
+--protocol http (or grpc) and the --http-* and --grpc-status filters. A request to a
+Service with routes (HTTPRoute, GRPCRoute) names the route and rule that carried it
+(--route selects them) and how many times it was retried; a request the mesh answered
+itself says why (fault, circuit_open, rate_limited, no_route, no_endpoints, timeout).
 
 Flows come from every agent of a lab (--lab), from agents' Observer sockets
 (--agent-socket), or from an agent or relay over TCP (--server); from several sources
@@ -209,7 +214,8 @@ only new flows.`,
   ferry observe --server 10.0.0.5:4245 --since 5m --port 8080
   ferry observe --lab fy --protocol http --http-status 500-599
   ferry observe --lab fy -f --protocol http,grpc --http-method POST --http-path /api/
-  ferry observe --lab fy --protocol grpc --grpc-status 14 -o table`,
+  ferry observe --lab fy --protocol grpc --grpc-status 14 -o table
+  ferry observe --lab fy --route default/canary --http-status 5xx`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
@@ -316,16 +322,16 @@ func (p *flowPrinter) print(f *ferryv1.Flow) error {
 		return err
 	case "table":
 		if p.n == 1 {
-			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tPROTOCOL\tREQUEST\tSTATUS\tSENT\tRECEIVED\tDURATION\tREASON")
+			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tPROTOCOL\tREQUEST\tSTATUS\tROUTE\tSENT\tRECEIVED\tDURATION\tREASON")
 		}
-		request, status := "-", "-"
+		request, status, route := "-", "-", "-"
 		if h := f.GetHttp(); h != nil {
-			request, status = requestText(h), statusText(h)
+			request, status, route = requestText(h), statusText(h), routeText(h)
 		}
-		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
+		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
 			f.GetTime().AsTime().Local().Format("15:04:05.000"), f.GetNode(),
 			endpointText(f.GetSource()), endpointText(f.GetDestination()), f.GetSecurity(),
-			strings.ToUpper(flows.VerdictName(f.GetVerdict())), dash(f.GetProtocol()), request, status,
+			strings.ToUpper(flows.VerdictName(f.GetVerdict())), dash(f.GetProtocol()), request, status, route,
 			f.GetBytesSent(), f.GetBytesReceived(), f.GetDuration().AsDuration().Round(time.Microsecond), dash(f.GetReason()))
 		if p.follow { // each row as it comes; columns may then shift a little
 			return p.tw.Flush()
@@ -338,6 +344,9 @@ func (p *flowPrinter) print(f *ferryv1.Flow) error {
 	l7 := ""
 	if h := f.GetHttp(); h != nil {
 		l7 = fmt.Sprintf(" %s %s %s => %s", f.GetProtocol(), dash(h.GetVersion()), requestText(h), statusText(h))
+		if h.GetRoute() != "" {
+			l7 += " via " + routeText(h)
+		}
 	}
 	_, err := fmt.Fprintf(p.w, "%s [%s] %s %s -> %s %s %s %s%s ↑%s ↓%s %s%s\n",
 		f.GetTime().AsTime().Local().Format("Jan _2 15:04:05.000"), f.GetNode(),
@@ -362,6 +371,22 @@ func statusText(h *ferryv1.HTTP) string {
 	}
 	if g := h.GetGrpcStatus(); g != "" {
 		s += " grpc-status " + g
+	}
+	return s
+}
+
+// routeText is the route rule and retries of a request: "HTTPRoute default/canary
+// rule 1 (2 retries)", "-" without a route.
+func routeText(h *ferryv1.HTTP) string {
+	s := "-"
+	if h.GetRoute() != "" {
+		s = fmt.Sprintf("%s rule %d", h.GetRoute(), h.GetRouteRule())
+	}
+	switch n := h.GetRetries(); {
+	case n == 1:
+		s += " (1 retry)"
+	case n > 1:
+		s += fmt.Sprintf(" (%d retries)", n)
 	}
 	return s
 }

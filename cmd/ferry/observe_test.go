@@ -102,8 +102,8 @@ func TestObserveRequestFlows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !regexp.MustCompile(`(?m)^TIME +NODE +SOURCE +DESTINATION +SECURITY +VERDICT +PROTOCOL +REQUEST +STATUS +SENT +RECEIVED +DURATION +REASON$`).MatchString(out) ||
-		!regexp.MustCompile(`FORWARDED +grpc +POST web\.default/shop\.Cart/Add +200 grpc-status 14 +12 +345 +4ms +-`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^TIME +NODE +SOURCE +DESTINATION +SECURITY +VERDICT +PROTOCOL +REQUEST +STATUS +ROUTE +SENT +RECEIVED +DURATION +REASON$`).MatchString(out) ||
+		!regexp.MustCompile(`FORWARDED +grpc +POST web\.default/shop\.Cart/Add +200 grpc-status 14 +- +12 +345 +4ms +-`).MatchString(out) {
 		t.Errorf("table:\n%s", out)
 	}
 
@@ -121,5 +121,43 @@ func TestObserveRequestFlows(t *testing.T) {
 		if _, err := ferryCLI(t, newObserveCommand, append([]string{"--agent-socket", sock}, bad...)...); err == nil {
 			t.Errorf("%v accepted", bad)
 		}
+	}
+}
+
+// Routed requests show their route, rule and retries; a request the mesh answered
+// itself shows why; --route selects a route's requests.
+func TestObserveRoutes(t *testing.T) {
+	now := time.Now()
+	canary := requestFlow(now, "http", "GET", "/items/1", 200, "", time.Millisecond)
+	canary.Http.Route, canary.Http.RouteRule, canary.Http.Retries = "HTTPRoute default/canary", 1, 2
+	aborted := requestFlow(now, "http", "GET", "/items/2", 503, "", time.Millisecond)
+	aborted.Http.Route, aborted.Verdict, aborted.Reason = "HTTPRoute default/canary", ferryv1.Verdict_VERDICT_ERROR, "fault"
+	plain := requestFlow(now, "http", "GET", "/items/3", 200, "", time.Millisecond)
+	sock := serveFlows(t, canary, aborted, plain)
+
+	out, err := ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "default/canary")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("--route default/canary printed %d lines, want 2:\n%s", len(lines), out)
+	}
+	if !strings.Contains(lines[0], "=> 200 via HTTPRoute default/canary rule 1 (2 retries) ") {
+		t.Errorf("routed line %q", lines[0])
+	}
+	if !strings.Contains(lines[1], "ERROR http HTTP/1.1 GET web.default/items/2 => 503 via HTTPRoute default/canary rule 0 ") || !strings.HasSuffix(lines[1], " (fault)") {
+		t.Errorf("mesh answer line %q", lines[1])
+	}
+	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "HTTPRoute default/canary", "-o", "table")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`503 +HTTPRoute default/canary rule 0 +12 +345 +1ms +fault`).MatchString(out) {
+		t.Errorf("table:\n%s", out)
+	}
+	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "default/other", "-o", "json")
+	if err != nil || out != "" {
+		t.Errorf("--route default/other: %q, %v; want no flows", out, err)
 	}
 }
