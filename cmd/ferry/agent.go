@@ -71,7 +71,7 @@ func newAgentCommand() *cobra.Command {
 	f := &agentFlags{}
 	cmd := &cobra.Command{
 		Use:   "agent",
-		Short: "Read a node agent's state: status, workloads, services, certificates, config",
+		Short: "Read a node agent's state: status, workloads, services, routes, certificates, config",
 		Long: `Read what a node agent holds, through its admin API on a unix socket (default
 ` + defaultAdminSocket + `; only root on the node can reach it, pods cannot). Every view names
 the version of the state the agent applied and how long ago.
@@ -80,6 +80,7 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 		Example: `  ferry agent status
   ferry agent status --lab fy
   ferry agent workloads --lab fy --node node1
+  ferry agent routes --lab fy
   ferry agent certs --socket /run/ferry/agent.sock -o json`,
 	}
 	pf := cmd.PersistentFlags()
@@ -137,6 +138,9 @@ With --lab PREFIX, every agent of the lab is asked (--node picks some).`,
 		sub("services", "List the services in the agent's state and their endpoints",
 			"List the services the agent was given: cluster IPs, ports and the workloads behind them.",
 			"  ferry agent services", showServices),
+		sub("routes", "Show the routes and TrafficPolicies the agent applies, and every route's and policy's status",
+			routesLong,
+			"  ferry agent routes --lab tm --node node1\n  ferry agent routes -o json", showRoutes),
 		sub("certs", "Show the local workloads' certificates and the trust bundle",
 			"Show, for each identity of a workload on the agent's node, its certificate's serial, issuer and validity, and the CAs the agent trusts.",
 			"  ferry agent certs --lab fy", showCerts),
