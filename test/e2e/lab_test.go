@@ -72,6 +72,7 @@ func TestMain(m *testing.M) {
 	}
 	cpLab.teardown()
 	lbLab.teardown()
+	tmLab.teardown()
 	os.Exit(code)
 }
 
