@@ -156,13 +156,21 @@ func manifest(yaml string) string {
 // both agents run with it; the file is removed when the test ends.
 func (e *env) apply(t *testing.T, file, yaml string) lab.Applied {
 	t.Helper()
+	applied := e.reapply(t, file, yaml)
+	t.Cleanup(func() { e.unapply(t, file) })
+	return applied
+}
+
+// reapply is apply for a file the test (or its parent) applied before, which removes
+// it at its end.
+func (e *env) reapply(t *testing.T, file, yaml string) lab.Applied {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), tmApply)
 	defer cancel()
 	applied, err := e.lab.ApplyManifest(ctx, file, manifest(yaml))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.unapply(t, file) })
 	return applied
 }
 
@@ -540,7 +548,7 @@ spec:
 	time.Sleep(time.Second)
 	var lat []time.Duration
 	for i, w := range []int{90, 50, 10, 0, 30, 70, 100, 20, 80, 60} {
-		applied := e.apply(t, "weights.yaml", route(w, 100-w))
+		applied := e.reapply(t, "weights.yaml", route(w, 100-w))
 		slowest := time.Duration(0)
 		for _, d := range applied {
 			slowest = max(slowest, d)
@@ -841,7 +849,7 @@ spec:
 		t.Errorf(`istio_requests_total{response_flags="FI"} for faulty is %v, want %d`, fi, r.RetCodes["503"])
 	}
 
-	e.apply(t, "faulty.yaml", policy(`{delay: {percent: 50, duration: 100ms}}`))
+	e.reapply(t, "faulty.yaml", policy(`{delay: {percent: 50, duration: 100ms}}`))
 	r = e.fortio(t, "a", "-qps", "0", "-c", "16", "-n", "400", "-p", "25,75", tmURL("faulty", "/?tag="+tg+"-delay"))
 	p25, p75 := r.percentile(t, 25), r.percentile(t, 75)
 	t.Logf("delay on 50%%: %v, p25 %v, p75 %v", r.RetCodes, p25, p75)
@@ -1017,7 +1025,7 @@ spec:
 		{"weights sum to 0", `backendRefs: [{name: guarded, port: 80, weight: 0}, {name: canary, port: 80, weight: 0}]`, "weight"},
 	} {
 		t.Run(strings.ReplaceAll(bad.name, " ", "-"), func(t *testing.T) {
-			e.apply(t, "guarded.yaml", route(bad.rule))
+			e.reapply(t, "guarded.yaml", route(bad.rule))
 			for _, node := range []string{"node1", "node2"} {
 				cs := e.configStatus(t, node, "HTTPRoute default/guarded")
 				var reasons []string
