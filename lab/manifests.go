@@ -32,8 +32,6 @@ type ConfigRef struct {
 	Name string
 }
 
-func (r ConfigRef) String() string { return r.Kind + " " + r.Name }
-
 // Applied says when each agent ran with a manifest: the time from the file's write
 // (or removal) to the agent's applied state showing it, by node.
 type Applied map[string]time.Duration

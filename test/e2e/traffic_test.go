@@ -390,6 +390,10 @@ spec:
 	if after-before != n {
 		t.Errorf("istio_requests_total{route=\"HTTPRoute default/split\"} on node1 grew by %v, want %d", after-before, n)
 	}
+	out, err := exec.Command(filepath.Join(e.bin, "ferry"), "agent", "routes", "--lab", tmPrefix).CombinedOutput()
+	if err != nil || strings.Count(string(out), "HTTPRoute default/split rule 0  default/split:80 weight 90 (90%), default/canary:80 weight 10 (10%)") != 2 {
+		t.Errorf("ferry agent routes: %v; want the split on both agents:\n%s", err, out)
+	}
 	fs := e.tmObserve(t, "--since", sinceText(start), "--node", "node1", "--route", "default/split", "--last", "20")
 	if len(fs) != 20 || fs[0].GetHttp().GetRoute() != "HTTPRoute default/split" {
 		t.Errorf("node1's last flows with --route default/split: %d, want 20 naming the route:\n%s", len(fs), flowsText(fs))
@@ -1049,6 +1053,7 @@ spec:
 				t.Errorf("after the rejected change requests went to %v, want all on the canary e (the good generation)", per)
 			}
 			out, err := exec.Command(filepath.Join(e.bin, "ferry"), "agent", "routes", "--lab", tmPrefix, "--node", "node1").CombinedOutput()
+			t.Logf("ferry agent routes --node node1:\n%s", out)
 			if err != nil || !strings.Contains(string(out), fmt.Sprintf("REJECTED; in force: generation %d", good)) || !strings.Contains(string(out), bad.field) {
 				t.Errorf("ferry agent routes: %v; want the rejection, its field and generation %d in force:\n%s", err, good, out)
 			}
