@@ -262,8 +262,8 @@ func (r fortioResult) percentile(t *testing.T, p float64) time.Duration {
 	return 0
 }
 
-// fortio runs fortio load in pod with args (and -quiet -json -) and returns its
-// result.
+// fortio runs fortio load in pod with args (and -quiet -json - -allow-initial-errors)
+// and returns its result.
 func (e *env) fortio(t *testing.T, pod string, args ...string) fortioResult {
 	t.Helper()
 	r, err := e.fortioErr(t, pod, args...)
@@ -273,9 +273,10 @@ func (e *env) fortio(t *testing.T, pod string, args ...string) fortioResult {
 	return r
 }
 
-// fortioErr is fortio that returns its error, for another goroutine.
+// fortioErr is fortio that returns its error, for another goroutine. Errors from the
+// first requests are allowed: several tests expect failing answers from the start.
 func (e *env) fortioErr(t *testing.T, pod string, args ...string) (fortioResult, error) {
-	args = append([]string{"load", "-quiet", "-json", "-"}, args...)
+	args = append([]string{"load", "-quiet", "-json", "-", "-allow-initial-errors"}, args...)
 	out, stderr, err := e.client(t, pod, nil, filepath.Join(e.bin, "fortio"), args...)
 	var r fortioResult
 	if err != nil {
