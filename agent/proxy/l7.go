@@ -37,6 +37,10 @@ type l7 struct {
 	proxy *httputil.ReverseProxy
 	mu    sync.Mutex
 	conns map[*httpConn]struct{} // open, including hijacked (upgraded) ones
+	// stopped and wg: the mirrored requests in flight (routing.go), which stop
+	// waits for.
+	stopped bool
+	wg      sync.WaitGroup
 }
 
 func (p *Proxy) newL7() *l7 {
@@ -97,12 +101,14 @@ func (h *l7) serve(hc *httpConn) {
 }
 
 // stop ends the HTTP server: requests in flight get until ctx ends, then every
-// connection, upgraded ones too, is closed.
+// connection, upgraded ones too, is closed. Mirrored requests end with their pods,
+// which the proxy has closed by then.
 func (h *l7) stop(ctx context.Context) {
 	h.ln.Close()
 	_ = h.srv.Shutdown(ctx)
 	_ = h.srv.Close()
 	h.mu.Lock()
+	h.stopped = true
 	conns := make([]*httpConn, 0, len(h.conns))
 	for c := range h.conns {
 		conns = append(conns, c)
@@ -111,9 +117,11 @@ func (h *l7) stop(ctx context.Context) {
 	for _, c := range conns {
 		c.Close()
 	}
+	h.wg.Wait()
 }
 
-// serveRequest carries one request to an endpoint of the Service the client dialled.
+// serveRequest carries one request to an endpoint of the Service the client
+// dialled, or of the Service its route sends it to.
 func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	hc := r.Context().Value(httpConnKey{}).(*httpConn)
 	rec := Conn{
@@ -128,15 +136,27 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
 	var from, to Workload
 	var service string
+	out := r
 	if ep != nil {
 		to = hc.pd.w
 		from, _ = p.workloadAt(rec.Src.Addr())
 	} else {
+		out = r.WithContext(r.Context()) // the proxy's copy, which routes may change
+		dest, rule, answered := p.routeRequest(hc, rw, out, &rec)
+		if answered {
+			return
+		}
+		if rule != nil && rule.RequestTimeout > 0 {
+			// The whole request, every try of it: at the deadline the upstream
+			// request is canceled and the client answered 504 (upstreamError).
+			ctx, cancel := context.WithTimeout(out.Context(), rule.RequestTimeout)
+			defer cancel()
+			out = out.WithContext(ctx)
+		}
 		p.mu.RLock()
-		vp, _, _ := p.services.lookup(hc.rec.Service)
-		ok := vp != nil
+		ok := dest != nil
 		if ok {
-			ep, ok = vp.balancer.pick()
+			ep, ok = dest.balancer.pick()
 		}
 		var rt route
 		if ok {
@@ -149,7 +169,7 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
-		from, to, service = hc.pd.w, rt.Peer, vp.service
+		from, to, service = hc.pd.w, rt.Peer, dest.service
 	}
 
 	// The hop's span: the client's on the source node, the server's on the
@@ -159,13 +179,13 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	if hc.inbound != nil {
 		endSpan = p.cfg.Tracer.Server
 	}
-	end := endSpan(r, attrs)
-	rec.HTTP.TraceID = tracing.TraceID(r.Header)
+	end := endSpan(out, attrs)
+	rec.HTTP.TraceID = tracing.TraceID(out.Header)
 
 	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
-	out := r.WithContext(context.WithValue(r.Context(), upstreamKey{}, up))
-	if r.Body != nil && r.Body != http.NoBody {
-		out.Body = &countingBody{ReadCloser: r.Body, n: &rw.requestBytes}
+	out = out.WithContext(context.WithValue(out.Context(), upstreamKey{}, up))
+	if out.Body != nil && out.Body != http.NoBody {
+		out.Body = &countingBody{ReadCloser: out.Body, n: &rw.requestBytes}
 	}
 	ep.begin()
 	start := time.Now()
@@ -207,7 +227,12 @@ func rewrite(pr *httputil.ProxyRequest) {
 func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	up := r.Context().Value(upstreamKey{}).(*upstream)
 	up.err = err
-	if r.Context().Err() != nil {
+	switch ctxErr := r.Context().Err(); {
+	case errors.Is(ctxErr, context.DeadlineExceeded):
+		// The route's request timeout: the client's own context has no deadline.
+		meshAnswer(w, http.StatusGatewayTimeout, "upstream request timeout")
+		return
+	case ctxErr != nil:
 		return // the client is gone: nobody to answer
 	}
 	status := http.StatusBadGateway
@@ -401,19 +426,25 @@ func (l *connListener) Close() error {
 func (l *connListener) Addr() net.Addr { return &net.TCPAddr{} }
 
 // responseWriter notes what the response was, for the request's record and the
-// endpoint's latency; Unwrap lets ReverseProxy flush and hijack through it.
+// endpoint's latency, and applies the route's response header filters to it (to
+// the mesh's own answers too); Unwrap lets ReverseProxy flush and hijack through
+// it.
 type responseWriter struct {
 	http.ResponseWriter
 	status       int
 	headerAt     time.Time
 	bytes        int64
 	requestBytes atomic.Int64
+	modifiers    []*HeaderModifier
 }
 
 func (w *responseWriter) WriteHeader(code int) {
 	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		w.status, w.headerAt = code, time.Now()
 		h := w.ResponseWriter.Header()
+		for _, m := range w.modifiers {
+			m.apply(h)
+		}
 		// net/http would add these to a response without them: nothing invented.
 		for _, k := range []string{"Date", "Content-Type"} {
 			if _, ok := h[k]; !ok {

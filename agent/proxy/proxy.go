@@ -460,7 +460,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		// A Service address: the proxy picks the endpoint, as kube-proxy would
 		// have, per connection (TCP) or per request (HTTP).
 		rec.Service = dst
-		if vp == nil || len(vp.endpoints) == 0 {
+		if vp == nil || !vp.reachable() {
 			pipe.Abort(client) // refused at once: no endpoint will come
 			p.conns.noEndpoint(p.conns.open(rec), service)
 			return
@@ -477,7 +477,13 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 			return
 		}
 		rec.Protocol = admin.TCP
-		rec.Dst, _ = vp.pick()
+		ep, ok := vp.pick()
+		if !ok { // routes, which TCP does not follow, kept it open
+			pipe.Abort(client)
+			p.conns.noEndpoint(p.conns.open(rec), service)
+			return
+		}
+		rec.Dst = ep
 	}
 	p.mu.RLock()
 	r := decide(rec.Dst.Addr(), p.byIP, p.local)
