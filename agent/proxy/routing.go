@@ -325,7 +325,7 @@ func (p *Proxy) mirror(pd *pod, r *http.Request, mirrors []*vipPort, timeout tim
 			p.l7.background(func() { p.sendMirror(pd, copyOf, body, v, timeout) })
 		}
 	}
-	if r.Body == nil || r.Body == http.NoBody {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 { // 0: known empty, and ReverseProxy reads none
 		send(nil)
 		return
 	}
