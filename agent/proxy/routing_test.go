@@ -79,7 +79,9 @@ func (a *routedApp) requests() []seenRequest {
 // appNet is a pod's namespace in which each routed endpoint is its app.
 type appNet map[netip.AddrPort]netip.AddrPort
 
-func (n appNet) Listen(netip.AddrPort) (net.Listener, error) { return nil, errors.New("appNet: no listeners") }
+func (n appNet) Listen(netip.AddrPort) (net.Listener, error) {
+	return nil, errors.New("appNet: no listeners")
+}
 
 func (n appNet) Dial(ctx context.Context, _ netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	app, ok := n[dst]
