@@ -569,3 +569,131 @@ const (
 	mirrorHangs
 	mirrorBreaks
 )
+
+// A rule's request timeout answers 504 at the deadline and cancels the upstream
+// request, which the app sees.
+func TestRouteRequestTimeout(t *testing.T) {
+	canceled := make(chan time.Time, 4)
+	l := newRouteLab(t, map[string]http.HandlerFunc{"web": func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("fast") != "" {
+			fmt.Fprint(w, "fast")
+			return
+		}
+		select {
+		case <-r.Context().Done():
+			canceled <- time.Now()
+		case <-time.After(2 * time.Second):
+			fmt.Fprint(w, "late")
+		}
+	}})
+	const timeout = 300 * time.Millisecond
+	r := rule(0, to("web", 1))
+	r.RequestTimeout = timeout
+	r.Filters = []RouteFilter{{ResponseHeaders: &HeaderModifier{Set: []Header{{"X-Resp-Set", "mesh"}}}}}
+	l.setRoutes(RouteTable{Port: 80, Rules: []RouteRule{r}, Matches: []RouteMatch{{Rule: 0}}})
+	for i, h2 := range []bool{false, true} {
+		c := l.client(t, l.a, netip.AddrPortFrom(webVIP, 80), h2)
+		if res, body := do(t, c, "GET", "http://web.default/?fast=1", nil, nil); res.StatusCode != 200 || body != "fast" {
+			t.Fatalf("h2 %v: a request within the timeout: %d %q", h2, res.StatusCode, body)
+		}
+		start := time.Now()
+		res, body := do(t, c, "GET", "http://web.default/slow", nil, nil)
+		took := time.Since(start)
+		if res.StatusCode != http.StatusGatewayTimeout || body != "upstream request timeout\n" || res.Header.Get("X-Resp-Set") != "mesh" {
+			t.Errorf("h2 %v: %d %q %v, want 504 upstream request timeout", h2, res.StatusCode, body, res.Header)
+		}
+		// A few ms past the deadline; the bound is loose for a loaded, race-checked run.
+		if took < timeout || took > timeout+150*time.Millisecond {
+			t.Errorf("h2 %v: answered after %s, want at %s", h2, took, timeout)
+		}
+		select {
+		case at := <-canceled:
+			if at.Sub(start) < timeout {
+				t.Errorf("h2 %v: upstream canceled after %s, before the deadline", h2, at.Sub(start))
+			}
+		case <-time.After(time.Second):
+			t.Errorf("h2 %v: the app never saw its request canceled", h2)
+		}
+		rec := l.obs.wait(t, 2*i+2)[2*i+1]
+		if rec.Verdict != admin.VerdictError || rec.Reason != admin.ReasonTimeout || rec.HTTP.Status != 504 || rec.HTTP.Route != "HTTPRoute default/r" {
+			t.Errorf("h2 %v: record %+v %+v", h2, rec, rec.HTTP)
+		}
+	}
+}
+
+// A new state swaps the tables at once: a request in flight keeps the rule and
+// Service it started with, the next takes the new one, and none fails.
+func TestRouteSwap(t *testing.T) {
+	release := make(chan struct{})
+	parked := make(chan struct{}, 1)
+	l := newRouteLab(t, map[string]http.HandlerFunc{"web": func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/park" {
+			parked <- struct{}{}
+			<-release
+		}
+		w.Header().Set("X-App", "web")
+	}})
+	table := func(web, canary uint32) RouteTable {
+		return RouteTable{Port: 80, Rules: []RouteRule{rule(0, to("web", web), to("canary", canary))}, Matches: []RouteMatch{{Rule: 0}}}
+	}
+	l.setRoutes(table(1, 0))
+	c := l.client(t, l.a, netip.AddrPortFrom(frontVIP, 80), false)
+	inFlight := make(chan string, 1)
+	go func() {
+		res, err := c.Get("http://front.default/park")
+		if err != nil {
+			inFlight <- err.Error()
+			return
+		}
+		res.Body.Close()
+		inFlight <- fmt.Sprint(res.StatusCode, " ", res.Header.Get("X-App"))
+	}()
+	<-parked
+	l.setRoutes(table(0, 1))
+	if res, _ := do(t, c, "GET", "http://front.default/", nil, nil); res.Header.Get("X-App") != "canary" {
+		t.Errorf("after the swap: from %q, want canary", res.Header.Get("X-App"))
+	}
+	close(release)
+	if got := <-inFlight; got != "200 web" {
+		t.Errorf("the request in flight during the swap: %s, want 200 from web", got)
+	}
+
+	// Clients busy while the weights change ten times.
+	var wg sync.WaitGroup
+	var failed, total atomic.Int64
+	stop := make(chan struct{})
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := l.client(t, l.a, netip.AddrPortFrom(frontVIP, 80), false)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				res, err := c.Get("http://front.default/")
+				total.Add(1)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				if res.StatusCode != 200 {
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	for i := range 10 {
+		time.Sleep(20 * time.Millisecond)
+		l.setRoutes(table(uint32(i%2), uint32(1-i%2)))
+	}
+	close(stop)
+	wg.Wait()
+	if failed.Load() != 0 || total.Load() < 40 {
+		t.Errorf("%d of %d requests failed during the swaps", failed.Load(), total.Load())
+	}
+}
