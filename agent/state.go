@@ -450,7 +450,9 @@ func pathModifier(m *ferryv1.PathModifier) (*proxy.PathModifier, error) {
 	default:
 		return nil, fmt.Errorf("path modifier type %q is not one this agent has", m.GetType())
 	}
-	if !strings.HasPrefix(pm.Value, "/") {
+	// A prefix may be replaced by nothing ("/foo/bar" becomes "/bar"); a full path
+	// must be one.
+	if !strings.HasPrefix(pm.Value, "/") && (pm.Type == proxy.ReplaceFullPath || pm.Value != "") {
 		return nil, fmt.Errorf("path modifier value %q does not start with /", pm.Value)
 	}
 	return pm, nil

@@ -116,6 +116,12 @@ func TestRouteTablesFromState(t *testing.T) {
 	if rd := rt[0].Rules[1].Filters[0].Redirect; rd.StatusCode != 302 || rd.Scheme != "https" {
 		t.Errorf("redirect %+v, want 302 by default", rd)
 	}
+	// A prefix may be replaced by nothing.
+	st := routedState()
+	st.Services[0].RouteTables[0].Rules[0].Filters[1].GetUrlRewrite().Path.Value = ""
+	if _, err := services(st); err != nil {
+		t.Errorf("ReplacePrefixMatch with \"\": %v", err)
+	}
 }
 
 // Each malformed part of a route table rejects the whole state, naming where it is.
@@ -159,6 +165,9 @@ func TestRouteTablesRejected(t *testing.T) {
 			rule(st).Filters = append(rule(st).Filters, &ferryv1.RouteFilter{Filter: &ferryv1.RouteFilter_Redirect{Redirect: &ferryv1.Redirect{}}})
 		}, "rules[0]: filters[3]: a redirect and a url_rewrite in one rule"},
 		{func(st *ferryv1.NodeState) { rule(st).Filters[1].GetUrlRewrite().Path.Type = "Append" }, `filters[1]: url_rewrite: path modifier type "Append" is not one this agent has`},
+		{func(st *ferryv1.NodeState) {
+			rule(st).Filters[1].GetUrlRewrite().Path = &ferryv1.PathModifier{Type: "ReplaceFullPath", Value: "v2"}
+		}, `filters[1]: url_rewrite: path modifier value "v2" does not start with /`},
 		{func(st *ferryv1.NodeState) { rule(st).Filters[1].GetUrlRewrite().Hostname = "a/b" }, `filters[1]: url_rewrite: hostname "a/b" is not a host name`},
 		{func(st *ferryv1.NodeState) { rule(st).Filters[2].GetMirror().Backend.Service = "shop/gone" }, `filters[2]: mirror.backend: service "shop/gone" is not in the state`},
 		{func(st *ferryv1.NodeState) { rule(st).Filters[2].GetMirror().Percent = 101 }, "filters[2]: mirror: percent 101 not between 0 and 100"},

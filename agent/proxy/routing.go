@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -77,7 +78,7 @@ func (p *Proxy) routeRequest(hc *httpConn, rw *responseWriter, r *http.Request, 
 
 	rec.HTTP.Route, rec.HTTP.RouteRule = rule.Route, rule.Index
 	if rd := applyFilters(rw, r, rule, m); rd != nil {
-		rw.Header().Set("Location", location(r, rd, m, hc.rec.Service.Port()))
+		rw.Header().Set("Location", location(r, rd, m, hc.rec.Service))
 		rw.WriteHeader(rd.StatusCode)
 		return nil, rule, true
 	}
@@ -267,17 +268,18 @@ func (m *PathModifier) apply(path, prefix string) string {
 }
 
 // location is where a redirect sends the client: the redirect's scheme, host,
-// port and path, each the request's where the redirect leaves it out. The port is
-// the scheme's own when the redirect names a scheme, else the Service port the
-// client dialled (a Gateway's listener port, in the mesh), and is left out of the
-// URL when it is the scheme's default.
-func location(r *http.Request, rd *Redirect, m *RouteMatch, servicePort uint16) string {
+// port and path, each the request's where the redirect leaves it out (the cluster
+// IP the client dialled for a request without a Host). The port is the scheme's
+// own when the redirect names a scheme, else the Service port the client dialled
+// (a Gateway's listener port, in the mesh), and is left out of the URL when it is
+// the scheme's default.
+func location(r *http.Request, rd *Redirect, m *RouteMatch, service netip.AddrPort) string {
 	scheme := rd.Scheme
 	port := rd.Port
 	if scheme == "" {
 		scheme = "http" // the client spoke plaintext HTTP to the Service
 		if port == 0 {
-			port = servicePort
+			port = service.Port()
 		}
 	} else if port == 0 {
 		port = defaultPort(scheme)
@@ -289,6 +291,9 @@ func location(r *http.Request, rd *Redirect, m *RouteMatch, servicePort uint16) 
 			host = h
 		}
 		host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	}
+	if host == "" {
+		host = service.Addr().Unmap().String()
 	}
 	if port != defaultPort(scheme) {
 		host = net.JoinHostPort(host, strconv.Itoa(int(port)))
