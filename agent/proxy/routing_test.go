@@ -551,8 +551,9 @@ func TestRouteMirror(t *testing.T) {
 
 	// A share of 0 mirrors nothing.
 	mode.Store(0)
-	r.Filters[1].Mirror.Percent = 0
-	l.setRoutes(RouteTable{Port: 80, Rules: []RouteRule{r}, Matches: []RouteMatch{{Rule: 0}}})
+	none := rule(0, to("web", 1)) // a new rule: the tables in force are not changed in place
+	none.Filters = []RouteFilter{{Mirror: &Mirror{Backend: to("shadow", 1), Percent: 0}}}
+	l.setRoutes(RouteTable{Port: 80, Rules: []RouteRule{none}, Matches: []RouteMatch{{Rule: 0}}})
 	for range 20 {
 		do(t, c, "GET", "http://web.default/none", nil, nil)
 	}
