@@ -28,7 +28,7 @@ func TestP2CEWMAPrefersFastAndIdle(t *testing.T) {
 	b := newBalancer("", eps)
 	per := map[*endpoint]int{}
 	for range 3000 {
-		e, _ := b.pick()
+		e, _ := b.pick(0, nil)
 		per[e]++
 	}
 	// Of the three pairs the fast idle one wins two, and busy (6 ms) beats slow (20 ms).
@@ -63,12 +63,12 @@ func TestRoundRobinAndEmpty(t *testing.T) {
 	eps := endpoints(3)
 	b := newBalancer(RoundRobin, eps)
 	for i := range 6 {
-		if e, _ := b.pick(); e != eps[i%3] {
+		if e, _ := b.pick(0, nil); e != eps[i%3] {
 			t.Fatalf("pick %d: %v", i, e.addr)
 		}
 	}
-	for _, lb := range []LoadBalancer{"", RoundRobin, Random, LeastRequest} {
-		if _, ok := newBalancer(lb, nil).pick(); ok {
+	for _, lb := range []LoadBalancer{"", RoundRobin, Random, LeastRequest, RingHash} {
+		if _, ok := newBalancer(lb, nil).pick(0, nil); ok {
 			t.Errorf("%q picked from no endpoints", lb)
 		}
 	}

@@ -49,6 +49,10 @@ type vipPort struct {
 	endpoints []*endpoint
 	balancer  balancer      // per request, at L7
 	next      atomic.Uint64 // round robin over endpoints, per connection at L4
+	// policy is the Service's TrafficPolicy and what enforcing it counts across
+	// the node (resilience.go); hashed: its balancer wants a hash key.
+	policy *serviceState
+	hashed bool
 }
 
 // pick chooses the endpoint for a new connection; false when there is none.
@@ -68,18 +72,27 @@ type serviceTable struct {
 	// endpoints holds each endpoint's load and latency estimate, kept from one
 	// table to the next so that a new state does not forget what was measured.
 	endpoints map[netip.AddrPort]*endpoint
+	// states holds each Service's policy state by name, and buckets the rate limit
+	// of each pod a policy limits (by podKey); both kept from one table to the next
+	// as the estimates are.
+	states  map[string]*serviceState
+	buckets map[netip.Addr]*tokenBucket
 }
 
-// buildServices indexes svcs, reusing the endpoint estimates of prev. An endpoint is
-// reached at its address of the cluster IP's family, so an IPv6 cluster IP balances
-// over the pods' IPv6 addresses.
-func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTable {
-	t := serviceTable{vips: map[netip.Addr]string{}, ports: map[netip.AddrPort]*vipPort{}, endpoints: map[netip.AddrPort]*endpoint{}}
+// buildServices indexes svcs, reusing the endpoint estimates and policy state of
+// prev (nil: none). An endpoint is reached at its address of the cluster IP's
+// family, so an IPv6 cluster IP balances over the pods' IPv6 addresses.
+func buildServices(svcs []Service, prev *serviceTable) serviceTable {
+	if prev == nil {
+		prev = &serviceTable{}
+	}
+	t := serviceTable{vips: map[netip.Addr]string{}, ports: map[netip.AddrPort]*vipPort{}, endpoints: map[netip.AddrPort]*endpoint{},
+		states: map[string]*serviceState{}, buckets: map[netip.Addr]*tokenBucket{}}
 	endpointAt := func(a netip.AddrPort) *endpoint {
 		if e := t.endpoints[a]; e != nil {
 			return e
 		}
-		e := prev[a]
+		e := prev.endpoints[a]
 		if e == nil {
 			e = &endpoint{addr: a}
 		}
@@ -87,11 +100,39 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 		return e
 	}
 	for _, s := range svcs {
+		st := prev.states[s.Name]
+		if st == nil {
+			st = newServiceState(s.Name)
+		}
+		pol := s.Policy
+		st.policy.Store(&pol)
+		t.states[s.Name] = st
+		if rl := s.Policy.RateLimit; rl != nil {
+			for _, b := range s.Backends {
+				if len(b.IPs) == 0 {
+					continue
+				}
+				// One bucket per pod (under each of its IPs), the strictest limit of
+				// the Services that reach it, kept while that limit stays the same.
+				if cur := t.buckets[b.IPs[0].Unmap()]; cur != nil && cur.limit.PerSecond <= rl.PerSecond {
+					continue
+				}
+				bucket := newTokenBucket(*rl)
+				if old := prev.buckets[b.IPs[0].Unmap()]; old != nil && old.limit == bucket.limit {
+					bucket = old
+				}
+				for _, ip := range b.IPs {
+					t.buckets[ip.Unmap()] = bucket
+				}
+			}
+		}
+		var all []*endpoint // of every port and family, for the share ejected
+		seen := map[*endpoint]bool{}
 		for _, vip := range s.VIPs {
 			vip = vip.Unmap()
 			t.vips[vip] = s.Name
 			for i, port := range s.Ports {
-				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name)}
+				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name), policy: st, hashed: s.LoadBalancer == RingHash}
 				for _, b := range s.Backends {
 					if !b.Ready || i >= len(b.Ports) || b.Ports[i] == 0 {
 						continue
@@ -103,10 +144,17 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 						}
 					}
 				}
+				for _, e := range v.endpoints {
+					if !seen[e] {
+						seen[e] = true
+						all = append(all, e)
+					}
+				}
 				v.balancer = newBalancer(s.LoadBalancer, v.endpoints)
 				t.ports[netip.AddrPortFrom(vip, port.Port)] = v
 			}
 		}
+		st.endpoints.Store(&all)
 	}
 	return t
 }
@@ -155,6 +203,6 @@ func declaredProtocol(appProtocol, name string) admin.Protocol {
 // SetServices replaces the Services the proxy balances connections and requests to.
 func (p *Proxy) SetServices(svcs []Service) {
 	p.mu.Lock()
-	p.services = buildServices(svcs, p.services.endpoints)
+	p.services = buildServices(svcs, &p.services)
 	p.mu.Unlock()
 }
