@@ -231,7 +231,7 @@ type outlierState struct {
 	mu               sync.Mutex
 	consecutive5xx   int
 	consecutiveGW    int
-	ejections        int   // ejections counted towards the next one's length
+	ejections        int          // ejections counted towards the next one's length
 	ejectedUntil     atomic.Int64 // unix nanoseconds; 0 or past: in service
 	lastEjectionEnds time.Time
 }
