@@ -40,15 +40,14 @@ var errCircuitOpen = errors.New("circuit open")
 
 // ServiceStats counts what a Service's policy did on this node.
 type ServiceStats struct {
-	CircuitOpen  uint64 // requests refused past the connection pool limits
-	Retries      uint64 // tries after the first
-	RetriesOver  uint64 // retries not made: the retry budget was spent
-	Ejections    uint64 // endpoint ejections by outlier detection
-	FaultAborts  uint64
-	FaultDelays  uint64
-	RateLimited  uint64 // requests to its local pods answered 429
-	EjectedNow   int    // endpoints out at the moment
-	TotalTargets int    // endpoints it balances over, for EjectedNow's share
+	CircuitOpen uint64 // requests refused past the connection pool limits
+	Retries     uint64 // tries after the first
+	RetriesOver uint64 // retries not made: the retry budget was spent
+	Ejections   uint64 // endpoint ejections by outlier detection
+	FaultAborts uint64
+	FaultDelays uint64
+	EjectedNow  int // endpoints out at the moment
+	Endpoints   int // endpoints it balances over, for EjectedNow's share
 }
 
 // ServiceStats returns each Service's policy counters (namespace/name keys).
@@ -61,10 +60,9 @@ func (p *Proxy) ServiceStats() map[string]ServiceStats {
 		s := ServiceStats{
 			CircuitOpen: st.circuitOpen.Load(), Retries: st.retries.Load(), RetriesOver: st.retriesOver.Load(),
 			Ejections: st.ejections.Load(), FaultAborts: st.faultAborts.Load(), FaultDelays: st.faultDelays.Load(),
-			RateLimited: st.rateLimited.Load(),
 		}
 		for _, e := range st.all() {
-			s.TotalTargets++
+			s.Endpoints++
 			if e.outlier.ejected(now) {
 				s.EjectedNow++
 			}
@@ -88,7 +86,7 @@ type serviceState struct {
 	budget      retryBudget
 
 	circuitOpen, retries, retriesOver, ejections atomic.Uint64
-	faultAborts, faultDelays, rateLimited        atomic.Uint64
+	faultAborts, faultDelays                     atomic.Uint64
 }
 
 func newServiceState(name string) *serviceState {

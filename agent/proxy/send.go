@@ -65,6 +65,7 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 	defer release()
 
 	up := &upstream{pod: hc.pd, h2: r.ProtoMajor == 2, dest: dest, st: st, pol: pol, retry: pol.Retry}
+	up.tried = up.triedBuf[:0]
 	if rule != nil {
 		up.retry, up.tryTimeout = rule.Retry, rule.BackendTimeout
 	} else if pol.RequestTimeout > 0 {
@@ -141,7 +142,8 @@ type upstream struct {
 	retry      *Retry
 	tryTimeout time.Duration
 	body       *replayBody // nil: no body, or no retries to replay it for
-	tried      []*endpoint
+	tried      []*endpoint // in triedBuf unless a request is tried more often
+	triedBuf   [4]*endpoint
 	retries    int
 	err        error // why the request failed before a response, if it did
 }
@@ -246,7 +248,7 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 	u := *r.URL
 	u.Host = ep.addr.String()
 	out.URL = &u
-	if up.body != nil {
+	if up.body != nil && r.Body != nil {
 		out.Body = up.body.view()
 	}
 	ep.begin()
@@ -255,7 +257,10 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 	if err != nil {
 		ep.done(0)
 		cancel()
-		if r.Context().Err() == nil { // else the client left, or the request's time is up: not the endpoint's fault
+		// Not the endpoint's fault: the client left, the request's time is up,
+		// or the mesh refused the try itself.
+		var me *meshError
+		if r.Context().Err() == nil && !errors.As(err, &me) {
 			up.observe(ep, 0)
 		}
 		return nil, err
@@ -358,12 +363,6 @@ func (b *replayBody) replayable() bool {
 	defer b.mu.Unlock()
 	return !b.over
 }
-
-// Close is the client's body's: net/http's server closes it.
-func (b *replayBody) Close() error { return nil }
-
-// Read is never called: every try reads a view.
-func (b *replayBody) Read([]byte) (int, error) { return 0, errBodyReplaced }
 
 type bodyView struct {
 	b    *replayBody

@@ -576,3 +576,50 @@ func TestRateLimit(t *testing.T) {
 }
 
 func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
+
+// A Service without routes bounds each request by its policy's request timeout:
+// a backend taking 2 s is answered 504 at the timeout, and sees the cancellation.
+// A per-try timeout (a route rule's) is retried on another endpoint.
+func TestRequestTimeouts(t *testing.T) {
+	canceled := make(chan struct{}, 1)
+	slow := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+			select {
+			case canceled <- struct{}{}:
+			default:
+			}
+		}
+	})
+	pp := newPolicyProxy(t, RoundRobin, Policy{RequestTimeout: 300 * time.Millisecond}, slow)
+	start := time.Now()
+	res, _ := get(t, pp.clientOf(t, pp.a), "http://web.default/")
+	if d := time.Since(start); res.StatusCode != http.StatusGatewayTimeout || d < 300*time.Millisecond || d > 400*time.Millisecond {
+		t.Fatalf("%d after %v, want 504 after 300ms", res.StatusCode, d)
+	}
+	select {
+	case <-canceled:
+	case <-time.After(time.Second):
+		t.Fatal("the backend did not see the cancellation")
+	}
+	if r := pp.obs.wait(t, 1)[0]; r.Reason != admin.ReasonTimeout || r.HTTP.Status != 504 {
+		t.Fatalf("record %+v", r)
+	}
+
+	pp = newPolicyProxy(t, RoundRobin, Policy{}, slow, named("fast", always(0)))
+	v, _, _ := pp.services.lookup(netip.AddrPortFrom(vip, 80))
+	rule := &RouteRule{BackendTimeout: 100 * time.Millisecond, Retry: &Retry{Attempts: 1, Backoff: time.Millisecond}}
+	for range 2 {
+		w := httptest.NewRecorder()
+		rec := Conn{HTTP: &admin.HTTP{}}
+		hc := &httpConn{pd: pp.a}
+		r := httptest.NewRequest("GET", "http://web.default/", nil)
+		r = r.WithContext(context.WithValue(r.Context(), httpConnKey{}, hc))
+		rw := &responseWriter{ResponseWriter: w}
+		pp.send(rw, r, v, rule, &rec)
+		if w.Code != 200 || w.Body.String() != "fast" {
+			t.Fatalf("%d %q, want the fast endpoint's answer after the slow one's try timed out", w.Code, w.Body.String())
+		}
+	}
+}
