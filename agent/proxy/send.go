@@ -25,9 +25,9 @@ import (
 )
 
 // send carries r, bound for Service port dest, to one of its endpoints and answers
-// w with the response. rule is the route rule r matched: its retries and per-try
-// timeout apply; nil (no routes) leaves the policy's retries and request timeout.
-// rec is the request's record.
+// w with the response. rule is the route rule r matched (nil: the Service has no
+// routes): its retries and per-try timeout apply, and the policy's retries and
+// request timeout where it sets none. rec is the request's record.
 func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *RouteRule, rec *Conn) {
 	hc := r.Context().Value(httpConnKey{}).(*httpConn)
 	st := dest.policy
@@ -66,9 +66,15 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 
 	up := &upstream{pod: hc.pd, h2: r.ProtoMajor == 2, dest: dest, st: st, pol: pol, retry: pol.Retry}
 	up.tried = up.triedBuf[:0]
+	// The policy's retries and request timeout are for requests no rule sets them
+	// for; a rule's request timeout is routing's to apply (routeRequest).
 	if rule != nil {
-		up.retry, up.tryTimeout = rule.Retry, rule.BackendTimeout
-	} else if pol.RequestTimeout > 0 {
+		up.tryTimeout = rule.BackendTimeout
+		if rule.Retry != nil {
+			up.retry = rule.Retry
+		}
+	}
+	if pol.RequestTimeout > 0 && (rule == nil || rule.RequestTimeout == 0) {
 		ctx, cancel := context.WithTimeout(r.Context(), pol.RequestTimeout)
 		defer cancel()
 		r = r.WithContext(ctx)
