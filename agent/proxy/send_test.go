@@ -97,7 +97,11 @@ func newPolicyProxy(t *testing.T, lb LoadBalancer, pol Policy, handlers ...http.
 		if h == nil {
 			continue // a black hole
 		}
-		app := httptest.NewServer(h)
+		app := httptest.NewUnstartedServer(h)
+		app.Config.Protocols = new(http.Protocols)
+		app.Config.Protocols.SetHTTP1(true)
+		app.Config.Protocols.SetUnencryptedHTTP2(true)
+		app.Start()
 		t.Cleanup(app.Close)
 		apps.apps[ep] = netip.MustParseAddrPort(app.Listener.Addr().String())
 	}
@@ -114,11 +118,23 @@ func newPolicyProxy(t *testing.T, lb LoadBalancer, pol Policy, handlers ...http.
 // captured connections as it needs.
 func (pp *policyProxy) clientOf(t *testing.T, pd *pod) *http.Client {
 	t.Helper()
+	return pp.clientProto(t, pd, false)
+}
+
+// clientProto is clientOf speaking HTTP/2 with prior knowledge when h2 is set.
+func (pp *policyProxy) clientProto(t *testing.T, pd *pod, h2 bool) *http.Client {
+	t.Helper()
 	tr := &http.Transport{MaxIdleConnsPerHost: 100, DialContext: func(context.Context, string, string) (net.Conn, error) {
 		client, accepted := loopback.Pair(t)
 		go pp.handleOutbound(pd, accepted)
 		return client, nil
 	}}
+	tr.Protocols = new(http.Protocols)
+	if h2 {
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	} else {
+		tr.Protocols.SetHTTP1(true)
+	}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr}
 }
@@ -270,6 +286,10 @@ func TestCircuitBreakingPerService(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("the excess took %v to be refused", d)
 	}
+	for deadline := time.Now().Add(2 * time.Second); atApp.Load() < 5 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond) // time for a sixth to arrive, were there one
 	if got := atApp.Load(); got != 5 {
 		t.Errorf("%d requests at the app, want max requests 5", got)
 	}
@@ -425,7 +445,7 @@ func TestRetryWithBody(t *testing.T) {
 	}
 	pol := Policy{Retry: &Retry{Attempts: 1, Codes: []int{503}, Backoff: time.Millisecond}}
 	pp := newPolicyProxy(t, RoundRobin, pol, echoLen("bad", 503), echoLen("good", 200))
-	c := pp.clientOf(t, pp.a)
+	var c *http.Client
 	post := func(size int) (*http.Response, string) {
 		body := strings.Repeat("x", size-1) + "!"
 		res, err := c.Post("http://web.default/", "text/plain", strings.NewReader(body))
@@ -436,9 +456,12 @@ func TestRetryWithBody(t *testing.T) {
 		res.Body.Close()
 		return res, string(b)
 	}
-	for range 2 { // round robin: once from the bad endpoint first, once from the good
-		if res, body := post(10 << 10); res.StatusCode != 200 || body != "good 10240 21" {
-			t.Fatalf("small body: %d %q", res.StatusCode, body)
+	for _, h2 := range []bool{false, true} { // h2: as a gRPC unary call is sent
+		c = pp.clientProto(t, pp.a, h2)
+		for range 2 { // round robin: once from the bad endpoint first, once from the good
+			if res, body := post(10 << 10); res.StatusCode != 200 || body != "good 10240 21" {
+				t.Fatalf("small body (h2 %v): %d %q", h2, res.StatusCode, body)
+			}
 		}
 	}
 	sawBig := false
@@ -470,7 +493,7 @@ func TestRetryWithBody(t *testing.T) {
 // errors, gets no traffic while ejected, is tried again after the ejection, and
 // is ejected for longer the second time.
 func TestOutlierEjection(t *testing.T) {
-	od := &OutlierDetection{Consecutive5xx: 3, BaseEjection: 300 * time.Millisecond, MaxEjectionPercent: 50}
+	od := &OutlierDetection{Consecutive5xx: 3, BaseEjection: time.Second, MaxEjectionPercent: 50}
 	pp := newPolicyProxy(t, RoundRobin, Policy{Outlier: od}, named("a", always(0)), named("b", always(500)), named("c", always(0)))
 	c := pp.clientOf(t, pp.a)
 	count := func(n int) (bad int) {
@@ -484,20 +507,28 @@ func TestOutlierEjection(t *testing.T) {
 	if bad := count(9); bad != 3 {
 		t.Fatalf("%d errors before the ejection, want 3", bad)
 	}
-	if bad := count(30); bad != 0 {
+	ejected := time.Now()
+	if bad := count(15); bad != 0 {
 		t.Fatalf("%d requests to the ejected endpoint", bad)
 	}
+	if d := time.Since(ejected); d > time.Second {
+		t.Fatalf("15 requests took %v, longer than the ejection", d)
+	}
 	st := pp.ServiceStats()["default/web"]
-	if st.Ejections != 1 || st.EjectedNow != 1 {
+	if st.Ejections != 1 || st.EjectedNow != 1 || st.Endpoints != 3 {
 		t.Fatalf("stats %+v", st)
 	}
-	time.Sleep(350 * time.Millisecond)
+	time.Sleep(time.Until(ejected.Add(1100 * time.Millisecond)))
 	if bad := count(9); bad != 3 {
 		t.Fatalf("%d requests to the endpoint back from ejection, want 3 (then ejected again)", bad)
 	}
-	time.Sleep(350 * time.Millisecond) // the second ejection lasts 600 ms
+	// The second ejection lasts twice the base.
+	until := time.Unix(0, pp.services.endpoints[epRemote].outlier.ejectedUntil.Load())
+	if left := time.Until(until); left < 1500*time.Millisecond || left > 2*time.Second {
+		t.Fatalf("second ejection ends in %v, want 2s", left)
+	}
 	if bad := count(6); bad != 0 {
-		t.Fatalf("%d requests to the endpoint in its second, longer ejection", bad)
+		t.Fatalf("%d requests to the endpoint in its second ejection", bad)
 	}
 	if st := pp.ServiceStats()["default/web"]; st.Ejections != 2 {
 		t.Fatalf("stats %+v", st)
@@ -595,7 +626,7 @@ func TestRequestTimeouts(t *testing.T) {
 	pp := newPolicyProxy(t, RoundRobin, Policy{RequestTimeout: 300 * time.Millisecond}, slow)
 	start := time.Now()
 	res, _ := get(t, pp.clientOf(t, pp.a), "http://web.default/")
-	if d := time.Since(start); res.StatusCode != http.StatusGatewayTimeout || d < 300*time.Millisecond || d > 400*time.Millisecond {
+	if d := time.Since(start); res.StatusCode != http.StatusGatewayTimeout || d < 300*time.Millisecond || d > 450*time.Millisecond {
 		t.Fatalf("%d after %v, want 504 after 300ms", res.StatusCode, d)
 	}
 	select {
