@@ -96,15 +96,13 @@ func newServiceState(name string) *serviceState {
 }
 
 // admit takes one of the Service's request slots, waiting as a pending request
-// while MaxPendingRequests allows; release gives it back.
-func (st *serviceState) admit(ctx context.Context, pol *Policy) (release func(), err error) {
-	if err := st.requests.acquire(ctx, pol.MaxRequests, pol.MaxPendingRequests, &st.pending); err != nil {
-		if errors.Is(err, errCircuitOpen) {
-			st.circuitOpen.Add(1)
-		}
-		return nil, err
+// while MaxPendingRequests allows; st.requests.release gives it back.
+func (st *serviceState) admit(ctx context.Context, pol *Policy) error {
+	err := st.requests.acquire(ctx, pol.MaxRequests, pol.MaxPendingRequests, &st.pending)
+	if errors.Is(err, errCircuitOpen) {
+		st.circuitOpen.Add(1)
 	}
-	return st.requests.release, nil
+	return err
 }
 
 // gate admits up to max holders at once; beyond, up to maxPending callers

@@ -53,8 +53,7 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 			return
 		}
 	}
-	release, err := st.admit(r.Context(), pol)
-	if err != nil {
+	if err := st.admit(r.Context(), pol); err != nil {
 		rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonCanceled
 		if errors.Is(err, errCircuitOpen) {
 			rec.Verdict, rec.Reason = admin.VerdictDenied, admin.ReasonCircuitOpen
@@ -62,7 +61,7 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 		}
 		return
 	}
-	defer release()
+	defer st.requests.release()
 
 	up := &upstream{pod: hc.pd, h2: r.ProtoMajor == 2, dest: dest, st: st, pol: pol, retry: pol.Retry}
 	up.tried = up.triedBuf[:0]
@@ -79,7 +78,7 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	if dest.hashed {
+	if _, hashed := dest.balancer.(*ring); hashed {
 		up.key = requestKey(r, pol.HashHeader, rec.Src.Addr())
 	}
 	if up.retry != nil {

@@ -50,9 +50,8 @@ type vipPort struct {
 	balancer  balancer      // per request, at L7
 	next      atomic.Uint64 // round robin over endpoints, per connection at L4
 	// policy is the Service's TrafficPolicy and what enforcing it counts across
-	// the node (resilience.go); hashed: its balancer wants a hash key.
+	// the node (resilience.go).
 	policy *serviceState
-	hashed bool
 }
 
 // pick chooses the endpoint for a new connection; false when there is none.
@@ -132,7 +131,7 @@ func buildServices(svcs []Service, prev *serviceTable) serviceTable {
 			vip = vip.Unmap()
 			t.vips[vip] = s.Name
 			for i, port := range s.Ports {
-				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name), policy: st, hashed: s.LoadBalancer == RingHash}
+				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name), policy: st}
 				for _, b := range s.Backends {
 					if !b.Ready || i >= len(b.Ports) || b.Ports[i] == 0 {
 						continue
