@@ -80,8 +80,9 @@ type serviceState struct {
 	// share of them ejected; replaced with each state.
 	endpoints atomic.Pointer[[]*endpoint]
 
-	requests    gate // MaxRequests
-	connections gate // MaxConnections
+	ejectMu     sync.Mutex // one ejection decided at a time (observe)
+	requests    gate       // MaxRequests
+	connections gate       // MaxConnections
 	pending     atomic.Int64
 	budget      retryBudget
 
@@ -260,7 +261,15 @@ func (st *serviceState) observe(log *slog.Logger, e *endpoint, od *OutlierDetect
 	now := time.Now()
 	trip := (od.Consecutive5xx > 0 && o.consecutive5xx >= od.Consecutive5xx) ||
 		(od.ConsecutiveGatewayErrors > 0 && o.consecutiveGW >= od.ConsecutiveGatewayErrors)
-	if !trip || o.ejected(now) || !st.mayEject(od, now) {
+	if !trip || o.ejected(now) {
+		o.mu.Unlock()
+		return
+	}
+	// Counting the endpoints out and ejecting one more is one step, or two
+	// endpoints failing at once could both take the last place.
+	st.ejectMu.Lock()
+	defer st.ejectMu.Unlock()
+	if !st.mayEject(od, now) {
 		o.mu.Unlock()
 		return
 	}
@@ -285,7 +294,7 @@ func (st *serviceState) observe(log *slog.Logger, e *endpoint, od *OutlierDetect
 	n := o.ejections
 	o.mu.Unlock()
 	st.ejections.Add(1)
-	log.Info("endpoint ejected", "service", st.name, "endpoint", e.addr, "status", status, "ejections", n, "for", d)
+	log.Info("endpoint ejected", "service", st.name, "endpoint", e.addr, "status", status, "ejections", n, "ejected_for", d)
 }
 
 // mayEject says whether one more of the Service's endpoints may be ejected: at
