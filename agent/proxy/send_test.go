@@ -654,3 +654,62 @@ func TestRequestTimeouts(t *testing.T) {
 		}
 	}
 }
+
+// A try whose response has begun is never retried: a reset mid-body reaches the
+// client as a broken response, and the app saw the request once.
+func TestNoRetryAfterResponseBegan(t *testing.T) {
+	var hits atomic.Int64
+	pp := newPolicyProxy(t, RoundRobin, Policy{Retry: &Retry{Attempts: 2, Codes: []int{503}, Backoff: time.Millisecond}},
+		http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			hits.Add(1)
+			w.Header().Set("Content-Length", "100")
+			w.WriteHeader(200)
+			io.WriteString(w, "partial")
+			http.NewResponseController(w).Flush()
+			panic(http.ErrAbortHandler)
+		}))
+	res, err := pp.clientOf(t, pp.a).Get("http://web.default/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err == nil || res.StatusCode != 200 || string(body) != "partial" {
+		t.Fatalf("%d %q %v, want the begun response cut short", res.StatusCode, body, err)
+	}
+	if n := hits.Load(); n != 1 {
+		t.Fatalf("the app saw %d tries", n)
+	}
+	if r := pp.obs.wait(t, 1)[0]; r.HTTP.Retries != 0 || r.Reason != admin.ReasonReset {
+		t.Fatalf("record %+v %+v", r, r.HTTP)
+	}
+}
+
+// A connection reset before any response byte is retried on another endpoint, with
+// no status codes named, and counts against the endpoint for outlier detection.
+func TestRetryOnReset(t *testing.T) {
+	reset := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+	})
+	pol := Policy{Retry: &Retry{Attempts: 1, Backoff: time.Millisecond}, Outlier: &OutlierDetection{ConsecutiveGatewayErrors: 5, BaseEjection: time.Minute}}
+	pp := newPolicyProxy(t, RoundRobin, pol, reset, named("good", always(0)))
+	c := pp.clientOf(t, pp.a)
+	for range 4 {
+		if res, body := get(t, c, "http://web.default/"); res.StatusCode != 200 || body != "good" {
+			t.Fatalf("%d %q", res.StatusCode, body)
+		}
+	}
+	// Round robin turns once more for each retry, so which requests met the
+	// resetting endpoint first depends on the order: each of its tries was retried.
+	o := &pp.services.endpoints[epLocal].outlier
+	o.mu.Lock()
+	gw := o.consecutiveGW
+	o.mu.Unlock()
+	if st := pp.ServiceStats()["default/web"]; st.Retries == 0 || st.Retries != uint64(gw) {
+		t.Fatalf("stats %+v, %d gateway errors at the resetting endpoint: want one retry for each", st, gw)
+	}
+}
