@@ -141,11 +141,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	p.mu.RLock()
 	vp, _, _ := p.services.lookup(hc.rec.Service)
 	p.mu.RUnlock()
-	if vp == nil {
-		rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
-		meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
-		return
-	}
 	p.send(rw, r, vp, nil, &rec)
 }
 

@@ -25,10 +25,16 @@ import (
 )
 
 // send carries r, bound for Service port dest, to one of its endpoints and answers
-// w with the response. rule is the route rule r matched (nil: the Service has no
-// routes): its retries and per-try timeout apply, and the policy's retries and
-// request timeout where it sets none. rec is the request's record.
+// w with the response; dest nil (the port is gone) is answered 503. rule is the
+// route rule r matched (nil: the Service has no routes): its retries and per-try
+// timeout apply, and the policy's retries and request timeout where it sets none.
+// rec is the request's record.
 func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *RouteRule, rec *Conn) {
+	if dest == nil {
+		rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
+		meshAnswer(w, http.StatusServiceUnavailable, "no healthy upstream")
+		return
+	}
 	hc := r.Context().Value(httpConnKey{}).(*httpConn)
 	st := dest.policy
 	pol := st.policy.Load()
