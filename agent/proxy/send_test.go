@@ -152,8 +152,8 @@ func named(name string, status func() int) http.Handler {
 
 func always(s int) func() int { return func() int { return s } }
 
-// do sends n GETs from c with conc at a time and returns the statuses and bodies.
-func do(t *testing.T, c *http.Client, n, conc int, req func(i int) *http.Request) (statuses []int, bodies []string) {
+// doRequests sends n requests from c with conc at a time and returns the statuses and bodies.
+func doRequests(t *testing.T, c *http.Client, n, conc int, req func(i int) *http.Request) (statuses []int, bodies []string) {
 	t.Helper()
 	statuses, bodies = make([]int, n), make([]string, n)
 	var next atomic.Int64
@@ -190,7 +190,7 @@ func getReq(int) *http.Request {
 func TestFaultAbortShare(t *testing.T) {
 	pp := newPolicyProxy(t, RoundRobin, Policy{Fault: &Fault{AbortPercent: 10, AbortStatus: 503}}, named("a", always(0)))
 	const n = 2000
-	statuses, bodies := do(t, pp.clientOf(t, pp.a), n, 4, getReq)
+	statuses, bodies := doRequests(t, pp.clientOf(t, pp.a), n, 4, getReq)
 	aborted := 0
 	for i, s := range statuses {
 		if s == 503 {
@@ -396,7 +396,7 @@ func TestRetriesHideFailures(t *testing.T) {
 	pol := Policy{Retry: &Retry{Attempts: 4, Codes: []int{503}, Backoff: time.Millisecond}, RetryBudget: &RetryBudget{Percent: 100, TTL: 10 * time.Second}}
 	pp := newPolicyProxy(t, RoundRobin, pol, named("a", flaky(0.3)), named("b", flaky(0.3)), named("c", flaky(0.3)))
 	const n = 3000
-	statuses, _ := do(t, pp.clientOf(t, pp.a), n, 4, getReq)
+	statuses, _ := doRequests(t, pp.clientOf(t, pp.a), n, 4, getReq)
 	failed := 0
 	for _, s := range statuses {
 		if s != 200 {
@@ -421,7 +421,7 @@ func TestRetryBudgetExhausted(t *testing.T) {
 	pol := Policy{Retry: &Retry{Attempts: 3, Codes: []int{503}, Backoff: time.Millisecond}, RetryBudget: &RetryBudget{Percent: 20, TTL: 10 * time.Second}}
 	pp := newPolicyProxy(t, RoundRobin, pol, named("a", always(503)), named("b", always(503)))
 	const n = 500
-	statuses, bodies := do(t, pp.clientOf(t, pp.a), n, 4, getReq)
+	statuses, bodies := doRequests(t, pp.clientOf(t, pp.a), n, 4, getReq)
 	for i, s := range statuses {
 		if s != 503 || (bodies[i] != "a" && bodies[i] != "b") {
 			t.Fatalf("%d %q, want the app's own 503", s, bodies[i])
@@ -587,7 +587,7 @@ func TestRingHashHeader(t *testing.T) {
 func TestRateLimit(t *testing.T) {
 	pp := newPolicyProxy(t, RoundRobin, Policy{RateLimit: &RateLimit{PerSecond: 1, Burst: 3}}, named("local", always(0)))
 	c := pp.clientOf(t, pp.a)
-	statuses, _ := do(t, c, 5, 1, getReq)
+	statuses, _ := doRequests(t, c, 5, 1, getReq)
 	if !slices.Equal(statuses, []int{200, 200, 200, 429, 429}) {
 		t.Fatalf("statuses %v, want a burst of 3 and then 429", statuses)
 	}
