@@ -113,6 +113,13 @@ func services(st *ferryv1.NodeState) ([]proxy.Service, error) {
 			return nil, fmt.Errorf("services[%d] (%s): %w", i, name, err)
 		}
 		ps.Routes = routes
+		if sv.GetPolicy() != nil {
+			pol, err := servicePolicy(sv.GetPolicy())
+			if err != nil {
+				return nil, fmt.Errorf("services[%d] (%s): policy %q: %w", i, name, sv.GetPolicy().GetName(), err)
+			}
+			ps.Policy = pol
+		}
 		out = append(out, ps)
 	}
 	return out, nil
@@ -479,6 +486,145 @@ func prefixRewrites(t proxy.RouteTable) error {
 				return fmt.Errorf("rules[%d].filters[%d]: ReplacePrefixMatch with matches[%d], a %s path match, not a PathPrefix", match.Rule, k, m, match.Path.Type)
 			}
 		}
+	}
+	return nil
+}
+
+// Bounds on what a policy may ask, beyond which it is a mistake rather than a
+// setting: a day for a timeout, and a retry count no outage is worth.
+const (
+	maxPolicyDuration = 24 * time.Hour
+	maxRetryAttempts  = 10
+)
+
+// servicePolicy converts a Service's compiled TrafficPolicy, checking each field the
+// proxy relies on; the error names the field.
+func servicePolicy(sp *ferryv1.ServicePolicy) (proxy.Policy, error) {
+	pol := proxy.Policy{
+		Name:                     sp.GetName(),
+		MaxConnections:           int(sp.GetMaxConnections()),
+		MaxPendingRequests:       int(sp.GetMaxPendingRequests()),
+		MaxRequests:              int(sp.GetMaxRequests()),
+		MaxRequestsPerConnection: int(sp.GetMaxRequestsPerConnection()),
+	}
+	if pol.Name == "" {
+		return proxy.Policy{}, errors.New("name is required")
+	}
+	if h := sp.GetHashHeader(); h != "" {
+		if !httpguts.ValidHeaderFieldName(h) {
+			return proxy.Policy{}, fmt.Errorf("hash_header %q is not a header name", h)
+		}
+		pol.HashHeader = http.CanonicalHeaderKey(h)
+	}
+	var err error
+	for _, d := range []struct {
+		field string
+		ms    uint32
+		to    *time.Duration
+	}{
+		{"connect_timeout_ms", sp.GetConnectTimeoutMs(), &pol.ConnectTimeout},
+		{"idle_timeout_ms", sp.GetIdleTimeoutMs(), &pol.IdleTimeout},
+		{"request_timeout_ms", sp.GetRequestTimeoutMs(), &pol.RequestTimeout},
+	} {
+		if *d.to, err = millis(d.field, d.ms); err != nil {
+			return proxy.Policy{}, err
+		}
+	}
+	if od := sp.GetOutlierDetection(); od != nil {
+		o := &proxy.OutlierDetection{
+			Consecutive5xx:           int(od.GetConsecutive_5Xx()),
+			ConsecutiveGatewayErrors: int(od.GetConsecutiveGatewayErrors()),
+			MaxEjectionPercent:       int(od.GetMaxEjectionPercent()),
+		}
+		if o.Consecutive5xx == 0 && o.ConsecutiveGatewayErrors == 0 {
+			return proxy.Policy{}, errors.New("outlier_detection: consecutive_5xx or consecutive_gateway_errors is required")
+		}
+		if o.MaxEjectionPercent > 100 {
+			return proxy.Policy{}, fmt.Errorf("outlier_detection.max_ejection_percent %d is over 100", o.MaxEjectionPercent)
+		}
+		if o.Interval, err = millis("outlier_detection.interval_ms", od.GetIntervalMs()); err != nil {
+			return proxy.Policy{}, err
+		}
+		if o.BaseEjection, err = millis("outlier_detection.base_ejection_ms", od.GetBaseEjectionMs()); err != nil {
+			return proxy.Policy{}, err
+		}
+		pol.Outlier = o
+	}
+	if f := sp.GetFault(); f != nil {
+		pf := &proxy.Fault{AbortPercent: f.GetAbortPercent(), AbortStatus: int(f.GetAbortStatus()), DelayPercent: f.GetDelayPercent()}
+		if err := percent("fault.abort_percent", pf.AbortPercent); err != nil {
+			return proxy.Policy{}, err
+		}
+		if err := percent("fault.delay_percent", pf.DelayPercent); err != nil {
+			return proxy.Policy{}, err
+		}
+		if pf.AbortPercent > 0 && (pf.AbortStatus < 200 || pf.AbortStatus > 599) {
+			return proxy.Policy{}, fmt.Errorf("fault.abort_status %d is not a status from 200 to 599", pf.AbortStatus)
+		}
+		if pf.Delay, err = millis("fault.delay_ms", f.GetDelayMs()); err != nil {
+			return proxy.Policy{}, err
+		}
+		if pf.DelayPercent > 0 && pf.Delay == 0 {
+			return proxy.Policy{}, errors.New("fault.delay_ms is required with a delay_percent")
+		}
+		pol.Fault = pf
+	}
+	if rb := sp.GetRetryBudget(); rb != nil {
+		b := &proxy.RetryBudget{Percent: rb.GetPercent(), MinPerSecond: int(rb.GetMinRetriesPerSecond())}
+		if err := percent("retry_budget.percent", b.Percent); err != nil {
+			return proxy.Policy{}, err
+		}
+		if b.TTL, err = millis("retry_budget.ttl_ms", rb.GetTtlMs()); err != nil {
+			return proxy.Policy{}, err
+		}
+		pol.RetryBudget = b
+	}
+	if rl := sp.GetRateLimit(); rl != nil {
+		if rl.GetRequestsPerSecond() == 0 {
+			return proxy.Policy{}, errors.New("rate_limit.requests_per_second is required")
+		}
+		pol.RateLimit = &proxy.RateLimit{PerSecond: int(rl.GetRequestsPerSecond()), Burst: int(rl.GetBurst())}
+	}
+	if r := sp.GetRetry(); r != nil {
+		if pol.Retry, err = policyRetry("retry", r); err != nil {
+			return proxy.Policy{}, err
+		}
+	}
+	return pol, nil
+}
+
+// policyRetry converts the retries of requests no route rule covers.
+func policyRetry(field string, r *ferryv1.RouteRetry) (*proxy.Retry, error) {
+	if r.GetAttempts() > maxRetryAttempts {
+		return nil, fmt.Errorf("%s.attempts %d is over %d", field, r.GetAttempts(), maxRetryAttempts)
+	}
+	pr := &proxy.Retry{Attempts: int(r.GetAttempts())}
+	for j, c := range r.GetCodes() {
+		if c < 400 || c > 599 {
+			return nil, fmt.Errorf("%s.codes[%d]: %d is not an error status (400 to 599)", field, j, c)
+		}
+		pr.Codes = append(pr.Codes, int(c))
+	}
+	var err error
+	if pr.Backoff, err = millis(field+".backoff_ms", r.GetBackoffMs()); err != nil {
+		return nil, err
+	}
+	return pr, nil
+}
+
+// millis is a duration field in milliseconds, at most maxPolicyDuration.
+func millis(field string, ms uint32) (time.Duration, error) {
+	d := time.Duration(ms) * time.Millisecond
+	if d > maxPolicyDuration {
+		return 0, fmt.Errorf("%s %d is over %s", field, ms, maxPolicyDuration)
+	}
+	return d, nil
+}
+
+// percent checks a share from 0 to 100.
+func percent(field string, p float64) error {
+	if math.IsNaN(p) || p < 0 || p > 100 {
+		return fmt.Errorf("%s %v is not from 0 to 100", field, p)
 	}
 	return nil
 }

@@ -133,79 +133,32 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
 
-	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
-	var from, to Workload
-	var service string
-	out := r
-	if ep != nil {
-		to = hc.pd.w
-		from, _ = p.workloadAt(rec.Src.Addr())
-	} else {
-		out = r.WithContext(r.Context()) // the proxy's copy, which routes may change
-		dest, rule, answered := p.routeRequest(hc, rw, out, &rec)
-		if answered {
-			return
-		}
-		if rule != nil && rule.RequestTimeout > 0 {
-			// The whole request, every try of it: at the deadline the upstream
-			// request is canceled and the client answered 504 (upstreamError).
-			ctx, cancel := context.WithTimeout(out.Context(), rule.RequestTimeout)
-			defer cancel()
-			out = out.WithContext(ctx)
-		}
-		p.mu.RLock()
-		ok := dest != nil
-		if ok {
-			ep, ok = dest.balancer.pick()
-		}
-		var rt route
-		if ok {
-			rt = decide(ep.addr.Addr(), p.byIP, p.local)
-		}
-		p.mu.RUnlock()
-		if !ok {
-			rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
-			meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
-			return
-		}
-		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
-		from, to, service = hc.pd.w, rt.Peer, dest.service
-	}
-
-	// The hop's span: the client's on the source node, the server's on the
-	// destination; either sets the trace headers the next hop receives.
-	attrs := spanAttrs(from, to, service, ep.addr)
-	endSpan := p.cfg.Tracer.Client
 	if hc.inbound != nil {
-		endSpan = p.cfg.Tracer.Server
+		// The app behind the tunnel stream, on the destination's side, where its
+		// rate limit is taken.
+		if !p.allowInto(hc.pd, time.Now()) {
+			rec.Verdict, rec.Reason = admin.VerdictDenied, admin.ReasonRateLimited
+			meshAnswer(rw, errRateLimited.status, errRateLimited.why)
+			return
+		}
+		from, _ := p.workloadAt(rec.Src.Addr())
+		up := &upstream{pod: hc.pd, ep: hc.inbound, h2: r.ProtoMajor == 2}
+		p.forward(rw, r, up, &rec, p.cfg.Tracer.Server, from, hc.pd.w, "")
+		return
 	}
-	end := endSpan(out, attrs)
-	rec.HTTP.TraceID = tracing.TraceID(out.Header)
-
-	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
-	out = out.WithContext(context.WithValue(out.Context(), upstreamKey{}, up))
-	if out.Body != nil && out.Body != http.NoBody {
-		out.Body = &countingBody{ReadCloser: out.Body, n: &rw.requestBytes}
+	out := r.WithContext(r.Context()) // the proxy's copy, which routes may change
+	dest, rule, answered := p.routeRequest(hc, rw, out, &rec)
+	if answered {
+		return
 	}
-	ep.begin()
-	start := time.Now()
-	defer func() {
-		var rtt time.Duration
-		if up.err == nil && !rw.headerAt.IsZero() {
-			rtt = rw.headerAt.Sub(start)
-		}
-		ep.done(rtt)
-		if up.err != nil {
-			rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
-			rec.Error = up.err.Error()
-		}
-		gs := grpcStatus(rw.Header())
-		if rec.Protocol == admin.GRPC {
-			rec.HTTP.GRPCStatus = gs
-		}
-		end(rw.status, gs, up.err)
-	}()
-	p.l7.proxy.ServeHTTP(rw, out)
+	if rule != nil && rule.RequestTimeout > 0 {
+		// The whole request, every try of it: at the deadline the upstream
+		// request is canceled and the client answered 504 (upstreamError).
+		ctx, cancel := context.WithTimeout(out.Context(), rule.RequestTimeout)
+		defer cancel()
+		out = out.WithContext(ctx)
+	}
+	p.send(rw, out, dest, rule, &rec)
 }
 
 // rewrite addresses the request to the chosen endpoint and otherwise forwards what
@@ -229,11 +182,17 @@ func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	up.err = err
 	switch ctxErr := r.Context().Err(); {
 	case errors.Is(ctxErr, context.DeadlineExceeded):
-		// The route's request timeout: the client's own context has no deadline.
+		// A request timeout (the route's or the policy's): the client's own
+		// context has no deadline.
 		meshAnswer(w, http.StatusGatewayTimeout, "upstream request timeout")
 		return
 	case ctxErr != nil:
 		return // the client is gone: nobody to answer
+	}
+	var me *meshError
+	if errors.As(err, &me) {
+		meshAnswer(w, me.status, me.why)
+		return
 	}
 	status := http.StatusBadGateway
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
@@ -251,26 +210,8 @@ func meshAnswer(w http.ResponseWriter, status int, why string) {
 	fmt.Fprintln(w, why)
 }
 
-// upstream is where one request goes: set by serveRequest, read by rewrite, the
-// transport and the error handler through the request's context.
-type upstream struct {
-	pod *pod
-	ep  *endpoint
-	h2  bool  // the client spoke HTTP/2, so the app does
-	err error // why the request failed before a response, if it did
-}
-
 type upstreamKey struct{}
 type httpConnKey struct{}
-
-// upstreamTransport sends a request over the source pod's upstream connections of
-// the client's protocol version.
-type upstreamTransport struct{}
-
-func (upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	up := r.Context().Value(upstreamKey{}).(*upstream)
-	return up.pod.transport(up.h2).RoundTrip(r)
-}
 
 // transport returns the pod's pool of upstream connections for HTTP/1.1 or (h2)
 // HTTP/2 with prior knowledge, made on first use.
@@ -303,24 +244,52 @@ func (pd *pod) newTransport(h2 bool) *http.Transport {
 }
 
 // dialUpstream opens an upstream connection from the pod to an endpoint, the way a
-// connection to it would be carried (route).
-func (pd *pod) dialUpstream(_ context.Context, _, addr string) (net.Conn, error) {
+// connection to it would be carried (route), within the connect timeout and
+// connection limit of the Service the request that asked for it is bound to. ctx
+// is the transport's: it has the request's values, and ends when the request no
+// longer wants the connection.
+func (pd *pod) dialUpstream(ctx context.Context, _, addr string) (net.Conn, error) {
 	dst, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("upstream address %q: %w", addr, err)
+	}
+	timeout := dialTimeout
+	up, _ := ctx.Value(upstreamKey{}).(*upstream)
+	if up != nil && up.dest != nil && up.pol.ConnectTimeout > 0 {
+		timeout = up.pol.ConnectTimeout
+	}
+	dctx, cancel := context.WithTimeout(pd.ctx, timeout)
+	defer cancel()
+	defer context.AfterFunc(ctx, cancel)()
+	c := &upstreamConn{}
+	if up != nil && up.dest != nil && up.pol.MaxConnections > 0 {
+		st := up.st
+		if err := st.connections.acquire(dctx, up.pol.MaxConnections, up.pol.MaxPendingRequests, &st.pending); err != nil {
+			if errors.Is(err, errCircuitOpen) {
+				st.circuitOpen.Add(1)
+				return nil, errConnectionOverflow
+			}
+			return nil, fmt.Errorf("wait for a connection to %s: %w", dst, err)
+		}
+		c.release = st.connections.release
 	}
 	p := pd.proxy
 	p.mu.RLock()
 	r := decide(dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	c, err := p.dialRoute(pd, dst, r, tunnel.ProtocolHTTP)
+	hc, err := p.dialRoute(dctx, pd, dst, r, tunnel.ProtocolHTTP)
 	if err != nil {
+		if c.release != nil {
+			c.release()
+		}
 		return nil, err
 	}
-	if nc, ok := c.(net.Conn); ok {
-		return nc, nil
+	if nc, ok := hc.(net.Conn); ok {
+		c.Conn = nc
+	} else {
+		c.Conn = streamConn{HalfCloser: hc, remote: dst}
 	}
-	return streamConn{HalfCloser: c, remote: dst}, nil
+	return c, nil
 }
 
 // closeTransports drops the pod's idle upstream connections; requests in flight

@@ -343,7 +343,7 @@ func (p *Proxy) mirror(pd *pod, r *http.Request, mirrors []*vipPort, timeout tim
 
 // sendMirror sends one mirrored copy of r, with body, to an endpoint of v.
 func (p *Proxy) sendMirror(pd *pod, r *http.Request, body []byte, v *vipPort, timeout time.Duration) {
-	ep, ok := v.balancer.pick()
+	ep, ok := v.balancer.pick(rand.Uint64(), nil)
 	if !ok {
 		return
 	}
@@ -361,15 +361,11 @@ func (p *Proxy) sendMirror(pd *pod, r *http.Request, body []byte, v *vipPort, ti
 	if len(body) > 0 {
 		out.Body, out.ContentLength = io.NopCloser(bytes.NewReader(body)), int64(len(body))
 	}
-	ep.begin()
-	start := time.Now()
-	res, err := upstreamTransport{}.RoundTrip(out)
+	res, err := upstreamTransport{}.RoundTrip(out) // a try, which counts itself on ep
 	if err != nil {
-		ep.done(0)
 		p.log.Debug("mirror failed", "pod", pd.w.Name, "service", v.service, "upstream", ep.addr, "error", err)
 		return
 	}
-	ep.done(time.Since(start))
 	_, _ = io.Copy(io.Discard, res.Body)
 	res.Body.Close()
 }

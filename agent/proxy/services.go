@@ -52,6 +52,9 @@ type vipPort struct {
 	// routes holds the port's route tables by client namespace, "" the producer
 	// routes; nil when no route attaches to the port.
 	routes map[string]*RouteTable
+	// policy is the Service's TrafficPolicy and what enforcing it counts across
+	// the node (resilience.go).
+	policy *serviceState
 }
 
 // reachable reports whether a connection to the port may be carried: it has a
@@ -90,6 +93,11 @@ type serviceTable struct {
 	// endpoints holds each endpoint's load and latency estimate, kept from one
 	// table to the next so that a new state does not forget what was measured.
 	endpoints map[netip.AddrPort]*endpoint
+	// states holds each Service's policy state by name, and buckets the rate limit
+	// of each pod a policy limits (by podKey); both kept from one table to the next
+	// as the estimates are.
+	states  map[string]*serviceState
+	buckets map[netip.Addr]*tokenBucket
 }
 
 // servicePort names a Service port in one IP family: a route's backend is reached
@@ -100,20 +108,24 @@ type servicePort struct {
 	is4     bool
 }
 
-// buildServices indexes svcs, reusing the endpoint estimates of prev. An endpoint is
-// reached at its address of the cluster IP's family, so an IPv6 cluster IP balances
-// over the pods' IPv6 addresses. Each Service port has one vipPort per family,
-// shared by its cluster IPs of that family and found by name too, so that a
-// headless Service can still be a route's backend. The Services' route tables are
-// used as they are: svcs must not change afterwards.
-func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTable {
+// buildServices indexes svcs, reusing the endpoint estimates and policy state of
+// prev (nil: none). An endpoint is reached at its address of the cluster IP's
+// family, so an IPv6 cluster IP balances over the pods' IPv6 addresses. Each
+// Service port has one vipPort per family, shared by its cluster IPs of that
+// family and found by name too, so that a headless Service can still be a route's
+// backend. The Services' route tables are used as they are: svcs must not change
+// afterwards.
+func buildServices(svcs []Service, prev *serviceTable) serviceTable {
+	if prev == nil {
+		prev = &serviceTable{}
+	}
 	t := serviceTable{vips: map[netip.Addr]string{}, ports: map[netip.AddrPort]*vipPort{}, byName: map[servicePort]*vipPort{},
-		endpoints: map[netip.AddrPort]*endpoint{}}
+		endpoints: map[netip.AddrPort]*endpoint{}, states: map[string]*serviceState{}, buckets: map[netip.Addr]*tokenBucket{}}
 	endpointAt := func(a netip.AddrPort) *endpoint {
 		if e := t.endpoints[a]; e != nil {
 			return e
 		}
-		e := prev[a]
+		e := prev.endpoints[a]
 		if e == nil {
 			e = &endpoint{addr: a}
 		}
@@ -121,6 +133,34 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 		return e
 	}
 	for _, s := range svcs {
+		st := prev.states[s.Name]
+		if st == nil {
+			st = newServiceState(s.Name)
+		}
+		pol := s.Policy
+		st.policy.Store(&pol)
+		t.states[s.Name] = st
+		if rl := s.Policy.RateLimit; rl != nil {
+			for _, b := range s.Backends {
+				if len(b.IPs) == 0 {
+					continue
+				}
+				// One bucket per pod (under each of its IPs), the strictest limit of
+				// the Services that reach it, kept while that limit stays the same.
+				if cur := t.buckets[b.IPs[0].Unmap()]; cur != nil && cur.limit.PerSecond <= rl.PerSecond {
+					continue
+				}
+				bucket := newTokenBucket(*rl)
+				if old := prev.buckets[b.IPs[0].Unmap()]; old != nil && old.limit == bucket.limit {
+					bucket = old
+				}
+				for _, ip := range b.IPs {
+					t.buckets[ip.Unmap()] = bucket
+				}
+			}
+		}
+		var all []*endpoint // of every port and family, for the share ejected
+		seen := map[*endpoint]bool{}
 		for i, port := range s.Ports {
 			var routes map[string]*RouteTable
 			for k := range s.Routes {
@@ -132,7 +172,7 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 				}
 			}
 			for _, is4 := range []bool{true, false} {
-				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name), routes: routes}
+				v := &vipPort{service: s.Name, protocol: declaredProtocol(port.AppProtocol, port.Name), routes: routes, policy: st}
 				for _, b := range s.Backends {
 					if !b.Ready || i >= len(b.Ports) || b.Ports[i] == 0 {
 						continue
@@ -144,6 +184,12 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 						}
 					}
 				}
+				for _, e := range v.endpoints {
+					if !seen[e] {
+						seen[e] = true
+						all = append(all, e)
+					}
+				}
 				v.balancer = newBalancer(s.LoadBalancer, v.endpoints)
 				t.byName[servicePort{s.Name, port.Port, is4}] = v
 				for _, vip := range s.VIPs {
@@ -153,6 +199,7 @@ func buildServices(svcs []Service, prev map[netip.AddrPort]*endpoint) serviceTab
 				}
 			}
 		}
+		st.endpoints.Store(&all)
 		for _, vip := range s.VIPs {
 			t.vips[vip.Unmap()] = s.Name
 		}
@@ -210,6 +257,6 @@ func declaredProtocol(appProtocol, name string) admin.Protocol {
 // SetServices replaces the Services the proxy balances connections and requests to.
 func (p *Proxy) SetServices(svcs []Service) {
 	p.mu.Lock()
-	p.services = buildServices(svcs, p.services.endpoints)
+	p.services = buildServices(svcs, &p.services)
 	p.mu.Unlock()
 }
