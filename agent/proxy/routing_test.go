@@ -693,8 +693,13 @@ func TestRouteSwap(t *testing.T) {
 			}
 		}()
 	}
+	// Each swap waits for requests to have run since the last one, so every table
+	// carries some however slow the machine is.
+	deadline := time.Now().Add(30 * time.Second)
 	for i := range 10 {
-		time.Sleep(20 * time.Millisecond)
+		for seen := total.Load(); total.Load() < seen+4 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
 		l.setRoutes(table(uint32(i%2), uint32(1-i%2)))
 	}
 	close(stop)
