@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -28,7 +29,7 @@ func TestP2CEWMAPrefersFastAndIdle(t *testing.T) {
 	b := newBalancer("", eps)
 	per := map[*endpoint]int{}
 	for range 3000 {
-		e, _ := b.pick()
+		e, _ := b.pick(0, nil)
 		per[e]++
 	}
 	// Of the three pairs the fast idle one wins two, and busy (6 ms) beats slow (20 ms).
@@ -63,13 +64,67 @@ func TestRoundRobinAndEmpty(t *testing.T) {
 	eps := endpoints(3)
 	b := newBalancer(RoundRobin, eps)
 	for i := range 6 {
-		if e, _ := b.pick(); e != eps[i%3] {
+		if e, _ := b.pick(0, nil); e != eps[i%3] {
 			t.Fatalf("pick %d: %v", i, e.addr)
 		}
 	}
-	for _, lb := range []LoadBalancer{"", RoundRobin, Random, LeastRequest} {
-		if _, ok := newBalancer(lb, nil).pick(); ok {
+	for _, lb := range []LoadBalancer{"", RoundRobin, Random, LeastRequest, RingHash} {
+		if _, ok := newBalancer(lb, nil).pick(0, nil); ok {
 			t.Errorf("%q picked from no endpoints", lb)
+		}
+	}
+}
+
+// Ring hash keeps a key on one endpoint; removing one of 4 endpoints moves only
+// the keys it had, about a quarter of them, and a key passes an unusable endpoint
+// to the one it would go to were that endpoint removed.
+func TestRingHashStable(t *testing.T) {
+	eps := endpoints(4)
+	all := newBalancer(RingHash, eps)
+	three := newBalancer(RingHash, eps[:3])
+	const keys = 10000
+	moved, onRemoved := 0, 0
+	for k := range keys {
+		key := hashKey(fmt.Sprintf("user-%d", k))
+		e, _ := all.pick(key, nil)
+		for range 3 {
+			if again, _ := all.pick(key, nil); again != e {
+				t.Fatalf("key %d went to %v then %v", k, e.addr, again.addr)
+			}
+		}
+		after, _ := three.pick(key, nil)
+		if after != e {
+			moved++
+			if e != eps[3] {
+				t.Fatalf("key %d moved from %v, which stayed", k, e.addr)
+			}
+		}
+		if e == eps[3] {
+			onRemoved++
+		}
+		skipped, _ := all.pick(key, func(c *endpoint) bool { return c != eps[3] })
+		if skipped != after {
+			t.Fatalf("key %d: past the unusable endpoint %v, without it %v", k, skipped.addr, after.addr)
+		}
+	}
+	if moved != onRemoved || moved < keys*15/100 || moved > keys*35/100 {
+		t.Fatalf("%d of %d keys moved (%d were on the removed endpoint), want about 25%% ± 10", moved, keys, onRemoved)
+	}
+}
+
+// Every balancer skips what usable refuses, and finds the one endpoint it accepts.
+func TestBalancersSkipUnusable(t *testing.T) {
+	eps := endpoints(5)
+	for _, lb := range []LoadBalancer{"", RoundRobin, Random, LeastRequest, RingHash} {
+		b := newBalancer(lb, eps)
+		for i := range 50 {
+			e, ok := b.pick(uint64(i)*0x9e3779b97f4a7c15, func(e *endpoint) bool { return e == eps[3] })
+			if !ok || e != eps[3] {
+				t.Fatalf("%q picked %v, want the only usable one", lb, e)
+			}
+		}
+		if _, ok := b.pick(1, func(*endpoint) bool { return false }); ok {
+			t.Fatalf("%q picked an unusable endpoint", lb)
 		}
 	}
 }

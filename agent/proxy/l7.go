@@ -37,6 +37,10 @@ type l7 struct {
 	proxy *httputil.ReverseProxy
 	mu    sync.Mutex
 	conns map[*httpConn]struct{} // open, including hijacked (upgraded) ones
+	// stopped and wg: the mirrored requests in flight (routing.go), which stop
+	// waits for.
+	stopped bool
+	wg      sync.WaitGroup
 }
 
 func (p *Proxy) newL7() *l7 {
@@ -97,12 +101,14 @@ func (h *l7) serve(hc *httpConn) {
 }
 
 // stop ends the HTTP server: requests in flight get until ctx ends, then every
-// connection, upgraded ones too, is closed.
+// connection, upgraded ones too, is closed. Mirrored requests end with their pods,
+// which the proxy has closed by then.
 func (h *l7) stop(ctx context.Context) {
 	h.ln.Close()
 	_ = h.srv.Shutdown(ctx)
 	_ = h.srv.Close()
 	h.mu.Lock()
+	h.stopped = true
 	conns := make([]*httpConn, 0, len(h.conns))
 	for c := range h.conns {
 		conns = append(conns, c)
@@ -111,9 +117,11 @@ func (h *l7) stop(ctx context.Context) {
 	for _, c := range conns {
 		c.Close()
 	}
+	h.wg.Wait()
 }
 
-// serveRequest carries one request to an endpoint of the Service the client dialled.
+// serveRequest carries one request to an endpoint of the Service the client
+// dialled, or of the Service its route sends it to.
 func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	hc := r.Context().Value(httpConnKey{}).(*httpConn)
 	rec := Conn{
@@ -125,67 +133,32 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
 
-	ep := hc.inbound // the app behind the tunnel stream, on the destination's side
-	var from, to Workload
-	var service string
-	if ep != nil {
-		to = hc.pd.w
-		from, _ = p.workloadAt(rec.Src.Addr())
-	} else {
-		p.mu.RLock()
-		vp, _, _ := p.services.lookup(hc.rec.Service)
-		ok := vp != nil
-		if ok {
-			ep, ok = vp.balancer.pick()
-		}
-		var rt route
-		if ok {
-			rt = decide(ep.addr.Addr(), p.byIP, p.local)
-		}
-		p.mu.RUnlock()
-		if !ok {
-			rec.Verdict, rec.Reason = admin.VerdictError, admin.ReasonNoEndpoints
-			meshAnswer(rw, http.StatusServiceUnavailable, "no healthy upstream")
+	if hc.inbound != nil {
+		// The app behind the tunnel stream, on the destination's side, where its
+		// rate limit is taken.
+		if !p.allowInto(hc.pd, time.Now()) {
+			rec.Verdict, rec.Reason = admin.VerdictDenied, admin.ReasonRateLimited
+			meshAnswer(rw, errRateLimited.status, errRateLimited.why)
 			return
 		}
-		rec.Dst, rec.Security, rec.DstIdentity = ep.addr, rt.Security, rt.Peer.Identity
-		from, to, service = hc.pd.w, rt.Peer, vp.service
+		from, _ := p.workloadAt(rec.Src.Addr())
+		up := &upstream{pod: hc.pd, ep: hc.inbound, h2: r.ProtoMajor == 2}
+		p.forward(rw, r, up, &rec, p.cfg.Tracer.Server, from, hc.pd.w, "")
+		return
 	}
-
-	// The hop's span: the client's on the source node, the server's on the
-	// destination; either sets the trace headers the next hop receives.
-	attrs := spanAttrs(from, to, service, ep.addr)
-	endSpan := p.cfg.Tracer.Client
-	if hc.inbound != nil {
-		endSpan = p.cfg.Tracer.Server
+	out := r.WithContext(r.Context()) // the proxy's copy, which routes may change
+	dest, rule, answered := p.routeRequest(hc, rw, out, &rec)
+	if answered {
+		return
 	}
-	end := endSpan(r, attrs)
-	rec.HTTP.TraceID = tracing.TraceID(r.Header)
-
-	up := &upstream{pod: hc.pd, ep: ep, h2: r.ProtoMajor == 2}
-	out := r.WithContext(context.WithValue(r.Context(), upstreamKey{}, up))
-	if r.Body != nil && r.Body != http.NoBody {
-		out.Body = &countingBody{ReadCloser: r.Body, n: &rw.requestBytes}
+	if rule != nil && rule.RequestTimeout > 0 {
+		// The whole request, every try of it: at the deadline the upstream
+		// request is canceled and the client answered 504 (upstreamError).
+		ctx, cancel := context.WithTimeout(out.Context(), rule.RequestTimeout)
+		defer cancel()
+		out = out.WithContext(ctx)
 	}
-	ep.begin()
-	start := time.Now()
-	defer func() {
-		var rtt time.Duration
-		if up.err == nil && !rw.headerAt.IsZero() {
-			rtt = rw.headerAt.Sub(start)
-		}
-		ep.done(rtt)
-		if up.err != nil {
-			rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
-			rec.Error = up.err.Error()
-		}
-		gs := grpcStatus(rw.Header())
-		if rec.Protocol == admin.GRPC {
-			rec.HTTP.GRPCStatus = gs
-		}
-		end(rw.status, gs, up.err)
-	}()
-	p.l7.proxy.ServeHTTP(rw, out)
+	p.send(rw, out, dest, rule, &rec)
 }
 
 // rewrite addresses the request to the chosen endpoint and otherwise forwards what
@@ -207,8 +180,19 @@ func rewrite(pr *httputil.ProxyRequest) {
 func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	up := r.Context().Value(upstreamKey{}).(*upstream)
 	up.err = err
-	if r.Context().Err() != nil {
+	switch ctxErr := r.Context().Err(); {
+	case errors.Is(ctxErr, context.DeadlineExceeded):
+		// A request timeout (the route's or the policy's): the client's own
+		// context has no deadline.
+		meshAnswer(w, http.StatusGatewayTimeout, "upstream request timeout")
+		return
+	case ctxErr != nil:
 		return // the client is gone: nobody to answer
+	}
+	var me *meshError
+	if errors.As(err, &me) {
+		meshAnswer(w, me.status, me.why)
+		return
 	}
 	status := http.StatusBadGateway
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
@@ -226,26 +210,8 @@ func meshAnswer(w http.ResponseWriter, status int, why string) {
 	fmt.Fprintln(w, why)
 }
 
-// upstream is where one request goes: set by serveRequest, read by rewrite, the
-// transport and the error handler through the request's context.
-type upstream struct {
-	pod *pod
-	ep  *endpoint
-	h2  bool  // the client spoke HTTP/2, so the app does
-	err error // why the request failed before a response, if it did
-}
-
 type upstreamKey struct{}
 type httpConnKey struct{}
-
-// upstreamTransport sends a request over the source pod's upstream connections of
-// the client's protocol version.
-type upstreamTransport struct{}
-
-func (upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	up := r.Context().Value(upstreamKey{}).(*upstream)
-	return up.pod.transport(up.h2).RoundTrip(r)
-}
 
 // transport returns the pod's pool of upstream connections for HTTP/1.1 or (h2)
 // HTTP/2 with prior knowledge, made on first use.
@@ -278,24 +244,52 @@ func (pd *pod) newTransport(h2 bool) *http.Transport {
 }
 
 // dialUpstream opens an upstream connection from the pod to an endpoint, the way a
-// connection to it would be carried (route).
-func (pd *pod) dialUpstream(_ context.Context, _, addr string) (net.Conn, error) {
+// connection to it would be carried (route), within the connect timeout and
+// connection limit of the Service the request that asked for it is bound to. ctx
+// is the transport's: it has the request's values, and ends when the request no
+// longer wants the connection.
+func (pd *pod) dialUpstream(ctx context.Context, _, addr string) (net.Conn, error) {
 	dst, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("upstream address %q: %w", addr, err)
+	}
+	timeout := dialTimeout
+	up, _ := ctx.Value(upstreamKey{}).(*upstream)
+	if up != nil && up.dest != nil && up.pol.ConnectTimeout > 0 {
+		timeout = up.pol.ConnectTimeout
+	}
+	dctx, cancel := context.WithTimeout(pd.ctx, timeout)
+	defer cancel()
+	defer context.AfterFunc(ctx, cancel)()
+	c := &upstreamConn{}
+	if up != nil && up.dest != nil && up.pol.MaxConnections > 0 {
+		st := up.st
+		if err := st.connections.acquire(dctx, up.pol.MaxConnections, up.pol.MaxPendingRequests, &st.pending); err != nil {
+			if errors.Is(err, errCircuitOpen) {
+				st.circuitOpen.Add(1)
+				return nil, errConnectionOverflow
+			}
+			return nil, fmt.Errorf("wait for a connection to %s: %w", dst, err)
+		}
+		c.release = st.connections.release
 	}
 	p := pd.proxy
 	p.mu.RLock()
 	r := decide(dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
-	c, err := p.dialRoute(pd, dst, r, tunnel.ProtocolHTTP)
+	hc, err := p.dialRoute(dctx, pd, dst, r, tunnel.ProtocolHTTP)
 	if err != nil {
+		if c.release != nil {
+			c.release()
+		}
 		return nil, err
 	}
-	if nc, ok := c.(net.Conn); ok {
-		return nc, nil
+	if nc, ok := hc.(net.Conn); ok {
+		c.Conn = nc
+	} else {
+		c.Conn = streamConn{HalfCloser: hc, remote: dst}
 	}
-	return streamConn{HalfCloser: c, remote: dst}, nil
+	return c, nil
 }
 
 // closeTransports drops the pod's idle upstream connections; requests in flight
@@ -401,19 +395,25 @@ func (l *connListener) Close() error {
 func (l *connListener) Addr() net.Addr { return &net.TCPAddr{} }
 
 // responseWriter notes what the response was, for the request's record and the
-// endpoint's latency; Unwrap lets ReverseProxy flush and hijack through it.
+// endpoint's latency, and applies the route's response header filters to it (to
+// the mesh's own answers too); Unwrap lets ReverseProxy flush and hijack through
+// it.
 type responseWriter struct {
 	http.ResponseWriter
 	status       int
 	headerAt     time.Time
 	bytes        int64
 	requestBytes atomic.Int64
+	modifiers    []*HeaderModifier
 }
 
 func (w *responseWriter) WriteHeader(code int) {
 	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		w.status, w.headerAt = code, time.Now()
 		h := w.ResponseWriter.Header()
+		for _, m := range w.modifiers {
+			m.apply(h)
+		}
 		// net/http would add these to a response without them: nothing invented.
 		for _, k := range []string{"Date", "Content-Type"} {
 			if _, ok := h[k]; !ok {

@@ -460,7 +460,7 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		// A Service address: the proxy picks the endpoint, as kube-proxy would
 		// have, per connection (TCP) or per request (HTTP).
 		rec.Service = dst
-		if vp == nil || len(vp.endpoints) == 0 {
+		if vp == nil || !vp.reachable() {
 			pipe.Abort(client) // refused at once: no endpoint will come
 			p.conns.noEndpoint(p.conns.open(rec), service)
 			return
@@ -477,13 +477,19 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 			return
 		}
 		rec.Protocol = admin.TCP
-		rec.Dst, _ = vp.pick()
+		ep, ok := vp.pick()
+		if !ok { // routes, which TCP does not follow, kept it open
+			pipe.Abort(client)
+			p.conns.noEndpoint(p.conns.open(rec), service)
+			return
+		}
+		rec.Dst = ep
 	}
 	p.mu.RLock()
 	r := decide(rec.Dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
 	rec.Security, rec.DstIdentity = r.Security, r.Peer.Identity
-	upstream, err := p.dialRoute(pd, rec.Dst, r, "")
+	upstream, err := p.dialRoute(pd.ctx, pd, rec.Dst, r, "")
 	if err == nil && len(early) > 0 {
 		if _, err = upstream.Write(early); err != nil {
 			upstream.Close()
@@ -523,18 +529,18 @@ func decide(dst netip.Addr, byIP map[netip.Addr]Workload, local map[netip.Addr]*
 	return route{Security: admin.Plaintext}
 }
 
-// dialRoute opens the upstream side of a connection from pod from to dst along r;
-// protocol tells a tunnel what the stream carries (tunnel.Pool.Connect).
-func (p *Proxy) dialRoute(from *pod, dst netip.AddrPort, r route, protocol string) (pipe.HalfCloser, error) {
+// dialRoute opens the upstream side of a connection from pod from to dst along r,
+// within ctx; protocol tells a tunnel what the stream carries (tunnel.Pool.Connect).
+func (p *Proxy) dialRoute(ctx context.Context, from *pod, dst netip.AddrPort, r route, protocol string) (pipe.HalfCloser, error) {
 	switch r.Security {
 	case admin.SameNode:
-		return p.dialApp(from.ctx, r.Local, dst)
+		return p.dialApp(ctx, r.Local, dst)
 	case admin.MTLS:
-		ctx, cancel := context.WithTimeout(from.ctx, dialTimeout)
+		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
 		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst, protocol)
 	default:
-		return from.net.Dial(from.ctx, netip.Addr{}, dst)
+		return from.net.Dial(ctx, netip.Addr{}, dst)
 	}
 }
 
