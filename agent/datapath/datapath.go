@@ -96,6 +96,9 @@ type Datapath struct {
 	objs     *bpf.Objects
 	links    map[string]link.Link // cgroup and sk_msg links, by pin name
 	skLookup map[uint64]link.Link // by netns cookie
+	// lock is held on the pin folder from the start of Start to the end of Stop:
+	// another agent using the same pins stops before it adopts them.
+	lock *Lock
 }
 
 // New validates cfg and fills in defaults; it touches nothing in the kernel.
@@ -151,22 +154,27 @@ func (d *Datapath) Start(ctx context.Context) error {
 	if d.objs != nil {
 		return errors.New("datapath already started")
 	}
-	if err := EnsureBPFFS(d.cfg.PinDir); err != nil {
+	lock, err := lockPinDir(d.cfg.PinDir)
+	if err != nil {
 		return err
 	}
+	d.lock = lock
 	if err := os.MkdirAll(filepath.Join(d.cfg.PinDir, linksDir), 0o700); err != nil {
+		d.stopLocked()
 		return fmt.Errorf("create links folder: %w", err)
 	}
 	d.cgroup = d.cfg.CgroupPath
 	if d.cgroup == "" {
 		mnt, err := Cgroup2Mount()
 		if err != nil {
+			d.stopLocked()
 			return err
 		}
 		d.cgroup = mnt
 	}
 	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
+		d.stopLocked()
 		return err
 	}
 	d.objs = objs
@@ -177,6 +185,18 @@ func (d *Datapath) Start(ctx context.Context) error {
 	d.log.Info("datapath started", "pin_dir", d.cfg.PinDir, "cgroup", d.cgroup, "fast_path", d.cfg.FastPath,
 		"enrolled", len(d.skLookup))
 	return nil
+}
+
+// lockPinDir locks the pin folder before anything under it is read or changed. A
+// pin folder on bpffs is locked as it is; one that is missing or not on bpffs cannot
+// hold a live agent's pins, so it is made (and bpffs mounted) first.
+func lockPinDir(dir string) (*Lock, error) {
+	if ok, err := isBPFFS(dir); err != nil || !ok {
+		if err := EnsureBPFFS(dir); err != nil {
+			return nil, err
+		}
+	}
+	return LockDir(dir)
 }
 
 func (d *Datapath) start(ctx context.Context) error {
@@ -379,6 +399,9 @@ func (d *Datapath) stopLocked() error {
 		errs = append(errs, d.objs.Close())
 		d.objs = nil
 	}
+	// Last: the next agent may adopt the pins once this one holds nothing.
+	errs = append(errs, d.lock.Unlock())
+	d.lock = nil
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close datapath: %w", err)
 	}
@@ -394,31 +417,40 @@ func (d *Datapath) started() error {
 
 // Enroll starts capturing the pod whose network namespace is h: its netns cookie goes
 // into enrolled_netns (outbound) and an sk_lookup program is attached to the
-// namespace and pinned (inbound). Enrolling again is harmless. It returns the cookie.
-func (d *Datapath) Enroll(h *netns.Handle, pod string) (uint64, error) {
-	cookie, err := h.Cookie()
+// namespace and pinned (inbound). Enrolling again is harmless. It returns the cookie
+// and whether the namespace was enrolled already (by a previous run): a caller whose
+// later step fails must leave such a pod captured, not release what it did not add.
+func (d *Datapath) Enroll(h *netns.Handle, pod string) (cookie uint64, adopted bool, err error) {
+	cookie, err = h.Cookie()
 	if err != nil {
-		return 0, fmt.Errorf("enroll %s: %w", pod, err)
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.started(); err != nil {
-		return 0, err
+		return 0, false, err
 	}
+	pinned, err := d.objs.Enrolled()
+	if err != nil {
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
+	}
+	_, adopted = pinned[cookie]
 	if err := d.objs.Enroll(cookie, pod); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if _, ok := d.skLookup[cookie]; ok {
-		return cookie, nil
+		return cookie, adopted, nil
 	}
 	l, err := d.attachSkLookup(h, cookie)
 	if err != nil {
-		d.objs.Unenroll(cookie)
-		return 0, fmt.Errorf("enroll %s: %w", pod, err)
+		if !adopted { // only this call's entry goes; a pinned one keeps the pod captured
+			d.objs.Unenroll(cookie)
+		}
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
 	}
 	d.skLookup[cookie] = l
-	d.log.Info("enrolled", "pod", pod, "netns_cookie", cookie)
-	return cookie, nil
+	d.log.Info("enrolled", "pod", pod, "netns_cookie", cookie, "adopted", adopted)
+	return cookie, adopted, nil
 }
 
 func (d *Datapath) attachSkLookup(h *netns.Handle, cookie uint64) (link.Link, error) {

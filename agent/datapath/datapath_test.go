@@ -137,9 +137,12 @@ func TestRestartAdoptsPins(t *testing.T) {
 	pod := privileged.NewNetns(t)
 
 	d1 := f.start(t, true)
-	cookie, err := d1.Enroll(pod, "default/web-0")
+	cookie, adopted, err := d1.Enroll(pod, "default/web-0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if adopted {
+		t.Error("a first enrollment reported as adopted")
 	}
 	ids1 := map[string]ebpf.MapID{}
 	for name, m := range objMaps(d1) {
@@ -176,8 +179,8 @@ func TestRestartAdoptsPins(t *testing.T) {
 		t.Fatalf("enrolled after restart %v, want %d → default/web-0", enrolled, cookie)
 	}
 	// Re-enrolling an adopted pod reuses its link.
-	if _, err := d2.Enroll(pod, "default/web-0"); err != nil {
-		t.Fatal(err)
+	if _, adopted, err := d2.Enroll(pod, "default/web-0"); err != nil || !adopted {
+		t.Fatalf("re-enroll after restart: adopted %v, %v", adopted, err)
 	}
 	if got := linkIDs(t, f.pinDir); !equalMaps(got, links1) {
 		t.Errorf("links after re-enroll %v, want %v", got, links1)
@@ -245,7 +248,7 @@ func TestOrigDstRoundTrip(t *testing.T) {
 	d := f.start(t, false)
 	defer d.Stop(context.Background())
 	pod := privileged.NewNetns(t)
-	cookie, err := d.Enroll(pod, "default/client")
+	cookie, _, err := d.Enroll(pod, "default/client")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -368,7 +371,7 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	f := newFixture(t)
 	d := f.start(t, true)
 	pod := privileged.NewNetns(t)
-	if _, err := d.Enroll(pod, "default/web-0"); err != nil {
+	if _, _, err := d.Enroll(pod, "default/web-0"); err != nil {
 		t.Fatal(err)
 	}
 	mine := map[string]bool{} // "prog 12", "map 7", "link 3"
