@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -203,16 +205,7 @@ type testAgent struct {
 
 func newTestAgent(t *testing.T) *testAgent {
 	t.Helper()
-	ev := &events{}
-	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}, fail: map[string]error{}},
-		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
-	a, err := newAgent(Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.pods = ta.pods
-	ta.Agent = a
-	return ta
+	return newTestAgentWith(t, func(*Config) {})
 }
 
 type pod struct{ uid, name, node, ip, sa string }
@@ -412,4 +405,159 @@ func TestStartFailureStopsWhatStarted(t *testing.T) {
 	if got := ta2.ev.all(); !slices.Equal(got, []string{"capture start"}) {
 		t.Errorf("events %v: a capture that failed to start is not stopped", got)
 	}
+}
+
+// TestSecondAgentChangesNothing: a second agent for the node (same state folder)
+// fails on the lock, naming the first, before any part of it starts; the first's
+// sockets are the same files after.
+func TestSecondAgentChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	first := newTestAgentIn(t, dir)
+	first.netns.add(podA.ip)
+	first.writeState(t, first.state(t, 1, podA))
+	if err := first.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Stop(context.Background())
+	sockets := []string{filepath.Join(dir, "agent.sock"), filepath.Join(dir, "observer.sock")}
+	before := inodes(t, sockets...)
+
+	second := newTestAgentIn(t, dir)
+	second.netns.add(podA.ip)
+	second.writeState(t, second.state(t, 1, podA))
+	err := second.Start(t.Context())
+	if !errors.Is(err, datapath.ErrLocked) {
+		t.Fatalf("second agent: %v, want the lock held", err)
+	}
+	if !strings.Contains(err.Error(), "pid "+strconv.Itoa(os.Getpid())) {
+		t.Errorf("error %q does not name the running agent's pid", err)
+	}
+	if got := second.ev.all(); len(got) != 0 {
+		t.Errorf("second agent did %v", got)
+	}
+	if after := inodes(t, sockets...); !slices.Equal(after, before) {
+		t.Errorf("the first agent's sockets changed: %v → %v", before, after)
+	}
+	if got := first.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Errorf("first agent's capture now %v", got)
+	}
+}
+
+// TestAdoptedPodFailsClosed: a pod a previous run captured whose listeners cannot be
+// opened stays captured (its traffic is refused, never plaintext) and is not pruned
+// as stale; once it can be served, it is.
+func TestAdoptedPodFailsClosed(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.capture.pinned[7] = "default/a"
+	ta.pods.fail["default/a"] = errors.New("outbound listener: bind: address already in use")
+	ta.netns.add(podA.ip)
+	ta.writeState(t, ta.state(t, 1, podA))
+	if err := ta.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer ta.Stop(context.Background())
+	for _, e := range ta.ev.all() {
+		if strings.HasPrefix(e, "release") || strings.HasPrefix(e, "prune") {
+			t.Fatalf("adopted pod uncaptured: %v", ta.ev.all())
+		}
+	}
+	if got := ta.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Fatalf("captured %v, want a kept", got)
+	}
+	if ta.capture.pinned[7] != "default/a" || !ta.capture.kept[7] {
+		t.Errorf("adopted enrollment not kept by the prune: pinned %v, kept %v", ta.capture.pinned, ta.capture.kept)
+	}
+	ta.pods.mu.Lock()
+	delete(ta.pods.fail, "default/a")
+	ta.pods.mu.Unlock()
+	ta.reconcile()
+	if got := ta.servedNames(); !slices.Equal(got, []string{"default/a"}) {
+		t.Fatalf("served %v once the listeners could open", got)
+	}
+	ta.mu.Lock()
+	adopted := ta.enrolled["ua"].adopted
+	ta.mu.Unlock()
+	if !adopted {
+		t.Error("a not recorded as adopted")
+	}
+}
+
+// TestNewPodNotServedIsReleased: a pod this agent captured itself but cannot serve is
+// released again, as before the agent came.
+func TestNewPodNotServedIsReleased(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.pods.fail["default/b"] = errors.New("inbound listener: bind: address already in use")
+	ta.netns.add(podB.ip)
+	ta.writeState(t, ta.state(t, 1, podB))
+	if err := ta.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer ta.Stop(context.Background())
+	if got := ta.capture.pods(); len(got) != 0 {
+		t.Fatalf("captured %v, want b released", got)
+	}
+}
+
+// TestFailedStartLeavesKernelAsFound: a start that fails after pods were enrolled
+// releases the pods it enrolled itself and leaves the adopted ones captured.
+func TestFailedStartLeavesKernelAsFound(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.capture.pinned[7] = "default/a"
+	ta.netns.add(podA.ip)
+	ta.netns.add(podB.ip)
+	ta.writeState(t, ta.state(t, 1, podA, podB))
+	late := errors.New("late part failed")
+	ta.parts = append(ta.parts, part{"late", hooks{start: func(context.Context) error { return late }}})
+	if err := ta.Start(t.Context()); !errors.Is(err, late) {
+		t.Fatalf("start: %v", err)
+	}
+	ev := ta.ev.all()
+	if !slices.Contains(ev, "release default/b") || slices.Contains(ev, "release default/a") {
+		t.Errorf("events %v: want b (enrolled by this run) released, a (adopted) left", ev)
+	}
+	if ta.capture.pinned[7] != "default/a" {
+		t.Errorf("adopted enrollment gone: %v", ta.capture.pinned)
+	}
+	if got := ta.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Errorf("captured after the failed start %v, want only a as found", got)
+	}
+}
+
+// newTestAgentIn is newTestAgent with its admin and observer sockets (and so its
+// lock) in dir.
+func newTestAgentIn(t *testing.T, dir string) *testAgent {
+	t.Helper()
+	return newTestAgentWith(t, func(c *Config) { c.AdminSocket = filepath.Join(dir, "agent.sock") })
+}
+
+// newTestAgentWith is an agent on node1 fed from a state file, its config changed by
+// set.
+func newTestAgentWith(t *testing.T, set func(*Config)) *testAgent {
+	t.Helper()
+	ev := &events{}
+	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}, fail: map[string]error{}},
+		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
+	cfg := Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}
+	set(&cfg)
+	a, err := newAgent(cfg, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.pods = ta.pods
+	ta.Agent = a
+	return ta
+}
+
+// inodes are the inode numbers of the files at paths.
+func inodes(t *testing.T, paths ...string) []uint64 {
+	t.Helper()
+	var out []uint64
+	for _, p := range paths {
+		var st syscall.Stat_t
+		if err := syscall.Stat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, st.Ino)
+	}
+	return out
 }
