@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -565,11 +566,19 @@ func (d *Datapath) SetExcludedPorts(ports []uint16) error {
 // Cleanup removes everything Ferry put in the kernel: it detaches and unpins the
 // links under pinDir (cgroup, sk_msg, sk_lookup), detaches any other Ferry program
 // link still on cgroupPath ("" = the cgroup v2 root), and removes the map pins and
-// the pin folder. Stop the agent first: programs and maps it holds open live on
-// until it exits. A missing pin folder is not an error.
+// the pin folder. Stop the agent first: Cleanup takes the pin folder's lock, and
+// refuses while an agent holds it rather than uncapture a running agent's pods. A
+// missing pin folder is not an error.
 func Cleanup(pinDir, cgroupPath string) error {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
+	}
+	if _, err := os.Stat(pinDir); err == nil {
+		lock, err := lockForCleanup(pinDir)
+		if err != nil {
+			return fmt.Errorf("cleanup: %w (stop the agent first)", err)
+		}
+		defer lock.Unlock()
 	}
 	var errs []error
 	linkDir := filepath.Join(pinDir, linksDir)
@@ -604,6 +613,19 @@ func Cleanup(pinDir, cgroupPath string) error {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	return nil
+}
+
+// lockForCleanup locks the pin folder, waiting a moment for an agent that was just
+// killed: the kernel drops its lock as the process ends, not as the signal is sent.
+func lockForCleanup(pinDir string) (*Lock, error) {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		lock, err := LockDir(pinDir)
+		if err == nil || !errors.Is(err, ErrLocked) || time.Now().After(deadline) {
+			return lock, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // detachCgroupLinks detaches links on the cgroup whose program is one of Ferry's,

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -509,4 +510,53 @@ func dialChild(t *testing.T, f fixture, h *netns.Handle, addr string) netip.Addr
 		t.Fatalf("child: %s", line)
 	}
 	return netip.MustParseAddrPort(fields[1])
+}
+
+// A second data path on the pins of a running one stops on the pin folder's lock
+// before it adopts anything: the links, their programs and the enrollments are the
+// first one's still; Cleanup refuses too. Once the first stops, the pins are free.
+func TestSecondStartLocked(t *testing.T) {
+	f := newFixture(t)
+	pod := privileged.NewNetns(t)
+	d1 := f.start(t, false)
+	defer d1.Stop(context.Background())
+	cookie, _, err := d1.Enroll(pod, "default/web-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	progs := func() []ProgramInfo {
+		ps, err := Programs(f.pinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ps
+	}
+	before := progs()
+
+	d2, err := New(Config{PinDir: f.pinDir, CgroupPath: f.cgroup, MaxPods: 16, FastPath: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Start(context.Background()); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second start: %v, want ErrLocked", err)
+	} else if !strings.Contains(err.Error(), fmt.Sprintf("pid %d", os.Getpid())) {
+		t.Errorf("error %q does not name the holder", err)
+	}
+	if err := Cleanup(f.pinDir, f.cgroup); !errors.Is(err, ErrLocked) {
+		t.Fatalf("cleanup while running: %v, want ErrLocked", err)
+	}
+	if after := progs(); !slices.Equal(after, before) {
+		t.Errorf("programs and links changed:\n%v\n→\n%v", before, after)
+	}
+	if enrolled, err := d1.Enrolled(); err != nil || enrolled[cookie] != "default/web-0" {
+		t.Errorf("enrolled after the second start %v (%v)", enrolled, err)
+	}
+
+	if err := d1.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Start(context.Background()); err != nil {
+		t.Fatalf("start once the first stopped: %v", err)
+	}
+	d2.Stop(context.Background())
 }
