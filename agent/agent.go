@@ -342,6 +342,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	for _, p := range a.parts {
 		if err := p.c.Start(ctx); err != nil {
 			err = fmt.Errorf("start %s: %w", p.name, err)
+			if errors.Is(err, datapath.ErrLocked) {
+				// The lock file or the pin folder's: either comes before this agent
+				// has touched the running one's pins, pods, sockets or files.
+				err = fmt.Errorf("%w; this agent exits leaving the running one as it was", err)
+			}
 			a.mu.Lock()
 			a.aborting = true
 			a.mu.Unlock()

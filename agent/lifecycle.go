@@ -5,7 +5,6 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 
 	"github.com/ferrymesh/ferry/agent/datapath"
@@ -29,7 +28,7 @@ type nodeLock struct {
 func (l *nodeLock) Start(context.Context) error {
 	lock, err := datapath.LockFile(l.path)
 	if err != nil {
-		return fmt.Errorf("%w; this agent exits having changed nothing", err)
+		return err
 	}
 	l.lock = lock
 	l.log.Info("agent lock taken", "lock", l.path)
