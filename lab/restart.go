@@ -86,7 +86,9 @@ func (l *Lab) agentExtraArgs(node string, pid int) ([]string, error) {
 	for _, a := range bytes.Split(bytes.TrimSuffix(raw, []byte{0}), []byte{0}) {
 		argv = append(argv, string(a))
 	}
-	if len(argv) < len(base) || !slices.Equal(argv[:len(base)], base) {
+	// The flags, not argv[0]: a wrapper the lab runs as its agent binary (setpriv,
+	// say) may exec the agent under another name.
+	if len(argv) < len(base) || !slices.Equal(argv[1:len(base)], base[1:]) {
 		return nil, fmt.Errorf("pid %d runs %q, not the lab's agent command %q", pid, argv, base)
 	}
 	return argv[len(base):], nil
