@@ -104,6 +104,11 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 type Capture interface {
 	Start(ctx context.Context) error
 	Stop(ctx context.Context) error
+	// Lock takes the node's lock on the pins (an agent's first step, before Start)
+	// and Unlock releases it (its last, after Stop): while one agent holds it,
+	// another fails before it touches anything.
+	Lock() error
+	Unlock() error
 	// Enroll starts capturing the pod whose namespace is ns and returns the
 	// namespace's cookie, and whether the pod was captured already (adopted from a
 	// previous run): a later failure must not release what this agent did not add.
@@ -297,6 +302,11 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	if p := cfg.lockPath(); p != "" {
 		a.parts = append(a.parts, part{"lock", &nodeLock{path: p, log: log}})
 	}
+	// The pins' lock too, in case two agents' state folders differ.
+	a.parts = append(a.parts, part{"pin lock", hooks{
+		start: func(context.Context) error { return capture.Lock() },
+		stop:  func(context.Context) error { return capture.Unlock() },
+	}})
 	// Tracing outlives the proxy, so the spans of the requests it drains are sent.
 	a.parts = append(a.parts, part{"tracing", a.tracer})
 	if cfg.HealthAddr != "" {

@@ -71,6 +71,10 @@ func (f *fakeCapture) Stop(context.Context) error {
 	return nil
 }
 
+// The fake's pins are its own maps, which no other agent shares: nothing to lock.
+func (*fakeCapture) Lock() error   { return nil }
+func (*fakeCapture) Unlock() error { return nil }
+
 // Enroll adopts the enrollment a previous run pinned for the pod, if any.
 func (f *fakeCapture) Enroll(_ *netns.Handle, pod string) (uint64, bool, error) {
 	f.mu.Lock()

@@ -83,6 +83,12 @@ func (c *IPTables) Start(ctx context.Context) error { return c.dp.Start(ctx) }
 // Stop releases the eBPF data path (see Datapath.Stop).
 func (c *IPTables) Stop(ctx context.Context) error { return c.dp.Stop(ctx) }
 
+// Lock takes the pin folder's lock (see Datapath.Lock).
+func (c *IPTables) Lock() error { return c.dp.Lock() }
+
+// Unlock releases it (see Datapath.Unlock).
+func (c *IPTables) Unlock() error { return c.dp.Unlock() }
+
 // Enroll installs the REDIRECT rules in the pod's namespace and returns its cookie,
 // and whether the rules were there already (a killed agent's).
 func (c *IPTables) Enroll(h *netns.Handle, _ string) (uint64, bool, error) {

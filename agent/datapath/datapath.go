@@ -97,9 +97,11 @@ type Datapath struct {
 	objs     *bpf.Objects
 	links    map[string]link.Link // cgroup and sk_msg links, by pin name
 	skLookup map[uint64]link.Link // by netns cookie
-	// lock is held on the pin folder from the start of Start to the end of Stop:
-	// another agent using the same pins stops before it adopts them.
-	lock *Lock
+	// lock is held on the pin folder from Lock (or the start of Start) to Unlock
+	// (or the end of Stop): another agent using the same pins stops before it adopts
+	// them. startLocked says Start took it, so Stop lets it go.
+	lock        *Lock
+	startLocked bool
 }
 
 // New validates cfg and fills in defaults; it touches nothing in the kernel.
@@ -155,11 +157,13 @@ func (d *Datapath) Start(ctx context.Context) error {
 	if d.objs != nil {
 		return errors.New("datapath already started")
 	}
-	lock, err := lockPinDir(d.cfg.PinDir)
-	if err != nil {
-		return err
+	if d.lock == nil {
+		lock, err := lockPinDir(d.cfg.PinDir)
+		if err != nil {
+			return err
+		}
+		d.lock, d.startLocked = lock, true
 	}
-	d.lock = lock
 	if err := os.MkdirAll(filepath.Join(d.cfg.PinDir, linksDir), 0o700); err != nil {
 		d.stopLocked()
 		return fmt.Errorf("create links folder: %w", err)
@@ -186,6 +190,36 @@ func (d *Datapath) Start(ctx context.Context) error {
 	d.log.Info("datapath started", "pin_dir", d.cfg.PinDir, "cgroup", d.cgroup, "fast_path", d.cfg.FastPath,
 		"enrolled", len(d.skLookup))
 	return nil
+}
+
+// Lock takes the pin folder's lock without starting anything, for an agent that
+// must hold it before it does anything else (open a socket, remove a stale one);
+// Start then finds it held. It fails with ErrLocked, naming the holder, while
+// another process holds it. Unlock releases it.
+func (d *Datapath) Lock() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.lock != nil {
+		return nil
+	}
+	lock, err := lockPinDir(d.cfg.PinDir)
+	if err != nil {
+		return err
+	}
+	d.lock = lock
+	return nil
+}
+
+// Unlock releases the lock Lock took; call it after Stop.
+func (d *Datapath) Unlock() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.startLocked {
+		return nil // Stop's to release
+	}
+	err := d.lock.Unlock()
+	d.lock = nil
+	return err
 }
 
 // lockPinDir locks the pin folder before anything under it is read or changed. A
@@ -401,8 +435,10 @@ func (d *Datapath) stopLocked() error {
 		d.objs = nil
 	}
 	// Last: the next agent may adopt the pins once this one holds nothing.
-	errs = append(errs, d.lock.Unlock())
-	d.lock = nil
+	if d.startLocked {
+		errs = append(errs, d.lock.Unlock())
+		d.lock, d.startLocked = nil, false
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close datapath: %w", err)
 	}

@@ -552,11 +552,35 @@ func TestSecondStartLocked(t *testing.T) {
 		t.Errorf("enrolled after the second start %v (%v)", enrolled, err)
 	}
 
+	if err := d2.Lock(); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second lock: %v, want ErrLocked", err)
+	}
+
 	if err := d1.Stop(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+	// An agent locks first and starts after; the lock outlives Stop until Unlock.
+	if err := d2.Lock(); err != nil {
+		t.Fatalf("lock once the first stopped: %v", err)
 	}
 	if err := d2.Start(context.Background()); err != nil {
 		t.Fatalf("start once the first stopped: %v", err)
 	}
-	d2.Stop(context.Background())
+	if err := d2.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d3, err := New(Config{PinDir: f.pinDir, CgroupPath: f.cgroup, MaxPods: 16}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Lock(); !errors.Is(err, ErrLocked) {
+		t.Fatalf("lock after Stop, before Unlock: %v, want ErrLocked", err)
+	}
+	if err := d2.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Lock(); err != nil {
+		t.Fatalf("lock after Unlock: %v", err)
+	}
+	d3.Unlock()
 }

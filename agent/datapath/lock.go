@@ -44,9 +44,9 @@ func LockFile(path string) (*Lock, error) {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	if err := flock(f); err != nil {
-		holder := lockHolder(f)
+		err = lockedError(path, f, err)
 		f.Close()
-		return nil, lockedError(path, holder, err)
+		return nil, err
 	}
 	// Ours now: the pid of a previous holder (which has exited) is replaced.
 	if err := f.Truncate(0); err == nil {
@@ -68,9 +68,9 @@ func LockDir(dir string) (*Lock, error) {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
 	if err := flock(f); err != nil {
-		holder := lockHolder(f)
+		err = lockedError(dir, f, err)
 		f.Close()
-		return nil, lockedError(dir, holder, err)
+		return nil, err
 	}
 	return &Lock{path: dir, f: f}, nil
 }
@@ -84,37 +84,35 @@ func flock(f *os.File) error {
 	}
 }
 
-func lockedError(path string, holder int, err error) error {
+func lockedError(path string, f *os.File, err error) error {
 	if !errors.Is(err, unix.EWOULDBLOCK) {
 		return fmt.Errorf("lock %s: %w", path, err)
 	}
-	who := "a process this one cannot see"
-	if holder > 0 {
-		who = "pid " + strconv.Itoa(holder)
-		if cmd := processName(holder); cmd != "" {
-			who += " (" + cmd + ")"
-		}
-	}
-	return fmt.Errorf("lock %s is %w for this node: %s", path, ErrLocked, who)
+	return fmt.Errorf("lock %s is %w for this node: %s", path, ErrLocked, lockHolder(f))
 }
 
-// lockHolder is the pid holding a flock on f's inode: the one /proc/locks lists,
-// else the pid a lock file holds. 0 when neither says.
-func lockHolder(f *os.File) int {
+// lockHolder names the process holding a flock on f's inode: the pid /proc/locks
+// lists, with its command name; else (the holder is in a pid namespace this one
+// cannot see) the pid a lock file holds, as the holder saw it.
+func lockHolder(f *os.File) string {
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err == nil {
-		if pid := procLocksHolder(st.Dev, st.Ino); pid > 0 {
-			return pid
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return "a process this one cannot see"
+	}
+	if pid := procLocksHolder(st.Dev, st.Ino); pid > 0 {
+		if cmd := processName(pid); cmd != "" {
+			return fmt.Sprintf("pid %d (%s)", pid, cmd)
 		}
+		return fmt.Sprintf("pid %d", pid)
 	}
 	if st.Mode&unix.S_IFMT == unix.S_IFREG {
 		b := make([]byte, 32)
 		n, _ := f.ReadAt(b, 0)
 		if pid, err := strconv.Atoi(strings.TrimSpace(string(b[:n]))); err == nil {
-			return pid
+			return fmt.Sprintf("pid %d (in its own pid namespace, from the lock file)", pid)
 		}
 	}
-	return 0
+	return "a process this one cannot see"
 }
 
 // procLocksHolder finds the FLOCK on the inode (dev, ino) in /proc/locks, whose lines
