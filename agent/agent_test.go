@@ -565,3 +565,21 @@ func inodes(t *testing.T, paths ...string) []uint64 {
 	}
 	return out
 }
+
+// The lock lives in the agent's state folder: the flag's path, else beside the admin
+// socket, else beside the operator mode's state cache.
+func TestLockPath(t *testing.T) {
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{LockFile: "/x/l", AdminSocket: "/run/ferry/agent.sock"}, "/x/l"},
+		{Config{AdminSocket: "/run/ferry/agent.sock", StateCache: "/var/ferry/state.cache", Operator: "op:1"}, "/run/ferry/agent.lock"},
+		{Config{StateCache: "/var/ferry/state.cache", Operator: "op:1"}, "/var/ferry/agent.lock"},
+		{Config{StateCache: "/var/ferry/state.cache", StatePath: "/s.json"}, ""}, // no cache without an operator
+	} {
+		if got := c.cfg.lockPath(); got != c.want {
+			t.Errorf("%+v: lock at %q, want %q", c.cfg, got, c.want)
+		}
+	}
+}

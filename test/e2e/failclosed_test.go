@@ -50,13 +50,16 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 
 	first := e.lab.AgentPID("node1")
 	before := e.owned(t, "node1", true)
+	t.Logf("node1's agent owns %d enrollments, %d links, %d pins, %d files in its state folder, %d in-pod listeners",
+		len(before.Enrolled), len(before.Programs), len(before.Pins), len(before.Files), len(before.Listeners))
 
 	out, err := e.secondAgent(t, "node1")
 	checkRefused(t, out, err, first, "agent.lock")
 
-	// Another state folder (and no health port): only the pin folder is shared.
+	// Another state folder: the pin folder's lock stops it, before it binds the health
+	// port (in use) or opens a socket.
 	other := t.TempDir()
-	out, err = e.secondAgent(t, "node1", "--admin-socket", filepath.Join(other, "agent.sock"), "--health-addr=")
+	out, err = e.secondAgent(t, "node1", "--admin-socket", filepath.Join(other, "agent.sock"))
 	checkRefused(t, out, err, first, e.lab.Config().Prefix+"-node1")
 	if entries, _ := os.ReadDir(other); len(entries) != 1 || entries[0].Name() != "agent.lock" {
 		t.Errorf("the refused agent left %v in its own state folder, want only its lock", entries)
@@ -87,6 +90,7 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 	if captured(t, pcap, Marker) {
 		t.Error("a→c payload crossed the fabric in plaintext")
 	}
+	t.Logf("a→c: %d new connections and one long-lived one, all mTLS, none failed", ok)
 }
 
 // TestFailedStartLeavesKernelAsFound: node1's agent stops (its pins keep a captured),
