@@ -292,12 +292,15 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		}
 	}
 
-	// The order is what each part needs, and fail-closed: first the lock, so that
-	// a second agent for the node stops before it changes anything; then every step
-	// that can fail for reasons of its own (addresses in use, a bad state file)
-	// before the capture adopts the pins and enrolls pods, so that a failed start
-	// leaves the kernel as it found it. The enrolled pods' namespaces outlive the
-	// proxy that dials in them; the state arrives once the proxy can take pods.
+	// The order is what each part needs, and fail-closed: first the locks, so that
+	// a second agent for the node stops before it changes anything; then the steps
+	// that can fail for reasons of their own (a TCP address in use, a bad state
+	// file) before the capture adopts the pins and enrolls pods, so that a failed
+	// start leaves the kernel as it found it. The enrolled pods' namespaces outlive
+	// the proxy that dials in them; the state arrives once the proxy can take pods.
+	// The admin API comes last: its /status answering says the agent has started
+	// (the lab and the tests wait for it), and a unix socket it opens after
+	// removing a stale one cannot be in use.
 	a.parts = nil
 	if p := cfg.lockPath(); p != "" {
 		a.parts = append(a.parts, part{"lock", &nodeLock{path: p, log: log}})
@@ -311,9 +314,6 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	a.parts = append(a.parts, part{"tracing", a.tracer})
 	if cfg.HealthAddr != "" {
 		a.parts = append(a.parts, part{"health", healthserver.New(cfg.HealthAddr, healthserver.Routes{Ready: a.ready}, log)})
-	}
-	if a.admin != nil {
-		a.parts = append(a.parts, part{"admin API", a.admin})
 	}
 	a.parts = append(a.parts, part{"observability", a.obs})
 	if cfg.Operator == "" {
@@ -337,11 +337,15 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		)
 	}
 	a.parts = append(a.parts, part{"reconcile", &loop{run: a.reconcileLoop}})
+	if a.admin != nil {
+		a.parts = append(a.parts, part{"admin API", a.admin})
+	}
 	return a, nil
 }
 
-// Start starts the agent's parts in order: the lock, the servers, the capture
-// (adopting what a previous run pinned), the proxy and the state (file or operator).
+// Start starts the agent's parts in order: the locks, the health and observer
+// listeners, the capture (adopting what a previous run pinned), the proxy, the state
+// (file or operator) and the admin API.
 // If one fails, the ones started are stopped again and the pods this run enrolled
 // are released; what it adopted stays as it was. The parts' goroutines live until
 // ctx ends or Stop.
@@ -379,9 +383,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	return nil
 }
 
-// Stop stops the started parts in reverse order: the state, the proxy (which waits
-// for proxied connections to end), the pods' namespaces, the capture, the servers
-// and last the lock. eBPF capture stays pinned, so it keeps working for the next
+// Stop stops the started parts in reverse order: the admin API, the state, the proxy
+// (which waits for proxied connections to end), the pods' namespaces, the capture,
+// the health and observer listeners and last the locks. eBPF capture stays pinned, so it keeps working for the next
 // agent, which adopts it once the lock is free.
 func (a *Agent) Stop(ctx context.Context) error {
 	var errs []error
