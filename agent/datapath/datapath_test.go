@@ -31,6 +31,9 @@ import (
 const childEnv = "FERRY_DATAPATH_TEST_CHILD"
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv(lockChildEnv); path != "" {
+		lockChild(path)
+	}
 	if addr := os.Getenv(childEnv); addr != "" {
 		// Child: connect to addr from the netns and cgroup the test started us in.
 		c, err := net.DialTimeout("tcp", addr, 3*time.Second)

@@ -3,12 +3,12 @@ package datapath
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -75,52 +75,54 @@ func TestLockDirExclusive(t *testing.T) {
 	}
 }
 
+// lockChildEnv makes the test binary a child that takes the lock on the file it names,
+// says "locked" and waits to be killed.
+const lockChildEnv = "FERRY_DATAPATH_TEST_LOCK"
+
+func lockChild(path string) {
+	if _, err := LockFile(path); err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	fmt.Println("locked")
+	time.Sleep(time.Hour) // until the test kills it
+	os.Exit(0)
+}
+
 // The kernel drops the lock of a process that dies: a crashed agent never keeps the
 // next one out.
 func TestLockDiesWithProcess(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "agent.lock")
-	if err := os.WriteFile(path, []byte("1\n"), 0o600); err != nil {
+	self, err := os.Executable()
+	if err != nil {
 		t.Fatal(err)
 	}
-	// -o: the command does not inherit the lock, so flock(1) alone holds it.
-	holder := exec.Command("flock", "-o", "--exclusive", path, "sh", "-c", "echo $$; exec sleep 60")
+	holder := exec.Command(self, "-test.run=^$")
+	holder.Env = append(os.Environ(), lockChildEnv+"="+path)
 	out, err := holder.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := holder.Start(); err != nil {
-		t.Fatalf("flock(1): %v", err)
+		t.Fatal(err)
 	}
 	defer holder.Process.Kill()
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatalf("flock(1) said %q: %v", line, err)
-	}
-	sleeper, err := strconv.Atoi(strings.TrimSpace(line))
-	if err != nil {
-		t.Fatal(err)
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "locked\n" {
+		t.Fatalf("child said %q: %v", line, err)
 	}
 	_, err = LockFile(path)
 	if !errors.Is(err, ErrLocked) {
-		t.Fatalf("lock held by flock(1): %v, want ErrLocked", err)
+		t.Fatalf("lock held by the child: %v, want ErrLocked", err)
 	}
 	if !strings.Contains(err.Error(), "pid "+strconv.Itoa(holder.Process.Pid)) {
-		t.Errorf("error %q does not name flock(1), pid %d", err, holder.Process.Pid)
+		t.Errorf("error %q does not name the child, pid %d", err, holder.Process.Pid)
 	}
-	// flock(1) is killed (a crash): the kernel drops its lock.
+	// The child is killed (a crash): the kernel drops its lock.
 	holder.Process.Kill()
 	holder.Wait()
-	syscall.Kill(sleeper, syscall.SIGKILL)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		l, err := LockFile(path)
-		if err == nil {
-			l.Unlock()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("lock after the holder died: %v", err)
-		}
-		time.Sleep(10 * time.Millisecond)
+	l, err := LockFile(path)
+	if err != nil {
+		t.Fatalf("lock after the holder died: %v", err)
 	}
+	l.Unlock()
 }

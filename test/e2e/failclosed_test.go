@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/privileged"
@@ -349,37 +350,68 @@ func tree(t *testing.T, dir string, keep func(name string) bool) []string {
 	return out
 }
 
-// meshListeners are the agent's listening sockets in the pod (ss -tlne), with
-// their inodes.
+// meshListeners are the agent's listening sockets in the pod, with their inodes.
 func meshListeners(t *testing.T, p lab.PodInfo) []string {
 	t.Helper()
-	out, err := exec.Command("nsenter", "--net="+p.Netns, "--", "ss", "-Htlne").Output()
-	if err != nil {
-		t.Fatalf("ss in %s: %v", p.Name, err)
-	}
 	var ls []string
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 4 {
-			continue
+	for _, l := range listening(t, p.Netns) {
+		if l.port == 15001 || l.port == 15006 || l.port == 15008 {
+			ls = append(ls, fmt.Sprintf("%s %s:%d ino %s", p.Name, l.addr, l.port, l.inode))
 		}
-		_, port, _ := net.SplitHostPort(f[3])
-		if port != "15001" && port != "15006" && port != "15008" {
-			continue
-		}
-		ino := ""
-		for _, x := range f {
-			if strings.HasPrefix(x, "ino:") {
-				ino = x
-			}
-		}
-		ls = append(ls, p.Name+" "+f[3]+" "+ino)
 	}
 	if len(ls) < 3 {
-		t.Fatalf("pod %s has mesh listeners %v, want 15001, 15006 and 15008:\n%s", p.Name, ls, out)
+		t.Fatalf("pod %s has mesh listeners %v, want 15001, 15006 and 15008", p.Name, ls)
 	}
 	slices.Sort(ls)
 	return ls
+}
+
+// tcpListener is a listening TCP socket as /proc/net/tcp{,6} lists it.
+type tcpListener struct {
+	addr  string // hex, as the kernel writes it
+	port  int
+	inode string
+}
+
+// listening lists the listening TCP sockets of the network namespace at path, read
+// from /proc/thread-self/net/tcp{,6} on a thread inside it.
+func listening(t *testing.T, path string) []tcpListener {
+	t.Helper()
+	h, err := netns.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var out []tcpListener
+	err = h.Do(func() error {
+		for _, f := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				return err
+			}
+			for _, line := range strings.Split(string(b), "\n")[1:] {
+				// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+				fs := strings.Fields(line)
+				if len(fs) < 10 || fs[3] != "0A" { // 0A: TCP_LISTEN
+					continue
+				}
+				addr, port, ok := strings.Cut(fs[1], ":")
+				if !ok {
+					continue
+				}
+				n, err := strconv.ParseUint(port, 16, 16)
+				if err != nil {
+					continue
+				}
+				out = append(out, tcpListener{addr: addr, port: int(n), inode: fs[9]})
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("listeners in %s: %v", path, err)
+	}
+	return out
 }
 
 // secondAgent runs node's agent a second time: the running one's command line (plus
@@ -526,8 +558,7 @@ func waitListening(t *testing.T, path string, port int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		out, _ := exec.Command("nsenter", "--net="+path, "--", "ss", "-Htln", "sport = :"+strconv.Itoa(port)).Output()
-		if len(bytes.TrimSpace(out)) > 0 {
+		if slices.ContainsFunc(listening(t, path), func(l tcpListener) bool { return l.port == port }) {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
