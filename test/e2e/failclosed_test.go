@@ -54,16 +54,33 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 	t.Logf("node1's agent owns %d enrollments, %d links, %d pins, %d files in its state folder, %d in-pod listeners",
 		len(before.Enrolled), len(before.Programs), len(before.Pins), len(before.Files), len(before.Listeners))
 
-	out, err := e.secondAgent(t, "node1")
-	checkRefused(t, out, err, first, "agent.lock")
-
-	// Another state folder: the pin folder's lock stops it, before it binds the health
-	// port (in use) or opens a socket.
+	// A new connection every 50 ms for as long as the second agents come and go.
+	probe := make(chan scenarioResult, 1)
+	go func() {
+		res, err := e.run(t, "a", "probe", caddr, "6")
+		if err != nil {
+			t.Errorf("probe a→c: %v", err)
+		}
+		probe <- res
+	}()
+	duringFrom := tr.ok()
 	other := t.TempDir()
-	out, err = e.secondAgent(t, "node1", "--admin-socket", filepath.Join(other, "agent.sock"))
-	checkRefused(t, out, err, first, e.lab.Config().Prefix+"-node1")
-	if entries, _ := os.ReadDir(other); len(entries) != 1 || entries[0].Name() != "agent.lock" {
-		t.Errorf("the refused agent left %v in its own state folder, want only its lock", entries)
+	for range 3 {
+		out, err := e.secondAgent(t, "node1")
+		checkRefused(t, out, err, first, "agent.lock")
+
+		// Another state folder: the pin folder's lock stops it, before it binds the
+		// health port (in use) or opens a socket.
+		out, err = e.secondAgent(t, "node1", "--admin-socket", filepath.Join(other, "agent.sock"))
+		checkRefused(t, out, err, first, e.lab.Config().Prefix+"-node1")
+		if entries, _ := os.ReadDir(other); len(entries) != 1 || entries[0].Name() != "agent.lock" {
+			t.Errorf("the refused agent left %v in its own state folder, want only its lock", entries)
+		}
+		time.Sleep(time.Second)
+	}
+	probed := (<-probe).Bytes / 64
+	if during := tr.ok() - duringFrom; during == 0 || probed == 0 {
+		t.Errorf("a→c while the second agents ran: %d echo connections, %d probes ok", during, probed)
 	}
 
 	after := e.owned(t, "node1", true)
@@ -87,11 +104,12 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 		t.Errorf("long-lived connection a→c: %v", err)
 	}
 	stopCapture()
-	e.checkMTLSOnly(t, "node2", "a", ok)
+	e.checkMTLSOnly(t, "node2", "a", ok+int(probed))
+	e.checkOutboundOK(t, "node1", "a", "c", ok+int(probed))
 	if captured(t, pcap, Marker) {
 		t.Error("a→c payload crossed the fabric in plaintext")
 	}
-	t.Logf("a→c: %d new connections and one long-lived one, all mTLS, none failed", ok)
+	t.Logf("a→c: %d echo connections, %d probes and one long-lived connection, all mTLS, none failed", ok, probed)
 }
 
 // TestFailedStartLeavesKernelAsFound: node1's agent stops (its pins keep a captured),
@@ -485,6 +503,30 @@ func (e *env) checkMTLSOnly(t *testing.T, node, pod string, n int) {
 	}
 	if seen < n {
 		t.Errorf("%s recorded %d connections from %s, want at least %d", node, seen, pod, n)
+	}
+}
+
+// checkOutboundOK: node's agent carried at least n connections from pod to dst, and
+// every one went out over mTLS and was forwarded without an error; none was refused
+// or went plaintext.
+func (e *env) checkOutboundOK(t *testing.T, node, pod, dst string, n int) {
+	t.Helper()
+	cs, err := e.admin(node).Connections(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, to, seen := e.pod(pod).IP, e.pod(dst).IP, 0
+	for _, c := range cs.Ended {
+		if c.Direction != admin.Outbound || c.Src.Addr() != src || c.Dst.Addr() != to {
+			continue
+		}
+		seen++
+		if c.Security != admin.MTLS || c.Verdict != admin.VerdictForwarded || c.Error != "" {
+			t.Errorf("%s carried %s→%s as %s, %s: %s", node, pod, dst, c.Security, c.Verdict, c.Error)
+		}
+	}
+	if seen < n {
+		t.Errorf("%s carried %d connections %s→%s, want at least %d", node, seen, pod, dst, n)
 	}
 }
 
