@@ -52,7 +52,7 @@ type Config struct {
 	// LockFile is the agent's lock in its state folder (pid inside): while one agent
 	// holds it, another for the node exits before touching anything. "" means
 	// agent.lock beside AdminSocket, or beside StateCache without one; the pin folder
-	// is locked too whatever this says (Datapath.Start).
+	// is locked too whatever this says (Capture.Lock).
 	LockFile string
 	// Datapath configures the eBPF data path, loaded in both capture modes; its mark
 	// and mesh ports are also the proxy's.
@@ -104,9 +104,9 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 type Capture interface {
 	Start(ctx context.Context) error
 	Stop(ctx context.Context) error
-	// Lock takes the node's lock on the pins (an agent's first step, before Start)
-	// and Unlock releases it (its last, after Stop): while one agent holds it,
-	// another fails before it touches anything.
+	// Lock takes the node's lock on the pins (among an agent's first steps, before
+	// Start) and Unlock releases it (among its last, after Stop): while one agent
+	// holds it, another fails before it touches anything.
 	Lock() error
 	Unlock() error
 	// Enroll starts capturing the pod whose namespace is ns and returns the
@@ -301,7 +301,6 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	// The admin API comes last: its /status answering says the agent has started
 	// (the lab and the tests wait for it), and a unix socket it opens after
 	// removing a stale one cannot be in use.
-	a.parts = nil
 	if p := cfg.lockPath(); p != "" {
 		a.parts = append(a.parts, part{"lock", &nodeLock{path: p, log: log}})
 	}
@@ -345,10 +344,9 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 
 // Start starts the agent's parts in order: the locks, the health and observer
 // listeners, the capture (adopting what a previous run pinned), the proxy, the state
-// (file or operator) and the admin API.
-// If one fails, the ones started are stopped again and the pods this run enrolled
-// are released; what it adopted stays as it was. The parts' goroutines live until
-// ctx ends or Stop.
+// (file or operator) and the admin API. If one fails, the ones started are stopped
+// again and the pods this run enrolled are released; what it adopted stays as it
+// was. The parts' goroutines live until ctx ends or Stop.
 func (a *Agent) Start(ctx context.Context) error {
 	if len(a.started) != 0 {
 		return errors.New("agent already started")
@@ -385,8 +383,8 @@ func (a *Agent) Start(ctx context.Context) error {
 
 // Stop stops the started parts in reverse order: the admin API, the state, the proxy
 // (which waits for proxied connections to end), the pods' namespaces, the capture,
-// the health and observer listeners and last the locks. eBPF capture stays pinned, so it keeps working for the next
-// agent, which adopts it once the lock is free.
+// the health and observer listeners and last the locks. eBPF capture stays pinned,
+// so it keeps working for the next agent, which adopts it once the locks are free.
 func (a *Agent) Stop(ctx context.Context) error {
 	var errs []error
 	for i := len(a.started) - 1; i >= 0; i-- {
