@@ -172,8 +172,7 @@ func TestTrafficPolicyConflict(t *testing.T) {
 
 func TestTrafficPolicyRejected(t *testing.T) {
 	logs, log := newLog()
-	ring := policy("ring", 0, v1alpha1.LoadBalancerRingHash, "web", "api")
-	ring.Spec.LoadBalancer.HashHeader = "x-user"
+	ring := policy("ring", 0, "Maglev", "web", "api")
 	// An older policy that is rejected does not shadow a newer good one.
 	good := policy("good", time.Minute, v1alpha1.LoadBalancerRoundRobin, "api")
 	// A bad target rejects the whole policy, its good target too.
@@ -185,7 +184,7 @@ func TestTrafficPolicyRejected(t *testing.T) {
 	if got["shop/web"] != "" || got["shop/api"] != "RoundRobin" {
 		t.Fatalf("load balancers %v; want web default (both its policies rejected), api RoundRobin", got)
 	}
-	if len(logs.lines("level=ERROR", "traffic policy rejected", "policy=shop/ring", "field=spec.loadBalancer.type", "value=RingHash", "not implemented by the proxy")) != 1 {
+	if len(logs.lines("level=ERROR", "traffic policy rejected", "policy=shop/ring", "field=spec.loadBalancer.type", "value=Maglev", "not implemented by the proxy")) != 1 {
 		t.Errorf("no error naming policy ring and its field:\n%s", logs)
 	}
 	if len(logs.lines("level=ERROR", "policy=shop/bad-ref", "field=spec.targetRefs[1].group", "value=apps")) != 1 {
@@ -234,9 +233,11 @@ func TestTrafficPolicyWatched(t *testing.T) {
 	}
 	update("LeastRequest")
 	wait("policy changed", "LeastRequest")
-	// Changed to a type the proxy lacks: rejected whole, web back to the default.
-	update("RingHash")
-	wait("policy changed to RingHash", "")
+	// Changed to a type the proxy lacks: rejected whole, the last good
+	// generation stays in force.
+	update("Maglev")
+	time.Sleep(100 * time.Millisecond)
+	wait("policy changed to Maglev", "LeastRequest")
 	update("Random")
 	wait("policy fixed", "Random")
 	if err := res.Delete(ctx, "web-lb", metav1.DeleteOptions{}); err != nil {
