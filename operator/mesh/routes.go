@@ -369,23 +369,23 @@ func compileRoute(rs *routeSpec, env *routeEnv) (*compiledRoute, *configError) {
 	return cr, nil
 }
 
-// serviceParent says whether a parentRef names a Service (GAMMA) rather than a
+// ServiceParent says whether a parentRef names a Service (GAMMA) rather than a
 // Gateway. The API server defaults an unset group to Gateway API's; local mode
 // has no defaulting, so there an unset group with kind Service is a Service too.
-func serviceParent(p gatewayv1.ParentReference) bool {
+func ServiceParent(p gatewayv1.ParentReference) bool {
 	return p.Kind != nil && *p.Kind == "Service" && (p.Group == nil || *p.Group == "" || *p.Group == "core")
 }
 
 // servesMesh says whether a route has a Service among its parents, so that Ferry
 // is the controller to apply it and report on it.
 func servesMesh(parents []gatewayv1.ParentReference) bool {
-	return slices.ContainsFunc(parents, serviceParent)
+	return slices.ContainsFunc(parents, ServiceParent)
 }
 
 func routeTargets(rs *routeSpec, env *routeEnv) ([]target, *configError) {
 	var out []target
 	for i, p := range rs.parents {
-		if !serviceParent(p) {
+		if !ServiceParent(p) {
 			continue // a Gateway's; another controller's business
 		}
 		field := fmt.Sprintf("spec.parentRefs[%d]", i)
@@ -1115,7 +1115,7 @@ func (oc *routeOutcome) status() *ferryv1.ConfigStatus {
 	rs := oc.spec
 	cs := &ferryv1.ConfigStatus{Kind: rs.key.kind, Name: rs.key.namespace + "/" + rs.key.name, File: rs.file, Generation: uint64(max(rs.generation, 0))}
 	for _, p := range rs.parents {
-		if serviceParent(p) {
+		if ServiceParent(p) {
 			t := cmp.Or(string(deref(p.Namespace)), rs.key.namespace) + "/" + string(p.Name)
 			if !slices.Contains(cs.Targets, t) {
 				cs.Targets = append(cs.Targets, t)
