@@ -21,8 +21,13 @@ import (
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
-// statusRetry is how soon a status that could not be written is tried again.
-const statusRetry = time.Second
+// A status that could not be written is tried again after statusRetry, doubling
+// up to statusRetryMax while writes keep failing (RBAC fixed later, API server
+// down), so a lasting failure is not logged every second.
+const (
+	statusRetry    = time.Second
+	statusRetryMax = 30 * time.Second
+)
 
 // writeRouteStatus writes every route's conditions to its status whenever the
 // mesh view's verdict on it changes, while this replica leads, until ctx ends.
@@ -32,18 +37,21 @@ const statusRetry = time.Second
 func (o *Operator) writeRouteStatus(ctx context.Context) {
 	written := map[string]*ferryv1.ConfigStatus{}
 	var retry <-chan time.Time
+	delay := statusRetry
 	for {
 		snap, changed := o.view.Current()
 		if !o.leader.Load() {
 			clear(written) // a new leader checks everything again
 		} else if snap != nil {
 			failed := false
+			current := map[string]bool{}
 			for _, cs := range snap.ConfigStatus {
 				gvr, ok := routeResource(cs.Kind)
 				if !ok {
 					continue
 				}
 				key := cs.Kind + " " + cs.Name
+				current[key] = true
 				if proto.Equal(written[key], cs) {
 					continue
 				}
@@ -51,15 +59,23 @@ func (o *Operator) writeRouteStatus(ctx context.Context) {
 					if ctx.Err() != nil {
 						return
 					}
-					o.log.Warn("route status not written; retrying", "route", key, "error", err, "retry_in", statusRetry)
+					o.log.Warn("route status not written; retrying", "route", key, "error", err, "retry_in", delay)
 					failed = true
 					continue
 				}
 				written[key] = cs
 			}
+			for key := range written {
+				if !current[key] {
+					delete(written, key) // the route is gone
+				}
+			}
 			retry = nil
 			if failed {
-				retry = time.After(statusRetry)
+				retry = time.After(delay)
+				delay = min(2*delay, statusRetryMax)
+			} else {
+				delay = statusRetry
 			}
 		}
 		select {

@@ -8,6 +8,8 @@ package mesh
 
 import (
 	"cmp"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"regexp"
@@ -150,6 +152,8 @@ type ruleSpec struct {
 	backends []gatewayv1.HTTPBackendRef
 	timeouts *gatewayv1.HTTPRouteTimeouts
 	retry    *gatewayv1.HTTPRouteRetry
+	// sessionPersistence is set: the proxy has no sessions to keep.
+	sessionPersistence bool
 	// field is where the rule is ("spec.rules[2]"), for messages.
 	field string
 }
@@ -170,7 +174,8 @@ func httpRouteSpec(r *gatewayv1.HTTPRoute) *routeSpec {
 	rs := newRouteSpec(KindHTTPRoute, r.ObjectMeta, r.Spec.ParentRefs)
 	for i, rule := range r.Spec.Rules {
 		f := fmt.Sprintf("spec.rules[%d]", i)
-		out := ruleSpec{filters: rule.Filters, backends: rule.BackendRefs, timeouts: rule.Timeouts, retry: rule.Retry, field: f}
+		out := ruleSpec{filters: rule.Filters, backends: rule.BackendRefs, timeouts: rule.Timeouts, retry: rule.Retry, field: f,
+			sessionPersistence: rule.SessionPersistence != nil}
 		for j, m := range rule.Matches {
 			out.matches = append(out.matches, matchSpec{path: m.Path, headers: m.Headers, query: m.QueryParams, method: m.Method,
 				pathField: "path", field: fmt.Sprintf("%s.matches[%d]", f, j)})
@@ -190,7 +195,7 @@ func grpcRouteSpec(r *gatewayv1.GRPCRoute) (*routeSpec, *configError) {
 	rs := newRouteSpec(KindGRPCRoute, r.ObjectMeta, r.Spec.ParentRefs)
 	for i, rule := range r.Spec.Rules {
 		f := fmt.Sprintf("spec.rules[%d]", i)
-		out := ruleSpec{field: f}
+		out := ruleSpec{field: f, sessionPersistence: rule.SessionPersistence != nil}
 		for j, flt := range rule.Filters {
 			hf, err := grpcFilter(flt, fmt.Sprintf("%s.filters[%d]", f, j))
 			if err != nil {
@@ -346,6 +351,9 @@ func compileRoute(rs *routeSpec, env *routeEnv) (*compiledRoute, *configError) {
 	}
 	cr.targets = targets
 	for _, rule := range rs.rules {
+		if rule.sessionPersistence {
+			return nil, unsupported(rule.field+".sessionPersistence", "not implemented by the proxy")
+		}
 		fr := &ferryv1.RouteRule{Route: rs.key.String(), Index: uint32(len(cr.rules))}
 		matches, err := compileMatches(rule)
 		if err != nil {
@@ -1059,32 +1067,30 @@ func (v *View) logRoutes(notes []routeNote) {
 // routeOutcome compiles one route object, falling back to its last good
 // generation; nil when the route has no Service parent (it is a Gateway's).
 func (v *View) routeOutcome(kind string, u *unstructured.Unstructured, env *routeEnv) *routeOutcome {
+	var common struct {
+		Spec gatewayv1.CommonRouteSpec `json:"spec"`
+	}
+	// The parents first, so a route of a Gateway is never judged here, whatever
+	// the rest of it says.
+	if err := decodeRoute(u, &common); err != nil || !servesMesh(common.Spec.ParentRefs) {
+		return nil
+	}
 	var rs *routeSpec
 	var cerr *configError
-	var parents []gatewayv1.ParentReference
 	switch kind {
 	case KindHTTPRoute:
 		r := &gatewayv1.HTTPRoute{}
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, r); err != nil {
-			rs, cerr = newRouteSpec(kind, metaOf(u), nil), unsupported("spec", err.Error())
-			break
+		if cerr = decodeRoute(u, r); cerr == nil {
+			rs = httpRouteSpec(r)
 		}
-		parents = r.Spec.ParentRefs
-		rs = httpRouteSpec(r)
 	case KindGRPCRoute:
 		r := &gatewayv1.GRPCRoute{}
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, r); err != nil {
-			rs, cerr = newRouteSpec(kind, metaOf(u), nil), unsupported("spec", err.Error())
-			break
-		}
-		parents = r.Spec.ParentRefs
-		rs, cerr = grpcRouteSpec(r)
-		if rs == nil {
-			rs = newRouteSpec(kind, r.ObjectMeta, r.Spec.ParentRefs)
+		if cerr = decodeRoute(u, r); cerr == nil {
+			rs, cerr = grpcRouteSpec(r)
 		}
 	}
-	if cerr == nil && !servesMesh(parents) {
-		return nil
+	if rs == nil {
+		rs = newRouteSpec(kind, metaOf(u), common.Spec.ParentRefs)
 	}
 	oc := &routeOutcome{spec: rs, err: cerr}
 	if cerr == nil {
@@ -1103,6 +1109,25 @@ func (v *View) routeOutcome(kind string, u *unstructured.Unstructured, env *rout
 		}
 	}
 	return oc
+}
+
+// decodeRoute decodes a route through JSON, whose errors name the field (a
+// cluster's schema has checked the types already; local mode's manifests were
+// decoded strictly when read).
+func decodeRoute(u *unstructured.Unstructured, into any) *configError {
+	data, err := json.Marshal(u.Object)
+	if err == nil {
+		err = json.Unmarshal(data, into)
+	}
+	if err != nil {
+		field := "spec"
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			field = te.Field
+		}
+		return unsupported(field, err.Error())
+	}
+	return nil
 }
 
 func metaOf(u *unstructured.Unstructured) metav1.ObjectMeta {

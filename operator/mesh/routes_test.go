@@ -409,6 +409,10 @@ func TestRouteRejected(t *testing.T) {
 			cond: "Accepted", reason: "UnsupportedValue", field: "spec.rules[0].timeouts.backendRequest"},
 		{name: "retry code out of range", rules: `  - retry: {attempts: 2, codes: [200]}`,
 			cond: "Accepted", reason: "UnsupportedValue", field: "spec.rules[0].retry.codes[0]"},
+		{name: "session persistence", rules: `  - sessionPersistence: {sessionName: s}`,
+			cond: "Accepted", reason: "UnsupportedValue", field: "spec.rules[0].sessionPersistence"},
+		{name: "wrong type", rules: `  - matches: [{method: 5}]`,
+			cond: "Accepted", reason: "UnsupportedValue", field: "spec.rules.matches.method"},
 		{name: "parent does not exist", rules: `  - {}`, parents: `[{kind: Service, name: nope}]`,
 			cond: "Accepted", reason: "NoMatchingParent", field: "spec.parentRefs[0].name"},
 		{name: "parent port does not exist", rules: `  - {}`, parents: `[{kind: Service, name: web, port: 81}]`,
@@ -560,6 +564,13 @@ metadata: {name: edge, namespace: shop}
 spec:
   parentRefs: [{name: public-gateway}]
   rules: [{backendRefs: [{name: nope, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: edge-rpc, namespace: shop}
+spec:
+  parentRefs: [{group: gateway.networking.k8s.io, kind: Service, name: web}]
+  rules: [{filters: [{type: ExtensionRef, extensionRef: {group: x, kind: y, name: z}}]}]
 `)
 	if s, _ := v.Current(); len(s.ConfigStatus) != 0 || len(service(t, v.View, "shop/web").RouteTables) != 0 {
 		t.Fatalf("a Gateway's route is in the mesh: %v", s.ConfigStatus)
