@@ -367,6 +367,9 @@ func TestExampleManifests(t *testing.T) {
 	if len(snap.Workloads) != 2 || len(snap.Services) != 1 {
 		t.Fatalf("%d workloads and %d services, want web and api, and service api", len(snap.Workloads), len(snap.Services))
 	}
+	if len(snap.Services[0].RouteTables) != 1 || len(snap.ConfigStatus) != 1 || !snap.ConfigStatus[0].Conditions[0].Status {
+		t.Fatalf("api's route tables %v, statuses %v; want routes.yaml's route accepted", snap.Services[0].RouteTables, snap.ConfigStatus)
+	}
 	for _, node := range []string{"node1", "node2"} {
 		if _, err := os.Stat(filepath.Join(state, "tokens", node)); err != nil {
 			t.Errorf("token of %s: %v", node, err)
@@ -512,9 +515,16 @@ func TestLocalModeRoutes(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// Files are replaced whole, as editors save them: the loader's poll must not
+	// see an empty file, which would delete the route (and its last good
+	// generation) for a moment.
 	write := func(name, content string) {
 		t.Helper()
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+		tmp := filepath.Join(base, name)
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
