@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"golang.org/x/net/http/httpguts"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
@@ -446,7 +447,11 @@ func compileMatches(rule ruleSpec) ([]*ferryv1.RouteMatch, *configError) {
 			fm.Method = string(*m.method)
 		}
 		for i, h := range m.headers {
-			nm, err := namedMatch(string(h.Name), (*string)(h.Type), h.Value, fmt.Sprintf("%s.headers[%d]", m.field, i))
+			field := fmt.Sprintf("%s.headers[%d]", m.field, i)
+			if h.Name != "" && !httpguts.ValidHeaderFieldName(string(h.Name)) {
+				return nil, unsupported(field+".name", fmt.Sprintf("%q: not a header name", h.Name))
+			}
+			nm, err := namedMatch(string(h.Name), (*string)(h.Type), h.Value, field)
 			if err != nil {
 				return nil, err
 			}
@@ -510,8 +515,14 @@ func knownMethod(m string) bool {
 
 func compileFilters(rs *routeSpec, rule ruleSpec, env *routeEnv, fr *ferryv1.RouteRule) *configError {
 	var redirect, rewrite bool
+	seen := map[gatewayv1.HTTPRouteFilterType]bool{}
 	for i, f := range rule.filters {
 		field := fmt.Sprintf("%s.filters[%d]", rule.field, i)
+		// Gateway API: each filter at most once in a rule, but for mirrors.
+		if seen[f.Type] && f.Type != gatewayv1.HTTPRouteFilterRequestMirror {
+			return unsupported(field+".type", fmt.Sprintf("a second %s filter in the rule", f.Type))
+		}
+		seen[f.Type] = true
 		var out *ferryv1.RouteFilter
 		var err *configError
 		switch f.Type {
@@ -556,25 +567,42 @@ func headerModifier(h *gatewayv1.HTTPHeaderFilter, field string) (*ferryv1.Heade
 		return nil, unsupported(field, "required by the filter's type")
 	}
 	out := &ferryv1.HeaderModifier{}
-	for i, s := range h.Set {
-		if s.Name == "" {
-			return nil, unsupported(fmt.Sprintf("%s.set[%d].name", field, i), "required")
+	headers := func(list []gatewayv1.HTTPHeader, field string) ([]*ferryv1.Header, *configError) {
+		var hs []*ferryv1.Header
+		for i, x := range list {
+			if !httpguts.ValidHeaderFieldName(string(x.Name)) {
+				return nil, unsupported(fmt.Sprintf("%s[%d].name", field, i), fmt.Sprintf("%q: not a header name", x.Name))
+			}
+			if !httpguts.ValidHeaderFieldValue(x.Value) {
+				return nil, unsupported(fmt.Sprintf("%s[%d].value", field, i), fmt.Sprintf("%q: not a header value", x.Value))
+			}
+			hs = append(hs, &ferryv1.Header{Name: string(x.Name), Value: x.Value})
 		}
-		out.Set = append(out.Set, &ferryv1.Header{Name: string(s.Name), Value: s.Value})
+		return hs, nil
 	}
-	for i, a := range h.Add {
-		if a.Name == "" {
-			return nil, unsupported(fmt.Sprintf("%s.add[%d].name", field, i), "required")
-		}
-		out.Add = append(out.Add, &ferryv1.Header{Name: string(a.Name), Value: a.Value})
+	var err *configError
+	if out.Set, err = headers(h.Set, field+".set"); err != nil {
+		return nil, err
+	}
+	if out.Add, err = headers(h.Add, field+".add"); err != nil {
+		return nil, err
 	}
 	for i, r := range h.Remove {
-		if r == "" {
-			return nil, unsupported(fmt.Sprintf("%s.remove[%d]", field, i), "required")
+		if !httpguts.ValidHeaderFieldName(r) {
+			return nil, unsupported(fmt.Sprintf("%s.remove[%d]", field, i), fmt.Sprintf("%q: not a header name", r))
 		}
 	}
 	out.Remove = slices.Clone(h.Remove)
 	return out, nil
+}
+
+// hostnameValue checks a redirect's or rewrite's hostname: a host, without port,
+// path or user.
+func hostnameValue(h, field string) *configError {
+	if h != "" && (strings.ContainsAny(h, "/:?#@ ") || !httpguts.ValidHostHeader(h)) {
+		return unsupported(field, fmt.Sprintf("%q: not a host name", h))
+	}
+	return nil
 }
 
 func redirectFilter(r *gatewayv1.HTTPRequestRedirectFilter, rule ruleSpec, field string) (*ferryv1.Redirect, *configError) {
@@ -582,6 +610,9 @@ func redirectFilter(r *gatewayv1.HTTPRequestRedirectFilter, rule ruleSpec, field
 		return nil, unsupported(field, "required by the filter's type")
 	}
 	out := &ferryv1.Redirect{Scheme: deref(r.Scheme), Hostname: string(deref(r.Hostname)), StatusCode: defaultRedirectStatus}
+	if err := hostnameValue(out.Hostname, field+".hostname"); err != nil {
+		return nil, err
+	}
 	switch out.Scheme {
 	case "", "http", "https":
 	default:
@@ -611,6 +642,9 @@ func rewriteFilter(r *gatewayv1.HTTPURLRewriteFilter, rule ruleSpec, field strin
 	if r == nil {
 		return nil, unsupported(field, "required by the filter's type")
 	}
+	if err := hostnameValue(string(deref(r.Hostname)), field+".hostname"); err != nil {
+		return nil, err
+	}
 	pm, err := pathModifier(r.Path, rule, field+".path")
 	if err != nil {
 		return nil, err
@@ -629,10 +663,16 @@ func pathModifier(p *gatewayv1.HTTPPathModifier, rule ruleSpec, field string) (*
 		if p.ReplaceFullPath == nil {
 			return nil, unsupported(field+".replaceFullPath", "required by type ReplaceFullPath")
 		}
+		if !strings.HasPrefix(*p.ReplaceFullPath, "/") {
+			return nil, unsupported(field+".replaceFullPath", fmt.Sprintf("%q: a path starts with /", *p.ReplaceFullPath))
+		}
 		return &ferryv1.PathModifier{Type: string(p.Type), Value: *p.ReplaceFullPath}, nil
 	case gatewayv1.PrefixMatchHTTPPathModifier:
 		if p.ReplacePrefixMatch == nil {
 			return nil, unsupported(field+".replacePrefixMatch", "required by type ReplacePrefixMatch")
+		}
+		if v := *p.ReplacePrefixMatch; v != "" && !strings.HasPrefix(v, "/") {
+			return nil, unsupported(field+".replacePrefixMatch", fmt.Sprintf("%q: a path starts with / (or is empty)", v))
 		}
 		for _, m := range rule.matches {
 			if m.path == nil || cmp.Or(deref((*string)(m.path.Type)), string(gatewayv1.PathMatchPathPrefix)) != string(gatewayv1.PathMatchPathPrefix) {
