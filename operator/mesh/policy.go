@@ -8,13 +8,13 @@ package mesh
 import (
 	"cmp"
 	"fmt"
-	"math"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/v1alpha1"
+	"golang.org/x/net/http/httpguts"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
@@ -250,6 +250,9 @@ func compileTrafficPolicy(tp *v1alpha1.TrafficPolicy) (*policyResult, *policyNot
 		if lb.HashHeader != "" && lb.Type != v1alpha1.LoadBalancerRingHash {
 			return reject("spec.loadBalancer.hashHeader", lb.HashHeader, "only RingHash hashes a header")
 		}
+		if lb.HashHeader != "" && !httpguts.ValidHeaderFieldName(lb.HashHeader) {
+			return reject("spec.loadBalancer.hashHeader", lb.HashHeader, "not a header name")
+		}
 		res.lb, sp.HashHeader = string(lb.Type), lb.HashHeader
 	}
 	var bad *policyNote
@@ -262,7 +265,7 @@ func compileTrafficPolicy(tp *v1alpha1.TrafficPolicy) (*policyResult, *policyNot
 		if d == nil {
 			return 0
 		}
-		check(d.Duration >= 0 && d.Milliseconds() <= math.MaxUint32, field, d.Duration.String(), "not 0 to 49 days")
+		check(d.Duration >= 0 && d.Duration <= maxPolicyDuration, field, d.Duration.String(), "not 0 to "+maxPolicyDuration.String())
 		if d.Duration > 0 && d.Milliseconds() == 0 {
 			return 1
 		}
@@ -316,6 +319,8 @@ func compileTrafficPolicy(tp *v1alpha1.TrafficPolicy) (*policyResult, *policyNot
 		}
 	}
 	if o := tp.Spec.OutlierDetection; o != nil {
+		check(deref(o.ConsecutiveErrors) > 0 || deref(o.ConsecutiveGatewayErrors) > 0, "spec.outlierDetection", "",
+			"consecutiveErrors or consecutiveGatewayErrors is required, or nothing ejects an endpoint")
 		sp.OutlierDetection = &ferryv1.OutlierDetection{
 			Consecutive_5Xx:          count(o.ConsecutiveErrors, "spec.outlierDetection.consecutiveErrors"),
 			ConsecutiveGatewayErrors: count(o.ConsecutiveGatewayErrors, "spec.outlierDetection.consecutiveGatewayErrors"),
@@ -336,6 +341,7 @@ func compileTrafficPolicy(tp *v1alpha1.TrafficPolicy) (*policyResult, *policyNot
 		if d := f.Delay; d != nil {
 			sp.Fault.DelayPercent = percent(d.Percent, "spec.fault.delay.percent")
 			sp.Fault.DelayMs = ms(&d.Duration, "spec.fault.delay.duration")
+			check(sp.Fault.DelayMs > 0 || d.Percent == 0, "spec.fault.delay.duration", d.Duration.Duration.String(), "a delay of 0 delays nothing")
 		}
 	}
 	if b := tp.Spec.RetryBudget; b != nil {
@@ -362,6 +368,10 @@ func compileTrafficPolicy(tp *v1alpha1.TrafficPolicy) (*policyResult, *policyNot
 	}
 	return res, nil
 }
+
+// maxPolicyDuration bounds every duration of a policy, as the agent does (it
+// rejects a state with a longer one).
+const maxPolicyDuration = 24 * time.Hour
 
 // defaultRetryBudgetTTL is the window of a retry budget that does not say (as
 // Linkerd's).

@@ -298,13 +298,17 @@ func TestTrafficPolicyValues(t *testing.T) {
 		{`retries: {attempts: 1, "on": [sometimes]}`, "spec.retries.on[0]"},
 		{"circuitBreaker: {maxPendingRequests: -5}", "spec.circuitBreaker.maxPendingRequests"},
 		{"circuitBreaker: {maxRetries: 3}", "spec.circuitBreaker.maxRetries"},
-		{"outlierDetection: {maxEjectionPercent: 150}", "spec.outlierDetection.maxEjectionPercent"},
+		{"outlierDetection: {consecutiveErrors: 5, maxEjectionPercent: 150}", "spec.outlierDetection.maxEjectionPercent"},
 		{"retryBudget: {percent: 120}", "spec.retryBudget.percent"},
 		{"retryBudget: {percent: 20, ttl: 0s}", "spec.retryBudget.ttl"},
 		{"rateLimit: {requestsPerSecond: 0}", "spec.rateLimit.requestsPerSecond"},
 		{"rateLimit: {requestsPerSecond: 10, burst: 0}", "spec.rateLimit.burst"},
 		{"loadBalancer: {type: Random, hashHeader: x-user}", "spec.loadBalancer.hashHeader"},
 		{"timeouts: {connect: -1s}", "spec.timeouts.connect"},
+		{"timeouts: {idle: 25h}", "spec.timeouts.idle"},
+		{"outlierDetection: {interval: 1s}", "spec.outlierDetection"},
+		{"fault: {delay: {percent: 10, duration: 0s}}", "spec.fault.delay.duration"},
+		{"loadBalancer: {type: RingHash, hashHeader: \"x y\"}", "spec.loadBalancer.hashHeader"},
 	} {
 		t.Run(tc.field, func(t *testing.T) {
 			logs, log := newLog()

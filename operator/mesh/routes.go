@@ -61,6 +61,7 @@ const (
 	reasonPolicyInvalid     = "Invalid"
 	reasonPolicyConflicted  = "Conflicted"
 	defaultRetryAttempts    = 1
+	maxRetryAttempts        = 10 // as the agent and TrafficPolicy's retries
 	defaultRedirectStatus   = 302
 	defaultMirrorPercentage = 100
 )
@@ -846,8 +847,8 @@ func compileRetry(rule ruleSpec, fr *ferryv1.RouteRule) *configError {
 	field := rule.field + ".retry"
 	out := &ferryv1.RouteRetry{Attempts: defaultRetryAttempts}
 	if r.Attempts != nil {
-		if *r.Attempts < 0 || *r.Attempts > 100 {
-			return unsupported(field+".attempts", fmt.Sprintf("%d: not 0 to 100", *r.Attempts))
+		if *r.Attempts < 0 || *r.Attempts > maxRetryAttempts {
+			return unsupported(field+".attempts", fmt.Sprintf("%d: not 0 to %d", *r.Attempts, maxRetryAttempts))
 		}
 		out.Attempts = uint32(*r.Attempts)
 	}
