@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,11 @@ type Config struct {
 	// HealthAddr serves /healthz and /readyz (state applied at least once); "" disables.
 	HealthAddr  string
 	AdminSocket string // unix socket of the admin API; "" disables it
+	// LockFile is the agent's lock in its state folder (pid inside): while one agent
+	// holds it, another for the node exits before touching anything. "" means
+	// agent.lock beside AdminSocket, or beside StateCache without one; the pin folder
+	// is locked too whatever this says (Capture.Lock).
+	LockFile string
 	// Datapath configures the eBPF data path, loaded in both capture modes; its mark
 	// and mesh ports are also the proxy's.
 	Datapath datapath.Config
@@ -86,6 +92,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.StateCache, "state-cache", c.StateCache, "with --operator: file keeping the last state and certificates (0600) so a restarted agent serves before the operator answers (\"\" disables)")
 	fs.StringVar(&c.HealthAddr, "health-addr", c.HealthAddr, "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
 	fs.StringVar(&c.AdminSocket, "admin-socket", c.AdminSocket, "unix socket for the admin API (\"\" disables it)")
+	fs.StringVar(&c.LockFile, "lock-file", c.LockFile, "lock held while the agent runs, so a second agent for the node exits before touching anything (default: agent.lock beside --admin-socket, else beside --state-cache)")
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	c.Observe.Flags(fs)
@@ -97,9 +104,15 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 type Capture interface {
 	Start(ctx context.Context) error
 	Stop(ctx context.Context) error
+	// Lock takes the node's lock on the pins (among an agent's first steps, before
+	// Start) and Unlock releases it (among its last, after Stop): while one agent
+	// holds it, another fails before it touches anything.
+	Lock() error
+	Unlock() error
 	// Enroll starts capturing the pod whose namespace is ns and returns the
-	// namespace's cookie.
-	Enroll(ns *netns.Handle, pod string) (cookie uint64, err error)
+	// namespace's cookie, and whether the pod was captured already (adopted from a
+	// previous run): a later failure must not release what this agent did not add.
+	Enroll(ns *netns.Handle, pod string) (cookie uint64, adopted bool, err error)
 	// Release stops capturing a pod that left or changed.
 	Release(ns *netns.Handle, cookie uint64) error
 	// Leave is called for each enrolled pod when the agent stops; a capture that
@@ -117,6 +130,21 @@ type podServer interface {
 	SetServices(svcs []proxy.Service)
 	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
 	RemovePod(uid string)
+}
+
+// lockPath is where the agent's state-folder lock lives: LockFile, else agent.lock in
+// the folder of the admin socket or of the state cache; "" when the agent has no
+// state folder (the pin folder's lock still keeps a second agent out).
+func (c Config) lockPath() string {
+	switch {
+	case c.LockFile != "":
+		return c.LockFile
+	case c.AdminSocket != "":
+		return filepath.Join(filepath.Dir(c.AdminSocket), "agent.lock")
+	case c.Operator != "" && c.StateCache != "":
+		return filepath.Join(filepath.Dir(c.StateCache), "agent.lock")
+	}
+	return ""
 }
 
 // component is one part of the agent with a lifetime: Start starts its goroutines
@@ -160,18 +188,31 @@ type Agent struct {
 	parts   []part
 	started []part
 
+	// fileState is the state file as read before the capture starts, so that one
+	// the agent cannot use fails the start before anything changes; applied after.
+	fileState *ferryv1.NodeState
+
 	mu       sync.Mutex
 	state    *ferryv1.NodeState
 	applied  time.Time
 	want     map[string]proxy.Workload // this node's pods in the state, by UID
 	enrolled map[string]enrolledPod    // by pod UID
 	failing  map[string]string         // pods that could not be enrolled: last error
+	// held are the netns cookies of wanted pods not served yet (no certificate, a
+	// listener that would not open), by UID: their capture stays, so their traffic
+	// is refused rather than sent in plaintext, and stale pruning keeps it.
+	held map[string]uint64
+	// aborting is set while a failed Start stops what it started: the pods this run
+	// enrolled are released again, leaving the kernel as it was found.
+	aborting bool
 }
 
 type enrolledPod struct {
 	w      proxy.Workload
 	ns     *netns.Handle
 	cookie uint64
+	// adopted: the pod was captured when this agent came (a previous run's pins).
+	adopted bool
 }
 
 // New validates cfg and allocates the agent's parts; nothing touches the kernel yet.
@@ -204,7 +245,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		return nil, errors.New("agent config: give either a state file or an operator address")
 	}
 	a := &Agent{cfg: cfg, log: log, capture: capture, findNetns: findNetns, ids: identity.NewStore(),
-		enrolled: map[string]enrolledPod{}, failing: map[string]string{}, kick: make(chan struct{}, 1)}
+		enrolled: map[string]enrolledPod{}, failing: map[string]string{}, held: map[string]uint64{}, kick: make(chan struct{}, 1)}
 	var err error
 	if cfg.Operator != "" {
 		a.conn, err = controlplane.Dial(controlplane.DialConfig{Addr: cfg.Operator, CAFile: cfg.OperatorCA, TokenFile: cfg.TokenFile})
@@ -251,16 +292,37 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		}
 	}
 
-	// The order is what each part needs: capture before pods are enrolled into it;
-	// the enrolled pods' namespaces outlive the proxy that dials in them; the state
-	// arrives once the proxy can take pods; the servers report on all of it.
-	a.parts = []part{
-		// Tracing outlives the proxy, so the spans of the requests it drains are sent.
-		{"tracing", a.tracer},
-		{"capture", capture},
-		{"enrollments", hooks{stop: a.leavePods}},
-		{"proxy", a.proxy},
+	// The order is what each part needs, and fail-closed: first the locks, so that
+	// a second agent for the node stops before it changes anything; then the steps
+	// that can fail for reasons of their own (a TCP address in use, a bad state
+	// file) before the capture adopts the pins and enrolls pods, so that a failed
+	// start leaves the kernel as it found it. The enrolled pods' namespaces outlive
+	// the proxy that dials in them; the state arrives once the proxy can take pods.
+	// The admin API comes last: its /status answering says the agent has started
+	// (the lab and the tests wait for it), and a unix socket it opens after
+	// removing a stale one cannot be in use.
+	if p := cfg.lockPath(); p != "" {
+		a.parts = append(a.parts, part{"lock", &nodeLock{path: p, log: log}})
 	}
+	// The pins' lock too, in case two agents' state folders differ.
+	a.parts = append(a.parts, part{"pin lock", hooks{
+		start: func(context.Context) error { return capture.Lock() },
+		stop:  func(context.Context) error { return capture.Unlock() },
+	}})
+	// Tracing outlives the proxy, so the spans of the requests it drains are sent.
+	a.parts = append(a.parts, part{"tracing", a.tracer})
+	if cfg.HealthAddr != "" {
+		a.parts = append(a.parts, part{"health", healthserver.New(cfg.HealthAddr, healthserver.Routes{Ready: a.ready}, log)})
+	}
+	a.parts = append(a.parts, part{"observability", a.obs})
+	if cfg.Operator == "" {
+		a.parts = append(a.parts, part{"state file", hooks{start: a.readFile}})
+	}
+	a.parts = append(a.parts,
+		part{"capture", capture},
+		part{"enrollments", hooks{stop: a.leavePods}},
+		part{"proxy", a.proxy},
+	)
 	if cfg.Operator != "" {
 		a.parts = append(a.parts,
 			part{"state cache", hooks{start: a.loadCache}},
@@ -269,7 +331,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		)
 	} else {
 		a.parts = append(a.parts,
-			part{"state file", hooks{start: a.applyFile}},
+			part{"state", hooks{start: a.applyFile}},
 			part{"state file watch", &loop{run: func(ctx context.Context) { a.watchFile(ctx, cfg.StatePath, 500*time.Millisecond) }}},
 		)
 	}
@@ -277,16 +339,14 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	if a.admin != nil {
 		a.parts = append(a.parts, part{"admin API", a.admin})
 	}
-	a.parts = append(a.parts, part{"observability", a.obs})
-	if cfg.HealthAddr != "" {
-		a.parts = append(a.parts, part{"health", healthserver.New(cfg.HealthAddr, healthserver.Routes{Ready: a.ready}, log)})
-	}
 	return a, nil
 }
 
-// Start starts the agent's parts in order: the capture (adopting what a previous run
-// pinned), the proxy, the state (file or operator) and the servers. If one fails, the
-// ones started are stopped again. The parts' goroutines live until ctx ends or Stop.
+// Start starts the agent's parts in order: the locks, the health and observer
+// listeners, the capture (adopting what a previous run pinned), the proxy, the state
+// (file or operator) and the admin API. If one fails, the ones started are stopped
+// again and the pods this run enrolled are released; what it adopted stays as it
+// was. The parts' goroutines live until ctx ends or Stop.
 func (a *Agent) Start(ctx context.Context) error {
 	if len(a.started) != 0 {
 		return errors.New("agent already started")
@@ -294,7 +354,19 @@ func (a *Agent) Start(ctx context.Context) error {
 	for _, p := range a.parts {
 		if err := p.c.Start(ctx); err != nil {
 			err = fmt.Errorf("start %s: %w", p.name, err)
-			return errors.Join(err, a.Stop(ctx))
+			if errors.Is(err, datapath.ErrLocked) {
+				// The lock file or the pin folder's: either comes before this agent
+				// has touched the running one's pins, pods, sockets or files.
+				err = fmt.Errorf("%w; this agent exits leaving the running one as it was", err)
+			}
+			a.mu.Lock()
+			a.aborting = true
+			a.mu.Unlock()
+			err = errors.Join(err, a.Stop(ctx))
+			a.mu.Lock()
+			a.aborting = false
+			a.mu.Unlock()
+			return err
 		}
 		a.started = append(a.started, p)
 	}
@@ -309,9 +381,10 @@ func (a *Agent) Start(ctx context.Context) error {
 	return nil
 }
 
-// Stop stops the started parts in reverse order: the servers, the state, the proxy
-// (which waits for proxied connections to end), the pods' namespaces and the capture.
-// eBPF capture stays pinned, so it keeps working for the next agent, which adopts it.
+// Stop stops the started parts in reverse order: the admin API, the state, the proxy
+// (which waits for proxied connections to end), the pods' namespaces, the capture,
+// the health and observer listeners and last the locks. eBPF capture stays pinned,
+// so it keeps working for the next agent, which adopts it once the locks are free.
 func (a *Agent) Stop(ctx context.Context) error {
 	var errs []error
 	for i := len(a.started) - 1; i >= 0; i-- {
@@ -328,13 +401,32 @@ func (a *Agent) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// applyFile applies the state file and drops what a previous run enrolled for pods
-// no longer in it.
-func (a *Agent) applyFile(context.Context) error {
+// readFile reads the state file and checks it can be applied, before the capture
+// starts: a missing, malformed or other node's state fails the start having changed
+// nothing.
+func (a *Agent) readFile(context.Context) error {
 	st, err := ReadStateFile(a.cfg.StatePath)
 	if err != nil {
 		return err
 	}
+	if st.GetNode() != a.cfg.Node {
+		return fmt.Errorf("state is for node %q, this agent is node %q", st.GetNode(), a.cfg.Node)
+	}
+	if _, err := workloads(st); err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
+	if _, err := services(st); err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
+	a.fileState = st
+	return nil
+}
+
+// applyFile applies the state file read by readFile and drops what a previous run
+// enrolled for pods no longer in it.
+func (a *Agent) applyFile(context.Context) error {
+	st := a.fileState
+	a.fileState = nil
 	if err := a.Apply(st); err != nil {
 		return err
 	}
@@ -345,17 +437,25 @@ func (a *Agent) applyFile(context.Context) error {
 }
 
 // leavePods lets go of every enrolled pod as the agent stops: the capture decides
-// what stays (Capture.Leave), and the namespace handles are closed.
+// what stays (Capture.Leave), and the namespace handles are closed. After a failed
+// start, the pods this run enrolled itself are released instead: an agent that
+// did not start leaves the kernel as it found it, adopted pods still captured.
 func (a *Agent) leavePods(context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, p := range a.enrolled {
-		if err := a.capture.Leave(p.ns, p.cookie); err != nil {
+		if a.aborting && !p.adopted {
+			a.log.Info("start failed: releasing a pod this run enrolled", "pod", p.w.Name)
+			if err := a.capture.Release(p.ns, p.cookie); err != nil {
+				a.log.Warn("release capture", "pod", p.w.Name, "error", err)
+			}
+		} else if err := a.capture.Leave(p.ns, p.cookie); err != nil {
 			a.log.Warn("leave capture", "pod", p.w.Name, "error", err)
 		}
 		p.ns.Close()
 	}
 	a.enrolled = map[string]enrolledPod{}
+	a.held = map[string]uint64{}
 	return nil
 }
 
@@ -547,43 +647,66 @@ func (a *Agent) reconcileLocked() {
 			delete(a.enrolled, uid)
 		}
 	}
+	for uid := range a.held {
+		if _, ok := a.want[uid]; !ok {
+			delete(a.held, uid)
+		}
+	}
 	for uid, w := range a.want {
 		if _, ok := a.enrolled[uid]; ok {
 			continue
 		}
-		p, err := a.enroll(w)
+		p, cookie, err := a.enroll(w)
 		if err != nil {
 			if a.failing[uid] != err.Error() { // say it once, not every tick
 				a.log.Warn("pod not enrolled yet; will retry", "pod", w.Name, "error", err)
 			}
 			a.failing[uid] = err.Error()
+			if cookie != 0 {
+				a.held[uid] = cookie
+			} else {
+				delete(a.held, uid)
+			}
 			continue
 		}
 		delete(a.failing, uid)
+		delete(a.held, uid)
 		a.enrolled[uid] = p
 	}
 }
 
-func (a *Agent) enroll(w proxy.Workload) (enrolledPod, error) {
-	if _, err := a.ids.Certificate(w.Identity); err != nil {
-		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
-	}
+// enroll captures and serves the pod. On failure it returns the cookie of the pod's
+// namespace when there is one: a capture the pod had before (a previous run's) is
+// left in place, so the pod fails closed until it is served, and never drops to
+// plaintext; only a capture this call added is undone.
+func (a *Agent) enroll(w proxy.Workload) (enrolledPod, uint64, error) {
 	ns, err := a.findNetns(w.IPs[0])
 	if err != nil {
-		return enrolledPod{}, fmt.Errorf("pod %s: %w", w.Name, err)
+		return enrolledPod{}, 0, fmt.Errorf("pod %s: %w", w.Name, err)
 	}
-	cookie, err := a.capture.Enroll(ns, w.Name)
+	nsCookie, err := ns.Cookie()
 	if err != nil {
 		ns.Close()
-		return enrolledPod{}, fmt.Errorf("pod %s: enroll: %w", w.Name, err)
+		return enrolledPod{}, 0, fmt.Errorf("pod %s: %w", w.Name, err)
+	}
+	if _, err := a.ids.Certificate(w.Identity); err != nil {
+		ns.Close()
+		return enrolledPod{}, nsCookie, fmt.Errorf("pod %s: %w", w.Name, err)
+	}
+	cookie, adopted, err := a.capture.Enroll(ns, w.Name)
+	if err != nil {
+		ns.Close()
+		return enrolledPod{}, nsCookie, fmt.Errorf("pod %s: enroll: %w", w.Name, err)
 	}
 	if err := a.pods.AddPod(w, ns, cookie); err != nil {
-		a.capture.Release(ns, cookie)
+		if !adopted {
+			a.capture.Release(ns, cookie)
+		}
 		ns.Close()
-		return enrolledPod{}, err
+		return enrolledPod{}, cookie, err
 	}
-	a.log.Info("pod enrolled", "pod", w.Name, "netns_cookie", cookie, "identity", w.Identity)
-	return enrolledPod{w: w, ns: ns, cookie: cookie}, nil
+	a.log.Info("pod enrolled", "pod", w.Name, "netns_cookie", cookie, "identity", w.Identity, "adopted", adopted)
+	return enrolledPod{w: w, ns: ns, cookie: cookie, adopted: adopted}, 0, nil
 }
 
 func (a *Agent) unenroll(p enrolledPod) {
@@ -595,13 +718,17 @@ func (a *Agent) unenroll(p enrolledPod) {
 	a.log.Info("pod unenrolled", "pod", p.w.Name)
 }
 
-// removeStale drops enrollments a previous run left for pods that are gone.
+// removeStale drops enrollments a previous run left for pods that are gone; those of
+// wanted pods this agent could not serve yet are kept (see held).
 func (a *Agent) removeStale() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	keep := map[uint64]bool{}
 	for _, p := range a.enrolled {
 		keep[p.cookie] = true
+	}
+	for _, c := range a.held {
+		keep[c] = true
 	}
 	return a.capture.Prune(keep)
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -69,14 +71,26 @@ func (f *fakeCapture) Stop(context.Context) error {
 	return nil
 }
 
-func (f *fakeCapture) Enroll(_ *netns.Handle, pod string) (uint64, error) {
+// The fake's pins are its own maps, which no other agent shares: nothing to lock.
+func (*fakeCapture) Lock() error   { return nil }
+func (*fakeCapture) Unlock() error { return nil }
+
+// Enroll adopts the enrollment a previous run pinned for the pod, if any.
+func (f *fakeCapture) Enroll(_ *netns.Handle, pod string) (uint64, bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for c, p := range f.pinned {
+		if p == pod {
+			f.enrolled[c] = pod
+			f.ev.add("adopt " + pod)
+			return c, true, nil
+		}
+	}
 	c := f.next
 	f.next++
 	f.enrolled[c] = pod
 	f.ev.add("enroll " + pod)
-	return c, nil
+	return c, false, nil
 }
 
 func (f *fakeCapture) Release(_ *netns.Handle, cookie uint64) error {
@@ -84,6 +98,7 @@ func (f *fakeCapture) Release(_ *netns.Handle, cookie uint64) error {
 	defer f.mu.Unlock()
 	f.ev.add("release " + f.enrolled[cookie])
 	delete(f.enrolled, cookie)
+	delete(f.pinned, cookie)
 	return nil
 }
 
@@ -126,11 +141,13 @@ func (*fakeCapture) OutboundDst(uint64, *net.TCPConn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, errors.New("fake capture: no traffic")
 }
 
-// fakePods is the proxy's pod table.
+// fakePods is the proxy's pod table; a pod named in fail cannot be served (its
+// listeners would not open).
 type fakePods struct {
 	ev   *events
 	mu   sync.Mutex
 	pods map[string]proxy.Workload
+	fail map[string]error
 }
 
 func (f *fakePods) SetMesh([]proxy.Workload) {}
@@ -140,6 +157,10 @@ func (f *fakePods) SetServices([]proxy.Service) {}
 func (f *fakePods) AddPod(w proxy.Workload, _ proxy.Netns, _ uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.fail[w.Name]; err != nil {
+		f.ev.add("serve failed " + w.Name)
+		return err
+	}
 	f.pods[w.UID] = w
 	f.ev.add("serve " + w.Name)
 	return nil
@@ -188,16 +209,7 @@ type testAgent struct {
 
 func newTestAgent(t *testing.T) *testAgent {
 	t.Helper()
-	ev := &events{}
-	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}},
-		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
-	a, err := newAgent(Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.pods = ta.pods
-	ta.Agent = a
-	return ta
+	return newTestAgentWith(t, func(*Config) {})
 }
 
 type pod struct{ uid, name, node, ip, sa string }
@@ -376,7 +388,8 @@ func TestLifecycleOrder(t *testing.T) {
 }
 
 // TestStartFailureStopsWhatStarted: a part that fails to start stops the ones before
-// it, and the error names the part.
+// it, and the error names the part. A state file the agent cannot use fails the
+// start before the capture is touched.
 func TestStartFailureStopsWhatStarted(t *testing.T) {
 	ta := newTestAgent(t)
 	ta.writeState(t, &ferryv1.NodeState{Node: "node2"}) // another node's state: refused
@@ -384,15 +397,189 @@ func TestStartFailureStopsWhatStarted(t *testing.T) {
 	if err == nil {
 		t.Fatal("started with another node's state")
 	}
-	if got := ta.ev.all(); !slices.Equal(got, []string{"capture start", "capture stop"}) {
-		t.Errorf("events %v", got)
+	if got := ta.ev.all(); len(got) != 0 {
+		t.Errorf("events %v: the capture was touched for a state that cannot apply", got)
 	}
 	ta2 := newTestAgent(t)
+	ta2.writeState(t, ta2.state(t, 1))
 	ta2.capture.startErr = errors.New("no bpffs")
 	if err := ta2.Start(t.Context()); err == nil || !errors.Is(err, ta2.capture.startErr) {
 		t.Fatalf("start: %v", err)
 	}
 	if got := ta2.ev.all(); !slices.Equal(got, []string{"capture start"}) {
 		t.Errorf("events %v: a capture that failed to start is not stopped", got)
+	}
+}
+
+// TestSecondAgentChangesNothing: a second agent for the node (same state folder)
+// fails on the lock, naming the first, before any part of it starts; the first's
+// sockets are the same files after.
+func TestSecondAgentChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	first := newTestAgentIn(t, dir)
+	first.netns.add(podA.ip)
+	first.writeState(t, first.state(t, 1, podA))
+	if err := first.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Stop(context.Background())
+	sockets := []string{filepath.Join(dir, "agent.sock"), filepath.Join(dir, "observer.sock")}
+	before := inodes(t, sockets...)
+
+	second := newTestAgentIn(t, dir)
+	second.netns.add(podA.ip)
+	second.writeState(t, second.state(t, 1, podA))
+	err := second.Start(t.Context())
+	if !errors.Is(err, datapath.ErrLocked) {
+		t.Fatalf("second agent: %v, want the lock held", err)
+	}
+	if !strings.Contains(err.Error(), "pid "+strconv.Itoa(os.Getpid())) {
+		t.Errorf("error %q does not name the running agent's pid", err)
+	}
+	if got := second.ev.all(); len(got) != 0 {
+		t.Errorf("second agent did %v", got)
+	}
+	if after := inodes(t, sockets...); !slices.Equal(after, before) {
+		t.Errorf("the first agent's sockets changed: %v → %v", before, after)
+	}
+	if got := first.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Errorf("first agent's capture now %v", got)
+	}
+}
+
+// TestAdoptedPodFailsClosed: a pod a previous run captured whose listeners cannot be
+// opened stays captured (its traffic is refused, never plaintext) and is not pruned
+// as stale; once it can be served, it is.
+func TestAdoptedPodFailsClosed(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.capture.pinned[7] = "default/a"
+	ta.pods.fail["default/a"] = errors.New("outbound listener: bind: address already in use")
+	ta.netns.add(podA.ip)
+	ta.writeState(t, ta.state(t, 1, podA))
+	if err := ta.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer ta.Stop(context.Background())
+	for _, e := range ta.ev.all() {
+		if strings.HasPrefix(e, "release") || strings.HasPrefix(e, "prune") {
+			t.Fatalf("adopted pod uncaptured: %v", ta.ev.all())
+		}
+	}
+	if got := ta.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Fatalf("captured %v, want a kept", got)
+	}
+	if ta.capture.pinned[7] != "default/a" || !ta.capture.kept[7] {
+		t.Errorf("adopted enrollment not kept by the prune: pinned %v, kept %v", ta.capture.pinned, ta.capture.kept)
+	}
+	ta.pods.mu.Lock()
+	delete(ta.pods.fail, "default/a")
+	ta.pods.mu.Unlock()
+	ta.reconcile()
+	if got := ta.servedNames(); !slices.Equal(got, []string{"default/a"}) {
+		t.Fatalf("served %v once the listeners could open", got)
+	}
+	ta.mu.Lock()
+	adopted := ta.enrolled["ua"].adopted
+	ta.mu.Unlock()
+	if !adopted {
+		t.Error("a not recorded as adopted")
+	}
+}
+
+// TestNewPodNotServedIsReleased: a pod this agent captured itself but cannot serve is
+// released again, as before the agent came.
+func TestNewPodNotServedIsReleased(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.pods.fail["default/b"] = errors.New("inbound listener: bind: address already in use")
+	ta.netns.add(podB.ip)
+	ta.writeState(t, ta.state(t, 1, podB))
+	if err := ta.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer ta.Stop(context.Background())
+	if got := ta.capture.pods(); len(got) != 0 {
+		t.Fatalf("captured %v, want b released", got)
+	}
+}
+
+// TestFailedStartLeavesKernelAsFound: a start that fails after pods were enrolled
+// releases the pods it enrolled itself and leaves the adopted ones captured.
+func TestFailedStartLeavesKernelAsFound(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.capture.pinned[7] = "default/a"
+	ta.netns.add(podA.ip)
+	ta.netns.add(podB.ip)
+	ta.writeState(t, ta.state(t, 1, podA, podB))
+	late := errors.New("late part failed")
+	ta.parts = append(ta.parts, part{"late", hooks{start: func(context.Context) error { return late }}})
+	if err := ta.Start(t.Context()); !errors.Is(err, late) {
+		t.Fatalf("start: %v", err)
+	}
+	ev := ta.ev.all()
+	if !slices.Contains(ev, "release default/b") || slices.Contains(ev, "release default/a") {
+		t.Errorf("events %v: want b (enrolled by this run) released, a (adopted) left", ev)
+	}
+	if ta.capture.pinned[7] != "default/a" {
+		t.Errorf("adopted enrollment gone: %v", ta.capture.pinned)
+	}
+	if got := ta.capture.pods(); !slices.Equal(got, []string{"default/a"}) {
+		t.Errorf("captured after the failed start %v, want only a as found", got)
+	}
+}
+
+// newTestAgentIn is newTestAgent with its admin and observer sockets (and so its
+// lock) in dir.
+func newTestAgentIn(t *testing.T, dir string) *testAgent {
+	t.Helper()
+	return newTestAgentWith(t, func(c *Config) { c.AdminSocket = filepath.Join(dir, "agent.sock") })
+}
+
+// newTestAgentWith is an agent on node1 fed from a state file, its config changed by
+// set.
+func newTestAgentWith(t *testing.T, set func(*Config)) *testAgent {
+	t.Helper()
+	ev := &events{}
+	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}, fail: map[string]error{}},
+		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
+	cfg := Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}
+	set(&cfg)
+	a, err := newAgent(cfg, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.pods = ta.pods
+	ta.Agent = a
+	return ta
+}
+
+// inodes are the inode numbers of the files at paths.
+func inodes(t *testing.T, paths ...string) []uint64 {
+	t.Helper()
+	var out []uint64
+	for _, p := range paths {
+		var st syscall.Stat_t
+		if err := syscall.Stat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, st.Ino)
+	}
+	return out
+}
+
+// The lock lives in the agent's state folder: the flag's path, else beside the admin
+// socket, else beside the operator mode's state cache.
+func TestLockPath(t *testing.T) {
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{LockFile: "/x/l", AdminSocket: "/run/ferry/agent.sock"}, "/x/l"},
+		{Config{AdminSocket: "/run/ferry/agent.sock", StateCache: "/var/ferry/state.cache", Operator: "op:1"}, "/run/ferry/agent.lock"},
+		{Config{StateCache: "/var/ferry/state.cache", Operator: "op:1"}, "/var/ferry/agent.lock"},
+		{Config{StateCache: "/var/ferry/state.cache", StatePath: "/s.json"}, ""}, // no cache without an operator
+	} {
+		if got := c.cfg.lockPath(); got != c.want {
+			t.Errorf("%+v: lock at %q, want %q", c.cfg, got, c.want)
+		}
 	}
 }

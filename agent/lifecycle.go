@@ -1,11 +1,45 @@
-// The small components the agent assembles its parts from: hooks around a part
-// whose lifecycle is two functions, and a loop that runs until stopped.
+// The small components the agent assembles its parts from: the node lock, hooks
+// around a part whose lifecycle is two functions, and a loop that runs until stopped.
 
 package agent
 
 import (
 	"context"
+	"log/slog"
+
+	"github.com/ferrymesh/ferry/agent/datapath"
 )
+
+// nodeLock is the agent's first part: the lock file in its state folder, held until
+// the agent has stopped everything else. A second agent for the node (a DaemonSet
+// surge, a mistake) fails here, before it has opened a socket, removed a file or
+// adopted a pin of the running one; the data path takes a second lock on the pin
+// folder, in case the state folders differ.
+//
+// This is where a listener handoff (issue 13, item 1) would start: rather than
+// exiting, the new agent would ask the holder, over its socket, for the in-pod
+// listeners, and take the lock once the old one lets go.
+type nodeLock struct {
+	path string
+	log  *slog.Logger
+	lock *datapath.Lock
+}
+
+func (l *nodeLock) Start(context.Context) error {
+	lock, err := datapath.LockFile(l.path)
+	if err != nil {
+		return err
+	}
+	l.lock = lock
+	l.log.Info("agent lock taken", "lock", l.path)
+	return nil
+}
+
+func (l *nodeLock) Stop(context.Context) error {
+	err := l.lock.Unlock()
+	l.lock = nil
+	return err
+}
 
 // hooks is a component made of two functions; either may be nil.
 type hooks struct {

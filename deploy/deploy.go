@@ -1,5 +1,5 @@
-// Package deploy embeds Ferry's kustomize base (this folder: Namespace, CRDs,
-// RBAC, the operator Deployment and the agent DaemonSet) and renders it in
+// Package deploy embeds Ferry's kustomize base (this folder: Namespace, CRDs
+// (Ferry's and Gateway API's route CRDs), RBAC, the operator Deployment and the agent DaemonSet) and renders it in
 // memory, so `ferry install` needs no checkout and no kustomize binary.
 package deploy
 
@@ -19,7 +19,7 @@ import (
 // The base's files, and cleanup/ for uninstalling; examples/ and docker/ are not
 // part of it. go:embed needs a package-level variable; nothing writes to it.
 //
-//go:embed kustomization.yaml namespace.yaml crds/*.yaml operator/*.yaml agent/*.yaml cleanup/*.yaml
+//go:embed kustomization.yaml namespace.yaml crds/*.yaml gateway-api/*.yaml operator/*.yaml agent/*.yaml cleanup/*.yaml
 var base embed.FS
 
 // Namespace is the namespace the base installs into.

@@ -70,15 +70,17 @@ func fullTrafficPolicy() *v1alpha1.TrafficPolicy {
 				Attempts: 3, PerTryTimeout: d("1s"), On: []string{"connect-failure", "5xx"}, Backoff: d("25ms"),
 			},
 			CircuitBreaker: &v1alpha1.CircuitBreaker{
-				MaxConnections: n(1000), MaxPendingRequests: n(100), MaxRequests: n(1000), MaxRetries: n(3),
+				MaxConnections: n(1000), MaxPendingRequests: n(100), MaxRequests: n(1000), MaxRequestsPerConnection: n(100), MaxRetries: n(3),
 			},
 			OutlierDetection: &v1alpha1.OutlierDetection{
-				ConsecutiveErrors: n(5), Interval: d("10s"), BaseEjectionTime: d("30s"), MaxEjectionPercent: n(50),
+				ConsecutiveErrors: n(5), ConsecutiveGatewayErrors: n(3), Interval: d("10s"), BaseEjectionTime: d("30s"), MaxEjectionPercent: n(50),
 			},
 			Fault: &v1alpha1.FaultInjection{
 				Delay: &v1alpha1.FaultDelay{Percent: 10, Duration: *d("100ms")},
 				Abort: &v1alpha1.FaultAbort{Percent: 1, HTTPStatus: 503},
 			},
+			RetryBudget: &v1alpha1.RetryBudget{Percent: 20, MinRetriesPerSecond: n(10), TTL: d("10s")},
+			RateLimit:   &v1alpha1.RateLimit{RequestsPerSecond: 100, Burst: n(200)},
 		},
 	}
 }

@@ -74,6 +74,10 @@ func TestRBAC(t *testing.T) {
 		{operatorSA, "watch", "", "serviceaccounts", "", "", true},
 		{operatorSA, "watch", "discovery.k8s.io", "endpointslices", "", "", true},
 		{operatorSA, "watch", "gateway.networking.k8s.io", "httproutes", "", "", true},
+		{operatorSA, "watch", "gateway.networking.k8s.io", "grpcroutes", "", "", true},
+		{operatorSA, "list", "gateway.networking.k8s.io", "referencegrants", "", "", true},
+		{operatorSA, "update", "gateway.networking.k8s.io", "httproutes/status", "shop", "", true},
+		{operatorSA, "update", "gateway.networking.k8s.io", "grpcroutes/status", "shop", "", true},
 		{operatorSA, "watch", "ferry.io", "authorizationpolicies", "", "", true},
 		{operatorSA, "watch", "ferry.io", "peerauthentications", "", "", true},
 		{operatorSA, "watch", "ferry.io", "trafficpolicies", "", "", true},
@@ -95,18 +99,21 @@ func TestRBAC(t *testing.T) {
 		{operatorSA, "update", "", "pods", "shop", "", false},
 		{operatorSA, "delete", "", "namespaces", "", "", false},
 		{operatorSA, "update", "ferry.io", "authorizationpolicies", "shop", "", false},
+		{operatorSA, "update", "gateway.networking.k8s.io", "httproutes", "shop", "", false}, // status only
+		{operatorSA, "update", "gateway.networking.k8s.io", "referencegrants/status", "shop", "", false},
 		{operatorSA, "create", "", "serviceaccounts/token", "shop", "", false},
 		// The agent talks to the operator only.
 		{agentSA, "get", "", "pods", "", "", false},
 		{agentSA, "get", "", "configmaps", "ferry-system", "", false},
 		{agentSA, "create", "authentication.k8s.io", "tokenreviews", "", "", false},
 	} {
+		resource, subresource, _ := strings.Cut(tc.resource, "/")
 		sar, err := client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
 			Spec: authorizationv1.SubjectAccessReviewSpec{
 				User:   tc.user,
 				Groups: []string{"system:serviceaccounts", "system:serviceaccounts:ferry-system", "system:authenticated"},
 				ResourceAttributes: &authorizationv1.ResourceAttributes{
-					Verb: tc.verb, Group: tc.group, Resource: tc.resource, Namespace: tc.namespace, Name: tc.name,
+					Verb: tc.verb, Group: tc.group, Resource: resource, Subresource: subresource, Namespace: tc.namespace, Name: tc.name,
 				},
 			},
 		}, metav1.CreateOptions{})

@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -31,6 +32,7 @@ type UninstallOptions struct {
 	// that no longer exist). Only for nodes cleaned by hand.
 	SkipNodeCleanup bool
 	// KeepCRDs keeps Ferry's CRDs and with them every policy users wrote.
+	// Gateway API's CRDs are always kept.
 	KeepCRDs bool
 	// Timeout bounds each wait: agents gone, cleanup done on every node.
 	Timeout time.Duration
@@ -109,12 +111,21 @@ func Uninstall(ctx context.Context, cfg *rest.Config, opts UninstallOptions, pro
 			progress(Ref(obj) + ": kept")
 			continue
 		}
+		if obj.GetKind() == "CustomResourceDefinition" && strings.HasSuffix(obj.GetName(), "."+gatewayAPIGroup) {
+			// Gateways and other meshes use the same CRDs; deleting one would
+			// delete every route in the cluster.
+			progress(Ref(obj) + ": kept (Gateway API's, shared with other controllers)")
+			continue
+		}
 		if err := deleteObject(ctx, dyn, mapper, obj, progress); err != nil {
 			return err
 		}
 	}
 	return nil
 }
+
+// gatewayAPIGroup is the API group of the Gateway API CRDs the base installs.
+const gatewayAPIGroup = "gateway.networking.k8s.io"
 
 // cleanNodes applies the cleanup DaemonSet, waits until it is ready on every
 // node it is scheduled to, and deletes it.

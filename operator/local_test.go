@@ -12,6 +12,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -366,6 +367,9 @@ func TestExampleManifests(t *testing.T) {
 	if len(snap.Workloads) != 2 || len(snap.Services) != 1 {
 		t.Fatalf("%d workloads and %d services, want web and api, and service api", len(snap.Workloads), len(snap.Services))
 	}
+	if len(snap.Services[0].RouteTables) != 1 || len(snap.ConfigStatus) != 1 || !snap.ConfigStatus[0].Conditions[0].Status {
+		t.Fatalf("api's route tables %v, statuses %v; want routes.yaml's route accepted", snap.Services[0].RouteTables, snap.ConfigStatus)
+	}
 	for _, node := range []string{"node1", "node2"} {
 		if _, err := os.Stat(filepath.Join(state, "tokens", node)); err != nil {
 			t.Errorf("token of %s: %v", node, err)
@@ -442,12 +446,134 @@ func TestLocalModeTrafficPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A type the proxy lacks rejects web-lb whole; aa-later is then the only
-	// policy on web.
-	write("policy.yaml", strings.Replace(webPolicy, "RoundRobin", "RingHash", 1))
-	until("web-lb changed to RingHash", map[string]string{"web": "LeastRequest", "api": "LeastRequest"})
+	// A value the proxy cannot apply rejects web-lb's new generation whole; the
+	// last good one stays in force, still older than aa-later.
+	write("policy.yaml", strings.Replace(webPolicy, "{type: RoundRobin}", "{type: RoundRobin, hashHeader: x-user}", 1))
+	waitFor(t, 10*time.Second, "web-lb's generation 2 rejected", func() bool {
+		s, _ := op.View().Current()
+		return slices.ContainsFunc(s.ConfigStatus, func(cs *ferryv1.ConfigStatus) bool {
+			return cs.Name == "shop/web-lb" && cs.Generation == 2 && cs.InForceGeneration == 1 && cs.File == "policy.yaml"
+		})
+	})
 	if err := os.Remove(filepath.Join(dir, "later.yaml")); err != nil {
 		t.Fatal(err)
 	}
-	until("later.yaml removed", map[string]string{"web": ""})
+	until("later.yaml removed", map[string]string{"web": "RoundRobin"})
+	write("policy.yaml", strings.Replace(webPolicy, "RoundRobin", "Random", 1))
+	until("web-lb fixed", map[string]string{"web": "Random"})
+}
+
+const routeFile = `apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: split
+  namespace: shop
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web, port: 80, weight: 90}, {name: api, port: 80, weight: 10}]
+`
+
+// untilRoutes reads states, acknowledging each, until the weights of the backends
+// of web's first route rule are want; it returns the state.
+func untilRoutes(t *testing.T, stream ferryv1.Discovery_StreamStateClient, node, what string, want []uint32) *ferryv1.NodeState {
+	t.Helper()
+	for {
+		st, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if err := stream.Send(&ferryv1.StateRequest{Node: node, VersionAck: st.GetVersion(), ResponseTo: st.GetVersion()}); err != nil {
+			t.Fatal(err)
+		}
+		var got []uint32
+		for _, s := range st.GetServices() {
+			if s.GetName() == "web" && len(s.GetRouteTables()) > 0 {
+				for _, b := range s.GetRouteTables()[0].GetRules()[0].GetBackends() {
+					got = append(got, b.GetWeight())
+				}
+			}
+		}
+		if slices.Equal(got, want) {
+			return st
+		}
+	}
+}
+
+func TestLocalModeRoutes(t *testing.T) {
+	base := t.TempDir()
+	dir, state, sock := filepath.Join(base, "manifests"), filepath.Join(base, "state"), filepath.Join(base, "grpc.sock")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Files are replaced whole, as editors save them: the loader's poll must not
+	// see an empty file, which would delete the route (and its last good
+	// generation) for a moment.
+	write := func(name, content string) {
+		t.Helper()
+		tmp := filepath.Join(base, name)
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("shop.yaml", manifests)
+	write("route.yaml", routeFile)
+	logs := &logBuffer{}
+	op, err := operator.New(operator.Config{
+		Local: dir, StateDir: state, GRPCAddr: "unix://" + sock, CertTTL: time.Hour, PollInterval: 50 * time.Millisecond,
+	}, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := op.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		op.Stop(context.Background())
+		if t.Failed() {
+			t.Logf("operator log:\n%s", logs)
+		}
+	})
+	waitFor(t, 10*time.Second, "operator ready", op.Ready)
+	conn := dial(t, sock, filepath.Join(state, "ca.crt"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Every node gets the routes: clients of web may be on any of them.
+	for _, node := range []string{"node1", "node2"} {
+		stream := stateStream(t, withToken(ctx, t, state, node), conn, node)
+		untilRoutes(t, stream, node, node+": route.yaml read", []uint32{90, 10})
+	}
+	stream := stateStream(t, withToken(ctx, t, state, "node1"), conn, "node1")
+	untilRoutes(t, stream, "node1", "stream opened", []uint32{90, 10})
+
+	start := time.Now()
+	write("route.yaml", strings.Replace(routeFile, "weight: 90", "weight: 50", 1))
+	untilRoutes(t, stream, "node1", "weight changed", []uint32{50, 10})
+	t.Logf("a route change reached the agent's stream %v after the file was written (poll interval 50ms)", time.Since(start))
+
+	// A backend that does not exist: the change is rejected, the operator's log
+	// names the file and the field, and generation 2 stays in force.
+	write("route.yaml", strings.Replace(routeFile, "{name: api, port: 80, weight: 10}", "{name: apii, port: 80, weight: 10}", 1))
+	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
+		return len(logs.lines("level=ERROR", "route rejected; its last good generation stays in force", "file=route.yaml",
+			"field=spec.rules[0].backendRefs[1].name", "reason=BackendNotFound", "in_force_generation=2")) == 1
+	})
+	s, _ := op.View().Current()
+	for _, svc := range s.Services {
+		if svc.Name == "web" && svc.RouteTables[0].Rules[0].Backends[0].Weight != 50 {
+			t.Fatalf("web's table after a rejected change: %v", svc.RouteTables)
+		}
+	}
 }

@@ -33,6 +33,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -301,12 +302,20 @@ func (o *Operator) startInformers(ctx context.Context) error {
 		if err := o.loader.Load(ctx); err != nil {
 			o.log.Error("manifests", "error", err)
 		}
-		// The in-memory store always serves TrafficPolicies.
-		if err := o.view.WatchTrafficPolicies(o.policyInformers); err != nil {
-			return err
+		// The in-memory store always serves TrafficPolicies and Gateway API's
+		// routes.
+		for _, watch := range []func(dynamicinformer.DynamicSharedInformerFactory) error{
+			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants,
+		} {
+			if err := watch(o.policyInformers); err != nil {
+				return err
+			}
 		}
-	} else if err := o.watchPoliciesWhenServed(ctx); err != nil {
-		return err
+	} else {
+		for _, w := range o.customWatches() {
+			o.watchWhenServed(ctx, w)
+		}
+		o.informers.run(o.writeRouteStatus)
 	}
 	o.factory.Start(ctx.Done())
 	o.policyInformers.Start(ctx.Done())
@@ -323,55 +332,78 @@ func (o *Operator) startInformers(ctx context.Context) error {
 	return nil
 }
 
-// watchPoliciesWhenServed watches TrafficPolicies at once when the API server
-// serves them, so the first snapshot has them. A cluster may lack Ferry's CRDs
-// (or not answer yet): the operator then serves Services with the defaults and
-// looks again every CRDPollInterval, watching the policies once they appear.
-func (o *Operator) watchPoliciesWhenServed(ctx context.Context) error {
-	served, err := o.trafficPoliciesServed(ctx)
-	if served {
-		return o.view.WatchTrafficPolicies(o.policyInformers)
+// customWatch is a custom resource the view reads once the API server serves it.
+type customWatch struct {
+	what      string // for log lines
+	resources []schema.GroupVersionResource
+	watch     func(dynamicinformer.DynamicSharedInformerFactory) error
+	without   string // what Services get while it is not served
+}
+
+func (o *Operator) customWatches() []customWatch {
+	return []customWatch{
+		{what: "TrafficPolicy", resources: []schema.GroupVersionResource{mesh.TrafficPolicyResource()}, watch: o.view.WatchTrafficPolicies,
+			without: "Services get the default load balancer"},
+		{what: "HTTPRoute and GRPCRoute", resources: []schema.GroupVersionResource{mesh.HTTPRouteResource(), mesh.GRPCRouteResource()}, watch: o.view.WatchRoutes,
+			without: "Services are not routed"},
+		{what: "ReferenceGrant", resources: []schema.GroupVersionResource{mesh.ReferenceGrantResource()}, watch: o.view.WatchReferenceGrants,
+			without: "routes to another namespace's Services are rejected"},
 	}
-	resource := mesh.TrafficPolicyResource().GroupResource().String()
+}
+
+// watchWhenServed watches w's resources at once when the API server serves them,
+// so the first snapshot has them. A cluster may lack the CRDs (or not answer
+// yet): the operator then serves Services without them and looks again every
+// CRDPollInterval, watching once they appear.
+func (o *Operator) watchWhenServed(ctx context.Context, w customWatch) {
+	served, err := o.served(ctx, w.resources)
+	if served {
+		if err := w.watch(o.policyInformers); err != nil {
+			o.log.Error("watch custom resources", "resource", w.what, "error", err)
+		}
+		return
+	}
 	if err != nil {
-		o.log.Warn("TrafficPolicy: API discovery did not answer; Services get the default load balancer until it does", "resource", resource, "recheck", o.cfg.CRDPollInterval, "error", err)
+		o.log.Warn(w.what+": API discovery did not answer; "+w.without+" until it does", "resource", w.what, "recheck", o.cfg.CRDPollInterval, "error", err)
 	} else {
-		o.log.Warn("TrafficPolicy not served by the API server (is deploy/crds applied?); Services get the default load balancer until it is", "resource", resource, "recheck", o.cfg.CRDPollInterval)
+		o.log.Warn(w.what+" not served by the API server (is deploy/ applied?); "+w.without+" until it is", "resource", w.what, "recheck", o.cfg.CRDPollInterval)
 	}
 	o.informers.run(func(ctx context.Context) {
 		_ = wait.PollUntilContextCancel(ctx, o.cfg.CRDPollInterval, false, func(ctx context.Context) (bool, error) {
-			served, _ := o.trafficPoliciesServed(ctx)
+			served, _ := o.served(ctx, w.resources)
 			return served, nil
 		})
 		if ctx.Err() != nil {
 			return
 		}
-		if err := o.view.WatchTrafficPolicies(o.policyInformers); err != nil {
-			o.log.Error("watch traffic policies", "error", err)
+		if err := w.watch(o.policyInformers); err != nil {
+			o.log.Error("watch custom resources", "resource", w.what, "error", err)
 			return
 		}
 		o.policyInformers.Start(ctx.Done())
-		o.log.Info("TrafficPolicy served by the API server; watching it", "resource", resource)
+		o.log.Info(w.what+" served by the API server; watching it", "resource", w.what)
 	})
-	return nil
 }
 
-// trafficPoliciesServed asks the API server's discovery whether ferry.io/v1alpha1
-// has trafficpolicies. Not found is (false, nil); an unanswered question is
-// (false, err).
-func (o *Operator) trafficPoliciesServed(ctx context.Context) (bool, error) {
+// served asks the API server's discovery whether it serves every one of
+// resources. Not found is (false, nil); an unanswered question is (false, err).
+func (o *Operator) served(ctx context.Context, resources []schema.GroupVersionResource) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	gvr := mesh.TrafficPolicyResource()
-	var list metav1.APIResourceList
-	err := o.client.Discovery().RESTClient().Get().AbsPath("/apis", gvr.Group, gvr.Version).Do(ctx).Into(&list)
-	if apierrors.IsNotFound(err) {
-		return false, nil
+	for _, gvr := range resources {
+		var list metav1.APIResourceList
+		err := o.client.Discovery().RESTClient().Get().AbsPath("/apis", gvr.Group, gvr.Version).Do(ctx).Into(&list)
+		if apierrors.IsNotFound(err) {
+			return false, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("discovery of %s: %w", gvr.GroupVersion(), err)
+		}
+		if !slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == gvr.Resource }) {
+			return false, nil
+		}
 	}
-	if err != nil {
-		return false, fmt.Errorf("discovery of %s: %w", gvr.GroupVersion(), err)
-	}
-	return slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == gvr.Resource }), nil
+	return true, nil
 }
 
 // readyErr says why the replica does not serve agents yet.

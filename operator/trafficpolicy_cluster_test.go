@@ -125,26 +125,28 @@ func TestClusterModeTrafficPolicy(t *testing.T) {
 		t.Errorf("second replica's first snapshot: load balancers %v, want %v", got, want)
 	}
 
-	// RingHash passes the CRD's schema but not the proxy: web-lb is rejected
-	// whole, and web gets the only policy left.
+	// A hash header without RingHash passes the CRD's schema but not the
+	// operator's checks: web-lb's generation 2 is rejected whole, and its
+	// generation 1 stays in force.
 	u, err := policies.Get(ctx, "web-lb", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unstructured.SetNestedField(u.Object, "RingHash", "spec", "loadBalancer", "type"); err != nil {
+	if err := unstructured.SetNestedField(u.Object, "x-user", "spec", "loadBalancer", "hashHeader"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := policies.Update(ctx, u, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	until("web-lb changed to RingHash", map[string]string{"web": "Random", "api": "Random"})
-	if len(logs.lines("level=ERROR", "traffic policy rejected", "policy=shop/web-lb", "field=spec.loadBalancer.type", "value=RingHash")) != 1 {
-		t.Errorf("the rejection is not logged with the policy and its field:\n%s", logs)
-	}
+	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
+		return len(logs.lines("level=ERROR", "traffic policy rejected; its last good generation stays in force", "policy=shop/web-lb",
+			"field=spec.loadBalancer.hashHeader", "value=x-user", "in_force_generation=1")) == 1
+	})
+	until("web-lb's generation 2 rejected", map[string]string{"web": "RoundRobin", "api": "Random"})
 	if err := policies.Delete(ctx, "aa-newer", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	until("aa-newer deleted", map[string]string{"web": "", "api": ""})
+	until("aa-newer deleted", map[string]string{"web": "RoundRobin", "api": ""})
 }
 
 func trafficPolicy(name string, lb v1alpha1.LoadBalancerType, services ...string) *v1alpha1.TrafficPolicy {

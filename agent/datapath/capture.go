@@ -83,13 +83,21 @@ func (c *IPTables) Start(ctx context.Context) error { return c.dp.Start(ctx) }
 // Stop releases the eBPF data path (see Datapath.Stop).
 func (c *IPTables) Stop(ctx context.Context) error { return c.dp.Stop(ctx) }
 
-// Enroll installs the REDIRECT rules in the pod's namespace and returns its cookie.
-func (c *IPTables) Enroll(h *netns.Handle, _ string) (uint64, error) {
+// Lock takes the pin folder's lock (see Datapath.Lock).
+func (c *IPTables) Lock() error { return c.dp.Lock() }
+
+// Unlock releases it (see Datapath.Unlock).
+func (c *IPTables) Unlock() error { return c.dp.Unlock() }
+
+// Enroll installs the REDIRECT rules in the pod's namespace and returns its cookie,
+// and whether the rules were there already (a killed agent's).
+func (c *IPTables) Enroll(h *netns.Handle, _ string) (uint64, bool, error) {
 	cookie, err := h.Cookie()
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	return cookie, c.rules.Install(h)
+	adopted := c.rules.Installed(h)
+	return cookie, adopted, c.rules.Install(h)
 }
 
 // Release removes the pod's rules.

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -96,6 +97,11 @@ type Datapath struct {
 	objs     *bpf.Objects
 	links    map[string]link.Link // cgroup and sk_msg links, by pin name
 	skLookup map[uint64]link.Link // by netns cookie
+	// lock is held on the pin folder from Lock (or the start of Start) to Unlock
+	// (or the end of Stop): another agent using the same pins stops before it adopts
+	// them. startLocked says Start took it, so Stop lets it go.
+	lock        *Lock
+	startLocked bool
 }
 
 // New validates cfg and fills in defaults; it touches nothing in the kernel.
@@ -151,22 +157,29 @@ func (d *Datapath) Start(ctx context.Context) error {
 	if d.objs != nil {
 		return errors.New("datapath already started")
 	}
-	if err := EnsureBPFFS(d.cfg.PinDir); err != nil {
-		return err
+	if d.lock == nil {
+		lock, err := lockPinDir(d.cfg.PinDir)
+		if err != nil {
+			return err
+		}
+		d.lock, d.startLocked = lock, true
 	}
 	if err := os.MkdirAll(filepath.Join(d.cfg.PinDir, linksDir), 0o700); err != nil {
+		d.stopLocked()
 		return fmt.Errorf("create links folder: %w", err)
 	}
 	d.cgroup = d.cfg.CgroupPath
 	if d.cgroup == "" {
 		mnt, err := Cgroup2Mount()
 		if err != nil {
+			d.stopLocked()
 			return err
 		}
 		d.cgroup = mnt
 	}
 	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
+		d.stopLocked()
 		return err
 	}
 	d.objs = objs
@@ -177,6 +190,48 @@ func (d *Datapath) Start(ctx context.Context) error {
 	d.log.Info("datapath started", "pin_dir", d.cfg.PinDir, "cgroup", d.cgroup, "fast_path", d.cfg.FastPath,
 		"enrolled", len(d.skLookup))
 	return nil
+}
+
+// Lock takes the pin folder's lock without starting anything, for an agent that
+// must hold it before it does anything else (open a socket, remove a stale one);
+// Start then finds it held. It fails with ErrLocked, naming the holder, while
+// another process holds it. Unlock releases it.
+func (d *Datapath) Lock() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.lock != nil {
+		return nil
+	}
+	lock, err := lockPinDir(d.cfg.PinDir)
+	if err != nil {
+		return err
+	}
+	d.lock = lock
+	return nil
+}
+
+// Unlock releases the lock Lock took; call it after Stop.
+func (d *Datapath) Unlock() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.startLocked {
+		return nil // Stop's to release
+	}
+	err := d.lock.Unlock()
+	d.lock = nil
+	return err
+}
+
+// lockPinDir locks the pin folder before anything under it is read or changed. A
+// pin folder on bpffs is locked as it is; one that is missing or not on bpffs cannot
+// hold a live agent's pins, so it is made (and bpffs mounted) first.
+func lockPinDir(dir string) (*Lock, error) {
+	if ok, err := isBPFFS(dir); err != nil || !ok {
+		if err := EnsureBPFFS(dir); err != nil {
+			return nil, err
+		}
+	}
+	return LockDir(dir)
 }
 
 func (d *Datapath) start(ctx context.Context) error {
@@ -379,6 +434,11 @@ func (d *Datapath) stopLocked() error {
 		errs = append(errs, d.objs.Close())
 		d.objs = nil
 	}
+	// Last: the next agent may adopt the pins once this one holds nothing.
+	if d.startLocked {
+		errs = append(errs, d.lock.Unlock())
+		d.lock, d.startLocked = nil, false
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close datapath: %w", err)
 	}
@@ -394,31 +454,40 @@ func (d *Datapath) started() error {
 
 // Enroll starts capturing the pod whose network namespace is h: its netns cookie goes
 // into enrolled_netns (outbound) and an sk_lookup program is attached to the
-// namespace and pinned (inbound). Enrolling again is harmless. It returns the cookie.
-func (d *Datapath) Enroll(h *netns.Handle, pod string) (uint64, error) {
-	cookie, err := h.Cookie()
+// namespace and pinned (inbound). Enrolling again is harmless. It returns the cookie
+// and whether the namespace was enrolled already (by a previous run): a caller whose
+// later step fails must leave such a pod captured, not release what it did not add.
+func (d *Datapath) Enroll(h *netns.Handle, pod string) (cookie uint64, adopted bool, err error) {
+	cookie, err = h.Cookie()
 	if err != nil {
-		return 0, fmt.Errorf("enroll %s: %w", pod, err)
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.started(); err != nil {
-		return 0, err
+		return 0, false, err
 	}
+	pinned, err := d.objs.Enrolled()
+	if err != nil {
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
+	}
+	_, adopted = pinned[cookie]
 	if err := d.objs.Enroll(cookie, pod); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if _, ok := d.skLookup[cookie]; ok {
-		return cookie, nil
+		return cookie, adopted, nil
 	}
 	l, err := d.attachSkLookup(h, cookie)
 	if err != nil {
-		d.objs.Unenroll(cookie)
-		return 0, fmt.Errorf("enroll %s: %w", pod, err)
+		if !adopted { // only this call's entry goes; a pinned one keeps the pod captured
+			d.objs.Unenroll(cookie)
+		}
+		return 0, false, fmt.Errorf("enroll %s: %w", pod, err)
 	}
 	d.skLookup[cookie] = l
-	d.log.Info("enrolled", "pod", pod, "netns_cookie", cookie)
-	return cookie, nil
+	d.log.Info("enrolled", "pod", pod, "netns_cookie", cookie, "adopted", adopted)
+	return cookie, adopted, nil
 }
 
 func (d *Datapath) attachSkLookup(h *netns.Handle, cookie uint64) (link.Link, error) {
@@ -533,11 +602,19 @@ func (d *Datapath) SetExcludedPorts(ports []uint16) error {
 // Cleanup removes everything Ferry put in the kernel: it detaches and unpins the
 // links under pinDir (cgroup, sk_msg, sk_lookup), detaches any other Ferry program
 // link still on cgroupPath ("" = the cgroup v2 root), and removes the map pins and
-// the pin folder. Stop the agent first: programs and maps it holds open live on
-// until it exits. A missing pin folder is not an error.
+// the pin folder. Stop the agent first: Cleanup takes the pin folder's lock, and
+// refuses while an agent holds it rather than uncapture a running agent's pods. A
+// missing pin folder is not an error.
 func Cleanup(pinDir, cgroupPath string) error {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
+	}
+	if _, err := os.Stat(pinDir); err == nil {
+		lock, err := lockForCleanup(pinDir)
+		if err != nil {
+			return fmt.Errorf("cleanup: %w (stop the agent first)", err)
+		}
+		defer lock.Unlock()
 	}
 	var errs []error
 	linkDir := filepath.Join(pinDir, linksDir)
@@ -572,6 +649,19 @@ func Cleanup(pinDir, cgroupPath string) error {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	return nil
+}
+
+// lockForCleanup locks the pin folder, waiting a moment for an agent that was just
+// killed: the kernel drops its lock as the process ends, not as the signal is sent.
+func lockForCleanup(pinDir string) (*Lock, error) {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		lock, err := LockDir(pinDir)
+		if err == nil || !errors.Is(err, ErrLocked) || time.Now().After(deadline) {
+			return lock, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // detachCgroupLinks detaches links on the cgroup whose program is one of Ferry's,

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -30,6 +31,9 @@ import (
 const childEnv = "FERRY_DATAPATH_TEST_CHILD"
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv(lockChildEnv); path != "" {
+		lockChild(path)
+	}
 	if addr := os.Getenv(childEnv); addr != "" {
 		// Child: connect to addr from the netns and cgroup the test started us in.
 		c, err := net.DialTimeout("tcp", addr, 3*time.Second)
@@ -137,9 +141,12 @@ func TestRestartAdoptsPins(t *testing.T) {
 	pod := privileged.NewNetns(t)
 
 	d1 := f.start(t, true)
-	cookie, err := d1.Enroll(pod, "default/web-0")
+	cookie, adopted, err := d1.Enroll(pod, "default/web-0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if adopted {
+		t.Error("a first enrollment reported as adopted")
 	}
 	ids1 := map[string]ebpf.MapID{}
 	for name, m := range objMaps(d1) {
@@ -176,8 +183,8 @@ func TestRestartAdoptsPins(t *testing.T) {
 		t.Fatalf("enrolled after restart %v, want %d → default/web-0", enrolled, cookie)
 	}
 	// Re-enrolling an adopted pod reuses its link.
-	if _, err := d2.Enroll(pod, "default/web-0"); err != nil {
-		t.Fatal(err)
+	if _, adopted, err := d2.Enroll(pod, "default/web-0"); err != nil || !adopted {
+		t.Fatalf("re-enroll after restart: adopted %v, %v", adopted, err)
 	}
 	if got := linkIDs(t, f.pinDir); !equalMaps(got, links1) {
 		t.Errorf("links after re-enroll %v, want %v", got, links1)
@@ -245,7 +252,7 @@ func TestOrigDstRoundTrip(t *testing.T) {
 	d := f.start(t, false)
 	defer d.Stop(context.Background())
 	pod := privileged.NewNetns(t)
-	cookie, err := d.Enroll(pod, "default/client")
+	cookie, _, err := d.Enroll(pod, "default/client")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -368,7 +375,7 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	f := newFixture(t)
 	d := f.start(t, true)
 	pod := privileged.NewNetns(t)
-	if _, err := d.Enroll(pod, "default/web-0"); err != nil {
+	if _, _, err := d.Enroll(pod, "default/web-0"); err != nil {
 		t.Fatal(err)
 	}
 	mine := map[string]bool{} // "prog 12", "map 7", "link 3"
@@ -506,4 +513,77 @@ func dialChild(t *testing.T, f fixture, h *netns.Handle, addr string) netip.Addr
 		t.Fatalf("child: %s", line)
 	}
 	return netip.MustParseAddrPort(fields[1])
+}
+
+// A second data path on the pins of a running one stops on the pin folder's lock
+// before it adopts anything: the links, their programs and the enrollments are the
+// first one's still; Cleanup refuses too. Once the first stops, the pins are free.
+func TestSecondStartLocked(t *testing.T) {
+	f := newFixture(t)
+	pod := privileged.NewNetns(t)
+	d1 := f.start(t, false)
+	defer d1.Stop(context.Background())
+	cookie, _, err := d1.Enroll(pod, "default/web-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	progs := func() []ProgramInfo {
+		ps, err := Programs(f.pinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ps
+	}
+	before := progs()
+
+	d2, err := New(Config{PinDir: f.pinDir, CgroupPath: f.cgroup, MaxPods: 16, FastPath: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Start(context.Background()); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second start: %v, want ErrLocked", err)
+	} else if !strings.Contains(err.Error(), fmt.Sprintf("pid %d", os.Getpid())) {
+		t.Errorf("error %q does not name the holder", err)
+	}
+	if err := Cleanup(f.pinDir, f.cgroup); !errors.Is(err, ErrLocked) {
+		t.Fatalf("cleanup while running: %v, want ErrLocked", err)
+	}
+	if after := progs(); !slices.Equal(after, before) {
+		t.Errorf("programs and links changed:\n%v\n→\n%v", before, after)
+	}
+	if enrolled, err := d1.Enrolled(); err != nil || enrolled[cookie] != "default/web-0" {
+		t.Errorf("enrolled after the second start %v (%v)", enrolled, err)
+	}
+
+	if err := d2.Lock(); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second lock: %v, want ErrLocked", err)
+	}
+
+	if err := d1.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// An agent locks first and starts after; the lock outlives Stop until Unlock.
+	if err := d2.Lock(); err != nil {
+		t.Fatalf("lock once the first stopped: %v", err)
+	}
+	if err := d2.Start(context.Background()); err != nil {
+		t.Fatalf("start once the first stopped: %v", err)
+	}
+	if err := d2.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d3, err := New(Config{PinDir: f.pinDir, CgroupPath: f.cgroup, MaxPods: 16}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Lock(); !errors.Is(err, ErrLocked) {
+		t.Fatalf("lock after Stop, before Unlock: %v, want ErrLocked", err)
+	}
+	if err := d2.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Lock(); err != nil {
+		t.Fatalf("lock after Unlock: %v", err)
+	}
+	d3.Unlock()
 }

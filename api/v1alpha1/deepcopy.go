@@ -166,18 +166,28 @@ func (in *TrafficPolicySpec) DeepCopyInto(out *TrafficPolicySpec) {
 			MaxPendingRequests: copyPtr(c.MaxPendingRequests),
 			MaxRequests:        copyPtr(c.MaxRequests),
 			MaxRetries:         copyPtr(c.MaxRetries),
+
+			MaxRequestsPerConnection: copyPtr(c.MaxRequestsPerConnection),
 		}
 	}
 	if o := in.OutlierDetection; o != nil {
 		out.OutlierDetection = &OutlierDetection{
-			ConsecutiveErrors:  copyPtr(o.ConsecutiveErrors),
-			Interval:           copyDuration(o.Interval),
-			BaseEjectionTime:   copyDuration(o.BaseEjectionTime),
-			MaxEjectionPercent: copyPtr(o.MaxEjectionPercent),
+			ConsecutiveErrors: copyPtr(o.ConsecutiveErrors),
+
+			ConsecutiveGatewayErrors: copyPtr(o.ConsecutiveGatewayErrors),
+			Interval:                 copyDuration(o.Interval),
+			BaseEjectionTime:         copyDuration(o.BaseEjectionTime),
+			MaxEjectionPercent:       copyPtr(o.MaxEjectionPercent),
 		}
 	}
 	if f := in.Fault; f != nil {
 		out.Fault = &FaultInjection{Delay: copyPtr(f.Delay), Abort: copyPtr(f.Abort)}
+	}
+	if b := in.RetryBudget; b != nil {
+		out.RetryBudget = &RetryBudget{Percent: b.Percent, MinRetriesPerSecond: copyPtr(b.MinRetriesPerSecond), TTL: copyDuration(b.TTL)}
+	}
+	if r := in.RateLimit; r != nil {
+		out.RateLimit = &RateLimit{RequestsPerSecond: r.RequestsPerSecond, Burst: copyPtr(r.Burst)}
 	}
 }
 

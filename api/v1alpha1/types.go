@@ -170,7 +170,8 @@ type PeerAuthenticationList struct {
 }
 
 // TrafficPolicy sets how the proxy calls a Service: load balancing, timeouts,
-// retries, circuit breaking, outlier detection and fault injection.
+// retries, circuit breaking, outlier detection, fault injection, a retry budget and
+// a rate limit.
 type TrafficPolicy struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
@@ -194,6 +195,11 @@ type TrafficPolicySpec struct {
 	OutlierDetection *OutlierDetection `json:"outlierDetection,omitempty"`
 	// Fault injects delays and aborts into HTTP requests, for testing.
 	Fault *FaultInjection `json:"fault,omitempty"`
+	// RetryBudget caps retries (of this policy and of routes) at a share of the
+	// requests, so that an outage is not amplified.
+	RetryBudget *RetryBudget `json:"retryBudget,omitempty"`
+	// RateLimit bounds the requests each endpoint of the Service is sent.
+	RateLimit *RateLimit `json:"rateLimit,omitempty"`
 }
 
 // PolicyTargetReference names the object a policy attaches to, as Gateway API
@@ -264,7 +270,10 @@ type CircuitBreaker struct {
 	MaxPendingRequests *int32 `json:"maxPendingRequests,omitempty"`
 	// MaxRequests in flight.
 	MaxRequests *int32 `json:"maxRequests,omitempty"`
-	// MaxRetries in flight.
+	// MaxRequestsPerConnection to an endpoint; the connection is closed after.
+	MaxRequestsPerConnection *int32 `json:"maxRequestsPerConnection,omitempty"`
+	// MaxRetries in flight. The proxy bounds retries with spec.retryBudget
+	// instead; a policy setting this is rejected.
 	MaxRetries *int32 `json:"maxRetries,omitempty"`
 }
 
@@ -272,6 +281,9 @@ type CircuitBreaker struct {
 type OutlierDetection struct {
 	// ConsecutiveErrors (connect failures, 5xx) that eject an endpoint.
 	ConsecutiveErrors *int32 `json:"consecutiveErrors,omitempty"`
+	// ConsecutiveGatewayErrors (connect failures, 502, 503, 504) that eject an
+	// endpoint.
+	ConsecutiveGatewayErrors *int32 `json:"consecutiveGatewayErrors,omitempty"`
 	// Interval between ejection sweeps.
 	Interval *metav1.Duration `json:"interval,omitempty"`
 	// BaseEjectionTime, multiplied by the number of ejections so far.
@@ -302,6 +314,27 @@ type FaultAbort struct {
 	Percent int32 `json:"percent"`
 	// HTTPStatus answered, 200 to 599.
 	HTTPStatus int32 `json:"httpStatus"`
+}
+
+// RetryBudget lets retries be at most Percent of the requests of the last TTL,
+// plus MinRetriesPerSecond (Linkerd's retry budgets).
+type RetryBudget struct {
+	// Percent of requests that may be retries, 0 to 100.
+	Percent int32 `json:"percent"`
+	// MinRetriesPerSecond are allowed whatever the share, so that a Service with
+	// few requests can retry at all.
+	MinRetriesPerSecond *int32 `json:"minRetriesPerSecond,omitempty"`
+	// TTL is the window requests and retries are counted over; 10s when unset.
+	TTL *metav1.Duration `json:"ttl,omitempty"`
+}
+
+// RateLimit is a token bucket per endpoint of the Service: RequestsPerSecond
+// tokens a second, Burst at most; a request without a token is answered 429.
+type RateLimit struct {
+	// RequestsPerSecond is the refill rate.
+	RequestsPerSecond int32 `json:"requestsPerSecond"`
+	// Burst is the bucket size; RequestsPerSecond when unset.
+	Burst *int32 `json:"burst,omitempty"`
 }
 
 // TrafficPolicyList is a list of TrafficPolicy.

@@ -40,8 +40,13 @@ func run(ctx context.Context, args []string) error {
 state it is given, and carries their TCP traffic: mutual TLS to pods on other nodes,
 straight through to pods on this node, plaintext to destinations outside the mesh.
 
-With --cleanup it removes everything Ferry put in the kernel and exits; given --state
-and --node, also the iptables capture rules in the node's pods.`,
+One agent runs per node: it holds a lock in its state folder (--lock-file) and on
+--bpf-pin-dir while it runs, and a second agent started for the node exits at once,
+naming the running one's pid, without touching its pins, pods, sockets or files.
+
+With --cleanup it removes everything Ferry put in the kernel and exits (refusing while
+an agent runs); given --state and --node, also the iptables capture rules in the node's
+pods.`,
 		Example: `  # in a cluster (the DaemonSet in deploy/)
   ferry-agent --operator ferry-operator.ferry-system.svc:15012 \
       --token-file /var/run/secrets/ferry/token --operator-ca /etc/ferry/ca/ca.crt

@@ -13,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -76,6 +78,7 @@ Everything the lab creates is named after --prefix, so 'ferry lab up' and
 		newLabEchoClientCommand(),
 		newLabDemoCommand(f),
 		newLabDNSCommand(f),
+		newLabRestartAgentCommand(f),
 	)
 	return cmd
 }
@@ -614,6 +617,87 @@ down' stops it; the pods' resolv.conf point at it with the search list of their 
 			return l.ServeDNS(cmd.Context(), log)
 		},
 	}
+}
+
+func newLabRestartAgentCommand(f *labFlags) *cobra.Command {
+	var (
+		signal  string
+		timeout time.Duration
+		asJSON  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "restart-agent NODE",
+		Short: "Restart one node's agent the way a supervisor would",
+		Long: `Restart NODE's agent as a supervisor (the kubelet, systemd) does: send it a signal,
+wait for it to exit, and start the same command line again at once, in the node's
+network namespace and cgroup, with the same flags (those the lab gives every agent and
+any the running one was started with beyond them). Then wait until the new agent answers
+on its admin socket, and print how long the node was without one.
+
+--signal TERM is a rolling restart (the agent drains first); --signal KILL is a crash.
+A node whose agent is not running has it started. The agent's output goes on to
+<state-dir>/<node>/agent.log.`,
+		Example: `  sudo ferry lab restart-agent node1
+  sudo ferry lab restart-agent node2 --signal KILL
+  for i in $(seq 10); do sudo ferry lab restart-agent node1 --signal KILL; done`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sig, err := parseSignal(signal)
+			if err != nil {
+				return err
+			}
+			l, err := f.load()
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			node := args[0]
+			if !slices.Contains(l.Nodes(), node) {
+				return fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			defer cancel()
+			r, err := l.RestartAgent(ctx, node, sig)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(r)
+			}
+			if r.OldPID == 0 {
+				fmt.Fprintf(out, "agent on %s was not running; started pid %d, ready after %s\n", node, r.NewPID, r.Ready.Round(time.Millisecond))
+				return nil
+			}
+			fmt.Fprintf(out, "agent on %s: pid %d stopped (%s) in %s, pid %d ready %s after the signal\n",
+				node, r.OldPID, signalName(sig), r.Stopped.Round(time.Millisecond), r.NewPID, r.Ready.Round(time.Millisecond))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&signal, "signal", "TERM", "signal that stops the running agent: TERM (a rolling restart) or KILL (a crash)")
+	cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the new agent to be ready")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the pids and timings as JSON")
+	return cmd
+}
+
+func signalName(sig syscall.Signal) string {
+	if sig == syscall.SIGKILL {
+		return "SIGKILL"
+	}
+	return "SIGTERM"
+}
+
+// parseSignal reads restart-agent's --signal: TERM or KILL, with or without SIG.
+func parseSignal(s string) (syscall.Signal, error) {
+	switch strings.TrimPrefix(strings.ToUpper(s), "SIG") {
+	case "TERM":
+		return syscall.SIGTERM, nil
+	case "KILL":
+		return syscall.SIGKILL, nil
+	}
+	return 0, fmt.Errorf("--signal %q: want TERM or KILL", s)
 }
 
 func fileExists(path string) bool {

@@ -34,6 +34,8 @@ import (
 	"k8s.io/client-go/dynamic"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -89,10 +91,13 @@ type Loader struct {
 	// what each got (clusterip.go).
 	serviceCIDR netip.Prefix
 	allocated   map[key]netip.Addr
-	// created is when each policy was first applied: its creationTimestamp, as an
-	// API server sets it, unless the manifest sets one. The oldest of two
-	// policies on one Service wins.
+	// created is when each policy or route was first applied: its
+	// creationTimestamp, as an API server sets it, unless the manifest sets one.
+	// The oldest of two policies on one Service wins, and route precedence uses it.
 	created map[key]metav1.Time
+	// generation counts each custom object's versions from 1, as an API server
+	// does, so ConfigStatus can say which version is in force.
+	generation map[key]int64
 }
 
 type fileState struct {
@@ -109,18 +114,47 @@ func NewLoader(dir string, client kubernetes.Interface, onNodes func([]string), 
 		return nil, fmt.Errorf("manifests folder %s: not a folder", dir)
 	}
 	return &Loader{dir: dir, client: client, log: log, onNodes: onNodes, files: map[string]fileState{}, applied: map[key]any{},
-		serviceCIDR: netip.MustParsePrefix(DefaultServiceCIDR), created: map[key]metav1.Time{}}, nil
+		serviceCIDR: netip.MustParsePrefix(DefaultServiceCIDR), created: map[key]metav1.Time{}, generation: map[key]int64{}}, nil
 }
 
-// NewPolicyClient is an in-memory client for Ferry's custom resources, to hand to
-// SetPolicyClient and to the informers that read them.
+// NewPolicyClient is an in-memory client for the custom resources local mode
+// reads (Ferry's TrafficPolicy, Gateway API's HTTPRoute, GRPCRoute and
+// ReferenceGrant), to hand to SetPolicyClient and to the informers that read them.
 func NewPolicyClient() dynamic.Interface {
-	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
-		map[schema.GroupVersionResource]string{mesh.TrafficPolicyResource(): "TrafficPolicyList"})
+	kinds := map[schema.GroupVersionResource]string{}
+	for _, c := range customKinds {
+		kinds[c.resource()] = c.kind + "List"
+	}
+	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), kinds)
 }
 
-// SetPolicyClient makes the loader apply the TrafficPolicies of the folder to d
-// (call before Load); without it they are reported as not loaded.
+// customKind is a custom resource local mode stores in the policy client.
+type customKind struct {
+	kind     string
+	resource func() schema.GroupVersionResource
+	// apiVersions the manifests may use; all are stored as the resource's.
+	apiVersions []string
+	new         func() metav1.Object
+}
+
+var customKinds = []customKind{
+	{"TrafficPolicy", mesh.TrafficPolicyResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.TrafficPolicy{} }},
+	{"ReferenceGrant", mesh.ReferenceGrantResource, []string{gatewayv1beta1.GroupVersion.String(), gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1beta1.ReferenceGrant{} }},
+	{"HTTPRoute", mesh.HTTPRouteResource, []string{gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1.HTTPRoute{} }},
+	{"GRPCRoute", mesh.GRPCRouteResource, []string{gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1.GRPCRoute{} }},
+}
+
+func custom(kind string) (customKind, bool) {
+	i := slices.IndexFunc(customKinds, func(c customKind) bool { return c.kind == kind })
+	if i < 0 {
+		return customKind{}, false
+	}
+	return customKinds[i], true
+}
+
+// SetPolicyClient makes the loader apply the TrafficPolicies and Gateway API
+// routes of the folder to d (call before Load); without it they are reported as
+// not loaded.
 func (l *Loader) SetPolicyClient(d dynamic.Interface) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -255,7 +289,7 @@ func (l *Loader) scan() (string, []string, error) {
 func (l *Loader) apply(ctx context.Context, want map[key]any) error {
 	var errs []error
 	order := func(k key) int {
-		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "TrafficPolicy"}, k.kind)
+		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "TrafficPolicy", "ReferenceGrant", "HTTPRoute", "GRPCRoute"}, k.kind)
 	}
 	var keys []key
 	for k := range want {
@@ -335,37 +369,43 @@ func (l *Loader) put(ctx context.Context, k key, o any, exists bool) error {
 		} else {
 			_, err = core.Pods(k.namespace).Create(ctx, c, metav1.CreateOptions{})
 		}
-	case *v1alpha1.TrafficPolicy:
-		err = l.putPolicy(ctx, k, obj, exists)
+	case *v1alpha1.TrafficPolicy, *gatewayv1beta1.ReferenceGrant, *gatewayv1.HTTPRoute, *gatewayv1.GRPCRoute:
+		err = l.putCustom(ctx, k, obj.(runtime.Object), exists)
 	default:
 		err = fmt.Errorf("kind %T not supported", o)
 	}
 	return err
 }
 
-// putPolicy stores a TrafficPolicy as the API server would: unstructured, with its
-// creationTimestamp kept from its first version.
-func (l *Loader) putPolicy(ctx context.Context, k key, tp *v1alpha1.TrafficPolicy, exists bool) error {
+// putCustom stores a TrafficPolicy or Gateway API object as the API server
+// would: unstructured, with its creationTimestamp kept from its first version and
+// its generation counted.
+func (l *Loader) putCustom(ctx context.Context, k key, o runtime.Object, exists bool) error {
 	if l.policies == nil {
-		return errors.New("local mode has no client for ferry.io objects")
+		return errors.New("local mode has no client for custom resources")
 	}
-	c := tp.DeepCopy()
-	c.APIVersion, c.Kind = v1alpha1.GroupVersion().String(), "TrafficPolicy"
-	if c.CreationTimestamp.IsZero() {
-		if _, ok := l.created[k]; !ok {
-			l.created[k] = metav1.Now()
-		}
-		c.CreationTimestamp = l.created[k]
-	}
+	ck, _ := custom(k.kind)
+	c := o.DeepCopyObject()
 	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(c)
 	if err != nil {
 		return fmt.Errorf("convert: %w", err)
 	}
-	res := l.policies.Resource(mesh.TrafficPolicyResource()).Namespace(k.namespace)
+	u := &unstructured.Unstructured{Object: m}
+	u.SetAPIVersion(ck.resource().GroupVersion().String())
+	u.SetKind(ck.kind)
+	if ts := u.GetCreationTimestamp(); ts.IsZero() {
+		if _, ok := l.created[k]; !ok {
+			l.created[k] = metav1.Now()
+		}
+		u.SetCreationTimestamp(l.created[k])
+	}
+	l.generation[k]++
+	u.SetGeneration(l.generation[k])
+	res := l.policies.Resource(ck.resource()).Namespace(k.namespace)
 	if exists {
-		_, err = res.Update(ctx, &unstructured.Unstructured{Object: m}, metav1.UpdateOptions{})
+		_, err = res.Update(ctx, u, metav1.UpdateOptions{})
 	} else {
-		_, err = res.Create(ctx, &unstructured.Unstructured{Object: m}, metav1.CreateOptions{})
+		_, err = res.Create(ctx, u, metav1.CreateOptions{})
 	}
 	return err
 }
@@ -383,11 +423,13 @@ func (l *Loader) remove(ctx context.Context, k key) error {
 		return core.Services(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{})
 	case "Pod":
 		return core.Pods(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{})
-	case "TrafficPolicy":
-		if err := l.policies.Resource(mesh.TrafficPolicyResource()).Namespace(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{}); err != nil {
+	}
+	if ck, ok := custom(k.kind); ok {
+		if err := l.policies.Resource(ck.resource()).Namespace(k.namespace).Delete(ctx, k.name, metav1.DeleteOptions{}); err != nil {
 			return err
 		}
 		delete(l.created, k)
+		delete(l.generation, k)
 		return nil
 	}
 	return fmt.Errorf("kind %s not supported", k.kind)
@@ -425,6 +467,12 @@ func parseFile(path, rel string) (map[key]any, []*ManifestError) {
 		if obj == nil {
 			continue // a kind local mode does not read
 		}
+		if _, ok := custom(k.kind); ok {
+			// Routes and policies say where they came from in their status and
+			// the operator's log.
+			mo := obj.(metav1.Object)
+			mo.SetAnnotations(withAnnotation(mo.GetAnnotations(), mesh.FileAnnotation, rel))
+		}
 		if _, dup := out[k]; dup {
 			errs = append(errs, &ManifestError{File: rel, Document: doc, Object: describe(k), Err: errors.New("defined twice in this file")})
 			continue
@@ -432,6 +480,15 @@ func parseFile(path, rel string) (map[key]any, []*ManifestError) {
 		out[k] = obj
 	}
 	return out, errs
+}
+
+func withAnnotation(a map[string]string, k, v string) map[string]string {
+	out := make(map[string]string, len(a)+1)
+	for ak, av := range a {
+		out[ak] = av
+	}
+	out[k] = v
+	return out
 }
 
 func stripComments(b []byte) []byte {
@@ -446,18 +503,18 @@ func stripComments(b []byte) []byte {
 }
 
 // readKind says whether local mode reads a kind: core v1 kinds the mesh view
-// watches, and Ferry's TrafficPolicy; other objects are skipped.
+// watches, Ferry's TrafficPolicy and Gateway API's routes and ReferenceGrant;
+// other objects are skipped.
 func readKind(tm metav1.TypeMeta) bool {
-	switch {
-	case tm.APIVersion == "v1":
+	if tm.APIVersion == "v1" {
 		switch tm.Kind {
 		case "Namespace", "Node", "Pod", "Service", "ServiceAccount":
 			return true
 		}
-	case tm.APIVersion == v1alpha1.GroupVersion().String():
-		return tm.Kind == "TrafficPolicy"
+		return false
 	}
-	return false
+	ck, ok := custom(tm.Kind)
+	return ok && slices.Contains(ck.apiVersions, tm.APIVersion)
 }
 
 // parseDoc decodes one document; a nil object with no error is a kind local mode
@@ -499,8 +556,9 @@ func parseDoc(raw []byte) (key, any, *ManifestError) {
 		obj = &corev1.Service{}
 	case "ServiceAccount":
 		obj = &corev1.ServiceAccount{}
-	case "TrafficPolicy":
-		obj = &v1alpha1.TrafficPolicy{}
+	default:
+		ck, _ := custom(tm.Kind)
+		obj = ck.new()
 	}
 	strict, err := sigsjson.UnmarshalStrict(js, obj)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/v1alpha1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -172,8 +173,7 @@ func TestTrafficPolicyConflict(t *testing.T) {
 
 func TestTrafficPolicyRejected(t *testing.T) {
 	logs, log := newLog()
-	ring := policy("ring", 0, v1alpha1.LoadBalancerRingHash, "web", "api")
-	ring.Spec.LoadBalancer.HashHeader = "x-user"
+	ring := policy("ring", 0, "Maglev", "web", "api")
 	// An older policy that is rejected does not shadow a newer good one.
 	good := policy("good", time.Minute, v1alpha1.LoadBalancerRoundRobin, "api")
 	// A bad target rejects the whole policy, its good target too.
@@ -185,7 +185,7 @@ func TestTrafficPolicyRejected(t *testing.T) {
 	if got["shop/web"] != "" || got["shop/api"] != "RoundRobin" {
 		t.Fatalf("load balancers %v; want web default (both its policies rejected), api RoundRobin", got)
 	}
-	if len(logs.lines("level=ERROR", "traffic policy rejected", "policy=shop/ring", "field=spec.loadBalancer.type", "value=RingHash", "not implemented by the proxy")) != 1 {
+	if len(logs.lines("level=ERROR", "traffic policy rejected", "policy=shop/ring", "field=spec.loadBalancer.type", "value=Maglev", "not implemented by the proxy")) != 1 {
 		t.Errorf("no error naming policy ring and its field:\n%s", logs)
 	}
 	if len(logs.lines("level=ERROR", "policy=shop/bad-ref", "field=spec.targetRefs[1].group", "value=apps")) != 1 {
@@ -234,13 +234,145 @@ func TestTrafficPolicyWatched(t *testing.T) {
 	}
 	update("LeastRequest")
 	wait("policy changed", "LeastRequest")
-	// Changed to a type the proxy lacks: rejected whole, web back to the default.
-	update("RingHash")
-	wait("policy changed to RingHash", "")
+	// Changed to a type the proxy lacks: rejected whole, the last good
+	// generation stays in force.
+	update("Maglev")
+	time.Sleep(100 * time.Millisecond)
+	wait("policy changed to Maglev", "LeastRequest")
 	update("Random")
 	wait("policy fixed", "Random")
 	if err := res.Delete(ctx, "web-lb", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	wait("policy deleted", "")
+}
+
+func TestTrafficPolicyCompiled(t *testing.T) {
+	v := routeView(t, `
+apiVersion: ferry.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-policy, namespace: shop, generation: 2}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  loadBalancer: {type: RingHash, hashHeader: x-user}
+  timeouts: {connect: 1s, request: 3s, idle: 1m}
+  retries: {attempts: 2, "on": [gateway-error, retriable-4xx], backoff: 30ms}
+  circuitBreaker: {maxConnections: 100, maxPendingRequests: 10, maxRequests: 50, maxRequestsPerConnection: 20}
+  outlierDetection: {consecutiveErrors: 5, consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  fault:
+    abort: {percent: 10, httpStatus: 503}
+    delay: {percent: 50, duration: 100ms}
+  retryBudget: {percent: 20, minRetriesPerSecond: 10}
+  rateLimit: {requestsPerSecond: 100}
+`)
+	web := service(t, v.View, "shop/web")
+	if web.LoadBalancer != "RingHash" {
+		t.Errorf("load balancer %q, want RingHash", web.LoadBalancer)
+	}
+	wantProto(t, "web's policy", web.Policy, &ferryv1.ServicePolicy{
+		Name: "shop/web-policy", HashHeader: "x-user",
+		MaxConnections: 100, MaxPendingRequests: 10, MaxRequests: 50, MaxRequestsPerConnection: 20,
+		OutlierDetection: &ferryv1.OutlierDetection{Consecutive_5Xx: 5, ConsecutiveGatewayErrors: 3, IntervalMs: 1000, BaseEjectionMs: 30000, MaxEjectionPercent: 50},
+		Fault:            &ferryv1.Fault{AbortPercent: 10, AbortStatus: 503, DelayPercent: 50, DelayMs: 100},
+		RetryBudget:      &ferryv1.RetryBudget{Percent: 20, MinRetriesPerSecond: 10, TtlMs: 10000},
+		RateLimit:        &ferryv1.RateLimit{RequestsPerSecond: 100, Burst: 100},
+		ConnectTimeoutMs: 1000, IdleTimeoutMs: 60000, RequestTimeoutMs: 3000,
+		Retry: &ferryv1.RouteRetry{Attempts: 2, Codes: []uint32{409, 502, 503, 504}, BackoffMs: 30},
+	})
+	if service(t, v.View, "shop/api").Policy != nil {
+		t.Error("api has a policy")
+	}
+	wantProto(t, "status", configStatus(t, v.View, "TrafficPolicy shop/web-policy"), &ferryv1.ConfigStatus{
+		Kind: "TrafficPolicy", Name: "shop/web-policy", Generation: 2, Targets: []string{"shop/web"},
+		Conditions: []*ferryv1.Condition{{Type: "Accepted", Status: true, Reason: "Accepted", Message: "applied to shop/web"}},
+	})
+}
+
+func TestTrafficPolicyValues(t *testing.T) {
+	for _, tc := range []struct{ spec, field string }{
+		{"fault: {abort: {percent: 101, httpStatus: 503}}", "spec.fault.abort.percent"},
+		{"fault: {abort: {percent: 10, httpStatus: 600}}", "spec.fault.abort.httpStatus"},
+		{"fault: {delay: {percent: -1, duration: 1s}}", "spec.fault.delay.percent"},
+		{"retries: {attempts: -1}", "spec.retries.attempts"},
+		{"retries: {attempts: 1, perTryTimeout: 1s}", "spec.retries.perTryTimeout"},
+		{`retries: {attempts: 1, "on": [sometimes]}`, "spec.retries.on[0]"},
+		{"circuitBreaker: {maxPendingRequests: -5}", "spec.circuitBreaker.maxPendingRequests"},
+		{"circuitBreaker: {maxRetries: 3}", "spec.circuitBreaker.maxRetries"},
+		{"outlierDetection: {consecutiveErrors: 5, maxEjectionPercent: 150}", "spec.outlierDetection.maxEjectionPercent"},
+		{"retryBudget: {percent: 120}", "spec.retryBudget.percent"},
+		{"retryBudget: {percent: 20, ttl: 0s}", "spec.retryBudget.ttl"},
+		{"rateLimit: {requestsPerSecond: 0}", "spec.rateLimit.requestsPerSecond"},
+		{"rateLimit: {requestsPerSecond: 10, burst: 0}", "spec.rateLimit.burst"},
+		{"loadBalancer: {type: Random, hashHeader: x-user}", "spec.loadBalancer.hashHeader"},
+		{"timeouts: {connect: -1s}", "spec.timeouts.connect"},
+		{"timeouts: {idle: 25h}", "spec.timeouts.idle"},
+		{"outlierDetection: {interval: 1s}", "spec.outlierDetection"},
+		{"fault: {delay: {percent: 10, duration: 0s}}", "spec.fault.delay.duration"},
+		{"loadBalancer: {type: RingHash, hashHeader: \"x y\"}", "spec.loadBalancer.hashHeader"},
+	} {
+		t.Run(tc.field, func(t *testing.T) {
+			logs, log := newLog()
+			v := startViewLog(t, log, append(routeMesh(), fromYAML(t, `
+apiVersion: ferry.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  `+tc.spec)...)...)
+			v.rebuild()
+			if p := service(t, v.View, "shop/web").Policy; p != nil {
+				t.Fatalf("a rejected policy applies: %v", p)
+			}
+			c := condition(configStatus(t, v.View, "TrafficPolicy shop/bad"), "Accepted")
+			if c.Status || c.Reason != "Invalid" || !strings.HasPrefix(c.Message, tc.field+": ") {
+				t.Fatalf("condition %v; want Invalid naming %s", c, tc.field)
+			}
+			if len(logs.lines("level=ERROR", "policy=shop/bad", "field="+tc.field)) != 1 {
+				t.Fatalf("no log line naming the field:\n%s", logs)
+			}
+		})
+	}
+}
+
+// A rejected generation of a policy leaves the last good one in force, in
+// conflicts too.
+func TestTrafficPolicyLastGoodKept(t *testing.T) {
+	logs, log := newLog()
+	doc := func(gen, lb string) *unstructured.Unstructured {
+		return fromYAML(t, `
+apiVersion: ferry.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-lb, namespace: shop, generation: `+gen+`, creationTimestamp: "2026-01-01T00:00:00Z", annotations: {local.ferry.io/file: policies.yaml}}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  loadBalancer: {type: `+lb+`}
+`)[0].(*unstructured.Unstructured)
+	}
+	newer := policy("newer", 24*time.Hour, v1alpha1.LoadBalancerRandom, "web")
+	v := startViewLog(t, log, append(routeMesh(), doc("1", "RoundRobin"), newer)...)
+	v.rebuild()
+	if lb := service(t, v.View, "shop/web").LoadBalancer; lb != "RoundRobin" {
+		t.Fatalf("load balancer %q, want RoundRobin", lb)
+	}
+	if _, err := v.policies.Resource(TrafficPolicyResource()).Namespace("shop").Update(context.Background(), doc("2", "Maglev"), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "generation 2 seen", func() bool {
+		v.rebuild()
+		return configStatus(t, v.View, "TrafficPolicy shop/web-lb").Generation == 2
+	})
+	if lb := service(t, v.View, "shop/web").LoadBalancer; lb != "RoundRobin" {
+		t.Fatalf("load balancer %q after a bad generation, want RoundRobin (generation 1, still older than policy newer)", lb)
+	}
+	cs := configStatus(t, v.View, "TrafficPolicy shop/web-lb")
+	if c := condition(cs, "Accepted"); cs.InForceGeneration != 1 || c.Status || c.Reason != "Invalid" || cs.File != "policies.yaml" ||
+		!strings.Contains(c.Message, `spec.loadBalancer.type: "Maglev": not implemented`) {
+		t.Fatalf("status %v", cs)
+	}
+	if c := condition(configStatus(t, v.View, "TrafficPolicy shop/newer"), "Accepted"); c.Status || c.Reason != "Conflicted" {
+		t.Fatalf("newer's condition %v; want Conflicted", c)
+	}
+	if len(logs.lines("level=ERROR", "last good generation stays in force", "policy=shop/web-lb", "file=policies.yaml", "field=spec.loadBalancer.type", "in_force_generation=1")) != 1 {
+		t.Fatalf("no log line:\n%s", logs)
+	}
 }

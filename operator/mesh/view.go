@@ -4,6 +4,7 @@
 package mesh
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -34,6 +35,9 @@ type Snapshot struct {
 	Version   uint64
 	Workloads []*ferryv1.Workload // sorted by namespace/name
 	Services  []*ferryv1.Service  // sorted by namespace/name
+	// ConfigStatus is what became of every route and policy, sorted by kind and
+	// name (NodeState.config_status).
+	ConfigStatus []*ferryv1.ConfigStatus
 	// Built is when the snapshot was computed.
 	Built time.Time
 }
@@ -49,15 +53,23 @@ type View struct {
 
 	dirty chan struct{}
 
-	// logged are the policy notes the last rebuild logged (rebuild only).
-	logged map[policyNote]bool
+	// Only rebuild uses these: the policy and route notes the last rebuild
+	// logged, and the last generation of each route and policy that compiled
+	// (kept while the object exists; seenPolicies collects which do).
+	logged       map[policyNote]bool
+	loggedRoutes map[routeNote]bool
+	goodRoutes   map[configKey]lastGood[*routeSpec]
+	goodPolicies map[configKey]lastGood[*policyResult]
+	seenPolicies map[configKey]bool
 
 	mu       sync.Mutex
 	synced   []cache.InformerSynced
 	running  bool                // Run has started waiting for synced
 	policies cache.GenericLister // TrafficPolicies; nil until WatchTrafficPolicies
-	snap     *Snapshot
-	changed  chan struct{} // closed when snap is replaced
+	// HTTPRoutes, GRPCRoutes and ReferenceGrants; nil until watched.
+	httpRoutes, grpcRoutes, grants cache.GenericLister
+	snap                           *Snapshot
+	changed                        chan struct{} // closed when snap is replaced
 }
 
 // NewView registers the informers it needs with factory; start the factory after.
@@ -67,13 +79,15 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 	}
 	core := factory.Core().V1()
 	v := &View{
-		trustDomain: trustDomain,
-		log:         log,
-		pods:        core.Pods().Lister(),
-		namespaces:  core.Namespaces().Lister(),
-		services:    core.Services().Lister(),
-		dirty:       make(chan struct{}, 1),
-		changed:     make(chan struct{}),
+		trustDomain:  trustDomain,
+		log:          log,
+		pods:         core.Pods().Lister(),
+		namespaces:   core.Namespaces().Lister(),
+		services:     core.Services().Lister(),
+		dirty:        make(chan struct{}, 1),
+		changed:      make(chan struct{}),
+		goodRoutes:   map[configKey]lastGood[*routeSpec]{},
+		goodPolicies: map[configKey]lastGood[*policyResult]{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
@@ -153,22 +167,39 @@ func (v *View) rebuild() {
 		return
 	}
 	var notes []policyNote
-	svcs, err := v.servicesFor(byNS, &notes)
+	var statuses []*ferryv1.ConfigStatus
+	v.seenPolicies = map[configKey]bool{}
+	svcs, err := v.servicesFor(byNS, &notes, &statuses)
 	if err != nil {
 		v.log.Error("mesh view: list services", "error", err)
 		return
 	}
+	for k := range v.goodPolicies {
+		if !v.seenPolicies[k] {
+			delete(v.goodPolicies, k)
+		}
+	}
+	routeStatus, routeNotes, err := v.routes(svcs)
+	if err != nil {
+		v.log.Error("mesh view: list routes", "error", err)
+		return
+	}
+	statuses = append(statuses, routeStatus...)
+	slices.SortFunc(statuses, func(a, b *ferryv1.ConfigStatus) int {
+		return cmp.Or(strings.Compare(a.Kind, b.Kind), strings.Compare(a.Name, b.Name))
+	})
 	v.logNotes(notes)
+	v.logRoutes(routeNotes)
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) {
+	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) && sameList(v.snap.ConfigStatus, statuses) {
 		return
 	}
 	version := uint64(time.Now().UnixMicro())
 	if v.snap != nil && version <= v.snap.Version {
 		version = v.snap.Version + 1
 	}
-	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, Built: time.Now()}
+	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, ConfigStatus: statuses, Built: time.Now()}
 	close(v.changed)
 	v.changed = make(chan struct{})
 	v.log.Debug("mesh view rebuilt", "version", version, "workloads", len(ws), "services", len(svcs), "took", time.Since(start))
@@ -235,15 +266,16 @@ func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
 }
 
 // servicesFor lists the Services of the enrolled namespaces with the TrafficPolicy
-// that applies to each; what users should hear about policies goes to notes.
-func (v *View) servicesFor(byNS map[string][]enrolledPod, notes *[]policyNote) ([]*ferryv1.Service, error) {
+// that applies to each; what users should hear about policies goes to notes, and
+// each policy's conditions to statuses.
+func (v *View) servicesFor(byNS map[string][]enrolledPod, notes *[]policyNote, statuses *[]*ferryv1.ConfigStatus) ([]*ferryv1.Service, error) {
 	var out []*ferryv1.Service
 	for ns, pods := range byNS {
 		svcs, err := v.services.Services(ns).List(labels.Everything())
 		if err != nil {
 			return nil, err
 		}
-		policies, err := v.trafficPolicies(ns, notes)
+		policies, err := v.trafficPolicies(ns, notes, statuses)
 		if err != nil {
 			return nil, err
 		}

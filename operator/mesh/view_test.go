@@ -62,21 +62,33 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 	tb.Helper()
 	var core, policies []runtime.Object
 	for _, o := range objs {
-		if tp, ok := o.(*v1alpha1.TrafficPolicy); ok {
-			policies = append(policies, unstructuredPolicy(tb, tp))
-			continue
+		switch o := o.(type) {
+		case *v1alpha1.TrafficPolicy:
+			policies = append(policies, unstructuredPolicy(tb, o))
+		case *unstructured.Unstructured:
+			policies = append(policies, o)
+		default:
+			core = append(core, o)
 		}
-		core = append(core, o)
 	}
 	factory := informers.NewSharedInformerFactory(fake.NewClientset(core...), 0)
 	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
-		map[schema.GroupVersionResource]string{TrafficPolicyResource(): "TrafficPolicyList"}, policies...)
+		map[schema.GroupVersionResource]string{
+			TrafficPolicyResource(): "TrafficPolicyList", HTTPRouteResource(): "HTTPRouteList",
+			GRPCRouteResource(): "GRPCRouteList", ReferenceGrantResource(): "ReferenceGrantList",
+		}, policies...)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	v, err := NewView(factory, "cluster.local", log)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	if err := v.WatchTrafficPolicies(dynFactory); err != nil {
+		tb.Fatal(err)
+	}
+	if err := v.WatchRoutes(dynFactory); err != nil {
+		tb.Fatal(err)
+	}
+	if err := v.WatchReferenceGrants(dynFactory); err != nil {
 		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())

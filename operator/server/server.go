@@ -217,6 +217,7 @@ func (s *Server) nodeState(node string, snap *mesh.Snapshot) *ferryv1.NodeState 
 		TrustBundlePem: s.cfg.CA.RootPEM(),
 		Workloads:      snap.Workloads,
 		Services:       snap.Services,
+		ConfigStatus:   snap.ConfigStatus,
 		Mesh:           &ferryv1.MeshConfig{},
 	}
 }
