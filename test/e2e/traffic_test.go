@@ -425,7 +425,8 @@ spec:
 	m, p := e.servedBy(t, marked, tmHTTPPort, "b", "c", "e"), e.servedBy(t, plain, tmHTTPPort, "b", "c", "e")
 	t.Logf("marked requests per pod %v, the others %v", m, p)
 	if m["e"] != n || p["e"] != 0 || p["b"]+p["c"] != n {
-		t.Errorf("marked requests went to %v and the others to %v; want all %d marked on the canary e and none of the others", m, p, n)
+		out, _ := exec.Command(filepath.Join(e.bin, "ferry"), "agent", "routes", "--lab", tmPrefix, "--node", "node1").CombinedOutput()
+		t.Errorf("marked requests went to %v and the others to %v; want all %d marked on the canary e and none of the others; ferry agent routes:\n%s", m, p, n, out)
 	}
 }
 
@@ -607,7 +608,11 @@ spec:
 	before := metricSum(e.scrape(t, "node1"), "ferry_request_retries_total", svc)
 	tg := tag(t)
 	const n = 2000
-	r := e.fortio(t, "a", "-qps", "0", "-c", "4", "-n", strconv.Itoa(n), tmURL("flaky", "/fail?percent=30&code=503&tag="+tg))
+	// Two clients: each endpoint fails its share spread over what it gets, so a retry
+	// on another endpoint (or the same one, next) mostly succeeds; many clients
+	// interleaving at one endpoint make its failures look independent, and four
+	// independent tries all fail 0.8% of the time.
+	r := e.fortio(t, "a", "-qps", "0", "-c", "2", "-n", strconv.Itoa(n), tmURL("flaky", "/fail?percent=30&code=503&tag="+tg))
 	failed := n - r.RetCodes["200"]
 	tries := total(e.servedBy(t, tg, tmHTTPPort, "b", "c", "e"))
 	after := metricSum(e.scrape(t, "node1"), "ferry_request_retries_total", svc)
@@ -651,7 +656,9 @@ spec:
 	tries := total(e.servedBy(t, tg, tmHTTPPort, "b", "c", "e"))
 	extra := tries - n
 	secs := float64(r.ActualDuration) / 1e9
-	allowed := 0.2*float64(n) + 1*(secs+2) + 4 // the budget's share, its minimum over the run and its window, and the tries in flight
+	// The budget's share, its minimum over the run and its window, and 2% of the
+	// requests for the windows' edges and the tries in flight when it ran out.
+	allowed := 0.2*float64(n) + 1*(secs+2) + 0.02*float64(n)
 	t.Logf("%d requests in %.1f s (%v): %d extra tries (%.1f%%), the budget allows %.0f", n, secs, r.RetCodes, extra, 100*float64(extra)/float64(n), allowed)
 	if r.RetCodes["503"] != n {
 		t.Errorf("fortio: %v; with every endpoint failing every request ends 503", r.RetCodes)
