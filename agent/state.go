@@ -300,12 +300,9 @@ func routeRule(r *ferryv1.RouteRule, ports map[string]map[uint32]bool) (proxy.Ro
 		pr.Filters = append(pr.Filters, pf)
 	}
 	if rt := r.GetRetry(); rt != nil {
-		pr.Retry = &proxy.Retry{Attempts: int(rt.GetAttempts()), Backoff: time.Duration(rt.GetBackoffMs()) * time.Millisecond}
-		for k, c := range rt.GetCodes() {
-			if c < minRetryCode || c > maxRetryCode {
-				return proxy.RouteRule{}, fmt.Errorf("retry.codes[%d]: %d is not a 4xx or 5xx status", k, c)
-			}
-			pr.Retry.Codes = append(pr.Retry.Codes, int(c))
+		var err error
+		if pr.Retry, err = retry("retry", rt); err != nil {
+			return proxy.RouteRule{}, err
 		}
 	}
 	return pr, nil
@@ -586,22 +583,22 @@ func servicePolicy(sp *ferryv1.ServicePolicy) (proxy.Policy, error) {
 		pol.RateLimit = &proxy.RateLimit{PerSecond: int(rl.GetRequestsPerSecond()), Burst: int(rl.GetBurst())}
 	}
 	if r := sp.GetRetry(); r != nil {
-		if pol.Retry, err = policyRetry("retry", r); err != nil {
+		if pol.Retry, err = retry("retry", r); err != nil {
 			return proxy.Policy{}, err
 		}
 	}
 	return pol, nil
 }
 
-// policyRetry converts the retries of requests no route rule covers.
-func policyRetry(field string, r *ferryv1.RouteRetry) (*proxy.Retry, error) {
+// retry converts a route rule's retries, or a policy's for requests no rule covers.
+func retry(field string, r *ferryv1.RouteRetry) (*proxy.Retry, error) {
 	if r.GetAttempts() > maxRetryAttempts {
 		return nil, fmt.Errorf("%s.attempts %d is over %d", field, r.GetAttempts(), maxRetryAttempts)
 	}
 	pr := &proxy.Retry{Attempts: int(r.GetAttempts())}
 	for j, c := range r.GetCodes() {
-		if c < 400 || c > 599 {
-			return nil, fmt.Errorf("%s.codes[%d]: %d is not an error status (400 to 599)", field, j, c)
+		if c < minRetryCode || c > maxRetryCode {
+			return nil, fmt.Errorf("%s.codes[%d]: %d is not an error status (%d to %d)", field, j, c, minRetryCode, maxRetryCode)
 		}
 		pr.Codes = append(pr.Codes, int(c))
 	}

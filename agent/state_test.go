@@ -151,7 +151,7 @@ func TestRouteTablesRejected(t *testing.T) {
 		{func(st *ferryv1.NodeState) { rule(st).Backends[0].Weight, rule(st).Backends[1].Weight = 0, 0 }, "rules[0]: backends: weights sum to 0"},
 		{func(st *ferryv1.NodeState) { rule(st).Backends[0].Weight = 2_000_000 }, "backends[0]: weight 2000000 above 1000000"},
 		{func(st *ferryv1.NodeState) { rule(st).BackendRequestTimeoutMs = 600 }, "rules[0]: backend request timeout 600ms exceeds the request timeout 500ms"},
-		{func(st *ferryv1.NodeState) { rule(st).Retry.Codes = []uint32{200} }, "rules[0]: retry.codes[0]: 200 is not a 4xx or 5xx status"},
+		{func(st *ferryv1.NodeState) { rule(st).Retry.Codes = []uint32{200} }, "rules[0]: retry.codes[0]: 200 is not an error status (400 to 599)"},
 		{func(st *ferryv1.NodeState) { rule(st).Filters[0].Filter = nil }, "rules[0]: filters[0]: no filter set"},
 		{func(st *ferryv1.NodeState) {
 			rule(st).Filters[0].Filter = &ferryv1.RouteFilter_RequestHeaders{}
