@@ -941,7 +941,7 @@ func comparePlaced(a, b placedMatch) int {
 
 func pathRank(p *ferryv1.StringMatch) (int, int) {
 	if p == nil {
-		return 3, 0
+		return 2, 1 // Gateway API's default path match: PathPrefix "/"
 	}
 	switch p.Type {
 	case string(gatewayv1.PathMatchExact):

@@ -246,6 +246,7 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /a/longer}}]
   - matches: [{path: {type: RegularExpression, value: /a/.*}}]
   - {}
+  - matches: [{headers: [{name: canary, value: "1"}]}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -270,6 +271,7 @@ spec:
 		"b-old#0",      // the oldest route,
 		"c-same-age#0", // its name,
 		"a-new#0",
+		"a-new#5", // no path is PathPrefix "/" (Gateway API's default), before fewer headers
 		"a-new#4", // a rule without matches: the shortest prefix, "/"
 	}
 	if got := matchOrder(tabs[0]); !slices.Equal(got, want) {
