@@ -105,7 +105,8 @@ type RequestLabels struct {
 	// GRPCResponseStatus is the gRPC status code as text; "" for plain HTTP.
 	GRPCResponseStatus string
 	// ResponseFlags are Envoy's response flags for what the mesh did ("UH": no
-	// healthy upstream...); NoFlags when nothing.
+	// healthy upstream...), comma separated in Envoy's order when several apply
+	// ("DI,FI"); NoFlags when nothing.
 	ResponseFlags string
 	// Route is the route that carried the request ("HTTPRoute default/canary");
 	// NoRoute when the Service has none. Istio's standard metrics have no such label

@@ -44,6 +44,9 @@ func (o *Observer) requestFlow(c admin.Conn) *ferryv1.Flow {
 		Version: h.Proto, GrpcStatus: h.GRPCStatus, TraceId: h.TraceID,
 		Route: h.Route, RouteRule: uint32(max(h.RouteRule, 0)), Retries: uint32(max(h.Retries, 0)),
 	}
+	if h.FaultDelay > 0 {
+		f.Http.FaultDelay = durationpb.New(h.FaultDelay)
+	}
 	return f
 }
 
@@ -147,11 +150,29 @@ func requestLabels(c admin.Conn, svc service) metrics.RequestLabels {
 	return l
 }
 
-// responseFlags are Envoy's response flags for what went wrong in the mesh, so
+// responseFlags are Envoy's response flags for what the mesh did to a request, so
 // queries written for Istio (response_flags="UH") find the same requests. A request
-// the mesh retried whose last try still failed is URX, as Envoy flags a request
-// whose retries ran out (or that the retry budget stopped) with a failure.
+// fault injection delayed is DI whatever came after; with another flag Envoy joins
+// them with commas in its own order, where DI follows UH, UT, UF, UC, UO and NR and
+// precedes FI, RL, DC and URX: "DI,FI" for a request delayed and then aborted.
 func responseFlags(c admin.Conn) string {
+	flag := reasonFlag(c)
+	if c.HTTP == nil || c.HTTP.FaultDelay <= 0 {
+		return flag
+	}
+	switch flag {
+	case metrics.NoFlags:
+		return "DI"
+	case "FI", "RL", "DC", "URX", "RBAC":
+		return "DI," + flag
+	}
+	return flag + ",DI"
+}
+
+// reasonFlag is the Envoy flag for why the request ended as it did. A request the
+// mesh retried whose last try still failed is URX, as Envoy flags a request whose
+// retries ran out (or that the retry budget stopped) with a failure.
+func reasonFlag(c admin.Conn) string {
 	switch c.Reason {
 	case admin.ReasonFault:
 		return "FI" // fault injection abort

@@ -366,6 +366,21 @@ func TestRequestLabelsBounded(t *testing.T) {
 	if got := responseFlags(retried); got != "-" {
 		t.Errorf("a request a retry got through: flags %q, want -", got)
 	}
+	// A delayed request is DI, joined with its other flag in Envoy's order.
+	for r, want := range map[admin.Reason]string{
+		admin.ReasonNone: "DI", admin.ReasonFault: "DI,FI", admin.ReasonCanceled: "DI,DC",
+		admin.ReasonTimeout: "UT,DI", admin.ReasonNoEndpoints: "UH,DI", admin.ReasonCircuitOpen: "UO,DI",
+	} {
+		delayed := request(1, 503, r)
+		delayed.HTTP.FaultDelay = 100 * time.Millisecond
+		if got := responseFlags(delayed); got != want {
+			t.Errorf("delayed, reason %q: flags %q, want %q", r, got, want)
+		}
+	}
+	retried.HTTP.Status, retried.HTTP.FaultDelay = 503, time.Second
+	if got := responseFlags(retried); got != "DI,URX" {
+		t.Errorf("a delayed request whose retries ran out: flags %q, want DI,URX", got)
+	}
 }
 
 // A routed request's flow names its route, rule and retries, and its metrics carry
@@ -384,10 +399,19 @@ func TestRouteRetriesAndMeshAnswers(t *testing.T) {
 	o.Request(aborted)
 	limited := request(3, 429, admin.ReasonRateLimited)
 	o.Request(limited)
+	delayed := request(4, 503, admin.ReasonFault)
+	delayed.HTTP.FaultDelay = 100 * time.Millisecond
+	o.Request(delayed)
 
 	fs := o.ring.Flows(flows.Query{})
-	if len(fs) != 3 {
-		t.Fatalf("%d flows, want 3", len(fs))
+	if len(fs) != 4 {
+		t.Fatalf("%d flows, want 4", len(fs))
+	}
+	if d := fs[3].GetHttp().GetFaultDelay(); d.AsDuration() != 100*time.Millisecond || fs[3].GetReason() != "fault" {
+		t.Errorf("delayed flow: %v", fs[3])
+	}
+	if fs[0].GetHttp().GetFaultDelay() != nil {
+		t.Errorf("a flow not delayed has a fault delay: %v", fs[0])
 	}
 	if h := fs[0].GetHttp(); h.GetRoute() != "HTTPRoute default/canary" || h.GetRouteRule() != 2 || h.GetRetries() != 1 || fs[0].GetReason() != "" {
 		t.Errorf("routed flow: %v", fs[0])
@@ -405,6 +429,7 @@ func TestRouteRetriesAndMeshAnswers(t *testing.T) {
 		`response_code="200",response_flags="-",route="HTTPRoute default/canary"`,
 		`response_code="503",response_flags="FI",route="HTTPRoute default/canary"`,
 		`response_code="429",response_flags="RL",route="-"`,
+		`response_code="503",response_flags="DI,FI",route="-"`,
 		`ferry_request_retries_total{destination_service="web.default.svc.cluster.local"} 1`,
 	} {
 		if !strings.Contains(text, want) {

@@ -44,6 +44,7 @@ func (p *Proxy) send(w *responseWriter, r *http.Request, dest *vipPort, rule *Ro
 		if chance(f.DelayPercent) {
 			st.faultDelays.Add(1)
 			t := time.NewTimer(f.Delay)
+			rec.HTTP.FaultDelay = f.Delay
 			select {
 			case <-t.C:
 			case <-r.Context().Done():

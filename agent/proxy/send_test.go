@@ -249,6 +249,24 @@ func TestFaultDelayBimodal(t *testing.T) {
 	if p25 >= 5*time.Millisecond || p75 < 100*time.Millisecond {
 		t.Fatalf("p25 %v, p75 %v: want under 5ms and at least 100ms", p25, p75)
 	}
+	// Each delayed request says so in its record (Envoy's DI), with the delay it got,
+	// and only those: as many records as the policy counted delays.
+	delayed := 0
+	for _, r := range pp.obs.wait(t, n) {
+		switch r.HTTP.FaultDelay {
+		case 0:
+		case 100 * time.Millisecond:
+			delayed++
+			if d := r.End.Sub(r.Start); d < 100*time.Millisecond || r.Reason != admin.ReasonNone {
+				t.Fatalf("delayed request lasted %v, reason %q", d, r.Reason)
+			}
+		default:
+			t.Fatalf("fault delay %v recorded, want 100ms", r.HTTP.FaultDelay)
+		}
+	}
+	if want := pp.ServiceStats()["default/web"].FaultDelays; uint64(delayed) != want || delayed == 0 || delayed == n {
+		t.Fatalf("%d records delayed, the policy counted %d of %d", delayed, want, n)
+	}
 }
 
 // With max requests 5 and max pending 10, clients of two pods together get 15

@@ -190,6 +190,10 @@ type HTTP struct {
 	RouteRule int    `json:"route_rule,omitempty"`
 	// Retries is how many times the request was tried again after its first try.
 	Retries int `json:"retries,omitempty"`
+	// FaultDelay is how long a TrafficPolicy's fault injection held the request
+	// before sending it on; 0 when it was not delayed. The latency alone cannot tell
+	// a delayed request from a slow endpoint.
+	FaultDelay time.Duration `json:"fault_delay,omitempty"`
 	// TraceID is the W3C trace id of the request's traceparent, or the B3 trace id,
 	// when it carried one.
 	TraceID string `json:"trace_id,omitempty"`

@@ -197,7 +197,10 @@ type HTTP struct {
 	Route     string `protobuf:"bytes,8,opt,name=route,proto3" json:"route,omitempty"`
 	RouteRule uint32 `protobuf:"varint,9,opt,name=route_rule,json=routeRule,proto3" json:"route_rule,omitempty"`
 	// Tries after the first (route or TrafficPolicy retries).
-	Retries       uint32 `protobuf:"varint,10,opt,name=retries,proto3" json:"retries,omitempty"`
+	Retries uint32 `protobuf:"varint,10,opt,name=retries,proto3" json:"retries,omitempty"`
+	// How long a TrafficPolicy's fault injection delayed the request before sending
+	// it on (Envoy's DI response flag); unset when it was not delayed.
+	FaultDelay    *durationpb.Duration `protobuf:"bytes,11,opt,name=fault_delay,json=faultDelay,proto3" json:"fault_delay,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -300,6 +303,13 @@ func (x *HTTP) GetRetries() uint32 {
 		return x.Retries
 	}
 	return 0
+}
+
+func (x *HTTP) GetFaultDelay() *durationpb.Duration {
+	if x != nil {
+		return x.FaultDelay
+	}
+	return nil
 }
 
 // Flow is one proxied connection, or one request carried at L7, recorded when it ends.
@@ -946,7 +956,7 @@ const file_observer_proto_rawDesc = "" +
 	"\bidentity\x18\x03 \x01(\tR\bidentity\x12\x0e\n" +
 	"\x02ip\x18\x04 \x01(\tR\x02ip\x12\x12\n" +
 	"\x04port\x18\x05 \x01(\rR\x04port\x12\x12\n" +
-	"\x04node\x18\x06 \x01(\tR\x04node\"\x8d\x02\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\"\xc9\x02\n" +
 	"\x04HTTP\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x16\n" +
@@ -960,7 +970,9 @@ const file_observer_proto_rawDesc = "" +
 	"\n" +
 	"route_rule\x18\t \x01(\rR\trouteRule\x12\x18\n" +
 	"\aretries\x18\n" +
-	" \x01(\rR\aretries\"\x92\x04\n" +
+	" \x01(\rR\aretries\x12:\n" +
+	"\vfault_delay\x18\v \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"faultDelay\"\x92\x04\n" +
 	"\x04Flow\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1c\n" +
@@ -1055,29 +1067,30 @@ var file_observer_proto_goTypes = []any{
 	(*GetFlowsResponse)(nil),      // 7: ferry.v1.GetFlowsResponse
 	(*ServerStatusRequest)(nil),   // 8: ferry.v1.ServerStatusRequest
 	(*ServerStatusResponse)(nil),  // 9: ferry.v1.ServerStatusResponse
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*durationpb.Duration)(nil),   // 10: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
 }
 var file_observer_proto_depIdxs = []int32{
-	10, // 0: ferry.v1.Flow.time:type_name -> google.protobuf.Timestamp
-	1,  // 1: ferry.v1.Flow.source:type_name -> ferry.v1.Endpoint
-	1,  // 2: ferry.v1.Flow.destination:type_name -> ferry.v1.Endpoint
-	0,  // 3: ferry.v1.Flow.verdict:type_name -> ferry.v1.Verdict
-	11, // 4: ferry.v1.Flow.duration:type_name -> google.protobuf.Duration
-	2,  // 5: ferry.v1.Flow.http:type_name -> ferry.v1.HTTP
-	5,  // 6: ferry.v1.FlowFilter.http_status_range:type_name -> ferry.v1.StatusRange
-	4,  // 7: ferry.v1.GetFlowsRequest.filter:type_name -> ferry.v1.FlowFilter
-	10, // 8: ferry.v1.GetFlowsRequest.since:type_name -> google.protobuf.Timestamp
-	3,  // 9: ferry.v1.GetFlowsResponse.flow:type_name -> ferry.v1.Flow
-	6,  // 10: ferry.v1.Observer.GetFlows:input_type -> ferry.v1.GetFlowsRequest
-	8,  // 11: ferry.v1.Observer.ServerStatus:input_type -> ferry.v1.ServerStatusRequest
-	7,  // 12: ferry.v1.Observer.GetFlows:output_type -> ferry.v1.GetFlowsResponse
-	9,  // 13: ferry.v1.Observer.ServerStatus:output_type -> ferry.v1.ServerStatusResponse
-	12, // [12:14] is the sub-list for method output_type
-	10, // [10:12] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	10, // 0: ferry.v1.HTTP.fault_delay:type_name -> google.protobuf.Duration
+	11, // 1: ferry.v1.Flow.time:type_name -> google.protobuf.Timestamp
+	1,  // 2: ferry.v1.Flow.source:type_name -> ferry.v1.Endpoint
+	1,  // 3: ferry.v1.Flow.destination:type_name -> ferry.v1.Endpoint
+	0,  // 4: ferry.v1.Flow.verdict:type_name -> ferry.v1.Verdict
+	10, // 5: ferry.v1.Flow.duration:type_name -> google.protobuf.Duration
+	2,  // 6: ferry.v1.Flow.http:type_name -> ferry.v1.HTTP
+	5,  // 7: ferry.v1.FlowFilter.http_status_range:type_name -> ferry.v1.StatusRange
+	4,  // 8: ferry.v1.GetFlowsRequest.filter:type_name -> ferry.v1.FlowFilter
+	11, // 9: ferry.v1.GetFlowsRequest.since:type_name -> google.protobuf.Timestamp
+	3,  // 10: ferry.v1.GetFlowsResponse.flow:type_name -> ferry.v1.Flow
+	6,  // 11: ferry.v1.Observer.GetFlows:input_type -> ferry.v1.GetFlowsRequest
+	8,  // 12: ferry.v1.Observer.ServerStatus:input_type -> ferry.v1.ServerStatusRequest
+	7,  // 13: ferry.v1.Observer.GetFlows:output_type -> ferry.v1.GetFlowsResponse
+	9,  // 14: ferry.v1.Observer.ServerStatus:output_type -> ferry.v1.ServerStatusResponse
+	13, // [13:15] is the sub-list for method output_type
+	11, // [11:13] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_observer_proto_init() }

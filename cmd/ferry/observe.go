@@ -362,8 +362,9 @@ func requestText(h *ferryv1.HTTP) string {
 	return dash(h.GetMethod()) + " " + h.GetAuthority() + h.GetPath()
 }
 
-// statusText is the response status, with the gRPC status of a call: "200",
-// "200 grpc-status 14", "-" when no response came.
+// statusText is the response status, with the gRPC status of a call and the delay
+// fault injection added before it was sent: "200", "200 grpc-status 14",
+// "503 (delayed 100ms)", "-" when no response came.
 func statusText(h *ferryv1.HTTP) string {
 	s := "-"
 	if h.GetStatus() != 0 {
@@ -371,6 +372,9 @@ func statusText(h *ferryv1.HTTP) string {
 	}
 	if g := h.GetGrpcStatus(); g != "" {
 		s += " grpc-status " + g
+	}
+	if d := h.GetFaultDelay(); d != nil {
+		s += " (delayed " + d.AsDuration().String() + ")"
 	}
 	return s
 }

@@ -125,13 +125,15 @@ func TestObserveRequestFlows(t *testing.T) {
 }
 
 // Routed requests show their route, rule and retries; a request the mesh answered
-// itself shows why; --route selects a route's requests.
+// itself shows why, and one fault injection delayed by how long; --route selects a
+// route's requests.
 func TestObserveRoutes(t *testing.T) {
 	now := time.Now()
 	canary := requestFlow(now, "http", "GET", "/items/1", 200, "", time.Millisecond)
 	canary.Http.Route, canary.Http.RouteRule, canary.Http.Retries = "HTTPRoute default/canary", 1, 2
 	aborted := requestFlow(now, "http", "GET", "/items/2", 503, "", time.Millisecond)
 	aborted.Http.Route, aborted.Verdict, aborted.Reason = "HTTPRoute default/canary", ferryv1.Verdict_VERDICT_ERROR, "fault"
+	aborted.Http.FaultDelay = durationpb.New(100 * time.Millisecond)
 	plain := requestFlow(now, "http", "GET", "/items/3", 200, "", time.Millisecond)
 	sock := serveFlows(t, canary, aborted, plain)
 
@@ -146,14 +148,14 @@ func TestObserveRoutes(t *testing.T) {
 	if !strings.Contains(lines[0], "=> 200 via HTTPRoute default/canary rule 1 (2 retries) ") {
 		t.Errorf("routed line %q", lines[0])
 	}
-	if !strings.Contains(lines[1], "ERROR http HTTP/1.1 GET web.default/items/2 => 503 via HTTPRoute default/canary rule 0 ") || !strings.HasSuffix(lines[1], " (fault)") {
+	if !strings.Contains(lines[1], "ERROR http HTTP/1.1 GET web.default/items/2 => 503 (delayed 100ms) via HTTPRoute default/canary rule 0 ") || !strings.HasSuffix(lines[1], " (fault)") {
 		t.Errorf("mesh answer line %q", lines[1])
 	}
 	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "HTTPRoute default/canary", "-o", "table")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !regexp.MustCompile(`503 +HTTPRoute default/canary rule 0 +12 +345 +1ms +fault`).MatchString(out) {
+	if !regexp.MustCompile(`503 \(delayed 100ms\) +HTTPRoute default/canary rule 0 +12 +345 +1ms +fault`).MatchString(out) {
 		t.Errorf("table:\n%s", out)
 	}
 	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "default/other", "-o", "json")
