@@ -3,27 +3,33 @@ package lab
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/api/ferryv1"
 )
 
 // Ports the demo's servers listen on in every pod: ferry's TCP echo, its HTTP
-// server and its gRPC (health) server.
+// server and its gRPC (health) server; and in the pods of api-canary, a second HTTP
+// server standing for the app's canary build.
 const (
-	DemoPort     = 8080
-	DemoHTTPPort = 8081
-	DemoGRPCPort = 8082
+	DemoPort       = 8080
+	DemoHTTPPort   = 8081
+	DemoGRPCPort   = 8082
+	DemoCanaryPort = 8083
 )
 
 // DemoRoute is one kind of traffic the demo sends.
@@ -55,13 +61,38 @@ var DemoRequests = []DemoRoute{
 const demoRequests = 6
 
 // DemoServices are the Services the demo adds to the default lab, at cluster IPs
-// no route knows, each over b (node1) and c (node2): web (TCP echo), api (HTTP) and
-// rpc (gRPC), their protocols declared by appProtocol.
+// no route knows: web (TCP echo), api (HTTP) and rpc (gRPC), each over b (node1)
+// and c (node2), and api-canary (HTTP) over c's canary server, where the demo's
+// HTTPRoute on api sends some of api's requests; their protocols declared by
+// appProtocol.
 var DemoServices = []ServiceConfig{
 	{Name: "web", ClusterIP: netip.MustParseAddr("10.96.0.50"), Port: 80, TargetPort: DemoPort, AppProtocol: "tcp", Pods: []string{"b", "c"}},
 	{Name: "api", ClusterIP: netip.MustParseAddr("10.96.0.51"), Port: 80, TargetPort: DemoHTTPPort, AppProtocol: "http", Pods: []string{"b", "c"}},
 	{Name: "rpc", ClusterIP: netip.MustParseAddr("10.96.0.52"), Port: 80, TargetPort: DemoGRPCPort, AppProtocol: "grpc", Pods: []string{"b", "c"}},
+	{Name: demoCanary, ClusterIP: netip.MustParseAddr("10.96.0.55"), Port: 80, TargetPort: DemoCanaryPort, AppProtocol: "http", Pods: []string{"c"}},
 }
+
+// The demo's traffic management: an HTTPRoute on api (demoRouteFile in the
+// operator's folder) that sends requests marked x-canary: true to api-canary and
+// splits the rest 90/10 between api and api-canary; demoCanaryRequests requests
+// with the header and as many without.
+const (
+	demoCanary         = "api-canary"
+	demoRouteFile      = "demo-api-canary.yaml"
+	demoCanaryRequests = 20
+	demoRoute          = `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-canary, namespace: default, generation: %d}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{headers: [{type: Exact, name: x-canary, value: "true"}]}]
+    backendRefs: [{name: api-canary, port: 80}]
+  - backendRefs:
+    - {name: api, port: 80, weight: 90}
+    - {name: api-canary, port: 80, weight: 10}
+`
+)
 
 // Demo starts an echo server in every pod, sends 1 MiB along each DemoRoute with
 // ferry's echo client (the binary at ferryBin, run inside the source pod), and
@@ -109,7 +140,158 @@ func (l *Lab) Demo(ctx context.Context, ferryBin string, log *slog.Logger, out i
 			return err
 		}
 	}
+	if err := l.demoTrafficManagement(ctx, log); err != nil {
+		return err
+	}
 	return l.WriteCarried(ctx, out)
+}
+
+// demoTrafficManagement applies the demo's HTTPRoute on api through the local-mode
+// operator, logs its status as `ferry agent routes` shows it, then sends requests
+// with and without the canary header and logs where the mesh sent each, as the
+// source agent recorded it: api's endpoints and api-canary's are the same pod, c,
+// on different ports, so the answers alone cannot tell them apart.
+func (l *Lab) demoTrafficManagement(ctx context.Context, log *slog.Logger) error {
+	api, ok1 := l.service("api")
+	canary, ok2 := l.service(demoCanary)
+	if !ok1 || !ok2 {
+		return fmt.Errorf("demo: the lab has no Services api and %s (the demo needs the default lab with DemoServices)", demoCanary)
+	}
+	if !l.runsOperator() {
+		log.Info("traffic management skipped: routes need the local-mode operator (build ferry-operator beside ferry)")
+		return nil
+	}
+	nodes := l.Nodes()
+	if len(nodes) == 0 {
+		return errors.New("demo: the lab has no nodes")
+	}
+	ref := ConfigRef{Kind: "HTTPRoute", Name: "default/" + demoCanary}
+	gens, err := l.configGenerations(ctx, nodes[0])
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	log.Info(fmt.Sprintf("apply HTTPRoute %s on api: x-canary: true → %s, the rest 90/10 api / %s", ref.Name, demoCanary, demoCanary))
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	applied, err := l.ApplyManifest(actx, demoRouteFile, fmt.Sprintf(demoRoute, gens[ref]+1))
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	cs, err := l.ConfigStatus(ctx, nodes[0])
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	i := slices.IndexFunc(cs, func(c *ferryv1.ConfigStatus) bool { return c.GetKind() == ref.Kind && c.GetName() == ref.Name })
+	if i < 0 {
+		return fmt.Errorf("demo: the agent on %s has no status for %s %s", nodes[0], ref.Kind, ref.Name)
+	}
+	log.Info("  " + configStatusLine(cs[i], applied))
+	for _, marked := range []bool{true, false} {
+		args := []string{"-sS", "--fail", "-o", "/dev/null"}
+		what := "no header"
+		if marked {
+			args, what = append(args, "-H", "x-canary: true"), "x-canary: true"
+		}
+		dst := netip.AddrPortFrom(api.ClusterIP, api.Port)
+		for range demoCanaryRequests {
+			args = append(args, "http://"+dst.String()+"/")
+		}
+		start := time.Now()
+		if res, err := l.Command(ctx, "a", "curl", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("demo a → api (%s): %w\n%s", what, err, res)
+		}
+		sentTo, err := l.requestsSentTo(ctx, "a", dst, start, demoCanaryRequests, map[uint16]string{api.TargetPort: "api", canary.TargetPort: demoCanary})
+		if err != nil {
+			return err
+		}
+		log.Info(fmt.Sprintf("a → api %s, %d requests (%s): sent to %s", dst, demoCanaryRequests, what, sentTo))
+	}
+	return nil
+}
+
+// runsOperator says whether the lab runs a local-mode operator, which routes need.
+func (l *Lab) runsOperator() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.desc.Op != nil
+}
+
+// configStatusLine is a route's status on one line, as `ferry agent routes` lists
+// it: "HTTPRoute default/api-canary (file demo-api-canary.yaml, generation 1) →
+// default/api: Accepted True, ResolvedRefs True; applied on node1 after 80ms, ...".
+func configStatusLine(c *ferryv1.ConfigStatus, applied Applied) string {
+	var conds []string
+	for _, cond := range c.GetConditions() {
+		status := "False"
+		if cond.GetStatus() {
+			status = "True"
+		}
+		conds = append(conds, cond.GetType()+" "+status)
+	}
+	var in []string
+	for _, node := range slices.Sorted(maps.Keys(applied)) {
+		in = append(in, fmt.Sprintf("%s after %s", node, applied[node].Round(time.Millisecond)))
+	}
+	return fmt.Sprintf("%s %s (file %s, generation %d) → %s: %s; applied on %s", c.GetKind(), c.GetName(), orDash(c.GetFile()), c.GetGeneration(),
+		orDash(strings.Join(c.GetTargets(), ", ")), strings.Join(conds, ", "), strings.Join(in, ", "))
+}
+
+// requestsSentTo tallies the n requests pod from sent to Service dst since start,
+// by the Service behind the endpoint's port (services) and the endpoint's pod, from
+// the source agent's records: "api 17 (b 9, c 8), api-canary 3 (c 3)".
+func (l *Lab) requestsSentTo(ctx context.Context, from string, dst netip.AddrPort, start time.Time, n int, services map[uint16]string) (string, error) {
+	src, ok := l.Pod(from)
+	if !ok {
+		return "", fmt.Errorf("demo: the lab has no pod %q", from)
+	}
+	byIP := map[netip.Addr]string{}
+	for _, p := range l.Pods() {
+		byIP[p.IP] = p.Name
+	}
+	// The agent records a request when its response has ended, which may be a moment
+	// after the client read it.
+	var sent []admin.Conn
+	for deadline := time.Now().Add(2 * time.Second); ; {
+		cs, err := admin.NewClient(l.AgentSocket(src.Node)).Connections(ctx)
+		if err != nil {
+			return "", fmt.Errorf("agent on %s: %w", src.Node, err)
+		}
+		sent = slices.DeleteFunc(cs.Ended, func(c admin.Conn) bool {
+			return c.HTTP == nil || c.Src.Addr() != src.IP || c.Service != dst || c.Start.Before(start)
+		})
+		if len(sent) >= n || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	perService, perPod := map[string]int{}, map[string]map[string]int{}
+	for _, c := range sent {
+		svc := services[c.Dst.Port()]
+		if svc == "" {
+			svc = "port " + strconv.Itoa(int(c.Dst.Port()))
+		}
+		pod := byIP[c.Dst.Addr()]
+		if pod == "" {
+			pod = c.Dst.Addr().String()
+		}
+		perService[svc]++
+		if perPod[svc] == nil {
+			perPod[svc] = map[string]int{}
+		}
+		perPod[svc][pod]++
+	}
+	if len(perService) == 0 {
+		return "nothing recorded", nil
+	}
+	var parts []string
+	for _, svc := range slices.Sorted(maps.Keys(perService)) {
+		var pods []string
+		for _, pod := range slices.Sorted(maps.Keys(perPod[svc])) {
+			pods = append(pods, fmt.Sprintf("%s %d", pod, perPod[svc][pod]))
+		}
+		parts = append(parts, fmt.Sprintf("%s %d (%s)", svc, perService[svc], strings.Join(pods, ", ")))
+	}
+	return strings.Join(parts, ", "), nil
 }
 
 // demoClient runs a client of route r in its source pod and logs its last line.
@@ -173,7 +355,7 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 			return fmt.Errorf("agent on %s: %w", node, err)
 		}
 		for _, c := range append(cs.Live, cs.Ended...) {
-			if p := c.Dst.Port(); p == DemoPort || p == DemoHTTPPort || p == DemoGRPCPort {
+			if p := c.Dst.Port(); p == DemoPort || p == DemoHTTPPort || p == DemoGRPCPort || p == DemoCanaryPort {
 				rows = append(rows, row{node, c})
 			}
 		}
@@ -194,7 +376,8 @@ func (l *Lab) WriteCarried(ctx context.Context, out io.Writer) error {
 	return tw.Flush()
 }
 
-// startDemoServer runs ferry's echo servers (TCP, HTTP, gRPC) in pod p, each in a
+// startDemoServer runs ferry's echo servers (TCP, HTTP, gRPC, and the canary's HTTP
+// in api-canary's pods) in pod p, each in a
 // session of its own so it outlives the demo command (Down ends it with the lab), and
 // waits until they accept.
 func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) error {
@@ -205,10 +388,15 @@ func (l *Lab) startDemoServer(ctx context.Context, ferryBin string, p PodInfo) e
 	defer logf.Close()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	for _, srv := range []struct {
+	type server struct {
 		port int
 		mode []string
-	}{{DemoPort, nil}, {DemoHTTPPort, []string{"--http"}}, {DemoGRPCPort, []string{"--grpc"}}} {
+	}
+	servers := []server{{DemoPort, nil}, {DemoHTTPPort, []string{"--http"}}, {DemoGRPCPort, []string{"--grpc"}}}
+	if canary, ok := l.service(demoCanary); ok && slices.Contains(canary.Pods, p.Name) {
+		servers = append(servers, server{DemoCanaryPort, []string{"--http"}})
+	}
+	for _, srv := range servers {
 		args := append([]string{"lab", "echo-server", "--listen", fmt.Sprintf(":%d", srv.port)}, srv.mode...)
 		cmd := l.Command(context.Background(), p.Name, ferryBin, args...)
 		cmd.Stdout, cmd.Stderr = logf, logf
