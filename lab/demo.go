@@ -20,6 +20,9 @@ import (
 
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // Ports the demo's servers listen on in every pod: ferry's TCP echo, its HTTP
@@ -150,7 +153,8 @@ func (l *Lab) Demo(ctx context.Context, ferryBin string, log *slog.Logger, out i
 // operator, logs its status as `ferry agent routes` shows it, then sends requests
 // with and without the canary header and logs where the mesh sent each, as the
 // source agent recorded it: api's endpoints and api-canary's are the same pod, c,
-// on different ports, so the answers alone cannot tell them apart.
+// on different ports, so the answers alone cannot tell them apart; the request
+// flows, which name the endpoint, can.
 func (l *Lab) demoTrafficManagement(ctx context.Context, log *slog.Logger) error {
 	api, ok1 := l.service("api")
 	canary, ok2 := l.service(demoCanary)
@@ -187,7 +191,7 @@ func (l *Lab) demoTrafficManagement(ctx context.Context, log *slog.Logger) error
 	}
 	log.Info("  " + configStatusLine(cs[i], applied))
 	for _, marked := range []bool{true, false} {
-		args := []string{"-sS", "--fail", "-o", "/dev/null"}
+		args := []string{"-sS", "--fail"}
 		what := "no header"
 		if marked {
 			args, what = append(args, "-H", "x-canary: true"), "x-canary: true"
@@ -200,7 +204,8 @@ func (l *Lab) demoTrafficManagement(ctx context.Context, log *slog.Logger) error
 		if res, err := l.Command(ctx, "a", "curl", args...).CombinedOutput(); err != nil {
 			return fmt.Errorf("demo a → api (%s): %w\n%s", what, err, res)
 		}
-		sentTo, err := l.requestsSentTo(ctx, "a", dst, start, demoCanaryRequests, map[uint16]string{api.TargetPort: "api", canary.TargetPort: demoCanary})
+		sentTo, err := l.requestsSentTo(ctx, "a", "default/api", start, demoCanaryRequests,
+			map[uint32]string{uint32(api.TargetPort): "api", uint32(canary.TargetPort): demoCanary})
 		if err != nil {
 			return err
 		}
@@ -236,60 +241,75 @@ func configStatusLine(c *ferryv1.ConfigStatus, applied Applied) string {
 		orDash(strings.Join(c.GetTargets(), ", ")), strings.Join(conds, ", "), strings.Join(in, ", "))
 }
 
-// requestsSentTo tallies the n requests pod from sent to Service dst since start,
-// by the Service behind the endpoint's port (services) and the endpoint's pod, from
-// the source agent's records: "api 17 (b 9, c 8), api-canary 3 (c 3)".
-func (l *Lab) requestsSentTo(ctx context.Context, from string, dst netip.AddrPort, start time.Time, n int, services map[uint16]string) (string, error) {
+// requestsSentTo tallies the n requests pod from sent to Service svc
+// (namespace/name) since start, by the Service behind the endpoint's port
+// (services) and the endpoint's pod, from the request flows of the source's agent:
+// "api 17 (b 9, c 8), api-canary 3 (c 3)".
+func (l *Lab) requestsSentTo(ctx context.Context, from, svc string, start time.Time, n int, services map[uint32]string) (string, error) {
 	src, ok := l.Pod(from)
 	if !ok {
 		return "", fmt.Errorf("demo: the lab has no pod %q", from)
 	}
-	byIP := map[netip.Addr]string{}
-	for _, p := range l.Pods() {
-		byIP[p.IP] = p.Name
+	conn, err := grpc.NewClient("unix://"+l.ObserverSocket(src.Node), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return "", fmt.Errorf("observer of %s: %w", src.Node, err)
+	}
+	defer conn.Close()
+	obs := ferryv1.NewObserverClient(conn)
+	req := &ferryv1.GetFlowsRequest{
+		Since:  timestamppb.New(start),
+		Filter: &ferryv1.FlowFilter{FromPod: []string{from}, Protocol: []string{"http"}, Node: []string{src.Node}},
 	}
 	// The agent records a request when its response has ended, which may be a moment
 	// after the client read it.
-	var sent []admin.Conn
+	var sent []*ferryv1.Flow
 	for deadline := time.Now().Add(2 * time.Second); ; {
-		cs, err := admin.NewClient(l.AgentSocket(src.Node)).Connections(ctx)
+		sent = sent[:0]
+		stream, err := obs.GetFlows(ctx, req)
 		if err != nil {
-			return "", fmt.Errorf("agent on %s: %w", src.Node, err)
+			return "", fmt.Errorf("flows of %s: %w", src.Node, err)
 		}
-		sent = slices.DeleteFunc(cs.Ended, func(c admin.Conn) bool {
-			return c.HTTP == nil || c.Src.Addr() != src.IP || c.Service != dst || c.Start.Before(start)
-		})
+		for {
+			res, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				return "", fmt.Errorf("flows of %s: %w", src.Node, err)
+			}
+			if f := res.GetFlow(); f.GetDirection() == string(admin.Outbound) && f.GetService() == svc {
+				sent = append(sent, f)
+			}
+		}
 		if len(sent) >= n || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	perService, perPod := map[string]int{}, map[string]map[string]int{}
-	for _, c := range sent {
-		svc := services[c.Dst.Port()]
-		if svc == "" {
-			svc = "port " + strconv.Itoa(int(c.Dst.Port()))
+	for _, f := range sent {
+		dst := f.GetDestination()
+		name := services[dst.GetPort()]
+		if name == "" {
+			name = "port " + strconv.Itoa(int(dst.GetPort()))
 		}
-		pod := byIP[c.Dst.Addr()]
-		if pod == "" {
-			pod = c.Dst.Addr().String()
+		pod := orDash(dst.GetPod())
+		perService[name]++
+		if perPod[name] == nil {
+			perPod[name] = map[string]int{}
 		}
-		perService[svc]++
-		if perPod[svc] == nil {
-			perPod[svc] = map[string]int{}
-		}
-		perPod[svc][pod]++
+		perPod[name][pod]++
 	}
 	if len(perService) == 0 {
-		return "nothing recorded", nil
+		return "", fmt.Errorf("demo: %s's agent recorded none of the %d requests to %s", src.Node, n, svc)
 	}
 	var parts []string
-	for _, svc := range slices.Sorted(maps.Keys(perService)) {
+	for _, name := range slices.Sorted(maps.Keys(perService)) {
 		var pods []string
-		for _, pod := range slices.Sorted(maps.Keys(perPod[svc])) {
-			pods = append(pods, fmt.Sprintf("%s %d", pod, perPod[svc][pod]))
+		for _, pod := range slices.Sorted(maps.Keys(perPod[name])) {
+			pods = append(pods, fmt.Sprintf("%s %d", pod, perPod[name][pod]))
 		}
-		parts = append(parts, fmt.Sprintf("%s %d (%s)", svc, perService[svc], strings.Join(pods, ", ")))
+		parts = append(parts, fmt.Sprintf("%s %d (%s)", name, perService[name], strings.Join(pods, ", ")))
 	}
 	return strings.Join(parts, ", "), nil
 }
