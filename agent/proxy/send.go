@@ -249,11 +249,21 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 	out := r.WithContext(ctx)
 	if up.dest != nil && up.pol.MaxRequestsPerConnection > 0 {
 		limit := int64(up.pol.MaxRequestsPerConnection)
+		// The transports copy a request that has a body before they pick its
+		// connection, so out.Close set then would be lost: the close is asked for
+		// in the header, which the copy shares (HTTP/1.1 sends it, HTTP/2 takes it
+		// as "no new streams on this connection" and does not send it). The header
+		// is this try's own: the next try may go to another connection.
+		hdr := out.Header.Clone()
+		if hdr == nil {
+			hdr = http.Header{}
+		}
+		out.Header = hdr
 		out = out.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
 			// GotConn runs before the request is written: its last request on
 			// the connection asks for the close.
 			if c, ok := info.Conn.(*upstreamConn); ok && c.requests.Add(1) >= limit {
-				out.Close = true
+				hdr.Set("Connection", "close")
 			}
 		}}))
 	}

@@ -369,17 +369,53 @@ func TestCircuitBreakingConnections(t *testing.T) {
 	}
 }
 
-// MaxRequestsPerConnection closes an upstream connection after that many requests.
+// MaxRequestsPerConnection closes an upstream connection after that many requests,
+// over HTTP/1.1 and HTTP/2, with a body or without: the app sees no connection
+// carry more. (It counts at the app: the transport may dial a connection it then
+// does not use, when an idle one comes back first.)
 func TestMaxRequestsPerConnection(t *testing.T) {
-	pp := newPolicyProxy(t, RoundRobin, Policy{MaxRequestsPerConnection: 2}, named("a", always(0)))
-	c := pp.clientOf(t, pp.a)
-	for range 10 {
-		if res, _ := get(t, c, "http://web.default/"); res.StatusCode != 200 {
-			t.Fatal(res.Status)
-		}
-	}
-	if n := pp.apps.dialsTo(epLocal); n != 5 {
-		t.Fatalf("%d upstream connections for 10 requests, want 5", n)
+	for _, tc := range []struct {
+		name     string
+		h2, body bool
+	}{{"http1", false, false}, {"http1 body", false, true}, {"h2", true, false}, {"h2 body", true, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			perConn := map[string]int{}
+			pp := newPolicyProxy(t, RoundRobin, Policy{MaxRequestsPerConnection: 2}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body)
+				mu.Lock()
+				perConn[r.RemoteAddr]++
+				mu.Unlock()
+			}))
+			c := pp.clientProto(t, pp.a, tc.h2)
+			for range 10 {
+				var res *http.Response
+				var err error
+				if tc.body {
+					res, err = c.Post("http://web.default/", "text/plain", strings.NewReader("hello"))
+				} else {
+					res, err = c.Get("http://web.default/")
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				if res.StatusCode != 200 {
+					t.Fatal(res.Status)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for addr, n := range perConn {
+				if n > 2 {
+					t.Errorf("connection %s carried %d requests, want at most 2", addr, n)
+				}
+			}
+			if len(perConn) != 5 {
+				t.Errorf("10 requests came on %d connections, want 5: %v", len(perConn), perConn)
+			}
+		})
 	}
 }
 
