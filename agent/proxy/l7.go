@@ -213,20 +213,48 @@ func meshAnswer(w http.ResponseWriter, status int, why string) {
 type upstreamKey struct{}
 type httpConnKey struct{}
 
-// transport returns the pod's pool of upstream connections for HTTP/1.1 or (h2)
-// HTTP/2 with prior knowledge, made on first use.
-func (pd *pod) transport(h2 bool) *http.Transport {
-	pd.transportsOnce.Do(func() {
-		pd.h1 = pd.newTransport(false)
-		pd.h2 = pd.newTransport(true)
-	})
-	if h2 {
-		return pd.h2
-	}
-	return pd.h1
+// upstreamIdleTimeout is how long an upstream connection may stay idle in the
+// pool when the Service's TrafficPolicy sets no idle timeout.
+const upstreamIdleTimeout = 90 * time.Second
+
+// transportKey names one of a pod's pools: HTTP/1.1 or HTTP/2, and the idle timeout
+// of its connections.
+type transportKey struct {
+	h2   bool
+	idle time.Duration
 }
 
-func (pd *pod) newTransport(h2 bool) *http.Transport {
+// transport returns the pod's pool of upstream connections for HTTP/1.1 or (h2)
+// HTTP/2 with prior knowledge whose connections close after idle without a request
+// (0: upstreamIdleTimeout), made on first use. A TrafficPolicy's idle timeout thus
+// gets a pool of its own: http.Transport has one idle timeout for all its
+// connections, and a pod's pools are shared by every Service it calls. Pools are
+// few: one per distinct idle timeout of the policies in force, and one whose
+// Service's policy went keeps no connection past its idle timeout.
+func (pd *pod) transport(h2 bool, idle time.Duration) *http.Transport {
+	if idle <= 0 {
+		idle = upstreamIdleTimeout
+	}
+	k := transportKey{h2: h2, idle: idle}
+	pd.transportsMu.RLock()
+	t := pd.transports[k]
+	pd.transportsMu.RUnlock()
+	if t != nil {
+		return t
+	}
+	pd.transportsMu.Lock()
+	defer pd.transportsMu.Unlock()
+	if t = pd.transports[k]; t == nil {
+		if pd.transports == nil {
+			pd.transports = map[transportKey]*http.Transport{}
+		}
+		t = pd.newTransport(h2, idle)
+		pd.transports[k] = t
+	}
+	return t
+}
+
+func (pd *pod) newTransport(h2 bool, idle time.Duration) *http.Transport {
 	var protocols http.Protocols
 	if h2 {
 		protocols.SetUnencryptedHTTP2(true)
@@ -238,7 +266,7 @@ func (pd *pod) newTransport(h2 bool) *http.Transport {
 		DialContext:         pd.dialUpstream,
 		DisableCompression:  true, // the app's Accept-Encoding and bodies pass as they are
 		MaxIdleConnsPerHost: 64,
-		IdleConnTimeout:     90 * time.Second,
+		IdleConnTimeout:     idle,
 		Proxy:               nil, // never an HTTP_PROXY from the agent's environment
 	}
 }
@@ -293,11 +321,14 @@ func (pd *pod) dialUpstream(ctx context.Context, _, addr string) (net.Conn, erro
 }
 
 // closeTransports drops the pod's idle upstream connections; requests in flight
-// finish on theirs. (It goes through transport, whose Once orders it after a
-// request that is making them.)
+// finish on theirs. A pool made after it dials nothing: the pod's context, which
+// dialUpstream dials within, has ended.
 func (pd *pod) closeTransports() {
-	pd.transport(false).CloseIdleConnections()
-	pd.transport(true).CloseIdleConnections()
+	pd.transportsMu.RLock()
+	defer pd.transportsMu.RUnlock()
+	for _, t := range pd.transports {
+		t.CloseIdleConnections()
+	}
 }
 
 // streamConn is a tunnel stream as the net.Conn an HTTP transport wants. Deadlines

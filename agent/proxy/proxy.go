@@ -144,9 +144,10 @@ type pod struct {
 	ctx       context.Context
 	cancel    context.CancelFunc
 
-	// h1 and h2 are the pod's upstream HTTP connections, per endpoint (l7.go).
-	transportsOnce sync.Once
-	h1, h2         *http.Transport
+	// transports are the pod's upstream HTTP connections, per endpoint (l7.go): a
+	// pool per protocol and idle timeout.
+	transportsMu sync.RWMutex
+	transports   map[transportKey]*http.Transport
 }
 
 // New validates cfg and returns a proxy with no pods.

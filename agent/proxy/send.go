@@ -275,7 +275,11 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 	}
 	ep.begin()
 	start := time.Now()
-	res, err := up.pod.transport(up.h2).RoundTrip(out)
+	var idle time.Duration
+	if up.dest != nil {
+		idle = up.pol.IdleTimeout
+	}
+	res, err := up.pod.transport(up.h2, idle).RoundTrip(out)
 	if err != nil {
 		ep.done(0)
 		cancel()

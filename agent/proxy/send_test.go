@@ -419,6 +419,31 @@ func TestMaxRequestsPerConnection(t *testing.T) {
 	}
 }
 
+// IdleTimeout closes an upstream connection that carried no request for that long,
+// so the next request dials again; without one the connection waits in the pool.
+func TestIdleTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		idle  time.Duration
+		dials int
+	}{{100 * time.Millisecond, 2}, {0, 1}} {
+		t.Run(fmt.Sprint(tc.idle), func(t *testing.T) {
+			pp := newPolicyProxy(t, RoundRobin, Policy{IdleTimeout: tc.idle}, named("a", always(0)))
+			c := pp.clientOf(t, pp.a)
+			for i := range 2 {
+				if i > 0 {
+					time.Sleep(400 * time.Millisecond)
+				}
+				if res, _ := get(t, c, "http://web.default/"); res.StatusCode != 200 {
+					t.Fatal(res.Status)
+				}
+			}
+			if n := pp.apps.dialsTo(epLocal); n != tc.dials {
+				t.Fatalf("idle timeout %v: %d upstream connections for 2 requests 400ms apart, want %d", tc.idle, n, tc.dials)
+			}
+		})
+	}
+}
+
 // ConnectTimeout bounds the dial of an endpoint that never answers.
 func TestConnectTimeout(t *testing.T) {
 	pp := newPolicyProxy(t, RoundRobin, Policy{ConnectTimeout: 100 * time.Millisecond}, nil)
