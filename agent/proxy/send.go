@@ -247,7 +247,9 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 		ctx, cancel = context.WithTimeout(ctx, up.tryTimeout)
 	}
 	out := r.WithContext(ctx)
-	if up.dest != nil && up.pol.MaxRequestsPerConnection > 0 {
+	// An upgrade's connection is the client's from then on, never reused: it is not
+	// counted, and its Connection: Upgrade must stay.
+	if up.dest != nil && up.pol.MaxRequestsPerConnection > 0 && r.Header.Get("Upgrade") == "" {
 		limit := int64(up.pol.MaxRequestsPerConnection)
 		// The transports copy a request that has a body before they pick its
 		// connection, so out.Close set then would be lost: the close is asked for
