@@ -72,8 +72,10 @@ func classifyRequestLine(b []byte) (admin.Protocol, bool) {
 		i++
 	}
 	switch {
+	case i == len(b) && i < 32:
+		return "", true // a method, so far
 	case i == len(b):
-		return "", i < 32 // a method, so far
+		return admin.TCP, false // no method is this long
 	case i == 0 || b[i] != ' ':
 		return admin.TCP, false
 	}
