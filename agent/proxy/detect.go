@@ -81,10 +81,12 @@ func classifyRequestLine(b []byte) (admin.Protocol, bool) {
 	}
 	rest := b[i+1:]
 	sp := bytes.IndexByte(rest, ' ')
+	if eol := bytes.IndexAny(rest, "\r\n"); eol >= 0 && (sp < 0 || eol < sp) {
+		// The line ended inside the request target, whatever comes after: the
+		// verdict must not depend on how the bytes were split into reads.
+		return admin.TCP, false
+	}
 	if sp < 0 {
-		if bytes.ContainsAny(rest, "\r\n") {
-			return admin.TCP, false
-		}
 		return "", len(b) < maxRequestLine
 	}
 	if sp == 0 {
