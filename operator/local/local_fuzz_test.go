@@ -34,8 +34,8 @@ func FuzzParseFile(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
+	path := filepath.Join(f.TempDir(), "m.yaml") // one file, rewritten for every input
 	f.Fuzz(func(t *testing.T, data []byte) {
-		path := filepath.Join(t.TempDir(), "m.yaml")
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			t.Fatal(err)
 		}
