@@ -412,10 +412,7 @@ func (a *Agent) readFile(context.Context) error {
 	if st.GetNode() != a.cfg.Node {
 		return fmt.Errorf("state is for node %q, this agent is node %q", st.GetNode(), a.cfg.Node)
 	}
-	if _, err := workloads(st); err != nil {
-		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
-	}
-	if _, err := services(st); err != nil {
+	if err := CheckState(st); err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
 	a.fileState = st

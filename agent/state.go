@@ -31,6 +31,19 @@ func ReadStateFile(path string) (*ferryv1.NodeState, error) {
 	return st, nil
 }
 
+// CheckState converts st's workloads and Services as the agent does before applying
+// a state, and returns why the agent would refuse it whole; nil when it would take
+// it. The operator's tests use it to prove it never sends a state agents refuse.
+func CheckState(st *ferryv1.NodeState) error {
+	if _, err := workloads(st); err != nil {
+		return err
+	}
+	if _, err := services(st); err != nil {
+		return err
+	}
+	return nil
+}
+
 // workloads converts the state's workloads to the proxy's form, checking every
 // field the data path relies on; a bad entry makes the whole state invalid rather
 // than half-applied.

@@ -72,17 +72,21 @@ func classifyRequestLine(b []byte) (admin.Protocol, bool) {
 		i++
 	}
 	switch {
+	case i == len(b) && i < 32:
+		return "", true // a method, so far
 	case i == len(b):
-		return "", i < 32 // a method, so far
+		return admin.TCP, false // no method is this long
 	case i == 0 || b[i] != ' ':
 		return admin.TCP, false
 	}
 	rest := b[i+1:]
 	sp := bytes.IndexByte(rest, ' ')
+	if eol := bytes.IndexAny(rest, "\r\n"); eol >= 0 && (sp < 0 || eol < sp) {
+		// The line ended inside the request target, whatever comes after: the
+		// verdict must not depend on how the bytes were split into reads.
+		return admin.TCP, false
+	}
 	if sp < 0 {
-		if bytes.ContainsAny(rest, "\r\n") {
-			return admin.TCP, false
-		}
 		return "", len(b) < maxRequestLine
 	}
 	if sp == 0 {

@@ -34,6 +34,10 @@ func Parse(id string) (trustDomain, ns, sa string, err error) {
 	if u.User != nil || u.Port() != "" || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || u.Opaque != "" {
 		return fail("must not have user info, port, query or fragment")
 	}
+	if strings.Contains(id, "%") {
+		// It would be decoded into a different name than the one written.
+		return fail("percent-encoding is not allowed")
+	}
 	if err := ValidTrustDomain(u.Host); err != nil {
 		return fail("%v", err)
 	}
@@ -46,7 +50,7 @@ func Parse(id string) (trustDomain, ns, sa string, err error) {
 			return fail("invalid path segment %q", p)
 		}
 	}
-	if id != ID(u.Host, parts[1], parts[3]) { // escapes and the like
+	if id != ID(u.Host, parts[1], parts[3]) { // an upper-case scheme and the like
 		return fail("not in canonical form")
 	}
 	return u.Host, parts[1], parts[3], nil
@@ -66,19 +70,14 @@ func FromCert(c *x509.Certificate) (string, error) {
 	if u.Scheme != "spiffe" {
 		return "", fmt.Errorf("spiffe id from certificate: URI SAN %q is not spiffe://", u.String())
 	}
-	id := uriString(u)
+	// The SAN as written (escapes and all), not rebuilt from the decoded path: a
+	// percent-encoded SAN must be refused, not read as the identity it decodes to.
+	// Go has lower-cased the scheme already, which names the same identity.
+	id := u.String()
 	if _, _, _, err := Parse(id); err != nil {
 		return "", fmt.Errorf("spiffe id from certificate: %w", err)
 	}
 	return id, nil
-}
-
-func uriString(u *url.URL) string {
-	if u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
-		// Keep the full form so Parse rejects it rather than silently dropping parts.
-		return u.String()
-	}
-	return "spiffe://" + u.Host + u.Path
 }
 
 // ValidTrustDomain checks a trust domain: lower-case letters, digits, '-', '.', '_'.

@@ -185,7 +185,8 @@ func (z *Zone) negative() []dnsmessage.Resource {
 }
 
 // reply packs a response to the query with header h; when it is longer than limit it
-// is sent truncated: question only, TC set.
+// is sent truncated: question only (or not even that, when the question section
+// alone is too long), TC set.
 func (z *Zone) reply(h dnsmessage.Header, qs []dnsmessage.Question, rc dnsmessage.RCode, edns bool, answers, auth []dnsmessage.Resource, limit int) ([]byte, error) {
 	authoritative := rc == dnsmessage.RCodeSuccess || rc == dnsmessage.RCodeNameError
 	m := dnsmessage.Message{
@@ -211,6 +212,14 @@ func (z *Zone) reply(h dnsmessage.Header, qs []dnsmessage.Question, rc dnsmessag
 	if len(out) > limit {
 		m.Header.Truncated = true
 		m.Answers, m.Authorities = nil, nil
+		if out, err = m.Pack(); err != nil {
+			return nil, fmt.Errorf("pack reply: %w", err)
+		}
+	}
+	if len(out) > limit {
+		// A query of many questions: not even their echo fits, so the header
+		// alone says what went wrong.
+		m.Questions = nil
 		if out, err = m.Pack(); err != nil {
 			return nil, fmt.Errorf("pack reply: %w", err)
 		}

@@ -59,13 +59,30 @@ func (c *CA) Issue(tb testing.TB, id string, notBefore, notAfter time.Time) iden
 // IssueUsage is Issue with explicit extended key usages.
 func (c *CA) IssueUsage(tb testing.TB, id string, notBefore, notAfter time.Time, usage ...x509.ExtKeyUsage) identity.CertPEM {
 	tb.Helper()
+	return c.issue(tb, []string{id}, notBefore, notAfter, usage)
+}
+
+// IssueURIs issues a leaf valid for the next day whose URI SANs are uris, as
+// written (none, several, or ones no Ferry CA would sign), with server and client
+// auth: a peer trying to pass an odd identity.
+func (c *CA) IssueURIs(tb testing.TB, uris ...string) identity.CertPEM {
+	tb.Helper()
+	return c.issue(tb, uris, time.Now().Add(-time.Minute), time.Now().Add(24*time.Hour), []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth})
+}
+
+func (c *CA) issue(tb testing.TB, ids []string, notBefore, notAfter time.Time, usage []x509.ExtKeyUsage) identity.CertPEM {
+	tb.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	u, err := url.Parse(id)
-	if err != nil {
-		tb.Fatal(err)
+	var uris []*url.URL
+	for _, id := range ids {
+		u, err := url.Parse(id)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		uris = append(uris, u)
 	}
 	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
 	tmpl := &x509.Certificate{
@@ -74,7 +91,7 @@ func (c *CA) IssueUsage(tb testing.TB, id string, notBefore, notAfter time.Time,
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  usage,
-		URIs:         []*url.URL{u},
+		URIs:         uris,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
 	if err != nil {
