@@ -294,3 +294,29 @@ func TestL7InboundPolicy(t *testing.T) {
 		t.Fatalf("%d decisions counted, want %d", n, len(tricks))
 	}
 }
+
+// A request from a to a Service endpoint on this node (b) meets b's policies in
+// a's L7 proxy, per request: no destination proxy will see it.
+func TestSameNodeL7Policy(t *testing.T) {
+	tp, obs, seen := newL7Proxy(t, RoundRobin, "http")
+	svc := web
+	svc.Ports = []ServicePort{{Port: 80, AppProtocol: "http"}, {Port: 9000}}
+	svc.Backends = svc.Backends[:1] // b only
+	tp.SetServices([]Service{svc})
+	tp.SetAuthorization([]AuthzPolicy{{Name: "default/b-reads", Action: AuthzAllow, Workloads: []string{"ub"},
+		Rules: []AuthzRule{{From: []AuthzSource{{Identities: []string{wa.Identity}}}, To: []AuthzOperation{{Methods: []string{"GET"}, Paths: []string{"/ok"}}}}}}})
+	c := tp.client(t, netip.AddrPortFrom(vip, 80), false)
+	if res, _ := get(t, c, "http://web.default/admin"); res.StatusCode != http.StatusForbidden {
+		t.Fatalf("/admin: %d, want 403", res.StatusCode)
+	}
+	if res, body := get(t, c, "http://web.default//ok"); res.StatusCode != http.StatusOK || !strings.HasSuffix(body, " /ok 0") {
+		t.Fatalf("//ok: %d %q, want 200 from the app for /ok", res.StatusCode, body)
+	}
+	recs := obs.wait(t, 2)
+	if r := recs[0]; r.Verdict != admin.VerdictDenied || r.Reason != admin.ReasonPolicy || r.Policy != "default/b-reads" {
+		t.Fatalf("denied request's record %+v", r)
+	}
+	if len(*seen) != 1 {
+		t.Fatalf("the app saw %d requests, want 1", len(*seen))
+	}
+}
