@@ -705,7 +705,7 @@ func authzRule(rule *ferryv1.AuthorizationRule) (proxy.AuthzRule, error) {
 		src := proxy.AuthzSource{Namespaces: s.GetNamespaces(), NotNamespaces: s.GetNotNamespaces()}
 		for _, ids := range [][]string{s.GetIdentities(), s.GetNotIdentities()} {
 			for _, id := range ids {
-				if !validWildcard(id, "spiffe://", true) {
+				if !validIdentityPattern(id) {
 					return pr, fmt.Errorf("%s: identity %q is not a SPIFFE ID with at most one * at its start or end", at, id)
 				}
 			}
@@ -761,16 +761,16 @@ func authzRule(rule *ferryv1.AuthorizationRule) (proxy.AuthzRule, error) {
 	return pr, nil
 }
 
-// validWildcard: s is "*", or starts with prefix (or "*" when suffixOK) with at
-// most one "*", at its start or end.
-func validWildcard(s, prefix string, suffixOK bool) bool {
+// validIdentityPattern: s is "*", a SPIFFE ID, a SPIFFE ID's prefix followed by
+// "*", or "*" followed by a suffix; never a "*" anywhere else.
+func validIdentityPattern(s string) bool {
 	if s == "*" {
 		return true
 	}
 	inner := strings.TrimSuffix(strings.TrimPrefix(s, "*"), "*")
 	lead, trail := strings.HasPrefix(s, "*"), strings.HasSuffix(s, "*")
 	return inner != "" && !strings.Contains(inner, "*") && !(lead && trail) &&
-		(lead && suffixOK || strings.HasPrefix(s, prefix))
+		(lead || strings.HasPrefix(s, "spiffe://"))
 }
 
 func prefixes(ss []string) ([]netip.Prefix, error) {

@@ -157,6 +157,15 @@ func TestNormalizePath(t *testing.T) {
 			t.Errorf("normalizePath(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
+	// OPTIONS * has no path: it is left alone, not refused.
+	r := httptest.NewRequest(http.MethodOptions, "*", nil)
+	if err := normalizeRequest(r); err != nil || r.RequestURI != "*" {
+		t.Errorf("OPTIONS *: %v, %q", err, r.RequestURI)
+	}
+	r = httptest.NewRequest(http.MethodGet, "/a//b/%2e%2e/c?x=%2e#f", nil)
+	if err := normalizeRequest(r); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
+		t.Errorf("GET: %v, %q, %q", err, r.RequestURI, r.URL.Path)
+	}
 	for _, bad := range []string{"/a%zz", "/a%2", "admin"} {
 		if got, err := normalizePath(bad); err == nil {
 			t.Errorf("normalizePath(%q) = %q, want an error", bad, got)

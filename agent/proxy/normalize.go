@@ -61,8 +61,12 @@ func normalizePath(escaped string) (string, error) {
 }
 
 // normalizeRequest rewrites r's path to normalizePath's form, from the request
-// target as the client sent it (r.URL has decoded it already, %2F included).
+// target as the client sent it (r.URL has decoded it already, %2F included). A
+// CONNECT's authority and OPTIONS' "*" have no path to normalise.
 func normalizeRequest(r *http.Request) error {
+	if r.Method == http.MethodConnect || r.RequestURI == "*" {
+		return nil
+	}
 	raw := r.RequestURI
 	if !strings.HasPrefix(raw, "/") {
 		raw = r.URL.EscapedPath() // absolute form, or a request made here
