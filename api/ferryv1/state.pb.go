@@ -167,8 +167,8 @@ type AuthorizationPolicy struct {
 	Action string `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
 	// UIDs of the workloads it selects (see NodeState.workloads).
 	Workloads []string `protobuf:"bytes,3,rep,name=workloads,proto3" json:"workloads,omitempty"`
-	// Any one rule matches; none: an Allow or Audit matches nothing, a Deny
-	// everything (as the policy's spec says).
+	// Any one rule matches; none: the policy matches nothing (so an Allow without
+	// rules denies all it selects, as Istio's).
 	Rules         []*AuthorizationRule `protobuf:"bytes,4,rep,name=rules,proto3" json:"rules,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
