@@ -128,6 +128,7 @@ type Capture interface {
 type podServer interface {
 	SetMesh(ws []proxy.Workload)
 	SetServices(svcs []proxy.Service)
+	SetAuthorization(ps []proxy.AuthzPolicy)
 	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
 	RemovePod(uid string)
 }
@@ -415,6 +416,9 @@ func (a *Agent) readFile(context.Context) error {
 	if err := CheckState(st); err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	if _, err := authorization(st); err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
 	a.fileState = st
 	return nil
 }
@@ -593,6 +597,10 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	authz, err := authorization(st)
+	if err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
 	want := map[string]proxy.Workload{}
 	var ids []string
 	for _, w := range ws {
@@ -618,7 +626,8 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	}
 	a.pods.SetMesh(ws)
 	a.pods.SetServices(svcs)
-	a.obs.SetState(st) // flows and metrics name the destination's service
+	a.pods.SetAuthorization(authz) // before reconcile gives new pods listeners
+	a.obs.SetState(st)             // flows and metrics name the destination's service
 	a.want = want
 	a.state, a.applied = st, time.Now()
 	a.reconcileLocked()

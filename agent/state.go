@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -668,4 +669,145 @@ func (a *Agent) watchFile(ctx context.Context, path string, every time.Duration)
 			a.log.Error("state file rejected; keeping the last good state", "path", path, "error", err)
 		}
 	}
+}
+
+// authorization converts the state's AuthorizationPolicies, checking everything the
+// proxy relies on when it decides: one bad entry rejects the state, as a policy
+// half applied could let through what it was written to stop.
+func authorization(st *ferryv1.NodeState) ([]proxy.AuthzPolicy, error) {
+	uids := make(map[string]bool, len(st.GetWorkloads()))
+	for _, w := range st.GetWorkloads() {
+		uids[w.GetUid()] = true
+	}
+	var out []proxy.AuthzPolicy
+	seen := map[string]bool{}
+	for i, ap := range st.GetAuthorization() {
+		at := fmt.Sprintf("authorization[%d] (%s)", i, ap.GetName())
+		if ap.GetName() == "" || seen[ap.GetName()] {
+			return nil, fmt.Errorf("%s: a name is required, once", at)
+		}
+		seen[ap.GetName()] = true
+		pp := proxy.AuthzPolicy{Name: ap.GetName(), Action: proxy.AuthzAction(ap.GetAction())}
+		switch pp.Action {
+		case proxy.AuthzAllow, proxy.AuthzDeny, proxy.AuthzAudit:
+		default:
+			return nil, fmt.Errorf("%s: action %q is not Allow, Deny or Audit", at, ap.GetAction())
+		}
+		for _, uid := range ap.GetWorkloads() {
+			if !uids[uid] {
+				return nil, fmt.Errorf("%s: workload %q is not in the state", at, uid)
+			}
+			pp.Workloads = append(pp.Workloads, uid)
+		}
+		for r, rule := range ap.GetRules() {
+			pr, err := authzRule(rule)
+			if err != nil {
+				return nil, fmt.Errorf("%s: rules[%d]: %w", at, r, err)
+			}
+			pp.Rules = append(pp.Rules, pr)
+		}
+		out = append(out, pp)
+	}
+	return out, nil
+}
+
+func authzRule(rule *ferryv1.AuthorizationRule) (proxy.AuthzRule, error) {
+	var pr proxy.AuthzRule
+	for j, s := range rule.GetFrom() {
+		at := fmt.Sprintf("from[%d]", j)
+		src := proxy.AuthzSource{Namespaces: s.GetNamespaces(), NotNamespaces: s.GetNotNamespaces()}
+		for _, ids := range [][]string{s.GetIdentities(), s.GetNotIdentities()} {
+			for _, id := range ids {
+				if !validIdentityPattern(id) {
+					return pr, fmt.Errorf("%s: identity %q is not a SPIFFE ID with at most one * at its start or end", at, id)
+				}
+			}
+		}
+		src.Identities, src.NotIdentities = s.GetIdentities(), s.GetNotIdentities()
+		for _, ns := range append(slices.Clone(s.GetNamespaces()), s.GetNotNamespaces()...) {
+			if ns == "" || strings.ContainsAny(ns, "*/") {
+				return pr, fmt.Errorf("%s: namespace %q is not a name", at, ns)
+			}
+		}
+		var err error
+		if src.IPBlocks, err = prefixes(s.GetIpBlocks()); err != nil {
+			return pr, fmt.Errorf("%s: ip_blocks: %w", at, err)
+		}
+		if src.NotIPBlocks, err = prefixes(s.GetNotIpBlocks()); err != nil {
+			return pr, fmt.Errorf("%s: not_ip_blocks: %w", at, err)
+		}
+		pr.From = append(pr.From, src)
+	}
+	for j, o := range rule.GetTo() {
+		at := fmt.Sprintf("to[%d]", j)
+		op := proxy.AuthzOperation{Methods: o.GetMethods(), Paths: o.GetPaths(), Hosts: o.GetHosts()}
+		var err error
+		if op.Ports, err = authzPorts(o.GetPorts()); err != nil {
+			return pr, fmt.Errorf("%s: ports: %w", at, err)
+		}
+		if op.NotPorts, err = authzPorts(o.GetNotPorts()); err != nil {
+			return pr, fmt.Errorf("%s: not_ports: %w", at, err)
+		}
+		for _, m := range o.GetMethods() {
+			if !httpguts.ValidHeaderFieldName(m) || m != strings.ToUpper(m) {
+				return pr, fmt.Errorf("%s: method %q is not an HTTP method in upper case", at, m)
+			}
+		}
+		for _, p := range o.GetPaths() {
+			if p != "*" && (!strings.HasPrefix(p, "/") || strings.Contains(strings.TrimSuffix(p, "*"), "*")) {
+				return pr, fmt.Errorf("%s: path %q does not start with / or has a * before its end", at, p)
+			}
+		}
+		for _, h := range o.GetHosts() {
+			if h == "" || h != strings.ToLower(h) || strings.Contains(strings.TrimPrefix(h, "*"), "*") {
+				return pr, fmt.Errorf("%s: host %q is not lower case with at most a leading *", at, h)
+			}
+		}
+		for _, h := range o.GetHeaders() {
+			if !httpguts.ValidHeaderFieldName(h.GetName()) || h.GetName() != strings.ToLower(h.GetName()) {
+				return pr, fmt.Errorf("%s: header %q is not a lower-case header name", at, h.GetName())
+			}
+			op.Headers = append(op.Headers, proxy.AuthzHeader{Name: h.GetName(), Values: h.GetValues()})
+		}
+		pr.To = append(pr.To, op)
+	}
+	return pr, nil
+}
+
+// validIdentityPattern: s is "*", a SPIFFE ID, a SPIFFE ID's prefix followed by
+// "*", or "*" followed by a suffix; never a "*" anywhere else.
+func validIdentityPattern(s string) bool {
+	if s == "*" {
+		return true
+	}
+	inner := strings.TrimSuffix(strings.TrimPrefix(s, "*"), "*")
+	lead, trail := strings.HasPrefix(s, "*"), strings.HasSuffix(s, "*")
+	return inner != "" && !strings.Contains(inner, "*") && !(lead && trail) &&
+		(lead || strings.HasPrefix(s, "spiffe://"))
+}
+
+func prefixes(ss []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range ss {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, err
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("%s has bits past its length", s)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func authzPorts(ps []uint32) ([]uint16, error) {
+	var out []uint16
+	for _, p := range ps {
+		if p == 0 || p > 65535 {
+			return nil, fmt.Errorf("port %d out of range", p)
+		}
+		out = append(out, uint16(p))
+	}
+	return out, nil
 }

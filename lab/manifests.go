@@ -23,7 +23,7 @@ import (
 )
 
 // configKinds are the kinds NodeState.config_status reports.
-var configKinds = []string{"HTTPRoute", "GRPCRoute", "TrafficPolicy"}
+var configKinds = []string{"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AuthorizationPolicy"}
 
 // ConfigRef names a route or policy as NodeState.config_status does.
 type ConfigRef struct {

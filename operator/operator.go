@@ -305,7 +305,7 @@ func (o *Operator) startInformers(ctx context.Context) error {
 		// The in-memory store always serves TrafficPolicies and Gateway API's
 		// routes.
 		for _, watch := range []func(dynamicinformer.DynamicSharedInformerFactory) error{
-			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants,
+			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants, o.watchAuthorization,
 		} {
 			if err := watch(o.policyInformers); err != nil {
 				return err
@@ -332,6 +332,12 @@ func (o *Operator) startInformers(ctx context.Context) error {
 	return nil
 }
 
+// watchAuthorization reads AuthorizationPolicies; the operator's namespace is
+// the one whose policies select across the mesh.
+func (o *Operator) watchAuthorization(f dynamicinformer.DynamicSharedInformerFactory) error {
+	return o.view.WatchAuthorizationPolicies(f, o.cfg.Namespace)
+}
+
 // customWatch is a custom resource the view reads once the API server serves it.
 type customWatch struct {
 	what      string // for log lines
@@ -346,6 +352,8 @@ func (o *Operator) customWatches() []customWatch {
 			without: "Services get the default load balancer"},
 		{what: "HTTPRoute and GRPCRoute", resources: []schema.GroupVersionResource{mesh.HTTPRouteResource(), mesh.GRPCRouteResource()}, watch: o.view.WatchRoutes,
 			without: "Services are not routed"},
+		{what: "AuthorizationPolicy", resources: []schema.GroupVersionResource{mesh.AuthorizationPolicyResource()}, watch: o.watchAuthorization,
+			without: "no authorization policy is enforced"},
 		{what: "ReferenceGrant", resources: []schema.GroupVersionResource{mesh.ReferenceGrantResource()}, watch: o.view.WatchReferenceGrants,
 			without: "routes to another namespace's Services are rejected"},
 	}

@@ -147,6 +147,7 @@ type Metrics struct {
 	duration             *prometheus.HistogramVec
 	reqBytes, respBytes  *prometheus.HistogramVec
 	retries              *prometheus.CounterVec
+	authz                *prometheus.CounterVec // authz.go
 
 	// series caches each label set's counters: resolving 9 label values in four
 	// vectors costs microseconds a connection, a map hit and four adds far less.
@@ -223,6 +224,8 @@ func New(node string, src Sources) *Metrics {
 		Help: "Tries of HTTP requests and gRPC calls after their first (route or TrafficPolicy retries), by destination service, counted when the request ends."},
 		[]string{"destination_service"})
 	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes, m.requests, m.duration, m.reqBytes, m.respBytes, m.retries)
+	m.authz = newAuthzDecisions()
+	reg.MustRegister(m.authz)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if f := src.Flows; f != nil {
 		reg.MustRegister(

@@ -29,6 +29,7 @@ func (o *Observer) flow(c admin.Conn) *ferryv1.Flow {
 		BytesSent:     uint64(max(c.BytesSent, 0)),
 		BytesReceived: uint64(max(c.BytesRecv, 0)),
 		Duration:      durationpb.New(c.End.Sub(c.Start)),
+		Policy:        c.Policy,
 	}
 }
 

@@ -238,6 +238,11 @@ func (o *Observer) ConnClosed(c admin.Conn) {
 	o.ring.Add(f)
 }
 
+// Authorized counts a decision of an AuthorizationPolicy (proxy.AuthzObserver).
+func (o *Observer) Authorized(policy, action string) {
+	o.metrics.Authorization(policy, action)
+}
+
 // Request records one request the proxy carried at L7 as a flow and in Istio's
 // request metrics. A record without c.HTTP is not a request and is ignored.
 func (o *Observer) Request(c admin.Conn) {

@@ -93,6 +93,9 @@ func (t *tracker) close(c *Conn, sent, recv int64, err error) {
 // tunnel to it) failed with err.
 func (t *tracker) refused(c *Conn, err error) {
 	c.Verdict, c.Reason, c.Status = dialOutcome(err)
+	if pol, ok := refusedByPolicy(err); ok {
+		c.Reason, c.Policy = admin.ReasonPolicy, pol
+	}
 	t.end(c, 0, 0, err)
 }
 

@@ -133,7 +133,17 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
 
+	// Routes, policies and the app all see one form of the path.
+	if err := normalizeRequest(r); err != nil {
+		rec.Verdict, rec.Reason, rec.Error = admin.VerdictDenied, admin.ReasonOther, err.Error()
+		meshAnswer(rw, http.StatusBadRequest, err.Error())
+		return
+	}
+	rec.HTTP.Path = r.URL.RequestURI()
 	if hc.inbound != nil {
+		if !p.admitRequest(hc.pd, callerOf(rec.SrcIdentity, rec.Src.Addr()), hc.inbound.addr.Port(), r, rw, &rec) {
+			return
+		}
 		// The app behind the tunnel stream, on the destination's side, where its
 		// rate limit is taken.
 		if !p.allowInto(hc.pd, time.Now()) {

@@ -103,6 +103,8 @@ type Proxy struct {
 	local map[netip.Addr]*pod     // local enrolled pods, by IP
 	// services are the Services' cluster IPs and their ready endpoints (services.go).
 	services serviceTable
+	// authz is the AuthorizationPolicies by protected workload (authz.go).
+	authz authzTable
 
 	l7      *l7          // the HTTP server of connections proxied per request (l7.go)
 	pool    *tunnel.Pool // tunnels to pods on other nodes
@@ -260,6 +262,15 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 			return p.cfg.Identities.ServerConfig(w.Identity, nil), nil
 		},
 		Authorize: p.authorize,
+		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
+			if httpStream {
+				return nil // each request is decided at L7 (serveRequest)
+			}
+			if d := p.admit(pd, callerOf(peer, remote.Addr()), target.Port(), nil); d != nil {
+				return d
+			}
+			return nil
+		},
 		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
 			return p.dialApp(ctx, pd, target)
 		},
@@ -490,6 +501,15 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 	r := decide(rec.Dst.Addr(), p.byIP, p.local)
 	p.mu.RUnlock()
 	rec.Security, rec.DstIdentity = r.Security, r.Peer.Identity
+	if r.Security == admin.SameNode {
+		// No destination proxy will see it: the destination's policies are
+		// applied here, with the source pod's identity.
+		if d := p.admit(r.Local, callerOf(pd.w.Identity, pd.w.IPs[0]), rec.Dst.Port(), nil); d != nil {
+			pipe.Abort(client)
+			p.conns.policyRefused(p.conns.open(rec), d)
+			return
+		}
+	}
 	upstream, err := p.dialRoute(pd.ctx, pd, rec.Dst, r, "")
 	if err == nil && len(early) > 0 {
 		if _, err = upstream.Write(early); err != nil {
@@ -557,6 +577,13 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 			return
 		}
 		rec := Conn{Direction: admin.Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: admin.Plaintext}
+		// Plaintext has no identity: only rules without identities and
+		// namespaces can allow it.
+		if d := p.admit(pd, callerOf("", src.Addr()), dst.Port(), nil); d != nil {
+			pipe.Abort(client)
+			p.conns.policyRefused(p.conns.open(rec), d)
+			return
+		}
 		c := p.conns.open(rec)
 		app, err := p.dialApp(pd.ctx, pd, dst)
 		if err != nil {
@@ -595,6 +622,11 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
 	}
 	c.Start = time.Now().Add(-si.Duration)
+	if d, ok := asPolicyDenied(si.Err); ok {
+		c.Status = si.Status
+		p.conns.policyRefused(c, d)
+		return
+	}
 	p.conns.stream(c, si)
 }
 

@@ -379,6 +379,7 @@ type meshError struct {
 	status int
 	reason admin.Reason
 	why    string
+	policy string // the AuthorizationPolicy that denied it (ReasonPolicy)
 }
 
 func (e *meshError) Error() string { return e.why }

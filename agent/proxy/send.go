@@ -122,7 +122,7 @@ func (p *Proxy) forward(w *responseWriter, r *http.Request, up *upstream, rec *C
 		if up.err != nil {
 			var me *meshError
 			if errors.As(up.err, &me) {
-				rec.Verdict, rec.Reason = admin.VerdictDenied, me.reason
+				rec.Verdict, rec.Reason, rec.Policy = admin.VerdictDenied, me.reason, me.policy
 			} else {
 				rec.Verdict, rec.Reason, _ = dialOutcome(up.err)
 			}
@@ -241,6 +241,11 @@ func (up *upstream) try(r *http.Request) (*http.Response, error) {
 		// The pod is on this node, so no destination proxy will see the request:
 		// its rate limit is taken here.
 		return nil, errRateLimited
+	}
+	if up.dest != nil && up.rt.Security == admin.SameNode {
+		if err := up.pod.proxy.admitLocal(up.pod, up.rt.Local, ep.addr.Port(), r); err != nil {
+			return nil, err
+		}
 	}
 	ctx, cancel := r.Context(), context.CancelFunc(func() {})
 	if up.tryTimeout > 0 && r.Header.Get("Upgrade") == "" { // an upgraded connection outlives its try

@@ -55,6 +55,11 @@ type ServerConfig struct {
 	// holds each pod IP. It runs inside the handshake, also on resumption, so a refusal
 	// is a TLS alert. Nil accepts any identity the TLS configuration accepted.
 	Authorize func(peerID string, remote netip.AddrPort) error
+	// Admit, optional, decides each stream before it is dialled or served: peerID
+	// (verified) from remote asks for target; httpStream says its CONNECT carries
+	// ProtocolHTTP (ServeHTTP then decides each request). A refusal is answered 403
+	// with the error as the reason, and is StreamInfo.Err.
+	Admit func(peerID string, remote, target netip.AddrPort, httpStream bool) error
 	// Dial connects to the application at target, e.g. from 127.0.0.6 inside the pod.
 	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	// DialTimeout bounds Dial; 5 s when zero.
@@ -319,7 +324,15 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	if s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP {
+	httpStream := s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP
+	if s.cfg.Admit != nil {
+		if err := s.cfg.Admit(ci.peerID, ci.remote, target, httpStream); err != nil {
+			refuse(http.StatusForbidden, err.Error())
+			info.Err = err
+			return
+		}
+	}
+	if httpStream {
 		info.HTTP = true
 		s.serveHTTP(w, r, &info, ci)
 		return

@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -52,6 +53,7 @@ type envOpt struct {
 	idleTimeout time.Duration
 	dialTimeout time.Duration
 	serveHTTP   func(si StreamInfo, c net.Conn)
+	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -88,6 +90,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		Dial:        dial,
 		DialTimeout: o.dialTimeout,
 		ServeHTTP:   o.serveHTTP,
+		Admit:       o.admit,
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
@@ -324,6 +327,36 @@ func TestTargetMustBeThisPod(t *testing.T) {
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Fatalf("error %v, want 403", err)
+	}
+}
+
+// Admit refuses a stream before its app is dialled: 403 with the reason, which the
+// stream's report keeps as its error.
+func TestAdmitRefuses(t *testing.T) {
+	denied := errors.New("denied by policy default/deny-a")
+	var dialled atomic.Bool
+	e := newEnv(t, envOpt{
+		admit: func(peerID string, remote, target netip.AddrPort, httpStream bool) error {
+			if peerID != clientID || !remote.IsValid() || target.Port() != 9 || httpStream {
+				return fmt.Errorf("admit got %s %s %s %v", peerID, remote, target, httpStream)
+			}
+			return denied
+		},
+		serverDial: func(context.Context, netip.AddrPort) (net.Conn, error) {
+			dialled.Store(true)
+			return nil, errors.New("dialled")
+		},
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, netip.MustParseAddrPort("127.0.0.1:9"), "")
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != http.StatusForbidden || re.Reason != denied.Error() {
+		t.Fatalf("error %v, want 403 %q", err, denied)
+	}
+	si := <-e.ended
+	if si.Status != http.StatusForbidden || !errors.Is(si.Err, denied) || dialled.Load() {
+		t.Fatalf("stream %+v, dialled %v", si, dialled.Load())
 	}
 }
 

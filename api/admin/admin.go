@@ -154,6 +154,9 @@ type Conn struct {
 	// endpoint chosen for it, and BytesSent and BytesRecv count the request's and the
 	// response's body bytes.
 	HTTP *HTTP `json:"http,omitempty"`
+	// Policy is the AuthorizationPolicy (namespace/name) that denied it (Reason
+	// ReasonPolicy): the Deny that matched, or an Allow none of which matched.
+	Policy string `json:"policy,omitempty"`
 }
 
 // Protocol is what a connection's bytes were understood to be.
@@ -271,6 +274,9 @@ const (
 	// ReasonNoRoute: the Service has routes and none matched the request (404), or
 	// the matching rule has no backend (500).
 	ReasonNoRoute Reason = "no_route"
+	// ReasonPolicy: an AuthorizationPolicy denied it at the destination
+	// (Conn.Policy names it).
+	ReasonPolicy Reason = "policy_denied"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )

@@ -338,7 +338,10 @@ type Flow struct {
 	Duration      *durationpb.Duration `protobuf:"bytes,13,opt,name=duration,proto3" json:"duration,omitempty"`
 	Http          *HTTP                `protobuf:"bytes,14,opt,name=http,proto3" json:"http,omitempty"`
 	// Increases with every flow this agent records (per agent, not cluster-wide).
-	Id            uint64 `protobuf:"varint,15,opt,name=id,proto3" json:"id,omitempty"`
+	Id uint64 `protobuf:"varint,15,opt,name=id,proto3" json:"id,omitempty"`
+	// The AuthorizationPolicy (namespace/name) that denied it (reason
+	// "policy_denied").
+	Policy        string `protobuf:"bytes,16,opt,name=policy,proto3" json:"policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -476,6 +479,13 @@ func (x *Flow) GetId() uint64 {
 		return x.Id
 	}
 	return 0
+}
+
+func (x *Flow) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
 }
 
 // FlowFilter selects flows. Within a field any listed value matches; across fields
@@ -972,7 +982,7 @@ const file_observer_proto_rawDesc = "" +
 	"\aretries\x18\n" +
 	" \x01(\rR\aretries\x12:\n" +
 	"\vfault_delay\x18\v \x01(\v2\x19.google.protobuf.DurationR\n" +
-	"faultDelay\"\x92\x04\n" +
+	"faultDelay\"\xaa\x04\n" +
 	"\x04Flow\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1c\n" +
@@ -990,7 +1000,8 @@ const file_observer_proto_rawDesc = "" +
 	"\x0ebytes_received\x18\f \x01(\x04R\rbytesReceived\x125\n" +
 	"\bduration\x18\r \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\"\n" +
 	"\x04http\x18\x0e \x01(\v2\x0e.ferry.v1.HTTPR\x04http\x12\x0e\n" +
-	"\x02id\x18\x0f \x01(\x04R\x02id\"\xe6\x03\n" +
+	"\x02id\x18\x0f \x01(\x04R\x02id\x12\x16\n" +
+	"\x06policy\x18\x10 \x01(\tR\x06policy\"\xe6\x03\n" +
 	"\n" +
 	"FlowFilter\x12\x19\n" +
 	"\bfrom_pod\x18\x01 \x03(\tR\afromPod\x12\x15\n" +

@@ -47,7 +47,10 @@ type NodeState struct {
 	Services []*Service `protobuf:"bytes,8,rep,name=services,proto3" json:"services,omitempty"`
 	// Every HTTPRoute, GRPCRoute and TrafficPolicy the operator read and what became of
 	// it (`ferry agent routes` shows them), rejected ones included.
-	ConfigStatus  []*ConfigStatus `protobuf:"bytes,9,rep,name=config_status,json=configStatus,proto3" json:"config_status,omitempty"`
+	ConfigStatus []*ConfigStatus `protobuf:"bytes,9,rep,name=config_status,json=configStatus,proto3" json:"config_status,omitempty"`
+	// Every AuthorizationPolicy in force, with the workloads it selects; the proxy
+	// of a selected workload's node enforces it. Sorted by name.
+	Authorization []*AuthorizationPolicy `protobuf:"bytes,10,rep,name=authorization,proto3" json:"authorization,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -145,6 +148,375 @@ func (x *NodeState) GetConfigStatus() []*ConfigStatus {
 	return nil
 }
 
+func (x *NodeState) GetAuthorization() []*AuthorizationPolicy {
+	if x != nil {
+		return x.Authorization
+	}
+	return nil
+}
+
+// AuthorizationPolicy is a compiled AuthorizationPolicy. For a connection or
+// request to a workload: any matching "Deny" refuses it; else, if any "Allow"
+// selects the workload, one of them must match; "Audit" matches are only logged
+// and counted.
+type AuthorizationPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// namespace/name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// "Allow", "Deny" or "Audit".
+	Action string `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
+	// UIDs of the workloads it selects (see NodeState.workloads).
+	Workloads []string `protobuf:"bytes,3,rep,name=workloads,proto3" json:"workloads,omitempty"`
+	// Any one rule matches; none: the policy matches nothing (so an Allow without
+	// rules denies all it selects, as Istio's).
+	Rules         []*AuthorizationRule `protobuf:"bytes,4,rep,name=rules,proto3" json:"rules,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationPolicy) Reset() {
+	*x = AuthorizationPolicy{}
+	mi := &file_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationPolicy) ProtoMessage() {}
+
+func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationPolicy.ProtoReflect.Descriptor instead.
+func (*AuthorizationPolicy) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *AuthorizationPolicy) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthorizationPolicy) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AuthorizationPolicy) GetWorkloads() []string {
+	if x != nil {
+		return x.Workloads
+	}
+	return nil
+}
+
+func (x *AuthorizationPolicy) GetRules() []*AuthorizationRule {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+// AuthorizationRule matches when every non-empty part matches.
+type AuthorizationRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Any one source matches.
+	From []*AuthorizationSource `protobuf:"bytes,1,rep,name=from,proto3" json:"from,omitempty"`
+	// Any one operation matches.
+	To            []*AuthorizationOperation `protobuf:"bytes,2,rep,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationRule) Reset() {
+	*x = AuthorizationRule{}
+	mi := &file_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationRule) ProtoMessage() {}
+
+func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationRule.ProtoReflect.Descriptor instead.
+func (*AuthorizationRule) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AuthorizationRule) GetFrom() []*AuthorizationSource {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *AuthorizationRule) GetTo() []*AuthorizationOperation {
+	if x != nil {
+		return x.To
+	}
+	return nil
+}
+
+// AuthorizationSource matches the caller; within it every non-empty list must match
+// (a not_ list: when none of its values does).
+type AuthorizationSource struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// SPIFFE IDs; a leading or trailing "*" matches any prefix or suffix.
+	Identities    []string `protobuf:"bytes,1,rep,name=identities,proto3" json:"identities,omitempty"`
+	NotIdentities []string `protobuf:"bytes,2,rep,name=not_identities,json=notIdentities,proto3" json:"not_identities,omitempty"`
+	Namespaces    []string `protobuf:"bytes,3,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
+	NotNamespaces []string `protobuf:"bytes,4,rep,name=not_namespaces,json=notNamespaces,proto3" json:"not_namespaces,omitempty"`
+	// CIDRs of the caller's address (a single address is a /32 or /128).
+	IpBlocks      []string `protobuf:"bytes,5,rep,name=ip_blocks,json=ipBlocks,proto3" json:"ip_blocks,omitempty"`
+	NotIpBlocks   []string `protobuf:"bytes,6,rep,name=not_ip_blocks,json=notIpBlocks,proto3" json:"not_ip_blocks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationSource) Reset() {
+	*x = AuthorizationSource{}
+	mi := &file_state_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationSource) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationSource) ProtoMessage() {}
+
+func (x *AuthorizationSource) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationSource.ProtoReflect.Descriptor instead.
+func (*AuthorizationSource) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *AuthorizationSource) GetIdentities() []string {
+	if x != nil {
+		return x.Identities
+	}
+	return nil
+}
+
+func (x *AuthorizationSource) GetNotIdentities() []string {
+	if x != nil {
+		return x.NotIdentities
+	}
+	return nil
+}
+
+func (x *AuthorizationSource) GetNamespaces() []string {
+	if x != nil {
+		return x.Namespaces
+	}
+	return nil
+}
+
+func (x *AuthorizationSource) GetNotNamespaces() []string {
+	if x != nil {
+		return x.NotNamespaces
+	}
+	return nil
+}
+
+func (x *AuthorizationSource) GetIpBlocks() []string {
+	if x != nil {
+		return x.IpBlocks
+	}
+	return nil
+}
+
+func (x *AuthorizationSource) GetNotIpBlocks() []string {
+	if x != nil {
+		return x.NotIpBlocks
+	}
+	return nil
+}
+
+// AuthorizationOperation matches the destination and, for HTTP, the request.
+type AuthorizationOperation struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Ports    []uint32               `protobuf:"varint,1,rep,packed,name=ports,proto3" json:"ports,omitempty"`
+	NotPorts []uint32               `protobuf:"varint,2,rep,packed,name=not_ports,json=notPorts,proto3" json:"not_ports,omitempty"`
+	// HTTP only: methods, normalised paths (a trailing "*" matches any suffix), hosts
+	// (lower case, no port; a leading "*" matches any prefix) and headers.
+	Methods       []string               `protobuf:"bytes,3,rep,name=methods,proto3" json:"methods,omitempty"`
+	Paths         []string               `protobuf:"bytes,4,rep,name=paths,proto3" json:"paths,omitempty"`
+	Hosts         []string               `protobuf:"bytes,5,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	Headers       []*AuthorizationHeader `protobuf:"bytes,6,rep,name=headers,proto3" json:"headers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationOperation) Reset() {
+	*x = AuthorizationOperation{}
+	mi := &file_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationOperation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationOperation) ProtoMessage() {}
+
+func (x *AuthorizationOperation) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationOperation.ProtoReflect.Descriptor instead.
+func (*AuthorizationOperation) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AuthorizationOperation) GetPorts() []uint32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *AuthorizationOperation) GetNotPorts() []uint32 {
+	if x != nil {
+		return x.NotPorts
+	}
+	return nil
+}
+
+func (x *AuthorizationOperation) GetMethods() []string {
+	if x != nil {
+		return x.Methods
+	}
+	return nil
+}
+
+func (x *AuthorizationOperation) GetPaths() []string {
+	if x != nil {
+		return x.Paths
+	}
+	return nil
+}
+
+func (x *AuthorizationOperation) GetHosts() []string {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+func (x *AuthorizationOperation) GetHeaders() []*AuthorizationHeader {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+// AuthorizationHeader needs the header present with one of the values (any value
+// when there are none).
+type AuthorizationHeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Lower case.
+	Name          string   `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Values        []string `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationHeader) Reset() {
+	*x = AuthorizationHeader{}
+	mi := &file_state_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationHeader) ProtoMessage() {}
+
+func (x *AuthorizationHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_state_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationHeader.ProtoReflect.Descriptor instead.
+func (*AuthorizationHeader) Descriptor() ([]byte, []int) {
+	return file_state_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AuthorizationHeader) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthorizationHeader) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
 // ConfigStatus is one route or policy and its conditions, as Gateway API reports
 // them (in a cluster they are also written to the object's status).
 type ConfigStatus struct {
@@ -168,7 +540,7 @@ type ConfigStatus struct {
 
 func (x *ConfigStatus) Reset() {
 	*x = ConfigStatus{}
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -180,7 +552,7 @@ func (x *ConfigStatus) String() string {
 func (*ConfigStatus) ProtoMessage() {}
 
 func (x *ConfigStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[1]
+	mi := &file_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -193,7 +565,7 @@ func (x *ConfigStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigStatus.ProtoReflect.Descriptor instead.
 func (*ConfigStatus) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{1}
+	return file_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ConfigStatus) GetKind() string {
@@ -260,7 +632,7 @@ type Condition struct {
 
 func (x *Condition) Reset() {
 	*x = Condition{}
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -272,7 +644,7 @@ func (x *Condition) String() string {
 func (*Condition) ProtoMessage() {}
 
 func (x *Condition) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[2]
+	mi := &file_state_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -285,7 +657,7 @@ func (x *Condition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Condition.ProtoReflect.Descriptor instead.
 func (*Condition) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{2}
+	return file_state_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Condition) GetType() string {
@@ -346,7 +718,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +730,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[3]
+	mi := &file_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +743,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{3}
+	return file_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Service) GetName() string {
@@ -460,7 +832,7 @@ type RouteTable struct {
 
 func (x *RouteTable) Reset() {
 	*x = RouteTable{}
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -472,7 +844,7 @@ func (x *RouteTable) String() string {
 func (*RouteTable) ProtoMessage() {}
 
 func (x *RouteTable) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[4]
+	mi := &file_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -485,7 +857,7 @@ func (x *RouteTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteTable.ProtoReflect.Descriptor instead.
 func (*RouteTable) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{4}
+	return file_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteTable) GetPort() uint32 {
@@ -534,7 +906,7 @@ type RouteMatch struct {
 
 func (x *RouteMatch) Reset() {
 	*x = RouteMatch{}
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -546,7 +918,7 @@ func (x *RouteMatch) String() string {
 func (*RouteMatch) ProtoMessage() {}
 
 func (x *RouteMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[5]
+	mi := &file_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -559,7 +931,7 @@ func (x *RouteMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteMatch.ProtoReflect.Descriptor instead.
 func (*RouteMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{5}
+	return file_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouteMatch) GetRule() uint32 {
@@ -610,7 +982,7 @@ type StringMatch struct {
 
 func (x *StringMatch) Reset() {
 	*x = StringMatch{}
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +994,7 @@ func (x *StringMatch) String() string {
 func (*StringMatch) ProtoMessage() {}
 
 func (x *StringMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[6]
+	mi := &file_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +1007,7 @@ func (x *StringMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StringMatch.ProtoReflect.Descriptor instead.
 func (*StringMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{6}
+	return file_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StringMatch) GetType() string {
@@ -665,7 +1037,7 @@ type NamedMatch struct {
 
 func (x *NamedMatch) Reset() {
 	*x = NamedMatch{}
-	mi := &file_state_proto_msgTypes[7]
+	mi := &file_state_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +1049,7 @@ func (x *NamedMatch) String() string {
 func (*NamedMatch) ProtoMessage() {}
 
 func (x *NamedMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[7]
+	mi := &file_state_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +1062,7 @@ func (x *NamedMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NamedMatch.ProtoReflect.Descriptor instead.
 func (*NamedMatch) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{7}
+	return file_state_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NamedMatch) GetName() string {
@@ -739,7 +1111,7 @@ type RouteRule struct {
 
 func (x *RouteRule) Reset() {
 	*x = RouteRule{}
-	mi := &file_state_proto_msgTypes[8]
+	mi := &file_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +1123,7 @@ func (x *RouteRule) String() string {
 func (*RouteRule) ProtoMessage() {}
 
 func (x *RouteRule) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[8]
+	mi := &file_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +1136,7 @@ func (x *RouteRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRule.ProtoReflect.Descriptor instead.
 func (*RouteRule) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{8}
+	return file_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RouteRule) GetRoute() string {
@@ -831,7 +1203,7 @@ type WeightedBackend struct {
 
 func (x *WeightedBackend) Reset() {
 	*x = WeightedBackend{}
-	mi := &file_state_proto_msgTypes[9]
+	mi := &file_state_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +1215,7 @@ func (x *WeightedBackend) String() string {
 func (*WeightedBackend) ProtoMessage() {}
 
 func (x *WeightedBackend) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[9]
+	mi := &file_state_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +1228,7 @@ func (x *WeightedBackend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WeightedBackend.ProtoReflect.Descriptor instead.
 func (*WeightedBackend) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{9}
+	return file_state_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *WeightedBackend) GetService() string {
@@ -897,7 +1269,7 @@ type RouteFilter struct {
 
 func (x *RouteFilter) Reset() {
 	*x = RouteFilter{}
-	mi := &file_state_proto_msgTypes[10]
+	mi := &file_state_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -909,7 +1281,7 @@ func (x *RouteFilter) String() string {
 func (*RouteFilter) ProtoMessage() {}
 
 func (x *RouteFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[10]
+	mi := &file_state_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -922,7 +1294,7 @@ func (x *RouteFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteFilter.ProtoReflect.Descriptor instead.
 func (*RouteFilter) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{10}
+	return file_state_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RouteFilter) GetFilter() isRouteFilter_Filter {
@@ -1027,7 +1399,7 @@ type HeaderModifier struct {
 
 func (x *HeaderModifier) Reset() {
 	*x = HeaderModifier{}
-	mi := &file_state_proto_msgTypes[11]
+	mi := &file_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1039,7 +1411,7 @@ func (x *HeaderModifier) String() string {
 func (*HeaderModifier) ProtoMessage() {}
 
 func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[11]
+	mi := &file_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1052,7 +1424,7 @@ func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderModifier.ProtoReflect.Descriptor instead.
 func (*HeaderModifier) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{11}
+	return file_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *HeaderModifier) GetSet() []*Header {
@@ -1086,7 +1458,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_state_proto_msgTypes[12]
+	mi := &file_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1470,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[12]
+	mi := &file_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1483,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{12}
+	return file_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Header) GetName() string {
@@ -1143,7 +1515,7 @@ type Redirect struct {
 
 func (x *Redirect) Reset() {
 	*x = Redirect{}
-	mi := &file_state_proto_msgTypes[13]
+	mi := &file_state_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1155,7 +1527,7 @@ func (x *Redirect) String() string {
 func (*Redirect) ProtoMessage() {}
 
 func (x *Redirect) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[13]
+	mi := &file_state_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1168,7 +1540,7 @@ func (x *Redirect) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Redirect.ProtoReflect.Descriptor instead.
 func (*Redirect) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{13}
+	return file_state_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Redirect) GetScheme() string {
@@ -1217,7 +1589,7 @@ type URLRewrite struct {
 
 func (x *URLRewrite) Reset() {
 	*x = URLRewrite{}
-	mi := &file_state_proto_msgTypes[14]
+	mi := &file_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1601,7 @@ func (x *URLRewrite) String() string {
 func (*URLRewrite) ProtoMessage() {}
 
 func (x *URLRewrite) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[14]
+	mi := &file_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1614,7 @@ func (x *URLRewrite) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use URLRewrite.ProtoReflect.Descriptor instead.
 func (*URLRewrite) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{14}
+	return file_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *URLRewrite) GetHostname() string {
@@ -1272,7 +1644,7 @@ type PathModifier struct {
 
 func (x *PathModifier) Reset() {
 	*x = PathModifier{}
-	mi := &file_state_proto_msgTypes[15]
+	mi := &file_state_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +1656,7 @@ func (x *PathModifier) String() string {
 func (*PathModifier) ProtoMessage() {}
 
 func (x *PathModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[15]
+	mi := &file_state_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +1669,7 @@ func (x *PathModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathModifier.ProtoReflect.Descriptor instead.
 func (*PathModifier) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{15}
+	return file_state_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PathModifier) GetType() string {
@@ -1325,7 +1697,7 @@ type Mirror struct {
 
 func (x *Mirror) Reset() {
 	*x = Mirror{}
-	mi := &file_state_proto_msgTypes[16]
+	mi := &file_state_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1709,7 @@ func (x *Mirror) String() string {
 func (*Mirror) ProtoMessage() {}
 
 func (x *Mirror) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[16]
+	mi := &file_state_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1722,7 @@ func (x *Mirror) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mirror.ProtoReflect.Descriptor instead.
 func (*Mirror) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{16}
+	return file_state_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Mirror) GetBackend() *WeightedBackend {
@@ -1382,7 +1754,7 @@ type RouteRetry struct {
 
 func (x *RouteRetry) Reset() {
 	*x = RouteRetry{}
-	mi := &file_state_proto_msgTypes[17]
+	mi := &file_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1394,7 +1766,7 @@ func (x *RouteRetry) String() string {
 func (*RouteRetry) ProtoMessage() {}
 
 func (x *RouteRetry) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[17]
+	mi := &file_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1407,7 +1779,7 @@ func (x *RouteRetry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRetry.ProtoReflect.Descriptor instead.
 func (*RouteRetry) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{17}
+	return file_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RouteRetry) GetAttempts() uint32 {
@@ -1462,7 +1834,7 @@ type ServicePolicy struct {
 
 func (x *ServicePolicy) Reset() {
 	*x = ServicePolicy{}
-	mi := &file_state_proto_msgTypes[18]
+	mi := &file_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1846,7 @@ func (x *ServicePolicy) String() string {
 func (*ServicePolicy) ProtoMessage() {}
 
 func (x *ServicePolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[18]
+	mi := &file_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1859,7 @@ func (x *ServicePolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePolicy.ProtoReflect.Descriptor instead.
 func (*ServicePolicy) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{18}
+	return file_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ServicePolicy) GetName() string {
@@ -1606,7 +1978,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_state_proto_msgTypes[19]
+	mi := &file_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1618,7 +1990,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[19]
+	mi := &file_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1631,7 +2003,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{19}
+	return file_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *OutlierDetection) GetConsecutive_5Xx() uint32 {
@@ -1682,7 +2054,7 @@ type Fault struct {
 
 func (x *Fault) Reset() {
 	*x = Fault{}
-	mi := &file_state_proto_msgTypes[20]
+	mi := &file_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +2066,7 @@ func (x *Fault) String() string {
 func (*Fault) ProtoMessage() {}
 
 func (x *Fault) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[20]
+	mi := &file_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +2079,7 @@ func (x *Fault) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fault.ProtoReflect.Descriptor instead.
 func (*Fault) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{20}
+	return file_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Fault) GetAbortPercent() float64 {
@@ -1752,7 +2124,7 @@ type RetryBudget struct {
 
 func (x *RetryBudget) Reset() {
 	*x = RetryBudget{}
-	mi := &file_state_proto_msgTypes[21]
+	mi := &file_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1764,7 +2136,7 @@ func (x *RetryBudget) String() string {
 func (*RetryBudget) ProtoMessage() {}
 
 func (x *RetryBudget) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[21]
+	mi := &file_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1777,7 +2149,7 @@ func (x *RetryBudget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryBudget.ProtoReflect.Descriptor instead.
 func (*RetryBudget) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{21}
+	return file_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RetryBudget) GetPercent() float64 {
@@ -1813,7 +2185,7 @@ type RateLimit struct {
 
 func (x *RateLimit) Reset() {
 	*x = RateLimit{}
-	mi := &file_state_proto_msgTypes[22]
+	mi := &file_state_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1825,7 +2197,7 @@ func (x *RateLimit) String() string {
 func (*RateLimit) ProtoMessage() {}
 
 func (x *RateLimit) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[22]
+	mi := &file_state_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1838,7 +2210,7 @@ func (x *RateLimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RateLimit.ProtoReflect.Descriptor instead.
 func (*RateLimit) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{22}
+	return file_state_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RateLimit) GetRequestsPerSecond() uint32 {
@@ -1876,7 +2248,7 @@ type Backend struct {
 
 func (x *Backend) Reset() {
 	*x = Backend{}
-	mi := &file_state_proto_msgTypes[23]
+	mi := &file_state_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1888,7 +2260,7 @@ func (x *Backend) String() string {
 func (*Backend) ProtoMessage() {}
 
 func (x *Backend) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[23]
+	mi := &file_state_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1901,7 +2273,7 @@ func (x *Backend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Backend.ProtoReflect.Descriptor instead.
 func (*Backend) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{23}
+	return file_state_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Backend) GetPod() string {
@@ -1961,7 +2333,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_state_proto_msgTypes[24]
+	mi := &file_state_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1973,7 +2345,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[24]
+	mi := &file_state_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1986,7 +2358,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{24}
+	return file_state_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ServicePort) GetName() string {
@@ -2038,7 +2410,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_state_proto_msgTypes[25]
+	mi := &file_state_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2050,7 +2422,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[25]
+	mi := &file_state_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2063,7 +2435,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{25}
+	return file_state_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Workload) GetUid() string {
@@ -2129,7 +2501,7 @@ type Certificate struct {
 
 func (x *Certificate) Reset() {
 	*x = Certificate{}
-	mi := &file_state_proto_msgTypes[26]
+	mi := &file_state_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2513,7 @@ func (x *Certificate) String() string {
 func (*Certificate) ProtoMessage() {}
 
 func (x *Certificate) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[26]
+	mi := &file_state_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2526,7 @@ func (x *Certificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Certificate.ProtoReflect.Descriptor instead.
 func (*Certificate) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{26}
+	return file_state_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Certificate) GetIdentity() string {
@@ -2189,7 +2561,7 @@ type MeshConfig struct {
 
 func (x *MeshConfig) Reset() {
 	*x = MeshConfig{}
-	mi := &file_state_proto_msgTypes[27]
+	mi := &file_state_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2201,7 +2573,7 @@ func (x *MeshConfig) String() string {
 func (*MeshConfig) ProtoMessage() {}
 
 func (x *MeshConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_state_proto_msgTypes[27]
+	mi := &file_state_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2214,7 +2586,7 @@ func (x *MeshConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshConfig.ProtoReflect.Descriptor instead.
 func (*MeshConfig) Descriptor() ([]byte, []int) {
-	return file_state_proto_rawDescGZIP(), []int{27}
+	return file_state_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *MeshConfig) GetExcludedPorts() []uint32 {
@@ -2228,7 +2600,7 @@ var File_state_proto protoreflect.FileDescriptor
 
 const file_state_proto_rawDesc = "" +
 	"\n" +
-	"\vstate.proto\x12\bferry.v1\"\x89\x03\n" +
+	"\vstate.proto\x12\bferry.v1\"\xce\x03\n" +
 	"\tNodeState\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12!\n" +
@@ -2238,7 +2610,38 @@ const file_state_proto_rawDesc = "" +
 	"\fcertificates\x18\x06 \x03(\v2\x15.ferry.v1.CertificateR\fcertificates\x12(\n" +
 	"\x04mesh\x18\a \x01(\v2\x14.ferry.v1.MeshConfigR\x04mesh\x12-\n" +
 	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\x12;\n" +
-	"\rconfig_status\x18\t \x03(\v2\x16.ferry.v1.ConfigStatusR\fconfigStatus\"\xe9\x01\n" +
+	"\rconfig_status\x18\t \x03(\v2\x16.ferry.v1.ConfigStatusR\fconfigStatus\x12C\n" +
+	"\rauthorization\x18\n" +
+	" \x03(\v2\x1d.ferry.v1.AuthorizationPolicyR\rauthorization\"\x92\x01\n" +
+	"\x13AuthorizationPolicy\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06action\x18\x02 \x01(\tR\x06action\x12\x1c\n" +
+	"\tworkloads\x18\x03 \x03(\tR\tworkloads\x121\n" +
+	"\x05rules\x18\x04 \x03(\v2\x1b.ferry.v1.AuthorizationRuleR\x05rules\"x\n" +
+	"\x11AuthorizationRule\x121\n" +
+	"\x04from\x18\x01 \x03(\v2\x1d.ferry.v1.AuthorizationSourceR\x04from\x120\n" +
+	"\x02to\x18\x02 \x03(\v2 .ferry.v1.AuthorizationOperationR\x02to\"\xe4\x01\n" +
+	"\x13AuthorizationSource\x12\x1e\n" +
+	"\n" +
+	"identities\x18\x01 \x03(\tR\n" +
+	"identities\x12%\n" +
+	"\x0enot_identities\x18\x02 \x03(\tR\rnotIdentities\x12\x1e\n" +
+	"\n" +
+	"namespaces\x18\x03 \x03(\tR\n" +
+	"namespaces\x12%\n" +
+	"\x0enot_namespaces\x18\x04 \x03(\tR\rnotNamespaces\x12\x1b\n" +
+	"\tip_blocks\x18\x05 \x03(\tR\bipBlocks\x12\"\n" +
+	"\rnot_ip_blocks\x18\x06 \x03(\tR\vnotIpBlocks\"\xca\x01\n" +
+	"\x16AuthorizationOperation\x12\x14\n" +
+	"\x05ports\x18\x01 \x03(\rR\x05ports\x12\x1b\n" +
+	"\tnot_ports\x18\x02 \x03(\rR\bnotPorts\x12\x18\n" +
+	"\amethods\x18\x03 \x03(\tR\amethods\x12\x14\n" +
+	"\x05paths\x18\x04 \x03(\tR\x05paths\x12\x14\n" +
+	"\x05hosts\x18\x05 \x03(\tR\x05hosts\x127\n" +
+	"\aheaders\x18\x06 \x03(\v2\x1d.ferry.v1.AuthorizationHeaderR\aheaders\"A\n" +
+	"\x13AuthorizationHeader\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06values\x18\x02 \x03(\tR\x06values\"\xe9\x01\n" +
 	"\fConfigStatus\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -2416,76 +2819,86 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_state_proto_goTypes = []any{
-	(*NodeState)(nil),        // 0: ferry.v1.NodeState
-	(*ConfigStatus)(nil),     // 1: ferry.v1.ConfigStatus
-	(*Condition)(nil),        // 2: ferry.v1.Condition
-	(*Service)(nil),          // 3: ferry.v1.Service
-	(*RouteTable)(nil),       // 4: ferry.v1.RouteTable
-	(*RouteMatch)(nil),       // 5: ferry.v1.RouteMatch
-	(*StringMatch)(nil),      // 6: ferry.v1.StringMatch
-	(*NamedMatch)(nil),       // 7: ferry.v1.NamedMatch
-	(*RouteRule)(nil),        // 8: ferry.v1.RouteRule
-	(*WeightedBackend)(nil),  // 9: ferry.v1.WeightedBackend
-	(*RouteFilter)(nil),      // 10: ferry.v1.RouteFilter
-	(*HeaderModifier)(nil),   // 11: ferry.v1.HeaderModifier
-	(*Header)(nil),           // 12: ferry.v1.Header
-	(*Redirect)(nil),         // 13: ferry.v1.Redirect
-	(*URLRewrite)(nil),       // 14: ferry.v1.URLRewrite
-	(*PathModifier)(nil),     // 15: ferry.v1.PathModifier
-	(*Mirror)(nil),           // 16: ferry.v1.Mirror
-	(*RouteRetry)(nil),       // 17: ferry.v1.RouteRetry
-	(*ServicePolicy)(nil),    // 18: ferry.v1.ServicePolicy
-	(*OutlierDetection)(nil), // 19: ferry.v1.OutlierDetection
-	(*Fault)(nil),            // 20: ferry.v1.Fault
-	(*RetryBudget)(nil),      // 21: ferry.v1.RetryBudget
-	(*RateLimit)(nil),        // 22: ferry.v1.RateLimit
-	(*Backend)(nil),          // 23: ferry.v1.Backend
-	(*ServicePort)(nil),      // 24: ferry.v1.ServicePort
-	(*Workload)(nil),         // 25: ferry.v1.Workload
-	(*Certificate)(nil),      // 26: ferry.v1.Certificate
-	(*MeshConfig)(nil),       // 27: ferry.v1.MeshConfig
+	(*NodeState)(nil),              // 0: ferry.v1.NodeState
+	(*AuthorizationPolicy)(nil),    // 1: ferry.v1.AuthorizationPolicy
+	(*AuthorizationRule)(nil),      // 2: ferry.v1.AuthorizationRule
+	(*AuthorizationSource)(nil),    // 3: ferry.v1.AuthorizationSource
+	(*AuthorizationOperation)(nil), // 4: ferry.v1.AuthorizationOperation
+	(*AuthorizationHeader)(nil),    // 5: ferry.v1.AuthorizationHeader
+	(*ConfigStatus)(nil),           // 6: ferry.v1.ConfigStatus
+	(*Condition)(nil),              // 7: ferry.v1.Condition
+	(*Service)(nil),                // 8: ferry.v1.Service
+	(*RouteTable)(nil),             // 9: ferry.v1.RouteTable
+	(*RouteMatch)(nil),             // 10: ferry.v1.RouteMatch
+	(*StringMatch)(nil),            // 11: ferry.v1.StringMatch
+	(*NamedMatch)(nil),             // 12: ferry.v1.NamedMatch
+	(*RouteRule)(nil),              // 13: ferry.v1.RouteRule
+	(*WeightedBackend)(nil),        // 14: ferry.v1.WeightedBackend
+	(*RouteFilter)(nil),            // 15: ferry.v1.RouteFilter
+	(*HeaderModifier)(nil),         // 16: ferry.v1.HeaderModifier
+	(*Header)(nil),                 // 17: ferry.v1.Header
+	(*Redirect)(nil),               // 18: ferry.v1.Redirect
+	(*URLRewrite)(nil),             // 19: ferry.v1.URLRewrite
+	(*PathModifier)(nil),           // 20: ferry.v1.PathModifier
+	(*Mirror)(nil),                 // 21: ferry.v1.Mirror
+	(*RouteRetry)(nil),             // 22: ferry.v1.RouteRetry
+	(*ServicePolicy)(nil),          // 23: ferry.v1.ServicePolicy
+	(*OutlierDetection)(nil),       // 24: ferry.v1.OutlierDetection
+	(*Fault)(nil),                  // 25: ferry.v1.Fault
+	(*RetryBudget)(nil),            // 26: ferry.v1.RetryBudget
+	(*RateLimit)(nil),              // 27: ferry.v1.RateLimit
+	(*Backend)(nil),                // 28: ferry.v1.Backend
+	(*ServicePort)(nil),            // 29: ferry.v1.ServicePort
+	(*Workload)(nil),               // 30: ferry.v1.Workload
+	(*Certificate)(nil),            // 31: ferry.v1.Certificate
+	(*MeshConfig)(nil),             // 32: ferry.v1.MeshConfig
 }
 var file_state_proto_depIdxs = []int32{
-	25, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
-	26, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
-	27, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
-	3,  // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
-	1,  // 4: ferry.v1.NodeState.config_status:type_name -> ferry.v1.ConfigStatus
-	2,  // 5: ferry.v1.ConfigStatus.conditions:type_name -> ferry.v1.Condition
-	24, // 6: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
-	23, // 7: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
-	4,  // 8: ferry.v1.Service.route_tables:type_name -> ferry.v1.RouteTable
-	18, // 9: ferry.v1.Service.policy:type_name -> ferry.v1.ServicePolicy
-	8,  // 10: ferry.v1.RouteTable.rules:type_name -> ferry.v1.RouteRule
-	5,  // 11: ferry.v1.RouteTable.matches:type_name -> ferry.v1.RouteMatch
-	6,  // 12: ferry.v1.RouteMatch.path:type_name -> ferry.v1.StringMatch
-	7,  // 13: ferry.v1.RouteMatch.headers:type_name -> ferry.v1.NamedMatch
-	7,  // 14: ferry.v1.RouteMatch.query_params:type_name -> ferry.v1.NamedMatch
-	9,  // 15: ferry.v1.RouteRule.backends:type_name -> ferry.v1.WeightedBackend
-	10, // 16: ferry.v1.RouteRule.filters:type_name -> ferry.v1.RouteFilter
-	17, // 17: ferry.v1.RouteRule.retry:type_name -> ferry.v1.RouteRetry
-	11, // 18: ferry.v1.RouteFilter.request_headers:type_name -> ferry.v1.HeaderModifier
-	11, // 19: ferry.v1.RouteFilter.response_headers:type_name -> ferry.v1.HeaderModifier
-	13, // 20: ferry.v1.RouteFilter.redirect:type_name -> ferry.v1.Redirect
-	14, // 21: ferry.v1.RouteFilter.url_rewrite:type_name -> ferry.v1.URLRewrite
-	16, // 22: ferry.v1.RouteFilter.mirror:type_name -> ferry.v1.Mirror
-	12, // 23: ferry.v1.HeaderModifier.set:type_name -> ferry.v1.Header
-	12, // 24: ferry.v1.HeaderModifier.add:type_name -> ferry.v1.Header
-	15, // 25: ferry.v1.Redirect.path:type_name -> ferry.v1.PathModifier
-	15, // 26: ferry.v1.URLRewrite.path:type_name -> ferry.v1.PathModifier
-	9,  // 27: ferry.v1.Mirror.backend:type_name -> ferry.v1.WeightedBackend
-	19, // 28: ferry.v1.ServicePolicy.outlier_detection:type_name -> ferry.v1.OutlierDetection
-	20, // 29: ferry.v1.ServicePolicy.fault:type_name -> ferry.v1.Fault
-	21, // 30: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
-	22, // 31: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
-	17, // 32: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
-	33, // [33:33] is the sub-list for method output_type
-	33, // [33:33] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	30, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
+	31, // 1: ferry.v1.NodeState.certificates:type_name -> ferry.v1.Certificate
+	32, // 2: ferry.v1.NodeState.mesh:type_name -> ferry.v1.MeshConfig
+	8,  // 3: ferry.v1.NodeState.services:type_name -> ferry.v1.Service
+	6,  // 4: ferry.v1.NodeState.config_status:type_name -> ferry.v1.ConfigStatus
+	1,  // 5: ferry.v1.NodeState.authorization:type_name -> ferry.v1.AuthorizationPolicy
+	2,  // 6: ferry.v1.AuthorizationPolicy.rules:type_name -> ferry.v1.AuthorizationRule
+	3,  // 7: ferry.v1.AuthorizationRule.from:type_name -> ferry.v1.AuthorizationSource
+	4,  // 8: ferry.v1.AuthorizationRule.to:type_name -> ferry.v1.AuthorizationOperation
+	5,  // 9: ferry.v1.AuthorizationOperation.headers:type_name -> ferry.v1.AuthorizationHeader
+	7,  // 10: ferry.v1.ConfigStatus.conditions:type_name -> ferry.v1.Condition
+	29, // 11: ferry.v1.Service.ports:type_name -> ferry.v1.ServicePort
+	28, // 12: ferry.v1.Service.backends:type_name -> ferry.v1.Backend
+	9,  // 13: ferry.v1.Service.route_tables:type_name -> ferry.v1.RouteTable
+	23, // 14: ferry.v1.Service.policy:type_name -> ferry.v1.ServicePolicy
+	13, // 15: ferry.v1.RouteTable.rules:type_name -> ferry.v1.RouteRule
+	10, // 16: ferry.v1.RouteTable.matches:type_name -> ferry.v1.RouteMatch
+	11, // 17: ferry.v1.RouteMatch.path:type_name -> ferry.v1.StringMatch
+	12, // 18: ferry.v1.RouteMatch.headers:type_name -> ferry.v1.NamedMatch
+	12, // 19: ferry.v1.RouteMatch.query_params:type_name -> ferry.v1.NamedMatch
+	14, // 20: ferry.v1.RouteRule.backends:type_name -> ferry.v1.WeightedBackend
+	15, // 21: ferry.v1.RouteRule.filters:type_name -> ferry.v1.RouteFilter
+	22, // 22: ferry.v1.RouteRule.retry:type_name -> ferry.v1.RouteRetry
+	16, // 23: ferry.v1.RouteFilter.request_headers:type_name -> ferry.v1.HeaderModifier
+	16, // 24: ferry.v1.RouteFilter.response_headers:type_name -> ferry.v1.HeaderModifier
+	18, // 25: ferry.v1.RouteFilter.redirect:type_name -> ferry.v1.Redirect
+	19, // 26: ferry.v1.RouteFilter.url_rewrite:type_name -> ferry.v1.URLRewrite
+	21, // 27: ferry.v1.RouteFilter.mirror:type_name -> ferry.v1.Mirror
+	17, // 28: ferry.v1.HeaderModifier.set:type_name -> ferry.v1.Header
+	17, // 29: ferry.v1.HeaderModifier.add:type_name -> ferry.v1.Header
+	20, // 30: ferry.v1.Redirect.path:type_name -> ferry.v1.PathModifier
+	20, // 31: ferry.v1.URLRewrite.path:type_name -> ferry.v1.PathModifier
+	14, // 32: ferry.v1.Mirror.backend:type_name -> ferry.v1.WeightedBackend
+	24, // 33: ferry.v1.ServicePolicy.outlier_detection:type_name -> ferry.v1.OutlierDetection
+	25, // 34: ferry.v1.ServicePolicy.fault:type_name -> ferry.v1.Fault
+	26, // 35: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
+	27, // 36: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
+	22, // 37: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
+	38, // [38:38] is the sub-list for method output_type
+	38, // [38:38] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -2493,7 +2906,7 @@ func file_state_proto_init() {
 	if File_state_proto != nil {
 		return
 	}
-	file_state_proto_msgTypes[10].OneofWrappers = []any{
+	file_state_proto_msgTypes[15].OneofWrappers = []any{
 		(*RouteFilter_RequestHeaders)(nil),
 		(*RouteFilter_ResponseHeaders)(nil),
 		(*RouteFilter_Redirect)(nil),
@@ -2506,7 +2919,7 @@ func file_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -48,13 +48,18 @@ func (in *AuthorizationPolicySpec) DeepCopyInto(out *AuthorizationPolicySpec) {
 			if r.From != nil {
 				out.Rules[i].From = make([]Source, len(r.From))
 				for j, s := range r.From {
-					out.Rules[i].From[j] = Source{Identities: copySlice(s.Identities), Namespaces: copySlice(s.Namespaces)}
+					out.Rules[i].From[j] = Source{
+						Identities: copySlice(s.Identities), NotIdentities: copySlice(s.NotIdentities),
+						Namespaces: copySlice(s.Namespaces), NotNamespaces: copySlice(s.NotNamespaces),
+						IPBlocks: copySlice(s.IPBlocks), NotIPBlocks: copySlice(s.NotIPBlocks),
+					}
 				}
 			}
 			if r.To != nil {
 				out.Rules[i].To = make([]Operation, len(r.To))
 				for j, o := range r.To {
-					op := Operation{Ports: copySlice(o.Ports), Methods: copySlice(o.Methods), Paths: copySlice(o.Paths)}
+					op := Operation{Ports: copySlice(o.Ports), NotPorts: copySlice(o.NotPorts), Methods: copySlice(o.Methods),
+						Paths: copySlice(o.Paths), Hosts: copySlice(o.Hosts)}
 					if o.Headers != nil {
 						op.Headers = make([]HeaderMatch, len(o.Headers))
 						for k, h := range o.Headers {

@@ -51,20 +51,26 @@ type WorkloadSelector struct {
 }
 
 // AuthorizationAction is what an AuthorizationPolicy does with matching
-// requests.
+// connections and requests.
 type AuthorizationAction string
 
 // Authorization actions. Deny policies are checked first; if any Allow policy
-// selects a workload, requests that match none of them are denied, so an Allow
-// policy with no rules is a default deny.
+// selects a workload, what matches none of them is denied, so an Allow policy
+// with no rules is a default deny. Audit policies decide nothing: a match is
+// logged and counted.
+//
+// Mesh-wide default deny: an Allow policy with no rules in the operator's
+// namespace (ferry-system), whose empty selector picks every workload of the
+// mesh, denies everything no other Allow policy allows.
 const (
 	ActionAllow AuthorizationAction = "Allow"
 	ActionDeny  AuthorizationAction = "Deny"
+	ActionAudit AuthorizationAction = "Audit"
 )
 
 // AuthorizationPolicy allows or denies connections and requests to the selected
-// workloads by the caller's identity and namespace, and the port, HTTP method,
-// path and headers.
+// workloads by the caller's identity, namespace and address, and the port, HTTP
+// method, path, host and headers. The destination node's proxy enforces it.
 type AuthorizationPolicy struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
@@ -76,9 +82,9 @@ type AuthorizationPolicy struct {
 type AuthorizationPolicySpec struct {
 	// Selector picks the workloads the policy protects.
 	Selector *WorkloadSelector `json:"selector,omitempty"`
-	// Action is Allow (the default) or Deny.
+	// Action is Allow (the default), Deny or Audit.
 	Action AuthorizationAction `json:"action,omitempty"`
-	// Rules match a request when any one of them matches.
+	// Rules match a connection or request when any one of them matches.
 	Rules []AuthorizationRule `json:"rules,omitempty"`
 }
 
@@ -90,24 +96,39 @@ type AuthorizationRule struct {
 	To []Operation `json:"to,omitempty"`
 }
 
-// Source is a set of callers. Within a source, every non-empty list must match.
+// Source is a set of callers. Within a source, every non-empty list must match:
+// a positive list when one of its values matches, a not-list when none does.
+// Identities and namespaces come from the caller's mTLS certificate, so a
+// plaintext caller matches no identity or namespace (and every not-form).
 type Source struct {
 	// Identities are SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<sa>); a
-	// trailing "*" matches any suffix.
-	Identities []string `json:"identities,omitempty"`
+	// leading or trailing "*" matches any prefix or suffix, "*" alone any
+	// authenticated caller.
+	Identities    []string `json:"identities,omitempty"`
+	NotIdentities []string `json:"notIdentities,omitempty"`
 	// Namespaces of the callers.
-	Namespaces []string `json:"namespaces,omitempty"`
+	Namespaces    []string `json:"namespaces,omitempty"`
+	NotNamespaces []string `json:"notNamespaces,omitempty"`
+	// IPBlocks are the caller's addresses, as CIDRs or single addresses.
+	IPBlocks    []string `json:"ipBlocks,omitempty"`
+	NotIPBlocks []string `json:"notIPBlocks,omitempty"`
 }
 
-// Operation is a set of destinations and requests. Methods, Paths and Headers
-// need HTTP; a policy using them denies plain TCP connections to the ports.
+// Operation is a set of destinations and requests. Methods, Paths, Hosts and
+// Headers need HTTP: on a plain TCP connection an Allow rule using them never
+// matches, and a Deny rule matches when its other parts do (Istio's rule).
 type Operation struct {
 	// Ports of the destination workload.
-	Ports []int32 `json:"ports,omitempty"`
+	Ports    []int32 `json:"ports,omitempty"`
+	NotPorts []int32 `json:"notPorts,omitempty"`
 	// Methods are HTTP methods (GET, POST, ...).
 	Methods []string `json:"methods,omitempty"`
-	// Paths are normalised HTTP paths; a trailing "*" matches any suffix.
+	// Paths are compared with the request's normalised path; a trailing "*"
+	// matches any suffix.
 	Paths []string `json:"paths,omitempty"`
+	// Hosts are compared with the request's Host, case-insensitively and without
+	// its port; a leading "*" matches any prefix.
+	Hosts []string `json:"hosts,omitempty"`
 	// Headers must all be present with one of their values.
 	Headers []HeaderMatch `json:"headers,omitempty"`
 }

@@ -118,7 +118,7 @@ func NewLoader(dir string, client kubernetes.Interface, onNodes func([]string), 
 }
 
 // NewPolicyClient is an in-memory client for the custom resources local mode
-// reads (Ferry's TrafficPolicy, Gateway API's HTTPRoute, GRPCRoute and
+// reads (Ferry's AuthorizationPolicy and TrafficPolicy, Gateway API's HTTPRoute, GRPCRoute and
 // ReferenceGrant), to hand to SetPolicyClient and to the informers that read them.
 func NewPolicyClient() dynamic.Interface {
 	kinds := map[schema.GroupVersionResource]string{}
@@ -138,6 +138,7 @@ type customKind struct {
 }
 
 var customKinds = []customKind{
+	{"AuthorizationPolicy", mesh.AuthorizationPolicyResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.AuthorizationPolicy{} }},
 	{"TrafficPolicy", mesh.TrafficPolicyResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.TrafficPolicy{} }},
 	{"ReferenceGrant", mesh.ReferenceGrantResource, []string{gatewayv1beta1.GroupVersion.String(), gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1beta1.ReferenceGrant{} }},
 	{"HTTPRoute", mesh.HTTPRouteResource, []string{gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1.HTTPRoute{} }},
@@ -289,7 +290,7 @@ func (l *Loader) scan() (string, []string, error) {
 func (l *Loader) apply(ctx context.Context, want map[key]any) error {
 	var errs []error
 	order := func(k key) int {
-		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "TrafficPolicy", "ReferenceGrant", "HTTPRoute", "GRPCRoute"}, k.kind)
+		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "AuthorizationPolicy", "TrafficPolicy", "ReferenceGrant", "HTTPRoute", "GRPCRoute"}, k.kind)
 	}
 	var keys []key
 	for k := range want {
@@ -369,7 +370,7 @@ func (l *Loader) put(ctx context.Context, k key, o any, exists bool) error {
 		} else {
 			_, err = core.Pods(k.namespace).Create(ctx, c, metav1.CreateOptions{})
 		}
-	case *v1alpha1.TrafficPolicy, *gatewayv1beta1.ReferenceGrant, *gatewayv1.HTTPRoute, *gatewayv1.GRPCRoute:
+	case *v1alpha1.AuthorizationPolicy, *v1alpha1.TrafficPolicy, *gatewayv1beta1.ReferenceGrant, *gatewayv1.HTTPRoute, *gatewayv1.GRPCRoute:
 		err = l.putCustom(ctx, k, obj.(runtime.Object), exists)
 	default:
 		err = fmt.Errorf("kind %T not supported", o)
@@ -503,7 +504,7 @@ func stripComments(b []byte) []byte {
 }
 
 // readKind says whether local mode reads a kind: core v1 kinds the mesh view
-// watches, Ferry's TrafficPolicy and Gateway API's routes and ReferenceGrant;
+// watches, Ferry's AuthorizationPolicy and TrafficPolicy, Gateway API's routes and ReferenceGrant;
 // other objects are skipped.
 func readKind(tm metav1.TypeMeta) bool {
 	if tm.APIVersion == "v1" {

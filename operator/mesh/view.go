@@ -38,6 +38,9 @@ type Snapshot struct {
 	// ConfigStatus is what became of every route and policy, sorted by kind and
 	// name (NodeState.config_status).
 	ConfigStatus []*ferryv1.ConfigStatus
+	// Authorization is every AuthorizationPolicy in force that selects a workload,
+	// sorted by name (NodeState.authorization).
+	Authorization []*ferryv1.AuthorizationPolicy
 	// Built is when the snapshot was computed.
 	Built time.Time
 }
@@ -61,6 +64,8 @@ type View struct {
 	goodRoutes   map[configKey]lastGood[*routeSpec]
 	goodPolicies map[configKey]lastGood[*policyResult]
 	seenPolicies map[configKey]bool
+	goodAuthz    map[configKey]lastGood[*authzSpec]
+	loggedAuthz  map[configKey]string // the rejection last logged
 
 	mu       sync.Mutex
 	synced   []cache.InformerSynced
@@ -68,8 +73,12 @@ type View struct {
 	policies cache.GenericLister // TrafficPolicies; nil until WatchTrafficPolicies
 	// HTTPRoutes, GRPCRoutes and ReferenceGrants; nil until watched.
 	httpRoutes, grpcRoutes, grants cache.GenericLister
-	snap                           *Snapshot
-	changed                        chan struct{} // closed when snap is replaced
+	// authz lists AuthorizationPolicies (nil until watched); a policy in
+	// rootNamespace selects across the mesh.
+	authz         cache.GenericLister
+	rootNamespace string
+	snap          *Snapshot
+	changed       chan struct{} // closed when snap is replaced
 }
 
 // NewView registers the informers it needs with factory; start the factory after.
@@ -88,6 +97,8 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 		changed:      make(chan struct{}),
 		goodRoutes:   map[configKey]lastGood[*routeSpec]{},
 		goodPolicies: map[configKey]lastGood[*policyResult]{},
+		goodAuthz:    map[configKey]lastGood[*authzSpec]{},
+		loggedAuthz:  map[configKey]string{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
@@ -185,6 +196,11 @@ func (v *View) rebuild() {
 		return
 	}
 	statuses = append(statuses, routeStatus...)
+	authz, err := v.authorizationPolicies(byNS, &statuses)
+	if err != nil {
+		v.log.Error("mesh view: list authorization policies", "error", err)
+		return
+	}
 	slices.SortFunc(statuses, func(a, b *ferryv1.ConfigStatus) int {
 		return cmp.Or(strings.Compare(a.Kind, b.Kind), strings.Compare(a.Name, b.Name))
 	})
@@ -192,14 +208,14 @@ func (v *View) rebuild() {
 	v.logRoutes(routeNotes)
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) && sameList(v.snap.ConfigStatus, statuses) {
+	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) && sameList(v.snap.ConfigStatus, statuses) && sameList(v.snap.Authorization, authz) {
 		return
 	}
 	version := uint64(time.Now().UnixMicro())
 	if v.snap != nil && version <= v.snap.Version {
 		version = v.snap.Version + 1
 	}
-	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, ConfigStatus: statuses, Built: time.Now()}
+	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, ConfigStatus: statuses, Authorization: authz, Built: time.Now()}
 	close(v.changed)
 	v.changed = make(chan struct{})
 	v.log.Debug("mesh view rebuilt", "version", version, "workloads", len(ws), "services", len(svcs), "took", time.Since(start))

@@ -218,6 +218,7 @@ func (s *Server) nodeState(node string, snap *mesh.Snapshot) *ferryv1.NodeState 
 		Workloads:      snap.Workloads,
 		Services:       snap.Services,
 		ConfigStatus:   snap.ConfigStatus,
+		Authorization:  snap.Authorization,
 		Mesh:           &ferryv1.MeshConfig{},
 	}
 }

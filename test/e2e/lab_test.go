@@ -73,6 +73,7 @@ func TestMain(m *testing.M) {
 	cpLab.teardown()
 	lbLab.teardown()
 	tmLab.teardown()
+	azLab.teardown()
 	os.Exit(code)
 }
 
