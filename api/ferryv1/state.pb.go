@@ -2403,7 +2403,13 @@ type Workload struct {
 	Ips []string `protobuf:"bytes,6,rep,name=ips,proto3" json:"ips,omitempty"`
 	// SPIFFE ID the workload's certificate carries:
 	// spiffe://<trust-domain>/ns/<namespace>/sa/<service account>.
-	Identity      string `protobuf:"bytes,7,opt,name=identity,proto3" json:"identity,omitempty"`
+	Identity string `protobuf:"bytes,7,opt,name=identity,proto3" json:"identity,omitempty"`
+	// mTLS mode from the PeerAuthentication selecting the pod: "" or "Permissive"
+	// (mTLS from mesh peers, plaintext from anyone else) or "Strict" (no
+	// plaintext: the kernel refuses it before any proxy sees it).
+	MtlsMode string `protobuf:"bytes,8,opt,name=mtls_mode,json=mtlsMode,proto3" json:"mtls_mode,omitempty"`
+	// Per-port overrides of mtls_mode: container port -> "Permissive" or "Strict".
+	PortMtlsModes map[uint32]string `protobuf:"bytes,9,rep,name=port_mtls_modes,json=portMtlsModes,proto3" json:"port_mtls_modes,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2487,6 +2493,20 @@ func (x *Workload) GetIdentity() string {
 	return ""
 }
 
+func (x *Workload) GetMtlsMode() string {
+	if x != nil {
+		return x.MtlsMode
+	}
+	return ""
+}
+
+func (x *Workload) GetPortMtlsModes() map[uint32]string {
+	if x != nil {
+		return x.PortMtlsModes
+	}
+	return nil
+}
+
 // Certificate is an X.509 identity for one SPIFFE ID.
 type Certificate struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
@@ -2555,8 +2575,15 @@ type MeshConfig struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Destination ports never captured (in addition to the mesh's own ports).
 	ExcludedPorts []uint32 `protobuf:"varint,1,rep,packed,name=excluded_ports,json=excludedPorts,proto3" json:"excluded_ports,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// What request path normalisation does with an encoded slash or backslash
+	// (%2F, %5C) before authorization and routing: "" or "Keep" (stays encoded,
+	// a character distinct from /), "Decode" (becomes / or \ and is then merged
+	// and resolved like any other), "Reject" (the request is answered 400).
+	EscapedSlashes string `protobuf:"bytes,2,opt,name=escaped_slashes,json=escapedSlashes,proto3" json:"escaped_slashes,omitempty"`
+	// Paths in AuthorizationPolicy rules match request paths case-insensitively.
+	CaseInsensitivePaths bool `protobuf:"varint,3,opt,name=case_insensitive_paths,json=caseInsensitivePaths,proto3" json:"case_insensitive_paths,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *MeshConfig) Reset() {
@@ -2594,6 +2621,20 @@ func (x *MeshConfig) GetExcludedPorts() []uint32 {
 		return x.ExcludedPorts
 	}
 	return nil
+}
+
+func (x *MeshConfig) GetEscapedSlashes() string {
+	if x != nil {
+		return x.EscapedSlashes
+	}
+	return ""
+}
+
+func (x *MeshConfig) GetCaseInsensitivePaths() bool {
+	if x != nil {
+		return x.CaseInsensitivePaths
+	}
+	return false
 }
 
 var File_state_proto protoreflect.FileDescriptor
@@ -2790,7 +2831,7 @@ const file_state_proto_rawDesc = "" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1f\n" +
 	"\vtarget_port\x18\x03 \x01(\tR\n" +
 	"targetPort\x12!\n" +
-	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xb9\x01\n" +
+	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xe7\x02\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -2798,14 +2839,21 @@ const file_state_proto_rawDesc = "" +
 	"\x0fservice_account\x18\x04 \x01(\tR\x0eserviceAccount\x12\x12\n" +
 	"\x04node\x18\x05 \x01(\tR\x04node\x12\x10\n" +
 	"\x03ips\x18\x06 \x03(\tR\x03ips\x12\x1a\n" +
-	"\bidentity\x18\a \x01(\tR\bidentity\"w\n" +
+	"\bidentity\x18\a \x01(\tR\bidentity\x12\x1b\n" +
+	"\tmtls_mode\x18\b \x01(\tR\bmtlsMode\x12M\n" +
+	"\x0fport_mtls_modes\x18\t \x03(\v2%.ferry.v1.Workload.PortMtlsModesEntryR\rportMtlsModes\x1a@\n" +
+	"\x12PortMtlsModesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"w\n" +
 	"\vCertificate\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12$\n" +
 	"\x0ecert_chain_pem\x18\x02 \x01(\fR\fcertChainPem\x12&\n" +
-	"\x0fprivate_key_pem\x18\x03 \x01(\fR\rprivateKeyPem\"3\n" +
+	"\x0fprivate_key_pem\x18\x03 \x01(\fR\rprivateKeyPem\"\x92\x01\n" +
 	"\n" +
 	"MeshConfig\x12%\n" +
-	"\x0eexcluded_ports\x18\x01 \x03(\rR\rexcludedPortsB0Z.github.com/ferrymesh/ferry/api/ferryv1;ferryv1b\x06proto3"
+	"\x0eexcluded_ports\x18\x01 \x03(\rR\rexcludedPorts\x12'\n" +
+	"\x0fescaped_slashes\x18\x02 \x01(\tR\x0eescapedSlashes\x124\n" +
+	"\x16case_insensitive_paths\x18\x03 \x01(\bR\x14caseInsensitivePathsB0Z.github.com/ferrymesh/ferry/api/ferryv1;ferryv1b\x06proto3"
 
 var (
 	file_state_proto_rawDescOnce sync.Once
@@ -2819,7 +2867,7 @@ func file_state_proto_rawDescGZIP() []byte {
 	return file_state_proto_rawDescData
 }
 
-var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_state_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_state_proto_goTypes = []any{
 	(*NodeState)(nil),              // 0: ferry.v1.NodeState
 	(*AuthorizationPolicy)(nil),    // 1: ferry.v1.AuthorizationPolicy
@@ -2854,6 +2902,7 @@ var file_state_proto_goTypes = []any{
 	(*Workload)(nil),               // 30: ferry.v1.Workload
 	(*Certificate)(nil),            // 31: ferry.v1.Certificate
 	(*MeshConfig)(nil),             // 32: ferry.v1.MeshConfig
+	nil,                            // 33: ferry.v1.Workload.PortMtlsModesEntry
 }
 var file_state_proto_depIdxs = []int32{
 	30, // 0: ferry.v1.NodeState.workloads:type_name -> ferry.v1.Workload
@@ -2894,11 +2943,12 @@ var file_state_proto_depIdxs = []int32{
 	26, // 35: ferry.v1.ServicePolicy.retry_budget:type_name -> ferry.v1.RetryBudget
 	27, // 36: ferry.v1.ServicePolicy.rate_limit:type_name -> ferry.v1.RateLimit
 	22, // 37: ferry.v1.ServicePolicy.retry:type_name -> ferry.v1.RouteRetry
-	38, // [38:38] is the sub-list for method output_type
-	38, // [38:38] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	33, // 38: ferry.v1.Workload.port_mtls_modes:type_name -> ferry.v1.Workload.PortMtlsModesEntry
+	39, // [39:39] is the sub-list for method output_type
+	39, // [39:39] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_state_proto_init() }
@@ -2919,7 +2969,7 @@ func file_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_proto_rawDesc), len(file_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
