@@ -157,6 +157,9 @@ type Conn struct {
 	// Policy is the AuthorizationPolicy (namespace/name) that denied it (Reason
 	// ReasonPolicy): the Deny that matched, or an Allow none of which matched.
 	Policy string `json:"policy,omitempty"`
+	// Budget is the per-pod budget that refused it (Reason ReasonPodBudget):
+	// outbound_connections, inbound_connections, pending_requests or buffer_memory.
+	Budget string `json:"budget,omitempty"`
 }
 
 // Protocol is what a connection's bytes were understood to be.
@@ -277,6 +280,12 @@ const (
 	// ReasonPolicy: an AuthorizationPolicy denied it at the destination
 	// (Conn.Policy names it).
 	ReasonPolicy Reason = "policy_denied"
+	// ReasonPodBudget: the source pod (or source identity, inbound) was over one of
+	// its budgets in the shared node proxy (Conn.Budget says which); refused at once.
+	ReasonPodBudget Reason = "pod_budget"
+	// ReasonPanic: the proxy's handler of the connection or request panicked; it was
+	// recovered and the connection closed, and the agent kept running.
+	ReasonPanic Reason = "proxy_panic"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )
