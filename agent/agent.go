@@ -62,6 +62,8 @@ type Config struct {
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
+	// Budgets bound what each pod may hold of the node proxy.
+	Budgets proxy.Budgets
 }
 
 // DefaultConfig is the configuration ferry-agent starts from: the node name from
@@ -78,6 +80,7 @@ func DefaultConfig() Config {
 		Observe:     observe.DefaultConfig(),
 		Tracing:     tracing.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
+		Budgets:     proxy.DefaultBudgets(),
 	}
 }
 
@@ -97,6 +100,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	c.Observe.Flags(fs)
 	c.Tracing.Flags(fs)
+	c.Budgets.Flags(fs)
 }
 
 // Capture is how enrolled pods' traffic reaches the proxy: the eBPF data path
@@ -281,6 +285,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		Log:        log,
 		Observer:   a.obs,
 		Tracer:     a.tracer,
+		Budgets:    cfg.Budgets,
 	})
 	if err != nil {
 		return nil, err

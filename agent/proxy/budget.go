@@ -49,9 +49,9 @@ func DefaultBudgets() Budgets {
 	return Budgets{OutboundConns: 16384, InboundConns: 16384, PendingRequests: 4096, BufferBytes: 2 << 30}
 }
 
-// Flags registers the budgets' flags on fs, with DefaultBudgets as their defaults.
+// Flags registers the budgets' flags on fs, with b's values as their defaults.
 func (b *Budgets) Flags(fs *pflag.FlagSet) {
-	d := DefaultBudgets()
+	d := *b
 	fs.IntVar(&b.OutboundConns, "budget-outbound-connections", d.OutboundConns, "most concurrent connections one local pod may have through the proxy (0: no limit)")
 	fs.IntVar(&b.InboundConns, "budget-inbound-connections", d.InboundConns, "most concurrent connections and tunnel streams one source identity may have into this node's pods (0: no limit)")
 	fs.IntVar(&b.PendingRequests, "budget-pending-requests", d.PendingRequests, "most L7 requests in flight per source pod (outbound) or source identity (inbound) (0: no limit)")

@@ -1,0 +1,30 @@
+package metrics
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// isolation counts what keeps one pod from hurting the others in the shared node
+// proxy: refusals by a per-pod budget, and panics recovered in one connection's or
+// request's handler.
+type isolation struct {
+	refusals *prometheus.CounterVec
+	panics   *prometheus.CounterVec
+}
+
+func newIsolation() isolation {
+	return isolation{
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_budget_refusals_total",
+			Help: "Connections and requests refused at once because their tenant was over a per-pod budget, by tenant (a local pod, or inbound a source identity or address) and budget."},
+			[]string{"pod", "budget"}),
+		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_proxy_panics_total",
+			Help: "Panics recovered in the proxy's handler of one connection or request (the connection was closed, the agent kept running), by pod."},
+			[]string{"pod"}),
+	}
+}
+
+// BudgetRefused counts one refusal of pod's traffic by budget.
+func (m *Metrics) BudgetRefused(pod, budget string) {
+	m.isolation.refusals.WithLabelValues(orUnknown(pod), budget).Inc()
+}
+
+// Panicked counts one panic recovered in a handler of pod's traffic.
+func (m *Metrics) Panicked(pod string) { m.isolation.panics.WithLabelValues(orUnknown(pod)).Inc() }
