@@ -8,6 +8,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type isolation struct {
 	refusals *prometheus.CounterVec
 	panics   *prometheus.CounterVec
+	dropped  *prometheus.GaugeVec
 }
 
 func newIsolation() isolation {
@@ -18,7 +19,15 @@ func newIsolation() isolation {
 		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_proxy_panics_total",
 			Help: "Panics recovered in the proxy's handler of one connection or request (the connection was closed, the agent kept running), by pod."},
 			[]string{"pod"}),
+		dropped: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ferry_state_dropped_entries",
+			Help: "Entries of the applied NodeState the agent left out as malformed (the rest applied), by kind (workload, service)."},
+			[]string{"kind"}),
 	}
+}
+
+// StateDropped sets how many entries of kind the applied state had left out.
+func (m *Metrics) StateDropped(kind string, n int) {
+	m.isolation.dropped.WithLabelValues(kind).Set(float64(n))
 }
 
 // BudgetRefused counts one refusal of pod's traffic by budget.

@@ -228,7 +228,7 @@ func New(node string, src Sources) *Metrics {
 	m.authz = newAuthzDecisions()
 	reg.MustRegister(m.authz)
 	m.isolation = newIsolation()
-	reg.MustRegister(m.isolation.refusals, m.isolation.panics)
+	reg.MustRegister(m.isolation.refusals, m.isolation.panics, m.isolation.dropped)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if f := src.Flows; f != nil {
 		reg.MustRegister(

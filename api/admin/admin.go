@@ -24,6 +24,9 @@ type Status struct {
 	Uptime        time.Duration `json:"uptime_ns"`
 	// Certificates held from the operator (operator mode only).
 	Certificates []HeldCert `json:"certificates,omitempty"`
+	// Dropped are the entries of the applied state the agent left out as
+	// malformed, each saying which and why; the rest of the state applied.
+	Dropped []string `json:"dropped,omitempty"`
 }
 
 // StatusPod is one enrolled pod in Status.
