@@ -95,17 +95,17 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 	}
 	core := factory.Core().V1()
 	v := &View{
-		trustDomain:  trustDomain,
-		log:          log,
-		pods:         core.Pods().Lister(),
-		namespaces:   core.Namespaces().Lister(),
-		services:     core.Services().Lister(),
-		dirty:        make(chan struct{}, 1),
-		changed:      make(chan struct{}),
-		goodRoutes:   map[configKey]lastGood[*routeSpec]{},
-		goodPolicies: map[configKey]lastGood[*policyResult]{},
-		goodAuthz:    map[configKey]lastGood[*authzSpec]{},
-		loggedAuthz:  map[configKey]string{},
+		trustDomain:     trustDomain,
+		log:             log,
+		pods:            core.Pods().Lister(),
+		namespaces:      core.Namespaces().Lister(),
+		services:        core.Services().Lister(),
+		dirty:           make(chan struct{}, 1),
+		changed:         make(chan struct{}),
+		goodRoutes:      map[configKey]lastGood[*routeSpec]{},
+		goodPolicies:    map[configKey]lastGood[*policyResult]{},
+		goodAuthz:       map[configKey]lastGood[*authzSpec]{},
+		loggedAuthz:     map[configKey]string{},
 		loggedConflicts: map[string]bool{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
