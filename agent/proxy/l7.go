@@ -41,6 +41,7 @@ type l7 struct {
 	// waits for.
 	stopped bool
 	wg      sync.WaitGroup
+	limits  Limits // limits.go
 }
 
 func (p *Proxy) newL7() *l7 {
@@ -57,6 +58,8 @@ func (p *Proxy) newL7() *l7 {
 		},
 		ErrorLog: errLog,
 	}
+	h.limits = p.cfg.Limits.withDefaults()
+	h.limits.apply(h.srv)
 	h.proxy = &httputil.ReverseProxy{
 		Rewrite:       rewrite,
 		Transport:     upstreamTransport{},
@@ -132,6 +135,9 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
+	if !p.limitRequest(rw, r, &rec) {
+		return
+	}
 
 	// Routes, policies and the app all see one form of the path.
 	if err := normalizeRequest(r); err != nil {
@@ -202,6 +208,12 @@ func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	var me *meshError
 	if errors.As(err, &me) {
 		meshAnswer(w, me.status, me.why)
+		return
+	}
+	var be *requestBodyError
+	if errors.As(err, &be) {
+		status, why := be.answer()
+		meshAnswer(w, status, why)
 		return
 	}
 	status := http.StatusBadGateway

@@ -1,0 +1,281 @@
+package proxy
+
+// Known attacks on HTTP proxies, sent with raw clients at the proxy's HTTP server
+// (a pod's connection to a Service port, as its outbound capture hands it over):
+// each is refused or contained, the app never sees what the proxy did not, the
+// heap stays bounded, and an innocent client keeps being served meanwhile.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/internal/loopback"
+)
+
+// rawApp is every endpoint of the Service: a Go HTTP server (HTTP/1.1 and h2c)
+// that records the bytes it read and each request it parsed with its whole body.
+type rawApp struct {
+	mu       sync.Mutex
+	raw      bytes.Buffer
+	requests []appRequest
+	inFlight atomic.Int64
+	maxIn    atomic.Int64
+	hold     chan struct{} // when set, requests to /hold wait for it (or their end)
+}
+
+type appRequest struct {
+	method, path string
+	header       http.Header
+	body         string
+	bodyErr      error
+}
+
+func (a *rawApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	n := a.inFlight.Add(1)
+	defer a.inFlight.Add(-1)
+	for m := a.maxIn.Load(); n > m && !a.maxIn.CompareAndSwap(m, n); m = a.maxIn.Load() {
+	}
+	body, err := io.ReadAll(r.Body)
+	a.mu.Lock()
+	a.requests = append(a.requests, appRequest{r.Method, r.URL.Path, r.Header.Clone(), string(body), err})
+	a.mu.Unlock()
+	if r.URL.Path == "/hold" && a.hold != nil {
+		select {
+		case <-a.hold:
+		case <-r.Context().Done():
+		}
+	}
+	fmt.Fprintf(w, "ok %s %d", r.URL.Path, len(body))
+}
+
+func (a *rawApp) seen() []appRequest {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]appRequest(nil), a.requests...)
+}
+
+type recordingConn struct {
+	net.Conn
+	app *rawApp
+}
+
+func (c recordingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.app.mu.Lock()
+	c.app.raw.Write(b[:n])
+	c.app.mu.Unlock()
+	return n, err
+}
+
+type recordingListener struct {
+	net.Listener
+	app *rawApp
+}
+
+func (l recordingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return recordingConn{c, l.app}, nil
+}
+
+// newHardenedProxy is a test proxy with limits lim whose Service web (port 80
+// declared HTTP, 9000 detected) has a rawApp behind every endpoint.
+func newHardenedProxy(t *testing.T, lim Limits) (*testProxy, *rawApp) {
+	t.Helper()
+	app := &rawApp{}
+	srv := &http.Server{Handler: app, Protocols: new(http.Protocols)}
+	srv.Protocols.SetHTTP1(true)
+	srv.Protocols.SetUnencryptedHTTP2(true)
+	ln := loopback.Listen(t)
+	go srv.Serve(recordingListener{ln, app})
+	t.Cleanup(func() { srv.Close() })
+	addr := netip.MustParseAddrPort(ln.Addr().String())
+
+	tp := newTestProxyWith(t, lim)
+	tp.netA.app, tp.netB.app, tp.tunnels.app = addr, addr, addr
+	svc := web
+	svc.Ports = []ServicePort{{Port: 80, AppProtocol: "http"}, {Port: 9000}}
+	tp.SetServices([]Service{svc})
+	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	return tp, app
+}
+
+// raw is a connection from pod a to the Service, as the capture hands it over.
+func (tp *testProxy) raw(t *testing.T) net.Conn {
+	t.Helper()
+	client, accepted := loopback.Pair(t)
+	go tp.handleOutbound(tp.a, accepted)
+	client.SetDeadline(time.Now().Add(20 * time.Second))
+	return client
+}
+
+// exchange writes req on a new connection and returns the first response's
+// status (0: none, the connection ended) and whether the connection then closed.
+func (tp *testProxy) exchange(t *testing.T, req string) (status int, closed bool) {
+	t.Helper()
+	c := tp.raw(t)
+	defer c.Close()
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	br := bufio.NewReader(c)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return 0, true
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	// Anything after the response (a second one) or EOF.
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, err = br.ReadByte()
+	var ne net.Error
+	return res.StatusCode, err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// innocent runs requests from another connection of pod a until stop, and
+// returns how many were answered 200 and how many failed.
+func (tp *testProxy) innocent(t *testing.T, stop <-chan struct{}) (wait func() (ok, failed int)) {
+	t.Helper()
+	c := tp.client(t, netip.AddrPortFrom(vip, 80), false)
+	var okN, failN int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			res, err := c.Get("http://web.default/innocent")
+			if err != nil {
+				failN++
+				continue
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode == http.StatusOK {
+				okN++
+			} else {
+				failN++
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return func() (int, int) { <-done; return okN, failN }
+}
+
+// heapInUse is the heap in use after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
+const smuggled = "GET /smuggled HTTP/1.1\r\nHost: web.default\r\n\r\n"
+
+// Request smuggling: what Go's parser refuses is refused (400/501, the connection
+// closed; a malformed chunked body, found after the headers went on, is cut short
+// at the app and answered 400); what it accepts reaches the app in one canonical
+// form (never both Content-Length and Transfer-Encoding), and nothing after a
+// chunked request is read, so the request hidden behind one never reaches the app.
+func TestHardeningSmuggling(t *testing.T) {
+	tp, app := newHardenedProxy(t, Limits{})
+	for _, tc := range []struct {
+		name   string
+		req    string
+		status int // 0: the connection ends without an answer
+		// app: what the app gets of it: "" nothing, "one" one whole request (no
+		// Content-Length beside chunked), "cut" a request whose body ends short.
+		app string
+	}{
+		{"CL.TE", "POST /a HTTP/1.1\r\nHost: web.default\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled, 200, "one"},
+		{"TE.CL", "POST /a HTTP/1.1\r\nHost: web.default\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" +
+			fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled), 200, "one"},
+		{"TE.TE xchunked", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: xchunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n" + smuggled, 501, ""},
+		{"TE.TE two headers", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n" + smuggled, 501, ""},
+		{"TE.TE list", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" + smuggled, 501, ""},
+		{"TE.TE trailing space", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: chunked \r\nContent-Length: 4\r\n\r\n0\r\n\r\n" + smuggled, 200, "one"},
+		{"TE.TE space before colon", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" + smuggled, 400, ""},
+		{"TE.TE folded", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding:\r\n chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n" + smuggled, 200, "one"},
+		{"TE on HTTP/1.0", "POST /a HTTP/1.0\r\nHost: web.default\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n" + smuggled, 200, "one"},
+		{"two Content-Lengths", "POST /a HTTP/1.1\r\nHost: web.default\r\nContent-Length: 0\r\nContent-Length: 46\r\n\r\n" + smuggled, 400, ""},
+		{"Content-Length list", "POST /a HTTP/1.1\r\nHost: web.default\r\nContent-Length: 0, 46\r\n\r\n" + smuggled, 400, ""},
+		{"signed Content-Length", "POST /a HTTP/1.1\r\nHost: web.default\r\nContent-Length: +0\r\n\r\n" + smuggled, 400, ""},
+		{"bare LF in chunk line", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: chunked\r\n\r\n2\nxx\r\n0\r\n\r\n" + smuggled, 400, "cut"},
+		{"bare CR in chunk line", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: chunked\r\n\r\n2\rxx\r\n0\r\n\r\n" + smuggled, 400, "cut"},
+		{"chunk extension flood", "POST /a HTTP/1.1\r\nHost: web.default\r\nTransfer-Encoding: chunked\r\n\r\n" +
+			strings.Repeat("1;"+strings.Repeat("e", 4000)+"\r\nx\r\n", 64) + "0\r\n\r\n" + smuggled, 400, "cut"},
+		{"bare CR in request line", "GET /a\rGET /smuggled HTTP/1.1\r\nHost: web.default\r\n\r\n", 400, ""},
+		{"bare CR in header value", "GET /a HTTP/1.1\r\nHost: web.default\r\nX: 1\rTransfer-Encoding: chunked\r\n\r\n", 400, ""},
+		{"NUL in header value", "GET /a HTTP/1.1\r\nHost: web.default\r\nX: 1\x00\r\n\r\n", 400, ""},
+		{"space in method", "GE T /a HTTP/1.1\r\nHost: web.default\r\n\r\n", 400, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(app.seen())
+			status, closed := tp.exchange(t, tc.req)
+			t.Logf("status %d, closed %v", status, closed)
+			if status != tc.status {
+				t.Errorf("status %d, want %d", status, tc.status)
+			}
+			if !closed {
+				t.Error("the connection stayed open after the attack: a request behind it would be read")
+			}
+			got := app.seen()[before:]
+			switch {
+			case tc.app == "" && len(got) != 0:
+				t.Errorf("the app got %+v, want nothing", got)
+			case tc.app != "" && len(got) != 1:
+				t.Errorf("the app got %d requests, want 1", len(got))
+			case tc.app == "one" && (got[0].bodyErr != nil || got[0].path != "/a"):
+				t.Errorf("the app got %+v, want the whole request in one framing", got[0])
+			case tc.app == "cut" && got[0].bodyErr == nil:
+				t.Errorf("the app read a whole body the proxy could not parse: %q", got[0].body)
+			}
+		})
+	}
+	teCL := false
+	for _, r := range app.seen() {
+		teCL = teCL || r.body == smuggled // TE.CL's chunk, as the app's body
+		if r.path == "/smuggled" {
+			t.Errorf("the app saw a smuggled request: %+v", r)
+		}
+	}
+	if !teCL {
+		t.Error("TE.CL: the app did not get the chunked body the proxy read")
+	}
+	app.mu.Lock()
+	raw := app.raw.String()
+	app.mu.Unlock()
+	for _, head := range strings.Split(raw, "\r\n\r\n") {
+		if strings.Contains(head, "Transfer-Encoding") && strings.Contains(head, "Content-Length") {
+			t.Errorf("a request reached the app with both Content-Length and Transfer-Encoding:\n%s", head)
+		}
+	}
+	// And a complete request with bare LF line ends (RFC 9112 allows them) reaches
+	// the app in CRLF form.
+	if status, _ := tp.exchange(t, "GET /lf HTTP/1.1\nHost: web.default\nConnection: close\n\n"); status != 200 {
+		t.Fatalf("bare-LF request: %d", status)
+	}
+	app.mu.Lock()
+	raw = app.raw.String()
+	app.mu.Unlock()
+	if !strings.Contains(raw, "GET /lf HTTP/1.1\r\nHost: web.default\r\n") {
+		t.Errorf("the bare-LF request did not reach the app in canonical form:\n%s", raw)
+	}
+}
