@@ -21,7 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/h2attack"
 	"github.com/ferrymesh/ferry/internal/loopback"
+	"golang.org/x/net/http2/hpack"
 )
 
 // rawApp is every endpoint of the Service: a Go HTTP server (HTTP/1.1 and h2c)
@@ -277,5 +279,83 @@ func TestHardeningSmuggling(t *testing.T) {
 	app.mu.Unlock()
 	if !strings.Contains(raw, "GET /lf HTTP/1.1\r\nHost: web.default\r\n") {
 		t.Errorf("the bare-LF request did not reach the app in canonical form:\n%s", raw)
+	}
+}
+
+// attack runs fn, an attack, while an innocent client of the same pod keeps
+// asking the same Service: every innocent request is answered 200, and the heap
+// in use grows by less than heapBound (what the attack's connections may hold).
+func (tp *testProxy) attack(t *testing.T, fn func()) {
+	t.Helper()
+	const heapBound = 64 << 20
+	before := heapInUse()
+	stop := make(chan struct{})
+	wait := tp.innocent(t, stop)
+	fn()
+	grown := int64(heapInUse()) - int64(before)
+	close(stop)
+	ok, failed := wait()
+	t.Logf("heap grew by %d KiB during the attack; innocent client: %d answered, %d failed", grown>>10, ok, failed)
+	if ok == 0 || failed != 0 {
+		t.Errorf("innocent client: %d answered, %d failed; want all answered", ok, failed)
+	}
+	if grown > heapBound {
+		t.Errorf("heap grew by %d MiB, the bound is %d MiB", grown>>20, heapBound>>20)
+	}
+}
+
+// Oversized header blocks, too many headers and an oversized request line are
+// answered 431 before the app sees anything, in HTTP/1.1 and HTTP/2; an HPACK
+// bomb (a 3 KiB value entered once and referenced 200 times: ~600 KiB decoded
+// from a ~3.3 KiB block) too.
+func TestHardeningHeaderLimits(t *testing.T) {
+	tp, app := newHardenedProxy(t, Limits{MaxHeaderBytes: 8 << 10, MaxHeaderCount: 20})
+	var many strings.Builder
+	for i := range 30 {
+		fmt.Fprintf(&many, "X-H%d: v\r\n", i)
+	}
+	for _, tc := range []struct{ name, req string }{
+		{"large header", "GET /a HTTP/1.1\r\nHost: web.default\r\nX-Big: " + strings.Repeat("x", 16<<10) + "\r\n\r\n"},
+		{"many headers", "GET /a HTTP/1.1\r\nHost: web.default\r\n" + many.String() + "\r\n"},
+		{"many repeated headers", "GET /a HTTP/1.1\r\nHost: web.default\r\n" + strings.Repeat("X-Same: v\r\n", 30) + "\r\n"},
+		{"long request line", "GET /" + strings.Repeat("a", 16<<10) + " HTTP/1.1\r\nHost: web.default\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if status, closed := tp.exchange(t, tc.req); status != http.StatusRequestHeaderFieldsTooLarge || !closed {
+				t.Errorf("status %d, closed %v; want 431 and the connection closed", status, closed)
+			}
+		})
+	}
+	// Within the limits, the same shapes pass.
+	if status, _ := tp.exchange(t, "GET /a HTTP/1.1\r\nHost: web.default\r\nX-Big: "+strings.Repeat("x", 4<<10)+"\r\n"+strings.Repeat("X-Same: v\r\n", 15)+"\r\n"); status != 200 {
+		t.Fatalf("request within the limits: %d", status)
+	}
+	n := len(app.seen())
+	r := h2attack.Request{Method: "GET", Scheme: "http", Authority: "web.default", Path: "/a"}
+	var fields []hpack.HeaderField
+	for i := range 30 {
+		fields = append(fields, hpack.HeaderField{Name: fmt.Sprintf("x-h%d", i), Value: "v"})
+	}
+	for _, tc := range []struct {
+		name   string
+		attack func(c net.Conn) (h2attack.Outcome, error)
+	}{
+		{"h2 many headers", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.Send(c, r, fields, time.Second) }},
+		{"h2 headers past the limit", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.HPACKBomb(c, r, 16<<10, time.Second) }},
+		{"h2 hpack bomb", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.HPACKBomb(c, r, 200*3000, time.Second) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := tc.attack(tp.raw(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Log(out)
+			if out.Statuses["431"] != 1 {
+				t.Errorf("%v; want 431", out)
+			}
+		})
+	}
+	if got := app.seen()[n:]; len(got) != 0 {
+		t.Errorf("the app saw %d requests past the limits", len(got))
 	}
 }
