@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferrymesh/ferry/internal/h2attack"
 	"github.com/ferrymesh/ferry/internal/loopback"
+	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
 
@@ -120,6 +121,10 @@ func newHardenedProxy(t *testing.T, lim Limits) (*testProxy, *rawApp) {
 func (tp *testProxy) raw(t *testing.T) net.Conn {
 	t.Helper()
 	client, accepted := loopback.Pair(t)
+	// Small socket buffers, so a flood's unread answers back up in the proxy
+	// within a bounded number of frames.
+	client.SetReadBuffer(4 << 10)
+	accepted.SetWriteBuffer(4 << 10)
 	go tp.handleOutbound(tp.a, accepted)
 	client.SetDeadline(time.Now().Add(20 * time.Second))
 	return client
@@ -239,6 +244,12 @@ func TestHardeningSmuggling(t *testing.T) {
 				t.Error("the connection stayed open after the attack: a request behind it would be read")
 			}
 			got := app.seen()[before:]
+			for deadline := time.Now().Add(5 * time.Second); tc.app == "cut" && len(got) == 0 && time.Now().Before(deadline); {
+				// The app's read of the cut body ends when the proxy drops the
+				// upstream connection, after the client's answer.
+				time.Sleep(5 * time.Millisecond)
+				got = app.seen()[before:]
+			}
 			switch {
 			case tc.app == "" && len(got) != 0:
 				t.Errorf("the app got %+v, want nothing", got)
@@ -357,5 +368,124 @@ func TestHardeningHeaderLimits(t *testing.T) {
 	}
 	if got := app.seen()[n:]; len(got) != 0 {
 		t.Errorf("the app saw %d requests past the limits", len(got))
+	}
+}
+
+// Slowloris on the app side: headers that never end are cut off at
+// ReadHeaderTimeout, a request body that stops is answered 408 at BodyIdleTimeout,
+// while another client of the pod is served throughout. A keep-alive connection
+// between requests is not cut by the header timeout.
+func TestHardeningSlowloris(t *testing.T) {
+	lim := Limits{ReadHeaderTimeout: 300 * time.Millisecond, BodyIdleTimeout: 300 * time.Millisecond}
+	tp, app := newHardenedProxy(t, lim)
+	tp.attack(t, func() {
+		var wg sync.WaitGroup
+		for range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := tp.raw(t)
+				defer c.Close()
+				io.WriteString(c, "GET /slow HTTP/1.1\r\nHost: web.default\r\n")
+				start := time.Now()
+				for i := 0; ; i++ {
+					// One header line a byte at a time, never ending the block.
+					if _, err := fmt.Fprintf(c, "%c", 'a'+i%26); err != nil {
+						break
+					}
+					if time.Since(start) > 15*time.Second {
+						t.Error("slow headers: the connection is still open after 15 s")
+						return
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+			}()
+		}
+		wg.Wait()
+	})
+	n := len(app.seen())
+	c := tp.raw(t)
+	defer c.Close()
+	io.WriteString(c, "POST /body HTTP/1.1\r\nHost: web.default\r\nContent-Length: 100\r\n\r\n0123456789")
+	res, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("stalled body: %v", err)
+	}
+	if res.StatusCode != http.StatusRequestTimeout {
+		t.Errorf("stalled body: %d, want 408", res.StatusCode)
+	}
+	for _, r := range app.seen()[n:] {
+		if r.bodyErr == nil {
+			t.Errorf("the app read a whole body from a client that stalled: %q", r.body)
+		}
+	}
+	for _, r := range app.seen() {
+		if r.path == "/slow" {
+			t.Error("the app saw the slow headers' request")
+		}
+	}
+	// An idle keep-alive connection outlives the header timeout.
+	kc := tp.client(t, netip.AddrPortFrom(vip, 80), false)
+	get(t, kc, "http://web.default/first")
+	time.Sleep(4 * lim.ReadHeaderTimeout)
+	if res, _ := get(t, kc, "http://web.default/second"); res.StatusCode != 200 {
+		t.Errorf("second request on an idle keep-alive connection: %d", res.StatusCode)
+	}
+}
+
+// HTTP/2 attacks on h2c (a pod's connection to a Service port): rapid reset,
+// CONTINUATION flood, PING and SETTINGS floods and more streams than allowed are
+// each contained (the connection ended, or held to MaxConcurrentStreams), the
+// app never has more requests in flight than the limit, the heap stays within
+// the bound, and another client is served meanwhile.
+func TestHardeningHTTP2(t *testing.T) {
+	const maxStreams = 8
+	tp, app := newHardenedProxy(t, Limits{MaxConcurrentStreams: maxStreams, MaxHeaderBytes: 16 << 10})
+	app.hold = make(chan struct{})
+	defer close(app.hold)
+	r := h2attack.Request{Method: "GET", Scheme: "http", Authority: "web.default", Path: "/hold"}
+	for _, tc := range []struct {
+		name   string
+		attack func(c net.Conn) (h2attack.Outcome, error)
+		check  func(o h2attack.Outcome) bool
+	}{
+		{"rapid reset", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.RapidReset(c, r, 5000, 2*time.Second) },
+			// Go answers GOAWAY ENHANCE_YOUR_CALM once more than 4×max resets
+			// wait for handlers; otherwise it keeps up, each reset ending its
+			// handler.
+			func(o h2attack.Outcome) bool { return !o.GoAway || o.GoAwayCode == http2.ErrCodeEnhanceYourCalm }},
+		{"continuation flood", func(c net.Conn) (h2attack.Outcome, error) {
+			return h2attack.ContinuationFlood(c, r, 10000, 5*time.Second)
+		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 10000 }},
+		{"ping flood", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.PingFlood(c, 1_000_000, 5*time.Second) },
+			func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
+		{"settings flood", func(c net.Conn) (h2attack.Outcome, error) {
+			// The proxy closes the connection, or stops reading it (its answers
+			// cannot be written): either way the flood cannot be sent in 5 s.
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			return h2attack.SettingsFlood(c, 1_000_000, 5*time.Second)
+		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
+		{"many streams", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.ManyStreams(c, r, 100, 2*time.Second) },
+			func(o h2attack.Outcome) bool {
+				return o.Resets[http2.ErrCodeRefusedStream]+o.Resets[http2.ErrCodeProtocol] >= 100-maxStreams || o.GoAway
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			app.maxIn.Store(0)
+			tp.attack(t, func() {
+				out, err := tc.attack(tp.raw(t))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Log(out)
+				if !tc.check(out) {
+					t.Errorf("not contained: %v", out)
+				}
+			})
+			// The attack's streams, and one innocent request at a time.
+			if m := app.maxIn.Load(); m > maxStreams+1 {
+				t.Errorf("the app had %d requests in flight; the limit is %d a connection", m, maxStreams)
+			}
+		})
 	}
 }

@@ -135,7 +135,7 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
-	if !p.limitRequest(rw, r, &rec) {
+	if r = p.limitRequest(rw, r, &rec); r == nil {
 		return
 	}
 
@@ -196,6 +196,13 @@ func rewrite(pr *httputil.ProxyRequest) {
 func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	up := r.Context().Value(upstreamKey{}).(*upstream)
 	up.err = err
+	if be := bodyFailure(r); be != nil {
+		// The client's body failed (malformed, or too slow): its fault, not the
+		// upstream's.
+		status, why := be.answer()
+		meshAnswer(w, status, why)
+		return
+	}
 	switch ctxErr := r.Context().Err(); {
 	case errors.Is(ctxErr, context.DeadlineExceeded):
 		// A request timeout (the route's or the policy's): the client's own
@@ -210,12 +217,7 @@ func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 		meshAnswer(w, me.status, me.why)
 		return
 	}
-	var be *requestBodyError
-	if errors.As(err, &be) {
-		status, why := be.answer()
-		meshAnswer(w, status, why)
-		return
-	}
+
 	status := http.StatusBadGateway
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
 		status = http.StatusGatewayTimeout

@@ -5,11 +5,13 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/tunnel"
@@ -109,8 +111,8 @@ func (l Limits) apply(srv *http.Server) {
 
 // limitRequest refuses a request past the header count limit (431), closes an
 // HTTP/1.1 connection after a chunked request, and bounds the idleness of an
-// HTTP/1.1 request's body; false when it answered.
-func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) bool {
+// HTTP/1.1 request's body; it returns the request to serve, nil when it answered.
+func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) *http.Request {
 	lim := p.l7.limits
 	n := 0
 	for _, vs := range r.Header {
@@ -121,7 +123,7 @@ func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) 
 		rec.Error = fmt.Sprintf("%d header fields, the limit is %d", n, lim.MaxHeaderCount)
 		w.Header().Set("Connection", "close")
 		meshAnswer(w, http.StatusRequestHeaderFieldsTooLarge, "too many header fields")
-		return false
+		return nil
 	}
 	if r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
 		// A chunked request is the one whose framing a component in front of the
@@ -131,9 +133,23 @@ func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) 
 		w.Header().Set("Connection", "close")
 	}
 	if r.ProtoMajor == 1 && r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
-		r.Body = &requestBody{ReadCloser: r.Body, rc: http.NewResponseController(w), idle: lim.BodyIdleTimeout}
+		b := &requestBody{ReadCloser: r.Body, rc: http.NewResponseController(w), idle: lim.BodyIdleTimeout}
+		r = r.WithContext(context.WithValue(r.Context(), requestBodyKey{}, b))
+		r.Body = b
 	}
-	return true
+	return r
+}
+
+type requestBodyKey struct{}
+
+// bodyFailure is how the client's request body failed, if it did: a failed read
+// on the connection also cancels the request, so the transport's error may be
+// only that.
+func bodyFailure(r *http.Request) *requestBodyError {
+	if b, _ := r.Context().Value(requestBodyKey{}).(*requestBody); b != nil {
+		return b.failed.Load()
+	}
+	return nil
 }
 
 // requestBody is an HTTP/1.1 request body whose every read must see a byte within
@@ -143,20 +159,25 @@ func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) 
 // as it is, so the client is told its body was at fault (upstreamError).
 type requestBody struct {
 	io.ReadCloser
-	rc   *http.ResponseController
-	idle time.Duration
+	rc     *http.ResponseController
+	idle   time.Duration
+	failed atomic.Pointer[requestBodyError]
 }
 
 func (b *requestBody) Read(p []byte) (int, error) {
 	_ = b.rc.SetReadDeadline(time.Now().Add(b.idle))
 	n, err := b.ReadCloser.Read(p)
-	if err != nil {
+	switch {
+	case err == io.EOF:
 		// The body is done: the response may rightly take longer than idle, while
 		// the server watches the connection for the client going away.
 		_ = b.rc.SetReadDeadline(time.Time{})
-		if err != io.EOF {
-			err = &requestBodyError{err}
-		}
+	case err != nil:
+		// The deadline stays: the server, which would read what is left of the
+		// body before answering, gives up at once and closes the connection.
+		be := &requestBodyError{err}
+		b.failed.CompareAndSwap(nil, be)
+		err = be
 	}
 	return n, err
 }
