@@ -56,9 +56,10 @@ type conn struct {
 	enc  *hpack.Encoder
 	hbuf bytes.Buffer
 
-	mu   sync.Mutex
-	out  Outcome
-	done chan struct{}
+	mu    sync.Mutex
+	out   Outcome
+	done  chan struct{}
+	noAck bool // set before read starts: SETTINGS go unacknowledged
 }
 
 func start(c net.Conn) (*conn, error) {
@@ -97,7 +98,7 @@ func (a *conn) read() {
 		case *http2.MetaHeadersFrame:
 			a.out.Statuses[f.PseudoValue("status")]++
 		case *http2.SettingsFrame:
-			if !f.IsAck() {
+			if !f.IsAck() && !a.noAck {
 				a.wmu.Lock()
 				if a.fr.WriteSettingsAck() == nil {
 					_ = a.w.Flush()
@@ -268,4 +269,41 @@ func ManyStreams(c net.Conn, r Request, n int, wait time.Duration) (Outcome, err
 		}
 		return true, a.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(2*i + 1), BlockFragment: a.header(r), EndHeaders: true})
 	})
+}
+
+// StalledHeaders acknowledges the server's SETTINGS, then sends HEADERS without
+// END_HEADERS and nothing more: inside a header block the client may send no
+// other frame, so it cannot answer the server's PINGs either.
+func StalledHeaders(c net.Conn, r Request, wait time.Duration) (Outcome, error) {
+	a, err := start(c)
+	if err != nil {
+		return Outcome{}, err
+	}
+	if err := a.w.Flush(); err != nil {
+		return Outcome{}, fmt.Errorf("write settings: %w", err)
+	}
+	for {
+		f, err := a.fr.ReadFrame()
+		if err != nil {
+			return Outcome{}, fmt.Errorf("read settings: %w", err)
+		}
+		if sf, ok := f.(*http2.SettingsFrame); ok && !sf.IsAck() {
+			break
+		}
+	}
+	a.noAck = true
+	go a.read()
+	a.wmu.Lock()
+	err = a.fr.WriteSettingsAck()
+	if err == nil {
+		err = a.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: a.header(r), EndHeaders: false})
+	}
+	if err == nil {
+		err = a.w.Flush()
+	}
+	a.wmu.Unlock()
+	if err != nil {
+		return Outcome{}, fmt.Errorf("write headers: %w", err)
+	}
+	return a.finish(wait, 1), nil
 }
