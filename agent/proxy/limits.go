@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"sync/atomic"
 	"time"
@@ -195,4 +196,16 @@ func (e *requestBodyError) answer() (int, string) {
 		return http.StatusRequestTimeout, "request body timeout"
 	}
 	return http.StatusBadRequest, "malformed request body"
+}
+
+// handshakeRefused records a tunnel handshake into pod pd that its server refused
+// (an expired certificate, another CA, none...): a denied inbound connection,
+// reason tunnel, whose error starts with the handshake's typed reason.
+func (p *Proxy) handshakeRefused(pd *pod, remote netip.AddrPort, he *tunnel.HandshakeError) {
+	c := p.conns.open(Conn{
+		Direction: admin.Inbound, Pod: pd.w.Name, Src: remote,
+		Dst: netip.AddrPortFrom(pd.w.IPs[0], p.cfg.Ports.Tunnel), DstIdentity: pd.w.Identity, Security: admin.MTLS,
+	})
+	c.Verdict, c.Reason = admin.VerdictDenied, admin.ReasonTunnel
+	p.conns.end(c, 0, 0, he)
 }

@@ -266,6 +266,9 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		},
 		Authorize: p.authorize,
 		Limits:    p.cfg.Limits.Tunnel,
+		OnHandshakeFailed: func(remote netip.AddrPort, he *tunnel.HandshakeError) {
+			p.handshakeRefused(pd, remote, he)
+		},
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)
