@@ -14,7 +14,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,7 +22,6 @@ import (
 
 	"github.com/ferrymesh/ferry/internal/h2attack"
 	"github.com/ferrymesh/ferry/internal/loopback"
-	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
 
@@ -186,14 +184,6 @@ func (tp *testProxy) innocent(t *testing.T, stop <-chan struct{}) (wait func() (
 	return func() (int, int) { <-done; return okN, failN }
 }
 
-// heapInUse is the heap in use after a collection.
-func heapInUse() uint64 {
-	runtime.GC()
-	var m runtime.MemStats
-	runtime.ReadMemStats(&m)
-	return m.HeapInuse
-}
-
 const smuggled = "GET /smuggled HTTP/1.1\r\nHost: web.default\r\n\r\n"
 
 // Request smuggling: what Go's parser refuses is refused (400/501, the connection
@@ -299,11 +289,11 @@ func TestHardeningSmuggling(t *testing.T) {
 func (tp *testProxy) attack(t *testing.T, fn func()) {
 	t.Helper()
 	const heapBound = 64 << 20
-	before := heapInUse()
+	before := h2attack.HeapInUse()
 	stop := make(chan struct{})
 	wait := tp.innocent(t, stop)
 	fn()
-	grown := int64(heapInUse()) - int64(before)
+	grown := int64(h2attack.HeapInUse()) - int64(before)
 	close(stop)
 	ok, failed := wait()
 	t.Logf("heap grew by %d KiB during the attack; innocent client: %d answered, %d failed", grown>>10, ok, failed)
@@ -434,7 +424,7 @@ func TestHardeningSlowloris(t *testing.T) {
 }
 
 // HTTP/2 attacks on h2c (a pod's connection to a Service port): rapid reset,
-// CONTINUATION flood, PING and SETTINGS floods and more streams than allowed are
+// CONTINUATION flood, PING and SETTINGS floods, an HPACK bomb and more streams than allowed are
 // each contained (the connection ended, or held to MaxConcurrentStreams), the
 // app never has more requests in flight than the limit, the heap stays within
 // the bound, and another client is served meanwhile.
@@ -444,41 +434,16 @@ func TestHardeningHTTP2(t *testing.T) {
 	app.hold = make(chan struct{})
 	defer close(app.hold)
 	r := h2attack.Request{Method: "GET", Scheme: "http", Authority: "web.default", Path: "/hold"}
-	for _, tc := range []struct {
-		name   string
-		attack func(c net.Conn) (h2attack.Outcome, error)
-		check  func(o h2attack.Outcome) bool
-	}{
-		{"rapid reset", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.RapidReset(c, r, 5000, 2*time.Second) },
-			// Go answers GOAWAY ENHANCE_YOUR_CALM once more than 4×max resets
-			// wait for handlers; otherwise it keeps up, each reset ending its
-			// handler.
-			func(o h2attack.Outcome) bool { return !o.GoAway || o.GoAwayCode == http2.ErrCodeEnhanceYourCalm }},
-		{"continuation flood", func(c net.Conn) (h2attack.Outcome, error) {
-			return h2attack.ContinuationFlood(c, r, 10000, 5*time.Second)
-		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 10000 }},
-		{"ping flood", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.PingFlood(c, 1_000_000, 5*time.Second) },
-			func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
-		{"settings flood", func(c net.Conn) (h2attack.Outcome, error) {
-			// The proxy closes the connection, or stops reading it (its answers
-			// cannot be written): either way the flood cannot be sent in 5 s.
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			return h2attack.SettingsFlood(c, 1_000_000, 5*time.Second)
-		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
-		{"many streams", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.ManyStreams(c, r, 100, 2*time.Second) },
-			func(o h2attack.Outcome) bool {
-				return o.Resets[http2.ErrCodeRefusedStream]+o.Resets[http2.ErrCodeProtocol] >= 100-maxStreams || o.GoAway
-			}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
+	for _, tc := range h2attack.Cases(r, maxStreams) {
+		t.Run(tc.Name, func(t *testing.T) {
 			app.maxIn.Store(0)
 			tp.attack(t, func() {
-				out, err := tc.attack(tp.raw(t))
+				out, err := tc.Run(tp.raw(t))
 				if err != nil {
 					t.Fatal(err)
 				}
 				t.Log(out)
-				if !tc.check(out) {
+				if !tc.Contained(out) {
 					t.Errorf("not contained: %v", out)
 				}
 			})

@@ -14,7 +14,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -131,21 +130,13 @@ func pair(t *testing.T, pem identity.CertPEM) []tls.Certificate {
 	return []tls.Certificate{c}
 }
 
-// heapInUse is the heap in use after a collection.
-func heapInUse() uint64 {
-	runtime.GC()
-	var m runtime.MemStats
-	runtime.ReadMemStats(&m)
-	return m.HeapInuse
-}
-
 // attack runs fn while an innocent client opens streams through the same server
 // and echoes on them: each works, and the heap grows by less than the bound.
 func (e *env) attack(t *testing.T, fn func()) {
 	t.Helper()
 	const heapBound = 64 << 20
 	echo := loopback.Serve(t, loopback.Echo)
-	before := heapInUse()
+	before := h2attack.HeapInUse()
 	stop := make(chan struct{})
 	var ok, failed int
 	done := make(chan struct{})
@@ -169,7 +160,7 @@ func (e *env) attack(t *testing.T, fn func()) {
 		}
 	}()
 	fn()
-	grown := int64(heapInUse()) - int64(before)
+	grown := int64(h2attack.HeapInUse()) - int64(before)
 	close(stop)
 	<-done
 	t.Logf("heap grew by %d KiB during the attack; innocent streams: %d worked, %d failed", grown>>10, ok, failed)
@@ -307,39 +298,15 @@ func TestHardeningTunnelHTTP2(t *testing.T) {
 	e := newEnv(t, envOpt{limits: ServerLimits{MaxConcurrentStreams: maxStreams}})
 	echo := loopback.Serve(t, loopback.Echo)
 	r := h2attack.Request{Method: "CONNECT", Authority: echo.String()}
-	for _, tc := range []struct {
-		name   string
-		attack func(c net.Conn) (h2attack.Outcome, error)
-		check  func(o h2attack.Outcome) bool
-	}{
-		{"rapid reset", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.RapidReset(c, r, 5000, 2*time.Second) },
-			func(o h2attack.Outcome) bool { return !o.GoAway || o.GoAwayCode == http2.ErrCodeEnhanceYourCalm }},
-		{"continuation flood", func(c net.Conn) (h2attack.Outcome, error) {
-			return h2attack.ContinuationFlood(c, r, 10000, 5*time.Second)
-		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 10000 }},
-		{"ping flood", func(c net.Conn) (h2attack.Outcome, error) {
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			return h2attack.PingFlood(c, 1_000_000, 5*time.Second)
-		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
-		{"settings flood", func(c net.Conn) (h2attack.Outcome, error) {
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			return h2attack.SettingsFlood(c, 1_000_000, 5*time.Second)
-		}, func(o h2attack.Outcome) bool { return o.Closed && o.Written < 1_000_000 }},
-		{"hpack bomb", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.HPACKBomb(c, r, 200*3000, time.Second) },
-			func(o h2attack.Outcome) bool { return o.Statuses["431"] == 1 || o.Closed && o.Statuses["200"] == 0 }},
-		{"many streams", func(c net.Conn) (h2attack.Outcome, error) { return h2attack.ManyStreams(c, r, 100, 2*time.Second) },
-			func(o h2attack.Outcome) bool {
-				return o.Resets[http2.ErrCodeRefusedStream] >= 100-maxStreams || o.GoAway
-			}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
+	for _, tc := range h2attack.Cases(r, maxStreams) {
+		t.Run(tc.Name, func(t *testing.T) {
 			e.attack(t, func() {
-				out, err := tc.attack(e.mtls(t))
+				out, err := tc.Run(e.mtls(t))
 				if err != nil {
 					t.Fatal(err)
 				}
 				t.Log(out)
-				if !tc.check(out) {
+				if !tc.Contained(out) {
 					t.Errorf("not contained: %v", out)
 				}
 			})

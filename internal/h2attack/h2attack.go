@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -306,4 +307,51 @@ func StalledHeaders(c net.Conn, r Request, wait time.Duration) (Outcome, error) 
 		return Outcome{}, fmt.Errorf("write headers: %w", err)
 	}
 	return a.finish(wait, 1), nil
+}
+
+// Case is one attack with the check that says the server contained it.
+type Case struct {
+	Name      string
+	Run       func(c net.Conn) (Outcome, error)
+	Contained func(o Outcome) bool
+}
+
+// Cases are the flood and stream attacks on a server that allows maxStreams
+// streams a connection, each stream asking r. Floods give the server 5 s: it
+// closes the connection, or stops reading it (its answers cannot be written),
+// and either way the flood cannot be sent.
+func Cases(r Request, maxStreams int) []Case {
+	const flood = 1_000_000
+	floodCase := func(name string, send func(net.Conn, int, time.Duration) (Outcome, error)) Case {
+		return Case{name, func(c net.Conn) (Outcome, error) {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			return send(c, flood, 5*time.Second)
+		}, func(o Outcome) bool { return o.Closed && o.Written < flood }}
+	}
+	return []Case{
+		{"rapid reset", func(c net.Conn) (Outcome, error) { return RapidReset(c, r, 5000, 2*time.Second) },
+			// Go answers GOAWAY ENHANCE_YOUR_CALM once more than 4×max reset
+			// streams wait for handlers; otherwise it keeps up, each reset
+			// ending its handler.
+			func(o Outcome) bool { return !o.GoAway || o.GoAwayCode == http2.ErrCodeEnhanceYourCalm }},
+		{"continuation flood", func(c net.Conn) (Outcome, error) { return ContinuationFlood(c, r, 10000, 5*time.Second) },
+			func(o Outcome) bool { return o.Closed && o.Written < 10000 }},
+		floodCase("ping flood", PingFlood),
+		floodCase("settings flood", SettingsFlood),
+		{"hpack bomb", func(c net.Conn) (Outcome, error) { return HPACKBomb(c, r, 200*3000, time.Second) },
+			func(o Outcome) bool { return o.Statuses["431"] == 1 }},
+		{"many streams", func(c net.Conn) (Outcome, error) { return ManyStreams(c, r, 100, 2*time.Second) },
+			func(o Outcome) bool {
+				return o.Resets[http2.ErrCodeRefusedStream]+o.Resets[http2.ErrCodeProtocol] >= 100-maxStreams || o.GoAway
+			}},
+	}
+}
+
+// HeapInUse is the heap in use after a collection, for tests that bound what an
+// attack makes the server hold.
+func HeapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
 }
