@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -354,4 +355,59 @@ func HeapInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse
+}
+
+// Check runs the attack on conn and fails t unless the server contained it.
+func (c Case) Check(t testing.TB, conn net.Conn) {
+	t.Helper()
+	out, err := c.Run(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Log(out)
+	if !c.Contained(out) {
+		t.Errorf("%s not contained: %v", c.Name, out)
+	}
+}
+
+// WhileServing runs attack while innocent, one request of another client, runs
+// again and again (at least once after the attack, so a short attack is still
+// measured against one), and fails t if any innocent request failed or the heap
+// in use grew by heapBound or more.
+func WhileServing(t testing.TB, heapBound int64, attack func(), innocent func() error) {
+	t.Helper()
+	before := HeapInUse()
+	stop := make(chan struct{})
+	var ok, failed int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				if ok > 0 {
+					return
+				}
+			default:
+			}
+			if err := innocent(); err != nil {
+				failed++
+				t.Logf("innocent request: %v", err)
+			} else {
+				ok++
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	attack()
+	grown := int64(HeapInUse()) - int64(before)
+	close(stop)
+	<-done
+	t.Logf("heap grew by %d KiB during the attack; innocent requests: %d answered, %d failed", grown>>10, ok, failed)
+	if failed != 0 {
+		t.Errorf("innocent requests: %d failed", failed)
+	}
+	if grown >= heapBound {
+		t.Errorf("heap grew by %d MiB, the bound is %d MiB", grown>>20, heapBound>>20)
+	}
 }
