@@ -122,7 +122,9 @@ func (p *Proxy) limitRequest(w http.ResponseWriter, r *http.Request, rec *Conn) 
 	if n > lim.MaxHeaderCount {
 		rec.Verdict, rec.Reason = admin.VerdictDenied, admin.ReasonOther
 		rec.Error = fmt.Sprintf("%d header fields, the limit is %d", n, lim.MaxHeaderCount)
-		w.Header().Set("Connection", "close")
+		if r.ProtoMajor == 1 {
+			w.Header().Set("Connection", "close")
+		}
 		meshAnswer(w, http.StatusRequestHeaderFieldsTooLarge, "too many header fields")
 		return nil
 	}
