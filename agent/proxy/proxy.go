@@ -86,6 +86,9 @@ type Config struct {
 	Observer ConnObserver
 	// Tracer, optional, makes a span of every request carried at L7.
 	Tracer *tracing.Tracer
+	// Limits bounds what a client connection may cost (limits.go); zero fields
+	// take DefaultLimits.
+	Limits Limits
 }
 
 // Proxy serves the enrolled pods of one node.
@@ -262,6 +265,10 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 			return p.cfg.Identities.ServerConfig(w.Identity, nil), nil
 		},
 		Authorize: p.authorize,
+		Limits:    p.cfg.Limits.Tunnel,
+		OnHandshakeFailed: func(remote netip.AddrPort, he *tunnel.HandshakeError) {
+			p.handshakeRefused(pd, remote, he)
+		},
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)

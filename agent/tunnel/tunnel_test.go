@@ -54,6 +54,8 @@ type envOpt struct {
 	dialTimeout time.Duration
 	serveHTTP   func(si StreamInfo, c net.Conn)
 	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	limits      ServerLimits
+	onRefused   func(remote netip.AddrPort, err *HandshakeError)
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -86,11 +88,13 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		TLS: func(net.Addr) (*tls.Config, error) {
 			return e.sstore.ServerConfig(serverID, nil), nil
 		},
-		Authorize:   authorize,
-		Dial:        dial,
-		DialTimeout: o.dialTimeout,
-		ServeHTTP:   o.serveHTTP,
-		Admit:       o.admit,
+		Authorize:         authorize,
+		Dial:              dial,
+		DialTimeout:       o.dialTimeout,
+		ServeHTTP:         o.serveHTTP,
+		Admit:             o.admit,
+		Limits:            o.limits,
+		OnHandshakeFailed: o.onRefused,
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
