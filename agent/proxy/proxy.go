@@ -89,6 +89,9 @@ type Config struct {
 	// Budgets bound what each pod may hold of the proxy (budget.go); the zero
 	// value limits nothing.
 	Budgets Budgets
+	// Limits bounds what a client connection may cost (limits.go); zero fields
+	// take DefaultLimits.
+	Limits Limits
 }
 
 // Proxy serves the enrolled pods of one node.
@@ -270,6 +273,10 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 			return p.cfg.Identities.ServerConfig(w.Identity, nil), nil
 		},
 		Authorize: p.authorize,
+		Limits:    p.cfg.Limits.Tunnel,
+		OnHandshakeFailed: func(remote netip.AddrPort, he *tunnel.HandshakeError) {
+			p.handshakeRefused(pd, remote, he)
+		},
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)

@@ -55,6 +55,8 @@ type envOpt struct {
 	serveHTTP   func(si StreamInfo, c net.Conn)
 	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
 	hold        func(peerID string, remote netip.AddrPort) (func(), error)
+	limits      ServerLimits
+	onRefused   func(remote netip.AddrPort, err *HandshakeError)
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -87,12 +89,14 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		TLS: func(net.Addr) (*tls.Config, error) {
 			return e.sstore.ServerConfig(serverID, nil), nil
 		},
-		Authorize:   authorize,
-		Dial:        dial,
-		DialTimeout: o.dialTimeout,
-		ServeHTTP:   o.serveHTTP,
-		Admit:       o.admit,
-		Hold:        o.hold,
+		Authorize:         authorize,
+		Dial:              dial,
+		DialTimeout:       o.dialTimeout,
+		ServeHTTP:         o.serveHTTP,
+		Admit:             o.admit,
+		Hold:              o.hold,
+		Limits:            o.limits,
+		OnHandshakeFailed: o.onRefused,
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
