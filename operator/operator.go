@@ -192,6 +192,7 @@ func (o *Operator) registerMetrics() {
 			return float64(s.Version)
 		}),
 	)
+	o.reg.MustRegister(conflictCollector{o.view})
 	if o.loader != nil {
 		o.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_operator_manifest_errors", Help: "Local mode: manifest documents not loaded."}, func() float64 {
 			return float64(len(o.loader.Errors()))
@@ -316,6 +317,7 @@ func (o *Operator) startInformers(ctx context.Context) error {
 			o.watchWhenServed(ctx, w)
 		}
 		o.informers.run(o.writeRouteStatus)
+		o.informers.run(o.reportConflicts)
 	}
 	o.factory.Start(ctx.Done())
 	o.policyInformers.Start(ctx.Done())

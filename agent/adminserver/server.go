@@ -52,6 +52,8 @@ type Snapshot struct {
 	TunnelConns, TunnelStreams int
 	// Held are the certificates held from the operator (operator mode only).
 	Held []admin.HeldCert
+	// Dropped are the entries of the applied state left out as malformed.
+	Dropped []string
 	// Config is how the agent runs; the fields that come from the state are filled
 	// by the server.
 	Config admin.AgentConfig
@@ -162,6 +164,7 @@ func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
 		FastPath:      sn.Config.FastPath,
 		Uptime:        time.Since(s.started),
 		Certificates:  sn.Held,
+		Dropped:       sn.Dropped,
 	}
 	st.StateVersion = sn.State.GetVersion()
 	st.StateAge = time.Since(sn.Applied).Round(time.Millisecond).String()

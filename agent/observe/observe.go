@@ -243,6 +243,15 @@ func (o *Observer) Authorized(policy, action string) {
 	o.metrics.Authorization(policy, action)
 }
 
+// BudgetRefused counts a refusal by a per-pod budget (proxy.BudgetObserver).
+func (o *Observer) BudgetRefused(pod, budget string) { o.metrics.BudgetRefused(pod, budget) }
+
+// Panicked counts a panic the proxy recovered (proxy.BudgetObserver).
+func (o *Observer) Panicked(pod string) { o.metrics.Panicked(pod) }
+
+// StateDropped sets how many entries of kind the applied state had left out.
+func (o *Observer) StateDropped(kind string, n int) { o.metrics.StateDropped(kind, n) }
+
 // Request records one request the proxy carried at L7 as a flow and in Istio's
 // request metrics. A record without c.HTTP is not a request and is ignored.
 func (o *Observer) Request(c admin.Conn) {

@@ -60,6 +60,10 @@ type ServerConfig struct {
 	// ProtocolHTTP (ServeHTTP then decides each request). A refusal is answered 403
 	// with the error as the reason, and is StreamInfo.Err.
 	Admit func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	// Hold, optional, takes what a stream of peerID costs of a budget before it is
+	// admitted, dialled or served; release runs when the stream ends. A refusal is
+	// answered 503 with the error as the reason, and is StreamInfo.Err.
+	Hold func(peerID string, remote netip.AddrPort) (release func(), err error)
 	// Dial connects to the application at target, e.g. from 127.0.0.6 inside the pod.
 	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	// DialTimeout bounds Dial; 5 s when zero.
@@ -321,6 +325,15 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if s.cfg.Hold != nil {
+		release, err := s.cfg.Hold(ci.peerID, ci.remote)
+		if err != nil {
+			refuse(http.StatusServiceUnavailable, err.Error())
+			info.Err = err
+			return
+		}
+		defer release()
+	}
 	httpStream := s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP
 	if s.cfg.Admit != nil {
 		if err := s.cfg.Admit(ci.peerID, ci.remote, target, httpStream); err != nil {

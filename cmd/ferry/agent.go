@@ -173,6 +173,9 @@ func showStatus(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget
 	fmt.Fprintf(tw, "tunnels\t%d connections, %d streams\n", st.TunnelConns, st.TunnelStreams)
 	fmt.Fprintf(tw, "fast path\t%t\n", st.FastPath)
 	fmt.Fprintf(tw, "goroutines, fds\t%d, %d\n", st.Goroutines, st.OpenFDs)
+	for _, d := range st.Dropped {
+		fmt.Fprintf(tw, "left out of the state\t%s\n", d)
+	}
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

@@ -91,7 +91,7 @@ type Loader struct {
 	// what each got (clusterip.go).
 	serviceCIDR netip.Prefix
 	allocated   map[key]netip.Addr
-	// created is when each policy or route was first applied: its
+	// created is when each pod, policy or route was first applied: its
 	// creationTimestamp, as an API server sets it, unless the manifest sets one.
 	// The oldest of two policies on one Service wins, and route precedence uses it.
 	created map[key]metav1.Time
@@ -365,6 +365,14 @@ func (l *Loader) put(ctx context.Context, k key, o any, exists bool) error {
 		}
 	case *corev1.Pod:
 		c := obj.DeepCopy()
+		if c.CreationTimestamp.IsZero() {
+			// As an API server would: the mesh view tells a stale pod from the live
+			// one claiming its address by creation time.
+			if _, ok := l.created[k]; !ok {
+				l.created[k] = metav1.Now()
+			}
+			c.CreationTimestamp = l.created[k]
+		}
 		if exists {
 			_, err = core.Pods(k.namespace).Update(ctx, c, metav1.UpdateOptions{})
 		} else {

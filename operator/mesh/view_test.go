@@ -56,6 +56,7 @@ func startView(tb testing.TB, objs ...runtime.Object) *View {
 type testView struct {
 	*View
 	policies dynamic.Interface
+	core     *fake.Clientset
 }
 
 func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testView {
@@ -71,7 +72,8 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 			core = append(core, o)
 		}
 	}
-	factory := informers.NewSharedInformerFactory(fake.NewClientset(core...), 0)
+	coreClient := fake.NewClientset(core...)
+	factory := informers.NewSharedInformerFactory(coreClient, 0)
 	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 		map[schema.GroupVersionResource]string{
 			TrafficPolicyResource(): "TrafficPolicyList", HTTPRouteResource(): "HTTPRouteList",
@@ -101,7 +103,7 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 	dynFactory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
 	dynFactory.WaitForCacheSync(ctx.Done())
-	return testView{View: v, policies: dyn}
+	return testView{View: v, policies: dyn, core: coreClient}
 }
 
 func unstructuredPolicy(tb testing.TB, tp *v1alpha1.TrafficPolicy) *unstructured.Unstructured {
