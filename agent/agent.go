@@ -326,6 +326,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a.parts = append(a.parts,
 		part{"capture", capture},
+		part{"strict drops", observe.NewStrictDrops(cfg.Datapath.PinDir, a.obs, log)},
 		part{"enrollments", hooks{stop: a.leavePods}},
 		part{"proxy", a.proxy},
 	)

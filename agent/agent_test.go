@@ -561,6 +561,7 @@ func newTestAgentWith(t *testing.T, set func(*Config)) *testAgent {
 	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}, fail: map[string]error{}},
 		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
 	cfg := Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}
+	cfg.Datapath.PinDir = t.TempDir() // nothing pinned: the strict drops reader has nothing to read
 	set(&cfg)
 	a, err := newAgent(cfg, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
 	if err != nil {

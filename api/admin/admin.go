@@ -277,6 +277,9 @@ const (
 	// ReasonPolicy: an AuthorizationPolicy denied it at the destination
 	// (Conn.Policy names it).
 	ReasonPolicy Reason = "policy_denied"
+	// ReasonStrictMTLS: the kernel refused a plaintext connection to a pod port
+	// under PeerAuthentication STRICT (a flow of its own: no proxy saw it).
+	ReasonStrictMTLS Reason = "strict_mtls"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )
