@@ -66,6 +66,9 @@ type View struct {
 	seenPolicies map[configKey]bool
 	goodAuthz    map[configKey]lastGood[*authzSpec]
 	loggedAuthz  map[configKey]string // the rejection last logged
+	// The same for PeerAuthentications.
+	goodPeerAuthn   map[configKey]lastGood[*peerAuthnSpec]
+	loggedPeerAuthn map[configKey]string
 
 	mu       sync.Mutex
 	synced   []cache.InformerSynced
@@ -75,7 +78,9 @@ type View struct {
 	httpRoutes, grpcRoutes, grants cache.GenericLister
 	// authz lists AuthorizationPolicies (nil until watched); a policy in
 	// rootNamespace selects across the mesh.
-	authz         cache.GenericLister
+	authz cache.GenericLister
+	// peerAuthn lists PeerAuthentications (nil until watched).
+	peerAuthn     cache.GenericLister
 	rootNamespace string
 	snap          *Snapshot
 	changed       chan struct{} // closed when snap is replaced
@@ -99,6 +104,9 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 		goodPolicies: map[configKey]lastGood[*policyResult]{},
 		goodAuthz:    map[configKey]lastGood[*authzSpec]{},
 		loggedAuthz:  map[configKey]string{},
+
+		goodPeerAuthn:   map[configKey]lastGood[*peerAuthnSpec]{},
+		loggedPeerAuthn: map[configKey]string{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
@@ -199,6 +207,10 @@ func (v *View) rebuild() {
 	authz, err := v.authorizationPolicies(byNS, &statuses)
 	if err != nil {
 		v.log.Error("mesh view: list authorization policies", "error", err)
+		return
+	}
+	if err := v.peerAuthentications(byNS, &statuses); err != nil {
+		v.log.Error("mesh view: list peer authentications", "error", err)
 		return
 	}
 	slices.SortFunc(statuses, func(a, b *ferryv1.ConfigStatus) int {
