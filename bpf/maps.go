@@ -356,6 +356,9 @@ func (m MTLSMode) String() string {
 	return fmt.Sprintf("mode(%d)", uint32(m))
 }
 
+// MarshalText writes the mode as PeerAuthentication spells it, for JSON dumps.
+func (m MTLSMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
 // StrictKey is strict_ports's key.
 type StrictKey = ferryStrictKey
 

@@ -57,6 +57,9 @@ type Workload struct {
 	Node      string   `json:"node"`
 	IPs       []string `json:"ips"`
 	Identity  string   `json:"identity"`
+	// MTLS is the PeerAuthentication mode: "Permissive" or "Strict", then any
+	// per-port overrides ("Strict, 8081 Permissive").
+	MTLS string `json:"mtls"`
 	// Local: scheduled on this agent's node. Enrolled: captured by this agent now.
 	Local       bool   `json:"local"`
 	Enrolled    bool   `json:"enrolled"`
