@@ -28,15 +28,7 @@ func TestSkLookupStrict(t *testing.T) {
 	podIP := netip.MustParseAddr("10.1.2.4")
 	pod := privileged.NewNetns(t)
 	addAddr(t, pod, "10.1.2.4/32")
-	inbound := listen(t, pod, "tcp4", "127.0.0.1:15006")
-	raw, err := inbound.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var setErr error
-	if err := raw.Control(func(fd uintptr) { setErr = objs.SetInboundListener(podIP, int(fd)) }); err != nil || setErr != nil {
-		t.Fatal(err, setErr)
-	}
+	inbound := inboundListener(t, objs, pod, podIP)
 	app := listen(t, pod, "tcp4", "0.0.0.0:9999")
 	tunnel := listen(t, pod, "tcp4", "10.1.2.4:15008")
 	l, err := link.AttachNetNs(pod.FD(), objs.FerrySkLookup)

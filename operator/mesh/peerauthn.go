@@ -37,18 +37,7 @@ func PeerAuthenticationResource() schema.GroupVersionResource {
 // factory's informer (start the factory after). One in rootNamespace (the
 // operator's) without a selector sets the mesh-wide mode.
 func (v *View) WatchPeerAuthentications(factory dynamicinformer.DynamicSharedInformerFactory, rootNamespace string) error {
-	inf := factory.ForResource(PeerAuthenticationResource())
-	if _, err := inf.Informer().AddEventHandler(v.handler()); err != nil {
-		return fmt.Errorf("mesh view: peer authentications: %w", err)
-	}
-	v.mu.Lock()
-	v.peerAuthn, v.rootNamespace = inf.Lister(), rootNamespace
-	if !v.running {
-		v.synced = append(v.synced, inf.Informer().HasSynced)
-	}
-	v.mu.Unlock()
-	v.markDirty()
-	return nil
+	return v.watchRooted(factory, PeerAuthenticationResource(), "peer authentications", rootNamespace, &v.peerAuthn)
 }
 
 // peerAuthnSpec is a PeerAuthentication that compiled. A nil selector is a

@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"maps"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -34,33 +36,10 @@ func modes(tb testing.TB, v *View) map[string]string {
 func sortedPorts(ps map[uint32]string) []string {
 	var out []string
 	for p, m := range ps {
-		out = append(out, strings.Join([]string{itoa(p), m}, "="))
+		out = append(out, strconv.FormatUint(uint64(p), 10)+"="+m)
 	}
-	slicesSort(out)
+	slices.Sort(out)
 	return out
-}
-
-func itoa(p uint32) string { return strings.TrimSpace(strings.Repeat(" ", 0) + uitoa(p)) }
-
-func uitoa(p uint32) string {
-	if p == 0 {
-		return "0"
-	}
-	var b []byte
-	for ; p > 0; p /= 10 {
-		b = append([]byte{byte('0' + p%10)}, b...)
-	}
-	return string(b)
-}
-
-func slicesSort(s []string) {
-	for i := range s {
-		for j := i + 1; j < len(s); j++ {
-			if s[j] < s[i] {
-				s[i], s[j] = s[j], s[i]
-			}
-		}
-	}
 }
 
 func blog() []runtime.Object {

@@ -2,11 +2,11 @@ package e2e
 
 // STRICT mTLS end to end, on a lab of its own (prefix "st", pods in 10.112.0.0/16)
 // with the operator in local mode. node1 runs a (enrolled) and d (not enrolled);
-// node2 runs c (enrolled) with servers on two ports. With a PeerAuthentication
+// node2 runs c (enrolled) with servers on two ports, and b (enrolled). With a PeerAuthentication
 // STRICT on c, plaintext from d is refused in c's kernel (sk_lookup), which the
 // proxy never sees: node2's plaintext accepts stay where they were, and the
 // refusal is counted and is a DROPPED flow with reason strict_mtls. mTLS from a
-// keeps working; a per-port PERMISSIVE override opens that port only; a kill -9
+// and b's same-node delivery (the agent's hop from 127.0.0.6) keep working; a per-port PERMISSIVE override opens that port only; a kill -9
 // of node2's agent leaves plaintext refused; PERMISSIVE again lets d through.
 
 import (
@@ -39,6 +39,7 @@ func stBringUp() (*env, error) {
 			}},
 			{Name: "node2", Pods: []lab.PodConfig{
 				{Name: "c", Namespace: "shop", ServiceAccount: "db", Enrolled: true},
+				{Name: "b", Namespace: "shop", ServiceAccount: "api", Enrolled: true},
 			}},
 		},
 	}
@@ -59,7 +60,7 @@ func stBringUp() (*env, error) {
 func TestStrictMTLS(t *testing.T) {
 	e := stLab.get(t)
 	e.waitEnrolled(t, "node1", "shop/a")
-	e.waitEnrolled(t, "node2", "shop/c")
+	e.waitEnrolled(t, "node2", "shop/b", "shop/c")
 	caddr, open := e.addr("c", echoPort), e.addr("c", stOpenPort)
 	// node2's proxy accepting a plaintext connection (its 15006 listener): each
 	// counts in istio_tcp_connections_opened_total at accept time.
@@ -93,6 +94,7 @@ spec:
 	e.mustRun(t, "d", "refused", caddr)
 	e.mustRun(t, "d", "refused", caddr)
 	e.mustRun(t, "a", "echo", caddr, "65536") // mTLS from an enrolled pod
+	e.mustRun(t, "b", "echo", caddr, "65536") // same node: the agent delivers from 127.0.0.6
 	e.mustRun(t, "d", "echo", open, "4096")   // the PERMISSIVE port
 	e.mustRun(t, "a", "echo", open, "4096")   // and mTLS to it
 	if got := refusals() - refused; got != 2 {
@@ -129,7 +131,7 @@ spec:
 	if err := e.lab.WaitAgentReady(ctx, "node2"); err != nil {
 		t.Fatal(err)
 	}
-	e.waitEnrolled(t, "node2", "shop/c")
+	e.waitEnrolled(t, "node2", "shop/b", "shop/c")
 	e.mustRun(t, "d", "refused", caddr)
 	e.mustRun(t, "a", "echo", caddr, "4096")
 
