@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/privileged"
@@ -170,5 +172,72 @@ func TestSetStrictPortsFull(t *testing.T) {
 	got, err := objs.StrictPortEntries()
 	if err != nil || len(got) != 1 || got[0] != first[0] {
 		t.Fatalf("after a refused set strict_ports holds %v (%v), want %v", got, err, first)
+	}
+}
+
+// skLookupCtx is struct bpf_sk_lookup as BPF_PROG_RUN takes it (uapi layout,
+// addresses and remote_port in network order, local_port in host order).
+type skLookupCtx struct {
+	Cookie         uint64
+	Family         uint32
+	Protocol       uint32
+	RemoteIP4      uint32
+	RemoteIP6      [4]uint32
+	RemotePort     uint16
+	_              uint16
+	LocalIP4       uint32
+	LocalIP6       [4]uint32
+	LocalPort      uint32
+	IngressIfindex uint32
+	_              uint32
+}
+
+func v4ctx(src netip.AddrPort, dst netip.AddrPort) skLookupCtx {
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	sp := [2]byte{byte(src.Port() >> 8), byte(src.Port())}
+	return skLookupCtx{
+		Family: syscall.AF_INET, Protocol: syscall.IPPROTO_TCP,
+		RemoteIP4:  binary.LittleEndian.Uint32(s[:]),
+		RemotePort: binary.LittleEndian.Uint16(sp[:]),
+		LocalIP4:   binary.LittleEndian.Uint32(d[:]),
+		LocalPort:  uint32(dst.Port()),
+	}
+}
+
+// TestSkLookupStrictProgRun runs ferry_sk_lookup with BPF_PROG_RUN on crafted
+// lookups: the verdict for each kind of source and port under STRICT and its
+// per-port override, without a namespace.
+func TestSkLookupStrictProgRun(t *testing.T) {
+	privileged.Require(t)
+	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer objs.Close()
+	pod := netip.MustParseAddr("10.1.2.4")
+	if err := objs.SetStrictPorts([]StrictPort{{IP: pod, Mode: MTLSStrict}, {IP: pod, Port: 8081, Mode: MTLSPermissive}}); err != nil {
+		t.Fatal(err)
+	}
+	const skDrop, skPass = 0, 1
+	for _, tc := range []struct {
+		name     string
+		src, dst string
+		want     uint32
+	}{
+		{"plaintext to a STRICT port", "10.1.9.9:40000", "10.1.2.4:8080", skDrop},
+		{"the PERMISSIVE override", "10.1.9.9:40000", "10.1.2.4:8081", skPass},
+		{"the tunnel port", "10.1.9.9:40000", "10.1.2.4:15008", skPass},
+		{"the agent's hop from 127.0.0.6", "127.0.0.6:40000", "10.1.2.4:8080", skPass},
+		{"another pod, no entry", "10.1.9.9:40000", "10.1.2.5:8080", skPass},
+	} {
+		ctx := v4ctx(netip.MustParseAddrPort(tc.src), netip.MustParseAddrPort(tc.dst))
+		got, err := objs.FerrySkLookup.Run(&ebpf.RunOptions{Context: ctx})
+		if err != nil {
+			privileged.Missing(t, "BPF_PROG_RUN for sk_lookup: %v", err)
+			return
+		}
+		if got != tc.want {
+			t.Errorf("%s (%s -> %s): verdict %d, want %d", tc.name, tc.src, tc.dst, got, tc.want)
+		}
 	}
 }
