@@ -15,6 +15,10 @@ import (
 // ErrEventsClosed is returned by StrictEvents.Read once Close was called.
 var ErrEventsClosed = errors.New("strict events closed")
 
+// ErrBadEvent is returned by StrictEvents.Read for a record it cannot decode; the
+// next Read goes on with the next record.
+var ErrBadEvent = errors.New("malformed strict event")
+
 // StrictEvents reads the plaintext connections sk_lookup refused from the
 // strict_events ring buffer. The ring buffer is pinned, so events of refusals made
 // while no agent ran wait for the next one (up to the buffer's size).
@@ -57,10 +61,10 @@ func (s *StrictEvents) Read() (StrictEvent, error) {
 		return ev, fmt.Errorf("read %s: %w", MapStrictEvents, err)
 	}
 	if len(rec.RawSample) < int(unsafe.Sizeof(ev)) {
-		return ev, fmt.Errorf("read %s: a %d-byte event, want %d", MapStrictEvents, len(rec.RawSample), unsafe.Sizeof(ev))
+		return ev, fmt.Errorf("read %s: a %d-byte event, want %d: %w", MapStrictEvents, len(rec.RawSample), unsafe.Sizeof(ev), ErrBadEvent)
 	}
 	if _, err := binary.Decode(rec.RawSample, binary.LittleEndian, &ev); err != nil {
-		return ev, fmt.Errorf("decode %s event: %w", MapStrictEvents, err)
+		return ev, fmt.Errorf("decode %s event: %w: %w", MapStrictEvents, ErrBadEvent, err)
 	}
 	return ev, nil
 }

@@ -106,9 +106,15 @@ func (s *StrictDrops) Start(context.Context) error {
 			if errors.Is(err, bpf.ErrEventsClosed) {
 				return
 			}
-			if err != nil {
+			if errors.Is(err, bpf.ErrBadEvent) {
 				s.log.Warn("strict events", "error", err)
 				continue
+			}
+			if err != nil {
+				// The reader itself failed: refusals go on and are counted in the
+				// kernel, only their flows stop until the agent restarts.
+				s.log.Error("strict events: reader stopped; refusals are still counted", "error", err)
+				return
 			}
 			s.obs.StrictRefused(e.Source(), e.Destination(), time.Now())
 		}
