@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
 	"github.com/spf13/pflag"
@@ -124,6 +125,10 @@ type Capture interface {
 	Leave(ns *netns.Handle, cookie uint64) error
 	// Prune releases what a previous run enrolled for namespaces not in keep.
 	Prune(keep map[uint64]bool) error
+	// SetStrictPorts replaces the mTLS modes enforced in the kernel for this
+	// node's pods; an error means they could not all be enforced (the state is
+	// refused, the modes in force stay).
+	SetStrictPorts(ps []bpf.StrictPort) error
 	// The proxy's own view of the capture.
 	proxy.Capture
 }
@@ -327,6 +332,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a.parts = append(a.parts,
 		part{"capture", capture},
+		part{"strict drops", observe.NewStrictDrops(cfg.Datapath.PinDir, a.obs, log)},
 		part{"enrollments", hooks{stop: a.leavePods}},
 		part{"proxy", a.proxy},
 	)
@@ -601,6 +607,10 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	strict, err := strictPorts(st, a.cfg.Node)
+	if err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
 	want := map[string]proxy.Workload{}
 	var ids []string
 	for _, w := range ws {
@@ -623,6 +633,11 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 		if err := a.ids.Update(st.GetTrustBundlePem(), certs); err != nil {
 			return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
 		}
+	}
+	// STRICT goes into the kernel before reconcile gives new pods listeners, so
+	// plaintext is refused from a pod's first connection.
+	if err := a.capture.SetStrictPorts(strict); err != nil {
+		return fmt.Errorf("state version %d: mtls modes: %w", st.GetVersion(), err)
 	}
 	a.pods.SetMesh(ws)
 	a.pods.SetServices(svcs)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/bpf"
 	"golang.org/x/net/http/httpguts"
 	"google.golang.org/protobuf/encoding/protojson"
 )
@@ -39,7 +40,8 @@ func ReadStateFile(path string) (*ferryv1.NodeState, error) {
 func CheckState(st *ferryv1.NodeState) error {
 	_, werr := workloads(st)
 	_, serr := services(st)
-	return errors.Join(werr, serr)
+	_, perr := strictPorts(st, st.GetNode())
+	return errors.Join(werr, serr, perr)
 }
 
 // DroppedEntry is one entry of a NodeState the agent left out while it applied the
@@ -921,6 +923,77 @@ func authzPorts(ps []uint32) ([]uint16, error) {
 			return nil, fmt.Errorf("port %d out of range", p)
 		}
 		out = append(out, uint16(p))
+	}
+	return out, nil
+}
+
+// PeerAuthentication modes as the state carries them (Workload.mtls_mode).
+const (
+	mtlsPermissive = "Permissive"
+	mtlsStrict     = "Strict"
+)
+
+// mtlsMode checks one mode of the state: "" is PERMISSIVE.
+func mtlsMode(s string) (bpf.MTLSMode, error) {
+	switch s {
+	case "", mtlsPermissive:
+		return bpf.MTLSPermissive, nil
+	case mtlsStrict:
+		return bpf.MTLSStrict, nil
+	}
+	return 0, fmt.Errorf("mtls mode %q is not Permissive or Strict", s)
+}
+
+// strictPorts converts the mTLS modes of node's workloads into strict_ports
+// entries: a wildcard entry for a STRICT pod, and an entry per port that differs
+// from its pod's mode. A PERMISSIVE pod with no STRICT port needs none. A bad mode
+// or port rejects the state, as a mode half applied would take plaintext where
+// STRICT was asked.
+func strictPorts(st *ferryv1.NodeState, node string) ([]bpf.StrictPort, error) {
+	var out []bpf.StrictPort
+	for i, w := range st.GetWorkloads() {
+		at := fmt.Sprintf("workloads[%d] (%s/%s)", i, w.GetNamespace(), w.GetName())
+		mode, err := mtlsMode(w.GetMtlsMode())
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", at, err)
+		}
+		ports := make([]uint32, 0, len(w.GetPortMtlsModes()))
+		for p := range w.GetPortMtlsModes() {
+			ports = append(ports, p)
+		}
+		slices.Sort(ports)
+		type override struct {
+			port uint16
+			mode bpf.MTLSMode
+		}
+		var overrides []override
+		for _, p := range ports {
+			pm, err := mtlsMode(w.GetPortMtlsModes()[p])
+			if err != nil {
+				return nil, fmt.Errorf("%s: port_mtls_modes[%d]: %w", at, p, err)
+			}
+			if p == 0 || p > 65535 {
+				return nil, fmt.Errorf("%s: port_mtls_modes: port %d out of range", at, p)
+			}
+			if pm != mode {
+				overrides = append(overrides, override{uint16(p), pm})
+			}
+		}
+		if w.GetNode() != node {
+			continue
+		}
+		for _, s := range w.GetIps() {
+			ip, err := netip.ParseAddr(s)
+			if err != nil {
+				return nil, fmt.Errorf("%s: ip %q: %w", at, s, err)
+			}
+			if mode == bpf.MTLSStrict {
+				out = append(out, bpf.StrictPort{IP: ip.Unmap(), Mode: mode})
+			}
+			for _, o := range overrides {
+				out = append(out, bpf.StrictPort{IP: ip.Unmap(), Port: o.port, Mode: o.mode})
+			}
+		}
 	}
 	return out, nil
 }

@@ -306,7 +306,7 @@ func (o *Operator) startInformers(ctx context.Context) error {
 		// The in-memory store always serves TrafficPolicies and Gateway API's
 		// routes.
 		for _, watch := range []func(dynamicinformer.DynamicSharedInformerFactory) error{
-			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants, o.watchAuthorization,
+			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants, o.watchAuthorization, o.watchPeerAuthentication,
 		} {
 			if err := watch(o.policyInformers); err != nil {
 				return err
@@ -340,6 +340,12 @@ func (o *Operator) watchAuthorization(f dynamicinformer.DynamicSharedInformerFac
 	return o.view.WatchAuthorizationPolicies(f, o.cfg.Namespace)
 }
 
+// watchPeerAuthentication reads PeerAuthentications; the operator's namespace
+// holds the mesh-wide one.
+func (o *Operator) watchPeerAuthentication(f dynamicinformer.DynamicSharedInformerFactory) error {
+	return o.view.WatchPeerAuthentications(f, o.cfg.Namespace)
+}
+
 // customWatch is a custom resource the view reads once the API server serves it.
 type customWatch struct {
 	what      string // for log lines
@@ -356,6 +362,8 @@ func (o *Operator) customWatches() []customWatch {
 			without: "Services are not routed"},
 		{what: "AuthorizationPolicy", resources: []schema.GroupVersionResource{mesh.AuthorizationPolicyResource()}, watch: o.watchAuthorization,
 			without: "no authorization policy is enforced"},
+		{what: "PeerAuthentication", resources: []schema.GroupVersionResource{mesh.PeerAuthenticationResource()}, watch: o.watchPeerAuthentication,
+			without: "every workload is PERMISSIVE"},
 		{what: "ReferenceGrant", resources: []schema.GroupVersionResource{mesh.ReferenceGrantResource()}, watch: o.view.WatchReferenceGrants,
 			without: "routes to another namespace's Services are rejected"},
 	}

@@ -95,6 +95,9 @@ type Observer struct {
 	// services names the service behind a destination address, for flows and the
 	// destination_service label; replaced whole on every state (SetState).
 	services atomic.Pointer[map[netip.AddrPort]service]
+	// pods names the workload behind a pod IP, for the kernel's STRICT refusals,
+	// which no proxy saw (SetState).
+	pods atomic.Pointer[map[netip.Addr]podRef]
 }
 
 // New allocates the ring and the metrics for node; nothing is served until Start.
@@ -145,6 +148,7 @@ func (o *Observer) MetricsAddr() string {
 // and metrics (see serviceIndex).
 func (o *Observer) SetState(st *ferryv1.NodeState) {
 	o.services.Store(serviceIndex(st))
+	o.pods.Store(podIndex(st))
 }
 
 // Start serves the Observer API and the metrics on the configured addresses.

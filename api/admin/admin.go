@@ -60,6 +60,9 @@ type Workload struct {
 	Node      string   `json:"node"`
 	IPs       []string `json:"ips"`
 	Identity  string   `json:"identity"`
+	// MTLS is the PeerAuthentication mode: "Permissive" or "Strict", then any
+	// per-port overrides ("Strict, 8081 Permissive").
+	MTLS string `json:"mtls"`
 	// Local: scheduled on this agent's node. Enrolled: captured by this agent now.
 	Local       bool   `json:"local"`
 	Enrolled    bool   `json:"enrolled"`
@@ -289,6 +292,9 @@ const (
 	// ReasonPanic: the proxy's handler of the connection or request panicked; it was
 	// recovered and the connection closed, and the agent kept running.
 	ReasonPanic Reason = "proxy_panic"
+	// ReasonStrictMTLS: the kernel refused a plaintext connection to a pod port
+	// under PeerAuthentication STRICT (a flow of its own: no proxy saw it).
+	ReasonStrictMTLS Reason = "strict_mtls"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )

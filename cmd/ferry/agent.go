@@ -199,7 +199,7 @@ func showWorkloads(ctx context.Context, w io.Writer, c *admin.Client, _ adminTar
 	}
 	fmt.Fprintf(w, "state version %d, applied %s ago\n", ws.StateVersion, ws.StateAge)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAMESPACE\tNAME\tNODE\tIPS\tIDENTITY\tHERE")
+	fmt.Fprintln(tw, "NAMESPACE\tNAME\tNODE\tIPS\tIDENTITY\tMTLS\tHERE")
 	for _, x := range ws.Workloads {
 		here := "-"
 		switch {
@@ -210,7 +210,7 @@ func showWorkloads(ctx context.Context, w io.Writer, c *admin.Client, _ adminTar
 		case x.Local:
 			here = "not enrolled yet"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.Namespace, x.Name, x.Node, strings.Join(x.IPs, ","), x.Identity, here)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.Namespace, x.Name, x.Node, strings.Join(x.IPs, ","), x.Identity, x.MTLS, here)
 	}
 	return tw.Flush()
 }

@@ -69,6 +69,9 @@ type View struct {
 	seenPolicies map[configKey]bool
 	goodAuthz    map[configKey]lastGood[*authzSpec]
 	loggedAuthz  map[configKey]string // the rejection last logged
+	// The same for PeerAuthentications.
+	goodPeerAuthn   map[configKey]lastGood[*peerAuthnSpec]
+	loggedPeerAuthn map[configKey]string
 	// withheld are the pods (namespace/name) the last rebuild left out of the mesh
 	// for an address conflict; loggedConflicts the conflicts it has logged.
 	withheld        map[string]bool
@@ -82,7 +85,9 @@ type View struct {
 	httpRoutes, grpcRoutes, grants cache.GenericLister
 	// authz lists AuthorizationPolicies (nil until watched); a policy in
 	// rootNamespace selects across the mesh.
-	authz         cache.GenericLister
+	authz cache.GenericLister
+	// peerAuthn lists PeerAuthentications (nil until watched).
+	peerAuthn     cache.GenericLister
 	rootNamespace string
 	snap          *Snapshot
 	changed       chan struct{} // closed when snap is replaced
@@ -107,6 +112,8 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 		goodAuthz:       map[configKey]lastGood[*authzSpec]{},
 		loggedAuthz:     map[configKey]string{},
 		loggedConflicts: map[string]bool{},
+		goodPeerAuthn:   map[configKey]lastGood[*peerAuthnSpec]{},
+		loggedPeerAuthn: map[configKey]string{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
@@ -208,6 +215,10 @@ func (v *View) rebuild() {
 	authz, err := v.authorizationPolicies(byNS, &statuses)
 	if err != nil {
 		v.log.Error("mesh view: list authorization policies", "error", err)
+		return
+	}
+	if err := v.peerAuthentications(byNS, &statuses); err != nil {
+		v.log.Error("mesh view: list peer authentications", "error", err)
 		return
 	}
 	slices.SortFunc(statuses, func(a, b *ferryv1.ConfigStatus) int {

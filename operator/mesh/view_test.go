@@ -78,7 +78,7 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 		map[schema.GroupVersionResource]string{
 			TrafficPolicyResource(): "TrafficPolicyList", HTTPRouteResource(): "HTTPRouteList",
 			GRPCRouteResource(): "GRPCRouteList", ReferenceGrantResource(): "ReferenceGrantList",
-			AuthorizationPolicyResource(): "AuthorizationPolicyList",
+			AuthorizationPolicyResource(): "AuthorizationPolicyList", PeerAuthenticationResource(): "PeerAuthenticationList",
 		}, policies...)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	v, err := NewView(factory, "cluster.local", log)
@@ -95,6 +95,9 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 		tb.Fatal(err)
 	}
 	if err := v.WatchAuthorizationPolicies(dynFactory, "ferry-system"); err != nil {
+		tb.Fatal(err)
+	}
+	if err := v.WatchPeerAuthentications(dynFactory, "ferry-system"); err != nil {
 		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
