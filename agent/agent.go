@@ -129,6 +129,7 @@ type podServer interface {
 	SetMesh(ws []proxy.Workload)
 	SetServices(svcs []proxy.Service)
 	SetAuthorization(ps []proxy.AuthzPolicy)
+	SetPathOptions(o proxy.PathOptions)
 	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
 	RemovePod(uid string)
 }
@@ -601,6 +602,10 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	escaped, err := proxy.ParseEscapedSlashes(st.GetMesh().GetEscapedSlashes())
+	if err != nil {
+		return fmt.Errorf("state version %d: mesh: %w", st.GetVersion(), err)
+	}
 	want := map[string]proxy.Workload{}
 	var ids []string
 	for _, w := range ws {
@@ -626,6 +631,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	}
 	a.pods.SetMesh(ws)
 	a.pods.SetServices(svcs)
+	a.pods.SetPathOptions(proxy.PathOptions{EscapedSlashes: escaped, CaseInsensitive: st.GetMesh().GetCaseInsensitivePaths()})
 	a.pods.SetAuthorization(authz) // before reconcile gives new pods listeners
 	a.obs.SetState(st)             // flows and metrics name the destination's service
 	a.want = want

@@ -120,7 +120,8 @@ func TestAuthzDecide(t *testing.T) {
 				}
 			}
 			p.SetAuthorization(tc.policies)
-			audits, denied := p.decideAuthz("ub", tc.c, tc.port, tc.req)
+			d := p.decide("ub", tc.c, tc.port, tc.req)
+			audits, denied := d.Audits, d.Denied
 			got := ""
 			if denied != nil {
 				got = denied.Policy
@@ -152,22 +153,22 @@ func TestNormalizePath(t *testing.T) {
 		"/..":             "/",
 		"/a b":            "/a b",
 	} {
-		got, err := normalizePath(in)
+		got, err := normalizePath(in, EscapedKeep)
 		if err != nil || got != want {
 			t.Errorf("normalizePath(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	// OPTIONS * has no path: it is left alone, not refused.
 	r := httptest.NewRequest(http.MethodOptions, "*", nil)
-	if err := normalizeRequest(r); err != nil || r.RequestURI != "*" {
+	if err := normalizeRequest(r, EscapedKeep); err != nil || r.RequestURI != "*" {
 		t.Errorf("OPTIONS *: %v, %q", err, r.RequestURI)
 	}
 	r = httptest.NewRequest(http.MethodGet, "/a//b/%2e%2e/c?x=%2e#f", nil)
-	if err := normalizeRequest(r); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
+	if err := normalizeRequest(r, EscapedKeep); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
 		t.Errorf("GET: %v, %q, %q", err, r.RequestURI, r.URL.Path)
 	}
 	for _, bad := range []string{"/a%zz", "/a%2", "admin"} {
-		if got, err := normalizePath(bad); err == nil {
+		if got, err := normalizePath(bad, EscapedKeep); err == nil {
 			t.Errorf("normalizePath(%q) = %q, want an error", bad, got)
 		}
 	}

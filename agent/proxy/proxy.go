@@ -105,6 +105,8 @@ type Proxy struct {
 	services serviceTable
 	// authz is the AuthorizationPolicies by protected workload (authz.go).
 	authz authzTable
+	// paths is how request paths are normalised and matched (normalize.go).
+	paths PathOptions
 
 	l7      *l7          // the HTTP server of connections proxied per request (l7.go)
 	pool    *tunnel.Pool // tunnels to pods on other nodes
@@ -170,6 +172,7 @@ func New(cfg Config) (*Proxy, error) {
 		byIP:  map[netip.Addr]Workload{},
 		pods:  map[string]*pod{},
 		local: map[netip.Addr]*pod{},
+		paths: PathOptions{EscapedSlashes: EscapedKeep},
 
 		draining: map[*tunnel.Server]struct{}{},
 	}
