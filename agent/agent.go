@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
 	"github.com/spf13/pflag"
@@ -602,7 +603,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
-	escaped, err := proxy.ParseEscapedSlashes(st.GetMesh().GetEscapedSlashes())
+	escaped, err := mesh.ParseEscapedSlashes(st.GetMesh().GetEscapedSlashes())
 	if err != nil {
 		return fmt.Errorf("state version %d: mesh: %w", st.GetVersion(), err)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
@@ -153,22 +154,22 @@ func TestNormalizePath(t *testing.T) {
 		"/..":             "/",
 		"/a b":            "/a b",
 	} {
-		got, err := normalizePath(in, EscapedKeep)
+		got, err := normalizePath(in, mesh.EscapedKeep)
 		if err != nil || got != want {
 			t.Errorf("normalizePath(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	// OPTIONS * has no path: it is left alone, not refused.
 	r := httptest.NewRequest(http.MethodOptions, "*", nil)
-	if err := normalizeRequest(r, EscapedKeep); err != nil || r.RequestURI != "*" {
+	if err := normalizeRequest(r, mesh.EscapedKeep); err != nil || r.RequestURI != "*" {
 		t.Errorf("OPTIONS *: %v, %q", err, r.RequestURI)
 	}
 	r = httptest.NewRequest(http.MethodGet, "/a//b/%2e%2e/c?x=%2e#f", nil)
-	if err := normalizeRequest(r, EscapedKeep); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
+	if err := normalizeRequest(r, mesh.EscapedKeep); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
 		t.Errorf("GET: %v, %q, %q", err, r.RequestURI, r.URL.Path)
 	}
 	for _, bad := range []string{"/a%zz", "/a%2", "admin"} {
-		if got, err := normalizePath(bad, EscapedKeep); err == nil {
+		if got, err := normalizePath(bad, mesh.EscapedKeep); err == nil {
 			t.Errorf("normalizePath(%q) = %q, want an error", bad, got)
 		}
 	}

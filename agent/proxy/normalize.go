@@ -1,44 +1,17 @@
 package proxy
 
 import (
-	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
+
+	"github.com/ferrymesh/ferry/api/mesh"
 )
-
-// EscapedSlashes is what path normalisation does with an encoded slash or
-// backslash (%2F, %5C): MeshConfig.escaped_slashes.
-type EscapedSlashes string
-
-// The choices of MeshConfig.escaped_slashes ("" is Keep).
-const (
-	// EscapedKeep leaves %2F and %5C encoded: a character of a segment, distinct
-	// from "/", for apps that tell them apart.
-	EscapedKeep EscapedSlashes = "Keep"
-	// EscapedDecode decodes them, and makes a backslash a separator as "/" is,
-	// before slashes are merged and "." and ".." resolved: for apps that decode
-	// the path before they route it.
-	EscapedDecode EscapedSlashes = "Decode"
-	// EscapedReject answers a request whose path has one 400.
-	EscapedReject EscapedSlashes = "Reject"
-)
-
-// ParseEscapedSlashes reads MeshConfig.escaped_slashes; "" is Keep.
-func ParseEscapedSlashes(s string) (EscapedSlashes, error) {
-	switch e := EscapedSlashes(s); e {
-	case "":
-		return EscapedKeep, nil
-	case EscapedKeep, EscapedDecode, EscapedReject:
-		return e, nil
-	}
-	return "", fmt.Errorf("escaped slashes %q: want %s, %s or %s", s, EscapedKeep, EscapedDecode, EscapedReject)
-}
 
 // PathOptions are the mesh's choices for matching request paths (MeshConfig).
 type PathOptions struct {
-	EscapedSlashes EscapedSlashes
+	EscapedSlashes mesh.EscapedSlashes
 	// CaseInsensitive: policy paths match request paths whatever their case; the
 	// app still receives the path in the case it was sent.
 	CaseInsensitive bool
@@ -48,7 +21,7 @@ type PathOptions struct {
 // agent sets them with the rest of a state, before its policies.
 func (p *Proxy) SetPathOptions(o PathOptions) {
 	if o.EscapedSlashes == "" {
-		o.EscapedSlashes = EscapedKeep
+		o.EscapedSlashes = mesh.EscapedKeep
 	}
 	p.mu.Lock()
 	p.paths = o
@@ -83,7 +56,7 @@ var (
 // in upper case, so %2f and %2F are one), an encoded "/" or "\" treated as es
 // says, "//" merged, and "." and ".." segments resolved ("/.." stays at the
 // root). A trailing "/" is kept.
-func normalizePath(escaped string, es EscapedSlashes) (string, error) {
+func normalizePath(escaped string, es mesh.EscapedSlashes) (string, error) {
 	if i := strings.IndexAny(escaped, "?#"); i >= 0 {
 		escaped = escaped[:i]
 	}
@@ -94,7 +67,7 @@ func normalizePath(escaped string, es EscapedSlashes) (string, error) {
 	for i := 0; i < len(escaped); i++ {
 		c := escaped[i]
 		if c != '%' {
-			if c == '\\' && es == EscapedDecode {
+			if c == '\\' && es == mesh.EscapedDecode {
 				c = '/' // a separator to the apps this mode is for
 			}
 			b.WriteByte(c)
@@ -107,9 +80,9 @@ func normalizePath(escaped string, es EscapedSlashes) (string, error) {
 		switch {
 		case unreserved(d):
 			b.WriteByte(d)
-		case (d == '/' || d == '\\') && es == EscapedDecode:
+		case (d == '/' || d == '\\') && es == mesh.EscapedDecode:
 			b.WriteByte('/')
-		case (d == '/' || d == '\\') && es == EscapedReject:
+		case (d == '/' || d == '\\') && es == mesh.EscapedReject:
 			return "", errEscapedSlash
 		default:
 			b.WriteByte('%')
@@ -141,7 +114,7 @@ func normalizePath(escaped string, es EscapedSlashes) (string, error) {
 // normalizeRequest rewrites r's path to normalizePath's form, from the request
 // target as the client sent it (r.URL has decoded it already, %2F included). A
 // CONNECT's authority and OPTIONS' "*" have no path to normalise.
-func normalizeRequest(r *http.Request, es EscapedSlashes) error {
+func normalizeRequest(r *http.Request, es mesh.EscapedSlashes) error {
 	if r.Method == http.MethodConnect || r.RequestURI == "*" {
 		return nil
 	}
@@ -170,13 +143,6 @@ func normalizeRequest(r *http.Request, es EscapedSlashes) error {
 		r.RequestURI = r.URL.RequestURI()
 	}
 	return nil
-}
-
-// asPathError finds a refused path in err.
-func asPathError(err error) (*PathError, bool) {
-	var pe *PathError
-	ok := errors.As(err, &pe)
-	return pe, ok
 }
 
 func unreserved(c byte) bool {

@@ -3,6 +3,8 @@ package proxy
 import (
 	"strings"
 	"testing"
+
+	"github.com/ferrymesh/ferry/api/mesh"
 )
 
 // FuzzNormalizePath: under each escaped-slashes choice, what authorization matches and the app receives is one
@@ -14,13 +16,13 @@ func FuzzNormalizePath(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, in string) {
-		for _, es := range []EscapedSlashes{EscapedKeep, EscapedDecode, EscapedReject} {
+		for _, es := range []mesh.EscapedSlashes{mesh.EscapedKeep, mesh.EscapedDecode, mesh.EscapedReject} {
 			checkNormalized(t, in, es)
 		}
 	})
 }
 
-func checkNormalized(t *testing.T, in string, es EscapedSlashes) {
+func checkNormalized(t *testing.T, in string, es mesh.EscapedSlashes) {
 	out, err := normalizePath(in, es)
 	if err != nil {
 		return
@@ -29,10 +31,10 @@ func checkNormalized(t *testing.T, in string, es EscapedSlashes) {
 	if err != nil || again != out {
 		t.Fatalf("%s: %q → %q → %q, %v: not idempotent", es, in, out, again, err)
 	}
-	if es != EscapedKeep && (strings.Contains(out, "%2F") || strings.Contains(out, "%5C")) {
+	if es != mesh.EscapedKeep && (strings.Contains(out, "%2F") || strings.Contains(out, "%5C")) {
 		t.Fatalf("%s: %q → %q: an encoded slash is left", es, in, out)
 	}
-	if es == EscapedDecode && strings.Contains(out, "\\") {
+	if es == mesh.EscapedDecode && strings.Contains(out, "\\") {
 		t.Fatalf("%s: %q → %q: a backslash is left", es, in, out)
 	}
 	if !strings.HasPrefix(out, "/") || strings.ContainsAny(out, "?#") {

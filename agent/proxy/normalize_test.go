@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/ferrymesh/ferry/agent/tunnel"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
@@ -28,7 +29,7 @@ func TestNormalizePathEscapedSlashes(t *testing.T) {
 		{in: "/a%252Fb", keep: "/a%252Fb", decode: "/a%252Fb", reject: "/a%252Fb"}, // decoded once, never twice
 		{in: "/plain//path", keep: "/plain/path", decode: "/plain/path", reject: "/plain/path"},
 	} {
-		for es, want := range map[EscapedSlashes]string{EscapedKeep: tc.keep, EscapedDecode: tc.decode, EscapedReject: tc.reject} {
+		for es, want := range map[mesh.EscapedSlashes]string{mesh.EscapedKeep: tc.keep, mesh.EscapedDecode: tc.decode, mesh.EscapedReject: tc.reject} {
 			got, err := normalizePath(tc.in, es)
 			if want == "" {
 				if pe, ok := err.(*PathError); !ok || !pe.EscapedSlash {
@@ -42,11 +43,11 @@ func TestNormalizePathEscapedSlashes(t *testing.T) {
 		}
 	}
 	for _, s := range []string{"", "Keep", "Decode", "Reject"} {
-		if _, err := ParseEscapedSlashes(s); err != nil {
+		if _, err := mesh.ParseEscapedSlashes(s); err != nil {
 			t.Errorf("%q: %v", s, err)
 		}
 	}
-	if _, err := ParseEscapedSlashes("decode"); err == nil {
+	if _, err := mesh.ParseEscapedSlashes("decode"); err == nil {
 		t.Error("decode in lower case: no error")
 	}
 }
@@ -57,15 +58,15 @@ func TestNormalizePathEscapedSlashes(t *testing.T) {
 func TestL7DenyUnderPathChoices(t *testing.T) {
 	always := []string{"/admin", "/admin/", "//admin", "/./admin", "/x/../admin", "/%61dmin", "/ADMIN", "/Admin/x", "/admin#frag", "/admin?x=1"}
 	for _, tc := range []struct {
-		es EscapedSlashes
+		es mesh.EscapedSlashes
 		// denied: 403 by the policy; refused: 400 by the mesh; allowed: reach the app, seen as
 		allowed map[string]string
 		denied  []string
 		refused []string
 	}{
-		{es: EscapedKeep, denied: always, allowed: map[string]string{"/%2Fadmin": "/%2Fadmin", "/x%2F..%2Fadmin": "/x%2F..%2Fadmin", "/Public//A": "/Public/A"}},
-		{es: EscapedDecode, denied: append([]string{"/%2Fadmin", "/x%2F..%2Fadmin", "/x%5C..%5Cadmin", "/x\\..\\ADMIN"}, always...), allowed: map[string]string{"/a%2Fb": "/a/b", "/Public//A": "/Public/A"}},
-		{es: EscapedReject, denied: always, refused: []string{"/%2Fadmin", "/x%2F..%2Fadmin", "/a%5cb"}, allowed: map[string]string{"/Public//A": "/Public/A"}},
+		{es: mesh.EscapedKeep, denied: always, allowed: map[string]string{"/%2Fadmin": "/%2Fadmin", "/x%2F..%2Fadmin": "/x%2F..%2Fadmin", "/Public//A": "/Public/A"}},
+		{es: mesh.EscapedDecode, denied: append([]string{"/%2Fadmin", "/x%2F..%2Fadmin", "/x%5C..%5Cadmin", "/x\\..\\ADMIN"}, always...), allowed: map[string]string{"/a%2Fb": "/a/b", "/Public//A": "/Public/A"}},
+		{es: mesh.EscapedReject, denied: always, refused: []string{"/%2Fadmin", "/x%2F..%2Fadmin", "/a%5cb"}, allowed: map[string]string{"/Public//A": "/Public/A"}},
 	} {
 		t.Run(string(tc.es), func(t *testing.T) {
 			tp := newTestProxy(t)

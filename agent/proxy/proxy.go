@@ -172,7 +172,7 @@ func New(cfg Config) (*Proxy, error) {
 		byIP:  map[netip.Addr]Workload{},
 		pods:  map[string]*pod{},
 		local: map[netip.Addr]*pod{},
-		paths: PathOptions{EscapedSlashes: EscapedKeep},
+		paths: PathOptions{EscapedSlashes: mesh.EscapedKeep},
 
 		draining: map[*tunnel.Server]struct{}{},
 	}
