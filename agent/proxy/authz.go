@@ -169,7 +169,7 @@ func refusedByPolicy(err error) (string, bool) {
 
 // AuthzDecision is what the policies of a workload decide for a connection or a
 // request, and what decides it: enforcement and `ferry explain` both get it from
-// decide, so explain cannot tell another story than the proxy enforces.
+// decideAuthz, so explain cannot tell another story than the proxy enforces.
 type AuthzDecision struct {
 	// Denied is set when the connection or request is refused.
 	Denied *PolicyDenied
@@ -185,10 +185,10 @@ type AuthzDecision struct {
 	Audits []string
 }
 
-// decide decides a connection (req nil) or request from c to port of workload
+// decideAuthz decides a connection (req nil) or request from c to port of workload
 // uid: a matching Deny refuses it; else, if any Allow protects uid, one must
 // match.
-func (p *Proxy) decide(uid string, c caller, port uint16, req *authzRequest) AuthzDecision {
+func (p *Proxy) decideAuthz(uid string, c caller, port uint16, req *authzRequest) AuthzDecision {
 	p.mu.RLock()
 	w := p.authz[uid]
 	p.mu.RUnlock()
@@ -333,7 +333,7 @@ type AuthzObserver interface {
 // admit decides a connection (req nil) or request from c into pod pd on port,
 // logs the Audit policies that match and tells the observer what decided.
 func (p *Proxy) admit(pd *pod, c caller, port uint16, req *authzRequest) *PolicyDenied {
-	d := p.decide(pd.w.UID, c, port, req)
+	d := p.decideAuthz(pd.w.UID, c, port, req)
 	denied := d.Denied
 	obs, _ := p.cfg.Observer.(AuthzObserver)
 	for _, a := range d.Audits {

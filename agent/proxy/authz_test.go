@@ -121,7 +121,7 @@ func TestAuthzDecide(t *testing.T) {
 				}
 			}
 			p.SetAuthorization(tc.policies)
-			d := p.decide("ub", tc.c, tc.port, tc.req)
+			d := p.decideAuthz("ub", tc.c, tc.port, tc.req)
 			audits, denied := d.Audits, d.Denied
 			got := ""
 			if denied != nil {
