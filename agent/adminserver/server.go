@@ -272,7 +272,7 @@ func (s *Server) stateJSON(w http.ResponseWriter, _ *http.Request) {
 // without its parts, 404 for a pod or Service the agent does not know.
 func (s *Server) explain(w http.ResponseWriter, r *http.Request) {
 	v := r.URL.Query()
-	q := admin.ExplainQuery{Src: v.Get("src"), Dst: v.Get("dst"), Method: v.Get("method"), Path: v.Get("path")}
+	q := admin.ExplainQuery{Src: v.Get("src"), Dst: v.Get("dst"), Method: v.Get("method"), Path: v.Get("path"), Request: v.Get("request") == "1"}
 	if q.Src == "" || q.Dst == "" {
 		http.Error(w, "explain needs src (a pod or IP) and dst (host:port)", http.StatusBadRequest)
 		return

@@ -86,7 +86,7 @@ func (p *Proxy) Explain(q admin.ExplainQuery) (admin.Explain, error) {
 			d.Caller = src.Identity
 		}
 		var ar *authzRequest
-		if ex.Route.L7 && req != nil && pathErr == nil {
+		if (ex.Route.L7 || q.Request && enrolled) && req != nil && pathErr == nil {
 			d.Level, ar = "request", p.requestOf(req)
 		}
 		d.Verdict = explainVerdict(p.decideAuthz(t.uid, c, t.addr.Port(), ar))

@@ -21,6 +21,9 @@ type ExplainQuery struct {
 	// Method and Path, when set, are an HTTP request on the connection.
 	Method string `json:"method,omitempty"`
 	Path   string `json:"path,omitempty"`
+	// Request asks for the request's decision even where Dst is a pod: what the
+	// destination's agent decides of a request the source's proxy carried at L7.
+	Request bool `json:"request,omitempty"`
 }
 
 // Values is q as the query parameters of GET /explain.
@@ -29,6 +32,9 @@ func (q ExplainQuery) Values() url.Values {
 	if q.Method != "" || q.Path != "" {
 		v.Set("method", q.Method)
 		v.Set("path", q.Path)
+	}
+	if q.Request {
+		v.Set("request", "1")
 	}
 	return v
 }
