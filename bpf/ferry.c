@@ -390,8 +390,12 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	__builtin_memcpy(key.addr, dst6, sizeof(key.addr));
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+	// This program is attached only to enrolled pods' namespaces: a pod IP with
+	// no inbound listener is a pod whose agent is not serving it (restarting,
+	// or not yet listening). Refuse rather than let plaintext reach the app past
+	// the policies the agent enforces.
 	if (!sk)
-		return SK_PASS;
+		return SK_DROP;
 	// On failure (e.g. a family mismatch) the normal lookup runs: fail open, never drop.
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);

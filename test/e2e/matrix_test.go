@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/lab"
 	labecho "github.com/ferrymesh/ferry/lab/echo"
 )
@@ -192,16 +193,36 @@ func TestMatrix(t *testing.T) {
 			e.mxTry(t, c)
 			e.mxExplainAgrees(t, c)
 			if c.denied {
-				from := e.pod(c.client).IP
-				rec := e.findConn(t, c.flowNode, func(r connRecord) bool {
-					return r.Src.Addr() == from && !r.Start.Before(since) && r.Verdict == admin.VerdictDenied
-				})
-				if rec.Reason != admin.ReasonPolicy || rec.Policy != c.policy {
-					t.Errorf("%s: %s's flow %s/%s policy %q; want policy_denied by %s", c, c.flowNode, rec.Verdict, rec.Reason, rec.Policy, c.policy)
-				}
+				e.mxDeniedFlow(t, c, since)
 			}
 		})
 	}
+}
+
+// mxDeniedFlow waits for the flow of c's refusal on c.flowNode's agent, naming
+// c's policy.
+func (e *env) mxDeniedFlow(t *testing.T, c mxCell, since time.Time) {
+	t.Helper()
+	from := e.pod(c.client).IP.String()
+	var seen []*ferryv1.Flow
+	for deadline := time.Now().Add(carryWait); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		out, err := exec.Command(filepath.Join(e.bin, "ferry"), "observe", "--lab", mxPrefix, "-o", "json", "--since", sinceText(since)).Output()
+		if err != nil {
+			t.Fatalf("ferry observe: %v", err)
+		}
+		seen = parseFlows(t, out)
+		for _, f := range seen {
+			if f.GetNode() == c.flowNode && f.GetSource().GetIp() == from && f.GetVerdict() == ferryv1.Verdict_VERDICT_DROPPED &&
+				f.GetPolicy() == c.policy {
+				return
+			}
+		}
+	}
+	var lines []string
+	for _, f := range seen {
+		lines = append(lines, flowText(f)+" policy="+f.GetPolicy())
+	}
+	t.Fatalf("%s: no flow on %s says %s denied it; flows since:\n%s", c, c.flowNode, c.policy, strings.Join(lines, "\n"))
 }
 
 // mxTry runs c's client and checks what it saw.
