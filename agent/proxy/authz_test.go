@@ -263,22 +263,7 @@ func TestL7InboundPolicy(t *testing.T) {
 	tp.netB.app = netip.MustParseAddrPort(srv.Listener.Addr().String())
 	tp.SetAuthorization([]AuthzPolicy{{Name: "default/no-admin", Action: AuthzDeny, Workloads: []string{"ub"},
 		Rules: []AuthzRule{{To: []AuthzOperation{{Paths: []string{"/admin", "/admin/*"}}}}}}})
-	client, accepted := loopback.Pair(t)
-	tp.serveInboundHTTP(tp.b, tunnel.StreamInfo{PeerID: wa.Identity, Remote: netip.AddrPortFrom(wa.IPs[0], 40000), Target: netip.AddrPortFrom(wb.IPs[0], 8080)}, accepted)
-	br := bufio.NewReader(client)
-	send := func(target string) int {
-		t.Helper()
-		if _, err := io.WriteString(client, "GET "+target+" HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
-			t.Fatal(err)
-		}
-		res, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatalf("%s: %v", target, err)
-		}
-		_, _ = io.Copy(io.Discard, res.Body)
-		res.Body.Close()
-		return res.StatusCode
-	}
+	send := inboundHTTP(t, tp)
 	tricks := []string{"/admin", "/admin/", "//admin", "/./admin", "/x/../admin", "/%61dmin", "/admin/users", "/%2e%2e/admin", "/admin?x=1"}
 	for _, p := range tricks {
 		if s := send(p); s != http.StatusForbidden {
@@ -303,6 +288,27 @@ func TestL7InboundPolicy(t *testing.T) {
 	}
 	if n := len(obs.list()); n != len(tricks) {
 		t.Fatalf("%d decisions counted, want %d", n, len(tricks))
+	}
+}
+
+// inboundHTTP opens a tunnel stream from a into b that carries HTTP and returns
+// a function sending GET target on it, which returns the status.
+func inboundHTTP(t *testing.T, tp *testProxy) func(target string) int {
+	client, accepted := loopback.Pair(t)
+	tp.serveInboundHTTP(tp.b, tunnel.StreamInfo{PeerID: wa.Identity, Remote: netip.AddrPortFrom(wa.IPs[0], 40000), Target: netip.AddrPortFrom(wb.IPs[0], 8080)}, accepted)
+	br := bufio.NewReader(client)
+	return func(target string) int {
+		t.Helper()
+		if _, err := io.WriteString(client, "GET "+target+" HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		_, _ = io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		return res.StatusCode
 	}
 }
 

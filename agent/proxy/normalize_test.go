@@ -1,8 +1,6 @@
 package proxy
 
 import (
-	"bufio"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -11,9 +9,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/mesh"
-	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
 func TestNormalizePathEscapedSlashes(t *testing.T) {
@@ -84,22 +80,7 @@ func TestL7DenyUnderPathChoices(t *testing.T) {
 			tp.SetPathOptions(PathOptions{EscapedSlashes: tc.es, CaseInsensitive: true})
 			tp.SetAuthorization([]AuthzPolicy{{Name: "default/no-admin", Action: AuthzDeny, Workloads: []string{"ub"},
 				Rules: []AuthzRule{{To: []AuthzOperation{{Paths: []string{"/admin", "/admin/*"}}}}}}})
-			client, accepted := loopback.Pair(t)
-			tp.serveInboundHTTP(tp.b, tunnel.StreamInfo{PeerID: wa.Identity, Remote: netip.AddrPortFrom(wa.IPs[0], 40000), Target: netip.AddrPortFrom(wb.IPs[0], 8080)}, accepted)
-			br := bufio.NewReader(client)
-			send := func(target string) int {
-				t.Helper()
-				if _, err := io.WriteString(client, "GET "+target+" HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
-					t.Fatal(err)
-				}
-				res, err := http.ReadResponse(br, nil)
-				if err != nil {
-					t.Fatalf("%s: %v", target, err)
-				}
-				_, _ = io.Copy(io.Discard, res.Body)
-				res.Body.Close()
-				return res.StatusCode
-			}
+			send := inboundHTTP(t, tp)
 			for _, p := range tc.denied {
 				if s := send(p); s != http.StatusForbidden {
 					t.Errorf("%s: %d, want 403", p, s)
