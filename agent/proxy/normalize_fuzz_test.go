@@ -7,9 +7,10 @@ import (
 	"github.com/ferrymesh/ferry/api/mesh"
 )
 
-// FuzzNormalizePath: under each escaped-slashes choice, what authorization matches and the app receives is one
-// canonical path: normalising it again changes nothing, and it holds no empty, "."
-// or ".." segment, query, fragment or lower-case escape that a rule could miss.
+// FuzzNormalizePath: under each escaped-slashes choice, what authorization
+// matches and the app receives is one canonical path: normalising it again
+// changes nothing, and it holds no empty, "." or ".." segment, query, fragment,
+// lower-case escape or (Decode, Reject) encoded slash that a rule could miss.
 func FuzzNormalizePath(f *testing.F) {
 	for _, s := range []string{"/", "/admin", "//admin", "/./admin", "/x/../admin", "/%61dmin", "/%2e%2e/admin",
 		"/admin/", "/admin?x=1", "/admin#frag", "/a%2fb", "/a%2Fb%5c", "/..", "/a/b/..", "/a/.", "/%", "/%g1", "/%7E"} {
