@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
@@ -138,6 +139,7 @@ type podServer interface {
 	SetMesh(ws []proxy.Workload)
 	SetServices(svcs []proxy.Service)
 	SetAuthorization(ps []proxy.AuthzPolicy)
+	SetPathOptions(o proxy.PathOptions)
 	AddPod(w proxy.Workload, ns proxy.Netns, cookie uint64) error
 	RemovePod(uid string)
 }
@@ -611,6 +613,10 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
+	escaped, err := mesh.ParseEscapedSlashes(st.GetMesh().GetEscapedSlashes())
+	if err != nil {
+		return fmt.Errorf("state version %d: mesh: %w", st.GetVersion(), err)
+	}
 	want := map[string]proxy.Workload{}
 	var ids []string
 	for _, w := range ws {
@@ -641,6 +647,7 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	}
 	a.pods.SetMesh(ws)
 	a.pods.SetServices(svcs)
+	a.pods.SetPathOptions(proxy.PathOptions{EscapedSlashes: escaped, CaseInsensitive: st.GetMesh().GetCaseInsensitivePaths()})
 	a.pods.SetAuthorization(authz) // before reconcile gives new pods listeners
 	a.obs.SetState(st)             // flows and metrics name the destination's service
 	a.want = want

@@ -172,6 +172,7 @@ func (f *fakePods) SetMesh([]proxy.Workload) {}
 func (f *fakePods) SetServices([]proxy.Service) {}
 
 func (f *fakePods) SetAuthorization([]proxy.AuthzPolicy) {}
+func (f *fakePods) SetPathOptions(proxy.PathOptions)     {}
 
 func (f *fakePods) AddPod(w proxy.Workload, _ proxy.Netns, _ uint64) error {
 	f.mu.Lock()

@@ -436,6 +436,20 @@ func TestSkLookupSteersInbound(t *testing.T) {
 		c.Close()
 		t.Fatal("connection to the tunnel port was steered, want refused")
 	}
+
+	// The pod's listener gone (its agent restarting): a connection to the
+	// app's port is refused, never let through to the app past the policies.
+	app := listen(t, pod, "tcp4", "10.1.2.4:9998")
+	inbound.Close()
+	if c, err := dialFrom("", "10.1.2.4:9998"); err == nil {
+		c.Close()
+		t.Fatal("with no inbound listener, a connection reached the app, want refused")
+	}
+	app.SetDeadline(time.Now().Add(100 * time.Millisecond))
+	if s, err := app.Accept(); err == nil {
+		s.Close()
+		t.Fatal("the app accepted a connection while the pod had no inbound listener")
+	}
 }
 
 func TestFastPathLocalPair(t *testing.T) {

@@ -100,6 +100,7 @@ enum ferry_counter {
 	COUNTER_INBOUND_STEER_FAILED,   // sk_assign failed: the normal lookup ran
 	COUNTER_STRICT_REFUSED,         // sk_lookup refused plaintext to a STRICT pod port
 	COUNTER_STRICT_EVENT_LOST,      // the strict_events ring buffer was full: no flow for a refusal
+	COUNTER_INBOUND_NO_LISTENER,    // sk_lookup refused: the enrolled pod had no inbound listener
 	COUNTER_MAX,
 };
 
@@ -477,8 +478,14 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	__builtin_memcpy(key.addr, dst6, sizeof(key.addr));
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);
-	if (!sk)
-		return SK_PASS;
+	// This program is attached only to enrolled pods' namespaces: a pod IP with
+	// no inbound listener is a pod whose agent is not serving it (restarting,
+	// or not yet listening). Refuse rather than let plaintext reach the app past
+	// the policies the agent enforces.
+	if (!sk) {
+		count(COUNTER_INBOUND_NO_LISTENER);
+		return SK_DROP;
+	}
 	// On failure (e.g. a family mismatch) the normal lookup runs: fail open, never drop.
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);

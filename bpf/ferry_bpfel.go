@@ -33,7 +33,8 @@ const (
 	ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED ferryFerryCounter = 6
 	ferryFerryCounterCOUNTER_STRICT_REFUSED       ferryFerryCounter = 7
 	ferryFerryCounterCOUNTER_STRICT_EVENT_LOST    ferryFerryCounter = 8
-	ferryFerryCounterCOUNTER_MAX                  ferryFerryCounter = 9
+	ferryFerryCounterCOUNTER_INBOUND_NO_LISTENER  ferryFerryCounter = 9
+	ferryFerryCounterCOUNTER_MAX                  ferryFerryCounter = 10
 )
 
 type ferryIpKey struct {

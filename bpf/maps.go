@@ -304,6 +304,7 @@ func CounterNames() map[uint32]string {
 		uint32(ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED): "inbound_steer_failed",
 		uint32(ferryFerryCounterCOUNTER_STRICT_REFUSED):       "strict_refused",
 		uint32(ferryFerryCounterCOUNTER_STRICT_EVENT_LOST):    "strict_event_lost",
+		uint32(ferryFerryCounterCOUNTER_INBOUND_NO_LISTENER):  "inbound_no_listener",
 	}
 }
 

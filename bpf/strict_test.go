@@ -218,18 +218,26 @@ func TestSkLookupStrictProgRun(t *testing.T) {
 	if err := objs.SetStrictPorts([]StrictPort{{IP: pod, Mode: MTLSStrict}, {IP: pod, Port: 8081, Mode: MTLSPermissive}}); err != nil {
 		t.Fatal(err)
 	}
+	// No inbound listener is registered here, so plaintext that STRICT lets by is
+	// refused too, as for a pod whose agent is not serving it; the counters say
+	// which rule refused.
 	const skDrop, skPass = 0, 1
 	for _, tc := range []struct {
 		name     string
 		src, dst string
 		want     uint32
+		counter  string // the counter the lookup adds to, "" for none
 	}{
-		{"plaintext to a STRICT port", "10.1.9.9:40000", "10.1.2.4:8080", skDrop},
-		{"the PERMISSIVE override", "10.1.9.9:40000", "10.1.2.4:8081", skPass},
-		{"the tunnel port", "10.1.9.9:40000", "10.1.2.4:15008", skPass},
-		{"the agent's hop from 127.0.0.6", "127.0.0.6:40000", "10.1.2.4:8080", skPass},
-		{"another pod, no entry", "10.1.9.9:40000", "10.1.2.5:8080", skPass},
+		{"plaintext to a STRICT port", "10.1.9.9:40000", "10.1.2.4:8080", skDrop, "strict_refused"},
+		{"the PERMISSIVE override", "10.1.9.9:40000", "10.1.2.4:8081", skDrop, "inbound_no_listener"},
+		{"the tunnel port", "10.1.9.9:40000", "10.1.2.4:15008", skPass, ""},
+		{"the agent's hop from 127.0.0.6", "127.0.0.6:40000", "10.1.2.4:8080", skPass, ""},
+		{"another pod, no entry", "10.1.9.9:40000", "10.1.2.5:8080", skDrop, "inbound_no_listener"},
 	} {
+		before, err := SumCounters(objs.Counters)
+		if err != nil {
+			t.Fatal(err)
+		}
 		ctx := v4ctx(netip.MustParseAddrPort(tc.src), netip.MustParseAddrPort(tc.dst))
 		got, err := objs.FerrySkLookup.Run(&ebpf.RunOptions{Context: ctx})
 		if err != nil {
@@ -238,6 +246,19 @@ func TestSkLookupStrictProgRun(t *testing.T) {
 		}
 		if got != tc.want {
 			t.Errorf("%s (%s -> %s): verdict %d, want %d", tc.name, tc.src, tc.dst, got, tc.want)
+		}
+		after, err := SumCounters(objs.Counters)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{"strict_refused", "inbound_no_listener"} {
+			want := before[name]
+			if name == tc.counter {
+				want++
+			}
+			if after[name] != want {
+				t.Errorf("%s: counter %s %d, want %d", tc.name, name, after[name], want)
+			}
 		}
 	}
 }

@@ -1,10 +1,13 @@
 package operator
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/operator/ca"
 	"github.com/ferrymesh/ferry/operator/local"
 	"github.com/spf13/pflag"
@@ -56,6 +59,13 @@ type Config struct {
 	// RelayAgentPort, when set, makes the relay read every running agent pod at
 	// its IP and this port (the agents' --observer-addr).
 	RelayAgentPort int
+
+	// EscapedSlashes and CaseInsensitivePaths are how every node proxy matches
+	// request paths (MeshConfig): what an encoded slash or backslash in a path
+	// becomes ("" or Keep, Decode, Reject), and whether AuthorizationPolicy paths
+	// match whatever their case. In both local mode and a cluster.
+	EscapedSlashes       string
+	CaseInsensitivePaths bool
 }
 
 // DefaultConfig is the configuration of a ferry-operator started without flags.
@@ -104,7 +114,19 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.CertTTL, "cert-ttl", c.CertTTL, "lifetime of workload certificates (agents renew at half life)")
 	fs.StringVar(&c.RelayAddr, "relay-addr", c.RelayAddr, "serve the cluster-wide flow relay (Observer API) here, host:port or unix:///path (\"\" disables)")
 	fs.StringArrayVar(&c.RelayAgents, "relay-agent", c.RelayAgents, "an agent Observer address the relay reads, unix:///path or host:port (repeatable)")
+	fs.StringVar(&c.EscapedSlashes, "escaped-slashes", c.EscapedSlashes, "what an encoded slash or backslash (%2F, %5C) in a request path becomes before policies and routes see it: Keep (a character, not a separator), Decode (a separator, then merged and resolved) or Reject (400)")
+	fs.BoolVar(&c.CaseInsensitivePaths, "case-insensitive-paths", c.CaseInsensitivePaths, "AuthorizationPolicy paths match request paths whatever their case (the app still gets the path as sent)")
 	fs.IntVar(&c.RelayAgentPort, "relay-agent-port", c.RelayAgentPort, "also read every running agent pod at its IP and this port (the agents' --observer-addr)")
+}
+
+// meshConfig is the MeshConfig every node's state carries, from c: the one place
+// its fields are checked.
+func (c Config) meshConfig() (*ferryv1.MeshConfig, error) {
+	es, err := mesh.ParseEscapedSlashes(c.EscapedSlashes)
+	if err != nil {
+		return nil, fmt.Errorf("operator config: escaped slashes: %w", err)
+	}
+	return &ferryv1.MeshConfig{EscapedSlashes: string(es), CaseInsensitivePaths: c.CaseInsensitivePaths}, nil
 }
 
 // withDefaults fills the fields a Config literal left zero where zero means

@@ -97,3 +97,26 @@ func TestGroupStopWaits(t *testing.T) {
 	}
 	close(block)
 }
+
+// The path-matching flags become every node's MeshConfig; a choice that is not one
+// stops the operator with an error that names the flag's values.
+func TestMeshConfigFlags(t *testing.T) {
+	cfg := DefaultConfig()
+	fs := pflag.NewFlagSet("ferry-operator", pflag.ContinueOnError)
+	cfg.Flags(fs)
+	if err := fs.Parse([]string{"--escaped-slashes=Decode", "--case-insensitive-paths"}); err != nil {
+		t.Fatal(err)
+	}
+	mc, err := cfg.meshConfig()
+	if err != nil || mc.GetEscapedSlashes() != "Decode" || !mc.GetCaseInsensitivePaths() {
+		t.Fatalf("mesh config %v, %v", mc, err)
+	}
+	if mc, err := DefaultConfig().meshConfig(); err != nil || mc.GetEscapedSlashes() != "Keep" || mc.GetCaseInsensitivePaths() {
+		t.Fatalf("default mesh config %v, %v", mc, err)
+	}
+	cfg.EscapedSlashes = "decode"
+	_, err = New(cfg, nil)
+	if err == nil || err.Error() != `operator config: escaped slashes: "decode" is not Keep, Decode or Reject` {
+		t.Fatalf("New with escaped slashes %q: %v", cfg.EscapedSlashes, err)
+	}
+}

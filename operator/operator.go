@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/healthserver"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/operator/ca"
@@ -84,6 +85,8 @@ type Operator struct {
 	ca      atomic.Pointer[ca.CA]
 	serving atomic.Pointer[tls.Certificate]
 	srv     atomic.Pointer[server.Server]
+	// mesh is the MeshConfig of every node's state.
+	mesh *ferryv1.MeshConfig
 }
 
 // New validates cfg and builds the clients; nothing is started.
@@ -101,7 +104,11 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 	if cfg.GRPCAddr == "" {
 		return nil, errors.New("operator config: grpc address is required")
 	}
-	o := &Operator{cfg: cfg, log: log, reg: prometheus.NewRegistry()}
+	meshCfg, err := cfg.meshConfig()
+	if err != nil {
+		return nil, err
+	}
+	o := &Operator{cfg: cfg, log: log, reg: prometheus.NewRegistry(), mesh: meshCfg}
 	if cfg.Local != "" {
 		if cfg.StateDir == "" {
 			return nil, errors.New("operator config: local mode needs a state folder")
@@ -141,7 +148,6 @@ func New(cfg Config, log *slog.Logger) (*Operator, error) {
 	}
 	o.factory = informers.NewSharedInformerFactory(o.client, 0)
 	o.policyInformers = dynamicinformer.NewDynamicSharedInformerFactory(o.policies, 0)
-	var err error
 	if o.view, err = mesh.NewView(o.factory, cfg.TrustDomain, log); err != nil {
 		return nil, err
 	}
@@ -466,7 +472,7 @@ func (o *Operator) serve(ctx context.Context) error {
 	if err := o.renewServing(); err != nil {
 		return err
 	}
-	srv, err := server.New(server.Config{Auth: auth, View: o.view, CA: authority, CertTTL: o.cfg.CertTTL, Metrics: o.reg, Log: o.log})
+	srv, err := server.New(server.Config{Auth: auth, View: o.view, CA: authority, CertTTL: o.cfg.CertTTL, Mesh: o.mesh, Metrics: o.reg, Log: o.log})
 	if err != nil {
 		return err
 	}

@@ -39,6 +39,9 @@ type Source interface {
 	Connections() (live, ended []admin.Conn)
 	// Certificate is the certificate the agent holds for a SPIFFE ID.
 	Certificate(identity string) (*tls.Certificate, error)
+	// Explain says what the agent would do with a connection or request; an
+	// *admin.ExplainError when it names no pod or Service the agent knows.
+	Explain(q admin.ExplainQuery) (admin.Explain, error)
 }
 
 // Snapshot is a copy of what the agent knows, taken at once.
@@ -93,6 +96,7 @@ func New(cfg Config, src Source, log *slog.Logger) (*Server, error) {
 	mux.HandleFunc("GET /certs", s.certs)
 	mux.HandleFunc("GET /config", s.config)
 	mux.HandleFunc("GET /state", s.stateJSON)
+	mux.HandleFunc("GET /explain", s.explain)
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	// CPU profiles and traces are not named profiles: Index does not serve them.
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
@@ -278,6 +282,28 @@ func (s *Server) stateJSON(w http.ResponseWriter, _ *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Write(b)
+}
+
+// explain answers GET /explain?src=&dst=[&method=&path=]: 400 for a question
+// without its parts, 404 for a pod or Service the agent does not know.
+func (s *Server) explain(w http.ResponseWriter, r *http.Request) {
+	v := r.URL.Query()
+	q := admin.ExplainQuery{Src: v.Get("src"), Dst: v.Get("dst"), Method: v.Get("method"), Path: v.Get("path"), Request: v.Get("request") == "1"}
+	if q.Src == "" || q.Dst == "" {
+		http.Error(w, "explain needs src (a pod or IP) and dst (host:port)", http.StatusBadRequest)
+		return
+	}
+	ex, err := s.src.Explain(q)
+	var ee *admin.ExplainError
+	switch {
+	case errors.As(err, &ee):
+		http.Error(w, ee.Why, http.StatusNotFound)
+		return
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	writeJSON(w, ex)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

@@ -35,6 +35,12 @@ type fakeSource struct {
 
 func (f *fakeSource) Snapshot() Snapshot                      { return f.snap }
 func (f *fakeSource) Connections() (live, ended []admin.Conn) { return f.live, f.ended }
+func (f *fakeSource) Explain(q admin.ExplainQuery) (admin.Explain, error) {
+	if q.Src != "shop/a" {
+		return admin.Explain{}, &admin.ExplainError{Why: "source " + q.Src + ": no such pod in the mesh"}
+	}
+	return admin.Explain{Node: f.snap.Config.Node, Query: q}, nil
+}
 func (f *fakeSource) Certificate(id string) (*tls.Certificate, error) {
 	if c, ok := f.certs[id]; ok {
 		return c, nil
@@ -245,5 +251,24 @@ func TestNoStateYet(t *testing.T) {
 	}
 	if _, err := c.State(context.Background()); err != nil {
 		t.Errorf("state: %v", err)
+	}
+}
+
+// GET /explain passes the question on, and an unknown pod comes back to the
+// client as an *admin.ExplainError saying which.
+func TestExplain(t *testing.T) {
+	c := serve(t, testSource(t))
+	q := admin.ExplainQuery{Src: "shop/a", Dst: "10.96.0.1:80", Method: "GET", Path: "/x"}
+	ex, err := c.Explain(context.Background(), q)
+	if err != nil || ex.Query != q {
+		t.Fatalf("explain %+v, %v", ex, err)
+	}
+	_, err = c.Explain(context.Background(), admin.ExplainQuery{Src: "shop/zz", Dst: "10.96.0.1:80"})
+	var ee *admin.ExplainError
+	if !errors.As(err, &ee) || ee.Why != "source shop/zz: no such pod in the mesh" {
+		t.Fatalf("unknown pod: %v", err)
+	}
+	if _, err := c.Explain(context.Background(), admin.ExplainQuery{Src: "shop/a"}); !errors.As(err, &ee) {
+		t.Fatalf("no destination: %v", err)
 	}
 }

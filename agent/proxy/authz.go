@@ -130,6 +130,8 @@ type authzRequest struct {
 	path   string // normalised
 	host   string // lower case, no port
 	header http.Header
+	// foldCase: paths match whatever their case (PathOptions.CaseInsensitive).
+	foldCase bool
 }
 
 // PolicyDenied is a connection or request a policy refused.
@@ -165,50 +167,75 @@ func refusedByPolicy(err error) (string, bool) {
 	return pol, true
 }
 
+// AuthzDecision is what the policies of a workload decide for a connection or a
+// request, and what decides it: enforcement and `ferry explain` both get it from
+// decideAuthz, so explain cannot tell another story than the proxy enforces.
+type AuthzDecision struct {
+	// Denied is set when the connection or request is refused.
+	Denied *PolicyDenied
+	// Policy is the policy that decided (the Deny that matched, the Allow that
+	// matched, or the first Allow when none did); "" when no policy protects
+	// the workload, or only Deny policies that do not match.
+	Policy string
+	Action AuthzAction
+	// Rule is the index of the deciding policy's rule that matched; -1 when no
+	// rule matched (no Allow matched, or no policy decided).
+	Rule int
+	// Audits are the Audit policies that match.
+	Audits []string
+}
+
 // decideAuthz decides a connection (req nil) or request from c to port of workload
 // uid: a matching Deny refuses it; else, if any Allow protects uid, one must
-// match. Audit policies that match are returned, for the log and the counters.
-func (p *Proxy) decideAuthz(uid string, c caller, port uint16, req *authzRequest) (audits []string, denied *PolicyDenied) {
+// match.
+func (p *Proxy) decideAuthz(uid string, c caller, port uint16, req *authzRequest) AuthzDecision {
 	p.mu.RLock()
 	w := p.authz[uid]
 	p.mu.RUnlock()
+	d := AuthzDecision{Rule: -1}
 	if w == nil {
-		return nil, nil
+		return d
 	}
 	for _, pol := range w.audit {
-		if pol.matches(c, port, req, false) {
-			audits = append(audits, pol.Name)
+		if pol.matches(c, port, req, false) >= 0 {
+			d.Audits = append(d.Audits, pol.Name)
 		}
 	}
 	for _, pol := range w.deny {
-		if pol.matches(c, port, req, true) {
-			return audits, &PolicyDenied{Policy: pol.Name}
+		if r := pol.matches(c, port, req, true); r >= 0 {
+			d.Policy, d.Action, d.Rule = pol.Name, AuthzDeny, r
+			d.Denied = &PolicyDenied{Policy: pol.Name}
+			return d
 		}
 	}
 	if len(w.allow) == 0 {
-		return audits, nil
+		return d
 	}
 	for _, pol := range w.allow {
-		if pol.matches(c, port, req, false) {
-			return audits, nil
+		if r := pol.matches(c, port, req, false); r >= 0 {
+			d.Policy, d.Action, d.Rule = pol.Name, AuthzAllow, r
+			return d
 		}
 	}
-	return audits, &PolicyDenied{Policy: w.allow[0].Name, Allow: true}
+	d.Policy, d.Action = w.allow[0].Name, AuthzAllow
+	d.Denied = &PolicyDenied{Policy: w.allow[0].Name, Allow: true}
+	return d
 }
 
-// matches says whether any rule matches. On a TCP connection (req nil) HTTP
-// conditions cannot be decided: a Deny (deny true) ignores them, so the rest of
-// its rule refuses the connection; an Allow's or Audit's rule with them does not
-// match (Istio's rule: the stricter reading either way).
-func (pol *AuthzPolicy) matches(c caller, port uint16, req *authzRequest, deny bool) bool {
+// matches returns the index of the first rule that matches, -1 for none. On a
+// TCP connection (req nil) HTTP conditions cannot be decided: a Deny (deny true)
+// ignores them, so the rest of its rule refuses the connection; an Allow's or
+// Audit's rule with them does not match (Istio's rule: the stricter reading
+// either way).
+func (pol *AuthzPolicy) matches(c caller, port uint16, req *authzRequest, deny bool) int {
 	for i := range pol.Rules {
 		r := &pol.Rules[i]
 		if (len(r.From) == 0 || slices.ContainsFunc(r.From, func(s AuthzSource) bool { return s.matches(c) })) &&
 			(len(r.To) == 0 || slices.ContainsFunc(r.To, func(o AuthzOperation) bool { return o.matches(port, req, deny) })) {
-			return true
+			return i
 		}
 	}
-	return false
+	return -1
 }
 
 func (s *AuthzSource) matches(c caller) bool {
@@ -236,7 +263,7 @@ func (o *AuthzOperation) matches(port uint16, req *authzRequest, deny bool) bool
 	if len(o.Methods) > 0 && !slices.Contains(o.Methods, req.method) {
 		return false
 	}
-	if len(o.Paths) > 0 && !slices.ContainsFunc(o.Paths, func(pat string) bool { return pathMatch(pat, req.path) }) {
+	if len(o.Paths) > 0 && !slices.ContainsFunc(o.Paths, func(pat string) bool { return pathMatch(pat, req.path, req.foldCase) }) {
 		return false
 	}
 	if len(o.Hosts) > 0 && !slices.ContainsFunc(o.Hosts, func(pat string) bool { return wildcard(pat, req.host) }) {
@@ -269,8 +296,12 @@ func wildcard(pat, s string) bool {
 
 // pathMatch compares a normalised path with a rule's: a trailing "*" matches any
 // suffix; otherwise one trailing slash makes no difference, so a Deny of /admin
-// also holds for /admin/ (what most apps serve alike).
-func pathMatch(pat, path string) bool {
+// also holds for /admin/ (what most apps serve alike). foldCase compares them
+// in lower case (MeshConfig.case_insensitive_paths).
+func pathMatch(pat, path string, foldCase bool) bool {
+	if foldCase {
+		pat, path = strings.ToLower(pat), strings.ToLower(path)
+	}
 	if strings.HasSuffix(pat, "*") {
 		return wildcard(pat, path)
 	}
@@ -302,9 +333,10 @@ type AuthzObserver interface {
 // admit decides a connection (req nil) or request from c into pod pd on port,
 // logs the Audit policies that match and tells the observer what decided.
 func (p *Proxy) admit(pd *pod, c caller, port uint16, req *authzRequest) *PolicyDenied {
-	audits, denied := p.decideAuthz(pd.w.UID, c, port, req)
+	d := p.decideAuthz(pd.w.UID, c, port, req)
+	denied := d.Denied
 	obs, _ := p.cfg.Observer.(AuthzObserver)
-	for _, a := range audits {
+	for _, a := range d.Audits {
 		args := []any{"policy", a, "pod", pd.w.Name, "src", c.addr, "src_identity", c.identity, "port", port}
 		if req != nil {
 			args = append(args, "method", req.method, "path", req.path)
@@ -340,7 +372,7 @@ func asPolicyDenied(err error) (*PolicyDenied, bool) {
 // is answered 403 and its record says which policy. r's path is normalised
 // already (serveRequest).
 func (p *Proxy) admitRequest(pd *pod, c caller, port uint16, r *http.Request, w http.ResponseWriter, rec *Conn) bool {
-	d := p.admit(pd, c, port, requestOf(r))
+	d := p.admit(pd, c, port, p.requestOf(r))
 	if d == nil {
 		return true
 	}
@@ -349,14 +381,15 @@ func (p *Proxy) admitRequest(pd *pod, c caller, port uint16, r *http.Request, w 
 	return false
 }
 
-func requestOf(r *http.Request) *authzRequest {
-	return &authzRequest{method: r.Method, path: r.URL.EscapedPath(), host: requestHost(r.Host), header: r.Header}
+func (p *Proxy) requestOf(r *http.Request) *authzRequest {
+	return &authzRequest{method: r.Method, path: r.URL.EscapedPath(), host: requestHost(r.Host), header: r.Header,
+		foldCase: p.pathOptions().CaseInsensitive}
 }
 
 // admitLocal decides a request the source pod's proxy sends to a pod of this
 // node (no destination proxy will see it): a denial is a mesh answer, 403.
 func (p *Proxy) admitLocal(from, to *pod, port uint16, r *http.Request) error {
-	if d := p.admit(to, callerOf(from.w.Identity, from.w.IPs[0]), port, requestOf(r)); d != nil {
+	if d := p.admit(to, callerOf(from.w.Identity, from.w.IPs[0]), port, p.requestOf(r)); d != nil {
 		return &meshError{status: http.StatusForbidden, reason: admin.ReasonPolicy, why: "RBAC: access denied", policy: d.Policy}
 	}
 	return nil

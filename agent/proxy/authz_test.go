@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/internal/loopback"
 )
 
@@ -120,7 +121,8 @@ func TestAuthzDecide(t *testing.T) {
 				}
 			}
 			p.SetAuthorization(tc.policies)
-			audits, denied := p.decideAuthz("ub", tc.c, tc.port, tc.req)
+			d := p.decideAuthz("ub", tc.c, tc.port, tc.req)
+			audits, denied := d.Audits, d.Denied
 			got := ""
 			if denied != nil {
 				got = denied.Policy
@@ -152,22 +154,22 @@ func TestNormalizePath(t *testing.T) {
 		"/..":             "/",
 		"/a b":            "/a b",
 	} {
-		got, err := normalizePath(in)
+		got, err := normalizePath(in, mesh.EscapedKeep)
 		if err != nil || got != want {
 			t.Errorf("normalizePath(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	// OPTIONS * has no path: it is left alone, not refused.
 	r := httptest.NewRequest(http.MethodOptions, "*", nil)
-	if err := normalizeRequest(r); err != nil || r.RequestURI != "*" {
+	if err := normalizeRequest(r, mesh.EscapedKeep); err != nil || r.RequestURI != "*" {
 		t.Errorf("OPTIONS *: %v, %q", err, r.RequestURI)
 	}
 	r = httptest.NewRequest(http.MethodGet, "/a//b/%2e%2e/c?x=%2e#f", nil)
-	if err := normalizeRequest(r); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
+	if err := normalizeRequest(r, mesh.EscapedKeep); err != nil || r.RequestURI != "/a/c?x=%2e" || r.URL.Path != "/a/c" {
 		t.Errorf("GET: %v, %q, %q", err, r.RequestURI, r.URL.Path)
 	}
 	for _, bad := range []string{"/a%zz", "/a%2", "admin"} {
-		if got, err := normalizePath(bad); err == nil {
+		if got, err := normalizePath(bad, mesh.EscapedKeep); err == nil {
 			t.Errorf("normalizePath(%q) = %q, want an error", bad, got)
 		}
 	}
@@ -261,22 +263,7 @@ func TestL7InboundPolicy(t *testing.T) {
 	tp.netB.app = netip.MustParseAddrPort(srv.Listener.Addr().String())
 	tp.SetAuthorization([]AuthzPolicy{{Name: "default/no-admin", Action: AuthzDeny, Workloads: []string{"ub"},
 		Rules: []AuthzRule{{To: []AuthzOperation{{Paths: []string{"/admin", "/admin/*"}}}}}}})
-	client, accepted := loopback.Pair(t)
-	tp.serveInboundHTTP(tp.b, tunnel.StreamInfo{PeerID: wa.Identity, Remote: netip.AddrPortFrom(wa.IPs[0], 40000), Target: netip.AddrPortFrom(wb.IPs[0], 8080)}, accepted)
-	br := bufio.NewReader(client)
-	send := func(target string) int {
-		t.Helper()
-		if _, err := io.WriteString(client, "GET "+target+" HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
-			t.Fatal(err)
-		}
-		res, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatalf("%s: %v", target, err)
-		}
-		_, _ = io.Copy(io.Discard, res.Body)
-		res.Body.Close()
-		return res.StatusCode
-	}
+	send := inboundHTTP(t, tp)
 	tricks := []string{"/admin", "/admin/", "//admin", "/./admin", "/x/../admin", "/%61dmin", "/admin/users", "/%2e%2e/admin", "/admin?x=1"}
 	for _, p := range tricks {
 		if s := send(p); s != http.StatusForbidden {
@@ -301,6 +288,27 @@ func TestL7InboundPolicy(t *testing.T) {
 	}
 	if n := len(obs.list()); n != len(tricks) {
 		t.Fatalf("%d decisions counted, want %d", n, len(tricks))
+	}
+}
+
+// inboundHTTP opens a tunnel stream from a into b that carries HTTP and returns
+// a function sending GET target on it, which returns the status.
+func inboundHTTP(t *testing.T, tp *testProxy) func(target string) int {
+	client, accepted := loopback.Pair(t)
+	tp.serveInboundHTTP(tp.b, tunnel.StreamInfo{PeerID: wa.Identity, Remote: netip.AddrPortFrom(wa.IPs[0], 40000), Target: netip.AddrPortFrom(wb.IPs[0], 8080)}, accepted)
+	br := bufio.NewReader(client)
+	return func(target string) int {
+		t.Helper()
+		if _, err := io.WriteString(client, "GET "+target+" HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		_, _ = io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		return res.StatusCode
 	}
 }
 

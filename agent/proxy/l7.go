@@ -155,7 +155,7 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	}
 
 	// Routes, policies and the app all see one form of the path.
-	if err := normalizeRequest(r); err != nil {
+	if err := normalizeRequest(r, p.pathOptions().EscapedSlashes); err != nil {
 		rec.Verdict, rec.Reason, rec.Error = admin.VerdictDenied, admin.ReasonOther, err.Error()
 		meshAnswer(rw, http.StatusBadRequest, err.Error())
 		return

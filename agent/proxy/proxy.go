@@ -115,6 +115,8 @@ type Proxy struct {
 	services serviceTable
 	// authz is the AuthorizationPolicies by protected workload (authz.go).
 	authz authzTable
+	// paths is how request paths are normalised and matched (normalize.go).
+	paths PathOptions
 
 	l7      *l7          // the HTTP server of connections proxied per request (l7.go)
 	pool    *tunnel.Pool // tunnels to pods on other nodes
@@ -181,6 +183,7 @@ func New(cfg Config) (*Proxy, error) {
 		byIP:    map[netip.Addr]Workload{},
 		pods:    map[string]*pod{},
 		local:   map[netip.Addr]*pod{},
+		paths:   PathOptions{EscapedSlashes: mesh.EscapedKeep},
 
 		draining: map[*tunnel.Server]struct{}{},
 	}

@@ -76,14 +76,9 @@ func (c *Client) get(ctx context.Context, path string, v any) error {
 	if err != nil {
 		return fmt.Errorf("agent admin API %s: %w", path, err)
 	}
-	resp, err := c.hc.Do(req)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("agent admin API: %w (is the agent running? its admin socket %s is missing)", err, c.socket)
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return fmt.Errorf("agent admin API: %w (the agent that owned %s is not running)", err, c.socket)
-	case err != nil:
-		return fmt.Errorf("agent admin API: %w", err)
+	resp, err := c.do(req)
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -93,4 +88,18 @@ func (c *Client) get(ctx context.Context, path string, v any) error {
 		return fmt.Errorf("agent admin API %s: %w", path, err)
 	}
 	return nil
+}
+
+// do sends req, saying in its error whether the agent is there at all.
+func (c *Client) do(req *http.Request) (*http.Response, error) {
+	resp, err := c.hc.Do(req)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil, fmt.Errorf("agent admin API: %w (is the agent running? its admin socket %s is missing)", err, c.socket)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return nil, fmt.Errorf("agent admin API: %w (the agent that owned %s is not running)", err, c.socket)
+	case err != nil:
+		return nil, fmt.Errorf("agent admin API: %w", err)
+	}
+	return resp, nil
 }

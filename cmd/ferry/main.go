@@ -34,6 +34,7 @@ func run(ctx context.Context, args []string) error {
 	root.AddCommand(newBenchCommand())
 	root.AddCommand(newObserveCommand())
 	root.AddCommand(newAgentCommand())
+	root.AddCommand(newExplainCommand())
 	root.AddCommand(newCheckCommand())
 	root.AddCommand(newUICommand())
 	root.AddCommand(newInstallCommand())

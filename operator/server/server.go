@@ -51,6 +51,9 @@ type Config struct {
 	View    Snapshots
 	CA      Signer
 	CertTTL time.Duration
+	// Mesh is the MeshConfig every state carries (shared, never changed); nil is
+	// the defaults.
+	Mesh *ferryv1.MeshConfig
 	// Metrics registers the server's metrics; nil registers none.
 	Metrics prometheus.Registerer
 	Log     *slog.Logger
@@ -219,8 +222,15 @@ func (s *Server) nodeState(node string, snap *mesh.Snapshot) *ferryv1.NodeState 
 		Services:       snap.Services,
 		ConfigStatus:   snap.ConfigStatus,
 		Authorization:  snap.Authorization,
-		Mesh:           &ferryv1.MeshConfig{},
+		Mesh:           s.mesh(),
 	}
+}
+
+func (s *Server) mesh() *ferryv1.MeshConfig {
+	if s.cfg.Mesh == nil {
+		return &ferryv1.MeshConfig{}
+	}
+	return s.cfg.Mesh
 }
 
 // Sign issues a certificate for a service account that has a pod on the caller's

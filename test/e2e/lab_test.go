@@ -75,6 +75,7 @@ func TestMain(m *testing.M) {
 	tmLab.teardown()
 	azLab.teardown()
 	hdLab.teardown()
+	mxLab.teardown()
 	os.Exit(code)
 }
 
