@@ -74,6 +74,7 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 	for i := range d.Nodes {
 		n := &d.Nodes[i]
 		p := procs[n.Name]
+		killDraining(n)
 		if n.AgentPID == 0 {
 			continue
 		}
@@ -93,7 +94,8 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 		}
 		log.Info("stop agent on "+n.Name, "pid", n.AgentPID)
 		_ = unix.Kill(n.AgentPID, unix.SIGTERM)
-		deadline := time.Now().Add(5 * time.Second)
+		// An agent told to stop first waits --handoff-wait (5s) for a successor.
+		deadline := time.Now().Add(15 * time.Second)
 		for alive() && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)
 		}

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
@@ -22,6 +21,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -105,9 +105,9 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
 		return fmt.Errorf("admin socket dir: %w", err)
 	}
-	os.Remove(p) // a socket file left by a killed agent
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "unix", p)
+	// A socket file left by a killed agent, or a previous agent's while it hands
+	// over, is replaced; closing removes it only while it is still this one.
+	ln, err := listener.Unix(ctx, p)
 	if err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
@@ -137,7 +137,6 @@ func (s *Server) Stop(ctx context.Context) error {
 	if s.done != nil {
 		<-s.done
 	}
-	os.Remove(s.cfg.Socket)
 	return err
 }
 

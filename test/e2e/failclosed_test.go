@@ -34,7 +34,8 @@ const (
 )
 
 // TestSecondAgentChangesNothing: a second agent started for node1 while the first
-// runs (same command line, in the node's namespace and cgroup) exits non-zero naming
+// runs (same command line, in the node's namespace and cgroup) that cannot take over
+// (--no-handoff, or refused: another node's name) exits non-zero naming
 // the first, and changes nothing the first owns: map entries, links and their
 // programs, pins, the files and sockets of its state folder, the in-pod listeners.
 // Meanwhile a→c keeps going, through mTLS only: every flow node2 records is mtls, and
@@ -66,8 +67,15 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 	duringFrom := tr.ok()
 	other := t.TempDir()
 	for range 3 {
-		out, err := e.secondAgent(t, "node1")
+		// An agent that may not take over (--no-handoff), and one that the running
+		// agent refuses to hand over to (another node's name): both stop at the lock.
+		out, err := e.secondAgent(t, "node1", "--no-handoff")
 		checkRefused(t, out, err, first, "agent.lock")
+		out, err = e.secondAgent(t, "node1", "--node", "node9")
+		checkRefused(t, out, err, first, "agent.lock")
+		if !strings.Contains(out, "handoff refused") {
+			t.Errorf("the agent for another node was not refused the handoff:\n%s", out)
+		}
 
 		// Another state folder: the pin folder's lock stops it, before it binds the
 		// health port (in use) or opens a socket.

@@ -32,6 +32,8 @@ type scenarioResult struct {
 	Local    string  `json:"local,omitempty"`
 	Err      string  `json:"error,omitempty"`
 	Duration float64 `json:"duration_ms,omitempty"`
+	// Counts are a scenario's own tallies (churn: connections ok and failed).
+	Counts map[string]int64 `json:"counts,omitempty"`
 }
 
 // runScenario is called from TestMain in the re-executed child: args are
@@ -208,7 +210,10 @@ func scenario(args []string) (scenarioResult, error) {
 			return scenarioResult{}, fmt.Errorf("want refused or reset, got %v", err)
 		}
 	}
-	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
+	if res, ok, err := churnScenario(name, addr, args[2:]); ok {
+		return res, err
+	}
+		if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
 		return res, err
 	}
 	return scenarioResult{}, fmt.Errorf("unknown scenario %q", name)
