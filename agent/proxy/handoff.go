@@ -48,13 +48,11 @@ func (p *Proxy) StopAccepting() {
 		for _, ln := range pd.listeners {
 			ln.Close()
 		}
+		p.drainTunnel(pd.tunnel)
 	}
 	// Idle keep-alive connections close; a request in progress gets its response
 	// with "Connection: close".
 	p.l7.srv.SetKeepAlivesEnabled(false)
-	for _, pd := range pods {
-		p.drainTunnel(pd.tunnel)
-	}
 }
 
 // Drain waits until no proxied connection and no tunnel stream is left, or ctx
@@ -63,11 +61,12 @@ func (p *Proxy) Drain(ctx context.Context) {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for {
-		live, _ := p.conns.snapshot()
+		// Handlers cover a connection accepted but not yet recorded; the records,
+		// those the L7 server carries.
 		p.mu.RLock()
 		tunnels := len(p.draining)
 		p.mu.RUnlock()
-		if len(live) == 0 && tunnels == 0 {
+		if p.conns.liveCount() == 0 && tunnels == 0 && p.handling.Load() == 0 {
 			return
 		}
 		select {
@@ -98,4 +97,11 @@ func (p *Proxy) drainTunnel(ts *tunnel.Server) {
 		delete(p.draining, ts)
 		p.mu.Unlock()
 	}()
+}
+
+// liveCount is how many connections are open.
+func (t *tracker) liveCount() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.live)
 }

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -114,6 +115,8 @@ type Proxy struct {
 	draining map[*tunnel.Server]struct{}
 
 	wg sync.WaitGroup
+	// handling counts the accepted connections whose handler runs (handoff.go).
+	handling atomic.Int64
 }
 
 // tunnels opens streams to pods on other nodes.
@@ -307,7 +310,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	p.goServe(func() { p.serveInbound(pd, in) })
 	p.goServe(func() {
 		err := pd.tunnel.Serve(tun)
-		if err != nil && pd.ctx.Err() == nil && !errors.Is(err, tunnel.ErrServerClosed) {
+		if err != nil && pd.ctx.Err() == nil && !errors.Is(err, tunnel.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 			p.log.Warn("tunnel listener stopped", "pod", w.Name, "error", err)
 		}
 	})
@@ -438,7 +441,11 @@ func (p *Proxy) acceptLoop(pd *pod, ln net.Listener, handle func(*net.TCPConn)) 
 			}
 			return
 		}
-		p.goServe(func() { handle(c.(*net.TCPConn)) })
+		p.handling.Add(1) // Drain waits for it
+		p.goServe(func() {
+			defer p.handling.Add(-1)
+			handle(c.(*net.TCPConn))
+		})
 	}
 }
 

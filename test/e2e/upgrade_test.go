@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -114,9 +116,21 @@ func TestUpgradeWithoutFailures(t *testing.T) {
 	if res.Counts["new_ok"] == 0 {
 		t.Error("no connection succeeded across the crashes")
 	}
+	// The programs are loaded again by each new agent (new IDs, the same pinned
+	// links) and the inbound listener is a new socket; what must not change is
+	// which pods are enrolled, the pins, and how many links and listeners there are.
 	for node, b := range before {
-		if diff := b.diff(e.owned(t, node, false)); diff != "" {
+		if diff := leakView(b).diff(leakView(e.owned(t, node, false))); diff != "" {
 			t.Errorf("%s: pins or map entries changed across the crashes:\n%s", node, diff)
+		}
+		// The crashed agents' programs, replaced in the links, are unloaded.
+		after := e.owned(t, node, false)
+		for i, p := range b.Programs {
+			if i < len(after.Programs) && after.Programs[i].ID != p.ID {
+				if out, err := exec.Command("bpftool", "prog", "show", "id", strconv.FormatUint(uint64(p.ID), 10)).CombinedOutput(); err == nil {
+					t.Errorf("%s: program %d (%s) of a crashed agent is still loaded: %s", node, p.ID, p.Name, out)
+				}
+			}
 		}
 	}
 	// And the mesh still carries a→c.
@@ -144,6 +158,11 @@ func newUpgradeLab(t *testing.T) *env {
 		if t.Failed() {
 			for _, node := range e.lab.Nodes() {
 				t.Logf("end of the agent log on %s:\n%s", node, tailFile(e.lab.AgentLog(node), 60))
+				if dir := os.Getenv("FERRY_E2E_KEEP_LOGS"); dir != "" {
+					if b, err := os.ReadFile(e.lab.AgentLog(node)); err == nil {
+						os.WriteFile(filepath.Join(dir, node+".log"), b, 0o644)
+					}
+				}
 			}
 		}
 		e.teardown()
@@ -152,6 +171,19 @@ func newUpgradeLab(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	return e
+}
+
+// leakView is what a crash and restart must leave as it was.
+func leakView(o owned) owned {
+	v := owned{Enrolled: o.Enrolled, Excluded: o.Excluded, Pins: o.Pins}
+	for _, in := range o.Inbound {
+		in.SocketCookie = 0
+		v.Inbound = append(v.Inbound, in)
+	}
+	for _, p := range o.Programs {
+		v.Files = append(v.Files, p.Pin) // the pinned links, without their program IDs
+	}
+	return v
 }
 
 func pidRunning(pid int) bool {
