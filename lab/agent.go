@@ -249,7 +249,7 @@ func (l *Lab) WaitAgentReady(ctx context.Context, node string) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("wait for agent on %s: %w (last: %v)", node, ctx.Err(), last)
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond): // fine enough to time restarts by
 		}
 	}
 }

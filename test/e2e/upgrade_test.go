@@ -65,9 +65,23 @@ func TestUpgradeWithoutFailures(t *testing.T) {
 		serving = append(serving, u.Serving)
 		time.Sleep(300 * time.Millisecond) // new connections on the new agent too
 	}
+	// A plain restart takes the same path: SIGTERM, and the new agent at once.
+	for _, node := range []string{"node1", "node2"} {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		r, err := e.lab.RestartAgent(ctx, node, syscall.SIGTERM)
+		cancel()
+		if err != nil {
+			t.Fatalf("restart (SIGTERM) of %s: %v", node, err)
+		}
+		if r.Stopped == 0 {
+			t.Errorf("restart of %s: the old agent pid %d still runs", node, r.OldPID)
+		}
+		t.Logf("restart (SIGTERM) of %s: new agent ready after %s, old one drained and exited after %s", node, r.Ready, r.Stopped)
+		time.Sleep(300 * time.Millisecond)
+	}
 	res := churn.stop(t)
-	t.Logf("20 upgrades (10 per node) under load: %v; new agent serving after p50 %s, max %s",
-		res.Counts, percentile(serving, 50), percentile(serving, 100))
+	t.Logf("20 upgrades (10 per node) and 2 restarts under load: %v in %.1fs; new agent serving after p50 %s, max %s",
+		res.Counts, res.Seconds, percentile(serving, 50), percentile(serving, 100))
 	if res.Counts["new_ok"] < int64(200*res.Seconds*0.8) {
 		t.Errorf("%d new connections in %.1fs: the load was below 200 a second", res.Counts["new_ok"], res.Seconds)
 	}
