@@ -21,8 +21,8 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
-	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )

@@ -215,10 +215,17 @@ func TestFailedStartLeavesKernelAsFound(t *testing.T) {
 // when the test ends.
 func newFailClosedLab(t *testing.T) *env {
 	t.Helper()
+	return newACLab(t, foPrefix, foPodNet)
+}
+
+// newACLab is a lab of two nodes, node1 with pod a and node2 with pod c (an echo
+// server), both enrolled, fed from state files, its pods in 10.<podNet>.0.0/16.
+func newACLab(t *testing.T, prefix string, podNet uint8) *env {
+	t.Helper()
 	privileged.Require(t)
 	cfg := lab.Config{
-		Prefix: foPrefix,
-		PodNet: foPodNet,
+		Prefix: prefix,
+		PodNet: podNet,
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
 			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},
@@ -228,12 +235,17 @@ func newFailClosedLab(t *testing.T) *env {
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
 	if err != nil {
-		t.Fatalf("fail-closed lab: %v", err)
+		t.Fatalf("lab %s: %v", prefix, err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, node := range e.lab.Nodes() {
 				t.Logf("end of the agent log on %s:\n%s", node, tailFile(e.lab.AgentLog(node), 40))
+				if dir := os.Getenv("FERRY_E2E_KEEP_LOGS"); dir != "" { // the whole log, to read
+					if b, err := os.ReadFile(e.lab.AgentLog(node)); err == nil {
+						os.WriteFile(filepath.Join(dir, prefix+"-"+node+".log"), b, 0o644)
+					}
+				}
 			}
 		}
 		e.teardown()

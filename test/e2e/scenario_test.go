@@ -213,7 +213,7 @@ func scenario(args []string) (scenarioResult, error) {
 	if res, ok, err := churnScenario(name, addr, args[2:]); ok {
 		return res, err
 	}
-		if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
+	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
 		return res, err
 	}
 	return scenarioResult{}, fmt.Errorf("unknown scenario %q", name)

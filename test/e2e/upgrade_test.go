@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -18,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/internal/privileged"
-	"github.com/ferrymesh/ferry/lab"
 )
 
 // The upgrade lab: node1 has pod a, node2 pod c, both enrolled, fed from state
@@ -153,38 +150,7 @@ func TestUpgradeWithoutFailures(t *testing.T) {
 
 func newUpgradeLab(t *testing.T) *env {
 	t.Helper()
-	privileged.Require(t)
-	cfg := lab.Config{
-		Prefix: huPrefix,
-		PodNet: huPodNet,
-		Nodes: []lab.NodeConfig{
-			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
-			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},
-		},
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
-	if err != nil {
-		t.Fatalf("upgrade lab: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, node := range e.lab.Nodes() {
-				t.Logf("end of the agent log on %s:\n%s", node, tailFile(e.lab.AgentLog(node), 60))
-				if dir := os.Getenv("FERRY_E2E_KEEP_LOGS"); dir != "" {
-					if b, err := os.ReadFile(e.lab.AgentLog(node)); err == nil {
-						os.WriteFile(filepath.Join(dir, node+".log"), b, 0o644)
-					}
-				}
-			}
-		}
-		e.teardown()
-	})
-	if err := e.startServer(ctx, "c", echoPort); err != nil {
-		t.Fatal(err)
-	}
-	return e
+	return newACLab(t, huPrefix, huPodNet)
 }
 
 // leakView is what a crash and restart must leave as it was.
