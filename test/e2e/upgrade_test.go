@@ -16,7 +16,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
 )
 
 // The upgrade lab: node1 has pod a, node2 pod c, both enrolled, fed from state
