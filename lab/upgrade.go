@@ -65,7 +65,7 @@ func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal,
 			return u, fmt.Errorf("upgrade agent on %s: signal %d: %w", node, u.OldPID, err)
 		}
 	}
-	p, err := l.spawnAgentLocked(n, append(append([]string(nil), l.desc.Config.AgentArgs...), args...))
+	p, err := l.spawnAgentLocked(n, args)
 	if err != nil {
 		l.mu.Unlock()
 		return u, err
