@@ -220,12 +220,13 @@ func newFailClosedLab(t *testing.T) *env {
 
 // newACLab is a lab of two nodes, node1 with pod a and node2 with pod c (an echo
 // server), both enrolled, fed from state files, its pods in 10.<podNet>.0.0/16.
-func newACLab(t *testing.T, prefix string, podNet uint8) *env {
+func newACLab(t *testing.T, prefix string, podNet uint8, agentArgs ...string) *env {
 	t.Helper()
 	privileged.Require(t)
 	cfg := lab.Config{
-		Prefix: prefix,
-		PodNet: podNet,
+		Prefix:    prefix,
+		PodNet:    podNet,
+		AgentArgs: agentArgs,
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
 			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},

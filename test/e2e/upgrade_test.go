@@ -149,7 +149,8 @@ func TestUpgradeWithoutFailures(t *testing.T) {
 
 func newUpgradeLab(t *testing.T) *env {
 	t.Helper()
-	return newACLab(t, huPrefix, huPodNet)
+	// Debug: a refused connection is logged with its reason.
+	return newACLab(t, huPrefix, huPodNet, "--log-level=debug")
 }
 
 // leakView is what a crash and restart must leave as it was.
