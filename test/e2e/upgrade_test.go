@@ -149,8 +149,7 @@ func TestUpgradeWithoutFailures(t *testing.T) {
 
 func newUpgradeLab(t *testing.T) *env {
 	t.Helper()
-	// Debug: a refused connection is logged with its reason.
-	return newACLab(t, huPrefix, huPodNet, "--log-level=debug")
+	return newACLab(t, huPrefix, huPodNet)
 }
 
 // leakView is what a crash and restart must leave as it was.
