@@ -643,15 +643,11 @@ soon as the connections it carries have ended).`,
   sudo ferry lab upgrade-agent node2 --no-wait --json`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			l, err := f.load()
+			l, node, err := f.loadNode(args[0])
 			if err != nil {
 				return err
 			}
 			defer l.Close()
-			node := args[0]
-			if !slices.Contains(l.Nodes(), node) {
-				return fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
-			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			u, err := l.UpgradeAgent(ctx, node, 0, !noWait)
@@ -711,15 +707,11 @@ A node whose agent is not running has it started. The agent's output goes on to
 			if err != nil {
 				return err
 			}
-			l, err := f.load()
+			l, node, err := f.loadNode(args[0])
 			if err != nil {
 				return err
 			}
 			defer l.Close()
-			node := args[0]
-			if !slices.Contains(l.Nodes(), node) {
-				return fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
-			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			r, err := l.RestartAgent(ctx, node, sig)
@@ -752,6 +744,19 @@ func signalName(sig syscall.Signal) string {
 		return "SIGKILL"
 	}
 	return "SIGTERM"
+}
+
+// loadNode loads the lab and checks it has node.
+func (f *labFlags) loadNode(node string) (*lab.Lab, string, error) {
+	l, err := f.load()
+	if err != nil {
+		return nil, "", err
+	}
+	if !slices.Contains(l.Nodes(), node) {
+		l.Close()
+		return nil, "", fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
+	}
+	return l, node, nil
 }
 
 // parseSignal reads restart-agent's --signal: TERM or KILL, with or without SIG.
