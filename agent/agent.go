@@ -60,8 +60,8 @@ type Config struct {
 	// from a running one (which this agent then leaves as it was, and exits).
 	NoHandoff bool
 	// HandoffWait is how long an agent told to stop waits for a new agent to take
-	// its listeners over before it closes them (a restart: stop the old, start the
-	// new at once); 0 stops at once.
+	// its listeners over before it closes them, for a supervisor that signals the
+	// old agent before it starts the new one; 0 (the default) stops at once.
 	HandoffWait time.Duration
 	// DrainGrace bounds how long an agent that handed its listeners over keeps
 	// carrying the connections it has, before it exits.
@@ -90,7 +90,6 @@ func DefaultConfig() Config {
 		Observe:     observe.DefaultConfig(),
 		Tracing:     tracing.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
-		HandoffWait: 5 * time.Second,
 		DrainGrace:  5 * time.Minute,
 	}
 }
@@ -108,7 +107,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.AdminSocket, "admin-socket", c.AdminSocket, "unix socket for the admin API (\"\" disables it)")
 	fs.StringVar(&c.LockFile, "lock-file", c.LockFile, "lock held while the agent runs, so a second agent for the node exits before touching anything (default: agent.lock beside --admin-socket, else beside --state-cache)")
 	fs.BoolVar(&c.NoHandoff, "no-handoff", c.NoHandoff, "neither hand the listeners over to a new agent nor take them from a running one (which this agent then leaves as it was, and exits)")
-	fs.DurationVar(&c.HandoffWait, "handoff-wait", c.HandoffWait, "when told to stop, how long to wait for a new agent to take the listeners over before closing them (0: stop at once)")
+	fs.DurationVar(&c.HandoffWait, "handoff-wait", c.HandoffWait, "when told to stop, how long to wait for a new agent to take the listeners over before closing them, for a supervisor that signals before it starts the new agent (0: stop at once)")
 	fs.DurationVar(&c.DrainGrace, "drain-grace", c.DrainGrace, "after handing the listeners to a new agent, how long to keep carrying the established connections before exiting")
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")

@@ -94,8 +94,7 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 		}
 		log.Info("stop agent on "+n.Name, "pid", n.AgentPID)
 		_ = unix.Kill(n.AgentPID, unix.SIGTERM)
-		// An agent told to stop first waits --handoff-wait (5s) for a successor.
-		deadline := time.Now().Add(15 * time.Second)
+		deadline := time.Now().Add(5 * time.Second)
 		for alive() && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)
 		}

@@ -6,6 +6,7 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"syscall"
@@ -34,11 +35,11 @@ type drainingAgent struct {
 }
 
 // UpgradeAgent starts a second agent for node with the running one's command line,
-// in the node's network namespace and cgroup, waits until it serves (until ctx
-// ends), and then, with waitExit, until the old agent has drained and exited.
-// Before sig is sent (0: none), the new agent finds the old one's lock held and
-// takes over from it; with SIGTERM sent first (a restart), the old one waits for it
-// (--handoff-wait).
+// in the node's network namespace and cgroup, beside the running one: it finds the
+// old one's lock held and takes over from it. UpgradeAgent waits until it serves
+// (until ctx ends), then sends sig (0: none) to the old agent, as a supervisor
+// stopping it would, and with waitExit waits until the old agent has drained and
+// exited.
 func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal, waitExit bool) (Upgraded, error) {
 	u := Upgraded{Node: node, OldPID: l.AgentPID(node)}
 	if u.OldPID == 0 {
@@ -59,12 +60,6 @@ func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal,
 	oldStart := n.AgentStart
 	before, _ := os.Lstat(n.Socket)
 	start := time.Now()
-	if sig != 0 {
-		if err := unix.Kill(u.OldPID, sig); err != nil {
-			l.mu.Unlock()
-			return u, fmt.Errorf("upgrade agent on %s: signal %d: %w", node, u.OldPID, err)
-		}
-	}
 	p, err := l.spawnAgentLocked(n, args)
 	if err != nil {
 		l.mu.Unlock()
@@ -101,6 +96,13 @@ func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal,
 		}
 	}
 	u.Serving = time.Since(start)
+	if sig != 0 {
+		// The old agent has handed over and drains; the signal changes nothing of
+		// that (an agent that did not hand over would stop now).
+		if err := unix.Kill(u.OldPID, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			return u, fmt.Errorf("upgrade agent on %s: signal %d: %w", node, u.OldPID, err)
+		}
+	}
 	if waitExit {
 		timeout := time.Minute
 		if dl, ok := ctx.Deadline(); ok {
