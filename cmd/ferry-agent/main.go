@@ -45,8 +45,12 @@ state it is given, and carries their TCP traffic: mutual TLS to pods on other no
 straight through to pods on this node, plaintext to destinations outside the mesh.
 
 One agent runs per node: it holds a lock in its state folder (--lock-file) and on
---bpf-pin-dir while it runs, and a second agent started for the node exits at once,
-naming the running one's pid, without touching its pins, pods, sockets or files.
+--bpf-pin-dir while it runs. A second agent started for the node (an upgrade, a
+restart) takes the running one's listeners and locks over through handoff.sock in
+the state folder, and the old one stops accepting, drains (--drain-grace) and exits,
+leaving the pins and enrollments to the new one; a second agent that cannot take over
+(--no-handoff, a refusal) exits at once, naming the running one's pid, without
+touching its pins, pods, sockets or files.
 
 With --cleanup it removes everything Ferry put in the kernel and exits (refusing while
 an agent runs); given --state and --node, also the iptables capture rules in the node's

@@ -693,8 +693,8 @@ network namespace and cgroup, with the same flags (those the lab gives every age
 any the running one was started with beyond them). Then wait until the new agent answers
 on its admin socket, and print how long the node was without one.
 
---signal TERM is a rolling restart: the new agent starts at once beside the old one,
-takes its listeners over (see upgrade-agent) and the old one drains and exits;
+--signal TERM is a rolling restart: the new agent starts beside the old one and takes
+its listeners over (see upgrade-agent), then the old one gets SIGTERM, drains and exits;
 --signal KILL is a crash: the new agent starts once the old one is gone.
 A node whose agent is not running has it started. The agent's output goes on to
 <state-dir>/<node>/agent.log.`,
