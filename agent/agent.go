@@ -17,6 +17,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/adminserver"
 	"github.com/ferrymesh/ferry/agent/controlplane"
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/agent/handoff"
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/agent/observe"
@@ -27,6 +28,7 @@ import (
 	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -56,6 +58,16 @@ type Config struct {
 	// agent.lock beside AdminSocket, or beside StateCache without one; the pin folder
 	// is locked too whatever this says (Capture.Lock).
 	LockFile string
+	// NoHandoff: neither hand the listeners over to a new agent nor take them
+	// from a running one (which this agent then leaves as it was, and exits).
+	NoHandoff bool
+	// HandoffWait is how long an agent told to stop waits for a new agent to take
+	// its listeners over before it closes them, for a supervisor that signals the
+	// old agent before it starts the new one; 0 (the default) stops at once.
+	HandoffWait time.Duration
+	// DrainGrace bounds how long an agent that handed its listeners over keeps
+	// carrying the connections it has, before it exits.
+	DrainGrace time.Duration
 	// Datapath configures the eBPF data path, loaded in both capture modes; its mark
 	// and mesh ports are also the proxy's.
 	Datapath datapath.Config
@@ -83,6 +95,7 @@ func DefaultConfig() Config {
 		Tracing:     tracing.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
 		Budgets:     proxy.DefaultBudgets(),
+		DrainGrace:  5 * time.Minute,
 	}
 }
 
@@ -98,6 +111,9 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.HealthAddr, "health-addr", c.HealthAddr, "address of /healthz and /readyz (ready once a state is applied; \"\" disables)")
 	fs.StringVar(&c.AdminSocket, "admin-socket", c.AdminSocket, "unix socket for the admin API (\"\" disables it)")
 	fs.StringVar(&c.LockFile, "lock-file", c.LockFile, "lock held while the agent runs, so a second agent for the node exits before touching anything (default: agent.lock beside --admin-socket, else beside --state-cache)")
+	fs.BoolVar(&c.NoHandoff, "no-handoff", c.NoHandoff, "neither hand the listeners over to a new agent nor take them from a running one (which this agent then leaves as it was, and exits)")
+	fs.DurationVar(&c.HandoffWait, "handoff-wait", c.HandoffWait, "when told to stop, how long to wait for a new agent to take the listeners over before closing them, for a supervisor that signals before it starts the new agent (0: stop at once)")
+	fs.DurationVar(&c.DrainGrace, "drain-grace", c.DrainGrace, "after handing the listeners to a new agent, how long to keep carrying the established connections before exiting")
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	c.Observe.Flags(fs)
@@ -200,6 +216,15 @@ type Agent struct {
 	parts   []part
 	started []part
 
+	// The listener handoff: lock is the lock part, takeover takes over from a
+	// running agent and hands over to the next one through handoffSrv (nil
+	// without a state folder or with NoHandoff); handedOver is set once a new
+	// agent has taken this one's listeners.
+	lock       *nodeLock
+	takeover   *takeover
+	handoffSrv *handoff.Server
+	handedOver atomic.Bool
+
 	// fileState is the state file as read before the capture starts, so that one
 	// the agent cannot use fails the start before anything changes; applied after.
 	fileState *ferryv1.NodeState
@@ -259,6 +284,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a := &Agent{cfg: cfg, log: log, capture: capture, findNetns: findNetns, ids: identity.NewStore(),
 		enrolled: map[string]enrolledPod{}, failing: map[string]string{}, held: map[string]uint64{}, kick: make(chan struct{}, 1)}
+	a.takeover = &takeover{a: a, inherited: listener.NewInherited(), handed: make(chan struct{})}
 	var err error
 	if cfg.Operator != "" {
 		a.conn, err = controlplane.Dial(controlplane.DialConfig{Addr: cfg.Operator, CAFile: cfg.OperatorCA, TokenFile: cfg.TokenFile})
@@ -315,8 +341,20 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	// The admin API comes last: its /status answering says the agent has started
 	// (the lab and the tests wait for it), and a unix socket it opens after
 	// removing a stale one cannot be in use.
+	// The lock is also where a handoff starts: a new agent that finds it held asks
+	// the holder for its locks and listeners (handoff.go), and every step below
+	// then takes the inherited listener of its address instead of binding one.
 	if p := cfg.lockPath(); p != "" {
-		a.parts = append(a.parts, part{"lock", &nodeLock{path: p, log: log}})
+		a.lock = &nodeLock{path: p, log: log, t: a.takeover}
+		a.parts = append(a.parts, part{"lock", a.lock})
+		if !cfg.NoHandoff {
+			a.handoffSrv, err = handoff.NewServer(handoff.ServerConfig{
+				Path: cfg.handoffPath(), Node: cfg.Node, Offer: a.takeover.offer, Handed: a.takeover.handedOff, Log: log,
+			})
+			if err != nil {
+				return nil, err
+			}
+		}
 	}
 	// The pins' lock too, in case two agents' state folders differ.
 	a.parts = append(a.parts, part{"pin lock", hooks{
@@ -351,6 +389,12 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		)
 	}
 	a.parts = append(a.parts, part{"reconcile", &loop{run: a.reconcileLoop}})
+	if a.handoffSrv != nil {
+		// Once everything serves: tell the agent this one took over from, then
+		// offer the same to the next. Before the admin API, whose answering says
+		// the agent has started, and after a handoff, that it has taken over.
+		a.parts = append(a.parts, part{"handoff", a.takeover})
+	}
 	if a.admin != nil {
 		a.parts = append(a.parts, part{"admin API", a.admin})
 	}
@@ -366,6 +410,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	if len(a.started) != 0 {
 		return errors.New("agent already started")
 	}
+	// Every listener a part opens is first looked for among those a running agent
+	// handed over (none unless the lock part took over from one).
+	ctx = listener.WithInherited(ctx, a.takeover.inherited)
 	for _, p := range a.parts {
 		if err := p.c.Start(ctx); err != nil {
 			err = fmt.Errorf("start %s: %w", p.name, err)
@@ -381,6 +428,9 @@ func (a *Agent) Start(ctx context.Context) error {
 			a.mu.Lock()
 			a.aborting = false
 			a.mu.Unlock()
+			// Listeners taken over but not served: the running agent, not told we
+			// serve, still holds and accepts on them, and carries on.
+			a.takeover.abort()
 			return err
 		}
 		a.started = append(a.started, p)
@@ -457,7 +507,9 @@ func (a *Agent) leavePods(context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, p := range a.enrolled {
-		if a.aborting && !p.adopted {
+		if a.handedOver.Load() {
+			// The new agent serves the pod now: its capture is the new one's.
+		} else if a.aborting && !p.adopted {
 			a.log.Info("start failed: releasing a pod this run enrolled", "pod", p.w.Name)
 			if err := a.capture.Release(p.ns, p.cookie); err != nil {
 				a.log.Warn("release capture", "pod", p.w.Name, "error", err)

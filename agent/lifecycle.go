@@ -5,7 +5,9 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"log/slog"
+	"sync"
 
 	"github.com/ferrymesh/ferry/agent/datapath"
 )
@@ -16,29 +18,49 @@ import (
 // adopted a pin of the running one; the data path takes a second lock on the pin
 // folder, in case the state folders differ.
 //
-// This is where a listener handoff (issue 13, item 1) would start: rather than
-// exiting, the new agent would ask the holder, over its socket, for the in-pod
-// listeners, and take the lock once the old one lets go.
+// When the lock is held, the new agent asks the holder over the handoff socket for
+// the lock's and the pin folder's descriptors and the listeners (takeover.take);
+// whatever goes wrong there, it still exits before touching anything.
 type nodeLock struct {
 	path string
 	log  *slog.Logger
+	t    *takeover
+
+	mu   sync.Mutex
 	lock *datapath.Lock
 }
 
-func (l *nodeLock) Start(context.Context) error {
+func (l *nodeLock) Start(ctx context.Context) error {
 	lock, err := datapath.LockFile(l.path)
+	if errors.Is(err, datapath.ErrLocked) {
+		lock, err = l.t.take(ctx, l.path, err)
+	}
 	if err != nil {
 		return err
 	}
+	l.mu.Lock()
 	l.lock = lock
+	l.mu.Unlock()
 	l.log.Info("agent lock taken", "lock", l.path)
 	return nil
 }
 
 func (l *nodeLock) Stop(context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	err := l.lock.Unlock()
 	l.lock = nil
 	return err
+}
+
+// held is the lock while the agent holds it.
+func (l *nodeLock) held() *datapath.Lock {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lock
 }
 
 // hooks is a component made of two functions; either may be nil.

@@ -58,24 +58,38 @@ func (l *Lab) StartAgent(node string, extraArgs ...string) error {
 	if err != nil {
 		return err
 	}
-	if l.desc.Config.AgentBinary == "" {
-		return fmt.Errorf("start agent on %s: the lab has no agent binary", node)
-	}
 	if l.agentAliveLocked(n) {
 		return fmt.Errorf("start agent on %s: already running as pid %d", node, n.AgentPID)
 	}
-	logf, err := os.OpenFile(n.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return fmt.Errorf("start agent on %s: %w", node, err)
-	}
-	defer logf.Close()
-	fmt.Fprintf(logf, "--- ferry lab: starting agent on %s at %s\n", node, time.Now().Format(time.RFC3339))
 	if err := os.Remove(n.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("start agent on %s: stale socket: %w", node, err)
 	}
+	p, err := l.spawnAgentLocked(n, extraArgs)
+	if err != nil {
+		return err
+	}
+	l.procs[node] = p
+	n.AgentPID = p.pid
+	n.AgentStart, _ = procStartTime(p.pid)
+	return l.save()
+}
+
+// spawnAgentLocked starts an agent process for n, whether one runs or not (an
+// upgrade starts the new one beside the old); l.mu is held.
+func (l *Lab) spawnAgentLocked(n *nodeInfo, extraArgs []string) (*agentProc, error) {
+	node := n.Name
+	if l.desc.Config.AgentBinary == "" {
+		return nil, fmt.Errorf("start agent on %s: the lab has no agent binary", node)
+	}
+	logf, err := os.OpenFile(n.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("start agent on %s: %w", node, err)
+	}
+	defer logf.Close()
+	fmt.Fprintf(logf, "--- ferry lab: starting agent on %s at %s\n", node, time.Now().Format(time.RFC3339))
 	cg, err := unix.Open(n.Cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("start agent on %s: open cgroup: %w", node, err)
+		return nil, fmt.Errorf("start agent on %s: open cgroup: %w", node, err)
 	}
 	defer unix.Close(cg)
 
@@ -86,19 +100,19 @@ func (l *Lab) StartAgent(node string, extraArgs ...string) error {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cg}
 	if err := cmd.Start(); err != nil {
 		if cmd.Err != nil || errors.Is(err, exec.ErrNotFound) {
-			return fmt.Errorf("start agent on %s: %w", node, err)
+			return nil, fmt.Errorf("start agent on %s: %w", node, err)
 		}
 		l.log.Warn("starting the agent inside its cgroup failed; moving it there after start", "node", node, "error", err)
 		cmd = l.agentCommand(n, append(slices.Clone(l.desc.Config.AgentArgs), extraArgs...)...)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 		if err := cmd.Start(); err != nil {
-			return fmt.Errorf("start agent on %s: %w", node, err)
+			return nil, fmt.Errorf("start agent on %s: %w", node, err)
 		}
 		if err := moveToCgroup(n.Cgroup, cmd.Process.Pid); err != nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
-			return fmt.Errorf("start agent on %s: %w", node, err)
+			return nil, fmt.Errorf("start agent on %s: %w", node, err)
 		}
 	}
 	p := &agentProc{pid: cmd.Process.Pid, done: make(chan struct{})}
@@ -107,11 +121,8 @@ func (l *Lab) StartAgent(node string, extraArgs ...string) error {
 		_ = cmd.Wait()
 		close(p.done)
 	}()
-	l.procs[node] = p
-	n.AgentPID = p.pid
-	n.AgentStart, _ = procStartTime(p.pid)
 	l.log.Info("agent started", "node", node, "pid", p.pid, "log", n.LogFile)
-	return l.save()
+	return p, nil
 }
 
 // StopAgent sends sig (SIGTERM, or SIGKILL to simulate a crash) to the node's agent
@@ -238,7 +249,7 @@ func (l *Lab) WaitAgentReady(ctx context.Context, node string) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("wait for agent on %s: %w (last: %v)", node, ctx.Err(), last)
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond): // fine enough to time restarts by
 		}
 	}
 }

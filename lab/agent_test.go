@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
@@ -69,7 +70,9 @@ func fakeAgent(args []string) error {
 		addrs = append(addrs, a.String())
 	}
 	st := fakeStatus{Node: *node, Cgroup: string(self), Addrs: addrs, Args: args}
-	ln, err := net.Listen("unix", *sock)
+	// As the real agent does: a predecessor's socket is replaced (an upgrade runs
+	// the new agent beside the old one), and only its own is removed on close.
+	ln, err := listener.Unix(context.Background(), *sock)
 	if err != nil {
 		return err
 	}

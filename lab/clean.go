@@ -74,6 +74,7 @@ func clean(d *description, procs map[string]*agentProc, log *slog.Logger) error 
 	for i := range d.Nodes {
 		n := &d.Nodes[i]
 		p := procs[n.Name]
+		killDraining(n)
 		if n.AgentPID == 0 {
 			continue
 		}

@@ -83,6 +83,9 @@ type nodeInfo struct {
 	// AgentStart is the agent's start time (clock ticks after boot, from
 	// /proc/PID/stat), which tells the agent apart from a later process reusing its PID.
 	AgentStart uint64 `json:"agentStart,omitempty"`
+	// Draining are agents that handed their listeners to a newer one (UpgradeAgent)
+	// and may still carry connections.
+	Draining []drainingAgent `json:"draining,omitempty"`
 }
 
 // PodInfo describes one pod of the lab.

@@ -31,9 +31,12 @@ type Restarted struct {
 }
 
 // RestartAgent sends sig (SIGTERM for a rolling restart, SIGKILL for a crash) to the
-// node's agent, waits for it to exit and starts it again with the same command line,
-// in the node's network namespace and cgroup, then waits (until ctx ends) for it to
-// be ready. A node whose agent is not running has it started.
+// node's agent and starts it again with the same command line, in the node's
+// network namespace and cgroup, then waits (until ctx ends) for it to be ready. For
+// SIGKILL it kills the old agent and waits for its exit first; for SIGTERM it starts
+// the new one first, which takes the old one's listeners over (UpgradeAgent), then
+// signals the old one and waits for it to drain and exit (Stopped is 0 if it still
+// drains when ctx ends). A node whose agent is not running has it started.
 func (l *Lab) RestartAgent(ctx context.Context, node string, sig syscall.Signal) (Restarted, error) {
 	r := Restarted{Node: node, OldPID: l.AgentPID(node)}
 	if r.OldPID != 0 {
@@ -42,6 +45,19 @@ func (l *Lab) RestartAgent(ctx context.Context, node string, sig syscall.Signal)
 			return r, fmt.Errorf("restart agent on %s: %w", node, err)
 		}
 		r.Args = args
+	}
+	if r.OldPID != 0 && sig == syscall.SIGTERM {
+		// A restart is an upgrade to the same binary: the new agent starts beside
+		// the old one and takes its listeners over; then the old one is told to
+		// stop, and drains and exits.
+		u, err := l.UpgradeAgent(ctx, node, sig, true)
+		r.NewPID, r.Ready, r.Stopped = u.NewPID, u.Serving, u.Exited
+		if err != nil {
+			return r, fmt.Errorf("restart agent on %s: %w", node, err)
+		}
+		l.log.Info("agent restarted", "node", node, "signal", sig.String(), "old_pid", r.OldPID, "new_pid", r.NewPID,
+			"stopped", r.Stopped, "ready", r.Ready)
+		return r, nil
 	}
 	start := time.Now()
 	if r.OldPID != 0 {

@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
@@ -26,6 +25,7 @@ import (
 
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
@@ -114,9 +114,9 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
 		return fmt.Errorf("admin socket dir: %w", err)
 	}
-	os.Remove(p) // a socket file left by a killed agent
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "unix", p)
+	// A socket file left by a killed agent, or a previous agent's while it hands
+	// over, is replaced; closing removes it only while it is still this one.
+	ln, err := listener.Unix(ctx, p)
 	if err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
@@ -146,7 +146,6 @@ func (s *Server) Stop(ctx context.Context) error {
 	if s.done != nil {
 		<-s.done
 	}
-	os.Remove(s.cfg.Socket)
 	return err
 }
 

@@ -162,3 +162,72 @@ func (l *Lock) Unlock() error {
 	}
 	return nil
 }
+
+// File is the locked file's descriptor, for passing to the agent that takes over
+// (agent/handoff): the flock belongs to the open file description, which the copy
+// shares, so it stays held while either process has it open.
+func (l *Lock) File() *os.File { return l.f }
+
+// AdoptLock makes a Lock of f, a descriptor of path received from the agent that
+// held the lock: f must be the file or folder at path and hold its flock (taking
+// it again on the same open file description succeeds; another holder's does not).
+func AdoptLock(path string, f *os.File) (*Lock, error) {
+	var want, got unix.Stat_t
+	if err := unix.Stat(path, &want); err != nil {
+		return nil, fmt.Errorf("adopt lock %s: %w", path, err)
+	}
+	if err := unix.Fstat(int(f.Fd()), &got); err != nil {
+		return nil, fmt.Errorf("adopt lock %s: %w", path, err)
+	}
+	if want.Dev != got.Dev || want.Ino != got.Ino {
+		return nil, fmt.Errorf("adopt lock %s: the descriptor passed is another file", path)
+	}
+	if err := flock(f); err != nil {
+		return nil, lockedError(path, f, err)
+	}
+	return &Lock{path: path, f: f}, nil
+}
+
+// WritePID writes this process's pid into a lock file, for the next agent to name
+// (the agent that took the lock over from another writes its own).
+func (l *Lock) WritePID() error {
+	if st, err := l.f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return nil // a folder's lock: /proc/locks names the holder
+	}
+	if err := l.f.Truncate(0); err != nil {
+		return fmt.Errorf("lock %s: write pid: %w", l.path, err)
+	}
+	if _, err := l.f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0); err != nil {
+		return fmt.Errorf("lock %s: write pid: %w", l.path, err)
+	}
+	return nil
+}
+
+// PinLock is the pin folder's lock while the data path holds it (nil otherwise),
+// for a listener handoff.
+func (d *Datapath) PinLock() *Lock {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.lock
+}
+
+// AdoptPinLock makes the data path hold l, the pin folder's lock a previous agent
+// handed over (AdoptLock), instead of taking it: Lock then has nothing to do.
+func (d *Datapath) AdoptPinLock(l *Lock) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.lock != nil {
+		return errors.New("adopt pin lock: the data path holds one already")
+	}
+	if filepath.Clean(l.path) != filepath.Clean(d.cfg.PinDir) {
+		return fmt.Errorf("adopt pin lock: lock of %s, the pin folder is %s", l.path, d.cfg.PinDir)
+	}
+	d.lock = l
+	return nil
+}
+
+// PinLock is the data path's (the eBPF programs load in both modes).
+func (c *IPTables) PinLock() *Lock { return c.dp.PinLock() }
+
+// AdoptPinLock is the data path's.
+func (c *IPTables) AdoptPinLock(l *Lock) error { return c.dp.AdoptPinLock(l) }

@@ -88,7 +88,6 @@ type Observer struct {
 
 	grpc        *grpc.Server
 	httpSrv     *healthserver.Server
-	sockets     []string
 	metricsAddr atomic.Pointer[string]
 	wg          sync.WaitGroup
 
@@ -162,13 +161,13 @@ func (o *Observer) Start(ctx context.Context) error {
 		}
 		return err
 	}
-	lc := listener.Config()
 	if p := o.cfg.ObserverSocket; p != "" {
 		if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
 			return fmt.Errorf("observer socket dir: %w", err)
 		}
-		os.Remove(p) // a socket file left by a killed agent
-		ln, err := lc.Listen(ctx, "unix", p)
+		// Replaces a killed or handing-over agent's socket; removed on close only
+		// while it is still this one.
+		ln, err := listener.Unix(ctx, p)
 		if err != nil {
 			return fail(fmt.Errorf("observer socket: %w", err))
 		}
@@ -176,10 +175,9 @@ func (o *Observer) Start(ctx context.Context) error {
 			return fail(fmt.Errorf("observer socket: %w", err))
 		}
 		lns = append(lns, ln)
-		o.sockets = append(o.sockets, p)
 	}
 	if a := o.cfg.ObserverAddr; a != "" {
-		ln, err := lc.Listen(ctx, "tcp", a)
+		ln, err := listener.TCP(ctx, a) // a previous agent's, during a handoff
 		if err != nil {
 			return fail(fmt.Errorf("observer listener: %w", err))
 		}
@@ -222,9 +220,6 @@ func (o *Observer) Stop(ctx context.Context) error {
 		}
 	}
 	o.wg.Wait()
-	for _, p := range o.sockets {
-		os.Remove(p)
-	}
 	return err
 }
 

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -126,6 +127,8 @@ type Proxy struct {
 	draining map[*tunnel.Server]struct{}
 
 	wg sync.WaitGroup
+	// handling counts the accepted connections whose handler runs (handoff.go).
+	handling atomic.Int64
 }
 
 // tunnels opens streams to pods on other nodes.
@@ -227,7 +230,13 @@ func (p *Proxy) SetMesh(ws []Workload) {
 // AddPod opens the pod's listeners inside its network namespace and starts serving
 // them. ns stays owned by the caller until RemovePod.
 func (p *Proxy) AddPod(w Workload, ns Netns, cookie uint64) error {
-	return p.addPod(w, nsNet{ns: ns, mark: p.cfg.Mark}, cookie)
+	p.mu.RLock()
+	ctx := p.ctx
+	p.mu.RUnlock()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	return p.addPod(w, nsNet{ns: ns, mark: p.cfg.Mark, cookie: cookie, ctx: ctx}, cookie)
 }
 
 func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
@@ -326,7 +335,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	p.goServe(func() { p.serveInbound(pd, in) })
 	p.goServe(func() {
 		err := pd.tunnel.Serve(tun)
-		if err != nil && pd.ctx.Err() == nil && !errors.Is(err, tunnel.ErrServerClosed) {
+		if err != nil && pd.ctx.Err() == nil && !errors.Is(err, tunnel.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 			p.log.Warn("tunnel listener stopped", "pod", w.Name, "error", err)
 		}
 	})
@@ -351,20 +360,9 @@ func (p *Proxy) RemovePod(uid string) {
 	if pd != nil {
 		pd.close()
 		p.pool.Forget(pd) // a pod enrolled again is a new handle with tunnels of its own
-		if ts := pd.tunnel; ts != nil {
-			// GOAWAY: peers stop opening streams on tunnels into a pod that left
-			// (they could no longer reach its apps), while streams in progress carry on.
-			p.mu.Lock()
-			p.draining[ts] = struct{}{}
-			p.mu.Unlock()
-			go func() {
-				// Stop ends the proxy's context, and closes what is still draining.
-				_ = ts.Shutdown(p.ctx)
-				p.mu.Lock()
-				delete(p.draining, ts)
-				p.mu.Unlock()
-			}()
-		}
+		// Peers stop opening streams on tunnels into a pod that left (they could
+		// no longer reach its apps), while streams in progress carry on.
+		p.drainTunnel(pd.tunnel)
 		p.log.Info("pod listeners closed", "pod", pd.w.Name)
 	}
 }
@@ -468,7 +466,11 @@ func (p *Proxy) acceptLoop(pd *pod, ln net.Listener, handle func(*net.TCPConn)) 
 			}
 			return
 		}
-		p.goServe(func() { p.serveConn(pd, c.(*net.TCPConn), handle) })
+		p.handling.Add(1) // Drain waits for it
+		p.goServe(func() {
+			defer p.handling.Add(-1)
+			p.serveConn(pd, c.(*net.TCPConn), handle)
+		})
 	}
 }
 
@@ -704,6 +706,10 @@ type podNet interface {
 type nsNet struct {
 	ns   Netns
 	mark uint32
+	// cookie is the namespace's, and ctx the proxy's: listeners a previous agent
+	// handed over (listener.WithInherited) are taken instead of bound again.
+	cookie uint64
+	ctx    context.Context
 }
 
 // Dial connects to dst from inside the namespace, optionally from src, with the
@@ -752,12 +758,14 @@ func (n nsNet) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*n
 // Listen opens a TCP listener on addr inside the namespace (internal/listener: MPTCP
 // off, which sk_lookup steering and the sockhash need).
 func (n nsNet) Listen(addr netip.AddrPort) (net.Listener, error) {
-	lc := listener.Config()
-	var ln net.Listener
-	err := n.ns.Do(func() error {
-		var err error
-		ln, err = lc.Listen(context.Background(), "tcp", addr.String())
-		return err
+	return listener.InNetns(n.ctx, n.cookie, addr, func() (net.Listener, error) {
+		lc := listener.Config()
+		var ln net.Listener
+		err := n.ns.Do(func() error {
+			var err error
+			ln, err = lc.Listen(context.Background(), "tcp", addr.String())
+			return err
+		})
+		return ln, err
 	})
-	return ln, err
 }

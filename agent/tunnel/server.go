@@ -118,8 +118,12 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu        sync.Mutex
-	closed    bool
+	mu     sync.Mutex
+	closed bool // no new listener or connection (Shutdown, Close)
+	// stopped: no new stream either (Close). After Shutdown's GOAWAY, streams the
+	// peer opened before it saw the GOAWAY (IDs up to the last one announced) are
+	// still served, or they would fail after a handoff's drain began.
+	stopped   bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
 	wg        sync.WaitGroup // Serve loops, connections and stream handlers
@@ -280,9 +284,10 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 
 func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	// Register the handler before anything else so Close waits for it; a handler that
-	// starts after Close has begun is turned away.
+	// starts after Close has begun is turned away. Its connection is counted in wg
+	// until it ends, so the Add below never races with Shutdown's Wait.
 	s.mu.Lock()
-	if s.closed {
+	if s.stopped {
 		s.mu.Unlock()
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
@@ -407,7 +412,7 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 // waits for all goroutines the server started.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.closed = true
+	s.closed, s.stopped = true, true
 	for ln := range s.listeners {
 		ln.Close()
 	}

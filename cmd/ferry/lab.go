@@ -79,6 +79,7 @@ Everything the lab creates is named after --prefix, so 'ferry lab up' and
 		newLabDemoCommand(f),
 		newLabDNSCommand(f),
 		newLabRestartAgentCommand(f),
+		newLabUpgradeAgentCommand(f),
 	)
 	return cmd
 }
@@ -619,6 +620,64 @@ down' stops it; the pods' resolv.conf point at it with the search list of their 
 	}
 }
 
+func newLabUpgradeAgentCommand(f *labFlags) *cobra.Command {
+	var (
+		timeout time.Duration
+		noWait  bool
+		asJSON  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "upgrade-agent NODE",
+		Short: "Start a second agent beside NODE's running one, which takes its listeners over",
+		Long: `Upgrade NODE's agent the way a DaemonSet with maxSurge 1 does: start a second agent
+with the running one's command line, in the node's network namespace and cgroup, beside
+it. The new agent finds the node's lock held, asks the running one over handoff.sock in
+its state folder for its listening sockets and locks, serves on them, and tells it so;
+only then does the old agent stop accepting, drain its connections (--drain-grace) and
+exit, leaving the pins, links and enrollments to the new one. No new connection meets
+a closed listener.
+
+Prints the time until the new agent serves and until the old one exited (it exits as
+soon as the connections it carries have ended).`,
+		Example: `  sudo ferry lab upgrade-agent node1
+  sudo ferry lab upgrade-agent node2 --no-wait --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			l, node, err := f.loadNode(args[0])
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			defer cancel()
+			u, err := l.UpgradeAgent(ctx, node, 0, !noWait)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(u)
+			}
+			fmt.Fprintf(out, "agent on %s: pid %d serving after %s", node, u.NewPID, u.Serving.Round(time.Millisecond))
+			switch {
+			case noWait:
+				fmt.Fprintf(out, "; pid %d drains\n", u.OldPID)
+			case u.Exited == 0:
+				fmt.Fprintf(out, "; pid %d still drains after %s\n", u.OldPID, timeout)
+			default:
+				fmt.Fprintf(out, "; pid %d drained and exited after %s\n", u.OldPID, u.Exited.Round(time.Millisecond))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", time.Minute, "how long to wait for the new agent to serve and the old one to exit")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the new agent serves, leaving the old one draining")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the pids and timings as JSON")
+	return cmd
+}
+
 func newLabRestartAgentCommand(f *labFlags) *cobra.Command {
 	var (
 		signal  string
@@ -634,7 +693,9 @@ network namespace and cgroup, with the same flags (those the lab gives every age
 any the running one was started with beyond them). Then wait until the new agent answers
 on its admin socket, and print how long the node was without one.
 
---signal TERM is a rolling restart (the agent drains first); --signal KILL is a crash.
+--signal TERM is a rolling restart: the new agent starts beside the old one and takes
+its listeners over (see upgrade-agent), then the old one gets SIGTERM, drains and exits;
+--signal KILL is a crash: the new agent starts once the old one is gone.
 A node whose agent is not running has it started. The agent's output goes on to
 <state-dir>/<node>/agent.log.`,
 		Example: `  sudo ferry lab restart-agent node1
@@ -646,15 +707,11 @@ A node whose agent is not running has it started. The agent's output goes on to
 			if err != nil {
 				return err
 			}
-			l, err := f.load()
+			l, node, err := f.loadNode(args[0])
 			if err != nil {
 				return err
 			}
 			defer l.Close()
-			node := args[0]
-			if !slices.Contains(l.Nodes(), node) {
-				return fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
-			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			r, err := l.RestartAgent(ctx, node, sig)
@@ -687,6 +744,19 @@ func signalName(sig syscall.Signal) string {
 		return "SIGKILL"
 	}
 	return "SIGTERM"
+}
+
+// loadNode loads the lab and checks it has node.
+func (f *labFlags) loadNode(node string) (*lab.Lab, string, error) {
+	l, err := f.load()
+	if err != nil {
+		return nil, "", err
+	}
+	if !slices.Contains(l.Nodes(), node) {
+		l.Close()
+		return nil, "", fmt.Errorf("no node %q in lab %s (nodes: %s)", node, l.Prefix(), strings.Join(l.Nodes(), ", "))
+	}
+	return l, node, nil
 }
 
 // parseSignal reads restart-agent's --signal: TERM or KILL, with or without SIG.

@@ -24,14 +24,20 @@ func Config() net.ListenConfig {
 	return lc
 }
 
-// TCP listens on the TCP address host:port with MPTCP off.
+// TCP listens on the TCP address host:port with MPTCP off; when ctx carries
+// inherited listeners (WithInherited) with one on address, that one is returned.
 func TCP(ctx context.Context, address string) (net.Listener, error) {
+	if ln, ok := takeTCP(ctx, address); ok {
+		return ln, nil
+	}
 	lc := Config()
 	return lc.Listen(ctx, "tcp", address)
 }
 
 // Unix listens on the unix socket path, first removing a socket file a killed
-// process left there and creating its folder.
+// process left there (or a previous agent handing over) and creating its folder.
+// Closing the listener removes the socket file only while it is still the one this
+// listener bound: a successor's socket at the same path is left alone.
 func Unix(ctx context.Context, path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
@@ -40,7 +46,33 @@ func Unix(ctx context.Context, path string) (net.Listener, error) {
 		return nil, err
 	}
 	lc := Config()
-	return lc.Listen(ctx, "unix", path)
+	ln, err := lc.Listen(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	fi, err := os.Lstat(path)
+	if err != nil {
+		ul.Close()
+		return nil, err
+	}
+	return &unixListener{UnixListener: ul, path: path, fi: fi}, nil
+}
+
+// unixListener removes its socket file on Close if the file is still its own.
+type unixListener struct {
+	*net.UnixListener
+	path string
+	fi   os.FileInfo
+}
+
+func (l *unixListener) Close() error {
+	err := l.UnixListener.Close()
+	if fi, serr := os.Lstat(l.path); serr == nil && os.SameFile(fi, l.fi) {
+		os.Remove(l.path)
+	}
+	return err
 }
 
 // Addr listens on addr, which is host:port or unix:///path.

@@ -34,7 +34,8 @@ const (
 )
 
 // TestSecondAgentChangesNothing: a second agent started for node1 while the first
-// runs (same command line, in the node's namespace and cgroup) exits non-zero naming
+// runs (same command line, in the node's namespace and cgroup) that cannot take over
+// (--no-handoff, or refused: another node's name) exits non-zero naming
 // the first, and changes nothing the first owns: map entries, links and their
 // programs, pins, the files and sockets of its state folder, the in-pod listeners.
 // Meanwhile a→c keeps going, through mTLS only: every flow node2 records is mtls, and
@@ -66,8 +67,15 @@ func TestSecondAgentChangesNothing(t *testing.T) {
 	duringFrom := tr.ok()
 	other := t.TempDir()
 	for range 3 {
-		out, err := e.secondAgent(t, "node1")
+		// An agent that may not take over (--no-handoff), and one that the running
+		// agent refuses to hand over to (another node's name): both stop at the lock.
+		out, err := e.secondAgent(t, "node1", "--no-handoff")
 		checkRefused(t, out, err, first, "agent.lock")
+		out, err = e.secondAgent(t, "node1", "--node", "node9")
+		checkRefused(t, out, err, first, "agent.lock")
+		if !strings.Contains(out, "handoff refused") {
+			t.Errorf("the agent for another node was not refused the handoff:\n%s", out)
+		}
 
 		// Another state folder: the pin folder's lock stops it, before it binds the
 		// health port (in use) or opens a socket.
@@ -207,10 +215,18 @@ func TestFailedStartLeavesKernelAsFound(t *testing.T) {
 // when the test ends.
 func newFailClosedLab(t *testing.T) *env {
 	t.Helper()
+	return newACLab(t, foPrefix, foPodNet)
+}
+
+// newACLab is a lab of two nodes, node1 with pod a and node2 with pod c (an echo
+// server), both enrolled, fed from state files, its pods in 10.<podNet>.0.0/16.
+func newACLab(t *testing.T, prefix string, podNet uint8, agentArgs ...string) *env {
+	t.Helper()
 	privileged.Require(t)
 	cfg := lab.Config{
-		Prefix: foPrefix,
-		PodNet: foPodNet,
+		Prefix:    prefix,
+		PodNet:    podNet,
+		AgentArgs: agentArgs,
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
 			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},
@@ -220,12 +236,17 @@ func newFailClosedLab(t *testing.T) *env {
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
 	if err != nil {
-		t.Fatalf("fail-closed lab: %v", err)
+		t.Fatalf("lab %s: %v", prefix, err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, node := range e.lab.Nodes() {
 				t.Logf("end of the agent log on %s:\n%s", node, tailFile(e.lab.AgentLog(node), 40))
+				if dir := os.Getenv("FERRY_E2E_KEEP_LOGS"); dir != "" { // the whole log, to read
+					if b, err := os.ReadFile(e.lab.AgentLog(node)); err == nil {
+						os.WriteFile(filepath.Join(dir, prefix+"-"+node+".log"), b, 0o644)
+					}
+				}
 			}
 		}
 		e.teardown()

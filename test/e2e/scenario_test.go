@@ -34,6 +34,8 @@ type scenarioResult struct {
 	Duration float64 `json:"duration_ms,omitempty"`
 	// Latency: isolation_test.go's latency and flood scenarios.
 	Latency *latencyResult `json:"latency,omitempty"`
+	// Counts are a scenario's own tallies (churn: connections ok and failed).
+	Counts map[string]int64 `json:"counts,omitempty"`
 }
 
 // runScenario is called from TestMain in the re-executed child: args are
@@ -209,6 +211,9 @@ func scenario(args []string) (scenarioResult, error) {
 		default:
 			return scenarioResult{}, fmt.Errorf("want refused or reset, got %v", err)
 		}
+	}
+	if res, ok, err := churnScenario(name, addr, args[2:]); ok {
+		return res, err
 	}
 	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
 		return res, err
