@@ -58,8 +58,15 @@ type ServerConfig struct {
 	// Admit, optional, decides each stream before it is dialled or served: peerID
 	// (verified) from remote asks for target; httpStream says its CONNECT carries
 	// ProtocolHTTP (ServeHTTP then decides each request). A refusal is answered 403
-	// with the error as the reason, and is StreamInfo.Err.
+	// with the error as the reason, and is StreamInfo.Err. It runs for every CONNECT,
+	// so a policy changed while a tunnel is open applies to its next stream; so does
+	// Authorize, run again per stream, and the certificates' validity (lifetime.go).
 	Admit func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	// Changes, optional, returns a channel closed when this side's certificates may
+	// have changed (identity.Store.Changed): connections made with a certificate the
+	// listener no longer presents are then retired (GOAWAY; their streams drain).
+	// Without it a rotation is noticed at the connection's next stream.
+	Changes func() <-chan struct{}
 	// Dial connects to the application at target, e.g. from 127.0.0.6 inside the pod.
 	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	// DialTimeout bounds Dial; 5 s when zero.
@@ -85,14 +92,17 @@ const ProtocolHTTP = "http"
 
 // StreamInfo describes one tunnelled connection, reported when it ends.
 type StreamInfo struct {
-	PeerID   string         // client's SPIFFE ID
-	Target   netip.AddrPort // original destination (CONNECT authority)
-	Remote   netip.AddrPort // client's address (the source pod)
-	BytesIn  int64          // from the peer to the application
-	BytesOut int64          // from the application to the peer
-	Duration time.Duration
-	Status   int   // HTTP status answered to the CONNECT
-	Err      error // nil when both directions ended cleanly
+	PeerID string // client's SPIFFE ID
+	// PeerSerial is the serial number (hex) of the certificate the client
+	// presented, or made the resumed session with.
+	PeerSerial string
+	Target     netip.AddrPort // original destination (CONNECT authority)
+	Remote     netip.AddrPort // client's address (the source pod)
+	BytesIn    int64          // from the peer to the application
+	BytesOut   int64          // from the application to the peer
+	Duration   time.Duration
+	Status     int   // HTTP status answered to the CONNECT
+	Err        error // nil when both directions ended cleanly
 	// HTTP: the stream carried HTTP requests that ServeHTTP served.
 	HTTP bool
 }
@@ -102,7 +112,7 @@ type StreamInfo struct {
 type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
-	h1  *http.Server // only carries graceful shutdown to the HTTP/2 connections
+	h1  *http.Server // with h2, the settings of each connection's own servers (newTunnelConn)
 	h2  *http2.Server
 
 	ctx    context.Context
@@ -112,7 +122,9 @@ type Server struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
-	wg        sync.WaitGroup // Serve loops, connections and stream handlers
+	tconns    map[net.Conn]*tunnelConn // each connection's lifetime (lifetime.go)
+	watch     sync.Once                // starts watchRotations with the first Serve
+	wg        sync.WaitGroup           // Serve loops, connections and stream handlers
 }
 
 // NewServer validates cfg; nothing runs until Serve.
@@ -153,6 +165,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cancel:    cancel,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
+		tconns:    map[net.Conn]*tunnelConn{},
 	}, nil
 }
 
@@ -173,6 +186,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	defer s.untrack(ln, nil)
 	defer ln.Close()
+	s.watch.Do(s.watchRotations)
 	local := addrPort(ln.Addr())
 	tlsCfg := s.listenerTLS(base)
 	var backoff time.Duration
@@ -206,16 +220,20 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // listenerTLS wraps a listener's configuration so Authorize sees each connection's
-// remote address. The per-connection clone is returned from GetConfigForClient, which
+// remote address and the connection's lifetime knows its certificate
+// (bindLifetime). The per-connection clone is returned from GetConfigForClient, which
 // keeps using the listener configuration's session ticket keys, so resumption works.
 func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 	outer := base.Clone()
-	if s.cfg.Authorize == nil {
-		return outer
-	}
 	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		remote := addrPort(hello.Conn.RemoteAddr())
 		c := base.Clone()
+		if tc := s.tunnelConnOf(hello.Conn); tc != nil {
+			bindLifetime(c, outer, base, hello, tc)
+		}
+		if s.cfg.Authorize == nil {
+			return c, nil
+		}
 		inner := base.VerifyConnection
 		c.VerifyConnection = func(cs tls.ConnectionState) error {
 			if inner != nil {
@@ -244,12 +262,23 @@ type connInfo struct {
 	peerID string
 	remote netip.AddrPort
 	local  netip.AddrPort
+	tc     *tunnelConn
 }
 
 func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) {
 	defer s.untrack(nil, raw)
 	defer raw.Close()
 	remote := addrPort(raw.RemoteAddr())
+	life, h2 := s.newTunnelConn()
+	s.mu.Lock()
+	s.tconns[raw] = life
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.tconns, raw)
+		s.mu.Unlock()
+		life.end()
+	}()
 	tc := tls.Server(raw, cfg)
 	hctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	err := tc.HandshakeContext(hctx)
@@ -268,11 +297,16 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 		s.log.Info("tunnel refused", "remote", remote.String(), "error", err)
 		return
 	}
-	ci := &connInfo{peerID: peerID, remote: remote, local: local}
+	s.begin(life, cs)
+	if life.rotated() {
+		s.log.Info("tunnel refused", "remote", remote.String(), "error", "certificate rotated during the handshake")
+		return
+	}
+	ci := &connInfo{peerID: peerID, remote: remote, local: local, tc: life}
 	s.log.Debug("tunnel connection", "remote", remote.String(), "peer", peerID, "resumed", cs.DidResume)
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{
+	h2.ServeConn(tc, &http2.ServeConnOpts{
 		Context:    context.WithValue(s.ctx, connInfoKey{}, ci),
-		BaseConfig: s.h1,
+		BaseConfig: life.h1,
 		Handler:    http.HandlerFunc(s.handle),
 	})
 }
@@ -293,6 +327,11 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
 	info := StreamInfo{Remote: ci.remote, PeerID: ci.peerID}
+	if ci.tc != nil {
+		ci.tc.mu.Lock()
+		info.PeerSerial = ci.tc.peerSerial
+		ci.tc.mu.Unlock()
+	}
 	defer func() {
 		if s.cfg.OnStream != nil {
 			info.Duration = time.Since(start)
@@ -324,6 +363,11 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if status, err := s.streamRefusal(ci.tc, ci); err != nil {
+		refuse(status, err.Error())
+		info.Err = err
+		return
+	}
 	httpStream := s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP
 	if s.cfg.Admit != nil {
 		if err := s.cfg.Admit(ci.peerID, ci.remote, target, httpStream); err != nil {
@@ -420,7 +464,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	// Sends GOAWAY on every connection; each closes once its streams are done.
-	_ = s.h1.Shutdown(ctx)
+	s.retireAll("server shutting down")
 	done := make(chan struct{})
 	go func() {
 		s.wg.Wait()

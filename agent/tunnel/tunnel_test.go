@@ -364,10 +364,11 @@ func TestOnlyConnect(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
+	pc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
+	cc := pc.cc
 	for _, tc := range []struct {
 		method, authority string
 	}{
