@@ -54,6 +54,8 @@ type envOpt struct {
 	dialTimeout time.Duration
 	serveHTTP   func(si StreamInfo, c net.Conn)
 	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	// watch gives both sides their store's Changes, so rotations retire tunnels.
+	watch bool
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -91,6 +93,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		DialTimeout: o.dialTimeout,
 		ServeHTTP:   o.serveHTTP,
 		Admit:       o.admit,
+		Changes:     changes(o.watch, e.sstore),
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
@@ -115,7 +118,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		}
 	}()
 	e.src = &loopSource{store: e.cstore, id: clientID}
-	e.pool, err = NewPool(PoolConfig{IdleTimeout: o.idleTimeout})
+	e.pool, err = NewPool(PoolConfig{IdleTimeout: o.idleTimeout, Changes: changes(o.watch, e.cstore)})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -127,13 +130,22 @@ func newEnv(tb testing.TB, o envOpt) *env {
 	return e
 }
 
+func changes(on bool, st *identity.Store) func() <-chan struct{} {
+	if !on {
+		return nil
+	}
+	return st.Changed
+}
+
 // loopSource is a client pod on loopback: it dials from the test's own namespace.
 type loopSource struct {
 	store *identity.Store
 	id    string
+	dials atomic.Int64 // tunnel connections dialled
 }
 
 func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	s.dials.Add(1)
 	var d net.Dialer
 	return d.DialContext(ctx, "tcp", addr.String())
 }
