@@ -216,3 +216,98 @@ func TestServerRefusesStreamsPastClientExpiry(t *testing.T) {
 		t.Fatal("a stream opened on a tunnel whose client certificate expired")
 	}
 }
+
+// A destination whose agent dies (its tunnel server closes, its listener is gone)
+// and comes back: a stream with bytes in flight is reset, but a connection made
+// meanwhile waits for the new server on a fresh dial and gets through.
+func TestConnectWaitsForRestartedDestination(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := loopback.Serve(t, loopback.Echo)
+	inFlight := e.connect(t, target)
+	roundTrip(t, inFlight)
+	if _, err := inFlight.Write([]byte("lost")); err != nil {
+		t.Fatal(err)
+	}
+
+	e.srv.Close() // kill -9: the tunnel connections and the listener are gone
+	if _, err := io.ReadAll(inFlight); err == nil {
+		t.Error("the stream in flight ended cleanly although its destination died")
+	}
+	inFlight.Close()
+
+	type result struct {
+		s   *Stream
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
+		done <- result{s, err}
+	}()
+	// The dial is refused while nothing listens: Connect must still be waiting.
+	settle(t, "the pool to dial the dead destination", func() bool { return e.src.dials.Load() >= 3 })
+	select {
+	case r := <-done:
+		t.Fatalf("Connect returned while the destination was down: %v", r.err)
+	default:
+	}
+
+	srv, err := NewServer(ServerConfig{
+		TLS:  func(net.Addr) (*tls.Config, error) { return e.sstore.ServerConfig(serverID, nil), nil },
+		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, "tcp", target.String()) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", e.tunnelAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("Connect across the restart: %v", r.err)
+	}
+	roundTrip(t, r.s)
+	finish(r.s)
+}
+
+// A stream the destination refuses before it did anything (503: its server is
+// shutting down) is tried again on a new tunnel.
+func TestRefusedByClosingDestinationIsRetried(t *testing.T) {
+	var calls atomic.Int64
+	e := newEnv(t, envOpt{admit: func(string, netip.AddrPort, netip.AddrPort, bool) error { return nil }})
+	target := loopback.Serve(t, loopback.Echo)
+	s := e.connect(t, target)
+	roundTrip(t, s)
+	// Retire the server side of the pooled tunnel behind the client's back: its
+	// next stream is refused with 503, and Connect takes a new tunnel.
+	e.srv.mu.Lock()
+	for _, tc := range e.srv.tconns {
+		tc.retired.Store(true)
+		calls.Add(1)
+	}
+	e.srv.mu.Unlock()
+	if calls.Load() != 1 {
+		t.Fatalf("%d server connections, want 1", calls.Load())
+	}
+	s2 := e.connect(t, target)
+	roundTrip(t, s2)
+	finish(s2)
+	if n := e.src.dials.Load(); n != 2 {
+		t.Fatalf("%d dials, want 2: the refused stream goes on a new tunnel", n)
+	}
+	roundTrip(t, s) // the first stream is untouched
+	finish(s)
+}
