@@ -211,6 +211,9 @@ func scenario(args []string) (scenarioResult, error) {
 	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
 		return res, err
 	}
+	if res, ok, err := tunnelScenario(name, addr, n); ok {
+		return res, err
+	}
 	return scenarioResult{}, fmt.Errorf("unknown scenario %q", name)
 }
 
