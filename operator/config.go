@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/operator/ca"
 	"github.com/ferrymesh/ferry/operator/local"
 	"github.com/spf13/pflag"
@@ -56,6 +57,9 @@ type Config struct {
 	// RelayAgentPort, when set, makes the relay read every running agent pod at
 	// its IP and this port (the agents' --observer-addr).
 	RelayAgentPort int
+	// RelayTLS is the relay's mutual TLS with the mesh CA: required to serve it on
+	// TCP and to read agents on TCP (the Observer API on TCP is mTLS only).
+	RelayTLS flows.TLSFiles
 }
 
 // DefaultConfig is the configuration of a ferry-operator started without flags.
@@ -105,6 +109,9 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.RelayAddr, "relay-addr", c.RelayAddr, "serve the cluster-wide flow relay (Observer API) here, host:port or unix:///path (\"\" disables)")
 	fs.StringArrayVar(&c.RelayAgents, "relay-agent", c.RelayAgents, "an agent Observer address the relay reads, unix:///path or host:port (repeatable)")
 	fs.IntVar(&c.RelayAgentPort, "relay-agent-port", c.RelayAgentPort, "also read every running agent pod at its IP and this port (the agents' --observer-addr)")
+	fs.StringVar(&c.RelayTLS.Cert, "relay-tls-cert", c.RelayTLS.Cert, "the relay's certificate (PEM, from the mesh CA): required to serve --relay-addr on TCP and to read agents on TCP")
+	fs.StringVar(&c.RelayTLS.Key, "relay-tls-key", c.RelayTLS.Key, "the relay certificate's private key (PEM)")
+	fs.StringVar(&c.RelayTLS.CA, "relay-tls-ca", c.RelayTLS.CA, "the mesh CA bundle the relay's clients and agents must prove a certificate from")
 }
 
 // withDefaults fills the fields a Config literal left zero where zero means
