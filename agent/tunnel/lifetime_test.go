@@ -311,3 +311,30 @@ func TestRefusedByClosingDestinationIsRetried(t *testing.T) {
 	roundTrip(t, s) // the first stream is untouched
 	finish(s)
 }
+
+// The identity check runs again for every stream: once the control plane says
+// another workload holds the client's address, the pooled tunnel carries nothing more.
+func TestAuthorizeAppliesToPooledTunnel(t *testing.T) {
+	var moved atomic.Bool
+	e := newEnv(t, envOpt{authorize: func(peerID string, remote netip.AddrPort) error {
+		if moved.Load() || peerID != clientID {
+			return &identity.MismatchError{Got: peerID, Want: otherID}
+		}
+		return nil
+	}})
+	target := loopback.Serve(t, loopback.Echo)
+	s := e.connect(t, target)
+	roundTrip(t, s)
+	finish(s)
+	moved.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
+		t.Fatalf("Connect after the address changed hands: %v, want 403", err)
+	}
+	if n := e.src.dials.Load(); n != 1 {
+		t.Fatalf("%d dials: the refusal must come on the pooled tunnel", n)
+	}
+}
