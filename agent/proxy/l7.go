@@ -41,6 +41,7 @@ type l7 struct {
 	// waits for.
 	stopped bool
 	wg      sync.WaitGroup
+	limits  Limits // limits.go
 }
 
 func (p *Proxy) newL7() *l7 {
@@ -57,6 +58,8 @@ func (p *Proxy) newL7() *l7 {
 		},
 		ErrorLog: errLog,
 	}
+	h.limits = p.cfg.Limits.withDefaults()
+	h.limits.apply(h.srv)
 	h.proxy = &httputil.ReverseProxy{
 		Rewrite:       rewrite,
 		Transport:     upstreamTransport{},
@@ -132,6 +135,9 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() { p.conns.request(rec, rw, recover()) }()
+	if r = p.limitRequest(rw, r, &rec); r == nil {
+		return
+	}
 
 	// Routes, policies and the app all see one form of the path.
 	if err := normalizeRequest(r); err != nil {
@@ -190,6 +196,13 @@ func rewrite(pr *httputil.ProxyRequest) {
 func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	up := r.Context().Value(upstreamKey{}).(*upstream)
 	up.err = err
+	if be := bodyFailure(r); be != nil {
+		// The client's body failed (malformed, or too slow): its fault, not the
+		// upstream's.
+		status, why := be.answer()
+		meshAnswer(w, status, why)
+		return
+	}
 	switch ctxErr := r.Context().Err(); {
 	case errors.Is(ctxErr, context.DeadlineExceeded):
 		// A request timeout (the route's or the policy's): the client's own
@@ -204,6 +217,7 @@ func upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 		meshAnswer(w, me.status, me.why)
 		return
 	}
+
 	status := http.StatusBadGateway
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
 		status = http.StatusGatewayTimeout

@@ -86,6 +86,9 @@ type Config struct {
 	Observer ConnObserver
 	// Tracer, optional, makes a span of every request carried at L7.
 	Tracer *tracing.Tracer
+	// Limits bounds what a client connection may cost (limits.go); zero fields
+	// take DefaultLimits.
+	Limits Limits
 }
 
 // Proxy serves the enrolled pods of one node.
@@ -263,6 +266,10 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		},
 		Authorize: p.authorize,
 		Changes:   p.cfg.Identities.Changed,
+		Limits:    p.cfg.Limits.Tunnel,
+		OnHandshakeFailed: func(remote netip.AddrPort, he *tunnel.HandshakeError) {
+			p.handshakeRefused(pd, remote, he)
+		},
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)

@@ -121,10 +121,16 @@ type testProxy struct {
 
 func newTestProxy(t *testing.T) *testProxy {
 	t.Helper()
+	return newTestProxyWith(t, Limits{})
+}
+
+// newTestProxyWith is newTestProxy with the given limits.
+func newTestProxyWith(t *testing.T, lim Limits) *testProxy {
+	t.Helper()
 	app := loopback.Serve(t, loopback.Echo)
 	tp := &testProxy{capture: &fakeCapture{}, tunnels: &fakeTunnels{app: app}, netA: &loopNet{app: app}, netB: &loopNet{app: app}}
 	p, err := New(Config{Node: "node1", Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), Capture: tp.capture,
-		Identities: identity.NewStore(), Log: slog.New(slog.DiscardHandler)})
+		Identities: identity.NewStore(), Log: slog.New(slog.DiscardHandler), Limits: lim})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -255,8 +255,10 @@ func TestConnectWaitsForRestartedDestination(t *testing.T) {
 	}
 
 	srv, err := NewServer(ServerConfig{
-		TLS:  func(net.Addr) (*tls.Config, error) { return e.sstore.ServerConfig(serverID, nil), nil },
-		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, "tcp", target.String()) },
+		TLS: func(net.Addr) (*tls.Config, error) { return e.sstore.ServerConfig(serverID, nil), nil },
+		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", target.String())
+		},
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -71,6 +71,12 @@ type ServerConfig struct {
 	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	// DialTimeout bounds Dial; 5 s when zero.
 	DialTimeout time.Duration
+	// Limits bounds what one connection may hold (limits.go); zero fields take
+	// DefaultServerLimits.
+	Limits ServerLimits
+	// OnHandshakeFailed, optional, is told of each refused handshake, with its
+	// typed reason.
+	OnHandshakeFailed func(remote netip.AddrPort, err *HandshakeError)
 	// Logger receives connection-level events; nil discards them.
 	Logger *slog.Logger
 	// OnStream, optional, is called when a stream ends.
@@ -142,16 +148,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	h2 := &http2.Server{
-		MaxConcurrentStreams:         maxStreamsPerConn,
-		MaxReadFrameSize:             maxFrameSize,
-		MaxUploadBufferPerConnection: maxConnWindow,
-		MaxUploadBufferPerStream:     maxStreamWindow,
-		IdleTimeout:                  serverIdleTimeout,
-		ReadIdleTimeout:              keepaliveInterval,
-		PingTimeout:                  keepaliveTimeout,
-	}
-	h1 := &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	cfg.Limits = cfg.Limits.withDefaults()
+	h2 := cfg.Limits.http2Server()
+	h1 := &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug), MaxHeaderBytes: cfg.Limits.MaxHeaderBytes}
 	if err := http2.ConfigureServer(h1, h2); err != nil {
 		return nil, fmt.Errorf("tunnel server: configure http2: %w", err)
 	}
@@ -220,9 +219,10 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // listenerTLS wraps a listener's configuration so Authorize sees each connection's
-// remote address and the connection's lifetime knows its certificate
-// (bindLifetime). The per-connection clone is returned from GetConfigForClient, which
-// keeps using the listener configuration's session ticket keys, so resumption works.
+// remote address, and a refusal says which check made it (verifyClient), and so the
+// connection's lifetime knows its certificate (bindLifetime). The per-connection
+// clone is returned from GetConfigForClient, which keeps using the listener
+// configuration's session ticket keys, so resumption works.
 func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 	outer := base.Clone()
 	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
@@ -231,25 +231,17 @@ func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 		if tc := s.tunnelConnOf(hello.Conn); tc != nil {
 			bindLifetime(c, outer, base, hello, tc)
 		}
-		if s.cfg.Authorize == nil {
-			return c, nil
-		}
-		inner := base.VerifyConnection
-		c.VerifyConnection = func(cs tls.ConnectionState) error {
-			if inner != nil {
-				if err := inner(cs); err != nil {
+		var authorize func(tls.ConnectionState) error
+		if s.cfg.Authorize != nil {
+			authorize = func(cs tls.ConnectionState) error {
+				id, err := spiffe.FromCert(cs.PeerCertificates[0])
+				if err != nil {
 					return err
 				}
+				return s.cfg.Authorize(id, remote)
 			}
-			if len(cs.PeerCertificates) == 0 {
-				return errors.New("tunnel: no client certificate")
-			}
-			id, err := spiffe.FromCert(cs.PeerCertificates[0])
-			if err != nil {
-				return err
-			}
-			return s.cfg.Authorize(id, remote)
 		}
+		verifyClient(c, authorize)
 		return c, nil
 	}
 	return outer
@@ -280,13 +272,18 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 		life.end()
 	}()
 	tc := tls.Server(raw, cfg)
-	hctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.Limits.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
-	cancel()
 	if err != nil {
-		s.log.Info("tunnel handshake refused", "remote", remote.String(), "error", err)
+		he := handshakeError(hctx, err)
+		cancel()
+		s.log.Info("tunnel handshake refused", "remote", remote.String(), "reason", string(he.Reason), "error", err)
+		if s.cfg.OnHandshakeFailed != nil {
+			s.cfg.OnHandshakeFailed(remote, he)
+		}
 		return
 	}
+	cancel()
 	cs := tc.ConnectionState()
 	if cs.NegotiatedProtocol != "h2" {
 		s.log.Info("tunnel refused", "remote", remote.String(), "error", "ALPN is not h2")

@@ -54,6 +54,8 @@ type envOpt struct {
 	dialTimeout time.Duration
 	serveHTTP   func(si StreamInfo, c net.Conn)
 	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	limits      ServerLimits
+	onRefused   func(remote netip.AddrPort, err *HandshakeError)
 	// watch gives both sides their store's Changes, so rotations retire tunnels.
 	watch bool
 }
@@ -88,12 +90,14 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		TLS: func(net.Addr) (*tls.Config, error) {
 			return e.sstore.ServerConfig(serverID, nil), nil
 		},
-		Authorize:   authorize,
-		Dial:        dial,
-		DialTimeout: o.dialTimeout,
-		ServeHTTP:   o.serveHTTP,
-		Admit:       o.admit,
-		Changes:     changes(o.watch, e.sstore),
+		Authorize:         authorize,
+		Dial:              dial,
+		DialTimeout:       o.dialTimeout,
+		ServeHTTP:         o.serveHTTP,
+		Admit:             o.admit,
+		Limits:            o.limits,
+		OnHandshakeFailed: o.onRefused,
+		Changes:           changes(o.watch, e.sstore),
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
