@@ -7,6 +7,7 @@ package tunnel
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -194,28 +195,39 @@ func (s *Server) streamRefusal(tc *tunnelConn, ci *connInfo) (int, error) {
 // connections whose certificate is no longer this side's current one, until the
 // server closes.
 func (s *Server) watchRotations() {
-	if s.cfg.Changes == nil {
+	follow(s.ctx, &s.wg, s.cfg.Changes, func() {
+		s.mu.Lock()
+		var stale []*tunnelConn
+		for _, tc := range s.tconns {
+			if tc.rotated() {
+				stale = append(stale, tc)
+			}
+		}
+		s.mu.Unlock()
+		for _, tc := range stale {
+			s.retireConn(tc, "certificate rotated")
+		}
+	})
+}
+
+// follow calls fn after each change changes reports (nil: none), on a goroutine wg
+// owns, until ctx ends. The next change's channel is taken before fn runs, so a
+// change during fn is not missed.
+func follow(ctx context.Context, wg *sync.WaitGroup, changes func() <-chan struct{}, fn func()) {
+	if changes == nil {
 		return
 	}
-	s.wg.Add(1)
+	wg.Add(1)
 	go func() {
-		defer s.wg.Done()
+		defer wg.Done()
+		ch := changes()
 		for {
 			select {
-			case <-s.cfg.Changes():
-			case <-s.ctx.Done():
+			case <-ch:
+				ch = changes()
+				fn()
+			case <-ctx.Done():
 				return
-			}
-			s.mu.Lock()
-			var stale []*tunnelConn
-			for _, tc := range s.tconns {
-				if tc.rotated() {
-					stale = append(stale, tc)
-				}
-			}
-			s.mu.Unlock()
-			for _, tc := range stale {
-				s.retireConn(tc, "certificate rotated")
 			}
 		}
 	}()

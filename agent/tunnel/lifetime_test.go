@@ -132,15 +132,22 @@ func TestDenyAppliesToPooledTunnel(t *testing.T) {
 	finish(s)
 
 	deny.Store(true)
+	e.refusedOnPooled(t, target)
+}
+
+// refusedOnPooled: the next stream to target is refused with 403 on the tunnel
+// already pooled.
+func (e *env) refusedOnPooled(t *testing.T, target netip.AddrPort) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
-		t.Fatalf("Connect after the deny: %v, want 403", err)
+		t.Fatalf("Connect: %v, want 403", err)
 	}
 	if n := e.src.dials.Load(); n != 1 {
-		t.Fatalf("%d dials: the refused stream must have used the pooled tunnel", n)
+		t.Fatalf("%d dials: the refusal must come on the pooled tunnel", n)
 	}
 }
 
@@ -329,14 +336,5 @@ func TestAuthorizeAppliesToPooledTunnel(t *testing.T) {
 	roundTrip(t, s)
 	finish(s)
 	moved.Store(true)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, target, "")
-	var re *RefusedError
-	if !errors.As(err, &re) || re.Status != http.StatusForbidden {
-		t.Fatalf("Connect after the address changed hands: %v, want 403", err)
-	}
-	if n := e.src.dials.Load(); n != 1 {
-		t.Fatalf("%d dials: the refusal must come on the pooled tunnel", n)
-	}
+	e.refusedOnPooled(t, target)
 }

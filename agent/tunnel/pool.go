@@ -421,23 +421,7 @@ func presented(cfg *tls.Config) *tls.Certificate {
 }
 
 // startWatch follows Changes, when configured, until the pool closes.
-func (p *Pool) startWatch() {
-	if p.cfg.Changes == nil {
-		return
-	}
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for {
-			select {
-			case <-p.cfg.Changes():
-				p.retireRotated()
-			case <-p.ctx.Done():
-				return
-			}
-		}
-	}()
-}
+func (p *Pool) startWatch() { follow(p.ctx, &p.wg, p.cfg.Changes, p.retireRotated) }
 
 // retireRotated retires every connection whose source now presents another
 // certificate (rotated), or none (the identity left this node).

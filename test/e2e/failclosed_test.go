@@ -21,7 +21,6 @@ import (
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/bpf"
-	"github.com/ferrymesh/ferry/internal/privileged"
 	"github.com/ferrymesh/ferry/lab"
 	"golang.org/x/sys/unix"
 )
@@ -207,33 +206,7 @@ func TestFailedStartLeavesKernelAsFound(t *testing.T) {
 // when the test ends.
 func newFailClosedLab(t *testing.T) *env {
 	t.Helper()
-	privileged.Require(t)
-	cfg := lab.Config{
-		Prefix: foPrefix,
-		PodNet: foPodNet,
-		Nodes: []lab.NodeConfig{
-			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
-			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},
-		},
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
-	if err != nil {
-		t.Fatalf("fail-closed lab: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, node := range e.lab.Nodes() {
-				t.Logf("end of the agent log on %s:\n%s", node, tailFile(e.lab.AgentLog(node), 40))
-			}
-		}
-		e.teardown()
-	})
-	if err := e.startServer(ctx, "c", echoPort); err != nil {
-		t.Fatal(err)
-	}
-	return e
+	return newEchoLab(t, "fail-closed lab", foPrefix, foPodNet)
 }
 
 // owned is what a node's agent owns, as the kernel and the file system show it.

@@ -77,12 +77,17 @@ func tunnelScenario(name, addr string, n int) (scenarioResult, bool, error) {
 }
 
 // newTunnelsLab brings up the tunnels lab with an echo server on c.
-func newTunnelsLab(t *testing.T) *env {
+func newTunnelsLab(t *testing.T) *env { return newEchoLab(t, "tunnels lab", tnPrefix, tnPodNet) }
+
+// newEchoLab brings up a lab of two nodes, node1 with pod a and node2 with pod c,
+// both enrolled and fed from state files, with an echo server on c, taken down when
+// the test ends.
+func newEchoLab(t *testing.T, what, prefix string, podNet uint8) *env {
 	t.Helper()
 	privileged.Require(t)
 	cfg := lab.Config{
-		Prefix: tnPrefix,
-		PodNet: tnPodNet,
+		Prefix: prefix,
+		PodNet: podNet,
 		Nodes: []lab.NodeConfig{
 			{Name: "node1", Pods: []lab.PodConfig{{Name: "a", Enrolled: true}}},
 			{Name: "node2", Pods: []lab.PodConfig{{Name: "c", Enrolled: true}}},
@@ -92,7 +97,7 @@ func newTunnelsLab(t *testing.T) *env {
 	defer cancel()
 	e, err := newEnv(ctx, cfg, "ferry", "ferry-agent")
 	if err != nil {
-		t.Fatalf("tunnels lab: %v", err)
+		t.Fatalf("%s: %v", what, err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
