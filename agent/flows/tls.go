@@ -29,38 +29,35 @@ var ErrNoTLS = errors.New("the Observer API on TCP needs a certificate, its key 
 // IsTCP says addr (host:port, or unix:///path) is a TCP address.
 func IsTCP(addr string) bool { return addr != "" && !strings.HasPrefix(addr, "unix:") }
 
-func (f TLSFiles) load() (tls.Certificate, *x509.CertPool, error) {
+// config is the part both ends share: TLS 1.3, this end's certificate; and the CA.
+func (f TLSFiles) config() (*tls.Config, *x509.CertPool, error) {
 	if !f.Set() {
-		return tls.Certificate{}, nil, ErrNoTLS
+		return nil, nil, ErrNoTLS
 	}
 	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("observer tls: %w", err)
+		return nil, nil, fmt.Errorf("observer tls: %w", err)
 	}
 	pem, err := os.ReadFile(f.CA)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("observer tls: %w", err)
+		return nil, nil, fmt.Errorf("observer tls: %w", err)
 	}
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(pem) {
-		return tls.Certificate{}, nil, fmt.Errorf("observer tls: no certificate in %s", f.CA)
+		return nil, nil, fmt.Errorf("observer tls: no certificate in %s", f.CA)
 	}
-	return cert, roots, nil
+	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}, roots, nil
 }
 
 // ServerTLS is the configuration of an Observer API served on TCP: TLS 1.3, and a
 // client certificate chaining to the CA is required.
 func ServerTLS(f TLSFiles) (*tls.Config, error) {
-	cert, roots, err := f.load()
+	c, roots, err := f.config()
 	if err != nil {
 		return nil, err
 	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    roots,
-	}, nil
+	c.ClientAuth, c.ClientCAs = tls.RequireAndVerifyClientCert, roots
+	return c, nil
 }
 
 // ClientTLS is the configuration of a client (the relay) reading an Observer API on
@@ -68,28 +65,25 @@ func ServerTLS(f TLSFiles) (*tls.Config, error) {
 // Agents are dialled at node addresses their certificates do not name, so the chain
 // is what is verified, not a host name.
 func ClientTLS(f TLSFiles) (*tls.Config, error) {
-	cert, roots, err := f.load()
+	c, roots, err := f.config()
 	if err != nil {
 		return nil, err
 	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		// Safe: VerifyConnection verifies the chain against the mesh CA.
-		InsecureSkipVerify: true,
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return errors.New("observer tls: the server presented no certificate")
-			}
-			inter := x509.NewCertPool()
-			for _, c := range cs.PeerCertificates[1:] {
-				inter.AddCert(c)
-			}
-			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
-			if err != nil {
-				return fmt.Errorf("observer tls: server certificate: %w", err)
-			}
-			return nil
-		},
-	}, nil
+	// Safe: VerifyConnection verifies the chain against the mesh CA.
+	c.InsecureSkipVerify = true
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("observer tls: the server presented no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+		if err != nil {
+			return fmt.Errorf("observer tls: server certificate: %w", err)
+		}
+		return nil
+	}
+	return c, nil
 }
