@@ -192,7 +192,7 @@ func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr
 	// idle close, the destination's agent killed), and a destination that is closing
 	// refuses the stream with 503: nothing of the stream has reached the application
 	// then, so it is tried once more, on another connection or a fresh dial (which
-	// waits for a restarting destination, see dial).
+	// waits for a restarting destination, see openWaiting).
 	for attempt := 0; attempt < 2; attempt++ {
 		pc, err := p.get(ctx, key)
 		if err != nil {
