@@ -37,6 +37,26 @@ func finish(s *Stream) {
 	s.Close()
 }
 
+// handshake makes one TLS connection to the tunnel as the client, with the client
+// store's session cache, and returns its state.
+func (e *env) handshake(t *testing.T) tls.ConnectionState {
+	t.Helper()
+	raw, err := net.Dial("tcp", e.tunnelAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	tc := tls.Client(raw, e.cstore.ClientConfig(clientID, serverID))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	// TLS 1.3 tickets come after the handshake: read until the server's first
+	// frames (its SETTINGS) have brought them.
+	tc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	tc.Read(make([]byte, 64))
+	return tc.ConnectionState()
+}
+
 // nextEnded is the next stream the server saw end.
 func (e *env) nextEnded(t *testing.T) StreamInfo {
 	t.Helper()
@@ -98,9 +118,21 @@ func TestServerRotationRetiresTunnel(t *testing.T) {
 	target := loopback.Serve(t, loopback.Echo)
 	s := e.connect(t, target)
 	roundTrip(t, s)
+	if st := e.handshake(t); !st.DidResume {
+		t.Fatal("no resumption before the rotation: the check after it would prove nothing")
+	}
 
 	if err := e.sstore.Update(e.ca.RootPEM, map[string]identity.CertPEM{serverID: e.ca.Valid(t, serverID)}); err != nil {
 		t.Fatal(err)
+	}
+	// A ticket from before the rotation does not resume: the client sees the new
+	// certificate.
+	cur, err := e.sstore.Certificate(serverID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := e.handshake(t); st.DidResume || identity.Serial(&tls.Certificate{Leaf: st.PeerCertificates[0]}) != identity.Serial(cur) {
+		t.Fatalf("after the server's rotation: resumed %v, serial %s, want %s", st.DidResume, st.PeerCertificates[0].SerialNumber, cur.Leaf.SerialNumber)
 	}
 	// The client learns of the GOAWAY asynchronously: a connection it still picks
 	// refuses the stream (503 or REFUSED_STREAM), which Connect retries on a new one.

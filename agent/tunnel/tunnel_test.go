@@ -166,6 +166,9 @@ func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	if err != nil {
 		tb.Fatalf("Connect: %v", err)
 	}
+	// Before the app's cleanup, which waits for its connections: a test that fails
+	// with a stream open ends instead of hanging.
+	tb.Cleanup(func() { s.Close() })
 	return s
 }
 
