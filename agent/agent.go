@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/bpf"
 	"github.com/ferrymesh/ferry/internal/atomicfile"
 	"github.com/ferrymesh/ferry/internal/healthserver"
 	"github.com/spf13/pflag"
@@ -62,6 +63,8 @@ type Config struct {
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
+	// Budgets bound what each pod may hold of the node proxy.
+	Budgets proxy.Budgets
 }
 
 // DefaultConfig is the configuration ferry-agent starts from: the node name from
@@ -78,6 +81,7 @@ func DefaultConfig() Config {
 		Observe:     observe.DefaultConfig(),
 		Tracing:     tracing.DefaultConfig(),
 		Capture:     datapath.CaptureEBPF,
+		Budgets:     proxy.DefaultBudgets(),
 	}
 }
 
@@ -97,6 +101,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
 	c.Observe.Flags(fs)
 	c.Tracing.Flags(fs)
+	c.Budgets.Flags(fs)
 }
 
 // Capture is how enrolled pods' traffic reaches the proxy: the eBPF data path
@@ -120,6 +125,10 @@ type Capture interface {
 	Leave(ns *netns.Handle, cookie uint64) error
 	// Prune releases what a previous run enrolled for namespaces not in keep.
 	Prune(keep map[uint64]bool) error
+	// SetStrictPorts replaces the mTLS modes enforced in the kernel for this
+	// node's pods; an error means they could not all be enforced (the state is
+	// refused, the modes in force stay).
+	SetStrictPorts(ps []bpf.StrictPort) error
 	// The proxy's own view of the capture.
 	proxy.Capture
 }
@@ -199,6 +208,7 @@ type Agent struct {
 	want     map[string]proxy.Workload // this node's pods in the state, by UID
 	enrolled map[string]enrolledPod    // by pod UID
 	failing  map[string]string         // pods that could not be enrolled: last error
+	dropped  []*DroppedEntry           // entries of the applied state left out (state.go)
 	// held are the netns cookies of wanted pods not served yet (no certificate, a
 	// listener that would not open), by UID: their capture stays, so their traffic
 	// is refused rather than sent in plaintext, and stale pruning keeps it.
@@ -281,6 +291,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		Log:        log,
 		Observer:   a.obs,
 		Tracer:     a.tracer,
+		Budgets:    cfg.Budgets,
 	})
 	if err != nil {
 		return nil, err
@@ -321,6 +332,7 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 	}
 	a.parts = append(a.parts,
 		part{"capture", capture},
+		part{"strict drops", observe.NewStrictDrops(cfg.Datapath.PinDir, a.obs, log)},
 		part{"enrollments", hooks{stop: a.leavePods}},
 		part{"proxy", a.proxy},
 	)
@@ -413,9 +425,7 @@ func (a *Agent) readFile(context.Context) error {
 	if st.GetNode() != a.cfg.Node {
 		return fmt.Errorf("state is for node %q, this agent is node %q", st.GetNode(), a.cfg.Node)
 	}
-	if err := CheckState(st); err != nil {
-		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
-	}
+	// Bad workload and Service entries are left out when the state applies.
 	if _, err := authorization(st); err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
@@ -589,15 +599,15 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 	if a.state != nil && !anyVersion && st.GetVersion() < a.state.GetVersion() {
 		return fmt.Errorf("state version %d is older than the applied %d", st.GetVersion(), a.state.GetVersion())
 	}
-	ws, err := workloads(st)
-	if err != nil {
-		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
-	}
-	svcs, err := services(st)
-	if err != nil {
-		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
-	}
+	// A bad workload or Service is left out and the rest applies (DroppedEntry).
+	ws, werr := workloads(st)
+	svcs, serr := services(st)
+	dropped := droppedEntries(errors.Join(werr, serr))
 	authz, err := authorization(st)
+	if err != nil {
+		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
+	}
+	strict, err := strictPorts(st, a.cfg.Node)
 	if err != nil {
 		return fmt.Errorf("state version %d: %w", st.GetVersion(), err)
 	}
@@ -624,12 +634,18 @@ func (a *Agent) apply(st *ferryv1.NodeState, anyVersion bool) error {
 			return fmt.Errorf("state version %d identities: %w", st.GetVersion(), err)
 		}
 	}
+	// STRICT goes into the kernel before reconcile gives new pods listeners, so
+	// plaintext is refused from a pod's first connection.
+	if err := a.capture.SetStrictPorts(strict); err != nil {
+		return fmt.Errorf("state version %d: mtls modes: %w", st.GetVersion(), err)
+	}
 	a.pods.SetMesh(ws)
 	a.pods.SetServices(svcs)
 	a.pods.SetAuthorization(authz) // before reconcile gives new pods listeners
 	a.obs.SetState(st)             // flows and metrics name the destination's service
 	a.want = want
 	a.state, a.applied = st, time.Now()
+	a.noteDropped(st.GetVersion(), dropped)
 	a.reconcileLocked()
 	return nil
 }

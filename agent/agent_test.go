@@ -21,6 +21,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/bpf"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -55,6 +56,22 @@ type fakeCapture struct {
 	enrolled map[uint64]string // live enrollments
 	pinned   map[uint64]string // what "a previous run" left
 	kept     map[uint64]bool   // the keep set of the last Prune
+	strict   []bpf.StrictPort  // the last SetStrictPorts
+	// strictErr fails SetStrictPorts (a full map).
+	strictErr error
+}
+
+func (f *fakeCapture) SetStrictPorts(ps []bpf.StrictPort) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.strictErr != nil {
+		return f.strictErr
+	}
+	f.strict = slices.Clone(ps)
+	if len(ps) > 0 { // only STRICT states leave a mark, so other tests' sequences stay
+		f.ev.add("strict " + strconv.Itoa(len(ps)))
+	}
+	return nil
 }
 
 func newFakeCapture(ev *events) *fakeCapture {
@@ -544,6 +561,7 @@ func newTestAgentWith(t *testing.T, set func(*Config)) *testAgent {
 	ta := &testAgent{ev: ev, capture: newFakeCapture(ev), pods: &fakePods{ev: ev, pods: map[string]proxy.Workload{}, fail: map[string]error{}},
 		netns: &fakeNetns{ips: map[netip.Addr]bool{}}, ca: identitytest.NewCA(t), path: filepath.Join(t.TempDir(), "state.json")}
 	cfg := Config{Node: "node1", StatePath: ta.path, Datapath: datapath.DefaultConfig()}
+	cfg.Datapath.PinDir = t.TempDir() // nothing pinned: the strict drops reader has nothing to read
 	set(&cfg)
 	a, err := newAgent(cfg, slog.New(slog.DiscardHandler), ta.capture, ta.netns.find)
 	if err != nil {

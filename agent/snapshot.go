@@ -35,6 +35,9 @@ func (s adminSource) Snapshot() adminserver.Snapshot {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	sn.State, sn.Applied = a.state, a.applied
+	for _, d := range a.dropped {
+		sn.Dropped = append(sn.Dropped, d.Error())
+	}
 	for uid, p := range a.enrolled {
 		sn.Enrolled[uid] = admin.StatusPod{Name: p.w.Name, IP: p.w.IPs[0].String(), Identity: p.w.Identity, NetnsCookie: p.cookie}
 	}

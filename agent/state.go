@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/proxy"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/bpf"
 	"golang.org/x/net/http/httpguts"
 	"google.golang.org/protobuf/encoding/protojson"
 )
@@ -33,110 +34,224 @@ func ReadStateFile(path string) (*ferryv1.NodeState, error) {
 }
 
 // CheckState converts st's workloads and Services as the agent does before applying
-// a state, and returns why the agent would refuse it whole; nil when it would take
-// it. The operator's tests use it to prove it never sends a state agents refuse.
+// a state, and returns why it would leave any entry out (each a *DroppedEntry,
+// joined), or nil when it would take every one. The operator's tests use it to
+// prove it never sends a state agents must cut.
 func CheckState(st *ferryv1.NodeState) error {
-	if _, err := workloads(st); err != nil {
-		return err
+	_, werr := workloads(st)
+	_, serr := services(st)
+	_, perr := strictPorts(st, st.GetNode())
+	return errors.Join(werr, serr, perr)
+}
+
+// DroppedEntry is one entry of a NodeState the agent left out while it applied the
+// rest: one bad object must not freeze every change behind it. What cannot be
+// taken in part (a state for another node, a trust bundle or certificates that do
+// not parse, authorization policies, which dropped could let through what they
+// stop) still rejects the state whole.
+type DroppedEntry struct {
+	Kind string // "workload" or "service"
+	Name string // namespace/name
+	Err  error  // why, naming the entry's index in the state
+}
+
+func (d *DroppedEntry) Error() string { return d.Err.Error() }
+func (d *DroppedEntry) Unwrap() error { return d.Err }
+
+// droppedEntries lists the entries in err, as workloads and services join them.
+func droppedEntries(err error) []*DroppedEntry {
+	var out []*DroppedEntry
+	var walk func(error)
+	walk = func(err error) {
+		var d *DroppedEntry
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+		} else if errors.As(err, &d) {
+			out = append(out, d)
+		}
 	}
-	if _, err := services(st); err != nil {
-		return err
+	if err != nil {
+		walk(err)
 	}
-	return nil
+	return out
+}
+
+// noteDropped keeps the entries left out of the applied state version for the
+// admin API and the metrics, and logs those not left out of the last one.
+// Called with a.mu held.
+func (a *Agent) noteDropped(version uint64, dropped []*DroppedEntry) {
+	before := map[string]bool{}
+	for _, d := range a.dropped {
+		before[d.Error()] = true
+	}
+	counts := map[string]int{"workload": 0, "service": 0}
+	for _, d := range dropped {
+		counts[d.Kind]++
+		if !before[d.Error()] {
+			a.log.Warn("state entry left out; the rest of the state applies", "version", version, "kind", d.Kind, "name", d.Name, "error", d.Err)
+		}
+	}
+	a.dropped = dropped
+	if a.obs != nil {
+		for kind, n := range counts {
+			a.obs.StateDropped(kind, n)
+		}
+	}
 }
 
 // workloads converts the state's workloads to the proxy's form, checking every
-// field the data path relies on; a bad entry makes the whole state invalid rather
-// than half-applied.
+// field the data path relies on. It returns the good ones, and an entry that is not
+// (*DroppedEntry, joined in the error) is left out: an address two workloads claim
+// belongs to neither, as the operator withholds both when it cannot tell which is
+// the live one.
 func workloads(st *ferryv1.NodeState) ([]proxy.Workload, error) {
 	out := make([]proxy.Workload, 0, len(st.GetWorkloads()))
-	seen := map[netip.Addr]string{}
+	claims := map[netip.Addr][]string{}
+	for _, w := range st.GetWorkloads() {
+		for _, s := range w.GetIps() {
+			if ip, err := netip.ParseAddr(s); err == nil {
+				claims[ip.Unmap()] = append(claims[ip.Unmap()], w.GetNamespace()+"/"+w.GetName())
+			}
+		}
+	}
+	var errs []error
 	for i, w := range st.GetWorkloads() {
 		name := w.GetNamespace() + "/" + w.GetName()
-		if w.GetUid() == "" || w.GetName() == "" || w.GetNamespace() == "" || w.GetNode() == "" || w.GetIdentity() == "" {
-			return nil, fmt.Errorf("workloads[%d] (%s): uid, name, namespace, node and identity are required", i, name)
-		}
-		pw := proxy.Workload{UID: w.GetUid(), Name: name, Identity: w.GetIdentity(), Node: w.GetNode()}
-		for _, s := range w.GetIps() {
-			ip, err := netip.ParseAddr(s)
-			if err != nil {
-				return nil, fmt.Errorf("workloads[%d] (%s): ip %q: %w", i, name, s, err)
-			}
-			ip = ip.Unmap()
-			if other, dup := seen[ip]; dup {
-				return nil, fmt.Errorf("workloads[%d] (%s): ip %s already belongs to %s", i, name, ip, other)
-			}
-			seen[ip] = name
-			pw.IPs = append(pw.IPs, ip)
-		}
-		if len(pw.IPs) == 0 {
-			return nil, fmt.Errorf("workloads[%d] (%s): no ip", i, name)
+		pw, err := workload(w, claims)
+		if err != nil {
+			errs = append(errs, &DroppedEntry{Kind: "workload", Name: name, Err: fmt.Errorf("workloads[%d] (%s): %w", i, name, err)})
+			continue
 		}
 		out = append(out, pw)
 	}
-	return out, nil
+	return out, errors.Join(errs...)
+}
+
+// workload converts one workload; claims are the names of the workloads claiming
+// each address.
+func workload(w *ferryv1.Workload, claims map[netip.Addr][]string) (proxy.Workload, error) {
+	name := w.GetNamespace() + "/" + w.GetName()
+	if w.GetUid() == "" || w.GetName() == "" || w.GetNamespace() == "" || w.GetNode() == "" || w.GetIdentity() == "" {
+		return proxy.Workload{}, errors.New("uid, name, namespace, node and identity are required")
+	}
+	pw := proxy.Workload{UID: w.GetUid(), Name: name, Identity: w.GetIdentity(), Node: w.GetNode()}
+	for _, s := range w.GetIps() {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return proxy.Workload{}, fmt.Errorf("ip %q: %w", s, err)
+		}
+		ip = ip.Unmap()
+		if slices.Contains(pw.IPs, ip) {
+			return proxy.Workload{}, fmt.Errorf("ip %s listed twice", ip)
+		}
+		if names := claims[ip]; len(names) > 1 {
+			others := slices.DeleteFunc(slices.Clone(names), func(n string) bool { return n == name })
+			return proxy.Workload{}, fmt.Errorf("ip %s is also claimed by %s", ip, strings.Join(others, ", "))
+		}
+		pw.IPs = append(pw.IPs, ip)
+	}
+	if len(pw.IPs) == 0 {
+		return proxy.Workload{}, errors.New("no ip")
+	}
+	return pw, nil
 }
 
 // services converts the state's Services to the proxy's form: cluster IPs, ports,
-// and every backend with its readiness and pod ports. A malformed entry makes the
-// whole state invalid, as for workloads.
+// and every backend with its readiness and pod ports. It returns the good ones; a
+// malformed entry is left out (*DroppedEntry, joined in the error), and so, in
+// turn, is a Service whose routes send requests to one left out.
 func services(st *ferryv1.NodeState) ([]proxy.Service, error) {
-	out := make([]proxy.Service, 0, len(st.GetServices()))
-	ports := servicePorts(st)
-	for i, sv := range st.GetServices() {
-		name := sv.GetNamespace() + "/" + sv.GetName()
-		ps := proxy.Service{Name: name, LoadBalancer: proxy.LoadBalancer(sv.GetLoadBalancer())}
-		if !ps.LoadBalancer.Known() {
-			return nil, fmt.Errorf("services[%d] (%s): load balancer %q is not one this agent has", i, name, ps.LoadBalancer)
+	bad := map[string]error{} // by namespace/name
+	for {
+		ports := servicePorts(st)
+		for name := range bad {
+			delete(ports, name)
 		}
-		for _, text := range sv.GetClusterIps() {
+		var out []proxy.Service
+		more := false
+		for i, sv := range st.GetServices() {
+			name := sv.GetNamespace() + "/" + sv.GetName()
+			if bad[name] != nil {
+				continue
+			}
+			ps, err := service(sv, ports)
+			if err != nil {
+				bad[name] = &DroppedEntry{Kind: "service", Name: name, Err: fmt.Errorf("services[%d] (%s): %w", i, name, err)}
+				more = true
+				continue
+			}
+			out = append(out, ps)
+		}
+		if !more {
+			var errs []error
+			for _, sv := range st.GetServices() { // in the state's order
+				name := sv.GetNamespace() + "/" + sv.GetName()
+				if err := bad[name]; err != nil {
+					errs = append(errs, err)
+					delete(bad, name) // once, should two entries share a name
+				}
+			}
+			return out, errors.Join(errs...)
+		}
+	}
+}
+
+// service converts one Service; ports are the ports of every Service its routes
+// may name.
+func service(sv *ferryv1.Service, ports map[string]map[uint32]bool) (proxy.Service, error) {
+	name := sv.GetNamespace() + "/" + sv.GetName()
+	ps := proxy.Service{Name: name, LoadBalancer: proxy.LoadBalancer(sv.GetLoadBalancer())}
+	if !ps.LoadBalancer.Known() {
+		return ps, fmt.Errorf("load balancer %q is not one this agent has", ps.LoadBalancer)
+	}
+	for _, text := range sv.GetClusterIps() {
+		ip, err := netip.ParseAddr(text)
+		if err != nil {
+			return ps, fmt.Errorf("cluster ip %q: %w", text, err)
+		}
+		ps.VIPs = append(ps.VIPs, ip.Unmap())
+	}
+	for j, p := range sv.GetPorts() {
+		if p.GetPort() == 0 || p.GetPort() > 65535 {
+			return ps, fmt.Errorf("ports[%d]: port %d out of range", j, p.GetPort())
+		}
+		ps.Ports = append(ps.Ports, proxy.ServicePort{Port: uint16(p.GetPort()), Name: p.GetName(), AppProtocol: p.GetAppProtocol()})
+	}
+	for j, b := range sv.GetBackends() {
+		pb := proxy.Backend{Ready: b.GetReady()}
+		for _, text := range b.GetIps() {
 			ip, err := netip.ParseAddr(text)
 			if err != nil {
-				return nil, fmt.Errorf("services[%d] (%s): cluster ip %q: %w", i, name, text, err)
+				return ps, fmt.Errorf("backends[%d]: ip %q: %w", j, text, err)
 			}
-			ps.VIPs = append(ps.VIPs, ip.Unmap())
+			pb.IPs = append(pb.IPs, ip.Unmap())
 		}
-		for j, p := range sv.GetPorts() {
-			if p.GetPort() == 0 || p.GetPort() > 65535 {
-				return nil, fmt.Errorf("services[%d] (%s): ports[%d]: port %d out of range", i, name, j, p.GetPort())
-			}
-			ps.Ports = append(ps.Ports, proxy.ServicePort{Port: uint16(p.GetPort()), Name: p.GetName(), AppProtocol: p.GetAppProtocol()})
+		if len(b.GetPorts()) != len(ps.Ports) {
+			return ps, fmt.Errorf("backends[%d]: %d ports for the service's %d", j, len(b.GetPorts()), len(ps.Ports))
 		}
-		for j, b := range sv.GetBackends() {
-			pb := proxy.Backend{Ready: b.GetReady()}
-			for _, text := range b.GetIps() {
-				ip, err := netip.ParseAddr(text)
-				if err != nil {
-					return nil, fmt.Errorf("services[%d] (%s): backends[%d]: ip %q: %w", i, name, j, text, err)
-				}
-				pb.IPs = append(pb.IPs, ip.Unmap())
+		for _, port := range b.GetPorts() {
+			if port > 65535 {
+				return ps, fmt.Errorf("backends[%d]: port %d out of range", j, port)
 			}
-			if len(b.GetPorts()) != len(ps.Ports) {
-				return nil, fmt.Errorf("services[%d] (%s): backends[%d]: %d ports for the service's %d", i, name, j, len(b.GetPorts()), len(ps.Ports))
-			}
-			for _, port := range b.GetPorts() {
-				if port > 65535 {
-					return nil, fmt.Errorf("services[%d] (%s): backends[%d]: port %d out of range", i, name, j, port)
-				}
-				pb.Ports = append(pb.Ports, uint16(port))
-			}
-			ps.Backends = append(ps.Backends, pb)
+			pb.Ports = append(pb.Ports, uint16(port))
 		}
-		routes, err := routeTables(sv, ports)
-		if err != nil {
-			return nil, fmt.Errorf("services[%d] (%s): %w", i, name, err)
-		}
-		ps.Routes = routes
-		if sv.GetPolicy() != nil {
-			pol, err := servicePolicy(sv.GetPolicy())
-			if err != nil {
-				return nil, fmt.Errorf("services[%d] (%s): policy %q: %w", i, name, sv.GetPolicy().GetName(), err)
-			}
-			ps.Policy = pol
-		}
-		out = append(out, ps)
+		ps.Backends = append(ps.Backends, pb)
 	}
-	return out, nil
+	routes, err := routeTables(sv, ports)
+	if err != nil {
+		return ps, err
+	}
+	ps.Routes = routes
+	if sv.GetPolicy() != nil {
+		pol, err := servicePolicy(sv.GetPolicy())
+		if err != nil {
+			return ps, fmt.Errorf("policy %q: %w", sv.GetPolicy().GetName(), err)
+		}
+		ps.Policy = pol
+	}
+	return ps, nil
 }
 
 // servicePorts is every Service port of the state by Service (namespace/name), which
@@ -808,6 +923,77 @@ func authzPorts(ps []uint32) ([]uint16, error) {
 			return nil, fmt.Errorf("port %d out of range", p)
 		}
 		out = append(out, uint16(p))
+	}
+	return out, nil
+}
+
+// PeerAuthentication modes as the state carries them (Workload.mtls_mode).
+const (
+	mtlsPermissive = "Permissive"
+	mtlsStrict     = "Strict"
+)
+
+// mtlsMode checks one mode of the state: "" is PERMISSIVE.
+func mtlsMode(s string) (bpf.MTLSMode, error) {
+	switch s {
+	case "", mtlsPermissive:
+		return bpf.MTLSPermissive, nil
+	case mtlsStrict:
+		return bpf.MTLSStrict, nil
+	}
+	return 0, fmt.Errorf("mtls mode %q is not Permissive or Strict", s)
+}
+
+// strictPorts converts the mTLS modes of node's workloads into strict_ports
+// entries: a wildcard entry for a STRICT pod, and an entry per port that differs
+// from its pod's mode. A PERMISSIVE pod with no STRICT port needs none. A bad mode
+// or port rejects the state, as a mode half applied would take plaintext where
+// STRICT was asked.
+func strictPorts(st *ferryv1.NodeState, node string) ([]bpf.StrictPort, error) {
+	var out []bpf.StrictPort
+	for i, w := range st.GetWorkloads() {
+		at := fmt.Sprintf("workloads[%d] (%s/%s)", i, w.GetNamespace(), w.GetName())
+		mode, err := mtlsMode(w.GetMtlsMode())
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", at, err)
+		}
+		ports := make([]uint32, 0, len(w.GetPortMtlsModes()))
+		for p := range w.GetPortMtlsModes() {
+			ports = append(ports, p)
+		}
+		slices.Sort(ports)
+		type override struct {
+			port uint16
+			mode bpf.MTLSMode
+		}
+		var overrides []override
+		for _, p := range ports {
+			pm, err := mtlsMode(w.GetPortMtlsModes()[p])
+			if err != nil {
+				return nil, fmt.Errorf("%s: port_mtls_modes[%d]: %w", at, p, err)
+			}
+			if p == 0 || p > 65535 {
+				return nil, fmt.Errorf("%s: port_mtls_modes: port %d out of range", at, p)
+			}
+			if pm != mode {
+				overrides = append(overrides, override{uint16(p), pm})
+			}
+		}
+		if w.GetNode() != node {
+			continue
+		}
+		for _, s := range w.GetIps() {
+			ip, err := netip.ParseAddr(s)
+			if err != nil {
+				return nil, fmt.Errorf("%s: ip %q: %w", at, s, err)
+			}
+			if mode == bpf.MTLSStrict {
+				out = append(out, bpf.StrictPort{IP: ip.Unmap(), Mode: mode})
+			}
+			for _, o := range overrides {
+				out = append(out, bpf.StrictPort{IP: ip.Unmap(), Port: o.port, Mode: o.mode})
+			}
+		}
 	}
 	return out, nil
 }

@@ -355,6 +355,25 @@ func TestConnectCapture(t *testing.T) {
 	})
 }
 
+// inboundListener opens a 15006 listener in pod and puts it in inbound_listeners
+// under podIP.
+func inboundListener(t *testing.T, objs *Objects, pod *netns.Handle, podIP netip.Addr) *net.TCPListener {
+	t.Helper()
+	ln := listen(t, pod, "tcp4", "127.0.0.1:15006")
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var setErr error
+	if err := raw.Control(func(fd uintptr) { setErr = objs.SetInboundListener(podIP, int(fd)) }); err != nil {
+		t.Fatal(err)
+	}
+	if setErr != nil {
+		t.Fatal(setErr)
+	}
+	return ln
+}
+
 func TestSkLookupSteersInbound(t *testing.T) {
 	privileged.Require(t)
 	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
@@ -364,18 +383,7 @@ func TestSkLookupSteersInbound(t *testing.T) {
 	defer objs.Close()
 	pod := privileged.NewNetns(t)
 	addAddr(t, pod, "10.1.2.4/32")
-	inbound := listen(t, pod, "tcp4", "127.0.0.1:15006")
-	raw, err := inbound.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var setErr error
-	if err := raw.Control(func(fd uintptr) { setErr = objs.SetInboundListener(netip.MustParseAddr("10.1.2.4"), int(fd)) }); err != nil {
-		t.Fatal(err)
-	}
-	if setErr != nil {
-		t.Fatal(setErr)
-	}
+	inbound := inboundListener(t, objs, pod, netip.MustParseAddr("10.1.2.4"))
 	ls, err := objs.ListInboundListeners()
 	if err != nil || len(ls) != 1 || ls[0].PodIP != netip.MustParseAddr("10.1.2.4") {
 		t.Fatalf("inbound_listeners = %v, %v", ls, err)

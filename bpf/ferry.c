@@ -60,6 +60,34 @@ struct ip_key {
 	__u8 addr[16];
 };
 
+// Key of strict_ports: a pod IP (v4-mapped for IPv4) and a port; port 0 stands for
+// every port of the pod that has no entry of its own.
+struct strict_key {
+	__u8 addr[16];
+	__u16 port; // host order; 0 = every other port
+	__u16 pad[3];
+};
+
+// Values of strict_ports. An explicit PERMISSIVE entry is a per-port override of a
+// pod-wide STRICT one.
+enum mtls_mode {
+	MTLS_PERMISSIVE = 1,
+	MTLS_STRICT = 2,
+};
+
+// A plaintext connection sk_lookup refused, sent to the agent through strict_events.
+struct strict_event {
+	__u8 src[16]; // v4-mapped for IPv4
+	__u8 dst[16]; // v4-mapped for IPv4
+	__u16 src_port; // host order
+	__u16 dst_port; // host order
+	__u16 family;   // AF_INET or AF_INET6
+	__u16 pad;
+};
+
+// Puts struct strict_event in the object's BTF, so bpf2go generates its Go type.
+const struct strict_event *unused_strict_event __attribute__((unused));
+
 // Event counters, one slot each in the per-CPU counters map. Counted per connection
 // (never per packet or per message); the agent sums the CPUs for its metrics.
 enum ferry_counter {
@@ -70,6 +98,8 @@ enum ferry_counter {
 	COUNTER_FAST_PATH_FULL,         // the sockhash refused a socket: it takes the normal path
 	COUNTER_INBOUND_STEERED,        // sk_lookup steered a connection to the inbound listener
 	COUNTER_INBOUND_STEER_FAILED,   // sk_assign failed: the normal lookup ran
+	COUNTER_STRICT_REFUSED,         // sk_lookup refused plaintext to a STRICT pod port
+	COUNTER_STRICT_EVENT_LOST,      // the strict_events ring buffer was full: no flow for a refusal
 	COUNTER_MAX,
 };
 
@@ -126,6 +156,24 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_listeners SEC(".maps");
+
+// (pod IP, port) -> enum mtls_mode: the PeerAuthentication modes of this node's pods.
+// Entries stay until the agent changes them, so STRICT holds while no agent runs.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct strict_key);
+	__type(value, enum mtls_mode);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} strict_ports SEC(".maps");
+
+// Refusals for the agent's flows. Bounded: when full, an event is dropped and counted
+// (COUNTER_STRICT_EVENT_LOST); the refusal itself never depends on it.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} strict_events SEC(".maps");
 
 // Counters by enum ferry_counter.
 struct {
@@ -371,6 +419,36 @@ int ferry_sk_msg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
+// Whether a plaintext connection to (pod ip, port) must be refused: the port's own
+// entry decides, else the pod's wildcard entry; no entry is PERMISSIVE.
+static __always_inline int is_strict(const __u32 ip6[4], __u16 port)
+{
+	struct strict_key key = {.port = port};
+	__builtin_memcpy(key.addr, ip6, sizeof(key.addr));
+	enum mtls_mode *mode = bpf_map_lookup_elem(&strict_ports, &key);
+	if (!mode) {
+		key.port = 0;
+		mode = bpf_map_lookup_elem(&strict_ports, &key);
+	}
+	return mode && *mode == MTLS_STRICT;
+}
+
+static __always_inline void report_strict(const __u32 src6[4], const __u32 dst6[4], __u16 sport, __u16 dport)
+{
+	struct strict_event *e = bpf_ringbuf_reserve(&strict_events, sizeof(*e), 0);
+	if (!e) {
+		count(COUNTER_STRICT_EVENT_LOST);
+		return;
+	}
+	__builtin_memcpy(e->src, src6, sizeof(e->src));
+	__builtin_memcpy(e->dst, dst6, sizeof(e->dst));
+	e->src_port = sport;
+	e->dst_port = dport;
+	e->family = is_v4_mapped(dst6) ? AF_INET : AF_INET6;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
 SEC("sk_lookup")
 int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -387,6 +465,15 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 	// Loopback sources include 127.0.0.6, the agent's own hop to the app.
 	if (is_loopback6(src6))
 		return SK_PASS;
+
+	// Anything else reaching a pod port is plaintext (mTLS arrives on the tunnel
+	// port, skipped above). STRICT: refuse it before any socket sees it; for TCP the
+	// failed lookup makes the kernel answer the SYN with a reset.
+	if (is_strict(dst6, port)) {
+		count(COUNTER_STRICT_REFUSED);
+		report_strict(src6, dst6, (__u16)bpf_ntohs(ctx->remote_port), port);
+		return SK_DROP;
+	}
 
 	__builtin_memcpy(key.addr, dst6, sizeof(key.addr));
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);

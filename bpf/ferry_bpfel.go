@@ -31,13 +31,22 @@ const (
 	ferryFerryCounterCOUNTER_FAST_PATH_FULL       ferryFerryCounter = 4
 	ferryFerryCounterCOUNTER_INBOUND_STEERED      ferryFerryCounter = 5
 	ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED ferryFerryCounter = 6
-	ferryFerryCounterCOUNTER_MAX                  ferryFerryCounter = 7
+	ferryFerryCounterCOUNTER_STRICT_REFUSED       ferryFerryCounter = 7
+	ferryFerryCounterCOUNTER_STRICT_EVENT_LOST    ferryFerryCounter = 8
+	ferryFerryCounterCOUNTER_MAX                  ferryFerryCounter = 9
 )
 
 type ferryIpKey struct {
 	_    structs.HostLayout
 	Addr [16]uint8
 }
+
+type ferryMtlsMode uint32
+
+const (
+	ferryMtlsModeMTLS_PERMISSIVE ferryMtlsMode = 1
+	ferryMtlsModeMTLS_STRICT     ferryMtlsMode = 2
+)
 
 type ferryOrigKey struct {
 	_           structs.HostLayout
@@ -62,27 +71,47 @@ type ferrySockKey struct {
 	Pad         uint16
 }
 
+type ferryStrictEvent struct {
+	_       structs.HostLayout
+	Src     [16]uint8
+	Dst     [16]uint8
+	SrcPort uint16
+	DstPort uint16
+	Family  uint16
+	Pad     uint16
+}
+
+type ferryStrictKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  [3]uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ferryMapCounters         = "counters"
-	ferryMapEnrolledNetns    = "enrolled_netns"
-	ferryMapExcludedPorts    = "excluded_ports"
-	ferryMapInboundListeners = "inbound_listeners"
-	ferryMapLocalSocks       = "local_socks"
-	ferryMapOrigDst          = "orig_dst"
-	ferryMapSockOrigDst      = "sock_orig_dst"
-	ferryProgFerryConnect4   = "ferry_connect4"
-	ferryProgFerryConnect6   = "ferry_connect6"
-	ferryProgFerrySkLookup   = "ferry_sk_lookup"
-	ferryProgFerrySkMsg      = "ferry_sk_msg"
-	ferryProgFerrySockops    = "ferry_sockops"
-	ferryVarAgentMark        = "agent_mark"
-	ferryVarFastPath         = "fast_path"
-	ferryVarInboundPort      = "inbound_port"
-	ferryVarOutboundPort     = "outbound_port"
-	ferryVarTunnelPort       = "tunnel_port"
+	ferryMapCounters          = "counters"
+	ferryMapEnrolledNetns     = "enrolled_netns"
+	ferryMapExcludedPorts     = "excluded_ports"
+	ferryMapInboundListeners  = "inbound_listeners"
+	ferryMapLocalSocks        = "local_socks"
+	ferryMapOrigDst           = "orig_dst"
+	ferryMapSockOrigDst       = "sock_orig_dst"
+	ferryMapStrictEvents      = "strict_events"
+	ferryMapStrictPorts       = "strict_ports"
+	ferryProgFerryConnect4    = "ferry_connect4"
+	ferryProgFerryConnect6    = "ferry_connect6"
+	ferryProgFerrySkLookup    = "ferry_sk_lookup"
+	ferryProgFerrySkMsg       = "ferry_sk_msg"
+	ferryProgFerrySockops     = "ferry_sockops"
+	ferryVarAgentMark         = "agent_mark"
+	ferryVarFastPath          = "fast_path"
+	ferryVarInboundPort       = "inbound_port"
+	ferryVarOutboundPort      = "outbound_port"
+	ferryVarTunnelPort        = "tunnel_port"
+	ferryVarUnusedStrictEvent = "unused_strict_event"
 )
 
 // loadFerry returns the embedded CollectionSpec for ferry.
@@ -145,17 +174,20 @@ type ferryMapSpecs struct {
 	LocalSocks       *ebpf.MapSpec `ebpf:"local_socks"`
 	OrigDst          *ebpf.MapSpec `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.MapSpec `ebpf:"sock_orig_dst"`
+	StrictEvents     *ebpf.MapSpec `ebpf:"strict_events"`
+	StrictPorts      *ebpf.MapSpec `ebpf:"strict_ports"`
 }
 
 // ferryVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ferryVariableSpecs struct {
-	AgentMark    *ebpf.VariableSpec `ebpf:"agent_mark"`
-	FastPath     *ebpf.VariableSpec `ebpf:"fast_path"`
-	InboundPort  *ebpf.VariableSpec `ebpf:"inbound_port"`
-	OutboundPort *ebpf.VariableSpec `ebpf:"outbound_port"`
-	TunnelPort   *ebpf.VariableSpec `ebpf:"tunnel_port"`
+	AgentMark         *ebpf.VariableSpec `ebpf:"agent_mark"`
+	FastPath          *ebpf.VariableSpec `ebpf:"fast_path"`
+	InboundPort       *ebpf.VariableSpec `ebpf:"inbound_port"`
+	OutboundPort      *ebpf.VariableSpec `ebpf:"outbound_port"`
+	TunnelPort        *ebpf.VariableSpec `ebpf:"tunnel_port"`
+	UnusedStrictEvent *ebpf.VariableSpec `ebpf:"unused_strict_event"`
 }
 
 // ferryObjects contains all objects after they have been loaded into the kernel.
@@ -185,6 +217,8 @@ type ferryMaps struct {
 	LocalSocks       *ebpf.Map `ebpf:"local_socks"`
 	OrigDst          *ebpf.Map `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.Map `ebpf:"sock_orig_dst"`
+	StrictEvents     *ebpf.Map `ebpf:"strict_events"`
+	StrictPorts      *ebpf.Map `ebpf:"strict_ports"`
 }
 
 func (m *ferryMaps) Close() error {
@@ -196,6 +230,8 @@ func (m *ferryMaps) Close() error {
 		m.LocalSocks,
 		m.OrigDst,
 		m.SockOrigDst,
+		m.StrictEvents,
+		m.StrictPorts,
 	)
 }
 
@@ -203,11 +239,12 @@ func (m *ferryMaps) Close() error {
 //
 // It can be passed to loadFerryObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ferryVariables struct {
-	AgentMark    *ebpf.Variable `ebpf:"agent_mark"`
-	FastPath     *ebpf.Variable `ebpf:"fast_path"`
-	InboundPort  *ebpf.Variable `ebpf:"inbound_port"`
-	OutboundPort *ebpf.Variable `ebpf:"outbound_port"`
-	TunnelPort   *ebpf.Variable `ebpf:"tunnel_port"`
+	AgentMark         *ebpf.Variable `ebpf:"agent_mark"`
+	FastPath          *ebpf.Variable `ebpf:"fast_path"`
+	InboundPort       *ebpf.Variable `ebpf:"inbound_port"`
+	OutboundPort      *ebpf.Variable `ebpf:"outbound_port"`
+	TunnelPort        *ebpf.Variable `ebpf:"tunnel_port"`
+	UnusedStrictEvent *ebpf.Variable `ebpf:"unused_strict_event"`
 }
 
 // ferryPrograms contains all programs after they have been loaded into the kernel.

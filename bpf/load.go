@@ -22,6 +22,11 @@ const (
 	MapSockOrigDst      = ferryMapSockOrigDst
 	// MapCounters holds the per-CPU event counters (bpf.ReadCounters).
 	MapCounters = ferryMapCounters
+	// MapStrictPorts holds the pods' mTLS modes by (pod IP, port) (SetStrictPorts).
+	MapStrictPorts = ferryMapStrictPorts
+	// MapStrictEvents is the ring buffer of plaintext connections refused under
+	// STRICT (OpenStrictEvents).
+	MapStrictEvents = ferryMapStrictEvents
 )
 
 // Names of Ferry's programs; all start with "ferry_" so bpftool listings show them.
@@ -35,7 +40,7 @@ const (
 
 // MapNames lists every map Ferry pins.
 func MapNames() []string {
-	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapOrigDst, MapSockOrigDst, MapCounters}
+	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapOrigDst, MapSockOrigDst, MapCounters, MapStrictPorts, MapStrictEvents}
 }
 
 // ProgramNames lists every program in Ferry's object.
@@ -87,6 +92,12 @@ type Config struct {
 //     proxy's OrigDst fails for it (the proxy closes it).
 //   - local_socks (sockhash, same size): sockops' insert fails silently and the
 //     connection simply takes the normal TCP path (no fast path); nothing breaks.
+//   - strict_ports (hash, max(maxPods*StrictEntriesPerPod, 1024)): SetStrictPorts
+//     refuses a set that does not fit before it changes anything (ErrStrictFull),
+//     so the modes in force stay those of the last set that fitted.
+//   - strict_events (ring buffer, 256 KiB, about 5000 events): when the agent
+//     reads slower than refusals come, sk_lookup drops the event and counts
+//     strict_event_lost; the refusal itself never depends on it.
 func MapSizes(maxPods int) map[string]uint32 {
 	pods := uint32(max(maxPods, 1))
 	conns := max(pods*1024, 16384)
@@ -97,8 +108,13 @@ func MapSizes(maxPods int) map[string]uint32 {
 		MapSockOrigDst:      conns,
 		MapOrigDst:          conns,
 		MapLocalSocks:       conns,
+		MapStrictPorts:      max(pods*StrictEntriesPerPod, 1024),
 	}
 }
+
+// StrictEntriesPerPod is how many strict_ports entries a pod may use on average:
+// one per address for its own mode, the rest for per-port overrides.
+const StrictEntriesPerPod = 16
 
 // Spec returns Ferry's collection spec with cfg's globals set and maps sized.
 func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
@@ -185,6 +201,7 @@ func OpenPinnedMaps(pinDir string, readOnly bool) (*Maps, error) {
 		MapLocalSocks:       &m.LocalSocks,
 		MapOrigDst:          &m.OrigDst,
 		MapSockOrigDst:      &m.SockOrigDst,
+		MapStrictPorts:      &m.StrictPorts,
 	}
 	opts := &ebpf.LoadPinOptions{ReadOnly: readOnly}
 	for name, dst := range targets {

@@ -302,6 +302,8 @@ func CounterNames() map[uint32]string {
 		uint32(ferryFerryCounterCOUNTER_FAST_PATH_FULL):       "fast_path_full",
 		uint32(ferryFerryCounterCOUNTER_INBOUND_STEERED):      "inbound_steered",
 		uint32(ferryFerryCounterCOUNTER_INBOUND_STEER_FAILED): "inbound_steer_failed",
+		uint32(ferryFerryCounterCOUNTER_STRICT_REFUSED):       "strict_refused",
+		uint32(ferryFerryCounterCOUNTER_STRICT_EVENT_LOST):    "strict_event_lost",
 	}
 }
 
@@ -331,4 +333,133 @@ func SumCounters(m *ebpf.Map) (map[string]uint64, error) {
 		out[name] = sum
 	}
 	return out, nil
+}
+
+// MTLSMode is a strict_ports value (enum mtls_mode in ferry.c).
+type MTLSMode = ferryMtlsMode
+
+// The modes strict_ports holds. No entry is PERMISSIVE; an explicit Permissive
+// entry for one port overrides the pod's wildcard Strict one.
+const (
+	MTLSPermissive = ferryMtlsModeMTLS_PERMISSIVE
+	MTLSStrict     = ferryMtlsModeMTLS_STRICT
+)
+
+// String is the mode as PeerAuthentication spells it.
+func (m MTLSMode) String() string {
+	switch m {
+	case MTLSPermissive:
+		return "Permissive"
+	case MTLSStrict:
+		return "Strict"
+	}
+	return fmt.Sprintf("mode(%d)", uint32(m))
+}
+
+// MarshalText writes the mode as PeerAuthentication spells it, for JSON dumps.
+func (m MTLSMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
+// StrictKey is strict_ports's key.
+type StrictKey = ferryStrictKey
+
+// StrictEvent is one plaintext connection sk_lookup refused (strict_events).
+type StrictEvent = ferryStrictEvent
+
+// ErrStrictFull means a set of mTLS modes does not fit in strict_ports.
+var ErrStrictFull = errors.New("strict_ports map full")
+
+// StrictPort is one mTLS mode of a pod address: Port 0 stands for every port of
+// the address that has no entry of its own.
+type StrictPort struct {
+	IP   netip.Addr `json:"ip"`
+	Port uint16     `json:"port"` // 0: every other port
+	Mode MTLSMode   `json:"mode"`
+}
+
+func (s StrictPort) key() StrictKey {
+	return StrictKey{Addr: s.IP.Unmap().As16(), Port: s.Port}
+}
+
+// SetStrictPorts makes strict_ports hold exactly want. A set larger than the map
+// fails with ErrStrictFull before anything changes. New and changed entries are
+// written before stale ones are removed, so no port is PERMISSIVE in between that
+// is STRICT before and after.
+func (m *Maps) SetStrictPorts(want []StrictPort) error {
+	wantKeys := make(map[StrictKey]MTLSMode, len(want))
+	for _, s := range want {
+		if !s.IP.IsValid() || (s.Mode != MTLSStrict && s.Mode != MTLSPermissive) {
+			return fmt.Errorf("set %s: entry %v: bad address or mode", MapStrictPorts, s)
+		}
+		wantKeys[s.key()] = s.Mode
+	}
+	if capacity := int(m.StrictPorts.MaxEntries()); len(wantKeys) > capacity {
+		return fmt.Errorf("set %s: %d entries for %d slots (raise --max-pods): %w", MapStrictPorts, len(wantKeys), capacity, ErrStrictFull)
+	}
+	have, err := m.StrictPortEntries()
+	if err != nil {
+		return err
+	}
+	var stale []StrictKey
+	union := len(wantKeys)
+	for _, s := range have {
+		if _, ok := wantKeys[s.key()]; !ok {
+			stale = append(stale, s.key())
+			union++
+		}
+	}
+	del := func() error {
+		for i := range stale {
+			if err := m.StrictPorts.Delete(&stale[i]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("set %s: delete %v: %w", MapStrictPorts, stale[i], err)
+			}
+		}
+		return nil
+	}
+	if union > int(m.StrictPorts.MaxEntries()) {
+		// Only room once the stale entries are gone.
+		if err := del(); err != nil {
+			return err
+		}
+		stale = nil
+	}
+	for k, mode := range wantKeys {
+		if err := m.StrictPorts.Update(&k, mode, ebpf.UpdateAny); err != nil {
+			if errors.Is(err, unix.E2BIG) {
+				err = fmt.Errorf("%w: %w", ErrStrictFull, err)
+			}
+			return fmt.Errorf("set %s: %v: %w", MapStrictPorts, k, err)
+		}
+	}
+	return del()
+}
+
+// StrictPortEntries dumps strict_ports, sorted by address and port.
+func (m *Maps) StrictPortEntries() ([]StrictPort, error) {
+	var out []StrictPort
+	var k StrictKey
+	var v MTLSMode
+	it := m.StrictPorts.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, StrictPort{IP: netip.AddrFrom16(k.Addr).Unmap(), Port: k.Port, Mode: v})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", MapStrictPorts, err)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if c := out[i].IP.Compare(out[j].IP); c != 0 {
+			return c < 0
+		}
+		return out[i].Port < out[j].Port
+	})
+	return out, nil
+}
+
+// Src is the refused connection's client address.
+func (e StrictEvent) Source() netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(e.Src).Unmap(), e.SrcPort)
+}
+
+// Dst is the pod address and port the client asked for.
+func (e StrictEvent) Destination() netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(e.Dst).Unmap(), e.DstPort)
 }

@@ -3,6 +3,7 @@ package deploy_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os/exec"
 	"strings"
 	"testing"
@@ -125,11 +126,16 @@ func TestDeploy(t *testing.T) {
 			{"peerauthentications", fullPeerAuthentication()},
 			{"trafficpolicies", fullTrafficPolicy()},
 		} {
-			m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(tc.obj)
+			// Through JSON: the unstructured converter cannot write maps with
+			// number keys (PeerAuthentication's portLevelMtls).
+			b, err := json.Marshal(tc.obj)
 			if err != nil {
 				t.Fatal(err)
 			}
-			u := &unstructured.Unstructured{Object: m}
+			u := &unstructured.Unstructured{}
+			if err := u.UnmarshalJSON(b); err != nil {
+				t.Fatal(err)
+			}
 			gvr := v1alpha1.GroupVersion().WithResource(tc.resource)
 			// The CRD's discovery may lag its Established condition by a moment.
 			var created *unstructured.Unstructured

@@ -50,8 +50,9 @@ func fullPeerAuthentication() *v1alpha1.PeerAuthentication {
 		TypeMeta:   typeMeta("PeerAuthentication"),
 		ObjectMeta: metav1.ObjectMeta{Name: "strict", Namespace: "shop"},
 		Spec: v1alpha1.PeerAuthenticationSpec{
-			Selector: &v1alpha1.WorkloadSelector{MatchLabels: map[string]string{"app": "cart"}},
-			MTLS:     v1alpha1.MutualTLS{Mode: v1alpha1.MTLSStrict},
+			Selector:      &v1alpha1.WorkloadSelector{MatchLabels: map[string]string{"app": "cart"}},
+			MTLS:          v1alpha1.MutualTLS{Mode: v1alpha1.MTLSStrict},
+			PortLevelMTLS: map[uint32]v1alpha1.MutualTLS{9100: {Mode: v1alpha1.MTLSPermissive}},
 		},
 	}
 }

@@ -23,7 +23,7 @@ import (
 )
 
 // configKinds are the kinds NodeState.config_status reports.
-var configKinds = []string{"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AuthorizationPolicy"}
+var configKinds = []string{"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AuthorizationPolicy", "PeerAuthentication"}
 
 // ConfigRef names a route or policy as NodeState.config_status does.
 type ConfigRef struct {
@@ -42,7 +42,8 @@ const pollConfig = 10 * time.Millisecond
 
 // ApplyManifest writes content as file (a name, no folder) in the local-mode
 // operator's manifest folder and waits until every running agent's applied state
-// reports each HTTPRoute, GRPCRoute and TrafficPolicy of content with a generation
+// reports each HTTPRoute, GRPCRoute, TrafficPolicy, AuthorizationPolicy and
+// PeerAuthentication of content with a generation
 // other than the one it reported before the write, accepted or not. Each object's
 // generation must change (write metadata.generation, one more each time), or
 // nothing shows the agents took it. It returns when each agent got there.

@@ -192,6 +192,7 @@ func (o *Operator) registerMetrics() {
 			return float64(s.Version)
 		}),
 	)
+	o.reg.MustRegister(conflictCollector{o.view})
 	if o.loader != nil {
 		o.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_operator_manifest_errors", Help: "Local mode: manifest documents not loaded."}, func() float64 {
 			return float64(len(o.loader.Errors()))
@@ -305,7 +306,7 @@ func (o *Operator) startInformers(ctx context.Context) error {
 		// The in-memory store always serves TrafficPolicies and Gateway API's
 		// routes.
 		for _, watch := range []func(dynamicinformer.DynamicSharedInformerFactory) error{
-			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants, o.watchAuthorization,
+			o.view.WatchTrafficPolicies, o.view.WatchRoutes, o.view.WatchReferenceGrants, o.watchAuthorization, o.watchPeerAuthentication,
 		} {
 			if err := watch(o.policyInformers); err != nil {
 				return err
@@ -316,6 +317,7 @@ func (o *Operator) startInformers(ctx context.Context) error {
 			o.watchWhenServed(ctx, w)
 		}
 		o.informers.run(o.writeRouteStatus)
+		o.informers.run(o.reportConflicts)
 	}
 	o.factory.Start(ctx.Done())
 	o.policyInformers.Start(ctx.Done())
@@ -338,6 +340,12 @@ func (o *Operator) watchAuthorization(f dynamicinformer.DynamicSharedInformerFac
 	return o.view.WatchAuthorizationPolicies(f, o.cfg.Namespace)
 }
 
+// watchPeerAuthentication reads PeerAuthentications; the operator's namespace
+// holds the mesh-wide one.
+func (o *Operator) watchPeerAuthentication(f dynamicinformer.DynamicSharedInformerFactory) error {
+	return o.view.WatchPeerAuthentications(f, o.cfg.Namespace)
+}
+
 // customWatch is a custom resource the view reads once the API server serves it.
 type customWatch struct {
 	what      string // for log lines
@@ -354,6 +362,8 @@ func (o *Operator) customWatches() []customWatch {
 			without: "Services are not routed"},
 		{what: "AuthorizationPolicy", resources: []schema.GroupVersionResource{mesh.AuthorizationPolicyResource()}, watch: o.watchAuthorization,
 			without: "no authorization policy is enforced"},
+		{what: "PeerAuthentication", resources: []schema.GroupVersionResource{mesh.PeerAuthenticationResource()}, watch: o.watchPeerAuthentication,
+			without: "every workload is PERMISSIVE"},
 		{what: "ReferenceGrant", resources: []schema.GroupVersionResource{mesh.ReferenceGrantResource()}, watch: o.view.WatchReferenceGrants,
 			without: "routes to another namespace's Services are rejected"},
 	}

@@ -4,6 +4,7 @@
 package adminserver
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -12,12 +13,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"time"
 
@@ -52,6 +55,8 @@ type Snapshot struct {
 	TunnelConns, TunnelStreams int
 	// Held are the certificates held from the operator (operator mode only).
 	Held []admin.HeldCert
+	// Dropped are the entries of the applied state left out as malformed.
+	Dropped []string
 	// Config is how the agent runs; the fields that come from the state are filled
 	// by the server.
 	Config admin.AgentConfig
@@ -163,6 +168,7 @@ func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
 		FastPath:      sn.Config.FastPath,
 		Uptime:        time.Since(s.started),
 		Certificates:  sn.Held,
+		Dropped:       sn.Dropped,
 	}
 	st.StateVersion = sn.State.GetVersion()
 	st.StateAge = time.Since(sn.Applied).Round(time.Millisecond).String()
@@ -186,7 +192,7 @@ func (s *Server) workloads(w http.ResponseWriter, _ *http.Request) {
 		p, ok := sn.Enrolled[wl.GetUid()]
 		out.Workloads = append(out.Workloads, admin.Workload{
 			Name: wl.GetName(), Namespace: wl.GetNamespace(), Node: wl.GetNode(), IPs: wl.GetIps(), Identity: wl.GetIdentity(),
-			Local: wl.GetNode() == sn.Config.Node, Enrolled: ok, NetnsCookie: p.NetnsCookie, Error: sn.Failing[wl.GetUid()],
+			MTLS: mtlsText(wl), Local: wl.GetNode() == sn.Config.Node, Enrolled: ok, NetnsCookie: p.NetnsCookie, Error: sn.Failing[wl.GetUid()],
 		})
 	}
 	sort.Slice(out.Workloads, func(i, j int) bool {
@@ -194,6 +200,16 @@ func (s *Server) workloads(w http.ResponseWriter, _ *http.Request) {
 		return x.Namespace+"/"+x.Name < y.Namespace+"/"+y.Name
 	})
 	writeJSON(w, out)
+}
+
+// mtlsText is a workload's mTLS mode as `ferry agent workloads` shows it.
+func mtlsText(wl *ferryv1.Workload) string {
+	out := cmp.Or(wl.GetMtlsMode(), "Permissive")
+	ports := slices.Sorted(maps.Keys(wl.GetPortMtlsModes()))
+	for _, p := range ports {
+		out += fmt.Sprintf(", %d %s", p, wl.GetPortMtlsModes()[p])
+	}
+	return out
 }
 
 func (s *Server) certs(w http.ResponseWriter, _ *http.Request) {

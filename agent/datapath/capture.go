@@ -8,12 +8,18 @@ package datapath
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
 
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/bpf"
 )
+
+// ErrStrictNeedsEBPF means a pod on this node is STRICT under iptables capture,
+// where no sk_lookup program runs to refuse its plaintext.
+var ErrStrictNeedsEBPF = errors.New("STRICT mTLS is enforced by the eBPF capture only (ferry-agent --capture=ebpf)")
 
 // Capture modes of the agent (ferry-agent --capture).
 const (
@@ -123,6 +129,18 @@ func (c *IPTables) OutboundDst(_ uint64, conn *net.TCPConn) (netip.AddrPort, err
 
 // InboundDst is the connection's destination before the REDIRECT.
 func (c *IPTables) InboundDst(conn *net.TCPConn) (netip.AddrPort, error) { return SocketOrigDst(conn) }
+
+// SetStrictPorts refuses a STRICT entry: nothing under iptables capture would
+// enforce it, and a pod must not look STRICT while it takes plaintext. Without one
+// it clears the map, so a previous eBPF run's entries do not linger.
+func (c *IPTables) SetStrictPorts(ps []bpf.StrictPort) error {
+	for _, p := range ps {
+		if p.Mode == bpf.MTLSStrict {
+			return fmt.Errorf("pod address %s: %w", p.IP, ErrStrictNeedsEBPF)
+		}
+	}
+	return c.dp.SetStrictPorts(nil)
+}
 
 // Sockhash is false: iptables-captured pods are not enrolled in eBPF, so their
 // sockets never enter the sockhash and splice stays safe for them.

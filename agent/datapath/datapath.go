@@ -704,3 +704,26 @@ func isFerryProgram(id ebpf.ProgramID) bool {
 	info, err := p.Info()
 	return err == nil && strings.HasPrefix(info.Name, "ferry_")
 }
+
+// SetStrictPorts replaces the mTLS modes sk_lookup enforces (strict_ports): with
+// STRICT on a pod port, plaintext to it is refused before any socket sees it. A set
+// that does not fit fails with bpf.ErrStrictFull and changes nothing. The entries
+// are pinned: they hold while no agent runs, until the next agent changes them.
+func (d *Datapath) SetStrictPorts(ps []bpf.StrictPort) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.started(); err != nil {
+		return err
+	}
+	return d.objs.SetStrictPorts(ps)
+}
+
+// StrictPorts returns the mTLS modes in strict_ports.
+func (d *Datapath) StrictPorts() ([]bpf.StrictPort, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.started(); err != nil {
+		return nil, err
+	}
+	return d.objs.StrictPortEntries()
+}

@@ -158,6 +158,9 @@ type MapsDump struct {
 	LocalSockets     []bpf.LocalSocket     `json:"local_socks"`
 	InboundListeners []bpf.InboundListener `json:"inbound_listeners"`
 	ExcludedPorts    []uint16              `json:"excluded_ports"`
+	// StrictPorts are the pods' mTLS modes sk_lookup enforces (port 0: the pod's
+	// other ports).
+	StrictPorts []bpf.StrictPort `json:"strict_ports"`
 }
 
 // DumpMaps reads every map pinned under pinDir.
@@ -205,15 +208,19 @@ func DumpMaps(pinDir string) (*MapsDump, error) {
 	if d.ExcludedPorts, err = m.ListExcludedPorts(); err != nil {
 		return nil, err
 	}
+	if d.StrictPorts, err = m.StrictPortEntries(); err != nil {
+		return nil, err
+	}
 
 	counts := map[string]int{
 		bpf.MapEnrolledNetns: len(d.Enrolled), bpf.MapOrigDst: len(d.OrigDsts), bpf.MapSockOrigDst: len(d.Pending),
 		bpf.MapLocalSocks: len(d.LocalSockets), bpf.MapInboundListeners: len(d.InboundListeners),
-		bpf.MapExcludedPorts: len(d.ExcludedPorts),
+		bpf.MapExcludedPorts: len(d.ExcludedPorts), bpf.MapStrictPorts: len(d.StrictPorts),
 	}
 	for name, mp := range map[string]*ebpf.Map{
 		bpf.MapEnrolledNetns: m.EnrolledNetns, bpf.MapOrigDst: m.OrigDst, bpf.MapSockOrigDst: m.SockOrigDst,
 		bpf.MapLocalSocks: m.LocalSocks, bpf.MapInboundListeners: m.InboundListeners, bpf.MapExcludedPorts: m.ExcludedPorts,
+		bpf.MapStrictPorts: m.StrictPorts,
 	} {
 		mi := MapInfo{Name: name, Type: mp.Type().String(), MaxEntries: mp.MaxEntries(), Entries: counts[name]}
 		if info, err := mp.Info(); err == nil {
@@ -276,5 +283,14 @@ func (d *MapsDump) WriteTable(w io.Writer) error {
 		ports[i] = strconv.Itoa(int(p))
 	}
 	fmt.Fprintf(tw, "PORTS\t%s\n", strings.Join(ports, ","))
+	section("strict_ports")
+	fmt.Fprintln(tw, "POD IP\tPORT\tMTLS MODE")
+	for _, sp := range d.StrictPorts {
+		port := "*"
+		if sp.Port != 0 {
+			port = strconv.Itoa(int(sp.Port))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", sp.IP, port, sp.Mode)
+	}
 	return tw.Flush()
 }

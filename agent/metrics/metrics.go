@@ -148,6 +148,7 @@ type Metrics struct {
 	reqBytes, respBytes  *prometheus.HistogramVec
 	retries              *prometheus.CounterVec
 	authz                *prometheus.CounterVec // authz.go
+	isolation            isolation              // isolation.go
 
 	// series caches each label set's counters: resolving 9 label values in four
 	// vectors costs microseconds a connection, a map hit and four adds far less.
@@ -226,6 +227,8 @@ func New(node string, src Sources) *Metrics {
 	reg.MustRegister(m.opened, m.closed, m.sentBytes, m.recvBytes, m.requests, m.duration, m.reqBytes, m.respBytes, m.retries)
 	m.authz = newAuthzDecisions()
 	reg.MustRegister(m.authz)
+	m.isolation = newIsolation()
+	reg.MustRegister(m.isolation.refusals, m.isolation.panics, m.isolation.dropped)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if f := src.Flows; f != nil {
 		reg.MustRegister(

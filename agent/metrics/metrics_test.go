@@ -164,3 +164,21 @@ func BenchmarkRequest(b *testing.B) {
 		m.Request(l, time.Millisecond, 100, 1000)
 	}
 }
+
+// The isolation counters name the pod and the budget, and pass promtool.
+func TestIsolationCounters(t *testing.T) {
+	m := New("node1", Sources{})
+	m.BudgetRefused("default/flood", "outbound_connections")
+	m.BudgetRefused("default/flood", "outbound_connections")
+	m.Panicked("default/a")
+	text := scrape(t, m)
+	for _, want := range []string{
+		`ferry_budget_refusals_total{budget="outbound_connections",pod="default/flood"} 2`,
+		`ferry_proxy_panics_total{pod="default/a"} 1`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("scrape lacks %s", want)
+		}
+	}
+	promcheck.Check(t, text)
+}

@@ -101,6 +101,9 @@ type Observer struct {
 	// services names the service behind a destination address, for flows and the
 	// destination_service label; replaced whole on every state (SetState).
 	services atomic.Pointer[map[netip.AddrPort]service]
+	// pods names the workload behind a pod IP, for the kernel's STRICT refusals,
+	// which no proxy saw (SetState).
+	pods atomic.Pointer[map[netip.Addr]podRef]
 }
 
 // New allocates the ring and the metrics for node; nothing is served until Start.
@@ -151,6 +154,7 @@ func (o *Observer) MetricsAddr() string {
 // and metrics (see serviceIndex).
 func (o *Observer) SetState(st *ferryv1.NodeState) {
 	o.services.Store(serviceIndex(st))
+	o.pods.Store(podIndex(st))
 }
 
 // Start serves the Observer API and the metrics on the configured addresses.
@@ -268,6 +272,15 @@ func (o *Observer) ConnClosed(c admin.Conn) {
 func (o *Observer) Authorized(policy, action string) {
 	o.metrics.Authorization(policy, action)
 }
+
+// BudgetRefused counts a refusal by a per-pod budget (proxy.BudgetObserver).
+func (o *Observer) BudgetRefused(pod, budget string) { o.metrics.BudgetRefused(pod, budget) }
+
+// Panicked counts a panic the proxy recovered (proxy.BudgetObserver).
+func (o *Observer) Panicked(pod string) { o.metrics.Panicked(pod) }
+
+// StateDropped sets how many entries of kind the applied state had left out.
+func (o *Observer) StateDropped(kind string, n int) { o.metrics.StateDropped(kind, n) }
 
 // Request records one request the proxy carried at L7 as a flow and in Istio's
 // request metrics. A record without c.HTTP is not a request and is ignored.

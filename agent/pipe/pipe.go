@@ -14,13 +14,14 @@ import (
 	"sync"
 )
 
-// bufSize is large enough to fill TLS records and HTTP/2 frames in few calls, small
-// enough to pool freely.
-const bufSize = 64 << 10
+// BufSize, the size of each pooled copy buffer (a copy holds one per direction), is
+// large enough to fill TLS records and HTTP/2 frames in few calls, small enough to
+// pool freely.
+const BufSize = 64 << 10
 
 // bufs holds copy buffers (pointers to slices, so Put does not allocate). A sync.Pool
 // is a cache, not state: what it holds never changes what a copy does.
-var bufs = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+var bufs = sync.Pool{New: func() any { b := make([]byte, BufSize); return &b }}
 
 // HalfCloser is a connection whose write side can be shut while it still reads:
 // *net.TCPConn and tunnel streams both are.

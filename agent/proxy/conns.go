@@ -96,6 +96,9 @@ func (t *tracker) refused(c *Conn, err error) {
 	if pol, ok := refusedByPolicy(err); ok {
 		c.Reason, c.Policy = admin.ReasonPolicy, pol
 	}
+	if b, ok := refusedByBudget(err); ok {
+		c.Verdict, c.Reason, c.Budget = admin.VerdictDenied, admin.ReasonPodBudget, b
+	}
 	t.end(c, 0, 0, err)
 }
 
@@ -115,6 +118,8 @@ func (t *tracker) request(c Conn, w *responseWriter, aborted any) {
 	c.HTTP.Status = w.status
 	c.BytesSent, c.BytesRecv = w.requestBytes.Load(), w.bytes
 	switch {
+	case aborted != nil && aborted != http.ErrAbortHandler: //nolint:errorlint // the sentinel itself is what is panicked
+		c.Verdict, c.Reason = admin.VerdictError, admin.ReasonPanic
 	case aborted != nil:
 		c.Verdict, c.Reason = admin.VerdictError, admin.ReasonReset
 	case c.Verdict == "":

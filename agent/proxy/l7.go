@@ -73,8 +73,8 @@ func (p *Proxy) newL7() *l7 {
 
 // serveHTTP hands c, a client connection whose protocol is HTTP, to the HTTP
 // server; rec is its connection record, closed when the connection ends.
-func (p *Proxy) serveHTTP(pd *pod, c *net.TCPConn, r io.Reader, rec Conn) {
-	hc := &httpConn{Conn: c, r: r, p: p, pd: pd}
+func (p *Proxy) serveHTTP(pd *pod, c *net.TCPConn, r io.Reader, rec Conn, h *hold) {
+	hc := &httpConn{Conn: c, r: r, p: p, pd: pd, hold: h}
 	if r == nil {
 		hc.r = c
 	}
@@ -134,7 +134,22 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		HTTP: &admin.HTTP{Method: r.Method, Authority: r.Host, Path: r.URL.RequestURI(), Proto: r.Proto},
 	}
 	rw := &responseWriter{ResponseWriter: w}
+	defer p.recoverRequest(hc.pd)
 	defer func() { p.conns.request(rec, rw, recover()) }()
+	if p.onRequest != nil {
+		p.onRequest(r)
+	}
+	src := "" // the tenant: pod a's apps, or the source identity of a tunnel stream
+	if hc.inbound != nil {
+		src = rec.SrcIdentity
+	}
+	h, over := p.takeRequest(hc.pd, src)
+	if over != nil {
+		rec.Verdict, rec.Reason, rec.Budget, rec.Error = admin.VerdictDenied, admin.ReasonPodBudget, over.Budget, over.Error()
+		meshAnswer(rw, http.StatusServiceUnavailable, over.Error())
+		return
+	}
+	defer h.release()
 	if r = p.limitRequest(rw, r, &rec); r == nil {
 		return
 	}
@@ -381,7 +396,9 @@ type httpConn struct {
 	rec *Conn
 	// inbound is the app a tunnel stream's requests go to; nil for a client's
 	// connection, whose requests are balanced over the Service's endpoints.
-	inbound  *endpoint
+	inbound *endpoint
+	// hold is what the connection takes of its pod's budgets, given back on Close.
+	hold     *hold
 	in, out  atomic.Int64
 	closeOne sync.Once
 }
@@ -407,6 +424,7 @@ func (c *httpConn) Close() error {
 		if c.inbound == nil {
 			c.p.conns.close(c.rec, c.in.Load(), c.out.Load(), nil)
 		}
+		c.hold.release()
 	})
 	return err
 }

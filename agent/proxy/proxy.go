@@ -86,6 +86,9 @@ type Config struct {
 	Observer ConnObserver
 	// Tracer, optional, makes a span of every request carried at L7.
 	Tracer *tracing.Tracer
+	// Budgets bound what each pod may hold of the proxy (budget.go); the zero
+	// value limits nothing.
+	Budgets Budgets
 	// Limits bounds what a client connection may cost (limits.go); zero fields
 	// take DefaultLimits.
 	Limits Limits
@@ -93,9 +96,13 @@ type Config struct {
 
 // Proxy serves the enrolled pods of one node.
 type Proxy struct {
-	cfg   Config
-	log   *slog.Logger
-	conns *tracker
+	cfg     Config
+	log     *slog.Logger
+	conns   *tracker
+	budgets *ledger // what each pod holds of its budgets (budget.go)
+	// onRequest, tests only, runs first in every request's handler (to inject a
+	// panic); nil otherwise.
+	onRequest func(*http.Request)
 
 	ctx    context.Context // from Start; pods' contexts derive from it
 	cancel context.CancelFunc
@@ -167,12 +174,13 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
 	p := &Proxy{
-		cfg:   cfg,
-		log:   cfg.Log,
-		conns: newTracker(1024),
-		byIP:  map[netip.Addr]Workload{},
-		pods:  map[string]*pod{},
-		local: map[netip.Addr]*pod{},
+		cfg:     cfg,
+		log:     cfg.Log,
+		conns:   newTracker(1024),
+		budgets: newLedger(cfg.Budgets),
+		byIP:    map[netip.Addr]Workload{},
+		pods:    map[string]*pod{},
+		local:   map[netip.Addr]*pod{},
 
 		draining: map[*tunnel.Server]struct{}{},
 	}
@@ -278,6 +286,13 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 				return d
 			}
 			return nil
+		},
+		Hold: func(peer string, _ netip.AddrPort) (func(), error) {
+			h, over := p.takeInbound(peer)
+			if over != nil {
+				return nil, over
+			}
+			return h.release, nil
 		},
 		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
 			return p.dialApp(ctx, pd, target)
@@ -451,7 +466,7 @@ func (p *Proxy) acceptLoop(pd *pod, ln net.Listener, handle func(*net.TCPConn)) 
 			}
 			return
 		}
-		p.goServe(func() { handle(c.(*net.TCPConn)) })
+		p.goServe(func() { p.serveConn(pd, c.(*net.TCPConn), handle) })
 	}
 }
 
@@ -472,6 +487,18 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 	}
 	src := netip.AddrPortFrom(pd.w.IPs[0], peer.Port())
 	rec := Conn{Direction: admin.Outbound, Pod: pd.w.Name, Src: src, Dst: dst, SrcIdentity: pd.w.Identity}
+	h, over := p.takeOutbound(pd)
+	if over != nil {
+		pipe.Abort(client) // at once: a pod over its budget waits for nothing
+		p.conns.budgetRefused(p.conns.open(rec), over)
+		return
+	}
+	handed := false // to the L7 server, which releases h when the connection closes
+	defer func() {
+		if !handed {
+			h.release()
+		}
+	}()
 	p.mu.RLock()
 	vp, service, isService := p.services.lookup(dst)
 	p.mu.RUnlock()
@@ -493,7 +520,8 @@ func (p *Proxy) handleOutbound(pd *pod, client *net.TCPConn) {
 		}
 		if proto != admin.TCP {
 			rec.Protocol = proto
-			p.serveHTTP(pd, client, r, rec)
+			handed = true
+			p.serveHTTP(pd, client, r, rec, h)
 			return
 		}
 		rec.Protocol = admin.TCP
@@ -585,6 +613,14 @@ func (p *Proxy) serveInbound(pd *pod, ln net.Listener) {
 			return
 		}
 		rec := Conn{Direction: admin.Inbound, Pod: pd.w.Name, Src: src, Dst: dst, DstIdentity: pd.w.Identity, Security: admin.Plaintext}
+		// Plaintext proves no identity: its source address is the tenant.
+		h, over := p.takeInbound(src.Addr().Unmap().String())
+		if over != nil {
+			pipe.Abort(client)
+			p.conns.budgetRefused(p.conns.open(rec), over)
+			return
+		}
+		defer h.release()
 		// Plaintext has no identity: only rules without identities and
 		// namespaces can allow it.
 		if d := p.admit(pd, callerOf("", src.Addr()), dst.Port(), nil); d != nil {
@@ -630,6 +666,11 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
 	}
 	c.Start = time.Now().Add(-si.Duration)
+	if over, ok := asBudgetExceeded(si.Err); ok {
+		c.Status = si.Status
+		p.conns.budgetRefused(c, over)
+		return
+	}
 	if d, ok := asPolicyDenied(si.Err); ok {
 		c.Status = si.Status
 		p.conns.policyRefused(c, d)

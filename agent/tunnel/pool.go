@@ -68,11 +68,14 @@ type PoolConfig struct {
 type RefusedError struct {
 	Status int    // HTTP status, e.g. 502 (refused), 504 (timeout), 403
 	Reason string // the destination's ReasonHeader
+	// NewTunnel: the destination refused the tunnel, not the stream (RetryHeader).
+	NewTunnel bool
 }
 
 // retryable says the destination refused the stream before it did anything with it
-// (its tunnel server is closing, or the tunnel was retired): a new tunnel may take it.
-func (e *RefusedError) retryable() bool { return e.Status == http.StatusServiceUnavailable }
+// because of the tunnel (its server is closing, or the tunnel was retired): a new
+// tunnel may take it.
+func (e *RefusedError) retryable() bool { return e.NewTunnel }
 
 func (e *RefusedError) Error() string {
 	if e.Reason == "" {
@@ -254,7 +257,7 @@ func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip
 		resp.Body.Close()
 		rcancel()
 		pw.Close()
-		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader)}
+		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader), NewTunnel: resp.Header.Get(RetryHeader) == RetryNewTunnel}
 	}
 	p.streams.Add(1)
 	return &Stream{pool: p, pw: pw, body: resp.Body, cancel: rcancel}, nil

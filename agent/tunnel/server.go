@@ -30,6 +30,14 @@ import (
 // ReasonHeader carries, on a refused CONNECT, why the destination refused it.
 const ReasonHeader = "Ferry-Error"
 
+// RetryHeader, set to RetryNewTunnel on a refused CONNECT, says the refusal is the
+// tunnel's (retired, or its server closing), not the stream's: the source may send
+// the stream again on another tunnel. Other refusals (a budget, a policy) stand.
+const (
+	RetryHeader    = "Ferry-Retry"
+	RetryNewTunnel = "new-tunnel"
+)
+
 // Flow-control and framing sizes, tuned for bulk throughput on fast links: a stream may
 // have 4 MiB in flight and a connection 16 MiB before the receiver must read.
 const (
@@ -67,6 +75,10 @@ type ServerConfig struct {
 	// listener no longer presents are then retired (GOAWAY; their streams drain).
 	// Without it a rotation is noticed at the connection's next stream.
 	Changes func() <-chan struct{}
+	// Hold, optional, takes what a stream of peerID costs of a budget before it is
+	// admitted, dialled or served; release runs when the stream ends. A refusal is
+	// answered 503 with the error as the reason, and is StreamInfo.Err.
+	Hold func(peerID string, remote netip.AddrPort) (release func(), err error)
 	// Dial connects to the application at target, e.g. from 127.0.0.6 inside the pod.
 	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 	// DialTimeout bounds Dial; 5 s when zero.
@@ -314,6 +326,7 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
+		w.Header().Set(RetryHeader, RetryNewTunnel)
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
@@ -361,9 +374,21 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	}
 
 	if status, err := s.streamRefusal(ci.tc, ci); err != nil {
+		if status == http.StatusServiceUnavailable {
+			w.Header().Set(RetryHeader, RetryNewTunnel)
+		}
 		refuse(status, err.Error())
 		info.Err = err
 		return
+	}
+	if s.cfg.Hold != nil {
+		release, err := s.cfg.Hold(ci.peerID, ci.remote)
+		if err != nil {
+			refuse(http.StatusServiceUnavailable, err.Error())
+			info.Err = err
+			return
+		}
+		defer release()
 	}
 	httpStream := s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP
 	if s.cfg.Admit != nil {

@@ -54,6 +54,7 @@ type envOpt struct {
 	dialTimeout time.Duration
 	serveHTTP   func(si StreamInfo, c net.Conn)
 	admit       func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	hold        func(peerID string, remote netip.AddrPort) (func(), error)
 	limits      ServerLimits
 	onRefused   func(remote netip.AddrPort, err *HandshakeError)
 	// watch gives both sides their store's Changes, so rotations retire tunnels.
@@ -95,6 +96,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		DialTimeout:       o.dialTimeout,
 		ServeHTTP:         o.serveHTTP,
 		Admit:             o.admit,
+		Hold:              o.hold,
 		Limits:            o.limits,
 		OnHandshakeFailed: o.onRefused,
 		Changes:           changes(o.watch, e.sstore),
@@ -377,6 +379,47 @@ func TestAdmitRefuses(t *testing.T) {
 	if si.Status != http.StatusForbidden || !errors.Is(si.Err, denied) || dialled.Load() {
 		t.Fatalf("stream %+v, dialled %v", si, dialled.Load())
 	}
+}
+
+// Hold takes a budget per stream: a stream over it is answered 503 with the reason
+// before it is dialled, and one carried gives its place back when it ends.
+func TestHoldBudget(t *testing.T) {
+	over := errors.New("pod_budget: over")
+	var held atomic.Int64
+	var dialled atomic.Int64
+	e := newEnv(t, envOpt{
+		hold: func(peerID string, remote netip.AddrPort) (func(), error) {
+			if peerID != clientID || !remote.IsValid() {
+				return nil, fmt.Errorf("hold got %s %s", peerID, remote)
+			}
+			if held.Add(1) > 1 {
+				held.Add(-1)
+				return nil, over
+			}
+			return func() { held.Add(-1) }, nil
+		},
+		serverDial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
+			dialled.Add(1)
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", target.String())
+		},
+	})
+	app := loopback.Serve(t, loopback.Echo)
+	first := e.connect(t, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, app, "")
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != http.StatusServiceUnavailable || re.Reason != over.Error() {
+		t.Fatalf("second stream: %v, want 503 %q", err, over)
+	}
+	if n := dialled.Load(); n != 1 {
+		t.Errorf("dialled %d times, want once", n)
+	}
+	first.Close()
+	settle(t, "the first stream's hold released", func() bool { return held.Load() == 0 })
+	s := e.connect(t, app)
+	s.Close()
 }
 
 func TestOnlyConnect(t *testing.T) {

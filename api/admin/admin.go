@@ -24,6 +24,9 @@ type Status struct {
 	Uptime        time.Duration `json:"uptime_ns"`
 	// Certificates held from the operator (operator mode only).
 	Certificates []HeldCert `json:"certificates,omitempty"`
+	// Dropped are the entries of the applied state the agent left out as
+	// malformed, each saying which and why; the rest of the state applied.
+	Dropped []string `json:"dropped,omitempty"`
 }
 
 // StatusPod is one enrolled pod in Status.
@@ -57,6 +60,9 @@ type Workload struct {
 	Node      string   `json:"node"`
 	IPs       []string `json:"ips"`
 	Identity  string   `json:"identity"`
+	// MTLS is the PeerAuthentication mode: "Permissive" or "Strict", then any
+	// per-port overrides ("Strict, 8081 Permissive").
+	MTLS string `json:"mtls"`
 	// Local: scheduled on this agent's node. Enrolled: captured by this agent now.
 	Local       bool   `json:"local"`
 	Enrolled    bool   `json:"enrolled"`
@@ -161,6 +167,9 @@ type Conn struct {
 	// Policy is the AuthorizationPolicy (namespace/name) that denied it (Reason
 	// ReasonPolicy): the Deny that matched, or an Allow none of which matched.
 	Policy string `json:"policy,omitempty"`
+	// Budget is the per-pod budget that refused it (Reason ReasonPodBudget):
+	// outbound_connections, inbound_connections, pending_requests or buffer_memory.
+	Budget string `json:"budget,omitempty"`
 }
 
 // Protocol is what a connection's bytes were understood to be.
@@ -281,6 +290,15 @@ const (
 	// ReasonPolicy: an AuthorizationPolicy denied it at the destination
 	// (Conn.Policy names it).
 	ReasonPolicy Reason = "policy_denied"
+	// ReasonPodBudget: the source pod (or source identity, inbound) was over one of
+	// its budgets in the shared node proxy (Conn.Budget says which); refused at once.
+	ReasonPodBudget Reason = "pod_budget"
+	// ReasonPanic: the proxy's handler of the connection or request panicked; it was
+	// recovered and the connection closed, and the agent kept running.
+	ReasonPanic Reason = "proxy_panic"
+	// ReasonStrictMTLS: the kernel refused a plaintext connection to a pod port
+	// under PeerAuthentication STRICT (a flow of its own: no proxy saw it).
+	ReasonStrictMTLS Reason = "strict_mtls"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )

@@ -117,6 +117,12 @@ func (in *PeerAuthentication) DeepCopyInto(out *PeerAuthentication) {
 	out.TypeMeta = in.TypeMeta
 	in.ObjectMeta.DeepCopyInto(&out.ObjectMeta)
 	out.Spec = PeerAuthenticationSpec{Selector: copySelector(in.Spec.Selector), MTLS: in.Spec.MTLS}
+	if in.Spec.PortLevelMTLS != nil {
+		out.Spec.PortLevelMTLS = make(map[uint32]MutualTLS, len(in.Spec.PortLevelMTLS))
+		for k, v := range in.Spec.PortLevelMTLS {
+			out.Spec.PortLevelMTLS[k] = v
+		}
+	}
 }
 
 // DeepCopy returns a copy of in that shares no memory with it.

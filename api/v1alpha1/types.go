@@ -160,7 +160,12 @@ const (
 	MTLSStrict MTLSMode = "Strict"
 )
 
-// PeerAuthentication sets the mTLS mode of the selected workloads.
+// PeerAuthentication sets the mTLS mode of the selected workloads. The most
+// specific one decides a pod's mode: one whose selector picks the pod, else its
+// namespace's without a selector, else the mesh-wide one (in the operator's
+// namespace, without a selector); a mode left empty is taken from the next less
+// specific one, and the mesh's default is Permissive. Among two equally specific
+// ones the oldest wins, as in Istio.
 type PeerAuthentication struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
@@ -174,11 +179,15 @@ type PeerAuthenticationSpec struct {
 	Selector *WorkloadSelector `json:"selector,omitempty"`
 	// MTLS is the mode.
 	MTLS MutualTLS `json:"mtls"`
+	// PortLevelMTLS overrides the mode for some container ports of the selected
+	// pods (by port number, as the pod listens); it needs a selector.
+	PortLevelMTLS map[uint32]MutualTLS `json:"portLevelMtls,omitempty"`
 }
 
 // MutualTLS holds the mTLS mode.
 type MutualTLS struct {
-	// Mode is Permissive (the default) or Strict.
+	// Mode is Permissive or Strict; empty takes the mode of the next less
+	// specific PeerAuthentication (Permissive when there is none).
 	Mode MTLSMode `json:"mode,omitempty"`
 }
 

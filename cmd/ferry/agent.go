@@ -173,6 +173,9 @@ func showStatus(ctx context.Context, w io.Writer, c *admin.Client, _ adminTarget
 	fmt.Fprintf(tw, "tunnels\t%d connections, %d streams\n", st.TunnelConns, st.TunnelStreams)
 	fmt.Fprintf(tw, "fast path\t%t\n", st.FastPath)
 	fmt.Fprintf(tw, "goroutines, fds\t%d, %d\n", st.Goroutines, st.OpenFDs)
+	for _, d := range st.Dropped {
+		fmt.Fprintf(tw, "left out of the state\t%s\n", d)
+	}
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -196,7 +199,7 @@ func showWorkloads(ctx context.Context, w io.Writer, c *admin.Client, _ adminTar
 	}
 	fmt.Fprintf(w, "state version %d, applied %s ago\n", ws.StateVersion, ws.StateAge)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAMESPACE\tNAME\tNODE\tIPS\tIDENTITY\tHERE")
+	fmt.Fprintln(tw, "NAMESPACE\tNAME\tNODE\tIPS\tIDENTITY\tMTLS\tHERE")
 	for _, x := range ws.Workloads {
 		here := "-"
 		switch {
@@ -207,7 +210,7 @@ func showWorkloads(ctx context.Context, w io.Writer, c *admin.Client, _ adminTar
 		case x.Local:
 			here = "not enrolled yet"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.Namespace, x.Name, x.Node, strings.Join(x.IPs, ","), x.Identity, here)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.Namespace, x.Name, x.Node, strings.Join(x.IPs, ","), x.Identity, x.MTLS, here)
 	}
 	return tw.Flush()
 }

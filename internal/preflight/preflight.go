@@ -227,6 +227,9 @@ func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
 	} else {
 		rs = append(rs, pass("agent"+suffix, fmt.Sprintf("node %s, state version %d applied %s ago, %d pods enrolled", st.Node, st.StateVersion, st.StateAge, len(st.Pods))))
 	}
+	if len(st.Dropped) > 0 {
+		rs = append(rs, fail("state entries"+suffix, fmt.Sprintf("%d left out, the rest applied: %s", len(st.Dropped), strings.Join(st.Dropped, "; "))))
+	}
 
 	if err := observerReachable(cctx, t.ObserverSocket); err != nil {
 		rs = append(rs, fail("observer"+suffix, err.Error()))

@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -91,7 +92,7 @@ type Loader struct {
 	// what each got (clusterip.go).
 	serviceCIDR netip.Prefix
 	allocated   map[key]netip.Addr
-	// created is when each policy or route was first applied: its
+	// created is when each pod, policy or route was first applied: its
 	// creationTimestamp, as an API server sets it, unless the manifest sets one.
 	// The oldest of two policies on one Service wins, and route precedence uses it.
 	created map[key]metav1.Time
@@ -118,7 +119,7 @@ func NewLoader(dir string, client kubernetes.Interface, onNodes func([]string), 
 }
 
 // NewPolicyClient is an in-memory client for the custom resources local mode
-// reads (Ferry's AuthorizationPolicy and TrafficPolicy, Gateway API's HTTPRoute, GRPCRoute and
+// reads (Ferry's AuthorizationPolicy, PeerAuthentication and TrafficPolicy, Gateway API's HTTPRoute, GRPCRoute and
 // ReferenceGrant), to hand to SetPolicyClient and to the informers that read them.
 func NewPolicyClient() dynamic.Interface {
 	kinds := map[schema.GroupVersionResource]string{}
@@ -139,6 +140,7 @@ type customKind struct {
 
 var customKinds = []customKind{
 	{"AuthorizationPolicy", mesh.AuthorizationPolicyResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.AuthorizationPolicy{} }},
+	{"PeerAuthentication", mesh.PeerAuthenticationResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.PeerAuthentication{} }},
 	{"TrafficPolicy", mesh.TrafficPolicyResource, []string{v1alpha1.GroupVersion().String()}, func() metav1.Object { return &v1alpha1.TrafficPolicy{} }},
 	{"ReferenceGrant", mesh.ReferenceGrantResource, []string{gatewayv1beta1.GroupVersion.String(), gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1beta1.ReferenceGrant{} }},
 	{"HTTPRoute", mesh.HTTPRouteResource, []string{gatewayv1.GroupVersion.String()}, func() metav1.Object { return &gatewayv1.HTTPRoute{} }},
@@ -290,7 +292,7 @@ func (l *Loader) scan() (string, []string, error) {
 func (l *Loader) apply(ctx context.Context, want map[key]any) error {
 	var errs []error
 	order := func(k key) int {
-		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "AuthorizationPolicy", "TrafficPolicy", "ReferenceGrant", "HTTPRoute", "GRPCRoute"}, k.kind)
+		return slices.Index([]string{"Namespace", "Node", "ServiceAccount", "Service", "Pod", "AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy", "ReferenceGrant", "HTTPRoute", "GRPCRoute"}, k.kind)
 	}
 	var keys []key
 	for k := range want {
@@ -365,12 +367,20 @@ func (l *Loader) put(ctx context.Context, k key, o any, exists bool) error {
 		}
 	case *corev1.Pod:
 		c := obj.DeepCopy()
+		if c.CreationTimestamp.IsZero() {
+			// As an API server would: the mesh view tells a stale pod from the live
+			// one claiming its address by creation time.
+			if _, ok := l.created[k]; !ok {
+				l.created[k] = metav1.Now()
+			}
+			c.CreationTimestamp = l.created[k]
+		}
 		if exists {
 			_, err = core.Pods(k.namespace).Update(ctx, c, metav1.UpdateOptions{})
 		} else {
 			_, err = core.Pods(k.namespace).Create(ctx, c, metav1.CreateOptions{})
 		}
-	case *v1alpha1.AuthorizationPolicy, *v1alpha1.TrafficPolicy, *gatewayv1beta1.ReferenceGrant, *gatewayv1.HTTPRoute, *gatewayv1.GRPCRoute:
+	case *v1alpha1.AuthorizationPolicy, *v1alpha1.PeerAuthentication, *v1alpha1.TrafficPolicy, *gatewayv1beta1.ReferenceGrant, *gatewayv1.HTTPRoute, *gatewayv1.GRPCRoute:
 		err = l.putCustom(ctx, k, obj.(runtime.Object), exists)
 	default:
 		err = fmt.Errorf("kind %T not supported", o)
@@ -386,12 +396,10 @@ func (l *Loader) putCustom(ctx context.Context, k key, o runtime.Object, exists 
 		return errors.New("local mode has no client for custom resources")
 	}
 	ck, _ := custom(k.kind)
-	c := o.DeepCopyObject()
-	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(c)
+	u, err := toUnstructured(o.DeepCopyObject(), ck)
 	if err != nil {
 		return fmt.Errorf("convert: %w", err)
 	}
-	u := &unstructured.Unstructured{Object: m}
 	u.SetAPIVersion(ck.resource().GroupVersion().String())
 	u.SetKind(ck.kind)
 	if ts := u.GetCreationTimestamp(); ts.IsZero() {
@@ -409,6 +417,30 @@ func (l *Loader) putCustom(ctx context.Context, k key, o runtime.Object, exists 
 		_, err = res.Create(ctx, u, metav1.CreateOptions{})
 	}
 	return err
+}
+
+// toUnstructured converts a custom resource for the policy client. Through JSON:
+// the unstructured converter cannot write maps with number keys
+// (PeerAuthentication's portLevelMtls), which JSON carries as strings.
+func toUnstructured(o runtime.Object, ck customKind) (*unstructured.Unstructured, error) {
+	b, err := json.Marshal(o)
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]any{}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	m["apiVersion"], m["kind"] = ck.resource().GroupVersion().String(), ck.kind
+	b, err = json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	u := &unstructured.Unstructured{}
+	if err := u.UnmarshalJSON(b); err != nil {
+		return nil, err
+	}
+	return u, nil
 }
 
 func (l *Loader) remove(ctx context.Context, k key) error {
@@ -504,7 +536,7 @@ func stripComments(b []byte) []byte {
 }
 
 // readKind says whether local mode reads a kind: core v1 kinds the mesh view
-// watches, Ferry's AuthorizationPolicy and TrafficPolicy, Gateway API's routes and ReferenceGrant;
+// watches, Ferry's AuthorizationPolicy, PeerAuthentication and TrafficPolicy, Gateway API's routes and ReferenceGrant;
 // other objects are skipped.
 func readKind(tm metav1.TypeMeta) bool {
 	if tm.APIVersion == "v1" {

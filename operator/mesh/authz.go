@@ -20,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/tools/cache"
 )
 
 // KindAuthorizationPolicy is its kind in ConfigStatus.
@@ -36,12 +37,18 @@ func AuthorizationPolicyResource() schema.GroupVersionResource {
 // operator's) selects workloads in every namespace, so one there with no selector
 // and no rules is the mesh-wide default deny.
 func (v *View) WatchAuthorizationPolicies(factory dynamicinformer.DynamicSharedInformerFactory, rootNamespace string) error {
-	inf := factory.ForResource(AuthorizationPolicyResource())
+	return v.watchRooted(factory, AuthorizationPolicyResource(), "authorization policies", rootNamespace, &v.authz)
+}
+
+// watchRooted reads resource from factory's informer into *lister (under v.mu),
+// for a kind whose objects in rootNamespace apply across the mesh.
+func (v *View) watchRooted(factory dynamicinformer.DynamicSharedInformerFactory, resource schema.GroupVersionResource, what, rootNamespace string, lister *cache.GenericLister) error {
+	inf := factory.ForResource(resource)
 	if _, err := inf.Informer().AddEventHandler(v.handler()); err != nil {
-		return fmt.Errorf("mesh view: authorization policies: %w", err)
+		return fmt.Errorf("mesh view: %s: %w", what, err)
 	}
 	v.mu.Lock()
-	v.authz, v.rootNamespace = inf.Lister(), rootNamespace
+	*lister, v.rootNamespace = inf.Lister(), rootNamespace
 	if !v.running {
 		v.synced = append(v.synced, inf.Informer().HasSynced)
 	}

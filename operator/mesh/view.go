@@ -41,6 +41,9 @@ type Snapshot struct {
 	// Authorization is every AuthorizationPolicy in force that selects a workload,
 	// sorted by name (NodeState.authorization).
 	Authorization []*ferryv1.AuthorizationPolicy
+	// Conflicts are the addresses more than one enrolled pod claims, and what the
+	// view did about each (conflicts.go), sorted by address.
+	Conflicts []Conflict
 	// Built is when the snapshot was computed.
 	Built time.Time
 }
@@ -66,6 +69,13 @@ type View struct {
 	seenPolicies map[configKey]bool
 	goodAuthz    map[configKey]lastGood[*authzSpec]
 	loggedAuthz  map[configKey]string // the rejection last logged
+	// The same for PeerAuthentications.
+	goodPeerAuthn   map[configKey]lastGood[*peerAuthnSpec]
+	loggedPeerAuthn map[configKey]string
+	// withheld are the pods (namespace/name) the last rebuild left out of the mesh
+	// for an address conflict; loggedConflicts the conflicts it has logged.
+	withheld        map[string]bool
+	loggedConflicts map[string]bool
 
 	mu       sync.Mutex
 	synced   []cache.InformerSynced
@@ -75,7 +85,9 @@ type View struct {
 	httpRoutes, grpcRoutes, grants cache.GenericLister
 	// authz lists AuthorizationPolicies (nil until watched); a policy in
 	// rootNamespace selects across the mesh.
-	authz         cache.GenericLister
+	authz cache.GenericLister
+	// peerAuthn lists PeerAuthentications (nil until watched).
+	peerAuthn     cache.GenericLister
 	rootNamespace string
 	snap          *Snapshot
 	changed       chan struct{} // closed when snap is replaced
@@ -88,17 +100,20 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 	}
 	core := factory.Core().V1()
 	v := &View{
-		trustDomain:  trustDomain,
-		log:          log,
-		pods:         core.Pods().Lister(),
-		namespaces:   core.Namespaces().Lister(),
-		services:     core.Services().Lister(),
-		dirty:        make(chan struct{}, 1),
-		changed:      make(chan struct{}),
-		goodRoutes:   map[configKey]lastGood[*routeSpec]{},
-		goodPolicies: map[configKey]lastGood[*policyResult]{},
-		goodAuthz:    map[configKey]lastGood[*authzSpec]{},
-		loggedAuthz:  map[configKey]string{},
+		trustDomain:     trustDomain,
+		log:             log,
+		pods:            core.Pods().Lister(),
+		namespaces:      core.Namespaces().Lister(),
+		services:        core.Services().Lister(),
+		dirty:           make(chan struct{}, 1),
+		changed:         make(chan struct{}),
+		goodRoutes:      map[configKey]lastGood[*routeSpec]{},
+		goodPolicies:    map[configKey]lastGood[*policyResult]{},
+		goodAuthz:       map[configKey]lastGood[*authzSpec]{},
+		loggedAuthz:     map[configKey]string{},
+		loggedConflicts: map[string]bool{},
+		goodPeerAuthn:   map[configKey]lastGood[*peerAuthnSpec]{},
+		loggedPeerAuthn: map[configKey]string{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
@@ -172,13 +187,14 @@ func (v *View) HasPod(node, ns, sa string) bool {
 
 func (v *View) rebuild() {
 	start := time.Now()
-	ws, byNS, err := v.workloads()
+	ws, byNS, conflicts, err := v.workloads()
 	if err != nil {
 		v.log.Error("mesh view: list pods", "error", err)
 		return
 	}
+	v.logConflicts(conflicts)
 	var notes []policyNote
-	var statuses []*ferryv1.ConfigStatus
+	statuses := conflictStatuses(conflicts)
 	v.seenPolicies = map[configKey]bool{}
 	svcs, err := v.servicesFor(byNS, &notes, &statuses)
 	if err != nil {
@@ -201,6 +217,10 @@ func (v *View) rebuild() {
 		v.log.Error("mesh view: list authorization policies", "error", err)
 		return
 	}
+	if err := v.peerAuthentications(byNS, &statuses); err != nil {
+		v.log.Error("mesh view: list peer authentications", "error", err)
+		return
+	}
 	slices.SortFunc(statuses, func(a, b *ferryv1.ConfigStatus) int {
 		return cmp.Or(strings.Compare(a.Kind, b.Kind), strings.Compare(a.Name, b.Name))
 	})
@@ -208,14 +228,14 @@ func (v *View) rebuild() {
 	v.logRoutes(routeNotes)
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) && sameList(v.snap.ConfigStatus, statuses) && sameList(v.snap.Authorization, authz) {
+	if v.snap != nil && sameList(v.snap.Workloads, ws) && sameList(v.snap.Services, svcs) && sameList(v.snap.ConfigStatus, statuses) && sameList(v.snap.Authorization, authz) && slices.EqualFunc(v.snap.Conflicts, conflicts, Conflict.equal) {
 		return
 	}
 	version := uint64(time.Now().UnixMicro())
 	if v.snap != nil && version <= v.snap.Version {
 		version = v.snap.Version + 1
 	}
-	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, ConfigStatus: statuses, Authorization: authz, Built: time.Now()}
+	v.snap = &Snapshot{Version: version, Workloads: ws, Services: svcs, ConfigStatus: statuses, Authorization: authz, Conflicts: conflicts, Built: time.Now()}
 	close(v.changed)
 	v.changed = make(chan struct{})
 	v.log.Debug("mesh view rebuilt", "version", version, "workloads", len(ws), "services", len(svcs), "took", time.Since(start))
@@ -227,31 +247,40 @@ type enrolledPod struct {
 	labels labels.Set
 }
 
-func (v *View) workloads() ([]*ferryv1.Workload, map[string][]enrolledPod, error) {
+// workloads are the enrolled pods' mesh entries, by namespace too, less those an
+// address conflict withholds (resolveConflicts), and the conflicts.
+func (v *View) workloads() ([]*ferryv1.Workload, map[string][]enrolledPod, []Conflict, error) {
 	nss, err := v.namespaces.List(labels.SelectorFromSet(labels.Set{v1alpha1.MeshLabel: v1alpha1.MeshEnabled}))
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	var out []*ferryv1.Workload
-	byNS := map[string][]enrolledPod{}
+	var all []claimant
 	for _, ns := range nss {
 		pods, err := v.pods.Pods(ns.Name).List(labels.Everything())
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		for _, p := range pods {
-			w := v.workload(p)
-			if w == nil {
-				continue
+			if w := v.workload(p); w != nil {
+				all = append(all, claimant{w: w, pod: p})
 			}
-			out = append(out, w)
-			byNS[ns.Name] = append(byNS[ns.Name], enrolledPod{w: w, labels: p.Labels})
 		}
+	}
+	conflicts, withheld := resolveConflicts(all)
+	v.withheld = withheld
+	var out []*ferryv1.Workload
+	byNS := map[string][]enrolledPod{}
+	for _, c := range all {
+		if withheld[c.pod.Namespace+"/"+c.pod.Name] {
+			continue
+		}
+		out = append(out, c.w)
+		byNS[c.pod.Namespace] = append(byNS[c.pod.Namespace], enrolledPod{w: c.w, labels: c.pod.Labels})
 	}
 	slices.SortFunc(out, func(a, b *ferryv1.Workload) int {
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
-	return out, byNS, nil
+	return out, byNS, conflicts, nil
 }
 
 // workload is the mesh entry of an enrolled pod, or nil when the pod is out of the
@@ -329,6 +358,9 @@ func (v *View) servicesFor(byNS map[string][]enrolledPod, notes *[]policyNote, s
 			}
 			slices.Sort(fs.Endpoints)
 			for _, p := range all {
+				if v.withheld[p.Namespace+"/"+p.Name] {
+					continue // its address is another pod's too: it serves nobody
+				}
 				if sel.Matches(labels.Set(p.Labels)) {
 					if b := backend(p, s.Spec.Ports, uids); b != nil {
 						fs.Backends = append(fs.Backends, b)

@@ -56,6 +56,7 @@ func startView(tb testing.TB, objs ...runtime.Object) *View {
 type testView struct {
 	*View
 	policies dynamic.Interface
+	core     *fake.Clientset
 }
 
 func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testView {
@@ -71,12 +72,13 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 			core = append(core, o)
 		}
 	}
-	factory := informers.NewSharedInformerFactory(fake.NewClientset(core...), 0)
+	coreClient := fake.NewClientset(core...)
+	factory := informers.NewSharedInformerFactory(coreClient, 0)
 	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 		map[schema.GroupVersionResource]string{
 			TrafficPolicyResource(): "TrafficPolicyList", HTTPRouteResource(): "HTTPRouteList",
 			GRPCRouteResource(): "GRPCRouteList", ReferenceGrantResource(): "ReferenceGrantList",
-			AuthorizationPolicyResource(): "AuthorizationPolicyList",
+			AuthorizationPolicyResource(): "AuthorizationPolicyList", PeerAuthenticationResource(): "PeerAuthenticationList",
 		}, policies...)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	v, err := NewView(factory, "cluster.local", log)
@@ -95,13 +97,16 @@ func startViewLog(tb testing.TB, log *slog.Logger, objs ...runtime.Object) testV
 	if err := v.WatchAuthorizationPolicies(dynFactory, "ferry-system"); err != nil {
 		tb.Fatal(err)
 	}
+	if err := v.WatchPeerAuthentications(dynFactory, "ferry-system"); err != nil {
+		tb.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tb.Cleanup(func() { cancel(); factory.Shutdown(); dynFactory.Shutdown() })
 	factory.Start(ctx.Done())
 	dynFactory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
 	dynFactory.WaitForCacheSync(ctx.Done())
-	return testView{View: v, policies: dyn}
+	return testView{View: v, policies: dyn, core: coreClient}
 }
 
 func unstructuredPolicy(tb testing.TB, tp *v1alpha1.TrafficPolicy) *unstructured.Unstructured {

@@ -29,7 +29,13 @@ import (
 // observe runs `ferry observe --lab e2e -o json ARGS...` and returns its flows.
 func (e *env) observe(t *testing.T, args ...string) []*ferryv1.Flow {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(e.bin, "ferry"), append([]string{"observe", "--lab", prefix, "-o", "json"}, args...)...)
+	return e.observeLab(t, prefix, args...)
+}
+
+// observeLab is observe for the lab with prefix lab.
+func (e *env) observeLab(t *testing.T, lab string, args ...string) []*ferryv1.Flow {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(e.bin, "ferry"), append([]string{"observe", "--lab", lab, "-o", "json"}, args...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

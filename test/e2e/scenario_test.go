@@ -32,6 +32,8 @@ type scenarioResult struct {
 	Local    string  `json:"local,omitempty"`
 	Err      string  `json:"error,omitempty"`
 	Duration float64 `json:"duration_ms,omitempty"`
+	// Latency: isolation_test.go's latency and flood scenarios.
+	Latency *latencyResult `json:"latency,omitempty"`
 }
 
 // runScenario is called from TestMain in the re-executed child: args are
@@ -212,6 +214,9 @@ func scenario(args []string) (scenarioResult, error) {
 		return res, err
 	}
 	if res, ok, err := tunnelScenario(name, addr, n); ok {
+		return res, err
+	}
+	if res, ok, err := isolationScenario(name, addr, n); ok {
 		return res, err
 	}
 	return scenarioResult{}, fmt.Errorf("unknown scenario %q", name)
