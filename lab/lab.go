@@ -390,7 +390,8 @@ func (l *Lab) buildCgroups() error {
 		if err := os.MkdirAll(n.Cgroup, 0o755); err != nil {
 			return fmt.Errorf("create cgroup: %w", err)
 		}
-		if err := os.MkdirAll(n.Dir, 0o755); err != nil {
+		// 0700 as the agent's own folder would be: its sockets and state.
+		if err := os.MkdirAll(n.Dir, 0o700); err != nil {
 			return fmt.Errorf("node state dir: %w", err)
 		}
 	}

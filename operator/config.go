@@ -6,6 +6,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/mesh"
 	"github.com/ferrymesh/ferry/operator/ca"
@@ -66,6 +67,9 @@ type Config struct {
 	// match whatever their case. In both local mode and a cluster.
 	EscapedSlashes       string
 	CaseInsensitivePaths bool
+	// RelayTLS is the relay's mutual TLS with the mesh CA: required to serve it on
+	// TCP and to read agents on TCP (the Observer API on TCP is mTLS only).
+	RelayTLS flows.TLSFiles
 }
 
 // DefaultConfig is the configuration of a ferry-operator started without flags.
@@ -117,6 +121,9 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.EscapedSlashes, "escaped-slashes", c.EscapedSlashes, "what an encoded slash or backslash (%2F, %5C) in a request path becomes before policies and routes see it: Keep (a character, not a separator), Decode (a separator, then merged and resolved) or Reject (400)")
 	fs.BoolVar(&c.CaseInsensitivePaths, "case-insensitive-paths", c.CaseInsensitivePaths, "AuthorizationPolicy paths match request paths whatever their case (the app still gets the path as sent)")
 	fs.IntVar(&c.RelayAgentPort, "relay-agent-port", c.RelayAgentPort, "also read every running agent pod at its IP and this port (the agents' --observer-addr)")
+	fs.StringVar(&c.RelayTLS.Cert, "relay-tls-cert", c.RelayTLS.Cert, "the relay's certificate (PEM, from the mesh CA): required to serve --relay-addr on TCP and to read agents on TCP")
+	fs.StringVar(&c.RelayTLS.Key, "relay-tls-key", c.RelayTLS.Key, "the relay certificate's private key (PEM)")
+	fs.StringVar(&c.RelayTLS.CA, "relay-tls-ca", c.RelayTLS.CA, "the mesh CA bundle the relay's clients and agents must prove a certificate from")
 }
 
 // meshConfig is the MeshConfig every node's state carries, from c: the one place

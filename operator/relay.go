@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/ferrymesh/ferry/operator/relay"
 	corev1 "k8s.io/api/core/v1"
@@ -32,7 +33,21 @@ func (o *Operator) startRelay(ctx context.Context) error {
 	for _, a := range o.cfg.RelayAgents {
 		static = append(static, relay.Agent{Name: a, Address: a})
 	}
-	r, err := relay.New(relay.Config{Agents: static, Log: o.log.With("component", "relay")})
+	rc := relay.Config{Agents: static, Log: o.log.With("component", "relay")}
+	tcpAgents := o.cfg.RelayAgentPort > 0 || slices.ContainsFunc(o.cfg.RelayAgents, flows.IsTCP)
+	var err error
+	if flows.IsTCP(o.cfg.RelayAddr) || tcpAgents || o.cfg.RelayTLS.Set() {
+		// The Observer API on TCP is mutual TLS only, both ways.
+		if rc.ClientTLS, err = flows.ClientTLS(o.cfg.RelayTLS); err != nil {
+			return fmt.Errorf("relay: %w", err)
+		}
+		if flows.IsTCP(o.cfg.RelayAddr) {
+			if rc.ServerTLS, err = flows.ServerTLS(o.cfg.RelayTLS); err != nil {
+				return fmt.Errorf("relay: %w", err)
+			}
+		}
+	}
+	r, err := relay.New(rc)
 	if err != nil {
 		return err
 	}

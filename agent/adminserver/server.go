@@ -111,7 +111,8 @@ func New(cfg Config, src Source, log *slog.Logger) (*Server, error) {
 // Start listens on the socket (mode 0600) and serves until Stop.
 func (s *Server) Start(ctx context.Context) error {
 	p := s.cfg.Socket
-	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
+	// 0700: the folder holds the agent's sockets and its state cache (keys).
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return fmt.Errorf("admin socket dir: %w", err)
 	}
 	// A socket file left by a killed agent, or a previous agent's while it hands

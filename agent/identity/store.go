@@ -5,11 +5,13 @@ import (
 	"crypto/elliptic"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/ferrymesh/ferry/api/spiffe"
 	"sync/atomic"
 	"time"
+
+	"github.com/ferrymesh/ferry/api/spiffe"
 )
 
 // sessionCacheSize bounds the TLS 1.3 tickets kept for resumption, across all local
@@ -33,6 +35,8 @@ type Store struct {
 type snapshot struct {
 	roots *x509.CertPool
 	certs map[string]*tls.Certificate
+	// changed is closed when the next Update replaces this snapshot (Changed).
+	changed chan struct{}
 }
 
 // NewStore returns an empty store; every handshake fails until Update gives it a bundle.
@@ -40,9 +44,14 @@ func NewStore() *Store {
 	s := &Store{
 		sessions: tls.NewLRUClientSessionCache(sessionCacheSize),
 	}
-	s.state.Store(&snapshot{roots: x509.NewCertPool(), certs: map[string]*tls.Certificate{}})
+	s.state.Store(&snapshot{roots: x509.NewCertPool(), certs: map[string]*tls.Certificate{}, changed: make(chan struct{})})
 	return s
 }
+
+// Changed returns a channel closed by the next Update: a certificate may have been
+// replaced or removed, or the bundle changed. Tunnels made with a certificate that
+// is no longer the current one are retired when it closes (tunnel.PoolConfig.Changes).
+func (s *Store) Changed() <-chan struct{} { return s.state.Load().changed }
 
 // Update replaces the trust bundle and the whole set of workload certificates at once.
 // Nothing changes when any part is invalid. Existing connections keep their identity;
@@ -52,7 +61,7 @@ func (s *Store) Update(bundlePEM []byte, certs map[string]CertPEM) error {
 	if !roots.AppendCertsFromPEM(bundlePEM) {
 		return errors.New("update identities: no certificate in trust bundle")
 	}
-	next := &snapshot{roots: roots, certs: make(map[string]*tls.Certificate, len(certs))}
+	next := &snapshot{roots: roots, certs: make(map[string]*tls.Certificate, len(certs)), changed: make(chan struct{})}
 	for id, c := range certs {
 		if _, _, _, err := spiffe.Parse(id); err != nil {
 			return fmt.Errorf("update identities: %w", err)
@@ -73,7 +82,8 @@ func (s *Store) Update(bundlePEM []byte, certs map[string]CertPEM) error {
 		}
 		next.certs[id] = &kp
 	}
-	s.state.Store(next)
+	// Swap, then wake the watchers: one woken reads the new snapshot.
+	close(s.state.Swap(next).changed)
 	return nil
 }
 
@@ -115,9 +125,23 @@ func (s *Store) ServerConfig(localID string, verifyPeer func(peerID string, cs t
 	}
 }
 
+// Serial names a certificate in connection records and session scopes: its leaf's
+// serial number in hex, "" without a leaf.
+func Serial(c *tls.Certificate) string {
+	if c == nil || c.Leaf == nil {
+		return ""
+	}
+	return hex.EncodeToString(c.Leaf.SerialNumber.Bytes())
+}
+
 // ClientConfig is the TLS configuration for a tunnel from local workload localID to a
-// peer that must prove it is expectedServerID.
+// peer that must prove it is expectedServerID. It presents the certificate current
+// when it is made, whatever Update does meanwhile, so GetClientCertificate names the
+// certificate a connection made with it presented (resumed or not): its session
+// tickets are scoped to that certificate, and after a rotation a new configuration
+// never resumes a session the old certificate made.
 func (s *Store) ClientConfig(localID, expectedServerID string) *tls.Config {
+	cert, certErr := s.Certificate(localID)
 	return &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		MaxVersion:       tls.VersionTLS13,
@@ -127,7 +151,7 @@ func (s *Store) ClientConfig(localID, expectedServerID string) *tls.Config {
 		// peer's SPIFFE ID; Go's default verification would want a DNS name.
 		InsecureSkipVerify: true,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return s.Certificate(localID)
+			return cert, certErr
 		},
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			peerID, err := s.verifyChain(cs, x509.ExtKeyUsageServerAuth)
@@ -141,7 +165,8 @@ func (s *Store) ClientConfig(localID, expectedServerID string) *tls.Config {
 		},
 		// A ticket proves the identities of the handshake that made it, so tickets must
 		// never cross from one local identity or expected peer to another.
-		ClientSessionCache: scopedCache{inner: s.sessions, prefix: localID + "\x00" + expectedServerID + "\x00"},
+		// The certificate's serial is part of the scope, so a rotation starts afresh.
+		ClientSessionCache: scopedCache{inner: s.sessions, prefix: localID + "\x00" + Serial(cert) + "\x00" + expectedServerID + "\x00"},
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 	"github.com/ferrymesh/ferry/internal/listener"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 )
 
 // Config configures the agent's flows and metrics and where it serves them.
@@ -35,9 +36,10 @@ type Config struct {
 	// beside the admin socket (see Beside); "none": no socket.
 	ObserverSocket string
 	// ObserverAddr is a TCP address for the Observer API, for a relay on another host
-	// ("" for none). Flows name pods and identities: bind it to the node's address
-	// and keep it off the pods' network.
+	// ("" for none). Flows name pods and identities, so it serves only mutual TLS:
+	// ObserverTLS is required with it, and clients must prove a mesh CA certificate.
 	ObserverAddr string
+	ObserverTLS  flows.TLSFiles
 	// MetricsAddr is a TCP address serving /metrics for Prometheus ("" for none). The
 	// admin socket serves /metrics too.
 	MetricsAddr string
@@ -52,7 +54,10 @@ func DefaultConfig() Config {
 func (c *Config) Flags(fs *pflag.FlagSet) {
 	d := DefaultConfig()
 	fs.StringVar(&c.ObserverSocket, "observer-socket", d.ObserverSocket, "unix socket for the Observer (flows) gRPC API (default: observer.sock beside --admin-socket; \"none\" disables it)")
-	fs.StringVar(&c.ObserverAddr, "observer-addr", d.ObserverAddr, "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it)")
+	fs.StringVar(&c.ObserverAddr, "observer-addr", d.ObserverAddr, "TCP address for the Observer API, for the relay (e.g. 10.0.0.5:4245; \"\" disables it); mutual TLS only, with the --observer-tls-* files")
+	fs.StringVar(&c.ObserverTLS.Cert, "observer-tls-cert", d.ObserverTLS.Cert, "with --observer-addr: this agent's certificate (PEM), issued by the mesh CA")
+	fs.StringVar(&c.ObserverTLS.Key, "observer-tls-key", d.ObserverTLS.Key, "with --observer-addr: the certificate's private key (PEM)")
+	fs.StringVar(&c.ObserverTLS.CA, "observer-tls-ca", d.ObserverTLS.CA, "with --observer-addr: the mesh CA bundle that clients' certificates must chain to")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", d.MetricsAddr, "TCP address serving Prometheus /metrics (e.g. :15020; the admin socket serves /metrics too)")
 	fs.IntVar(&c.FlowCapacity, "flow-buffer", d.FlowCapacity, "flows kept in memory for the Observer API")
 }
@@ -87,6 +92,7 @@ type Observer struct {
 	metrics *metrics.Metrics
 
 	grpc        *grpc.Server
+	grpcTCP     *grpc.Server // the Observer API on ObserverAddr, over mutual TLS
 	httpSrv     *healthserver.Server
 	metricsAddr atomic.Pointer[string]
 	wg          sync.WaitGroup
@@ -176,27 +182,45 @@ func (o *Observer) Start(ctx context.Context) error {
 		}
 		lns = append(lns, ln)
 	}
+	var tcp net.Listener
 	if a := o.cfg.ObserverAddr; a != "" {
-		ln, err := listener.TCP(ctx, a) // a previous agent's, during a handoff
+		tlsCfg, err := flows.ServerTLS(o.cfg.ObserverTLS)
 		if err != nil {
+			return fail(fmt.Errorf("observer listener %s: %w", a, err))
+		}
+		// A previous agent's listener, during a handoff.
+		if tcp, err = listener.TCP(ctx, a); err != nil {
 			return fail(fmt.Errorf("observer listener: %w", err))
 		}
-		lns = append(lns, ln)
+		o.grpcTCP = grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg)))
+		flows.NewServer(o.ring, o.node).Register(o.grpcTCP)
 	}
-	for _, ln := range lns {
+	serve := func(s *grpc.Server, ln net.Listener) {
 		o.wg.Add(1)
 		go func() {
 			defer o.wg.Done()
-			if err := o.grpc.Serve(ln); err != nil {
+			if err := s.Serve(ln); err != nil {
 				o.log.Error("observer API stopped", "error", err)
 			}
 		}()
 		o.log.Info("observer API listening", "address", ln.Addr().String())
 	}
+	for _, ln := range lns {
+		serve(o.grpc, ln)
+	}
+	if tcp != nil {
+		serve(o.grpcTCP, tcp)
+	}
+	stopGRPC := func() {
+		o.grpc.Stop()
+		if o.grpcTCP != nil {
+			o.grpcTCP.Stop()
+		}
+	}
 	if a := o.cfg.MetricsAddr; a != "" {
 		o.httpSrv = healthserver.New(a, healthserver.Routes{Metrics: o.metrics.Handler()}, o.log)
 		if err := o.httpSrv.Start(ctx); err != nil {
-			o.grpc.Stop()
+			stopGRPC()
 			o.wg.Wait()
 			return fmt.Errorf("metrics listener: %w", err)
 		}
@@ -212,6 +236,9 @@ func (o *Observer) Start(ctx context.Context) error {
 func (o *Observer) Stop(ctx context.Context) error {
 	if o.grpc != nil {
 		o.grpc.Stop()
+	}
+	if o.grpcTCP != nil {
+		o.grpcTCP.Stop()
 	}
 	var err error
 	if o.httpSrv != nil {

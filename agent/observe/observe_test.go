@@ -449,3 +449,13 @@ func BenchmarkRequestObserved(b *testing.B) {
 		o.Request(c)
 	}
 }
+
+// --observer-addr without its TLS files fails the start: the Observer API never
+// serves flows on TCP in plaintext.
+func TestObserverAddrNeedsTLS(t *testing.T) {
+	o := New(Config{ObserverAddr: "127.0.0.1:0"}, "node1", Sources{}, slog.New(slog.DiscardHandler))
+	if err := o.Start(context.Background()); err == nil {
+		o.Stop(context.Background())
+		t.Fatal("the Observer API started on TCP without TLS")
+	}
+}

@@ -192,7 +192,7 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.conns.obs, p.conns.resolve = cfg.Observer, p.workloadAt
 	var err error
-	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{Logger: cfg.Log})
+	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{Logger: cfg.Log, Changes: cfg.Identities.Changed})
 	if err != nil {
 		return nil, err
 	}
@@ -285,6 +285,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 			return p.cfg.Identities.ServerConfig(w.Identity, nil), nil
 		},
 		Authorize: p.authorize,
+		Changes:   p.cfg.Identities.Changed,
 		Limits:    p.cfg.Limits.Tunnel,
 		OnHandshakeFailed: func(remote netip.AddrPort, he *tunnel.HandshakeError) {
 			p.handshakeRefused(pd, remote, he)
@@ -664,7 +665,7 @@ func (p *Proxy) authorize(peer string, remote netip.AddrPort) error {
 func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 	c := p.conns.open(Conn{
 		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
-		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS,
+		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS, PeerSerial: si.PeerSerial,
 	})
 	if si.HTTP {
 		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which

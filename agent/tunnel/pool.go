@@ -11,10 +11,13 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/identity"
 	"golang.org/x/net/http2"
 )
 
@@ -32,7 +35,10 @@ type Source interface {
 	// pod's network namespace, so the destination sees the pod's IP.
 	DialTunnel(ctx context.Context, tunnelAddr netip.AddrPort) (net.Conn, error)
 	// ClientTLS is the client configuration presenting the pod's certificate and
-	// requiring the server to prove dstID, e.g. identity.Store.ClientConfig.
+	// requiring the server to prove dstID, e.g. identity.Store.ClientConfig. Its
+	// GetClientCertificate must name the certificate connections made with it present
+	// (resumed ones too), as identity.Store.ClientConfig's does: the pool compares it
+	// with a fresh configuration's to find tunnels whose certificate was replaced.
 	ClientTLS(dstID string) *tls.Config
 	// String names the pod in logs.
 	String() string
@@ -46,8 +52,14 @@ type PoolConfig struct {
 	// zero. Keepalive pings, not this, keep long idle streams alive.
 	IdleTimeout time.Duration
 	// ConnectTimeout bounds dialing and the TLS handshake of a new tunnel connection;
-	// 10 s when zero.
+	// 10 s when zero. While the destination refuses the TCP connection (its agent is
+	// restarting) the dial is tried again within this time.
 	ConnectTimeout time.Duration
+	// Changes, optional, returns a channel closed when the local certificates may
+	// have changed (identity.Store.Changed): tunnels whose certificate is no longer
+	// the source's current one are then retired. Without it a rotation is noticed
+	// at the next Connect to the same destination.
+	Changes func() <-chan struct{}
 }
 
 // RefusedError is a CONNECT the destination answered with something other than 200: the
@@ -56,7 +68,14 @@ type PoolConfig struct {
 type RefusedError struct {
 	Status int    // HTTP status, e.g. 502 (refused), 504 (timeout), 403
 	Reason string // the destination's ReasonHeader
+	// NewTunnel: the destination refused the tunnel, not the stream (RetryHeader).
+	NewTunnel bool
 }
+
+// retryable says the destination refused the stream before it did anything with it
+// because of the tunnel (its server is closing, or the tunnel was retired): a new
+// tunnel may take it.
+func (e *RefusedError) retryable() bool { return e.NewTunnel }
 
 func (e *RefusedError) Error() string {
 	if e.Reason == "" {
@@ -70,8 +89,9 @@ var ErrPoolClosed = errors.New("tunnel pool closed")
 
 // PoolStats counts what a Pool holds open.
 type PoolStats struct {
-	Conns   int // TLS connections not yet closed
+	Conns   int // TLS connections not yet closed, retired ones draining included
 	Streams int // Streams returned by Connect and not yet closed
+	Retired int // connections retired so far (certificate replaced or expiring)
 }
 
 // Pool keeps HTTP/2-over-TLS connections to tunnel endpoints and opens CONNECT streams
@@ -91,8 +111,12 @@ type Pool struct {
 	mu      sync.Mutex
 	closed  bool
 	entries map[poolKey]*poolEntry
+	// retiring are connections told GOAWAY, draining their streams (retire).
+	retiring map[*poolConn]struct{}
+	watch    sync.Once // starts watchChanges with the first dial
 
 	streams atomic.Int64
+	retired atomic.Int64
 }
 
 // poolKey is what one set of pooled connections serves.
@@ -103,8 +127,17 @@ type poolKey struct {
 }
 
 type poolEntry struct {
-	conns []*http2.ClientConn
+	conns []*poolConn
 	dial  *dialCall // non-nil while a dial is in flight
+}
+
+// poolConn is one pooled tunnel connection and the certificates that made it: it
+// serves new streams only while both are valid and this side's is the current one.
+type poolConn struct {
+	cc      *http2.ClientConn
+	serial  string    // the certificate this side presented (identity.Serial)
+	expires time.Time // the earlier NotAfter of both sides' leaf certificates
+	timer   *time.Timer
 }
 
 // dialCall is one dial shared by every Connect that found no usable connection, so a
@@ -140,9 +173,10 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 			ReadIdleTimeout: keepaliveInterval,
 			PingTimeout:     keepaliveTimeout,
 		},
-		ctx:     ctx,
-		cancel:  cancel,
-		entries: map[poolKey]*poolEntry{},
+		ctx:      ctx,
+		cancel:   cancel,
+		entries:  map[poolKey]*poolEntry{},
+		retiring: map[*poolConn]struct{}{},
 	}, nil
 }
 
@@ -158,19 +192,25 @@ func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr
 	key := poolKey{src: src, dst: dstID, addr: tunnelAddr}
 	var lastErr error
 	// A connection can turn unusable between picking it and sending on it (GOAWAY,
-	// idle close); nothing of the stream has been sent then, so try once more.
+	// idle close, the destination's agent killed), and a destination that is closing
+	// refuses the stream with 503: nothing of the stream has reached the application
+	// then, so it is tried once more, on another connection or a fresh dial (which
+	// waits for a restarting destination, see openWaiting).
 	for attempt := 0; attempt < 2; attempt++ {
-		cc, err := p.get(ctx, key)
+		pc, err := p.get(ctx, key)
 		if err != nil {
 			return nil, err
 		}
-		s, err := p.roundTrip(ctx, cc, target, protocol)
+		s, err := p.roundTrip(ctx, pc.cc, target, protocol)
 		if err == nil {
 			return s, nil
 		}
 		var re *RefusedError
-		if errors.As(err, &re) || ctx.Err() != nil {
+		if errors.As(err, &re) && !re.retryable() || ctx.Err() != nil {
 			return nil, err
+		}
+		if re != nil {
+			p.retire(key, pc, "refused by a closing destination")
 		}
 		lastErr = err
 	}
@@ -217,14 +257,14 @@ func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip
 		resp.Body.Close()
 		rcancel()
 		pw.Close()
-		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader)}
+		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader), NewTunnel: resp.Header.Get(RetryHeader) == RetryNewTunnel}
 	}
 	p.streams.Add(1)
 	return &Stream{pool: p, pw: pw, body: resp.Body, cancel: rcancel}, nil
 }
 
 // get returns a connection for key with a stream reserved on it, dialing one if needed.
-func (p *Pool) get(ctx context.Context, key poolKey) (*http2.ClientConn, error) {
+func (p *Pool) get(ctx context.Context, key poolKey) (*poolConn, error) {
 	for {
 		p.mu.Lock()
 		if p.closed {
@@ -237,18 +277,29 @@ func (p *Pool) get(ctx context.Context, key poolKey) (*http2.ClientConn, error) 
 			p.entries[key] = e
 		}
 		live := e.conns[:0]
-		var found *http2.ClientConn
-		for _, cc := range e.conns {
-			if cc.State().Closed {
+		var found *poolConn
+		var expired []*poolConn
+		now := time.Now()
+		for _, pc := range e.conns {
+			if pc.cc.State().Closed {
+				pc.timer.Stop()
 				continue
 			}
-			live = append(live, cc)
-			if found == nil && cc.ReserveNewRequest() {
-				found = cc
+			if !now.Before(pc.expires) {
+				// Its timer is late (a loaded machine): no stream on an expired tunnel.
+				expired = append(expired, pc)
+				continue
+			}
+			live = append(live, pc)
+			if found == nil && pc.cc.ReserveNewRequest() {
+				found = pc
 			}
 		}
 		clear(e.conns[len(live):])
 		e.conns = live
+		for _, pc := range expired {
+			p.drainLocked(key, pc, "certificate expired")
+		}
 		if found != nil {
 			p.mu.Unlock()
 			return found, nil
@@ -279,15 +330,17 @@ func (p *Pool) get(ctx context.Context, key poolKey) (*http2.ClientConn, error) 
 // pool, so a caller that gives up does not cancel the dial the others wait for.
 func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
 	defer p.wg.Done()
-	cc, err := p.open(key)
+	pc, err := p.openWaiting(key)
 	p.mu.Lock()
 	e.dial = nil
 	if err == nil {
 		if p.closed {
-			cc.Close()
+			pc.cc.Close()
 			err = ErrPoolClosed
 		} else {
-			e.conns = append(e.conns, cc)
+			// Retired when the first of the two certificates expires.
+			pc.timer = time.AfterFunc(time.Until(pc.expires), func() { p.retire(key, pc, "certificate expiry") })
+			e.conns = append(e.conns, pc)
 		}
 	}
 	call.err = err
@@ -298,39 +351,153 @@ func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
 	}
 }
 
-func (p *Pool) open(key poolKey) (*http2.ClientConn, error) {
+// openWaiting opens a connection for key within ConnectTimeout. A destination that
+// refuses the TCP connection has no tunnel listener now: its agent is restarting
+// (the pod's sockets went with the old one), so the dial is tried again with a short
+// backoff rather than failing every connection made during the restart.
+func (p *Pool) openWaiting(key poolKey) (*poolConn, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
+	backoff := 10 * time.Millisecond
+	for {
+		pc, err := p.open(ctx, key)
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+			return pc, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		}
+		backoff = min(2*backoff, 200*time.Millisecond)
+	}
+}
+
+func (p *Pool) open(ctx context.Context, key poolKey) (*poolConn, error) {
 	raw, err := key.src.DialTunnel(ctx, key.addr)
 	if err != nil {
 		return nil, fmt.Errorf("tunnel dial %s: %w", key.addr, err)
 	}
-	tc := tls.Client(raw, key.src.ClientTLS(key.dst))
+	cfg := key.src.ClientTLS(key.dst)
+	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tunnel handshake %s: %w", key.addr, err)
 	}
-	if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
+	cs := tc.ConnectionState()
+	if proto := cs.NegotiatedProtocol; proto != "h2" {
 		tc.Close()
 		return nil, fmt.Errorf("tunnel handshake %s: ALPN %q, want h2", key.addr, proto)
+	}
+	pc := &poolConn{expires: cs.PeerCertificates[0].NotAfter}
+	if own := presented(cfg); own != nil {
+		pc.serial = identity.Serial(own)
+		if own.Leaf != nil && own.Leaf.NotAfter.Before(pc.expires) {
+			pc.expires = own.Leaf.NotAfter
+		}
 	}
 	cc, err := p.t.NewClientConn(tc)
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("tunnel http2 %s: %w", key.addr, err)
 	}
-	return cc, nil
+	pc.cc = cc
+	p.watch.Do(p.startWatch)
+	return pc, nil
+}
+
+// presented is the certificate a client configuration presents (Source.ClientTLS).
+func presented(cfg *tls.Config) *tls.Certificate {
+	if cfg.GetClientCertificate != nil {
+		c, err := cfg.GetClientCertificate(&tls.CertificateRequestInfo{})
+		if err != nil {
+			return nil
+		}
+		return c
+	}
+	if len(cfg.Certificates) > 0 {
+		return &cfg.Certificates[0]
+	}
+	return nil
+}
+
+// startWatch follows Changes, when configured, until the pool closes.
+func (p *Pool) startWatch() { follow(p.ctx, &p.wg, p.cfg.Changes, p.retireRotated) }
+
+// retireRotated retires every connection whose source now presents another
+// certificate (rotated), or none (the identity left this node).
+func (p *Pool) retireRotated() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, e := range p.entries {
+		cur := ""
+		if c := presented(key.src.ClientTLS(key.dst)); c != nil {
+			cur = identity.Serial(c)
+		}
+		for _, pc := range slices.Clone(e.conns) {
+			if pc.serial != cur {
+				p.retireLocked(key, pc, "certificate rotated")
+			}
+		}
+	}
+}
+
+// retire takes pc out of key's pool: it carries no new stream, tells the server
+// with GOAWAY, and closes once its streams have ended.
+func (p *Pool) retire(key poolKey, pc *poolConn, why string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.retireLocked(key, pc, why)
+}
+
+func (p *Pool) retireLocked(key poolKey, pc *poolConn, why string) {
+	e := p.entries[key]
+	if e == nil || p.closed {
+		return
+	}
+	i := slices.Index(e.conns, pc)
+	if i < 0 {
+		return // retired already, or closed
+	}
+	e.conns = slices.Delete(e.conns, i, i+1)
+	p.drainLocked(key, pc, why)
+}
+
+// drainLocked retires pc, no longer in the pool's entries.
+func (p *Pool) drainLocked(key poolKey, pc *poolConn, why string) {
+	pc.timer.Stop()
+	pc.cc.SetDoNotReuse()
+	p.retiring[pc] = struct{}{}
+	p.retired.Add(1)
+	p.log.Info("tunnel retired", "src", key.src.String(), "dst", key.dst, "addr", key.addr.String(), "reason", why)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := pc.cc.Shutdown(p.ctx); err != nil {
+			pc.cc.Close() // the pool is closing
+		}
+		p.mu.Lock()
+		delete(p.retiring, pc)
+		p.mu.Unlock()
+	}()
 }
 
 // Stats reports open connections and streams; tests use it to find leaks.
 func (p *Pool) Stats() PoolStats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	st := PoolStats{Streams: int(p.streams.Load())}
+	st := PoolStats{Streams: int(p.streams.Load()), Retired: int(p.retired.Load())}
+	for pc := range p.retiring {
+		if !pc.cc.State().Closed {
+			st.Conns++
+		}
+	}
 	for k, e := range p.entries {
 		live := 0
-		for _, cc := range e.conns {
-			if !cc.State().Closed {
+		for _, pc := range e.conns {
+			if !pc.cc.State().Closed {
 				live++
 			}
 		}
@@ -360,14 +527,17 @@ func (p *Pool) closeIdle(src Source) {
 			continue
 		}
 		live := e.conns[:0]
-		for _, cc := range e.conns {
-			st := cc.State()
+		for _, pc := range e.conns {
+			st := pc.cc.State()
 			if !st.Closed && st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
-				cc.Close()
+				pc.cc.Close()
+				pc.timer.Stop()
 				continue
 			}
 			if !st.Closed {
-				live = append(live, cc)
+				live = append(live, pc)
+			} else {
+				pc.timer.Stop()
 			}
 		}
 		clear(e.conns[len(live):])
@@ -384,9 +554,13 @@ func (p *Pool) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	for _, e := range p.entries {
-		for _, cc := range e.conns {
-			cc.Close()
+		for _, pc := range e.conns {
+			pc.timer.Stop()
+			pc.cc.Close()
 		}
+	}
+	for pc := range p.retiring {
+		pc.cc.Close()
 	}
 	p.entries = map[poolKey]*poolEntry{}
 	p.mu.Unlock()

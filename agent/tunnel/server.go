@@ -30,6 +30,14 @@ import (
 // ReasonHeader carries, on a refused CONNECT, why the destination refused it.
 const ReasonHeader = "Ferry-Error"
 
+// RetryHeader, set to RetryNewTunnel on a refused CONNECT, says the refusal is the
+// tunnel's (retired, or its server closing), not the stream's: the source may send
+// the stream again on another tunnel. Other refusals (a budget, a policy) stand.
+const (
+	RetryHeader    = "Ferry-Retry"
+	RetryNewTunnel = "new-tunnel"
+)
+
 // Flow-control and framing sizes, tuned for bulk throughput on fast links: a stream may
 // have 4 MiB in flight and a connection 16 MiB before the receiver must read.
 const (
@@ -58,8 +66,15 @@ type ServerConfig struct {
 	// Admit, optional, decides each stream before it is dialled or served: peerID
 	// (verified) from remote asks for target; httpStream says its CONNECT carries
 	// ProtocolHTTP (ServeHTTP then decides each request). A refusal is answered 403
-	// with the error as the reason, and is StreamInfo.Err.
+	// with the error as the reason, and is StreamInfo.Err. It runs for every CONNECT,
+	// so a policy changed while a tunnel is open applies to its next stream; so does
+	// Authorize, run again per stream, and the certificates' validity (lifetime.go).
 	Admit func(peerID string, remote, target netip.AddrPort, httpStream bool) error
+	// Changes, optional, returns a channel closed when this side's certificates may
+	// have changed (identity.Store.Changed): connections made with a certificate the
+	// listener no longer presents are then retired (GOAWAY; their streams drain).
+	// Without it a rotation is noticed at the connection's next stream.
+	Changes func() <-chan struct{}
 	// Hold, optional, takes what a stream of peerID costs of a budget before it is
 	// admitted, dialled or served; release runs when the stream ends. A refusal is
 	// answered 503 with the error as the reason, and is StreamInfo.Err.
@@ -95,14 +110,17 @@ const ProtocolHTTP = "http"
 
 // StreamInfo describes one tunnelled connection, reported when it ends.
 type StreamInfo struct {
-	PeerID   string         // client's SPIFFE ID
-	Target   netip.AddrPort // original destination (CONNECT authority)
-	Remote   netip.AddrPort // client's address (the source pod)
-	BytesIn  int64          // from the peer to the application
-	BytesOut int64          // from the application to the peer
-	Duration time.Duration
-	Status   int   // HTTP status answered to the CONNECT
-	Err      error // nil when both directions ended cleanly
+	PeerID string // client's SPIFFE ID
+	// PeerSerial is the serial number (hex) of the certificate the client
+	// presented, or made the resumed session with.
+	PeerSerial string
+	Target     netip.AddrPort // original destination (CONNECT authority)
+	Remote     netip.AddrPort // client's address (the source pod)
+	BytesIn    int64          // from the peer to the application
+	BytesOut   int64          // from the application to the peer
+	Duration   time.Duration
+	Status     int   // HTTP status answered to the CONNECT
+	Err        error // nil when both directions ended cleanly
 	// HTTP: the stream carried HTTP requests that ServeHTTP served.
 	HTTP bool
 }
@@ -112,7 +130,7 @@ type StreamInfo struct {
 type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
-	h1  *http.Server // only carries graceful shutdown to the HTTP/2 connections
+	h1  *http.Server // with h2, the settings of each connection's own servers (newTunnelConn)
 	h2  *http2.Server
 
 	ctx    context.Context
@@ -126,7 +144,9 @@ type Server struct {
 	stopped   bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
-	wg        sync.WaitGroup // Serve loops, connections and stream handlers
+	tconns    map[net.Conn]*tunnelConn // each connection's lifetime (lifetime.go)
+	watch     sync.Once                // starts watchRotations with the first Serve
+	wg        sync.WaitGroup           // Serve loops, connections and stream handlers
 }
 
 // NewServer validates cfg; nothing runs until Serve.
@@ -160,6 +180,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cancel:    cancel,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
+		tconns:    map[net.Conn]*tunnelConn{},
 	}, nil
 }
 
@@ -180,6 +201,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	defer s.untrack(ln, nil)
 	defer ln.Close()
+	s.watch.Do(s.watchRotations)
 	local := addrPort(ln.Addr())
 	tlsCfg := s.listenerTLS(base)
 	var backoff time.Duration
@@ -213,14 +235,18 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // listenerTLS wraps a listener's configuration so Authorize sees each connection's
-// remote address, and a refusal says which check made it (verifyClient). The
-// per-connection clone is returned from GetConfigForClient, which keeps using the
-// listener configuration's session ticket keys, so resumption works.
+// remote address, and a refusal says which check made it (verifyClient), and so the
+// connection's lifetime knows its certificate (bindLifetime). The per-connection
+// clone is returned from GetConfigForClient, which keeps using the listener
+// configuration's session ticket keys, so resumption works.
 func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 	outer := base.Clone()
 	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		remote := addrPort(hello.Conn.RemoteAddr())
 		c := base.Clone()
+		if tc := s.tunnelConnOf(hello.Conn); tc != nil {
+			bindLifetime(c, outer, base, hello, tc)
+		}
 		var authorize func(tls.ConnectionState) error
 		if s.cfg.Authorize != nil {
 			authorize = func(cs tls.ConnectionState) error {
@@ -244,12 +270,23 @@ type connInfo struct {
 	peerID string
 	remote netip.AddrPort
 	local  netip.AddrPort
+	tc     *tunnelConn
 }
 
 func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) {
 	defer s.untrack(nil, raw)
 	defer raw.Close()
 	remote := addrPort(raw.RemoteAddr())
+	life, h2 := s.newTunnelConn()
+	s.mu.Lock()
+	s.tconns[raw] = life
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.tconns, raw)
+		s.mu.Unlock()
+		life.end()
+	}()
 	tc := tls.Server(raw, cfg)
 	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.Limits.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
@@ -273,11 +310,16 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 		s.log.Info("tunnel refused", "remote", remote.String(), "error", err)
 		return
 	}
-	ci := &connInfo{peerID: peerID, remote: remote, local: local}
+	s.begin(life, cs)
+	if life.rotated() {
+		s.log.Info("tunnel refused", "remote", remote.String(), "error", "certificate rotated during the handshake")
+		return
+	}
+	ci := &connInfo{peerID: peerID, remote: remote, local: local, tc: life}
 	s.log.Debug("tunnel connection", "remote", remote.String(), "peer", peerID, "resumed", cs.DidResume)
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{
+	h2.ServeConn(tc, &http2.ServeConnOpts{
 		Context:    context.WithValue(s.ctx, connInfoKey{}, ci),
-		BaseConfig: s.h1,
+		BaseConfig: life.h1,
 		Handler:    http.HandlerFunc(s.handle),
 	})
 }
@@ -289,6 +331,7 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if s.stopped {
 		s.mu.Unlock()
+		w.Header().Set(RetryHeader, RetryNewTunnel)
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
@@ -299,6 +342,11 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
 	info := StreamInfo{Remote: ci.remote, PeerID: ci.peerID}
+	if ci.tc != nil {
+		ci.tc.mu.Lock()
+		info.PeerSerial = ci.tc.peerSerial
+		ci.tc.mu.Unlock()
+	}
 	defer func() {
 		if s.cfg.OnStream != nil {
 			info.Duration = time.Since(start)
@@ -330,6 +378,14 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if status, err := s.streamRefusal(ci.tc, ci); err != nil {
+		if status == http.StatusServiceUnavailable {
+			w.Header().Set(RetryHeader, RetryNewTunnel)
+		}
+		refuse(status, err.Error())
+		info.Err = err
+		return
+	}
 	if s.cfg.Hold != nil {
 		release, err := s.cfg.Hold(ci.peerID, ci.remote)
 		if err != nil {
@@ -435,7 +491,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	// Sends GOAWAY on every connection; each closes once its streams are done.
-	_ = s.h1.Shutdown(ctx)
+	s.retireAll("server shutting down")
 	done := make(chan struct{})
 	go func() {
 		s.wg.Wait()

@@ -57,6 +57,8 @@ type envOpt struct {
 	hold        func(peerID string, remote netip.AddrPort) (func(), error)
 	limits      ServerLimits
 	onRefused   func(remote netip.AddrPort, err *HandshakeError)
+	// watch gives both sides their store's Changes, so rotations retire tunnels.
+	watch bool
 }
 
 func newEnv(tb testing.TB, o envOpt) *env {
@@ -97,6 +99,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		Hold:              o.hold,
 		Limits:            o.limits,
 		OnHandshakeFailed: o.onRefused,
+		Changes:           changes(o.watch, e.sstore),
 		OnStream: func(si StreamInfo) {
 			e.mu.Lock()
 			e.streams = append(e.streams, si)
@@ -121,7 +124,7 @@ func newEnv(tb testing.TB, o envOpt) *env {
 		}
 	}()
 	e.src = &loopSource{store: e.cstore, id: clientID}
-	e.pool, err = NewPool(PoolConfig{IdleTimeout: o.idleTimeout})
+	e.pool, err = NewPool(PoolConfig{IdleTimeout: o.idleTimeout, Changes: changes(o.watch, e.cstore)})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -133,13 +136,22 @@ func newEnv(tb testing.TB, o envOpt) *env {
 	return e
 }
 
+func changes(on bool, st *identity.Store) func() <-chan struct{} {
+	if !on {
+		return nil
+	}
+	return st.Changed
+}
+
 // loopSource is a client pod on loopback: it dials from the test's own namespace.
 type loopSource struct {
 	store *identity.Store
 	id    string
+	dials atomic.Int64 // tunnel connections dialled
 }
 
 func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	s.dials.Add(1)
 	var d net.Dialer
 	return d.DialContext(ctx, "tcp", addr.String())
 }
@@ -156,6 +168,9 @@ func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	if err != nil {
 		tb.Fatalf("Connect: %v", err)
 	}
+	// Before the app's cleanup, which waits for its connections: a test that fails
+	// with a stream open ends instead of hanging.
+	tb.Cleanup(func() { s.Close() })
 	return s
 }
 
@@ -411,10 +426,11 @@ func TestOnlyConnect(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
+	pc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
+	cc := pc.cc
 	for _, tc := range []struct {
 		method, authority string
 	}{

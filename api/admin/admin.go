@@ -133,6 +133,10 @@ type Conn struct {
 	SrcIdentity string         `json:"src_identity,omitempty"`
 	DstIdentity string         `json:"dst_identity,omitempty"`
 	Security    Security       `json:"security"`
+	// PeerSerial, on an inbound tunnel stream, is the serial number (hex) of the
+	// certificate the source presented: after a rotation new connections show
+	// the new one.
+	PeerSerial string `json:"peer_serial,omitempty"`
 	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
 	// when the address is one; SrcNode and DstNode the nodes they run on.
 	SrcPod    string    `json:"src_pod,omitempty"`

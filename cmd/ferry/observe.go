@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -35,6 +36,7 @@ type sourceFlags struct {
 	lab     string
 	sockets []string
 	servers []string
+	tls     flows.TLSFiles // for --server on TCP: the Observer API there is mTLS only
 }
 
 func (s *sourceFlags) add(cmd *cobra.Command) {
@@ -42,6 +44,9 @@ func (s *sourceFlags) add(cmd *cobra.Command) {
 	f.StringVar(&s.lab, "lab", "", "read every agent of the lab with this prefix (e.g. fy)")
 	f.StringArrayVar(&s.sockets, "agent-socket", nil, "an agent's Observer unix socket (repeatable)")
 	f.StringArrayVar(&s.servers, "server", nil, "an agent's or relay's Observer API at HOST:PORT (repeatable)")
+	f.StringVar(&s.tls.Cert, "tls-cert", "", "with --server on TCP: a certificate from the mesh CA to present (the Observer API on TCP is mutual TLS only)")
+	f.StringVar(&s.tls.Key, "tls-key", "", "with --server on TCP: the certificate's private key")
+	f.StringVar(&s.tls.CA, "tls-ca", "", "with --server on TCP: the mesh CA bundle the server's certificate must chain to")
 }
 
 // agents resolves the flags to Observer addresses. With none given it reads the lab
@@ -84,7 +89,13 @@ func (s *sourceFlags) relay(ctx context.Context) (*relay.Relay, []string, error)
 	if err != nil {
 		return nil, nil, err
 	}
-	r, err := relay.New(relay.Config{Agents: agents})
+	cfg := relay.Config{Agents: agents}
+	if slices.ContainsFunc(s.servers, flows.IsTCP) {
+		if cfg.ClientTLS, err = flows.ClientTLS(s.tls); err != nil {
+			return nil, nil, fmt.Errorf("--server on TCP: %w (--tls-cert, --tls-key, --tls-ca)", err)
+		}
+	}
+	r, err := relay.New(cfg)
 	if err != nil {
 		return nil, nil, err
 	}

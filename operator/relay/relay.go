@@ -8,19 +8,21 @@ import (
 	"cmp"
 	"container/heap"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -44,6 +46,11 @@ type Config struct {
 	// Lag: see DefaultLag (default when 0).
 	Lag time.Duration
 	Log *slog.Logger
+	// ClientTLS reads agents at host:port over mutual TLS (flows.ClientTLS); agents
+	// on TCP are refused without it, since the Observer API on TCP is mTLS only.
+	ClientTLS *tls.Config
+	// ServerTLS, when set, makes Serve require mutual TLS (flows.ServerTLS).
+	ServerTLS *tls.Config
 }
 
 // Relay merges the flows of its agents: Config.Agents, or the set SetAgents gave it
@@ -119,11 +126,20 @@ func (r *Relay) SetAgents(agents []Agent) error {
 			next = append(next, ac)
 			continue
 		}
-		target := a.Address
-		if !strings.HasPrefix(target, "unix:") {
+		target, creds := a.Address, insecure.NewCredentials()
+		var err error
+		if flows.IsTCP(target) {
 			target = "passthrough:///" + target
+			if r.cfg.ClientTLS == nil {
+				err = flows.ErrNoTLS
+			} else {
+				creds = credentials.NewTLS(r.cfg.ClientTLS)
+			}
 		}
-		c, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		var c *grpc.ClientConn
+		if err == nil {
+			c, err = grpc.NewClient(target, grpc.WithTransportCredentials(creds))
+		}
 		if err != nil {
 			for _, ac := range next {
 				if _, kept := old[ac.Address]; !kept {
@@ -473,7 +489,11 @@ func (r *Relay) ServerStatus(ctx context.Context, _ *ferryv1.ServerStatusRequest
 // Serve serves the relay's Observer API on ln until ctx ends (for the operator, or a
 // relay of its own beside it).
 func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
-	s := grpc.NewServer()
+	var opts []grpc.ServerOption
+	if r.cfg.ServerTLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(r.cfg.ServerTLS)))
+	}
+	s := grpc.NewServer(opts...)
 	r.Register(s)
 	stop := make(chan struct{})
 	defer close(stop)

@@ -348,3 +348,16 @@ func TestRelaySetAgents(t *testing.T) {
 		}
 	}
 }
+
+// An agent on TCP is read over mutual TLS only: without ClientTLS the relay refuses
+// it rather than reading flows in plaintext.
+func TestTCPAgentNeedsTLS(t *testing.T) {
+	r, err := New(Config{Agents: []Agent{{"node1", "10.0.0.5:4245"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Start(context.Background()); err == nil {
+		r.Stop()
+		t.Fatal("the relay reads an agent on TCP without TLS")
+	}
+}

@@ -289,6 +289,8 @@ func TestControlPlaneAgentRestartWithoutOperator(t *testing.T) {
 	if log := tailFile(e.lab.AgentLog("node1"), 200); !strings.Contains(log, "serving the cached state until the operator answers") {
 		t.Fatalf("the restarted agent did not start from its state cache:\n%s", tailFile(e.lab.AgentLog("node1"), 20))
 	}
+	// It holds the pods' keys: 0600, as the agent wrote it.
+	checkMode(t, filepath.Join(filepath.Dir(e.lab.AgentSocket("node1")), "state.cache"), 0o600)
 	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "65536")
 	e.findConn(t, "node2", func(cn connRecord) bool {
 		return cn.Direction == admin.Inbound && cn.Security == admin.MTLS && cn.Src.Addr() == e.pod("a").IP && cn.BytesSent == 65536

@@ -218,6 +218,9 @@ func scenario(args []string) (scenarioResult, error) {
 	if res, ok, err := l7Scenario(name, addr, args[2:]); ok {
 		return res, err
 	}
+	if res, ok, err := tunnelScenario(name, addr, n); ok {
+		return res, err
+	}
 	if res, ok, err := isolationScenario(name, addr, n); ok {
 		return res, err
 	}
