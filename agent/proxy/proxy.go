@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -150,6 +151,10 @@ type pod struct {
 	// pool per protocol and idle timeout.
 	transportsMu sync.RWMutex
 	transports   map[transportKey]*http.Transport
+
+	// expiredLogged is the NotAfter (Unix ns) of the expired certificate whose
+	// refusals were last logged (certexpiry.go).
+	expiredLogged atomic.Int64
 }
 
 // New validates cfg and returns a proxy with no pods.
@@ -263,6 +268,9 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		},
 		Authorize: p.authorize,
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
+			if err := pd.certValid(time.Now()); err != nil {
+				return err
+			}
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)
 			}
@@ -557,6 +565,9 @@ func (p *Proxy) dialRoute(ctx context.Context, from *pod, dst netip.AddrPort, r 
 	case admin.SameNode:
 		return p.dialApp(ctx, r.Local, dst)
 	case admin.MTLS:
+		if err := from.certValid(time.Now()); err != nil {
+			return nil, err
+		}
 		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
 		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst, protocol)
@@ -625,6 +636,10 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 	if d, ok := asPolicyDenied(si.Err); ok {
 		c.Status = si.Status
 		p.conns.policyRefused(c, d)
+		return
+	}
+	if ce := (*CertExpiredError)(nil); errors.As(si.Err, &ce) {
+		p.conns.refused(c, ce)
 		return
 	}
 	p.conns.stream(c, si)

@@ -277,6 +277,9 @@ const (
 	// ReasonPolicy: an AuthorizationPolicy denied it at the destination
 	// (Conn.Policy names it).
 	ReasonPolicy Reason = "policy_denied"
+	// ReasonCertExpired: the pod's own certificate had expired (the operator was
+	// away past its life); the agent refuses rather than present it.
+	ReasonCertExpired Reason = "certificate_expired"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )
