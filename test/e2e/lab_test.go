@@ -74,6 +74,7 @@ func TestMain(m *testing.M) {
 	lbLab.teardown()
 	tmLab.teardown()
 	azLab.teardown()
+	ouLab.teardown()
 	os.Exit(code)
 }
 
