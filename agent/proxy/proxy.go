@@ -258,6 +258,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		return fmt.Errorf("pod %s tunnel listener: %w", w.Name, err)
 	}
 	pd.listeners = append(pd.listeners, tun)
+	capRTO(tun.(*net.TCPListener))
 	if err := p.cfg.Capture.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
 		pd.close()
 		return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
@@ -414,7 +415,27 @@ func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, e
 	if err != nil {
 		return nil, err
 	}
+	capRTO(c)
 	return c, nil
+}
+
+// tunnelRTOMax caps the retransmission timeout of tunnel sockets. Linux backs it
+// off towards 120 s: after a 10 s partition a tunnel with bytes in flight would
+// next retransmit some 3 to 6 s after the link is back, and every stream on it (new
+// ones too) would wait that long. Nodes of one cluster are far less than a second
+// apart, so a 1 s cap costs nothing and brings tunnels back within about a second.
+const tunnelRTOMax = time.Second
+
+// capRTO sets TCP_RTO_MAX_MS (Linux 6.15 and later; a listener's accepted sockets
+// inherit it) to tunnelRTOMax; an older kernel keeps its default backoff.
+func capRTO(c syscall.Conn) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(tunnelRTOMax.Milliseconds()))
+	})
 }
 
 // ClientTLS presents the pod's certificate and requires dstID (tunnel.Source).

@@ -79,6 +79,7 @@ Everything the lab creates is named after --prefix, so 'ferry lab up' and
 		newLabDemoCommand(f),
 		newLabDNSCommand(f),
 		newLabRestartAgentCommand(f),
+		newLabImpairCommand(f),
 	)
 	return cmd
 }
