@@ -120,7 +120,7 @@ func TestLoadConcurrentConnections(t *testing.T) {
 	base, rss := map[string]agentResources{}, map[string]int{}
 	for _, n := range nodes {
 		base[n], rss[n] = e.resources(t, n), rssKiB(t, e.lab.AgentPID(n))
-		t.Logf("%s before: %s, RSS %d KiB", n, base[n], rss[n])
+		t.Logf("%s before: %s, RSS %d KiB; %s", n, base[n], rss[n], openFilesLimit(t, e.lab.AgentPID(n)))
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -180,4 +180,20 @@ func TestLoadConcurrentConnections(t *testing.T) {
 		r := e.backToBaseline(t, n, base[n])
 		t.Logf("%s after they closed: %s", n, r)
 	}
+}
+
+// openFilesLimit is pid's "Max open files" line from /proc (Go raises the soft
+// limit to the hard one at start-up, so the agent needs no code for it).
+func openFilesLimit(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "Max open files") {
+			return strings.Join(strings.Fields(l), " ")
+		}
+	}
+	return "no open files limit"
 }
