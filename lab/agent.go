@@ -219,6 +219,9 @@ func (l *Lab) AgentClient(node string) *http.Client {
 				var d net.Dialer
 				return d.DialContext(ctx, "unix", sock)
 			},
+			// Each client is a new Transport: a kept-alive connection would hold a
+			// goroutine and a file in the agent (until its idle timeout) per call.
+			DisableKeepAlives: true,
 		},
 	}
 }

@@ -27,6 +27,21 @@ import (
 // new pods does not flood the operator.
 const maxParallelSigns = 8
 
+// Retries of a failed certificate request back off from minRetryBackoff to
+// maxRetryBackoff; a held certificate's retries wait at most a tenth of what it has
+// left (never less than floorRetryLimit), so a short certificate gets many tries
+// between the operator's return and its expiry.
+const (
+	minRetryBackoff = 250 * time.Millisecond
+	maxRetryBackoff = 30 * time.Second
+	floorRetryLimit = time.Second
+)
+
+// retryLimit is the longest wait between retries for a certificate with left to live.
+func retryLimit(left time.Duration) time.Duration {
+	return min(max(left/10, floorRetryLimit), maxRetryBackoff)
+}
+
 // Certs keeps a certificate for every identity the agent needs, in an
 // identity.Store. Keys are ECDSA P-256, generated on the node; only CSRs leave it.
 // A certificate is renewed at half its life; the Store swap means new handshakes
@@ -241,7 +256,11 @@ func (c *Certs) issue(ctx context.Context, id string) {
 	}
 	if err != nil {
 		r := c.retry[id]
-		r.backoff = min(max(r.backoff*2, 250*time.Millisecond), 30*time.Second)
+		limit := maxRetryBackoff
+		if h, ok := c.certs[id]; ok {
+			limit = retryLimit(time.Until(h.notAfter))
+		}
+		r.backoff = min(max(r.backoff*2, minRetryBackoff), limit)
 		r.at = time.Now().Add(r.backoff/2 + time.Duration(mrand.Int64N(int64(r.backoff))))
 		c.retry[id] = r
 		c.mu.Unlock()

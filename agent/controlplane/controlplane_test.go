@@ -258,3 +258,18 @@ func TestCertsNewBundleReplacesCertificates(t *testing.T) {
 	}
 	waitFor(t, "a new certificate", func() bool { h := c.Held(); return len(h) == 1 && h[0].Serial != first })
 }
+
+// A short certificate's retries come often enough that a returned operator renews
+// it long before it expires; a long one's stay at the usual ceiling.
+func TestRetryLimitFollowsWhatIsLeft(t *testing.T) {
+	for _, tc := range []struct{ left, want time.Duration }{
+		{30 * time.Second, 3 * time.Second},
+		{2 * time.Second, time.Second},
+		{-time.Second, time.Second},
+		{12 * time.Hour, 30 * time.Second},
+	} {
+		if got := retryLimit(tc.left); got != tc.want {
+			t.Errorf("retryLimit(%s) = %s, want %s", tc.left, got, tc.want)
+		}
+	}
+}

@@ -15,9 +15,14 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 )
+
+// maxReconnectDelay bounds the wait between attempts to reach the operator, so a
+// returned operator is found within seconds however long it was away.
+const maxReconnectDelay = 2 * time.Second
 
 // DialConfig says how to reach and authenticate to the operator.
 type DialConfig struct {
@@ -70,6 +75,11 @@ func Dial(cfg DialConfig) (*grpc.ClientConn, error) {
 		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, ServerName: serverName})),
 		grpc.WithPerRPCCredentials(tokenCreds{path: cfg.TokenFile}),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// gRPC's default reconnect backoff grows to 120 s: after a long outage the
+		// agent would find a returned operator up to two minutes late, longer than
+		// a short certificate has left. Calls fail fast while the channel is down
+		// and do not hasten it, so the channel itself must retry often.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: maxReconnectDelay}, MinConnectTimeout: 5 * time.Second}),
 		// A NodeState lists every workload of the mesh: about 200 bytes each, so
 		// gRPC's 4 MiB default would stop at some 20,000 pods.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20)),

@@ -176,7 +176,10 @@ func dialOutcome(err error) (admin.Verdict, admin.Reason, int) {
 	}
 	var alert tls.AlertError
 	var certErr *tls.CertificateVerificationError
+	var expired *CertExpiredError
 	switch {
+	case errors.As(err, &expired):
+		return admin.VerdictDenied, admin.ReasonCertExpired, 0
 	case errors.As(err, &alert), errors.As(err, &certErr):
 		return admin.VerdictError, admin.ReasonTunnel, 0
 	case errors.Is(err, tunnel.ErrPoolClosed), errors.Is(err, context.Canceled):

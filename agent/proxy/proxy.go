@@ -165,6 +165,10 @@ type pod struct {
 	// pool per protocol and idle timeout.
 	transportsMu sync.RWMutex
 	transports   map[transportKey]*http.Transport
+
+	// expiredLogged is the NotAfter (Unix ns) of the expired certificate whose
+	// refusals were last logged (certexpiry.go).
+	expiredLogged atomic.Int64
 }
 
 // New validates cfg and returns a proxy with no pods.
@@ -276,6 +280,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 		return fmt.Errorf("pod %s tunnel listener: %w", w.Name, err)
 	}
 	pd.listeners = append(pd.listeners, tun)
+	capRTO(tun.(*net.TCPListener))
 	if err := p.cfg.Capture.SetInboundListener(ip, in.(*net.TCPListener)); err != nil {
 		pd.close()
 		return fmt.Errorf("pod %s inbound capture: %w", w.Name, err)
@@ -291,6 +296,9 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 			p.handshakeRefused(pd, remote, he)
 		},
 		Admit: func(peer string, remote, target netip.AddrPort, httpStream bool) error {
+			if err := pd.certValid(time.Now()); err != nil {
+				return err
+			}
 			if httpStream {
 				return nil // each request is decided at L7 (serveRequest)
 			}
@@ -430,7 +438,27 @@ func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, e
 	if err != nil {
 		return nil, err
 	}
+	capRTO(c)
 	return c, nil
+}
+
+// tunnelRTOMax caps the retransmission timeout of tunnel sockets. Linux backs it
+// off towards 120 s: after a 10 s partition a tunnel with bytes in flight would
+// next retransmit some 3 to 6 s after the link is back, and every stream on it (new
+// ones too) would wait that long. Nodes of one cluster are far less than a second
+// apart, so a 1 s cap costs nothing and brings tunnels back within about a second.
+const tunnelRTOMax = time.Second
+
+// capRTO sets TCP_RTO_MAX_MS (Linux 6.15 and later; a listener's accepted sockets
+// inherit it) to tunnelRTOMax; an older kernel keeps its default backoff.
+func capRTO(c syscall.Conn) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(tunnelRTOMax.Milliseconds()))
+	})
 }
 
 // ClientTLS presents the pod's certificate and requires dstID (tunnel.Source).
@@ -598,6 +626,9 @@ func (p *Proxy) dialRoute(ctx context.Context, from *pod, dst netip.AddrPort, r 
 	case admin.SameNode:
 		return p.dialApp(ctx, r.Local, dst)
 	case admin.MTLS:
+		if err := from.certValid(time.Now()); err != nil {
+			return nil, err
+		}
 		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
 		return p.tunnels.Connect(ctx, from, r.Peer.Identity, netip.AddrPortFrom(dst.Addr().Unmap(), p.cfg.Ports.Tunnel), dst, protocol)
@@ -679,6 +710,10 @@ func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
 	if d, ok := asPolicyDenied(si.Err); ok {
 		c.Status = si.Status
 		p.conns.policyRefused(c, d)
+		return
+	}
+	if ce := (*CertExpiredError)(nil); errors.As(si.Err, &ce) {
+		p.conns.refused(c, ce)
 		return
 	}
 	p.conns.stream(c, si)

@@ -299,6 +299,9 @@ const (
 	// ReasonStrictMTLS: the kernel refused a plaintext connection to a pod port
 	// under PeerAuthentication STRICT (a flow of its own: no proxy saw it).
 	ReasonStrictMTLS Reason = "strict_mtls"
+	// ReasonCertExpired: the pod's own certificate had expired (the operator was
+	// away past its life); the agent refuses rather than present it.
+	ReasonCertExpired Reason = "certificate_expired"
 	// ReasonOther: any other error (Conn.Error has the text).
 	ReasonOther Reason = "error"
 )

@@ -5,6 +5,7 @@ package main
 import (
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,7 +21,7 @@ func newCheckCommand() *cobra.Command {
 		pinDir    string
 		socket    string
 		obsSocket string
-		certWarn  time.Duration
+		certWarn  string
 		output    string
 	)
 	cmd := &cobra.Command{
@@ -37,7 +38,10 @@ func newCheckCommand() *cobra.Command {
   programs      Ferry's programs are pinned and attached there
   agent         the agent answers on its admin socket, and its state is applied
   observer      the agent serves flows on its Observer socket
-  certificates  every local workload has a certificate valid for at least --cert-warn
+  certificates  every local workload has a certificate that is valid and not about to
+                expire: --cert-warn is a share of its lifetime ("20%": fail with
+                under a fifth left, when renewal at half life is overdue) or a
+                duration ("1h": fail with less than that left)
 
 With --lab PREFIX the agent checks run for every node of the lab. The command exits
 with status 1 when any check fails, naming the failure.`,
@@ -48,6 +52,10 @@ with status 1 when any check fails, naming the failure.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "table" && output != "json" {
 				return fmt.Errorf("unknown output %q: use table or json", output)
+			}
+			warn, err := parseCertWarn(certWarn)
+			if err != nil {
+				return err
 			}
 			var targets []preflight.Target
 			if labPrefix != "" {
@@ -72,7 +80,7 @@ with status 1 when any check fails, naming the failure.`,
 			ctx := cmd.Context()
 			results := preflight.Host()
 			for _, t := range targets {
-				results = append(results, preflight.Agent(ctx, t, certWarn)...)
+				results = append(results, preflight.Agent(ctx, t, warn)...)
 			}
 			failed := preflight.Failed(results)
 			out := cmd.OutOrStdout()
@@ -97,7 +105,23 @@ with status 1 when any check fails, naming the failure.`,
 	f.StringVar(&pinDir, "bpf-pin-dir", datapath.DefaultPinDir, "the agent's BPF pin folder")
 	f.StringVar(&socket, "socket", defaultAdminSocket, "the agent's admin socket")
 	f.StringVar(&obsSocket, "observer-socket", "", "the agent's Observer socket (default: observer.sock beside --socket)")
-	f.DurationVar(&certWarn, "cert-warn", time.Hour, "fail certificates that expire sooner than this")
+	f.StringVar(&certWarn, "cert-warn", "20%", "fail certificates with less than this share of their lifetime (20%) or this long (1h) left")
 	f.StringVarP(&output, "output", "o", "table", "table or json")
 	return cmd
+}
+
+// parseCertWarn reads --cert-warn: a percentage of the lifetime or a duration.
+func parseCertWarn(s string) (preflight.CertWarn, error) {
+	if pct, ok := strings.CutSuffix(s, "%"); ok {
+		f, err := strconv.ParseFloat(pct, 64)
+		if err != nil || f <= 0 || f >= 100 {
+			return preflight.CertWarn{}, fmt.Errorf("--cert-warn %q: want a percentage between 0 and 100, or a duration", s)
+		}
+		return preflight.CertWarn{Fraction: f / 100}, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return preflight.CertWarn{}, fmt.Errorf("--cert-warn %q: want a percentage (20%%) or a positive duration (1h)", s)
+	}
+	return preflight.CertWarn{Left: d}, nil
 }

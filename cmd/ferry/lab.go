@@ -80,6 +80,7 @@ Everything the lab creates is named after --prefix, so 'ferry lab up' and
 		newLabDNSCommand(f),
 		newLabRestartAgentCommand(f),
 		newLabUpgradeAgentCommand(f),
+		newLabImpairCommand(f),
 	)
 	return cmd
 }

@@ -188,8 +188,8 @@ func capabilityCheck(status string) Result {
 }
 
 // Agent checks one agent: its pins, admin API, Observer API and certificates, which
-// must stay valid for at least certWarn.
-func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
+// must not be about to expire (warn).
+func Agent(ctx context.Context, t Target, warn CertWarn) []Result {
 	suffix := ""
 	if t.Node != "" {
 		suffix = " " + t.Node
@@ -241,27 +241,75 @@ func Agent(ctx context.Context, t Target, certWarn time.Duration) []Result {
 	if err != nil {
 		return append(rs, fail("certificates"+suffix, err.Error()))
 	}
-	return append(rs, certCheck("certificates"+suffix, certs, time.Now(), certWarn))
+	issued := map[string]time.Time{}
+	for _, h := range st.Certificates {
+		issued[h.Identity] = h.Issued
+	}
+	return append(rs, certCheck("certificates"+suffix, certs, issued, time.Now(), warn))
 }
 
-// certCheck passes when every certificate in certs is valid at now and for at
-// least certWarn more, and there is a trust bundle.
-func certCheck(name string, certs admin.Certs, now time.Time, certWarn time.Duration) Result {
+// CertWarn says when a certificate is about to expire: less than Left to live, or
+// less than Fraction of its lifetime (from when the agent asked for it) left. A
+// zero field checks nothing.
+type CertWarn struct {
+	Left     time.Duration
+	Fraction float64
+}
+
+// expiring says why a certificate valid from issued to notAfter is about to expire
+// at now, or "" when it is not.
+func (w CertWarn) expiring(issued, notAfter, now time.Time) string {
+	left := notAfter.Sub(now)
+	if w.Left > 0 && left < w.Left {
+		return fmt.Sprintf("expires in %s (%s), under %s", preciseText(left), timeText(notAfter), preciseText(w.Left))
+	}
+	life := notAfter.Sub(issued)
+	if w.Fraction > 0 && !issued.IsZero() && life > 0 && float64(left) < w.Fraction*float64(life) {
+		return fmt.Sprintf("expires in %s (%s): %.0f%% of its %s lifetime left, under %.0f%%; renewal is overdue",
+			preciseText(left), timeText(notAfter), 100*float64(left)/float64(life), preciseText(life), 100*w.Fraction)
+	}
+	return ""
+}
+
+// preciseText prints a duration to the second, for short certificates.
+func preciseText(d time.Duration) string {
+	if d >= time.Hour {
+		return durationText(d)
+	}
+	return d.Round(time.Second).String()
+}
+
+// certCheck passes when every certificate in certs is valid at now and not about
+// to expire (warn; issued says when the agent asked for each workload certificate,
+// as the CA backdates NotBefore), and there is a trust bundle.
+func certCheck(name string, certs admin.Certs, issued map[string]time.Time, now time.Time, warn CertWarn) Result {
 	var bad []string
 	soonest := time.Time{}
-	for _, ci := range append(append([]admin.CertInfo(nil), certs.Workloads...), certs.TrustBundle...) {
+	check := func(ci admin.CertInfo, from time.Time) {
 		switch {
 		case ci.Error != "":
 			bad = append(bad, ci.Identity+": "+ci.Error)
 		case now.Before(ci.NotBefore):
 			bad = append(bad, ci.Identity+": not valid before "+timeText(ci.NotBefore))
-		case ci.NotAfter.Sub(now) < certWarn:
-			bad = append(bad, ci.Identity+": expires "+timeText(ci.NotAfter))
+		case !now.Before(ci.NotAfter):
+			bad = append(bad, ci.Identity+": expired at "+timeText(ci.NotAfter)+" (certificate_expired: its connections are refused)")
+		case warn.expiring(from, ci.NotAfter, now) != "":
+			bad = append(bad, ci.Identity+": "+warn.expiring(from, ci.NotAfter, now))
 		default:
 			if soonest.IsZero() || ci.NotAfter.Before(soonest) {
 				soonest = ci.NotAfter
 			}
 		}
+	}
+	for _, ci := range certs.Workloads {
+		from, ok := issued[ci.Identity]
+		if !ok {
+			from = ci.NotBefore
+		}
+		check(ci, from)
+	}
+	for _, ci := range certs.TrustBundle {
+		check(ci, ci.NotBefore)
 	}
 	switch {
 	case len(bad) > 0:
@@ -270,7 +318,7 @@ func certCheck(name string, certs admin.Certs, now time.Time, certWarn time.Dura
 		return fail(name, "no trust bundle")
 	default:
 		return pass(name, fmt.Sprintf("%d workload certificates and %d CAs valid; first expiry in %s",
-			len(certs.Workloads), len(certs.TrustBundle), durationText(soonest.Sub(now))))
+			len(certs.Workloads), len(certs.TrustBundle), preciseText(soonest.Sub(now))))
 	}
 }
 

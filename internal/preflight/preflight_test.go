@@ -58,15 +58,35 @@ func TestCertCheck(t *testing.T) {
 			"1 workload certificates and 1 CAs valid; first expiry in 1h30m"},
 		{"no bundle", admin.Certs{Workloads: []admin.CertInfo{good}}, false, "no trust bundle"},
 		{"expiring", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", NotAfter: now.Add(time.Minute)}}, TrustBundle: []admin.CertInfo{ca}}, false,
-			"w: expires 2026-01-01T00:01:00Z"},
+			"w: expires in 1m0s (2026-01-01T00:01:00Z), under 1h0m"},
+		{"expired", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", NotAfter: now.Add(-time.Second)}}, TrustBundle: []admin.CertInfo{ca}}, false,
+			"w: expired at 2025-12-31T23:59:59Z (certificate_expired: its connections are refused)"},
 		{"future", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)}}, TrustBundle: []admin.CertInfo{ca}}, false,
 			"w: not valid before 2026-01-01T01:00:00Z"},
 		{"error", admin.Certs{Workloads: []admin.CertInfo{{Identity: "w", Error: "no key"}}, TrustBundle: []admin.CertInfo{ca}}, false, "w: no key"},
 	} {
-		r := certCheck("certificates", tc.certs, now, time.Hour)
+		r := certCheck("certificates", tc.certs, nil, now, CertWarn{Left: time.Hour})
 		if r.OK != tc.ok || r.Detail != tc.detail {
 			t.Errorf("%s: %+v, want ok %t %q", tc.name, r, tc.ok, tc.detail)
 		}
+	}
+}
+
+// A 60 s certificate asked for 50 s ago has a sixth of its life left: under 20%,
+// however the CA backdated NotBefore.
+func TestCertCheckFractionOfLifetime(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	ca := admin.CertInfo{Identity: "ca", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour)}
+	w := admin.CertInfo{Identity: "w", NotBefore: now.Add(-5*time.Minute - 50*time.Second), NotAfter: now.Add(10 * time.Second)}
+	certs := admin.Certs{Workloads: []admin.CertInfo{w}, TrustBundle: []admin.CertInfo{ca}}
+	warn := CertWarn{Fraction: 0.2}
+	r := certCheck("certificates", certs, map[string]time.Time{"w": now.Add(-50 * time.Second)}, now, warn)
+	if want := "w: expires in 10s (2026-01-01T00:00:10Z): 17% of its 1m0s lifetime left, under 20%; renewal is overdue"; r.OK || r.Detail != want {
+		t.Errorf("%+v, want %q", r, want)
+	}
+	r = certCheck("certificates", certs, map[string]time.Time{"w": now.Add(-20 * time.Second)}, now, warn)
+	if !r.OK {
+		t.Errorf("a third of its life left: %+v", r)
 	}
 }
 
@@ -86,7 +106,7 @@ func TestWriteTableAndFailed(t *testing.T) {
 // Without an agent, the agent checks fail and say why, without root.
 func TestAgentNotRunning(t *testing.T) {
 	dir := t.TempDir()
-	rs := Agent(context.Background(), Target{Node: "node1", AdminSocket: filepath.Join(dir, "agent.sock"), PinDir: dir}, time.Hour)
+	rs := Agent(context.Background(), Target{Node: "node1", AdminSocket: filepath.Join(dir, "agent.sock"), PinDir: dir}, CertWarn{Left: time.Hour})
 	if len(rs) != 2 {
 		t.Fatalf("results %+v, want bpffs and agent", rs)
 	}
@@ -110,7 +130,7 @@ func TestUnreachableRefused(t *testing.T) {
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false)
 	l.Close()
-	rs := Agent(context.Background(), Target{AdminSocket: sock, PinDir: t.TempDir()}, time.Hour)
+	rs := Agent(context.Background(), Target{AdminSocket: sock, PinDir: t.TempDir()}, CertWarn{Left: time.Hour})
 	if last := rs[len(rs)-1]; last.Name != "agent" || !strings.Contains(last.Detail, "(the agent that owned "+sock+" is not running)") {
 		t.Errorf("agent: %+v", last)
 	}

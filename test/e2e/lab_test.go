@@ -76,6 +76,7 @@ func TestMain(m *testing.M) {
 	azLab.teardown()
 	hdLab.teardown()
 	mxLab.teardown()
+	ouLab.teardown()
 	os.Exit(code)
 }
 

@@ -63,6 +63,8 @@ func scenario(args []string) (scenarioResult, error) {
 	}
 	start := time.Now()
 	switch name {
+	case "many": // n connections held at once (load_test.go)
+		return manyScenario(addr, n)
 	case "echo": // n bytes echoed intact
 		conn, err := dial(addr)
 		if err != nil {
