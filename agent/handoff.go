@@ -278,6 +278,18 @@ func (t *takeover) handedOff(pid int) {
 				_ = p.c.Stop(context.Background())
 			}
 		}
+		// The successor holds copies of both locks: closing this agent's leaves them
+		// held by it alone (a flock belongs to the open file description, and close,
+		// unlike LOCK_UN, releases nothing another process still holds), so if the
+		// successor dies while this one drains, the next agent can start.
+		if t.a.lock != nil {
+			if err := t.a.lock.Stop(context.Background()); err != nil {
+				t.a.log.Warn("closing the handed-over agent lock", "error", err)
+			}
+		}
+		if err := t.a.capture.Unlock(); err != nil {
+			t.a.log.Warn("closing the handed-over pin lock", "error", err)
+		}
 		t.a.log.Info("a new agent serves; stopped accepting, draining", "pid", pid)
 		close(t.handed)
 	})

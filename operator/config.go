@@ -6,9 +6,9 @@ import (
 	"os"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/mesh"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"github.com/ferrymesh/ferry/operator/ca"
 	"github.com/ferrymesh/ferry/operator/local"
 	"github.com/spf13/pflag"
@@ -69,7 +69,7 @@ type Config struct {
 	CaseInsensitivePaths bool
 	// RelayTLS is the relay's mutual TLS with the mesh CA: required to serve it on
 	// TCP and to read agents on TCP (the Observer API on TCP is mTLS only).
-	RelayTLS flows.TLSFiles
+	RelayTLS observertls.Files
 }
 
 // DefaultConfig is the configuration of a ferry-operator started without flags.

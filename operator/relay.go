@@ -9,8 +9,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/internal/listener"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"github.com/ferrymesh/ferry/operator/relay"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -34,15 +34,15 @@ func (o *Operator) startRelay(ctx context.Context) error {
 		static = append(static, relay.Agent{Name: a, Address: a})
 	}
 	rc := relay.Config{Agents: static, Log: o.log.With("component", "relay")}
-	tcpAgents := o.cfg.RelayAgentPort > 0 || slices.ContainsFunc(o.cfg.RelayAgents, flows.IsTCP)
+	tcpAgents := o.cfg.RelayAgentPort > 0 || slices.ContainsFunc(o.cfg.RelayAgents, observertls.IsTCP)
 	var err error
-	if flows.IsTCP(o.cfg.RelayAddr) || tcpAgents || o.cfg.RelayTLS.Set() {
+	if observertls.IsTCP(o.cfg.RelayAddr) || tcpAgents || o.cfg.RelayTLS.Set() {
 		// The Observer API on TCP is mutual TLS only, both ways.
-		if rc.ClientTLS, err = flows.ClientTLS(o.cfg.RelayTLS); err != nil {
+		if rc.ClientTLS, err = observertls.ClientConfig(o.cfg.RelayTLS); err != nil {
 			return fmt.Errorf("relay: %w", err)
 		}
-		if flows.IsTCP(o.cfg.RelayAddr) {
-			if rc.ServerTLS, err = flows.ServerTLS(o.cfg.RelayTLS); err != nil {
+		if observertls.IsTCP(o.cfg.RelayAddr) {
+			if rc.ServerTLS, err = observertls.ServerConfig(o.cfg.RelayTLS); err != nil {
 				return fmt.Errorf("relay: %w", err)
 			}
 		}

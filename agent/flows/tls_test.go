@@ -12,17 +12,18 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
 // files writes a certificate of ca for id, its key and ca's bundle to dir.
-func files(t *testing.T, ca *identitytest.CA, id string) flows.TLSFiles {
+func files(t *testing.T, ca *identitytest.CA, id string) observertls.Files {
 	t.Helper()
 	dir := t.TempDir()
 	c := ca.Valid(t, id)
-	f := flows.TLSFiles{Cert: filepath.Join(dir, "tls.crt"), Key: filepath.Join(dir, "tls.key"), CA: filepath.Join(dir, "ca.crt")}
+	f := observertls.Files{Cert: filepath.Join(dir, "tls.crt"), Key: filepath.Join(dir, "tls.key"), CA: filepath.Join(dir, "ca.crt")}
 	for p, b := range map[string][]byte{f.Cert: c.Chain, f.Key: c.Key, f.CA: ca.RootPEM} {
 		if err := os.WriteFile(p, b, 0o600); err != nil {
 			t.Fatal(err)
@@ -35,7 +36,7 @@ func files(t *testing.T, ca *identitytest.CA, id string) flows.TLSFiles {
 // CA: no certificate, or one from another CA, or plaintext, gets nothing.
 func TestObserverTCPIsMutualTLSOnly(t *testing.T) {
 	mesh := identitytest.NewCA(t)
-	srvTLS, err := flows.ServerTLS(files(t, mesh, spiffe.ID("cluster.local", "ferry-system", "ferry-agent")))
+	srvTLS, err := observertls.ServerConfig(files(t, mesh, spiffe.ID("cluster.local", "ferry-system", "ferry-agent")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,14 +61,14 @@ func TestObserverTCPIsMutualTLSOnly(t *testing.T) {
 		return err
 	}
 	relayID := spiffe.ID("cluster.local", "ferry-system", "ferry-operator")
-	good, err := flows.ClientTLS(files(t, mesh, relayID))
+	good, err := observertls.ClientConfig(files(t, mesh, relayID))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := status(credentials.NewTLS(good)); err != nil {
 		t.Fatalf("relay with a mesh certificate: %v", err)
 	}
-	other, err := flows.ClientTLS(files(t, identitytest.NewCA(t), relayID))
+	other, err := observertls.ClientConfig(files(t, identitytest.NewCA(t), relayID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +83,7 @@ func TestObserverTCPIsMutualTLSOnly(t *testing.T) {
 			t.Errorf("%s client read the Observer API", name)
 		}
 	}
-	if _, err := flows.ServerTLS(flows.TLSFiles{}); err == nil {
+	if _, err := observertls.ServerConfig(observertls.Files{}); err == nil {
 		t.Error("ServerTLS without files")
 	}
 }

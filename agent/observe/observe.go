@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"github.com/ferrymesh/ferry/internal/healthserver"
 	"github.com/ferrymesh/ferry/internal/listener"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -39,7 +40,7 @@ type Config struct {
 	// ("" for none). Flows name pods and identities, so it serves only mutual TLS:
 	// ObserverTLS is required with it, and clients must prove a mesh CA certificate.
 	ObserverAddr string
-	ObserverTLS  flows.TLSFiles
+	ObserverTLS  observertls.Files
 	// MetricsAddr is a TCP address serving /metrics for Prometheus ("" for none). The
 	// admin socket serves /metrics too.
 	MetricsAddr string
@@ -184,7 +185,7 @@ func (o *Observer) Start(ctx context.Context) error {
 	}
 	var tcp net.Listener
 	if a := o.cfg.ObserverAddr; a != "" {
-		tlsCfg, err := flows.ServerTLS(o.cfg.ObserverTLS)
+		tlsCfg, err := observertls.ServerConfig(o.cfg.ObserverTLS)
 		if err != nil {
 			return fail(fmt.Errorf("observer listener %s: %w", a, err))
 		}

@@ -357,6 +357,7 @@ func (p *Proxy) admit(pd *pod, c caller, port uint16, req *authzRequest) *Policy
 
 // policyRefused records c as denied by a policy.
 func (t *tracker) policyRefused(c *Conn, err *PolicyDenied) {
+	c = t.take(c)
 	c.Verdict, c.Reason, c.Policy = admin.VerdictDenied, admin.ReasonPolicy, err.Policy
 	t.end(c, 0, 0, err)
 }

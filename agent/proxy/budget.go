@@ -251,6 +251,7 @@ func (p *Proxy) IsolationStats() IsolationStats {
 
 // budgetRefused records c as refused by a budget.
 func (t *tracker) budgetRefused(c *Conn, over *BudgetExceeded) {
+	c = t.take(c)
 	c.Verdict, c.Reason, c.Budget = admin.VerdictDenied, admin.ReasonPodBudget, over.Budget
 	t.end(c, 0, 0, over)
 }

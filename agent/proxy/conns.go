@@ -53,7 +53,9 @@ func newTracker(keep int) *tracker {
 
 func (t *tracker) open(c Conn) *Conn {
 	c.ID = t.nextID.Add(1)
-	c.Start = time.Now()
+	if c.Start.IsZero() {
+		c.Start = time.Now()
+	}
 	t.fill(&c)
 	p := &c
 	t.mu.Lock()
@@ -82,6 +84,7 @@ func (t *tracker) fill(c *Conn) {
 // close records that c, once carried, ended after sent and recv bytes; err is why
 // it ended badly (nil: both directions ended cleanly).
 func (t *tracker) close(c *Conn, sent, recv int64, err error) {
+	c = t.take(c)
 	c.Verdict, c.Reason = admin.VerdictForwarded, carriedReason(err)
 	if c.Security == admin.MTLS && c.Status == 0 {
 		c.Status = http.StatusOK // carried through a tunnel: its CONNECT was answered 200
@@ -92,6 +95,7 @@ func (t *tracker) close(c *Conn, sent, recv int64, err error) {
 // refused records that c was never carried: dialling its destination (or the
 // tunnel to it) failed with err.
 func (t *tracker) refused(c *Conn, err error) {
+	c = t.take(c)
 	c.Verdict, c.Reason, c.Status = dialOutcome(err)
 	if pol, ok := refusedByPolicy(err); ok {
 		c.Reason, c.Policy = admin.ReasonPolicy, pol
@@ -105,6 +109,7 @@ func (t *tracker) refused(c *Conn, err error) {
 // noEndpoint records that c, to a Service, was refused: the Service has no ready
 // endpoint for the port the client dialled.
 func (t *tracker) noEndpoint(c *Conn, service string) {
+	c = t.take(c)
 	c.Verdict, c.Reason = admin.VerdictError, admin.ReasonNoEndpoints
 	t.end(c, 0, 0, fmt.Errorf("service %s has no ready endpoint for %s", service, c.Service))
 }
@@ -137,6 +142,7 @@ func (t *tracker) request(c Conn, w *responseWriter, aborted any) {
 // stream records an inbound tunnel stream from the tunnel server's report: the
 // status it answered the CONNECT with says whether the stream was carried.
 func (t *tracker) stream(c *Conn, si tunnel.StreamInfo) {
+	c = t.take(c)
 	if si.Status != http.StatusOK {
 		c.Verdict, c.Reason = statusOutcome(si.Status)
 		c.Status = si.Status
@@ -144,6 +150,17 @@ func (t *tracker) stream(c *Conn, si tunnel.StreamInfo) {
 		return
 	}
 	t.close(c, si.BytesIn, si.BytesOut, si.Err)
+}
+
+// take removes c from the live table and returns a copy for its outcome to be
+// written in: snapshot reads live records under the lock from other goroutines,
+// so a record is never written while it is live. Every outcome starts with it.
+func (t *tracker) take(c *Conn) *Conn {
+	t.mu.Lock()
+	delete(t.live, c.ID)
+	t.mu.Unlock()
+	cp := *c
+	return &cp
 }
 
 func (t *tracker) end(c *Conn, sent, recv int64, err error) {

@@ -100,3 +100,46 @@ type observerFunc func(admin.Conn)
 func (observerFunc) ConnOpened(admin.Conn)     {}
 func (observerFunc) Request(admin.Conn)        {}
 func (f observerFunc) ConnClosed(c admin.Conn) { f(c) }
+
+// TestSnapshotWhileConnectionsEnd reads the table (GET /connections) while records
+// get their outcomes: under -race, an outcome written into a live record races
+// with the read.
+func TestSnapshotWhileConnectionsEnd(t *testing.T) {
+	tr := newTracker(64)
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				tr.snapshot()
+			}
+		}
+	}()
+	var recs []*Conn
+	for range 300 {
+		recs = append(recs, tr.open(Conn{Security: admin.MTLS}))
+	}
+	time.Sleep(20 * time.Millisecond) // snapshots read the live records (no sync: the race detector must see it)
+	for i, c := range recs {
+		switch i % 3 {
+		case 0:
+			tr.close(c, 1, 1, nil)
+		case 1:
+			tr.refused(c, errors.New("connection refused"))
+		default:
+			tr.noEndpoint(c, "default/web")
+		}
+	}
+	close(stop)
+	<-done
+	live, ended := tr.snapshot()
+	if len(live) != 0 || len(ended) != 64 {
+		t.Fatalf("%d live and %d ended records, want 0 and 64", len(live), len(ended))
+	}
+	if last := ended[len(ended)-1]; last.Reason != admin.ReasonNoEndpoints || last.End.IsZero() {
+		t.Errorf("last record %+v: want reason %s and an end time", last, admin.ReasonNoEndpoints)
+	}
+}

@@ -71,6 +71,7 @@ func (p *Proxy) Drain(ctx context.Context) {
 		}
 		select {
 		case <-ctx.Done():
+			p.log.Warn("drain grace passed with connections still carried", "live_records", p.conns.liveCount(), "draining_tunnel_servers", tunnels, "handlers", p.handling.Load())
 			return
 		case <-t.C:
 		}

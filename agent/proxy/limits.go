@@ -207,7 +207,7 @@ func (p *Proxy) handshakeRefused(pd *pod, remote netip.AddrPort, he *tunnel.Hand
 	c := p.conns.open(Conn{
 		Direction: admin.Inbound, Pod: pd.w.Name, Src: remote,
 		Dst: netip.AddrPortFrom(pd.w.IPs[0], p.cfg.Ports.Tunnel), DstIdentity: pd.w.Identity, Security: admin.MTLS,
+		Verdict: admin.VerdictDenied, Reason: admin.ReasonTunnel,
 	})
-	c.Verdict, c.Reason = admin.VerdictDenied, admin.ReasonTunnel
 	p.conns.end(c, 0, 0, he)
 }

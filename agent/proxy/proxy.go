@@ -694,21 +694,20 @@ func (p *Proxy) authorize(peer string, remote netip.AddrPort) error {
 
 // recordTunnelStream enters an ended inbound tunnel stream in the connection table.
 func (p *Proxy) recordTunnelStream(pd *pod, si tunnel.StreamInfo) {
-	c := p.conns.open(Conn{
+	rec := Conn{
 		Direction: admin.Inbound, Pod: pd.w.Name, Src: si.Remote, Dst: si.Target,
 		SrcIdentity: si.PeerID, DstIdentity: pd.w.Identity, Security: admin.MTLS, PeerSerial: si.PeerSerial,
-	})
-	if si.HTTP {
-		c.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
+		Start: time.Now().Add(-si.Duration), Status: si.Status,
 	}
-	c.Start = time.Now().Add(-si.Duration)
+	if si.HTTP {
+		rec.Protocol = admin.HTTP1 // or HTTP/2: the requests' own records say which
+	}
+	c := p.conns.open(rec)
 	if over, ok := asBudgetExceeded(si.Err); ok {
-		c.Status = si.Status
 		p.conns.budgetRefused(c, over)
 		return
 	}
 	if d, ok := asPolicyDenied(si.Err); ok {
-		c.Status = si.Status
 		p.conns.policyRefused(c, d)
 		return
 	}

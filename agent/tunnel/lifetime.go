@@ -195,7 +195,7 @@ func (s *Server) streamRefusal(tc *tunnelConn, ci *connInfo) (int, error) {
 // connections whose certificate is no longer this side's current one, until the
 // server closes.
 func (s *Server) watchRotations() {
-	follow(s.ctx, &s.wg, s.cfg.Changes, func() {
+	follow(s.ctx, &s.watcher, s.cfg.Changes, func() {
 		s.mu.Lock()
 		var stale []*tunnelConn
 		for _, tc := range s.tconns {

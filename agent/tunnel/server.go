@@ -147,6 +147,7 @@ type Server struct {
 	tconns    map[net.Conn]*tunnelConn // each connection's lifetime (lifetime.go)
 	watch     sync.Once                // starts watchRotations with the first Serve
 	wg        sync.WaitGroup           // Serve loops, connections and stream handlers
+	watcher   sync.WaitGroup           // the rotation watcher: it ends with ctx, so Shutdown (which waits for wg) does not wait for it
 }
 
 // NewServer validates cfg; nothing runs until Serve.
@@ -478,6 +479,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.cancel()
 	s.wg.Wait()
+	s.watcher.Wait()
 	return nil
 }
 

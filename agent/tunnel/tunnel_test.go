@@ -659,3 +659,19 @@ func TestShutdownWaitsForStreams(t *testing.T) {
 		t.Fatalf("Shutdown: %v", err)
 	}
 }
+
+// TestShutdownWithRotationWatcher: a server that follows certificate changes
+// returns from Shutdown once its streams have ended, not when ctx expires (the
+// watcher lives until Close; a handoff's drain waited out its whole grace on it).
+func TestShutdownWithRotationWatcher(t *testing.T) {
+	e := newEnv(t, envOpt{watch: true})
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
+	s.CloseWrite()
+	io.ReadAll(s)
+	s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown with no stream open: %v (it waited for the rotation watcher)", err)
+	}
+}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/ferrymesh/ferry/operator/relay"
 	"github.com/spf13/cobra"
@@ -36,7 +37,7 @@ type sourceFlags struct {
 	lab     string
 	sockets []string
 	servers []string
-	tls     flows.TLSFiles // for --server on TCP: the Observer API there is mTLS only
+	tls     observertls.Files // for --server on TCP: the Observer API there is mTLS only
 }
 
 func (s *sourceFlags) add(cmd *cobra.Command) {
@@ -90,8 +91,8 @@ func (s *sourceFlags) relay(ctx context.Context) (*relay.Relay, []string, error)
 		return nil, nil, err
 	}
 	cfg := relay.Config{Agents: agents}
-	if slices.ContainsFunc(s.servers, flows.IsTCP) {
-		if cfg.ClientTLS, err = flows.ClientTLS(s.tls); err != nil {
+	if slices.ContainsFunc(s.servers, observertls.IsTCP) {
+		if cfg.ClientTLS, err = observertls.ClientConfig(s.tls); err != nil {
 			return nil, nil, fmt.Errorf("--server on TCP: %w (--tls-cert, --tls-key, --tls-ca)", err)
 		}
 	}

@@ -18,8 +18,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/api/ferryv1"
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -46,10 +46,10 @@ type Config struct {
 	// Lag: see DefaultLag (default when 0).
 	Lag time.Duration
 	Log *slog.Logger
-	// ClientTLS reads agents at host:port over mutual TLS (flows.ClientTLS); agents
+	// ClientTLS reads agents at host:port over mutual TLS (observertls.ClientConfig); agents
 	// on TCP are refused without it, since the Observer API on TCP is mTLS only.
 	ClientTLS *tls.Config
-	// ServerTLS, when set, makes Serve require mutual TLS (flows.ServerTLS).
+	// ServerTLS, when set, makes Serve require mutual TLS (observertls.ServerConfig).
 	ServerTLS *tls.Config
 }
 
@@ -128,10 +128,10 @@ func (r *Relay) SetAgents(agents []Agent) error {
 		}
 		target, creds := a.Address, insecure.NewCredentials()
 		var err error
-		if flows.IsTCP(target) {
+		if observertls.IsTCP(target) {
 			target = "passthrough:///" + target
 			if r.cfg.ClientTLS == nil {
-				err = flows.ErrNoTLS
+				err = observertls.ErrNoTLS
 			} else {
 				creds = credentials.NewTLS(r.cfg.ClientTLS)
 			}

@@ -1,8 +1,7 @@
-// This file is the mutual TLS of the Observer API on TCP: the agents' --observer-addr
+// Package observertls is the mutual TLS of the Observer API on TCP: the agents' --observer-addr
 // and the relay that reads them. Flows name pods, identities and addresses, so over
 // TCP both ends prove a certificate from the mesh CA; unix sockets rely on their mode.
-
-package flows
+package observertls
 
 import (
 	"crypto/tls"
@@ -13,15 +12,15 @@ import (
 	"strings"
 )
 
-// TLSFiles are the PEM files of one end of an Observer connection over TCP.
-type TLSFiles struct {
+// Files are the PEM files of one end of an Observer connection over TCP.
+type Files struct {
 	Cert string // this end's certificate chain, issued by the mesh CA
 	Key  string // its private key
 	CA   string // the mesh CA bundle the other end's certificate must chain to
 }
 
 // Set says all three files are given.
-func (f TLSFiles) Set() bool { return f.Cert != "" && f.Key != "" && f.CA != "" }
+func (f Files) Set() bool { return f.Cert != "" && f.Key != "" && f.CA != "" }
 
 // ErrNoTLS is an Observer endpoint asked to use TCP without its TLS files.
 var ErrNoTLS = errors.New("the Observer API on TCP needs a certificate, its key and the mesh CA bundle (mutual TLS)")
@@ -30,7 +29,7 @@ var ErrNoTLS = errors.New("the Observer API on TCP needs a certificate, its key 
 func IsTCP(addr string) bool { return addr != "" && !strings.HasPrefix(addr, "unix:") }
 
 // config is the part both ends share: TLS 1.3, this end's certificate; and the CA.
-func (f TLSFiles) config() (*tls.Config, *x509.CertPool, error) {
+func (f Files) config() (*tls.Config, *x509.CertPool, error) {
 	if !f.Set() {
 		return nil, nil, ErrNoTLS
 	}
@@ -49,9 +48,9 @@ func (f TLSFiles) config() (*tls.Config, *x509.CertPool, error) {
 	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}, roots, nil
 }
 
-// ServerTLS is the configuration of an Observer API served on TCP: TLS 1.3, and a
+// ServerConfig is the configuration of an Observer API served on TCP: TLS 1.3, and a
 // client certificate chaining to the CA is required.
-func ServerTLS(f TLSFiles) (*tls.Config, error) {
+func ServerConfig(f Files) (*tls.Config, error) {
 	c, roots, err := f.config()
 	if err != nil {
 		return nil, err
@@ -60,11 +59,11 @@ func ServerTLS(f TLSFiles) (*tls.Config, error) {
 	return c, nil
 }
 
-// ClientTLS is the configuration of a client (the relay) reading an Observer API on
+// ClientConfig is the configuration of a client (the relay) reading an Observer API on
 // TCP: it presents its certificate and requires the server's to chain to the CA.
 // Agents are dialled at node addresses their certificates do not name, so the chain
 // is what is verified, not a host name.
-func ClientTLS(f TLSFiles) (*tls.Config, error) {
+func ClientConfig(f Files) (*tls.Config, error) {
 	c, roots, err := f.config()
 	if err != nil {
 		return nil, err
