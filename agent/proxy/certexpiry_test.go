@@ -83,7 +83,7 @@ func TestRecordSaysCertificateExpiring(t *testing.T) {
 func TestInboundRecordCarriesDestinationCertificate(t *testing.T) {
 	now := time.Now()
 	lives := map[string][2]time.Time{
-		wa.Identity: {now.Add(-time.Minute), now.Add(time.Second)},  // expiring
+		wa.Identity: {now.Add(-time.Minute), now.Add(time.Second)}, // expiring
 		wc.Identity: {now.Add(-time.Second), now.Add(time.Minute)}, // fresh
 	}
 	tr := newTracker(4)

@@ -41,12 +41,12 @@ type tracker struct {
 	resolve func(netip.Addr) (Workload, bool) // mesh workload at an address
 	// lifetime is the validity of a local workload's certificate (identity.Store.Lifetime).
 	lifetime func(id string) (issued, notAfter time.Time, ok bool)
-	nextID  atomic.Uint64
-	mu      sync.Mutex
-	live    map[uint64]*Conn
-	ended   []Conn // ring
-	next    int
-	full    bool
+	nextID   atomic.Uint64
+	mu       sync.Mutex
+	live     map[uint64]*Conn
+	ended    []Conn // ring
+	next     int
+	full     bool
 }
 
 func newTracker(keep int) *tracker {
