@@ -143,7 +143,9 @@ func (c *Certs) Want(bundle []byte, ids []string) error {
 func (c *Certs) publishLocked() error {
 	certs := make(map[string]identity.CertPEM, len(c.certs))
 	for id, h := range c.certs {
-		certs[id] = h.pem
+		pem := h.pem
+		pem.Issued = h.issued
+		certs[id] = pem
 	}
 	return c.store.Update(c.bundle, certs)
 }

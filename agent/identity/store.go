@@ -22,6 +22,9 @@ const sessionCacheSize = 4096
 type CertPEM struct {
 	Chain []byte
 	Key   []byte
+	// Issued is when the agent asked for it (the CA backdates NotBefore, so the
+	// lifetime runs from here); zero: unknown, NotBefore is used.
+	Issued time.Time
 }
 
 // Store holds the trust bundle and the certificates of the workloads on this node.
@@ -35,6 +38,8 @@ type Store struct {
 type snapshot struct {
 	roots *x509.CertPool
 	certs map[string]*tls.Certificate
+	// issued is when each certificate's lifetime began (CertPEM.Issued).
+	issued map[string]time.Time
 	// changed is closed when the next Update replaces this snapshot (Changed).
 	changed chan struct{}
 }
@@ -44,7 +49,7 @@ func NewStore() *Store {
 	s := &Store{
 		sessions: tls.NewLRUClientSessionCache(sessionCacheSize),
 	}
-	s.state.Store(&snapshot{roots: x509.NewCertPool(), certs: map[string]*tls.Certificate{}, changed: make(chan struct{})})
+	s.state.Store(&snapshot{roots: x509.NewCertPool(), certs: map[string]*tls.Certificate{}, issued: map[string]time.Time{}, changed: make(chan struct{})})
 	return s
 }
 
@@ -61,7 +66,7 @@ func (s *Store) Update(bundlePEM []byte, certs map[string]CertPEM) error {
 	if !roots.AppendCertsFromPEM(bundlePEM) {
 		return errors.New("update identities: no certificate in trust bundle")
 	}
-	next := &snapshot{roots: roots, certs: make(map[string]*tls.Certificate, len(certs)), changed: make(chan struct{})}
+	next := &snapshot{roots: roots, certs: make(map[string]*tls.Certificate, len(certs)), issued: make(map[string]time.Time, len(certs)), changed: make(chan struct{})}
 	for id, c := range certs {
 		if _, _, _, err := spiffe.Parse(id); err != nil {
 			return fmt.Errorf("update identities: %w", err)
@@ -81,6 +86,10 @@ func (s *Store) Update(bundlePEM []byte, certs map[string]CertPEM) error {
 			return fmt.Errorf("update identities: %s: key is not ECDSA P-256", id)
 		}
 		next.certs[id] = &kp
+		next.issued[id] = c.Issued
+		if c.Issued.IsZero() {
+			next.issued[id] = kp.Leaf.NotBefore
+		}
 	}
 	// Swap, then wake the watchers: one woken reads the new snapshot.
 	close(s.state.Swap(next).changed)
@@ -94,6 +103,17 @@ func (s *Store) Certificate(id string) (*tls.Certificate, error) {
 		return nil, fmt.Errorf("no certificate for %s", id)
 	}
 	return c, nil
+}
+
+// Lifetime is when the current certificate of the local workload id began to be
+// valid (CertPEM.Issued) and when it expires; ok is false when there is none.
+func (s *Store) Lifetime(id string) (issued, notAfter time.Time, ok bool) {
+	st := s.state.Load()
+	c := st.certs[id]
+	if c == nil {
+		return time.Time{}, time.Time{}, false
+	}
+	return st.issued[id], c.Leaf.NotAfter, true
 }
 
 // ServerConfig is the TLS configuration of the tunnel listener of local workload

@@ -16,7 +16,7 @@ import (
 // come from the record's typed outcome; the error text only follows the reason,
 // for people to read.
 func (o *Observer) flow(c admin.Conn) *ferryv1.Flow {
-	return &ferryv1.Flow{
+	f := &ferryv1.Flow{
 		Time:          timestamppb.New(c.End),
 		Node:          o.node,
 		Direction:     string(c.Direction),
@@ -30,7 +30,12 @@ func (o *Observer) flow(c admin.Conn) *ferryv1.Flow {
 		BytesReceived: uint64(max(c.BytesRecv, 0)),
 		Duration:      durationpb.New(c.End.Sub(c.Start)),
 		Policy:        c.Policy,
+		CertExpiring:  c.CertExpiring,
 	}
+	if !c.CertNotAfter.IsZero() {
+		f.CertNotAfter = timestamppb.New(c.CertNotAfter)
+	}
+	return f
 }
 
 // requestFlow turns a request the proxy carried at L7 (c.HTTP set) into a flow: the

@@ -72,6 +72,13 @@ func TestFlowFromConnection(t *testing.T) {
 		f.GetDestination().GetNode() != "node2" || f.GetBytesSent() != 10 || f.GetDuration().AsDuration() != time.Second {
 		t.Errorf("flow %v", f)
 	}
+	if f.GetCertExpiring() || f.GetCertNotAfter() != nil {
+		t.Errorf("flow of a record without certificate says %v, %v", f.GetCertExpiring(), f.GetCertNotAfter())
+	}
+	c.CertExpiring, c.CertNotAfter = true, start.Add(3*time.Second)
+	if f := o.flow(c); !f.GetCertExpiring() || !f.GetCertNotAfter().AsTime().Equal(c.CertNotAfter) {
+		t.Errorf("flow of an expiring certificate says %v, %v", f.GetCertExpiring(), f.GetCertNotAfter())
+	}
 	l := connLabels(c, service{metric: "web.default.svc.cluster.local"})
 	if l.Reporter != "source" || l.ConnectionSecurityPolicy != "mutual_tls" || l.DestinationService != "web.default.svc.cluster.local" ||
 		l.SourceWorkload != "a" || l.DestinationWorkloadNamespace != "default" {

@@ -1,10 +1,13 @@
-// This file keeps the proxy from serving with an expired certificate.
+// This file keeps the proxy from serving with an expired certificate, and marks
+// the records of a pod whose certificate is about to expire.
 
 package proxy
 
 import (
 	"fmt"
 	"time"
+
+	"github.com/ferrymesh/ferry/api/admin"
 )
 
 // CertExpiredError refuses a connection of a pod whose own certificate has expired
@@ -35,4 +38,24 @@ func (pd *pod) certValid(now time.Time) error {
 			"pod", pd.w.Name, "identity", pd.w.Identity, "not_after", notAfter.UTC().Format(time.RFC3339))
 	}
 	return &CertExpiredError{Identity: pd.w.Identity, NotAfter: notAfter}
+}
+
+// certExpiry notes on c, as of now, when the certificate of this agent's pod on it
+// expires (the source's outbound, the destination's inbound) and whether it is
+// about to (admin.CertExpiring, the rule ferry check uses): a user reading flows
+// sees an outage of the operator before the pod's connections are refused.
+func (t *tracker) certExpiry(c *Conn, now time.Time) {
+	id := c.SrcIdentity
+	if c.Direction == admin.Inbound {
+		id = c.DstIdentity
+	}
+	if t.lifetime == nil || id == "" {
+		return
+	}
+	issued, notAfter, ok := t.lifetime(id)
+	if !ok {
+		return
+	}
+	c.CertNotAfter = notAfter
+	c.CertExpiring = admin.CertExpiring(issued, notAfter, now, admin.CertExpiringShare)
 }

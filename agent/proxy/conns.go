@@ -39,12 +39,14 @@ type ConnObserver interface {
 type tracker struct {
 	obs     ConnObserver                      // nil: nobody to tell
 	resolve func(netip.Addr) (Workload, bool) // mesh workload at an address
-	nextID  atomic.Uint64
-	mu      sync.Mutex
-	live    map[uint64]*Conn
-	ended   []Conn // ring
-	next    int
-	full    bool
+	// lifetime is the validity of a local workload's certificate (identity.Store.Lifetime).
+	lifetime func(id string) (issued, notAfter time.Time, ok bool)
+	nextID   atomic.Uint64
+	mu       sync.Mutex
+	live     map[uint64]*Conn
+	ended    []Conn // ring
+	next     int
+	full     bool
 }
 
 func newTracker(keep int) *tracker {
@@ -70,6 +72,7 @@ func (t *tracker) open(c Conn) *Conn {
 // fill names the workloads at both ends from the mesh directory. The pod a listener
 // belongs to is known already; the other end is looked up by address.
 func (t *tracker) fill(c *Conn) {
+	t.certExpiry(c, time.Now())
 	if t.resolve == nil {
 		return
 	}

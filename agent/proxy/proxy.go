@@ -194,7 +194,7 @@ func New(cfg Config) (*Proxy, error) {
 
 		draining: map[*tunnel.Server]struct{}{},
 	}
-	p.conns.obs, p.conns.resolve = cfg.Observer, p.workloadAt
+	p.conns.obs, p.conns.resolve, p.conns.lifetime = cfg.Observer, p.workloadAt, cfg.Identities.Lifetime
 	var err error
 	p.pool, err = tunnel.NewPool(tunnel.PoolConfig{Logger: cfg.Log, Changes: cfg.Identities.Changed})
 	if err != nil {

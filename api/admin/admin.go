@@ -137,6 +137,14 @@ type Conn struct {
 	// certificate the source presented: after a rotation new connections show
 	// the new one.
 	PeerSerial string `json:"peer_serial,omitempty"`
+	// CertNotAfter is when the certificate of this agent's pod on the connection
+	// expires (the source pod's outbound, the destination pod's inbound), read
+	// when the record was made; zero when the pod had none.
+	CertNotAfter time.Time `json:"cert_not_after,omitzero"`
+	// CertExpiring is set when that certificate had less than CertExpiringShare
+	// of its lifetime left then (CertExpiring, the rule ferry check uses): its
+	// renewal is overdue and the pod's connections are refused from CertNotAfter.
+	CertExpiring bool `json:"cert_expiring,omitempty"`
 	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
 	// when the address is one; SrcNode and DstNode the nodes they run on.
 	SrcPod    string    `json:"src_pod,omitempty"`

@@ -341,7 +341,16 @@ type Flow struct {
 	Id uint64 `protobuf:"varint,15,opt,name=id,proto3" json:"id,omitempty"`
 	// The AuthorizationPolicy (namespace/name) that denied it (reason
 	// "policy_denied").
-	Policy        string `protobuf:"bytes,16,opt,name=policy,proto3" json:"policy,omitempty"`
+	Policy string `protobuf:"bytes,16,opt,name=policy,proto3" json:"policy,omitempty"`
+	// When the certificate of the recording agent's pod on it expires: the source
+	// pod's on an outbound flow, the destination pod's on an inbound one, as read
+	// when the connection opened (a request: when it ended). Unset when the pod had
+	// none.
+	CertNotAfter *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=cert_not_after,json=certNotAfter,proto3" json:"cert_not_after,omitempty"`
+	// Set when that certificate had less than a fifth of its lifetime left then (the
+	// rule `ferry check` fails on): its renewal at half life is overdue, the operator
+	// or its CA is away, and the pod's connections are refused from cert_not_after.
+	CertExpiring  bool `protobuf:"varint,18,opt,name=cert_expiring,json=certExpiring,proto3" json:"cert_expiring,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -486,6 +495,20 @@ func (x *Flow) GetPolicy() string {
 		return x.Policy
 	}
 	return ""
+}
+
+func (x *Flow) GetCertNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CertNotAfter
+	}
+	return nil
+}
+
+func (x *Flow) GetCertExpiring() bool {
+	if x != nil {
+		return x.CertExpiring
+	}
+	return false
 }
 
 // FlowFilter selects flows. Within a field any listed value matches; across fields
@@ -982,7 +1005,7 @@ const file_observer_proto_rawDesc = "" +
 	"\aretries\x18\n" +
 	" \x01(\rR\aretries\x12:\n" +
 	"\vfault_delay\x18\v \x01(\v2\x19.google.protobuf.DurationR\n" +
-	"faultDelay\"\xaa\x04\n" +
+	"faultDelay\"\x91\x05\n" +
 	"\x04Flow\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1c\n" +
@@ -1001,7 +1024,9 @@ const file_observer_proto_rawDesc = "" +
 	"\bduration\x18\r \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\"\n" +
 	"\x04http\x18\x0e \x01(\v2\x0e.ferry.v1.HTTPR\x04http\x12\x0e\n" +
 	"\x02id\x18\x0f \x01(\x04R\x02id\x12\x16\n" +
-	"\x06policy\x18\x10 \x01(\tR\x06policy\"\xe6\x03\n" +
+	"\x06policy\x18\x10 \x01(\tR\x06policy\x12@\n" +
+	"\x0ecert_not_after\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\fcertNotAfter\x12#\n" +
+	"\rcert_expiring\x18\x12 \x01(\bR\fcertExpiring\"\xe6\x03\n" +
 	"\n" +
 	"FlowFilter\x12\x19\n" +
 	"\bfrom_pod\x18\x01 \x03(\tR\afromPod\x12\x15\n" +
@@ -1089,19 +1114,20 @@ var file_observer_proto_depIdxs = []int32{
 	0,  // 4: ferry.v1.Flow.verdict:type_name -> ferry.v1.Verdict
 	10, // 5: ferry.v1.Flow.duration:type_name -> google.protobuf.Duration
 	2,  // 6: ferry.v1.Flow.http:type_name -> ferry.v1.HTTP
-	5,  // 7: ferry.v1.FlowFilter.http_status_range:type_name -> ferry.v1.StatusRange
-	4,  // 8: ferry.v1.GetFlowsRequest.filter:type_name -> ferry.v1.FlowFilter
-	11, // 9: ferry.v1.GetFlowsRequest.since:type_name -> google.protobuf.Timestamp
-	3,  // 10: ferry.v1.GetFlowsResponse.flow:type_name -> ferry.v1.Flow
-	6,  // 11: ferry.v1.Observer.GetFlows:input_type -> ferry.v1.GetFlowsRequest
-	8,  // 12: ferry.v1.Observer.ServerStatus:input_type -> ferry.v1.ServerStatusRequest
-	7,  // 13: ferry.v1.Observer.GetFlows:output_type -> ferry.v1.GetFlowsResponse
-	9,  // 14: ferry.v1.Observer.ServerStatus:output_type -> ferry.v1.ServerStatusResponse
-	13, // [13:15] is the sub-list for method output_type
-	11, // [11:13] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	11, // 7: ferry.v1.Flow.cert_not_after:type_name -> google.protobuf.Timestamp
+	5,  // 8: ferry.v1.FlowFilter.http_status_range:type_name -> ferry.v1.StatusRange
+	4,  // 9: ferry.v1.GetFlowsRequest.filter:type_name -> ferry.v1.FlowFilter
+	11, // 10: ferry.v1.GetFlowsRequest.since:type_name -> google.protobuf.Timestamp
+	3,  // 11: ferry.v1.GetFlowsResponse.flow:type_name -> ferry.v1.Flow
+	6,  // 12: ferry.v1.Observer.GetFlows:input_type -> ferry.v1.GetFlowsRequest
+	8,  // 13: ferry.v1.Observer.ServerStatus:input_type -> ferry.v1.ServerStatusRequest
+	7,  // 14: ferry.v1.Observer.GetFlows:output_type -> ferry.v1.GetFlowsResponse
+	9,  // 15: ferry.v1.Observer.ServerStatus:output_type -> ferry.v1.ServerStatusResponse
+	14, // [14:16] is the sub-list for method output_type
+	12, // [12:14] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_observer_proto_init() }

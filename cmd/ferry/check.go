@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/api/admin"
 	"github.com/ferrymesh/ferry/internal/preflight"
 	"github.com/ferrymesh/ferry/lab"
 	"github.com/spf13/cobra"
@@ -105,7 +106,8 @@ with status 1 when any check fails, naming the failure.`,
 	f.StringVar(&pinDir, "bpf-pin-dir", datapath.DefaultPinDir, "the agent's BPF pin folder")
 	f.StringVar(&socket, "socket", defaultAdminSocket, "the agent's admin socket")
 	f.StringVar(&obsSocket, "observer-socket", "", "the agent's Observer socket (default: observer.sock beside --socket)")
-	f.StringVar(&certWarn, "cert-warn", "20%", "fail certificates with less than this share of their lifetime (20%) or this long (1h) left")
+	// The default is the rule connection records use (Conn.CertExpiring).
+	f.StringVar(&certWarn, "cert-warn", strconv.FormatFloat(100*admin.CertExpiringShare, 'g', -1, 64)+"%", "fail certificates with less than this share of their lifetime (20%) or this long (1h) left")
 	f.StringVarP(&output, "output", "o", "table", "table or json")
 	return cmd
 }

@@ -334,17 +334,17 @@ func (p *flowPrinter) print(f *ferryv1.Flow) error {
 		return err
 	case "table":
 		if p.n == 1 {
-			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tPROTOCOL\tREQUEST\tSTATUS\tROUTE\tSENT\tRECEIVED\tDURATION\tREASON")
+			fmt.Fprintln(p.tw, "TIME\tNODE\tSOURCE\tDESTINATION\tSECURITY\tVERDICT\tPROTOCOL\tREQUEST\tSTATUS\tROUTE\tSENT\tRECEIVED\tDURATION\tCERT\tREASON")
 		}
 		request, status, route := "-", "-", "-"
 		if h := f.GetHttp(); h != nil {
 			request, status, route = requestText(h), statusText(h), routeText(h)
 		}
-		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
+		fmt.Fprintf(p.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n",
 			f.GetTime().AsTime().Local().Format("15:04:05.000"), f.GetNode(),
 			endpointText(f.GetSource()), endpointText(f.GetDestination()), f.GetSecurity(),
 			strings.ToUpper(flows.VerdictName(f.GetVerdict())), dash(f.GetProtocol()), request, status, route,
-			f.GetBytesSent(), f.GetBytesReceived(), f.GetDuration().AsDuration().Round(time.Microsecond), dash(f.GetReason()))
+			f.GetBytesSent(), f.GetBytesReceived(), f.GetDuration().AsDuration().Round(time.Microsecond), dash(certText(f)), dash(f.GetReason()))
 		if p.follow { // each row as it comes; columns may then shift a little
 			return p.tw.Flush()
 		}
@@ -360,13 +360,32 @@ func (p *flowPrinter) print(f *ferryv1.Flow) error {
 			l7 += " via " + routeText(h)
 		}
 	}
-	_, err := fmt.Fprintf(p.w, "%s [%s] %s %s -> %s %s %s %s%s ↑%s ↓%s %s%s\n",
+	cert := ""
+	if c := certText(f); c != "" {
+		cert = " [" + c + "]"
+	}
+	_, err := fmt.Fprintf(p.w, "%s [%s] %s %s -> %s %s %s %s%s ↑%s ↓%s %s%s%s\n",
 		f.GetTime().AsTime().Local().Format("Jan _2 15:04:05.000"), f.GetNode(),
 		endpointText(src), idText(src.GetIdentity()), endpointText(dst), idText(dst.GetIdentity()),
 		f.GetSecurity(), strings.ToUpper(flows.VerdictName(f.GetVerdict())), l7,
 		byteText(f.GetBytesSent()), byteText(f.GetBytesReceived()),
-		f.GetDuration().AsDuration().Round(time.Microsecond), reasonText(f.GetReason()))
+		f.GetDuration().AsDuration().Round(time.Microsecond), cert, reasonText(f.GetReason()))
 	return err
+}
+
+// certText says, for a flow whose pod's certificate was about to expire
+// (cert_expiring), how long it had left when the flow began: "cert expires in 6s",
+// or "cert expired" once past; "" for any other flow.
+func certText(f *ferryv1.Flow) string {
+	if !f.GetCertExpiring() || f.GetCertNotAfter() == nil {
+		return ""
+	}
+	began := f.GetTime().AsTime().Add(-f.GetDuration().AsDuration())
+	left := f.GetCertNotAfter().AsTime().Sub(began)
+	if left <= 0 {
+		return "cert expired"
+	}
+	return "cert expires in " + left.Round(time.Second).String()
 }
 
 // requestText is "METHOD authority/path": GET web.default/items/1.

@@ -102,8 +102,8 @@ func TestObserveRequestFlows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !regexp.MustCompile(`(?m)^TIME +NODE +SOURCE +DESTINATION +SECURITY +VERDICT +PROTOCOL +REQUEST +STATUS +ROUTE +SENT +RECEIVED +DURATION +REASON$`).MatchString(out) ||
-		!regexp.MustCompile(`FORWARDED +grpc +POST web\.default/shop\.Cart/Add +200 grpc-status 14 +- +12 +345 +4ms +-`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^TIME +NODE +SOURCE +DESTINATION +SECURITY +VERDICT +PROTOCOL +REQUEST +STATUS +ROUTE +SENT +RECEIVED +DURATION +CERT +REASON$`).MatchString(out) ||
+		!regexp.MustCompile(`FORWARDED +grpc +POST web\.default/shop\.Cart/Add +200 grpc-status 14 +- +12 +345 +4ms +- +-`).MatchString(out) {
 		t.Errorf("table:\n%s", out)
 	}
 
@@ -155,11 +155,48 @@ func TestObserveRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !regexp.MustCompile(`503 \(delayed 100ms\) +HTTPRoute default/canary rule 0 +12 +345 +1ms +fault`).MatchString(out) {
+	if !regexp.MustCompile(`503 \(delayed 100ms\) +HTTPRoute default/canary rule 0 +12 +345 +1ms +- +fault`).MatchString(out) {
 		t.Errorf("table:\n%s", out)
 	}
 	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "--route", "default/other", "-o", "json")
 	if err != nil || out != "" {
 		t.Errorf("--route default/other: %q, %v; want no flows", out, err)
+	}
+}
+
+// A flow whose pod's certificate was about to expire says how long it had left when
+// the flow began, on the compact line and in the table's CERT column; others say
+// nothing.
+func TestObserveCertExpiring(t *testing.T) {
+	now := time.Now()
+	expiring := requestFlow(now, "tcp", "", "", 0, "", 2*time.Second)
+	expiring.Http = nil
+	expiring.CertExpiring, expiring.CertNotAfter = true, timestamppb.New(now.Add(4*time.Second)) // 6s after it began
+	fresh := requestFlow(now, "tcp", "", "", 0, "", time.Second)
+	fresh.Http, fresh.Source.Pod = nil, "b"
+	fresh.CertNotAfter = timestamppb.New(now.Add(time.Hour))
+	sock := serveFlows(t, expiring, fresh)
+
+	out, err := ferryCLI(t, newObserveCommand, "--agent-socket", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 || !strings.HasSuffix(lines[0], " 2s [cert expires in 6s]") || strings.Contains(lines[1], "cert") {
+		t.Errorf("compact lines:\n%s", out)
+	}
+	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "-o", "table")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`default/a .* 2s +cert expires in 6s +-\n`).MatchString(out) || !regexp.MustCompile(`default/b .* 1s +- +-\n`).MatchString(out) {
+		t.Errorf("table:\n%s", out)
+	}
+	out, err = ferryCLI(t, newObserveCommand, "--agent-socket", sock, "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(out, `"cert_expiring":true`) != 1 || strings.Count(out, `"cert_not_after":`) != 2 {
+		t.Errorf("json:\n%s", out)
 	}
 }

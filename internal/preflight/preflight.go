@@ -249,8 +249,9 @@ func Agent(ctx context.Context, t Target, warn CertWarn) []Result {
 }
 
 // CertWarn says when a certificate is about to expire: less than Left to live, or
-// less than Fraction of its lifetime (from when the agent asked for it) left. A
-// zero field checks nothing.
+// less than Fraction of its lifetime (from when the agent asked for it) left, by
+// admin.CertExpiring, the rule the agent's connection records use with
+// admin.CertExpiringShare (ferry check's default). A zero field checks nothing.
 type CertWarn struct {
 	Left     time.Duration
 	Fraction float64
@@ -263,8 +264,8 @@ func (w CertWarn) expiring(issued, notAfter, now time.Time) string {
 	if w.Left > 0 && left < w.Left {
 		return fmt.Sprintf("expires in %s (%s), under %s", preciseText(left), timeText(notAfter), preciseText(w.Left))
 	}
-	life := notAfter.Sub(issued)
-	if w.Fraction > 0 && !issued.IsZero() && life > 0 && float64(left) < w.Fraction*float64(life) {
+	if admin.CertExpiring(issued, notAfter, now, w.Fraction) {
+		life := notAfter.Sub(issued)
 		return fmt.Sprintf("expires in %s (%s): %.0f%% of its %s lifetime left, under %.0f%%; renewal is overdue",
 			preciseText(left), timeText(notAfter), 100*float64(left)/float64(life), preciseText(life), 100*w.Fraction)
 	}

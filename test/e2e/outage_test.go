@@ -133,7 +133,18 @@ func TestOutageOperatorPastCertificateLifetime(t *testing.T) {
 	ok, failed := 0, 0
 	var firstErr error
 	warned := ""
+	// a→c's records on the side whose certificate expires first carry it (node1's
+	// outbound records a's, node2's inbound ones c's): from when it has under a
+	// fifth of its lifetime left (the rule ferry check uses) they say it is expiring.
+	side := ouSide{node: "node1", dir: admin.Outbound, cert: ca}
+	if cc.NotAfter.Before(ca.NotAfter) {
+		side = ouSide{node: "node2", dir: admin.Inbound, cert: cc}
+	}
+	expiringFrom := side.cert.NotAfter.Add(-time.Duration(admin.CertExpiringShare * float64(side.cert.NotAfter.Sub(side.cert.Issued))))
+	var fresh, expiring connRecord
+	flowNote := ""
 	for time.Now().Before(first.Add(-2 * time.Second)) {
+		began := time.Now()
 		if _, err := e.run(t, "a", "echo", e.addr("c", echoPort), "1024"); err != nil {
 			failed++
 			if firstErr == nil {
@@ -146,6 +157,13 @@ func TestOutageOperatorPastCertificateLifetime(t *testing.T) {
 		if warned == "" && time.Until(first) < ouCertTTL/5-time.Second {
 			warned = e.check(t)
 		}
+		switch {
+		case fresh.ID == 0 && time.Now().Before(expiringFrom.Add(-time.Second)):
+			fresh = e.ouRecord(t, side, began)
+		case expiring.ID == 0 && began.After(expiringFrom.Add(500*time.Millisecond)):
+			expiring = e.ouRecord(t, side, began)
+			flowNote = e.ouFlowLine(t, side.node, began)
+		}
 	}
 	if failed > 0 || ok == 0 {
 		t.Fatalf("with valid certificates and the operator down: %d ok, %d failed; first: %v", ok, failed, firstErr)
@@ -154,6 +172,16 @@ func TestOutageOperatorPastCertificateLifetime(t *testing.T) {
 	if !strings.Contains(warned, "renewal is overdue") {
 		t.Errorf("ferry check with under 20%% of the lifetime left did not say so:\n%s", warned)
 	}
+	if fresh.ID == 0 || fresh.CertExpiring || !fresh.CertNotAfter.Equal(side.cert.NotAfter) {
+		t.Errorf("a→c on %s with most of %s left: %+v, want not expiring, not after %s", side.node, side.cert.Identity, fresh, side.cert.NotAfter)
+	}
+	if expiring.ID == 0 || !expiring.CertExpiring || !expiring.CertNotAfter.Equal(side.cert.NotAfter) {
+		t.Errorf("a→c on %s with under 20%% of %s left: %+v, want expiring, not after %s", side.node, side.cert.Identity, expiring, side.cert.NotAfter)
+	}
+	if !strings.Contains(flowNote, "[cert expires in ") {
+		t.Errorf("ferry observe does not say %s is about to expire: %q", side.cert.Identity, flowNote)
+	}
+	t.Logf("%s under 20%% left from %s: a→c's %s record says expiring; ferry observe: %s", side.cert.Identity, expiringFrom.Format("15:04:05"), side.dir, flowNote)
 
 	// Expired: refused, with the typed reason, on the record and in the log.
 	time.Sleep(time.Until(last) + time.Second)
@@ -195,3 +223,90 @@ func TestOutageOperatorPastCertificateLifetime(t *testing.T) {
 	}
 	t.Logf("operator back after %s: both certificates renewed %s later; a→c carried again", back.Sub(down).Round(time.Second), renewed.Round(10*time.Millisecond))
 }
+
+// ouSide is where a connection a→c is recorded with a pod's certificate.
+type ouSide struct {
+	node string
+	dir  admin.Direction
+	cert admin.HeldCert
+}
+
+// ouRecord is side's record of a connection a→c that began after since.
+func (e *env) ouRecord(t *testing.T, side ouSide, since time.Time) connRecord {
+	t.Helper()
+	return e.findConn(t, side.node, func(c connRecord) bool {
+		return c.Direction == side.dir && c.Src.Addr() == e.pod("a").IP && c.Dst.Addr() == e.pod("c").IP && c.Start.After(since) && !c.End.IsZero()
+	})
+}
+
+// ouFlowLine is the compact line `ferry observe` prints for node's first flow a→c
+// recorded after since.
+func (e *env) ouFlowLine(t *testing.T, node string, since time.Time) string {
+	t.Helper()
+	var out []byte
+	for deadline := time.Now().Add(carryWait); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		var err error
+		out, err = exec.Command(filepath.Join(e.bin, "ferry"), "observe", "--lab", ouPrefix, "--node", node,
+			"--from-pod", "ops/a", "--to-pod", "ops/c", "--since", sinceText(since)).Output()
+		if err != nil {
+			t.Fatalf("ferry observe: %v", err)
+		}
+		if line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n"); line != "" {
+			return line
+		}
+	}
+	t.Fatalf("ferry observe shows no flow a→c on %s since %s", node, since.Format(time.RFC3339Nano))
+	return ""
+}
+
+// After a rotation at half life, new connections a→c present a's new certificate:
+// c's records show its serial, although the tunnel pooled before the rotation still
+// carries a connection held open across it (which keeps flowing).
+func TestOutageRotationNewSerialSeen(t *testing.T) {
+	e := ouSetup(t)
+	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
+	e.waitEnrolled(t, "node2", "ops/c")
+	release := e.hold(t, "a", e.addr("c", echoPort))
+	e.waitLive(t, "node1", "a", "c", echoPort)
+
+	inbound := func(since time.Time) connRecord {
+		return e.findConn(t, "node2", func(c connRecord) bool {
+			return c.Direction == admin.Inbound && c.Src.Addr() == e.pod("a").IP && c.Start.After(since) && !c.End.IsZero() && c.PeerSerial != ""
+		})
+	}
+	before := e.heldCert(t, "node1", "a")
+	began := time.Now()
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "4096")
+	old := inbound(began)
+	if serialOf(old.PeerSerial) != serialOf(before.Serial) {
+		// a renewal landed between reading the held certificate and the connection
+		before = e.heldCert(t, "node1", "a")
+	}
+	if serialOf(old.PeerSerial) != serialOf(before.Serial) {
+		t.Fatalf("c saw serial %s from a; node1 holds %s", old.PeerSerial, before.Serial)
+	}
+
+	deadline := time.Now().Add(ouCertTTL)
+	after := before
+	for serialOf(after.Serial) == serialOf(before.Serial) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a's certificate %s not renewed within its %s lifetime", before.Serial, ouCertTTL)
+		}
+		time.Sleep(200 * time.Millisecond)
+		after = e.heldCert(t, "node1", "a")
+	}
+	rotated := time.Now()
+	e.mustRun(t, "a", "echo", e.addr("c", echoPort), "4096")
+	rec := inbound(rotated)
+	if serialOf(rec.PeerSerial) != serialOf(after.Serial) {
+		t.Fatalf("after the rotation c saw serial %s from a, want the new %s (old %s)", rec.PeerSerial, after.Serial, before.Serial)
+	}
+	if err := release(); err != nil {
+		t.Fatalf("the connection held across the rotation broke: %v", err)
+	}
+	t.Logf("a's certificate rotated %s → %s; c's record of the next connection shows %s", before.Serial, after.Serial, rec.PeerSerial)
+}
+
+// serialOf is a hex serial number without leading zeros: the admin API prints
+// them both with and without.
+func serialOf(s string) string { return strings.TrimLeft(strings.ToLower(s), "0") }
