@@ -1,7 +1,7 @@
 # Ferry's build. `make help` lists the targets.
 GO        ?= go
 BIN       := bin
-TESTFLAGS ?= -race -count=1 -timeout 25m
+TESTFLAGS ?= -race -count=1 -timeout 40m
 export FERRY_PRIVILEGED_TESTS
 
 .PHONY: help deps build generate check-generated test demo lint bench
