@@ -20,7 +20,7 @@ const (
 	rateInFlight = 256
 	// rateRSSGrowthKiB bounds the agents' RSS growth from the second 5 s of the
 	// run to the last: a leak of one 8 KiB goroutine stack per connection would
-	// grow it by 40 MiB over those 10 s at 500 a second.
+	// grow it by about 39 MiB over those 10 s at 500 a second.
 	rateRSSGrowthKiB = 32 << 10
 )
 
@@ -57,15 +57,7 @@ func (s rateSample) String() string {
 // from the second 5 s to the last. Once the connections are done, both agents are
 // back to their baseline.
 func TestLoadNewConnectionRate(t *testing.T) {
-	e := ouSetup(t)
-	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
-	e.waitEnrolled(t, "node2", "ops/c")
-	addr := e.addr("c", echoPort)
-	// Warm: the tunnel a→c is pooled before the baseline is read.
-	if err := e.echoClient(t.Context(), "a", addr, "64KiB", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
+	e, addr := ouWarm(t)
 	nodes := []string{"node1", "node2"}
 	base := map[string]rateSample{}
 	for _, n := range nodes {
