@@ -93,7 +93,11 @@ func newL7Proxy(t *testing.T, lb LoadBalancer, appProtocol string) (*testProxy, 
 	return tp, obs, &seen
 }
 
-// client is an HTTP client whose one connection is captured from pod a to dst.
+// client is an HTTP client whose one connection is captured from pod a to dst. It
+// is a ClientConn, not a Transport: a Transport may dial a second HTTP/2
+// connection for a request that follows the first one's answer before the first
+// dial has pooled its connection (net/http's dialConnFor delivers the connection
+// to the waiting request, then pools it), which a loaded machine makes happen.
 func (tp *testProxy) client(t *testing.T, dst netip.AddrPort, h2 bool) *http.Client {
 	t.Helper()
 	tp.capture.dst = dst
@@ -114,8 +118,12 @@ func (tp *testProxy) client(t *testing.T, dst netip.AddrPort, h2 bool) *http.Cli
 	} else {
 		tr.Protocols.SetHTTP1(true)
 	}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
+	cc, err := tr.NewClientConn(context.Background(), "http", dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return &http.Client{Transport: cc}
 }
 
 func get(t *testing.T, c *http.Client, url string) (*http.Response, string) {

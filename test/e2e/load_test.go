@@ -83,6 +83,21 @@ func manyScenario(addr string, n int) (scenarioResult, error) {
 	return scenarioResult{Bytes: int64(n) * 128, Seconds: time.Since(start).Seconds()}, nil
 }
 
+// ouWarm returns the outage lab with its pods enrolled and the tunnel a→c pooled
+// (so a baseline read next has it), and c's echo address.
+func ouWarm(t *testing.T) (*env, string) {
+	t.Helper()
+	e := ouSetup(t)
+	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
+	e.waitEnrolled(t, "node2", "ops/c")
+	addr := e.addr("c", echoPort)
+	if err := e.echoClient(t.Context(), "a", addr, "64KiB", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	return e, addr
+}
+
 // rssKiB is the resident memory of pid, from /proc.
 func rssKiB(t *testing.T, pid int) int {
 	t.Helper()
@@ -108,14 +123,7 @@ func rssKiB(t *testing.T, pid int) int {
 // agents' memory per connection is measured; once they close both agents are back
 // to their baseline of goroutines, fds and map entries.
 func TestLoadConcurrentConnections(t *testing.T) {
-	e := ouSetup(t)
-	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
-	e.waitEnrolled(t, "node2", "ops/c")
-	addr := e.addr("c", echoPort)
-	if err := e.echoClient(t.Context(), "a", addr, "64KiB", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
+	e, addr := ouWarm(t)
 	nodes := []string{"node1", "node2"}
 	base, rss := map[string]agentResources{}, map[string]int{}
 	for _, n := range nodes {
