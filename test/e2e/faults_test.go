@@ -1,7 +1,7 @@
 package e2e
 
-// Fabric faults between the outage lab's two nodes (ferry lab impair): random loss
-// and a partition. Long transfers must come through intact, new connections must
+// Fabric faults between the outage lab's two nodes (ferry lab impair): random loss,
+// delay and a partition. Long transfers must come through intact, new connections must
 // be carried again soon after the partition heals, and the agents must be left
 // with no more goroutines, file descriptors or map entries than before.
 
@@ -102,21 +102,27 @@ func (e *env) echoClient(ctx context.Context, pod, addr, bytes string, timeout t
 	return nil
 }
 
+// faultsBaseline waits for the outage lab's pods to be enrolled, warms the tunnel a→c
+// (so that it is pooled before the baseline is read) and reads both agents' resources.
+func faultsBaseline(t *testing.T) (e *env, addr string, base map[string]agentResources) {
+	t.Helper()
+	e = ouSetup(t)
+	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
+	e.waitEnrolled(t, "node2", "ops/c")
+	addr = e.addr("c", echoPort)
+	if err := e.echoClient(t.Context(), "a", addr, "64KiB", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	return e, addr, map[string]agentResources{"node1": e.resources(t, "node1"), "node2": e.resources(t, "node2")}
+}
+
 // With 5% loss each way between the nodes, then a 10 s partition in the middle of
 // long transfers: 64 MiB echoed intact each time, new connections carried again
 // within 2 s of the partition healing, and both agents back to their baseline.
 func TestFaultsLossAndPartition(t *testing.T) {
-	e := ouSetup(t)
-	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
-	e.waitEnrolled(t, "node2", "ops/c")
-	addr := e.addr("c", echoPort)
+	e, addr, base := faultsBaseline(t)
 	ctx := t.Context()
-	// Warm: the tunnel a→c is pooled before the baseline is read.
-	if err := e.echoClient(ctx, "a", addr, "64KiB", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	base := map[string]agentResources{"node1": e.resources(t, "node1"), "node2": e.resources(t, "node2")}
 	t.Logf("baseline: node1 %s; node2 %s", base["node1"], base["node2"])
 
 	// Loss: 5% of the packets each node sends to the fabric.
@@ -226,16 +232,8 @@ func (e *env) delayQueued(t *testing.T, node string) string {
 // new connections keep being carried, and once healed no delay queue, goroutine, fd
 // or map entry is left behind.
 func TestFaultsDelay(t *testing.T) {
-	e := ouSetup(t)
-	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
-	e.waitEnrolled(t, "node2", "ops/c")
-	addr := e.addr("c", echoPort)
+	e, addr, base := faultsBaseline(t)
 	ctx := t.Context()
-	if err := e.echoClient(ctx, "a", addr, "64KiB", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	base := map[string]agentResources{"node1": e.resources(t, "node1"), "node2": e.resources(t, "node2")}
 	baseRTT := e.roundTrip(t, "a", addr, 20)
 	t.Logf("baseline: round trip a→c %s; node1 %s; node2 %s", baseRTT, base["node1"], base["node2"])
 
