@@ -188,7 +188,10 @@ func (d *delayLine) read() {
 				}
 				continue
 			}
+			// Unbind, so that the rule's --queue-bypass lets packets pass undelayed
+			// instead of filling a queue nobody reads and then dropping everything.
 			d.fail(fmt.Errorf("delay line read: %w", err))
+			_ = unix.Sendto(d.fd, d.message(nfqnlMsgConfig, 0, attr(nfqaCfgCmd, []byte{nfqnlCfgCmdUnbind, 0, 0, unix.AF_INET})), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK})
 			return
 		}
 		now := time.Now()
@@ -268,6 +271,9 @@ func (d *delayLine) fail(err error) { d.failed.CompareAndSwap(nil, &err) }
 // (/proc/net/netfilter/nfnetlink_queue of the node's namespace).
 func (d *delayLine) stats() (DelayStats, error) {
 	s := DelayStats{Delayed: d.count.Load()}
+	if p := d.failed.Load(); p != nil {
+		return s, *p
+	}
 	var data []byte
 	err := d.ns.Do(func() error {
 		var err error
