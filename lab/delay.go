@@ -1,4 +1,4 @@
-// This file is the fabric delay line: packets a node sends to the fabric are queued
+// This file is the fabric delay line: packets a node receives from the fabric are queued
 // by an iptables NFQUEUE rule to a netlink socket this process holds in the node's
 // namespace, and each is given its ACCEPT verdict a fixed time after it arrived, in
 // arrival order. The kernel keeps the packet meanwhile; only its id crosses to user

@@ -31,9 +31,8 @@ type Impairment struct {
 	Loss float64 `json:"loss,omitempty"`
 	// Partition drops every packet between the node and the fabric, both ways.
 	Partition bool `json:"partition,omitempty"`
-	// Delay holds every packet the node sends to the fabric this long before it
-	// leaves, in order (after Loss has dropped its share). Impair both nodes for a
-	// round trip 2×Delay longer. The delay line runs in the process that called
+	// Delay holds every packet the node receives from the fabric this long before
+	// it goes on, in order. Impair both nodes for a round trip 2×Delay longer. The delay line runs in the process that called
 	// Impair, so the delay lasts until that process heals the node or closes the Lab
 	// (or exits: then packets pass undelayed, see docs/lab.md).
 	Delay time.Duration `json:"delay,omitempty"`
@@ -118,9 +117,13 @@ func (l *Lab) Impair(node string, imp Impairment) error {
 		if err := l.startDelay(node, ns, imp); err != nil {
 			return err
 		}
+		// On the way in, not out: a packet the node's own sockets send (the agent's
+		// tunnels) still counts against its socket's TCP small queues until it
+		// leaves, so holding it 50 ms on egress holds the sender to a few packets per
+		// 50 ms; one that came over the fabric belongs to no socket.
 		// --queue-bypass: should the line be gone (its process killed), packets pass
 		// undelayed rather than the node being cut off. A full queue still drops.
-		if err := ipt("-A", impairChain, "-o", uplink, "-j", "NFQUEUE", "--queue-num", strconv.Itoa(delayQueueNum), "--queue-bypass"); err != nil {
+		if err := ipt("-A", impairChain, "-i", uplink, "-j", "NFQUEUE", "--queue-num", strconv.Itoa(delayQueueNum), "--queue-bypass"); err != nil {
 			return errors.Join(err, l.stopDelay(node))
 		}
 	}

@@ -30,7 +30,7 @@ the node's network namespace on its uplink (eth0):
 
   --loss 5%     drop each packet the node sends to the fabric with that probability
                 (iptables -m statistic --mode random); impair both nodes for loss both ways
-  --delay 50ms  hold each packet the node sends to the fabric that long, in order
+  --delay 50ms  hold each packet the node receives from the fabric that long, in order
                 (iptables -j NFQUEUE to a delay line this command runs); impair both
                 nodes for a round trip 2×50ms longer; --delay-queue bounds the packets
                 held (beyond it the kernel drops them, and the count is printed)
@@ -119,7 +119,7 @@ retries is a connection timeout.`,
 	fl := cmd.Flags()
 	fl.StringVar(&loss, "loss", "", "share of packets to drop from the node to the fabric: 5% or 0.05")
 	fl.BoolVar(&partition, "partition", false, "drop every packet between the node and the fabric")
-	fl.DurationVar(&delay, "delay", 0, "hold each packet from the node to the fabric this long (runs in the foreground)")
+	fl.DurationVar(&delay, "delay", 0, "hold each packet from the fabric to the node this long (runs in the foreground)")
 	fl.IntVar(&queue, "delay-queue", 0, fmt.Sprintf("packets the delay line holds at most; the kernel drops the rest (0: %d)", lab.DefaultDelayQueue))
 	fl.DurationVar(&hold, "for", 0, "hold the impairment this long, then heal and return")
 	fl.BoolVar(&clear, "clear", false, "heal the nodes")
