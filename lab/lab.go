@@ -50,6 +50,8 @@ type Lab struct {
 	desc  description
 	procs map[string]*agentProc // agents this process started, by node
 	cgfds map[string]int        // open cgroup folders, by node, for CLONE_INTO_CGROUP
+	// delays are the delay lines this process runs (Impair), by node.
+	delays map[string]*delayLine
 	// opDone closes when the operator this process started has been reaped.
 	opDone chan struct{}
 }
@@ -584,15 +586,17 @@ func (l *Lab) cgroupFD(node string) (int, error) {
 	return fd, nil
 }
 
-// Close releases the lab's open descriptors; the lab keeps running.
+// Close heals the nodes whose delay line this process runs and releases the lab's
+// open descriptors; the lab keeps running.
 func (l *Lab) Close() error {
+	err := l.healDelayed()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for node, fd := range l.cgfds {
 		unix.Close(fd)
 		delete(l.cgfds, node)
 	}
-	return nil
+	return err
 }
 
 // Status is a snapshot of the lab.

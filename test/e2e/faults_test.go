@@ -1,7 +1,7 @@
 package e2e
 
-// Fabric faults between the outage lab's two nodes (ferry lab impair): random loss
-// and a partition. Long transfers must come through intact, new connections must
+// Fabric faults between the outage lab's two nodes (ferry lab impair): random loss,
+// delay and a partition. Long transfers must come through intact, new connections must
 // be carried again soon after the partition heals, and the agents must be left
 // with no more goroutines, file descriptors or map entries than before.
 
@@ -102,21 +102,27 @@ func (e *env) echoClient(ctx context.Context, pod, addr, bytes string, timeout t
 	return nil
 }
 
+// faultsBaseline waits for the outage lab's pods to be enrolled, warms the tunnel a→c
+// (so that it is pooled before the baseline is read) and reads both agents' resources.
+func faultsBaseline(t *testing.T) (e *env, addr string, base map[string]agentResources) {
+	t.Helper()
+	e = ouSetup(t)
+	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
+	e.waitEnrolled(t, "node2", "ops/c")
+	addr = e.addr("c", echoPort)
+	if err := e.echoClient(t.Context(), "a", addr, "64KiB", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	return e, addr, map[string]agentResources{"node1": e.resources(t, "node1"), "node2": e.resources(t, "node2")}
+}
+
 // With 5% loss each way between the nodes, then a 10 s partition in the middle of
 // long transfers: 64 MiB echoed intact each time, new connections carried again
 // within 2 s of the partition healing, and both agents back to their baseline.
 func TestFaultsLossAndPartition(t *testing.T) {
-	e := ouSetup(t)
-	e.waitEnrolled(t, "node1", "ops/a", "ops/b")
-	e.waitEnrolled(t, "node2", "ops/c")
-	addr := e.addr("c", echoPort)
+	e, addr, base := faultsBaseline(t)
 	ctx := t.Context()
-	// Warm: the tunnel a→c is pooled before the baseline is read.
-	if err := e.echoClient(ctx, "a", addr, "64KiB", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	base := map[string]agentResources{"node1": e.resources(t, "node1"), "node2": e.resources(t, "node2")}
 	t.Logf("baseline: node1 %s; node2 %s", base["node1"], base["node2"])
 
 	// Loss: 5% of the packets each node sends to the fabric.
@@ -182,4 +188,111 @@ func TestFaultsLossAndPartition(t *testing.T) {
 		r := e.backToBaseline(t, node, base[node])
 		t.Logf("%s after the faults: %s (baseline %s)", node, r, base[node])
 	}
+}
+
+// roundTrip is the median of n round trips of 64 bytes from pod to addr over one
+// connection through the mesh (`ferry lab echo-client --round-trips`).
+func (e *env) roundTrip(t *testing.T, pod, addr string, n int) time.Duration {
+	t.Helper()
+	cmd := e.lab.Command(t.Context(), pod, filepath.Join(e.bin, "ferry"), "lab", "echo-client", "--to", addr, "--round-trips", strconv.Itoa(n), "--bytes", "64", "--timeout", "1m")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("round trips %s to %s: %v: %s", pod, addr, err, out)
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if v, ok := strings.CutPrefix(f, "p50="); ok {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				t.Fatalf("round trips: %q: %v", out, err)
+			}
+			return d
+		}
+	}
+	t.Fatalf("round trips: no p50 in %q", out)
+	return 0
+}
+
+// delayQueued says whether node's namespace still has the delay line's queue bound
+// (a line left behind).
+func (e *env) delayQueued(t *testing.T, node string) string {
+	t.Helper()
+	ns, err := e.lab.NetnsPath(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("nsenter", "--net="+ns, "--", "cat", "/proc/net/netfilter/nfnetlink_queue").Output()
+	if err != nil {
+		t.Fatalf("nfnetlink_queue of %s: %v", node, err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// With 50 ms of delay on each node's uplink, then 50 ms and 5% loss: the round trip
+// through the mesh grows by the 2 × 50 ms, 64 MiB are echoed intact across nodes while
+// new connections keep being carried, and once healed no delay queue, goroutine, fd
+// or map entry is left behind.
+func TestFaultsDelay(t *testing.T) {
+	e, addr, base := faultsBaseline(t)
+	ctx := t.Context()
+	baseRTT := e.roundTrip(t, "a", addr, 20)
+	t.Logf("baseline: round trip a→c %s; node1 %s; node2 %s", baseRTT, base["node1"], base["node2"])
+
+	const delay = 50 * time.Millisecond
+	for _, imp := range []lab.Impairment{{Delay: delay}, {Delay: delay, Loss: 0.05}} {
+		name := fmt.Sprintf("%s delay", imp.Delay)
+		if imp.Loss > 0 {
+			name += fmt.Sprintf(" and %g%% loss", imp.Loss*100)
+		}
+		e.impair(t, imp, "node1", "node2")
+		rtt := e.roundTrip(t, "a", addr, 10)
+		if rtt < 2*delay {
+			t.Fatalf("%s on both nodes: round trip a→c %s, want at least 2×%s: the delay does not apply", name, rtt, delay)
+		}
+		// 64 MiB across, and meanwhile new connections, one after another.
+		start := time.Now()
+		done := make(chan error, 1)
+		go func() { done <- e.echoClient(ctx, "a", addr, "64MiB", 3*time.Minute) }()
+		conns := 0
+		var transfer error
+	probe:
+		for {
+			if err := e.echoClient(ctx, "a", addr, "1KiB", 30*time.Second); err != nil {
+				t.Errorf("%s: new connection %d a→c: %v", name, conns+1, err)
+			} else {
+				conns++
+			}
+			select {
+			case transfer = <-done:
+				break probe
+			default:
+			}
+		}
+		took := time.Since(start)
+		if transfer != nil {
+			t.Fatalf("64 MiB with %s: %v", name, transfer)
+		}
+		var stats []string
+		for _, node := range []string{"node1", "node2"} {
+			s, ok, err := e.lab.Delayed(node)
+			if err != nil || !ok || s.Delayed == 0 {
+				t.Fatalf("%s: delay line of %s: %+v, running %v, %v", name, node, s, ok, err)
+			}
+			dropped, _ := e.lab.Impaired(node)
+			stats = append(stats, fmt.Sprintf("%s %d packets delayed, %d dropped by the loss, %d by the full delay queue, %d not handed to the line", node, s.Delayed, dropped, s.QueueDropped, s.UserDropped))
+		}
+		t.Logf("%s on both nodes: round trip a→c %s (baseline %s); 64 MiB echoed intact in %s, %d new connections carried meanwhile; %s", name, rtt, baseRTT, took.Round(time.Millisecond), conns, strings.Join(stats, "; "))
+		e.impair(t, lab.Impairment{}, "node1", "node2")
+	}
+
+	for _, node := range []string{"node1", "node2"} {
+		if _, ok, _ := e.lab.Delayed(node); ok {
+			t.Errorf("%s: a delay line still runs after healing", node)
+		}
+		if q := e.delayQueued(t, node); q != "" {
+			t.Errorf("%s: a queue is still bound after healing: %s", node, q)
+		}
+		r := e.backToBaseline(t, node, base[node])
+		t.Logf("%s after the delay: %s (baseline %s)", node, r, base[node])
+	}
+	t.Logf("round trip a→c after healing: %s", e.roundTrip(t, "a", addr, 20))
 }
