@@ -43,6 +43,7 @@ var needs = []need{
 	{"nsenter", "util-linux", "lab: run commands in pod and node namespaces"},
 	{"unshare", "util-linux", "lab: a mount namespace per pod command, for the pod's resolv.conf"},
 	{"mount", "mount", "lab: bind-mounts the pod's resolv.conf over /etc/resolv.conf"},
+	{"cat", "coreutils", "e2e: reads a node namespace's /proc/net/netfilter/nfnetlink_queue (the delay line bound)"},
 	{"sh", "dash", "lab: the script that mounts the pod's resolv.conf and runs the command"},
 	{"getent", "libc-bin", "lab DNS tests: glibc's resolver in a pod"},
 	{"taskset", "util-linux", "bench pins processes to cores"},
