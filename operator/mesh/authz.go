@@ -8,6 +8,7 @@ package mesh
 import (
 	"cmp"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
@@ -69,6 +70,51 @@ type authzRejection struct {
 	field, value, err string
 }
 
+// goodSpecs keeps, for each object of one policy kind, the last generation that
+// compiled and the rejection last logged: a bad generation leaves the good one in
+// force, and is logged once.
+type goodSpecs[S any] struct {
+	good   map[configKey]lastGood[S]
+	logged map[configKey]string
+}
+
+func newGoodSpecs[S any]() goodSpecs[S] {
+	return goodSpecs[S]{good: map[configKey]lastGood[S]{}, logged: map[configKey]string{}}
+}
+
+// settle takes the outcome of compiling generation gen of the object at key: spec
+// when it compiled (bad nil); else the last good spec, if there is one, with cs's
+// rejection condition and in-force generation set and the rejection logged once
+// (what names the kind in the log). ok is false when nothing of it applies.
+func (g goodSpecs[S]) settle(log *slog.Logger, what string, key configKey, gen int64, cs *ferryv1.ConfigStatus, spec S, bad *authzRejection) (_ S, ok bool) {
+	if bad == nil {
+		g.good[key] = lastGood[S]{generation: gen, spec: spec}
+		delete(g.logged, key)
+		return spec, true
+	}
+	good, ok := g.good[key]
+	if ok {
+		cs.InForceGeneration = uint64(max(good.generation, 0))
+	}
+	msg := bad.String() + "; " + inForceText(ok, good.generation)
+	cs.Conditions = []*ferryv1.Condition{{Type: CondAccepted, Reason: reasonPolicyInvalid, Message: msg}}
+	if g.logged[key] != msg {
+		log.Error(what+" rejected", "policy", cs.Name, "file", cs.File, "field", bad.field, "value", bad.value, "error", bad.err, "in_force_generation", good.generation)
+	}
+	g.logged[key] = msg
+	return good.spec, ok
+}
+
+// prune forgets the objects not in seen (deleted since).
+func (g goodSpecs[S]) prune(seen map[configKey]bool) {
+	for k := range g.good {
+		if !seen[k] {
+			delete(g.good, k)
+			delete(g.logged, k)
+		}
+	}
+}
+
 func (r *authzRejection) String() string {
 	if r.value != "" {
 		return fmt.Sprintf("%s: %q: %s", r.field, r.value, r.err)
@@ -110,24 +156,8 @@ func (v *View) authorizationPolicies(byNS map[string][]enrolledPod, statuses *[]
 		} else {
 			spec, bad = compileAuthorizationPolicy(ap)
 		}
-		var inForce int64
-		if bad != nil {
-			spec = nil
-			if good, ok := v.goodAuthz[key]; ok {
-				spec, inForce = good.spec, good.generation
-				cs.InForceGeneration = uint64(max(inForce, 0))
-			}
-			msg := bad.String() + "; " + inForceText(spec != nil, inForce)
-			cs.Conditions = []*ferryv1.Condition{{Type: CondAccepted, Reason: reasonPolicyInvalid, Message: msg}}
-			if v.loggedAuthz[key] != msg {
-				v.log.Error("authorization policy rejected", "policy", name, "file", cs.File, "field", bad.field, "value", bad.value, "error", bad.err, "in_force_generation", inForce)
-			}
-			v.loggedAuthz[key] = msg
-		} else {
-			v.goodAuthz[key] = lastGood[*authzSpec]{generation: u.GetGeneration(), spec: spec}
-			delete(v.loggedAuthz, key)
-		}
-		if spec == nil {
+		spec, ok = v.goodAuthz.settle(v.log, "authorization policy", key, u.GetGeneration(), cs, spec, bad)
+		if !ok {
 			continue
 		}
 		var targets []string
@@ -156,12 +186,7 @@ func (v *View) authorizationPolicies(byNS map[string][]enrolledPod, statuses *[]
 			out = append(out, p)
 		}
 	}
-	for k := range v.goodAuthz {
-		if !seen[k] {
-			delete(v.goodAuthz, k)
-			delete(v.loggedAuthz, k)
-		}
-	}
+	v.goodAuthz.prune(seen)
 	slices.SortFunc(out, func(a, b *ferryv1.AuthorizationPolicy) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
 }

@@ -92,23 +92,8 @@ func (v *View) peerAuthentications(byNS map[string][]enrolledPod, statuses *[]*f
 		} else {
 			spec, bad = compilePeerAuthentication(pa)
 		}
-		if bad != nil {
-			var gen int64
-			if good, ok := v.goodPeerAuthn[key]; ok {
-				spec, gen = good.spec, good.generation
-				cs.InForceGeneration = uint64(max(gen, 0))
-			}
-			msg := bad.String() + "; " + inForceText(spec != nil, gen)
-			cs.Conditions = []*ferryv1.Condition{{Type: CondAccepted, Reason: reasonPolicyInvalid, Message: msg}}
-			if v.loggedPeerAuthn[key] != msg {
-				v.log.Error("peer authentication rejected", "policy", name, "file", cs.File, "field", bad.field, "value", bad.value, "error", bad.err, "in_force_generation", gen)
-			}
-			v.loggedPeerAuthn[key] = msg
-		} else {
-			v.goodPeerAuthn[key] = lastGood[*peerAuthnSpec]{generation: u.GetGeneration(), spec: spec}
-			delete(v.loggedPeerAuthn, key)
-		}
-		if spec != nil {
+		spec, ok = v.goodPeerAuthn.settle(v.log, "peer authentication", key, u.GetGeneration(), cs, spec, bad)
+		if ok {
 			p := &peerAuthn{key: key, created: u.GetCreationTimestamp().Unix(), spec: spec}
 			if bad == nil {
 				p.status = cs
@@ -116,12 +101,7 @@ func (v *View) peerAuthentications(byNS map[string][]enrolledPod, statuses *[]*f
 			inForce = append(inForce, p)
 		}
 	}
-	for k := range v.goodPeerAuthn {
-		if !seen[k] {
-			delete(v.goodPeerAuthn, k)
-			delete(v.loggedPeerAuthn, k)
-		}
-	}
+	v.goodPeerAuthn.prune(seen)
 	// The oldest of equally specific ones wins (Istio's rule): try them in that order.
 	slices.SortFunc(inForce, func(a, b *peerAuthn) int {
 		return cmp.Or(cmp.Compare(a.created, b.created), strings.Compare(a.key.namespace, b.key.namespace), strings.Compare(a.key.name, b.key.name))

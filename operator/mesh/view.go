@@ -62,16 +62,13 @@ type View struct {
 	// Only rebuild uses these: the policy and route notes the last rebuild
 	// logged, and the last generation of each route and policy that compiled
 	// (kept while the object exists; seenPolicies collects which do).
-	logged       map[policyNote]bool
-	loggedRoutes map[routeNote]bool
-	goodRoutes   map[configKey]lastGood[*routeSpec]
-	goodPolicies map[configKey]lastGood[*policyResult]
-	seenPolicies map[configKey]bool
-	goodAuthz    map[configKey]lastGood[*authzSpec]
-	loggedAuthz  map[configKey]string // the rejection last logged
-	// The same for PeerAuthentications.
-	goodPeerAuthn   map[configKey]lastGood[*peerAuthnSpec]
-	loggedPeerAuthn map[configKey]string
+	logged        map[policyNote]bool
+	loggedRoutes  map[routeNote]bool
+	goodRoutes    map[configKey]lastGood[*routeSpec]
+	goodPolicies  map[configKey]lastGood[*policyResult]
+	seenPolicies  map[configKey]bool
+	goodAuthz     goodSpecs[*authzSpec]
+	goodPeerAuthn goodSpecs[*peerAuthnSpec]
 	// withheld are the pods (namespace/name) the last rebuild left out of the mesh
 	// for an address conflict; loggedConflicts the conflicts it has logged.
 	withheld        map[string]bool
@@ -109,11 +106,9 @@ func NewView(factory informers.SharedInformerFactory, trustDomain string, log *s
 		changed:         make(chan struct{}),
 		goodRoutes:      map[configKey]lastGood[*routeSpec]{},
 		goodPolicies:    map[configKey]lastGood[*policyResult]{},
-		goodAuthz:       map[configKey]lastGood[*authzSpec]{},
-		loggedAuthz:     map[configKey]string{},
+		goodAuthz:       newGoodSpecs[*authzSpec](),
+		goodPeerAuthn:   newGoodSpecs[*peerAuthnSpec](),
 		loggedConflicts: map[string]bool{},
-		goodPeerAuthn:   map[configKey]lastGood[*peerAuthnSpec]{},
-		loggedPeerAuthn: map[configKey]string{},
 	}
 	for _, inf := range []cache.SharedIndexInformer{core.Pods().Informer(), core.Namespaces().Informer(), core.Services().Informer(), core.ServiceAccounts().Informer()} {
 		if _, err := inf.AddEventHandler(v.handler()); err != nil {
