@@ -70,12 +70,12 @@ type Config struct {
 	ExcludedPorts []uint16
 }
 
-// DefaultConfig is the data path's configuration with every default filled in; the
-// fast path is off by default: with the sk_msg ingress redirect the kernel applies no
-// back-pressure, and a sender faster than the agent gets ENOMEM from write
-// (docs/datapath.md, "Fast path").
+// DefaultConfig is the data path's configuration with every default filled in. The
+// fast path is on: sk_msg bounds each socket's ingress queue and sends a faster
+// sender the TCP way, so writes block as on plain TCP instead of failing with ENOMEM
+// (docs/datapath.md, "Fast path and back-pressure").
 func DefaultConfig() Config {
-	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: DefaultMaxPods}
+	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: true, MaxPods: DefaultMaxPods}
 }
 
 // Flags registers the data path's flags on fs, with c's values as their defaults.
@@ -83,7 +83,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.PinDir, "bpf-pin-dir", c.PinDir, "bpffs folder where programs, maps and links are pinned")
 	fs.StringVar(&c.CgroupPath, "cgroup", c.CgroupPath, "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	fs.Uint32Var(&c.Mark, "mark", c.Mark, "SO_MARK on the agent's own sockets, which capture skips")
-	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
+	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "move bytes between local sockets with sockmap/sk_msg, bounded per socket (--fast-path=false: plain loopback TCP)")
 	fs.IntVar(&c.MaxPods, "max-pods", c.MaxPods, "most pods on this node; sizes the BPF maps")
 }
 
@@ -342,12 +342,15 @@ func (d *Datapath) flushLocalSocks() error {
 	var keys []bpf.SockKey
 	var k bpf.SockKey
 	var v uint64
-	it := d.objs.LocalSocks.Iterate()
-	for it.Next(&k, &v) {
-		keys = append(keys, k)
-	}
-	for i := range keys {
-		d.objs.LocalSocks.Delete(&keys[i])
+	for _, m := range []*ebpf.Map{d.objs.LocalSocks, d.objs.LocalSockAddrs} {
+		keys = keys[:0]
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			keys = append(keys, k)
+		}
+		for i := range keys {
+			m.Delete(&keys[i])
+		}
 	}
 	return nil
 }

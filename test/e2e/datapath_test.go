@@ -60,16 +60,16 @@ func TestCrossNodeMTLS(t *testing.T) {
 		res.Seconds*1000, 10/res.Seconds, len(ports))
 }
 
-// A → B on the same node goes through the agent, with the sockmap fast path off (the
-// default) and on: 10 MiB intact both ways, recorded as same-node. While a connection
+// A → B on the same node goes through the agent, with the sockmap fast path on (the
+// default) and off: 10 MiB intact both ways, recorded as same-node. While a connection
 // is open, a's sockets are in local_socks when the fast path is on, and local_socks is
 // empty when it is off.
 func TestSameNode(t *testing.T) {
 	e := setup(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast-path=%v", fast), func(t *testing.T) {
-			if fast {
-				e.restartAgent(t, "node1", "--fast-path=true")
+			if !fast {
+				e.restartAgent(t, "node1", "--fast-path=false")
 				t.Cleanup(func() { e.restartAgent(t, "node1") })
 			}
 			if st := e.status(t, "node1"); st.FastPath != fast {
@@ -112,8 +112,8 @@ func (e *env) checkLocalSocks(t *testing.T, fast bool, from, to string) {
 
 // A sender that writes as fast as it can, for two seconds on two connections, to a
 // sink on the same node and on the other node: the agent (default settings) carries
-// it all with no error at the sender. (The experimental fast path fails this with
-// ENOMEM: the kernel's sk_msg ingress redirect has no back-pressure.)
+// it all with no error at the sender, with the fast path on (the default: sk_msg
+// bounds each socket's ingress queue; unbounded, the sender got ENOMEM).
 func TestBulkSend(t *testing.T) {
 	e := setup(t)
 	for _, to := range []string{"b", "c"} {
@@ -166,8 +166,8 @@ func TestConcurrentConnections(t *testing.T) {
 	e := setup(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast-path=%v", fast), func(t *testing.T) {
-			if fast {
-				e.restartAgent(t, "node1", "--fast-path=true")
+			if !fast {
+				e.restartAgent(t, "node1", "--fast-path=false")
 				t.Cleanup(func() { e.restartAgent(t, "node1") })
 			}
 			e.checkLocalSocks(t, fast, "a", "c")
