@@ -64,6 +64,10 @@ type Config struct {
 	Ports mesh.Ports
 	// FastPath enables the sockhash + sk_msg path between local sockets.
 	FastPath bool
+	// FastPathQueue bounds each fast-path socket's ingress queue, in bytes, when its
+	// receive buffer is smaller; past it a sender's messages take the TCP path. 0
+	// means bpf.DefaultFastPathQueue.
+	FastPathQueue uint32
 	// MaxPods is the node's pod limit, which sizes the maps; 0 means DefaultMaxPods.
 	MaxPods int
 	// ExcludedPorts are destination ports never captured, besides the mesh ports.
@@ -84,6 +88,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.CgroupPath, "cgroup", c.CgroupPath, "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	fs.Uint32Var(&c.Mark, "mark", c.Mark, "SO_MARK on the agent's own sockets, which capture skips")
 	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "move bytes between local sockets with sockmap/sk_msg, bounded per socket (--fast-path=false: plain loopback TCP)")
+	fs.Uint32Var(&c.FastPathQueue, "fast-path-queue", c.FastPathQueue, "bytes a fast-path socket may hold on its ingress queue before a faster sender is sent the TCP way (0: 1 MiB)")
 	fs.IntVar(&c.MaxPods, "max-pods", c.MaxPods, "most pods on this node; sizes the BPF maps")
 }
 
@@ -177,7 +182,7 @@ func (d *Datapath) Start(ctx context.Context) error {
 		}
 		d.cgroup = mnt
 	}
-	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
+	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, FastPathQueue: d.cfg.FastPathQueue, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
 		d.stopLocked()
 		return err
