@@ -75,11 +75,12 @@ type Config struct {
 }
 
 // DefaultConfig is the data path's configuration with every default filled in. The
-// fast path is on: sk_msg bounds each socket's ingress queue and sends a faster
-// sender the TCP way, so writes block as on plain TCP instead of failing with ENOMEM
-// (docs/datapath.md, "Fast path and back-pressure").
+// fast path is off by default: it is safe (sk_msg bounds each socket's ingress queue,
+// so a fast sender blocks instead of getting ENOMEM) but, measured, not faster than
+// loopback TCP with the proxy splicing (docs/datapath.md, "Fast path and
+// back-pressure").
 func DefaultConfig() Config {
-	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), FastPath: true, MaxPods: DefaultMaxPods}
+	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: DefaultMaxPods}
 }
 
 // Flags registers the data path's flags on fs, with c's values as their defaults.
@@ -87,7 +88,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.PinDir, "bpf-pin-dir", c.PinDir, "bpffs folder where programs, maps and links are pinned")
 	fs.StringVar(&c.CgroupPath, "cgroup", c.CgroupPath, "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	fs.Uint32Var(&c.Mark, "mark", c.Mark, "SO_MARK on the agent's own sockets, which capture skips")
-	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "move bytes between local sockets with sockmap/sk_msg, bounded per socket (--fast-path=false: plain loopback TCP)")
+	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "move bytes between local sockets with sockmap/sk_msg, bounded per socket (off: loopback TCP, and the proxy splices)")
 	fs.Uint32Var(&c.FastPathQueue, "fast-path-queue", c.FastPathQueue, "bytes a fast-path socket may hold on its ingress queue before a faster sender is sent the TCP way (0: 1 MiB)")
 	fs.IntVar(&c.MaxPods, "max-pods", c.MaxPods, "most pods on this node; sizes the BPF maps")
 }

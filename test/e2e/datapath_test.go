@@ -60,16 +60,16 @@ func TestCrossNodeMTLS(t *testing.T) {
 		res.Seconds*1000, 10/res.Seconds, len(ports))
 }
 
-// A → B on the same node goes through the agent, with the sockmap fast path on (the
-// default) and off: 10 MiB intact both ways, recorded as same-node. While a connection
+// A → B on the same node goes through the agent, with the sockmap fast path off (the
+// default) and on: 10 MiB intact both ways, recorded as same-node. While a connection
 // is open, a's sockets are in local_socks when the fast path is on, and local_socks is
 // empty when it is off.
 func TestSameNode(t *testing.T) {
 	e := setup(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast-path=%v", fast), func(t *testing.T) {
-			if !fast {
-				e.restartAgent(t, "node1", "--fast-path=false")
+			if fast {
+				e.restartAgent(t, "node1", "--fast-path=true")
 				t.Cleanup(func() { e.restartAgent(t, "node1") })
 			}
 			if st := e.status(t, "node1"); st.FastPath != fast {
@@ -112,8 +112,7 @@ func (e *env) checkLocalSocks(t *testing.T, fast bool, from, to string) {
 
 // A sender that writes as fast as it can, for two seconds on two connections, to a
 // sink on the same node and on the other node: the agent (default settings) carries
-// it all with no error at the sender, with the fast path on (the default: sk_msg
-// bounds each socket's ingress queue; unbounded, the sender got ENOMEM).
+// it all with no error at the sender.
 func TestBulkSend(t *testing.T) {
 	e := setup(t)
 	for _, to := range []string{"b", "c"} {
@@ -135,6 +134,20 @@ func TestBulkSend(t *testing.T) {
 		e.carried(t, since, "a", to, sinkPort, 2, func(c connRecord) bool { return c.BytesSent > 0 && !c.End.IsZero() })
 		t.Logf("bulk a → %s: %.0f MiB/s over 2 connections", to, float64(res.Bytes)/res.Seconds/mib)
 	}
+}
+
+// With the fast path on, a sender writing 256 MiB in one write to a pod on the same
+// node, whose echo sends it all back while it writes, gets no error and every byte
+// back in order: sk_msg bounds each socket's ingress queue and sends a faster sender
+// the TCP way (unbounded, the write failed with ENOMEM).
+func TestSameNodeBulkFastPath(t *testing.T) {
+	e := setup(t)
+	e.restartAgent(t, "node1", "--fast-path=true")
+	t.Cleanup(func() { e.restartAgent(t, "node1") })
+	since := time.Now()
+	res := e.mustRun(t, "a", "echo", e.addr("b", echoPort), fmt.Sprint(256*mib))
+	e.carried(t, since, "a", "b", echoPort, 1, echoed(256*mib))
+	t.Logf("fast path: 256 MiB echoed a → b intact in %.2f s", res.Seconds)
 }
 
 // D is not enrolled: its connections are not redirected; D → C in plaintext is caught
@@ -166,8 +179,8 @@ func TestConcurrentConnections(t *testing.T) {
 	e := setup(t)
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast-path=%v", fast), func(t *testing.T) {
-			if !fast {
-				e.restartAgent(t, "node1", "--fast-path=false")
+			if fast {
+				e.restartAgent(t, "node1", "--fast-path=true")
 				t.Cleanup(func() { e.restartAgent(t, "node1") })
 			}
 			e.checkLocalSocks(t, fast, "a", "c")
