@@ -512,21 +512,7 @@ func TestFastPathBulkBackPressure(t *testing.T) {
 	const n = 256 << 20
 	for _, fast := range []bool{true, false} {
 		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
-			e := newEnv(t, fast)
-			h := privileged.NewNetns(t)
-			if err := e.objs.Enroll(cookie(t, h), "default/bulk"); err != nil {
-				t.Fatal(err)
-			}
-			stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer stats.Close()
-			p := startChild(t, e, h, fmt.Sprintf("pair:%d:%s", n, time.Second), "-")
-			p.line(t) // pair CLIENT SERVER
-			if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
-				t.Fatal(err)
-			}
+			e, p := startPairChild(t, fast, "bulk", fmt.Sprintf("pair:%d:%s", n, time.Second))
 			f := p.line(t) // sum SENT RECEIVED N AHEAD SECONDS
 			if len(f) != 6 || f[1] != f[2] || f[3] != fmt.Sprint(n) {
 				t.Fatalf("child: %v; want equal sums and %d bytes", f, n)
@@ -551,26 +537,34 @@ func TestFastPathBulkBackPressure(t *testing.T) {
 	}
 }
 
+// startPairChild starts a child in mode in a fresh enrolled netns (pod name) with
+// BPF run statistics on, waits for its "pair" line and tells it to go.
+func startPairChild(t *testing.T, fast bool, pod, mode string) (*env, *proc) {
+	t.Helper()
+	e := newEnv(t, fast)
+	h := privileged.NewNetns(t)
+	if err := e.objs.Enroll(cookie(t, h), "default/"+pod); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stats.Close() })
+	p := startChild(t, e, h, mode, "-")
+	p.line(t) // pair CLIENT SERVER
+	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
+		t.Fatal(err)
+	}
+	return e, p
+}
+
 // Request/response on a pair with the fast path on and off: every response is the
 // right one (the child checks each byte), with the latency logged for comparison.
 func TestFastPathRequestResponse(t *testing.T) {
 	for _, fast := range []bool{true, false} {
 		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
-			e := newEnv(t, fast)
-			h := privileged.NewNetns(t)
-			if err := e.objs.Enroll(cookie(t, h), "default/rr"); err != nil {
-				t.Fatal(err)
-			}
-			stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer stats.Close()
-			p := startChild(t, e, h, "rr:20000", "-")
-			p.line(t)
-			if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
-				t.Fatal(err)
-			}
+			e, p := startPairChild(t, fast, "rr", "rr:20000")
 			f := p.line(t) // rr N P50 P99
 			if len(f) != 4 || f[1] != "20000" {
 				t.Fatalf("child: %v", f)
@@ -611,17 +605,19 @@ func child(mode, arg string) error {
 		return nil
 	case mode == "pair":
 		return childPair(pairBytes, 0)
-	case strings.HasPrefix(mode, "pair:"):
-		var n int
-		var pause time.Duration
-		if _, err := fmt.Sscanf(mode, "pair:%d:%s", &n, new(string)); err != nil {
+	case strings.HasPrefix(mode, "pair:"): // pair:BYTES:PAUSE
+		f := strings.Split(mode, ":")
+		if len(f) != 3 {
+			return fmt.Errorf("mode %q: want pair:BYTES:PAUSE", mode)
+		}
+		n, err := strconv.Atoi(f[1])
+		if err != nil {
 			return fmt.Errorf("mode %q: %w", mode, err)
 		}
-		p, err := time.ParseDuration(mode[strings.LastIndex(mode, ":")+1:])
+		pause, err := time.ParseDuration(f[2])
 		if err != nil {
-			return err
+			return fmt.Errorf("mode %q: %w", mode, err)
 		}
-		pause = p
 		return childPair(n, pause)
 	case strings.HasPrefix(mode, "rr:"):
 		var n int

@@ -451,9 +451,10 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 
 // Whether the peer can take this message on its ingress queue now, with the order of
 // the stream kept. The kernel bounds that queue by nothing but the protocol's global
-// memory (bpf_tcp_ingress charges it with sk_wmem_schedule): a sender faster than its
-// reader fills it until writes fail with ENOMEM. So the verdict bounds it: past the
-// peer's receive buffer the message takes the normal TCP path instead, where the
+// memory (bpf_tcp_ingress charges the receiving socket, never checking its sk_rcvbuf):
+// a sender faster than its reader fills it until writes fail with ENOMEM. So the
+// verdict bounds it: past max(the peer's receive buffer, fast_path_queue_min) the
+// message takes the normal TCP path instead, where the
 // window and the sender's send buffer block a fast sender as TCP always does. A
 // message may be redirected again only once everything sent the TCP way has been
 // read (our write_seq is the peer's copied_seq: nothing of ours is in flight or in
