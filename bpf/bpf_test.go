@@ -630,26 +630,32 @@ func child(mode, arg string) error {
 }
 
 // pairConns opens a loopback connection inside the child's netns (and cgroup, so
-// sockops sees it) and prints "pair CLIENT SERVER".
-func pairConns() (c, s net.Conn, closeAll func(), err error) {
+// sockops sees it), prints "pair CLIENT SERVER" and waits for "go" on stdin.
+func pairConns() (c, s net.Conn, in *bufio.Reader, closeAll func(), err error) {
 	lc := listener.Config()
 	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	c, err = net.Dial("tcp4", ln.Addr().String())
 	if err != nil {
 		ln.Close()
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	s, err = ln.Accept()
 	if err != nil {
 		ln.Close()
 		c.Close()
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
+	closeAll = func() { s.Close(); c.Close(); ln.Close() }
 	fmt.Println("pair", c.LocalAddr(), s.LocalAddr())
-	return c, s, func() { s.Close(); c.Close(); ln.Close() }, nil
+	in = bufio.NewReader(os.Stdin)
+	if _, err := in.ReadString('\n'); err != nil {
+		closeAll()
+		return nil, nil, nil, nil, err
+	}
+	return c, s, in, closeAll, nil
 }
 
 // childPair sends n random bytes from the client to the server end after "go" on
@@ -658,15 +664,11 @@ func pairConns() (c, s net.Conn, closeAll func(), err error) {
 // written when the reader woke (what the kernel buffered for it), SECONDS the time
 // from the first write to the last byte read.
 func childPair(n int, pause time.Duration) error {
-	c, s, closeAll, err := pairConns()
+	c, s, in, closeAll, err := pairConns()
 	if err != nil {
 		return err
 	}
 	defer closeAll()
-	in := bufio.NewReader(os.Stdin)
-	if _, err := in.ReadString('\n'); err != nil {
-		return err
-	}
 
 	data := make([]byte, n)
 	rng := rand.NewChaCha8([32]byte{1})
@@ -716,15 +718,11 @@ func childPair(n int, pause time.Duration) error {
 // numbered 64-byte request, answered with 1 KiB that repeats its number, checked by
 // the client. It prints "rr N P50_US P99_US".
 func childRR(n int) error {
-	c, s, closeAll, err := pairConns()
+	c, s, in, closeAll, err := pairConns()
 	if err != nil {
 		return err
 	}
 	defer closeAll()
-	in := bufio.NewReader(os.Stdin)
-	if _, err := in.ReadString('\n'); err != nil {
-		return err
-	}
 	errc := make(chan error, 1)
 	go func() {
 		req := make([]byte, 64)
