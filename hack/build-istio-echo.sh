@@ -48,13 +48,13 @@ if done_already; then
   exit 0
 fi
 
-export CGO_ENABLED=0 GOWORK=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
+export GOWORK=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 tmp=$(mktemp -d "$out/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
 start=$SECONDS
 echo "build-istio-echo: building Istio echo client and server $version with $go_version (a minute or more on 2 cores)…" >&2
-(cd "$mod" && go build -trimpath -ldflags "-s -w" -o "$tmp/" \
+(cd "$mod" && go build -ldflags "-s -w" -o "$tmp/" \
   istio.io/istio/pkg/test/echo/cmd/client istio.io/istio/pkg/test/echo/cmd/server)
 mv "$tmp/client" "$client"
 mv "$tmp/server" "$server"

@@ -134,12 +134,18 @@ func TestIstioClientToFerryServer(t *testing.T) {
 			t.Errorf("client printed no StatusCode=200:\n%s", clip(out))
 		}
 		// What the app saw: the connection from Ferry's hop address.
-		if !strings.Contains(out, "RemoteAddr=127.0.0.6:") {
+		if !strings.Contains(out, "body] IP=127.0.0.6") {
 			t.Errorf("the app did not see the connection from 127.0.0.6 (Ferry's hop to the app):\n%s", clip(out))
 		}
 		// What Istio's client saw: Ferry's SPIFFE ID on the tunnel.
-		if !strings.Contains(stderr, "remote="+ferryServerID) {
-			t.Errorf("Istio's client did not log Ferry's identity %s as the HBONE peer:\n%s", ferryServerID, clip(stderr))
+		// Istio's log goes to stdout by default; look in both.
+		if !strings.Contains(out+stderr, "remote="+ferryServerID) {
+			t.Errorf("Istio's client did not log Ferry's identity %s as the HBONE peer:\n%s", ferryServerID, clip(logLines(out+stderr)))
+		}
+		for _, line := range strings.Split(out+stderr, "\n") {
+			if strings.Contains(line, "CONNECT established") {
+				t.Logf("Istio client: %s", strings.TrimSpace(line))
+			}
 		}
 		got := waitStreams(target, 1)
 		if len(got) != 1 {
@@ -161,7 +167,7 @@ func TestIstioClientToFerryServer(t *testing.T) {
 	t.Run("http", func(t *testing.T) {
 		target := app.http.String()
 		out, _ := runClient(t, bins.client, append([]string{"http://" + target + "/through-ferry", "-H", "X-Interop: hbone", "--count", "3"}, hboneFlags...)...)
-		for _, want := range []string{"StatusCode=200", "URL=/through-ferry", "RequestHeader=X-Interop:hbone", "RemoteAddr=127.0.0.6:"} {
+		for _, want := range []string{"StatusCode=200", "URL=/through-ferry", "RequestHeader=X-Interop:hbone", "body] IP=127.0.0.6"} {
 			if n := strings.Count(out, want); n != 3 {
 				t.Errorf("client printed %q %d times, want 3 (one per request):\n%s", want, n, clip(out))
 			}
@@ -478,6 +484,17 @@ func runClient(t *testing.T, bin string, args ...string) (stdout, stderr string)
 		t.Fatalf("Istio echo client %s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(redactMsg(args), " "), err, clip(o.String()), clip(e.String()))
 	}
 	return o.String(), e.String()
+}
+
+// logLines keeps the log lines of the client's output (not the answers).
+func logLines(out string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(line, "[") {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
 }
 
 // bodyText joins the "[N body] line" lines of the client's output, the app's

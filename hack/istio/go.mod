@@ -7,7 +7,7 @@ module github.com/ferrymesh/ferry/hack/istio
 
 go 1.26.0
 
-require istio.io/istio v0.0.0-20260827124520-eed52ebb66ad
+require istio.io/istio v0.0.0-20260827124520-eed52ebb66ad // indirect
 
 require (
 	cel.dev/expr v0.25.1 // indirect
@@ -64,4 +64,9 @@ require (
 	gopkg.in/natefinch/lumberjack.v2 v2.2.1 // indirect
 	istio.io/api v1.31.0-rc.0.0.20260824154656-b943409680a7 // indirect
 	k8s.io/klog/v2 v2.140.0 // indirect
+)
+
+tool (
+	istio.io/istio/pkg/test/echo/cmd/client
+	istio.io/istio/pkg/test/echo/cmd/server
 )
