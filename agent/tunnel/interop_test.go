@@ -28,8 +28,8 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/spiffe"
+	"github.com/ferrymesh/ferry/internal/hackbuild"
 	"github.com/ferrymesh/ferry/internal/loopback"
-	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
 var (
@@ -155,13 +155,15 @@ func TestIstioClientToFerryServer(t *testing.T) {
 		if si.PeerID != istioClientID {
 			t.Errorf("Ferry's server saw peer %q, want Istio's client %q", si.PeerID, istioClientID)
 		}
-		if si.Status != 200 || si.Err != nil {
-			t.Errorf("stream status %d, err %v; want 200 and a clean end", si.Status, si.Err)
+		// Err may be set: Istio's TCP client hangs up (resets the stream) as soon as
+		// it has read its message back, sometimes before the app's side has ended.
+		if si.Status != 200 {
+			t.Errorf("stream status %d (err %v), want 200", si.Status, si.Err)
 		}
 		if si.BytesIn < int64(len(msg)) || si.BytesOut < int64(len(msg)) {
 			t.Errorf("stream carried %d bytes in and %d out, want at least %d each way", si.BytesIn, si.BytesOut, len(msg))
 		}
-		t.Logf("Istio client → Ferry server → app: %d bytes in, %d out, peer %s", si.BytesIn, si.BytesOut, si.PeerID)
+		t.Logf("Istio client → Ferry server → app: %d bytes in, %d out, peer %s, end: %v", si.BytesIn, si.BytesOut, si.PeerID, si.Err)
 	})
 
 	t.Run("http", func(t *testing.T) {
@@ -337,62 +339,8 @@ type istioBins struct{ client, server string }
 // cannot be built the test is skipped, or fails under FERRY_PRIVILEGED_TESTS=1.
 func istioEcho(t *testing.T) istioBins {
 	t.Helper()
-	script, err := findUp(filepath.Join("hack", "build-istio-echo.sh"))
-	if err != nil {
-		privileged.Missing(t, "%v", err)
-	}
-	ctx := context.Background()
-	if deadline, ok := t.Deadline(); ok {
-		var cancel context.CancelFunc
-		margin := min(30*time.Second, time.Until(deadline)/4)
-		ctx, cancel = context.WithDeadline(ctx, deadline.Add(-margin))
-		defer cancel()
-	}
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", script)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	start := time.Now()
-	err = cmd.Run()
-	if msg := strings.TrimSpace(stderr.String()); msg != "" {
-		t.Logf("%s (%v):\n%s", script, time.Since(start).Round(time.Second), msg)
-	}
-	if ctx.Err() != nil {
-		privileged.Missing(t, "%s did not finish before the test deadline: run it once by hand, or raise go test -timeout", script)
-	}
-	if err != nil {
-		privileged.Missing(t, "Istio's echo client and server are not built and %s failed: %v", script, err)
-	}
-	var b istioBins
-	for _, line := range strings.Split(strings.TrimSpace(stdout.String()), "\n") {
-		switch filepath.Base(line) {
-		case "client":
-			b.client = line
-		case "server":
-			b.server = line
-		}
-	}
-	if b.client == "" || b.server == "" {
-		privileged.Missing(t, "%s printed no client and server paths: %q", script, stdout.String())
-	}
-	return b
-}
-
-func findUp(rel string) (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("working directory: %w", err)
-	}
-	for {
-		p := filepath.Join(dir, rel)
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("%s not found above the working directory", rel)
-		}
-		dir = parent
-	}
+	b := hackbuild.Binaries(t, "build-istio-echo.sh", "client", "server")
+	return istioBins{client: b["client"], server: b["server"]}
 }
 
 // istioApp is a running Istio echo server's ports on 127.0.0.1.
