@@ -178,11 +178,14 @@ func TestIstioClientToFerryServer(t *testing.T) {
 		if len(got) == 0 {
 			t.Fatalf("Ferry's server reported no stream to %s", target)
 		}
+		conns := map[netip.AddrPort]bool{}
 		for _, si := range got {
+			conns[si.Remote] = true
 			if si.PeerID != istioClientID || si.Status != 200 {
 				t.Errorf("stream to %s: peer %q status %d, want %q and 200", target, si.PeerID, si.Status, istioClientID)
 			}
 		}
+		t.Logf("%d HBONE streams over %d tunnel connections", len(got), len(conns))
 	})
 
 	t.Run("untrusted client refused", func(t *testing.T) {
@@ -281,6 +284,11 @@ func TestFerryClientToIstioServer(t *testing.T) {
 		s, err := connect(t, istioServerID, target)
 		if err != nil {
 			t.Fatalf("Connect: %v", err)
+		}
+		// The first subtest's connection carries this stream too: HBONE streams
+		// share one TLS session with Istio's server.
+		if st := pool.Stats(); st.Conns != 1 {
+			t.Errorf("pool holds %d tunnel connections to Istio's server after two streams, want 1", st.Conns)
 		}
 		data := make([]byte, 4<<20)
 		rand.Read(data)
