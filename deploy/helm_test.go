@@ -331,7 +331,11 @@ agent:
 func TestHelmInstall(t *testing.T) {
 	c := kubetest.Start(t)
 	kc := "--kubeconfig=" + c.Kubeconfig
-	out := helm(t, "install", "ferry", chart, "--namespace", deploy.Namespace, kc)
+	// helm keeps its release record in the release namespace, so that must exist
+	// before the chart's Namespace object is applied: --create-namespace makes it,
+	// --take-ownership lets the chart's Namespace (with its Pod Security labels)
+	// adopt it. docs/install.md gives this command.
+	out := helm(t, "install", "ferry", chart, "--namespace", deploy.Namespace, "--create-namespace", "--take-ownership", kc)
 	t.Logf("helm install:\n%s", out)
 	want, err := deploy.Render(deploy.Options{})
 	if err != nil {
@@ -367,6 +371,9 @@ func TestHelmInstall(t *testing.T) {
 		if o.GetKind() != "CustomResourceDefinition" && o.GetAnnotations()["meta.helm.sh/release-name"] != "ferry" {
 			t.Errorf("%s is not owned by the release: annotations %v", ref, o.GetAnnotations())
 		}
+	}
+	if ns := got["Namespace /"+deploy.Namespace]; ns == nil || ns.GetLabels()["pod-security.kubernetes.io/enforce"] != "privileged" {
+		t.Errorf("namespace %s is not labelled for the privileged Pod Security level: %v", deploy.Namespace, ns)
 	}
 	if status := helm(t, "status", "ferry", "-n", deploy.Namespace, kc); !strings.Contains(status, "STATUS: deployed") {
 		t.Errorf("helm status:\n%s", status)
