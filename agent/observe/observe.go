@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/agent/metrics"
@@ -81,6 +82,9 @@ type Sources struct {
 	LiveConns func() int
 	// PinDir is the data path's bpffs folder, whose maps the metrics read.
 	PinDir string
+	// Certificates reports the workload certificates held now (identity to
+	// NotAfter), for ferry_certificate_expiry_timestamp_seconds; nil exports none.
+	Certificates func() map[string]time.Time
 }
 
 // Observer records every proxied connection as a flow and in the metrics, and
@@ -126,8 +130,9 @@ func New(cfg Config, node string, src Sources, log *slog.Logger) *Observer {
 			st := o.ring.Status()
 			return st.Flows, st.Capacity, st.Seen, st.Lost
 		},
-		LiveConns: live,
-		Kernel:    kernelReader{pinDir: src.PinDir},
+		LiveConns:    live,
+		Kernel:       kernelReader{pinDir: src.PinDir},
+		Certificates: src.Certificates,
 	})
 	return o
 }
