@@ -258,13 +258,21 @@ func (o *Observer) Stop(ctx context.Context) error {
 
 // ConnOpened counts a connection the proxy accepted.
 func (o *Observer) ConnOpened(c admin.Conn) {
-	o.metrics.ConnOpened(connLabels(c, o.serviceOf(c)))
+	l := connLabels(c, o.serviceOf(c))
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.ConnOpened(l)
+	}
 }
 
 // ConnClosed records an ended connection as a flow and in the metrics.
 func (o *Observer) ConnClosed(c admin.Conn) {
 	svc := o.serviceOf(c)
-	o.metrics.ConnClosed(connLabels(c, svc), c.BytesSent, c.BytesRecv)
+	l := connLabels(c, svc)
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.ConnClosed(l, c.BytesSent, c.BytesRecv)
+	}
 	f := o.flow(c)
 	f.Service = svc.flow
 	o.ring.Add(f)
@@ -291,7 +299,11 @@ func (o *Observer) Request(c admin.Conn) {
 		return
 	}
 	svc := o.serviceOf(c)
-	o.metrics.Request(requestLabels(c, svc), c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	l := requestLabels(c, svc)
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.Request(l, c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	}
 	o.metrics.Retries(svc.metric, c.HTTP.Retries)
 	f := o.requestFlow(c)
 	f.Service = svc.flow
