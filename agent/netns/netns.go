@@ -13,8 +13,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
-	"sync"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
@@ -22,35 +20,9 @@ import (
 )
 
 // Handle is an open network namespace.
-//
-// Do runs code on OS threads that stay inside the namespace between calls (up to
-// maxIdle of them, each parked for at most idleFor), so a dial from a busy pod costs
-// a hand-off to a parked thread instead of a thread lock, an open of the current
-// namespace and two setns(2) calls.
 type Handle struct {
 	ns   vnetns.NsHandle
 	path string
-
-	mu     sync.Mutex
-	idle   []*worker // parked threads inside ns, most recently used last
-	closed bool
-}
-
-// maxIdle bounds the threads a namespace keeps parked; idleFor bounds how long one
-// waits for work before it leaves the namespace and returns to the runtime.
-const (
-	maxIdle = 2
-	idleFor = 10 * time.Second
-)
-
-// worker is a goroutine locked to an OS thread that has entered the namespace.
-type worker struct {
-	jobs chan job
-}
-
-type job struct {
-	fn   func() error
-	errc chan error
 }
 
 // Open opens the network namespace at path (a /var/run/netns file or /proc/PID/ns/net).
@@ -68,111 +40,33 @@ func (h *Handle) Path() string { return h.path }
 // FD is the namespace's file descriptor, valid until Close.
 func (h *Handle) FD() int { return int(h.ns) }
 
-// Close releases the namespace handle; parked threads leave the namespace. A Do in
-// progress finishes where it is.
-func (h *Handle) Close() error {
-	h.mu.Lock()
-	h.closed = true
-	idle := h.idle
-	h.idle = nil
-	h.mu.Unlock()
-	for _, w := range idle {
-		close(w.jobs)
-	}
-	return h.ns.Close()
-}
+// Close releases the namespace handle.
+func (h *Handle) Close() error { return h.ns.Close() }
 
-// Do runs fn on a locked OS thread inside the namespace: a parked one if there is
-// one, else a new one. Calls may run at once, each on its own thread. A thread
-// returns to the runtime only after it is back in the namespace it came from; if it
-// cannot get back it is not unlocked, so the runtime discards it rather than reusing
-// a thread in the wrong place.
+// Do runs fn inside the namespace on the caller's own goroutine, locked to its OS
+// thread for the call, and then puts the thread back where it was (the caller may
+// itself be inside a Do). No goroutine or thread hand-off: a dial to a pod costs the
+// open of the thread's namespace and two setns(2) calls. A thread that cannot be put
+// back would leave the caller making sockets in the wrong namespace, so that panics.
 func (h *Handle) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
-		return fmt.Errorf("enter netns %s: handle closed", h.path)
-	}
-	if n := len(h.idle); n > 0 {
-		w := h.idle[n-1]
-		h.idle = h.idle[:n-1]
-		h.mu.Unlock()
-		w.jobs <- job{fn, errc}
-		return <-errc
-	}
-	h.mu.Unlock()
-	go h.run(job{fn, errc})
-	return <-errc
-}
-
-// run is a worker: it enters the namespace, runs first, then parks for more work.
-func (h *Handle) run(first job) {
 	runtime.LockOSThread()
 	orig, err := vnetns.Get()
 	if err != nil {
 		runtime.UnlockOSThread()
-		first.errc <- fmt.Errorf("current netns: %w", err)
-		return
+		return fmt.Errorf("current netns: %w", err)
 	}
 	defer orig.Close()
 	if err := vnetns.Set(h.ns); err != nil {
 		runtime.UnlockOSThread()
-		first.errc <- fmt.Errorf("enter netns %s: %w", h.path, err)
-		return
+		return fmt.Errorf("enter netns %s: %w", h.path, err)
 	}
-	w := &worker{jobs: make(chan job)}
-	timer := time.NewTimer(idleFor)
-	defer timer.Stop()
-	j := first
-	for {
-		j.errc <- j.fn()
-		if !h.park(w) {
-			break
+	defer func() {
+		if err := vnetns.Set(orig); err != nil {
+			panic(fmt.Sprintf("netns: cannot return thread from %s: %v", h.path, err))
 		}
-		timer.Reset(idleFor)
-		var ok bool
-		select {
-		case j, ok = <-w.jobs:
-		case <-timer.C:
-			if !h.unpark(w) {
-				// Do (or Close) took w just as the timer fired: its job, or the
-				// close, is on the way.
-				j, ok = <-w.jobs
-			}
-		}
-		if !ok {
-			break
-		}
-	}
-	if err := vnetns.Set(orig); err != nil {
-		return // thread stays locked and dies with this goroutine
-	}
-	runtime.UnlockOSThread()
-}
-
-// park offers w for the next Do; false if the handle is closed or has enough parked.
-func (h *Handle) park(w *worker) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.closed || len(h.idle) >= maxIdle {
-		return false
-	}
-	h.idle = append(h.idle, w)
-	return true
-}
-
-// unpark takes an idle w off the list; false if a Do (or Close) already took it.
-func (h *Handle) unpark(w *worker) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for i, x := range h.idle {
-		if x == w {
-			h.idle = append(h.idle[:i], h.idle[i+1:]...)
-			return true
-		}
-	}
-	return false
+		runtime.UnlockOSThread()
+	}()
+	return fn()
 }
 
 // Cookie returns the namespace's netns cookie, the key BPF programs see.
