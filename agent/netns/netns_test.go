@@ -44,6 +44,21 @@ func hostCookie(t testing.TB) uint64 {
 	return r.c
 }
 
+// listenInside opens a TCP listener on 127.0.0.1 inside h, closed when t ends.
+func listenInside(t testing.TB, h *netns.Handle) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	if err := h.Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
 // TestDoRunsInsideAndLeavesTheRestOutside: calls run in the namespace, at once when
 // several are made together, a listener opened there is reachable only there, and
 // after Close no thread of the process is left inside.
@@ -87,15 +102,7 @@ func TestDoRunsInsideAndLeavesTheRestOutside(t *testing.T) {
 
 	// A socket made inside stays there: a listener on 127.0.0.1 in the namespace
 	// answers a dial made inside.
-	var ln net.Listener
-	if err := h.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listenInside(t, h)
 	go func() {
 		if c, err := ln.Accept(); err == nil {
 			c.Write([]byte("hi"))
@@ -204,15 +211,7 @@ func BenchmarkDo(b *testing.B) {
 // Do and closes it: the netns part of a dial to a pod with the connect it wraps.
 func BenchmarkDoDial(b *testing.B) {
 	h := privileged.NewNetns(b)
-	var ln net.Listener
-	if err := h.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listenInside(b, h)
 	go func() {
 		for {
 			c, err := ln.Accept()
