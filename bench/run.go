@@ -60,6 +60,8 @@ type Sample struct {
 	CPUPer1k float64 `json:"cpu_per_1k,omitempty"`
 	// PeakRSS is the sum of the proxies' peak resident set sizes, in bytes.
 	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
+	// Seconds is the wall time of the run, for CPU per second.
+	Seconds float64 `json:"seconds,omitempty"`
 	// Procs splits ProxyCPU and PeakRSS by process.
 	Procs []ProcCost `json:"procs,omitempty"`
 	// Carried is how Ferry carried an HTTP/2 or gRPC workload, from the client
@@ -75,6 +77,11 @@ type ProcCost struct {
 	Name    string  `json:"name"`
 	CPU     float64 `json:"cpu_s"`
 	PeakRSS int64   `json:"peak_rss_bytes"`
+	// IdleRSS is the process's resident set (VmRSS) right before the run, after the
+	// scenario's warm-up and the runs before it, with no load; LoadRSS the largest
+	// VmRSS sampled every 100 ms during the run.
+	IdleRSS int64 `json:"idle_rss_bytes,omitempty"`
+	LoadRSS int64 `json:"load_rss_bytes,omitempty"`
 }
 
 // Placement says which CPUs load, servers and proxies ran on, and what else the
@@ -361,6 +368,10 @@ func (r *runner) startServers(ctx context.Context) error {
 		if _, err := r.start(ctx, pod, "sink-"+pod, bin, args...); err != nil {
 			return err
 		}
+		bin, args = r.onApp(r.cfg.FerryBinary, "bench", "rr-server", "--listen", fmt.Sprintf(":%d", rrPort))
+		if _, err := r.start(ctx, pod, "rr-"+pod, bin, args...); err != nil {
+			return err
+		}
 	}
 	if err := r.startHAProxy(ctx); err != nil {
 		return err
@@ -436,12 +447,19 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	r.step++
 	procs := r.proxyProcs(sc)
 	cpu0 := r.cpus(procs)
+	idle := make([]int64, len(procs))
+	for i, p := range procs {
+		idle[i], _ = rss(p.pid)
+	}
+	sampler := startRSSSampler(procs)
 	var (
 		s   Sample
 		err error
 	)
 	start := time.Now()
 	switch w.kind {
+	case kindRR:
+		s, err = r.rr(ctx, sc, w, r.cfg.Plan.Duration)
 	case kindBulk:
 		s, err = r.bulk(ctx, sc, r.cfg.Plan.Duration)
 	case kindH2:
@@ -449,6 +467,8 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	default:
 		s, err = r.fortio(ctx, sc, w, r.cfg.Plan.Duration)
 	}
+	elapsed := time.Since(start)
+	loadRSS := sampler.stop()
 	if sc.proxy == proxyFerry && w.kind.proto().l7() {
 		// What the flows say, failed run or not: the report labels the row with it.
 		s.Carried = r.carried(ctx, sc, w, start)
@@ -460,8 +480,9 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		return s, err
 	}
 	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
+	s.Seconds = elapsed.Seconds()
 	for i, c := range r.cpus(procs) {
-		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i]}
+		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i], IdleRSS: idle[i], LoadRSS: max(idle[i], loadRSS[i])}
 		pc.PeakRSS, _ = peakRSS(procs[i].pid)
 		s.Procs = append(s.Procs, pc)
 		s.ProxyCPU += pc.CPU
@@ -482,8 +503,11 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 			carried = "  carried at " + s.Carried
 		}
 		unit := "req/s"
-		if w.kind == kindGRPC {
+		switch w.kind {
+		case kindGRPC:
 			unit = "calls/s"
+		case kindRR:
+			unit = "exch/s"
 		}
 		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f %-7s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs%s", r.step, r.all, rep, sc.Key, w.Key, s.QPS, unit, s.P50, s.P99, s.Errors, s.ProxyCPU, carried)
 	}
@@ -584,6 +608,29 @@ func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample
 		return Sample{}, errors.New("tcp-send moved no bytes")
 	}
 	return Sample{Gbps: float64(res.Bytes) * 8 / res.Seconds / 1e9}, nil
+}
+
+// rr runs rr-client in the scenario's client pod against its rr-server.
+func (r *runner) rr(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
+	target := sc.target(protoRR, r.podIP(sc.server))
+	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "rr-client", "--to", target, "--conns", strconv.Itoa(w.Conns), "--duration", d.String())
+	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	defer cancel()
+	cmd := r.lab.Command(rctx, sc.client, bin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return Sample{}, fmt.Errorf("rr-client: %w: %s", err, lastLines([]byte(stderr.String()), 5))
+	}
+	var res RRResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		return Sample{}, fmt.Errorf("rr-client output %q: %w", out, err)
+	}
+	if res.Exchanges == 0 {
+		return Sample{}, errors.New("rr-client completed no exchange")
+	}
+	return Sample{QPS: res.Rate(), Requests: res.Exchanges, P50: res.P50, P99: res.P99}, nil
 }
 
 func (r *runner) podIP(name string) string {

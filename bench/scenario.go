@@ -4,6 +4,7 @@
 package bench
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -54,20 +55,23 @@ const (
 	protoTCP                   // the bulk sink
 	protoH2                    // fortio's echo over h2c (prior knowledge)
 	protoGRPC                  // fortio's gRPC ping service
+	protoRR                    // the small request-response server (rr-server)
 )
 
 // protocols is every protocol, for the tables that hold one address each.
-var protocols = [...]protocol{protoHTTP1, protoTCP, protoH2, protoGRPC}
+var protocols = [...]protocol{protoHTTP1, protoTCP, protoH2, protoGRPC, protoRR}
 
 // Ports of the servers in every server pod, and of the HAProxy pair.
 const (
 	httpPort       = 8080 // fortio server: HTTP/1.1 and h2c on one port
 	grpcPort       = 8079 // fortio server: gRPC ping
 	sinkPort       = 5201
+	rrPort         = 5202  // ferry bench rr-server
 	hapTLSHTTPPort = 15443 // server-side HAProxy, mode tcp: mTLS in, plaintext to httpPort
 	hapTLSBulkPort = 15444 // server-side HAProxy, mode tcp: mTLS in, plaintext to sinkPort
 	hapTLSH2Port   = 15445 // server-side HAProxy, mode http: h2 over mTLS in, h2c to httpPort
 	hapTLSGRPCPort = 15446 // server-side HAProxy, mode http: h2 over mTLS in, h2c to grpcPort
+	hapTLSRRPort   = 15447 // server-side HAProxy, mode tcp: mTLS in, plaintext to rrPort
 )
 
 // serverPort is the port of the server pod's app for p.
@@ -77,6 +81,8 @@ func (p protocol) serverPort() int {
 		return sinkPort
 	case protoGRPC:
 		return grpcPort
+	case protoRR:
+		return rrPort
 	}
 	return httpPort
 }
@@ -182,9 +188,10 @@ func labConfig(agentBin string) lab.Config {
 var hapServers = [...]string{"nms2", "nms1"}
 
 // hapLocalPort is the port the client-side HAProxy listens on (127.0.0.1 in nmc)
-// for p toward hapServers[i]: 15001.. for HTTP/1.1 and bulk, 15011.. for HTTP/2 and gRPC.
+// for p toward hapServers[i]: 15001.. for HTTP/1.1 and bulk, 15011.. for HTTP/2 and
+// gRPC, 15021.. for the small request-response exchanges.
 func hapLocalPort(p protocol, i int) int {
-	base := map[protocol]int{protoHTTP1: 15001, protoTCP: 15002, protoH2: 15011, protoGRPC: 15012}[p]
+	base := map[protocol]int{protoHTTP1: 15001, protoTCP: 15002, protoH2: 15011, protoGRPC: 15012, protoRR: 15021}[p]
 	return base + 2*i
 }
 
@@ -256,6 +263,7 @@ const (
 	kindBulk                        // tcp-send to the sink
 	kindH2                          // h2load, HTTP/2 prior knowledge (h2c), streams multiplexed
 	kindGRPC                        // fortio load -grpc -ping: unary calls
+	kindRR                          // rr-client: small exchanges, one at a time per connection
 )
 
 // proto is what the workload's client speaks.
@@ -267,6 +275,8 @@ func (k workloadKind) proto() protocol {
 		return protoH2
 	case kindGRPC:
 		return protoGRPC
+	case kindRR:
+		return protoRR
 	}
 	return protoHTTP1
 }
@@ -308,6 +318,47 @@ type Plan struct {
 	H2Warmup  time.Duration
 	Scenarios []Scenario
 	Workloads []Workload
+	// Selected says the plan was cut down with Select: its history rows are "custom".
+	Selected bool
+}
+
+// Select keeps only the workloads and scenarios with the given keys (all when a
+// list is empty).
+func (p *Plan) Select(workloads, scenarios []string) error {
+	if len(workloads) > 0 {
+		var keep []Workload
+		for _, k := range workloads {
+			i := slices.IndexFunc(p.Workloads, func(w Workload) bool { return w.Key == k })
+			if i < 0 {
+				return fmt.Errorf("no workload %q in this plan (%s)", k, strings.Join(keys(p.Workloads, func(w Workload) string { return w.Key }), ", "))
+			}
+			keep = append(keep, p.Workloads[i])
+		}
+		p.Workloads, p.Selected = keep, true
+	}
+	if len(scenarios) > 0 {
+		var keep []Scenario
+		for _, k := range scenarios {
+			i := slices.IndexFunc(p.Scenarios, func(s Scenario) bool { return s.Key == k })
+			if i < 0 {
+				return fmt.Errorf("no scenario %q (%s)", k, strings.Join(keys(p.Scenarios, func(s Scenario) string { return s.Key }), ", "))
+			}
+			keep = append(keep, p.Scenarios[i])
+		}
+		p.Scenarios, p.Selected = keep, true
+	}
+	if p.Runs() == 0 {
+		return errors.New("the selected workloads run in none of the selected scenarios")
+	}
+	return nil
+}
+
+func keys[T any](xs []T, key func(T) string) []string {
+	var out []string
+	for _, x := range xs {
+		out = append(out, key(x))
+	}
+	return out
 }
 
 func httpWorkload(qps, payload int) Workload {
@@ -393,7 +444,19 @@ func NewPlan(quick bool) Plan {
 	p.Workloads = append(p.Workloads, httpWorkload(0, 10240),
 		Workload{Key: "newconn", Name: "new connection per request, 1 KiB, 8 conns, max", kind: kindNewConn, Conns: 8, Payload: 1024},
 		Workload{Key: "bulk", Name: "bulk TCP, 1 connection, one way", kind: kindBulk, Conns: 1},
+		rrSmall(),
 	)
 	p.Workloads = append(p.Workloads, l7...)
 	return p
+}
+
+// rrScenarios are the scenarios the small request-response workload runs in: the
+// baselines and Ferry with and without the fast path, both placements.
+var rrScenarios = []string{"nomesh-x", "nomesh-s", "haproxy-x", "haproxy-s", "ferry-x", "ferry-s", "nofast-x", "nofast-s"}
+
+// rrSmall is 64 connections each doing one 16-byte request and 64-byte reply at a
+// time, as fast as they go.
+func rrSmall() Workload {
+	return Workload{Key: "rr-small", Name: fmt.Sprintf("small request-response, %d B request, %d B reply, 64 conns, no pipelining, max", RRRequestSize, RRReplySize),
+		kind: kindRR, Conns: 64, Payload: RRRequestSize, only: rrScenarios}
 }

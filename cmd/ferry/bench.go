@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/ferrymesh/ferry/bench"
@@ -23,6 +24,7 @@ func newBenchCommand() *cobra.Command {
 		reps             int
 		duration, warmup time.Duration
 		verbose          bool
+		only, scenarios  []string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -101,6 +103,9 @@ them).`,
 			if cmd.Flags().Changed("warmup") {
 				plan.Warmup = warmup
 			}
+			if err := plan.Select(only, scenarios); err != nil {
+				return err
+			}
 			level := slog.LevelWarn
 			if verbose {
 				level = slog.LevelInfo
@@ -128,8 +133,18 @@ them).`,
 			if err != nil {
 				return err
 			}
+			goals := bench.Goals(res)
 			fmt.Fprintf(w, "\n%s\nbench: wrote %s, %s, %s, %s\n", md, report,
 				filepath.Join(out, "samples.json"), filepath.Join(out, "latency.png"), filepath.Join(out, "throughput.png"))
+			fmt.Fprintf(w, "\nIssue 14 goals:\n")
+			if err := bench.WriteGoalsText(w, goals); err != nil {
+				return err
+			}
+			commit, dirty := gitCommit()
+			if err := bench.AppendHistory(bench.HistoryFile, bench.HistoryRows(res, goals, commit, dirty)); err != nil {
+				return err
+			}
+			fmt.Fprintf(w, "bench: appended %d goal rows to %s (ferry bench history prints them)\n", len(goals), bench.HistoryFile)
 			return nil
 		},
 	}
@@ -142,7 +157,89 @@ them).`,
 	f.DurationVar(&duration, "duration", 0, "length of each workload run (default 3s, or 1s with --quick)")
 	f.DurationVar(&warmup, "warmup", 0, "light traffic before each scenario (default 1s, or 300ms with --quick)")
 	f.BoolVar(&verbose, "verbose", false, "log the lab's steps")
-	cmd.AddCommand(newBenchSinkCommand(), newBenchSendCommand())
+	f.StringSliceVar(&only, "only", nil, "measure only these workloads (keys, e.g. rr-small,http-1k-1000)")
+	f.StringSliceVar(&scenarios, "scenarios", nil, "measure only these scenarios (keys, e.g. nomesh-x,haproxy-x,ferry-x)")
+	cmd.AddCommand(newBenchSinkCommand(), newBenchSendCommand(), newBenchRRServerCommand(), newBenchRRClientCommand(), newBenchHistoryCommand())
+	return cmd
+}
+
+// newBenchRRServerCommand is the small request-response server the harness runs in pods.
+func newBenchRRServerCommand() *cobra.Command {
+	var listen string
+	cmd := &cobra.Command{
+		Use:     "rr-server",
+		Short:   "Answer every 16-byte request with a 64-byte reply (the small request-response server)",
+		Example: `  sudo ferry lab exec c -- ferry bench rr-server --listen :5202`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			lc := listener.Config()
+			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listen: %w", err)
+			}
+			return bench.RRServe(cmd.Context(), ln)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", ":5202", "address to listen on")
+	return cmd
+}
+
+// newBenchRRClientCommand is the small request-response client the harness runs in pods.
+func newBenchRRClientCommand() *cobra.Command {
+	var (
+		to    string
+		conns int
+		d     time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "rr-client",
+		Short: "Do 16-byte request / 64-byte reply exchanges, one at a time per connection, as fast as possible; print exchanges and p50/p99 as JSON",
+		Example: `  sudo ferry lab exec a -- ferry bench rr-client --to 10.100.2.10:5202 --conns 64 --duration 5s
+  {"exchanges":412345,"seconds":5.0011,"p50_ms":0.71,"p99_ms":2.3}`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if to == "" {
+				return errors.New("--to IP:PORT is required")
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), d+10*time.Second)
+			defer cancel()
+			res, err := bench.RRLoad(ctx, to, conns, d)
+			if err != nil {
+				return err
+			}
+			return bench.WriteRRResult(cmd.OutOrStdout(), res)
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "rr-server address IP:PORT")
+	cmd.Flags().IntVar(&conns, "conns", 64, "connections, each with one exchange in flight")
+	cmd.Flags().DurationVar(&d, "duration", 5*time.Second, "how long to run")
+	return cmd
+}
+
+// newBenchHistoryCommand prints the goal rows every run appended to the history file.
+func newBenchHistoryCommand() *cobra.Command {
+	var file, goal string
+	cmd := &cobra.Command{
+		Use:   "history",
+		Short: "Print the goal figures of past benchmark runs (results/history.tsv) as a table",
+		Example: `  ferry bench history
+  ferry bench history --goal rr-small`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, err := os.Open(file)
+			if err != nil {
+				return fmt.Errorf("history: %w", err)
+			}
+			defer f.Close()
+			rows, err := bench.ReadHistory(f)
+			if err != nil {
+				return err
+			}
+			return bench.WriteHistoryTable(cmd.OutOrStdout(), rows, goal)
+		},
+	}
+	cmd.Flags().StringVar(&file, "file", bench.HistoryFile, "history file")
+	cmd.Flags().StringVar(&goal, "goal", "", "only goals whose key contains this")
 	return cmd
 }
 
@@ -200,4 +297,15 @@ func newBenchSendCommand() *cobra.Command {
 	cmd.Flags().IntVar(&conns, "conns", 1, "parallel connections")
 	cmd.Flags().DurationVar(&d, "duration", 5*time.Second, "how long to send")
 	return cmd
+}
+
+// gitCommit is the short commit of the working tree the run is made from and whether
+// it has uncommitted changes; "unknown" outside a git checkout.
+func gitCommit() (string, bool) {
+	out, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return "unknown", false
+	}
+	st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output()
+	return strings.TrimSpace(string(out)), err == nil && len(strings.TrimSpace(string(st))) > 0
 }
