@@ -56,7 +56,7 @@ func TestGoals(t *testing.T) {
 		{"agent-mem node2", 10, "held"},    // 10 MiB
 		{"agent-cpu node1", 0.05, "held"},  // 0.1 CPU s over 2 s at 1k req/s
 		{"agent-cpu node2", 0.1, "missed"}, // 0.2 / 2
-		{"bulk-gotls", 0, "not measured"},  // no gotls scenario in the plan
+		{"bulk-gotls", 0.5, "missed"},      // 5 Gbit/s over no-mesh Go TLS 10
 		{"fast-p99", 1, "held"},            // same p99
 		{"l7-cost-h2", 1, "held"},          // same CPU at L7 and L4
 		{"newconn", 1, "missed"},           // needs 3×
@@ -170,8 +170,8 @@ func TestHistoryAppendAndTable(t *testing.T) {
 		t.Errorf("history.md: %v\n%s", err, md)
 	}
 	// A goal not measured keeps its row, without a value.
-	if !strings.Contains(string(md), "| bulk-gotls | 2026-01-02 03:04 | abc123 | quick | – | ≥ 0.8 | not measured | – |") {
-		t.Errorf("history.md lacks the unmeasured bulk-gotls row:\n%s", md)
+	if !strings.Contains(string(md), "| added-p99 | 2026-01-02 03:04 | abc123 | quick | – | ≤ 0.7 | not measured | – |") {
+		t.Errorf("history.md lacks the unmeasured added-p99 row:\n%s", md)
 	}
 }
 

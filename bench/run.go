@@ -114,9 +114,11 @@ type runner struct {
 	mode agentMode
 	pl   Placement
 	hap  map[string]int // haproxy PIDs: "client", "nms1", "nms2"
-	proc []*exec.Cmd
-	step int
-	all  int
+	// goTLS is the client's certificate for the gotls scenarios.
+	goTLS TLSFiles
+	proc  []*exec.Cmd
+	step  int
+	all   int
 }
 
 // Run measures every scenario and workload of cfg.Plan and writes the results under
@@ -373,6 +375,18 @@ func (r *runner) startServers(ctx context.Context) error {
 			return err
 		}
 	}
+	client, srv, err := writeGoTLSFiles(filepath.Join(r.tmp, "gotls"), hapServers[:])
+	if err != nil {
+		return err
+	}
+	r.goTLS = client
+	for _, pod := range hapServers {
+		f := srv[pod]
+		bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", tlsSinkPort), "--cert", f.Cert, "--key", f.Key, "--ca", f.CA)
+		if _, err := r.start(ctx, pod, "tls-sink-"+pod, bin, args...); err != nil {
+			return err
+		}
+	}
 	if err := r.startHAProxy(ctx); err != nil {
 		return err
 	}
@@ -590,7 +604,11 @@ func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Dur
 // bulk sends bytes one way over one connection for d.
 func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample, error) {
 	target := sc.target(protoTCP, r.podIP(sc.server))
-	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-send", "--to", target, "--duration", d.String())
+	send := []string{"bench", "tcp-send", "--to", target, "--duration", d.String()}
+	if sc.goTLS {
+		send = append(send, "--cert", r.goTLS.Cert, "--key", r.goTLS.Key, "--ca", r.goTLS.CA)
+	}
+	bin, args := r.onApp(r.cfg.FerryBinary, send...)
 	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
 	cmd := r.lab.Command(rctx, sc.client, bin, args...)

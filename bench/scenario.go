@@ -66,6 +66,7 @@ const (
 	httpPort       = 8080 // fortio server: HTTP/1.1 and h2c on one port
 	grpcPort       = 8079 // fortio server: gRPC ping
 	sinkPort       = 5201
+	tlsSinkPort    = 5203  // the bulk sink over Go crypto/tls (the gotls scenarios)
 	rrPort         = 5202  // ferry bench rr-server
 	hapTLSHTTPPort = 15443 // server-side HAProxy, mode tcp: mTLS in, plaintext to httpPort
 	hapTLSBulkPort = 15444 // server-side HAProxy, mode tcp: mTLS in, plaintext to sinkPort
@@ -107,12 +108,18 @@ type Scenario struct {
 	// l7Only scenarios run only the HTTP/2 and gRPC workloads: the others would
 	// measure the same path as another scenario.
 	l7Only bool
+	// goTLS scenarios run only bulk, with tcp-send and tcp-sink speaking crypto/tls
+	// to each other.
+	goTLS bool
 }
 
 // target is the address the scenario's client dials for p, given the server pod's IP.
 func (s Scenario) target(p protocol, serverIP string) string {
 	if a, ok := s.via[p]; ok {
 		return a
+	}
+	if s.goTLS && p == protoTCP {
+		return fmt.Sprintf("%s:%d", serverIP, tlsSinkPort)
 	}
 	return fmt.Sprintf("%s:%d", serverIP, p.serverPort())
 }
@@ -228,6 +235,8 @@ func scenarios() []Scenario {
 		{Key: "nomesh-s", Name: "no mesh, same node", client: "nmc", server: "nms1"},
 		{Key: "haproxy-x", Name: "HAProxy pair mTLS, across nodes", CrossNode: true, proxy: proxyHAProxy, client: "nmc", server: "nms2", via: viaHAProxy("nms2")},
 		{Key: "haproxy-s", Name: "HAProxy pair mTLS, same node", proxy: proxyHAProxy, client: "nmc", server: "nms1", via: viaHAProxy("nms1")},
+		{Key: "gotls-x", Name: "Go crypto/tls pod to pod, no mesh, across nodes", CrossNode: true, client: "nmc", server: "nms2", goTLS: true},
+		{Key: "gotls-s", Name: "Go crypto/tls pod to pod, no mesh, same node", client: "nmc", server: "nms1", goTLS: true},
 		ferry("ferry-x", "Ferry mTLS tunnel, across nodes", true, modeEBPF),
 		ferry("ferry-s", "Ferry, same node", false, modeEBPF),
 		nofastX,
@@ -300,6 +309,9 @@ type Workload struct {
 // runsIn says whether the workload is measured in scenario sc.
 func (w Workload) runsIn(sc Scenario) bool {
 	if sc.l7Only && !w.kind.proto().l7() {
+		return false
+	}
+	if sc.goTLS && w.kind != kindBulk {
 		return false
 	}
 	return w.only == nil || slices.Contains(w.only, sc.Key)

@@ -6,6 +6,7 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,24 +51,29 @@ func Sink(ctx context.Context, ln net.Listener) error {
 }
 
 // Send writes to addr over conns connections for d and reports the bytes the
-// sink took (written before the deadline) and the time it took.
-func Send(ctx context.Context, addr string, conns int, d time.Duration) (SendResult, error) {
+// sink took (written before the deadline) and the time it took. With tlsCfg it
+// speaks TLS (the handshake is done before the clock starts).
+func Send(ctx context.Context, addr string, conns int, d time.Duration, tlsCfg *tls.Config) (SendResult, error) {
 	var total atomic.Int64
 	errs := make([]error, conns)
+	cs := make([]net.Conn, conns)
+	for i := range cs {
+		c, err := dialSink(ctx, addr, tlsCfg)
+		if err != nil {
+			for _, c := range cs[:i] {
+				c.Close()
+			}
+			return SendResult{}, err
+		}
+		cs[i] = c
+	}
 	var wg sync.WaitGroup
 	start := time.Now()
 	deadline := start.Add(d)
-	for i := range conns {
+	for i, c := range cs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			var dl net.Dialer
-			dl.SetMultipathTCP(false)
-			c, err := dl.DialContext(ctx, "tcp", addr)
-			if err != nil {
-				errs[i] = err
-				return
-			}
 			defer c.Close()
 			buf := make([]byte, 256<<10)
 			c.SetWriteDeadline(deadline)
@@ -86,6 +92,24 @@ func Send(ctx context.Context, addr string, conns int, d time.Duration) (SendRes
 	wg.Wait()
 	res := SendResult{Bytes: total.Load(), Seconds: time.Since(start).Seconds()}
 	return res, errors.Join(errs...)
+}
+
+func dialSink(ctx context.Context, addr string, tlsCfg *tls.Config) (net.Conn, error) {
+	var dl net.Dialer
+	dl.SetMultipathTCP(false)
+	c, err := dl.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial sink: %w", err)
+	}
+	if tlsCfg == nil {
+		return c, nil
+	}
+	tc := tls.Client(c, tlsCfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("sink tls handshake: %w", err)
+	}
+	return tc, nil
 }
 
 // WriteSendResult prints r as JSON.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -245,23 +246,43 @@ func newBenchHistoryCommand() *cobra.Command {
 
 // newBenchSinkCommand is the bulk-throughput server the harness runs in pods.
 func newBenchSinkCommand() *cobra.Command {
-	var listen string
+	var (
+		listen string
+		files  bench.TLSFiles
+	)
 	cmd := &cobra.Command{
-		Use:     "tcp-sink",
-		Short:   "Accept TCP connections and discard what they send (the bulk-throughput server)",
-		Example: `  sudo ferry lab exec c -- ferry bench tcp-sink --listen :5201`,
-		Args:    cobra.NoArgs,
+		Use:   "tcp-sink",
+		Short: "Accept TCP (or, with --cert, mutual TLS) connections and discard what they send (the bulk-throughput server)",
+		Example: `  sudo ferry lab exec c -- ferry bench tcp-sink --listen :5201
+  sudo ferry lab exec c -- ferry bench tcp-sink --listen :5203 --cert c.crt --key c.key --ca root.pem`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			tlsCfg, err := files.TLSConfig(true)
+			if err != nil {
+				return err
+			}
 			lc := listener.Config()
 			ln, err := lc.Listen(cmd.Context(), "tcp", listen)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
 			}
+			if tlsCfg != nil {
+				ln = tls.NewListener(ln, tlsCfg)
+			}
 			return bench.Sink(cmd.Context(), ln)
 		},
 	}
 	cmd.Flags().StringVar(&listen, "listen", ":5201", "address to listen on")
+	tlsFlags(cmd, &files, "the sink's")
 	return cmd
+}
+
+// tlsFlags registers the certificate flags of tcp-sink and tcp-send.
+func tlsFlags(cmd *cobra.Command, f *bench.TLSFiles, whose string) {
+	cmd.Flags().StringVar(&f.Cert, "cert", "", whose+" certificate (PEM); with --key and --ca, speak TLS 1.3 with crypto/tls and require the peer's certificate")
+	cmd.Flags().StringVar(&f.Key, "key", "", whose+" private key (PEM)")
+	cmd.Flags().StringVar(&f.CA, "ca", "", "CA certificate (PEM) the peer's certificate must chain to")
+	cmd.MarkFlagsRequiredTogether("cert", "key", "ca")
 }
 
 // newBenchSendCommand is the bulk-throughput client the harness runs in pods.
@@ -270,6 +291,7 @@ func newBenchSendCommand() *cobra.Command {
 		to    string
 		conns int
 		d     time.Duration
+		files bench.TLSFiles
 	)
 	cmd := &cobra.Command{
 		Use:   "tcp-send",
@@ -284,9 +306,13 @@ func newBenchSendCommand() *cobra.Command {
 			if conns < 1 || d <= 0 {
 				return errors.New("--conns must be at least 1 and --duration positive")
 			}
+			tlsCfg, err := files.TLSConfig(false)
+			if err != nil {
+				return err
+			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), d+10*time.Second)
 			defer cancel()
-			res, err := bench.Send(ctx, to, conns, d)
+			res, err := bench.Send(ctx, to, conns, d, tlsCfg)
 			if err != nil {
 				return err
 			}
@@ -296,6 +322,7 @@ func newBenchSendCommand() *cobra.Command {
 	cmd.Flags().StringVar(&to, "to", "", "sink address IP:PORT")
 	cmd.Flags().IntVar(&conns, "conns", 1, "parallel connections")
 	cmd.Flags().DurationVar(&d, "duration", 5*time.Second, "how long to send")
+	tlsFlags(cmd, &files, "the sender's")
 	return cmd
 }
 
