@@ -96,6 +96,9 @@ func Goals(res *Results) []Goal {
 		default:
 			g.Measured, g.Value = true, sa.Median/sb.Median
 			g.Detail = fmt.Sprintf("%s %s / %s %s (%s)", a, fmtNum(sa.Median, m.prec), b, fmtNum(sb.Median, m.prec), m.name)
+			if reps := res.Plan.Reps; sa.N < reps || sb.N < reps {
+				g.Detail += fmt.Sprintf("; from %d and %d of %d repetitions, the others failed", sa.N, sb.N, reps)
+			}
 		}
 		gs = append(gs, g)
 	}

@@ -97,6 +97,21 @@ func TestGoalsWithoutWorkload(t *testing.T) {
 	}
 }
 
+// TestGoalsSayFailedRepetitions: a goal computed from fewer repetitions than the
+// plan's says so.
+func TestGoalsSayFailedRepetitions(t *testing.T) {
+	res := goalResults()
+	for i, s := range res.Samples {
+		if s.Scenario == "ferry-x" && s.Workload == "rr-small" && s.Rep == 2 {
+			res.Samples[i] = Sample{Scenario: s.Scenario, Workload: s.Workload, Rep: 2, Error: "rr-client: exit status 1"}
+		}
+	}
+	g := goalByKey(t, Goals(res), "rr-pair")
+	if !g.Measured || !strings.Contains(g.Detail, "from 2 and 3 of 3 repetitions") {
+		t.Errorf("rr-pair = %+v, want measured from 2 of 3 repetitions", g)
+	}
+}
+
 func TestReportHasGoalsAndAgentCosts(t *testing.T) {
 	var b strings.Builder
 	if err := WriteReport(&b, goalResults()); err != nil {

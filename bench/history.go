@@ -28,7 +28,7 @@ type HistoryRow struct {
 	Time   time.Time
 	Commit string
 	Dirty  bool
-	Run    string // "quick", "full" or "custom" (a run with --only or --scenarios)
+	Run    string // "quick" or "full", "-subset" added for a run with --only or --scenarios
 	Goal   string
 	// Value is empty when the goal was not measured.
 	Value   *float64
@@ -45,7 +45,7 @@ func HistoryRows(res *Results, gs []Goal, commit string, dirty bool) []HistoryRo
 		run = "quick"
 	}
 	if res.Plan.Selected {
-		run = "custom"
+		run += "-subset"
 	}
 	var rows []HistoryRow
 	for _, g := range gs {
