@@ -33,6 +33,9 @@ type Config struct {
 	FerryBinary string
 	// AgentBinary is ferry-agent; FortioBinary is fortio (go build fortio.org/fortio).
 	AgentBinary, FortioBinary string
+	// Profile fetches a CPU profile from each agent during the first repetition of
+	// every max-rate run of a Ferry scenario, into Out/profiles.
+	Profile bool
 	// Progress receives one line per step.
 	Progress io.Writer
 	Log      *slog.Logger
@@ -466,6 +469,18 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		idle[i], _ = rss(p.pid)
 	}
 	sampler := startRSSSampler(procs)
+	var prof *profiler
+	if r.cfg.Profile && sc.proxy == proxyFerry && w.QPS == 0 && rep == 1 {
+		socks := map[string]string{}
+		for _, n := range r.lab.Nodes() {
+			socks[n] = r.lab.AgentSocket(n)
+		}
+		dir := filepath.Join(r.cfg.Out, "profiles")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return Sample{}, err
+		}
+		prof = startProfiles(ctx, dir, sc.Key+"-"+w.Key, socks, r.cfg.Plan.Duration)
+	}
 	var (
 		s   Sample
 		err error
@@ -483,6 +498,11 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	}
 	elapsed := time.Since(start)
 	loadRSS := sampler.stop()
+	if prof != nil {
+		if perr := prof.wait(); perr != nil {
+			r.progress("profile %s %s: %v", sc.Key, w.Key, perr)
+		}
+	}
 	if sc.proxy == proxyFerry && w.kind.proto().l7() {
 		// What the flows say, failed run or not: the report labels the row with it.
 		s.Carried = r.carried(ctx, sc, w, start)

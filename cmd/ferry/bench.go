@@ -26,6 +26,7 @@ func newBenchCommand() *cobra.Command {
 		duration, warmup time.Duration
 		verbose          bool
 		only, scenarios  []string
+		profile          bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -120,6 +121,7 @@ them).`,
 				FerryBinary:  self,
 				AgentBinary:  agentBin,
 				FortioBinary: fortio,
+				Profile:      profile,
 				Progress:     w,
 				Log:          slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 			})
@@ -158,6 +160,7 @@ them).`,
 	f.DurationVar(&duration, "duration", 0, "length of each workload run (default 3s, or 1s with --quick)")
 	f.DurationVar(&warmup, "warmup", 0, "light traffic before each scenario (default 1s, or 300ms with --quick)")
 	f.BoolVar(&verbose, "verbose", false, "log the lab's steps")
+	f.BoolVar(&profile, "profile", false, "fetch a CPU profile from each agent (/debug/pprof/profile on its admin socket) during the first repetition of each max-rate Ferry run; writes profiles/<scenario>-<workload>-<node>.pprof and .top.txt")
 	f.StringSliceVar(&only, "only", nil, "measure only these workloads (keys, e.g. rr-small,http-1k-1000)")
 	f.StringSliceVar(&scenarios, "scenarios", nil, "measure only these scenarios (keys, e.g. nomesh-x,haproxy-x,ferry-x)")
 	cmd.AddCommand(newBenchSinkCommand(), newBenchSendCommand(), newBenchRRServerCommand(), newBenchRRClientCommand(), newBenchHistoryCommand())
