@@ -212,3 +212,26 @@ func TestSelect(t *testing.T) {
 		t.Errorf("unknown workload: %v, want an error listing the keys", err)
 	}
 }
+
+// TestSaveSubsetWithoutPlots: a run of rr-small only has no latency curve to draw;
+// saving it writes the report without failing.
+func TestSaveSubsetWithoutPlots(t *testing.T) {
+	res := goalResults()
+	if err := res.Plan.Select([]string{"rr-small"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var keep []Sample
+	for _, s := range res.Samples {
+		if s.Workload == "rr-small" {
+			keep = append(keep, s)
+		}
+	}
+	res.Samples = keep
+	dir := t.TempDir()
+	if _, err := Save(dir, res); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "report.md")); err != nil {
+		t.Error(err)
+	}
+}
