@@ -40,13 +40,16 @@ in one run, alternating and repeated:
   Ferry with --fast-path=false, both places
   the same through Service ports declared tcp             HTTP/2, gRPC only: Ferry at L4
   Ferry with --capture=iptables, both places
+  Go crypto/tls pod to pod, no mesh, both places          bulk only: the TLS bound
 
 with fortio (HTTP/1.1 keep-alive at fixed rates with p50/p90/p99/p99.9, maximum
 req/s, one new connection per request; 1 KiB and 10 KiB), bulk TCP throughput,
 HTTP/2 with h2load (h2c, 4 connections × 100 streams, after 1 s of its own
 warm-up; maximum req/s, and 1,000 req/s in the full run) and gRPC with fortio's ping service (unary, 1 KiB; 1,000
 calls/s and maximum, 3,000 calls/s in the full run), plus the proxies' CPU seconds
-per 1,000 requests and peak RSS. Load generators and servers run on CPU 0, proxies
+per 1,000 requests and peak RSS, small request-response exchanges (rr-small: 64
+connections, 16-byte request, 64-byte reply, one at a time), and each agent's RSS
+and vCPU per 1,000 req/s during the 1,000 req/s run. Load generators and servers run on CPU 0, proxies
 on CPU 1.
 
 For HTTP/2 and gRPC the HAProxy pair works at L7 (mode http, h2 over mTLS), and
@@ -58,7 +61,9 @@ side by side in one run. The quick run measures HTTP/2 and gRPC in the no-mesh,
 HAProxy and --fast-path=false scenarios only; the full run in all.
 
 It writes report.md (medians, spread, ratios to no mesh and to the HAProxy pair),
-samples.json and latency.png, throughput.png under --out, and prints the report.
+samples.json and latency.png, throughput.png under --out, and prints the report;
+the report and the end of the run list issue 14's goals, held or missed, and the
+goal figures are appended to results/history.tsv (ferry bench history prints them).
 --quick takes about 6 minutes, the full run about 30. Needs root, haproxy, h2load,
 iptables and taskset (make deps), ferry-agent and fortio binaries (make bench builds
 them).`,
@@ -69,7 +74,10 @@ them).`,
   sudo ferry bench --out results/before-change
 
   # a custom run: 5 repetitions of 10 s
-  sudo ferry bench --reps 5 --duration 10s`,
+  sudo ferry bench --reps 5 --duration 10s
+
+  # one workload in three scenarios, with the agents' CPU profiles
+  sudo ferry bench --quick --only rr-small --scenarios nomesh-x,haproxy-x,ferry-x --profile`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Geteuid() != 0 {
