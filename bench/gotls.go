@@ -7,13 +7,12 @@ package bench
 
 import (
 	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/observertls"
 	"github.com/ferrymesh/ferry/operator/ca"
 )
 
@@ -25,48 +24,19 @@ type TLSFiles struct {
 // set says whether any file was given; a side with none speaks plain TCP.
 func (f TLSFiles) set() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
 
-// TLSConfig is the crypto/tls configuration of a sink (server) or a sender: TLS
-// 1.3 only, the peer's certificate required and verified against the CA. Mesh
-// certificates name a SPIFFE ID (a URI SAN) and no host, so the sender verifies
-// the server's chain itself instead of a host name. It returns nil for no files.
+// TLSConfig is the crypto/tls configuration of a sink (server) or a sender: the
+// same mutual TLS as the Observer API on TCP (TLS 1.3, the peer's certificate
+// required and its chain verified against the CA, no host name since mesh
+// certificates name a SPIFFE ID). It returns nil for no files.
 func (f TLSFiles) TLSConfig(server bool) (*tls.Config, error) {
 	if !f.set() {
 		return nil, nil
 	}
-	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
-	if err != nil {
-		return nil, fmt.Errorf("tls key pair: %w", err)
-	}
-	rootPEM, err := os.ReadFile(f.CA)
-	if err != nil {
-		return nil, fmt.Errorf("tls ca: %w", err)
-	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(rootPEM) {
-		return nil, errors.New("tls ca: no certificate in " + f.CA)
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}
+	files := observertls.Files{Cert: f.Cert, Key: f.Key, CA: f.CA}
 	if server {
-		cfg.ClientAuth, cfg.ClientCAs = tls.RequireAndVerifyClientCert, roots
-		return cfg, nil
+		return observertls.ServerConfig(files)
 	}
-	cfg.InsecureSkipVerify = true // the chain is verified below, without a host name
-	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("tls: server sent no certificate")
-		}
-		inter := x509.NewCertPool()
-		for _, c := range cs.PeerCertificates[1:] {
-			inter.AddCert(c)
-		}
-		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
-			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
-		if err != nil {
-			return fmt.Errorf("tls: server certificate: %w", err)
-		}
-		return nil
-	}
-	return cfg, nil
+	return observertls.ClientConfig(files)
 }
 
 // writeGoTLSFiles issues a client certificate (for nmc) and a server certificate

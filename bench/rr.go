@@ -45,27 +45,7 @@ func (r RRResult) Rate() float64 {
 // RRServe accepts connections on ln and answers each RRRequestSize-byte request
 // with an RRReplySize-byte reply until ctx ends.
 func RRServe(ctx context.Context, ln net.Listener) error {
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("rr accept: %w", err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer c.Close()
-			_ = rrAnswer(c)
-		}()
-	}
+	return serveConns(ctx, ln, "rr", func(c net.Conn) { _ = rrAnswer(c) })
 }
 
 // rrAnswer answers requests on c until the peer closes it.

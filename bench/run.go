@@ -628,19 +628,9 @@ func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample
 	if sc.goTLS {
 		send = append(send, "--cert", r.goTLS.Cert, "--key", r.goTLS.Key, "--ca", r.goTLS.CA)
 	}
-	bin, args := r.onApp(r.cfg.FerryBinary, send...)
-	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
-	defer cancel()
-	cmd := r.lab.Command(rctx, sc.client, bin, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return Sample{}, fmt.Errorf("tcp-send: %w: %s", err, lastLines([]byte(stderr.String()), 5))
-	}
 	var res SendResult
-	if err := json.Unmarshal(out, &res); err != nil {
-		return Sample{}, fmt.Errorf("tcp-send output %q: %w", out, err)
+	if err := r.runJSON(ctx, sc.client, d, &res, send...); err != nil {
+		return Sample{}, err
 	}
 	if res.Bytes == 0 || res.Seconds == 0 {
 		return Sample{}, errors.New("tcp-send moved no bytes")
@@ -648,22 +638,32 @@ func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample
 	return Sample{Gbps: float64(res.Bytes) * 8 / res.Seconds / 1e9}, nil
 }
 
-// rr runs rr-client in the scenario's client pod against its rr-server.
-func (r *runner) rr(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
-	target := sc.target(protoRR, r.podIP(sc.server))
-	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "rr-client", "--to", target, "--conns", strconv.Itoa(w.Conns), "--duration", d.String())
+// runJSON runs `ferry <args>` (a load client of d) in pod on the load CPU and
+// decodes the JSON it prints into v.
+func (r *runner) runJSON(ctx context.Context, pod string, d time.Duration, v any, args ...string) error {
+	name := strings.Join(args[:min(2, len(args))], " ")
+	bin, args := r.onApp(r.cfg.FerryBinary, args...)
 	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
-	cmd := r.lab.Command(rctx, sc.client, bin, args...)
+	cmd := r.lab.Command(rctx, pod, bin, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return Sample{}, fmt.Errorf("rr-client: %w: %s", err, lastLines([]byte(stderr.String()), 5))
+		return fmt.Errorf("%s: %w: %s", name, err, lastLines([]byte(stderr.String()), 5))
 	}
+	if err := json.Unmarshal(out, v); err != nil {
+		return fmt.Errorf("%s output %q: %w", name, out, err)
+	}
+	return nil
+}
+
+// rr runs rr-client in the scenario's client pod against its rr-server.
+func (r *runner) rr(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
+	target := sc.target(protoRR, r.podIP(sc.server))
 	var res RRResult
-	if err := json.Unmarshal(out, &res); err != nil {
-		return Sample{}, fmt.Errorf("rr-client output %q: %w", out, err)
+	if err := r.runJSON(ctx, sc.client, d, &res, "bench", "rr-client", "--to", target, "--conns", strconv.Itoa(w.Conns), "--duration", d.String()); err != nil {
+		return Sample{}, err
 	}
 	if res.Exchanges == 0 {
 		return Sample{}, errors.New("rr-client completed no exchange")

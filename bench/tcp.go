@@ -26,6 +26,15 @@ type SendResult struct {
 
 // Sink accepts connections on ln and discards what they send until ctx ends.
 func Sink(ctx context.Context, ln net.Listener) error {
+	return serveConns(ctx, ln, "sink", func(c net.Conn) {
+		buf := make([]byte, 256<<10)
+		_, _ = io.CopyBuffer(io.Discard, struct{ io.Reader }{c}, buf)
+	})
+}
+
+// serveConns accepts connections on ln until ctx ends and runs handle on each in
+// its own goroutine, closing the connection after; it returns when all are done.
+func serveConns(ctx context.Context, ln net.Listener, what string, handle func(net.Conn)) error {
 	go func() {
 		<-ctx.Done()
 		ln.Close()
@@ -38,14 +47,13 @@ func Sink(ctx context.Context, ln net.Listener) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("sink accept: %w", err)
+			return fmt.Errorf("%s accept: %w", what, err)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer c.Close()
-			buf := make([]byte, 256<<10)
-			_, _ = io.CopyBuffer(io.Discard, struct{ io.Reader }{c}, buf)
+			handle(c)
 		}()
 	}
 }
