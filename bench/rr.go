@@ -82,14 +82,12 @@ func RRLoad(ctx context.Context, addr string, conns int, d time.Duration) (RRRes
 	cs := make([]net.Conn, conns)
 	// Connect first, so connection set-up is not in the figures.
 	for i := range cs {
-		var dl net.Dialer
-		dl.SetMultipathTCP(false)
-		c, err := dl.DialContext(ctx, "tcp", addr)
+		c, err := dialSink(ctx, addr, nil)
 		if err != nil {
 			for _, c := range cs[:i] {
 				c.Close()
 			}
-			return RRResult{}, fmt.Errorf("rr dial: %w", err)
+			return RRResult{}, fmt.Errorf("rr: %w", err)
 		}
 		cs[i] = c
 	}

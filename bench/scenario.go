@@ -337,40 +337,38 @@ type Plan struct {
 // Select keeps only the workloads and scenarios with the given keys (all when a
 // list is empty).
 func (p *Plan) Select(workloads, scenarios []string) error {
-	if len(workloads) > 0 {
-		var keep []Workload
-		for _, k := range workloads {
-			i := slices.IndexFunc(p.Workloads, func(w Workload) bool { return w.Key == k })
-			if i < 0 {
-				return fmt.Errorf("no workload %q in this plan (%s)", k, strings.Join(keys(p.Workloads, func(w Workload) string { return w.Key }), ", "))
-			}
-			keep = append(keep, p.Workloads[i])
-		}
-		p.Workloads, p.Selected = keep, true
+	var err error
+	if p.Workloads, err = pick(p.Workloads, workloads, "workload", func(w Workload) string { return w.Key }); err != nil {
+		return err
 	}
-	if len(scenarios) > 0 {
-		var keep []Scenario
-		for _, k := range scenarios {
-			i := slices.IndexFunc(p.Scenarios, func(s Scenario) bool { return s.Key == k })
-			if i < 0 {
-				return fmt.Errorf("no scenario %q (%s)", k, strings.Join(keys(p.Scenarios, func(s Scenario) string { return s.Key }), ", "))
-			}
-			keep = append(keep, p.Scenarios[i])
-		}
-		p.Scenarios, p.Selected = keep, true
+	if p.Scenarios, err = pick(p.Scenarios, scenarios, "scenario", func(s Scenario) string { return s.Key }); err != nil {
+		return err
 	}
+	p.Selected = p.Selected || len(workloads) > 0 || len(scenarios) > 0
 	if p.Runs() == 0 {
 		return errors.New("the selected workloads run in none of the selected scenarios")
 	}
 	return nil
 }
 
-func keys[T any](xs []T, key func(T) string) []string {
-	var out []string
-	for _, x := range xs {
-		out = append(out, key(x))
+// pick is the items of xs with the keys want, in that order; xs when want is empty.
+func pick[T any](xs []T, want []string, what string, key func(T) string) ([]T, error) {
+	if len(want) == 0 {
+		return xs, nil
 	}
-	return out
+	var out []T
+	for _, k := range want {
+		i := slices.IndexFunc(xs, func(x T) bool { return key(x) == k })
+		if i < 0 {
+			var all []string
+			for _, x := range xs {
+				all = append(all, key(x))
+			}
+			return nil, fmt.Errorf("no %s %q in this plan (%s)", what, k, strings.Join(all, ", "))
+		}
+		out = append(out, xs[i])
+	}
+	return out, nil
 }
 
 func httpWorkload(qps, payload int) Workload {
