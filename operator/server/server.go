@@ -73,6 +73,7 @@ type Server struct {
 	signs    *prometheus.CounterVec
 	mu       sync.Mutex
 	nodeAcks map[string]uint64 // node -> last acknowledged version
+	deltas   deltas
 }
 
 // New validates cfg.
@@ -132,8 +133,8 @@ func (s *Server) authenticate(ctx context.Context) (string, error) {
 	return node, nil
 }
 
-// StreamState sends the node's state, then a new one on every change, and reads
-// the agent's ACKs and NACKs.
+// StreamState sends the node's state, then a new one on every change (only what
+// changed, to an agent that accepts deltas), and reads the agent's ACKs and NACKs.
 func (s *Server) StreamState(stream grpc.BidiStreamingServer[ferryv1.StateRequest, ferryv1.NodeState]) error {
 	ctx := stream.Context()
 	node, err := s.authenticate(ctx)
@@ -165,15 +166,25 @@ func (s *Server) StreamState(stream grpc.BidiStreamingServer[ferryv1.StateReques
 		}
 	}()
 
-	var sent uint64
+	// With deltas, every state after the first carries only the workloads and
+	// services that changed since the last one this stream sent.
+	deltas := first.GetAcceptDeltas()
+	var sent *mesh.Snapshot
 	for {
 		snap, changed := s.cfg.View.Current()
-		if snap != nil && snap.Version != sent {
-			if err := stream.Send(s.nodeState(node, snap)); err != nil {
+		if snap != nil && (sent == nil || snap.Version != sent.Version) {
+			st := s.nodeState(node, snap)
+			if deltas && sent != nil {
+				d := s.deltas.get(sent, snap)
+				st.Delta, st.BaseVersion = true, sent.Version
+				st.Workloads, st.Services = d.workloads, d.services
+				st.RemovedWorkloads, st.RemovedServices = d.removedWorkloads, d.removedServices
+			}
+			if err := stream.Send(st); err != nil {
 				return err
 			}
 			s.pushes.Inc()
-			sent = snap.Version
+			sent = snap
 		}
 		select {
 		case <-ctx.Done():
