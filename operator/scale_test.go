@@ -103,7 +103,7 @@ func TestScale(t *testing.T) {
 		nodes[i] = fmt.Sprintf("node%03d", i)
 	}
 	c := startCluster(t, nodes...)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
 	begin := time.Now()
@@ -195,7 +195,9 @@ func TestScale(t *testing.T) {
 			seen   func(*ferryv1.NodeState) bool
 		}{
 			fmt.Sprintf("pod %s/%s added", ns, name),
-			func() error { return c.createPod(ctx, ns, name, nodes[i%scaleNodes], scaleIP(i), map[string]string{"app": svc}) },
+			func() error {
+				return c.createPod(ctx, ns, name, nodes[i%scaleNodes], scaleIP(i), map[string]string{"app": svc})
+			},
 			func(st *ferryv1.NodeState) bool { return hasEndpoint(st, ns, svc, ns, name) },
 		})
 	}
@@ -213,7 +215,9 @@ func TestScale(t *testing.T) {
 				_, err := c.client.CoreV1().Pods(ns).Patch(ctx, name, types.MergePatchType, fmt.Appendf(nil, `{"metadata":{"labels":{"app":%q}}}`, to), metav1.PatchOptions{})
 				return err
 			},
-			func(st *ferryv1.NodeState) bool { return hasEndpoint(st, ns, to, ns, name) && !hasEndpoint(st, ns, svc, ns, name) },
+			func(st *ferryv1.NodeState) bool {
+				return hasEndpoint(st, ns, to, ns, name) && !hasEndpoint(st, ns, svc, ns, name)
+			},
 		})
 	}
 	for _, u := range updates {
@@ -250,7 +254,9 @@ func TestScale(t *testing.T) {
 	}
 	checkConverged(t, ctx, sock, caFile, tokens, agents)
 	slices.Sort(latencies)
-	q := func(f float64) time.Duration { return latencies[int(f*float64(len(latencies)-1))].Round(time.Millisecond) }
+	q := func(f float64) time.Duration {
+		return latencies[int(f*float64(len(latencies)-1))].Round(time.Millisecond)
+	}
 	t.Logf("%d updates (5 pods added, 5 pod labels changed) x %d agents, from the API call to the agent's applier: p50 %v, p99 %v, max %v",
 		len(updates), scaleNodes, q(0.5), q(0.99), q(1))
 	t.Logf("bytes per update: %d NodeState messages, %.0f bytes per agent per update on average (a full state is %.1f MiB)",

@@ -1,6 +1,7 @@
 package controlplane
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"strings"
@@ -30,17 +31,18 @@ func Merge(base, d *ferryv1.NodeState) (*ferryv1.NodeState, error) {
 	}
 	out.Workloads = mergeList(base.GetWorkloads(), d.GetWorkloads(), d.GetRemovedWorkloads(), (*ferryv1.Workload).GetUid,
 		func(a, b *ferryv1.Workload) int {
-			return strings.Compare(a.GetNamespace()+"/"+a.GetName(), b.GetNamespace()+"/"+b.GetName())
+			return compareJoined(a.GetNamespace(), a.GetName(), b.GetNamespace(), b.GetName())
 		})
 	out.Services = mergeList(base.GetServices(), d.GetServices(), d.GetRemovedServices(), func(s *ferryv1.Service) string { return s.GetNamespace() + "/" + s.GetName() },
 		func(a, b *ferryv1.Service) int {
-			return strings.Compare(a.GetNamespace()+"/"+a.GetName(), b.GetNamespace()+"/"+b.GetName())
+			return compareJoined(a.GetNamespace(), a.GetName(), b.GetNamespace(), b.GetName())
 		})
 	return out, nil
 }
 
 // mergeList is base without the removed keys, with changed replacing or adding
-// entries by key, in the order compare gives (the operator's: namespace/name).
+// entries by key, in the order compare gives (the operator's). base is in that
+// order already, so only changed is sorted and the two are merged in one pass.
 func mergeList[T any](base, changed []T, removed []string, key func(T) string, compare func(a, b T) int) []T {
 	if len(changed) == 0 && len(removed) == 0 {
 		return base
@@ -52,13 +54,37 @@ func mergeList[T any](base, changed []T, removed []string, key func(T) string, c
 	for _, m := range changed {
 		drop[key(m)] = true
 	}
+	changed = slices.Clone(changed)
+	slices.SortStableFunc(changed, compare)
 	out := make([]T, 0, len(base)+len(changed))
 	for _, m := range base {
-		if !drop[key(m)] {
-			out = append(out, m)
+		if drop[key(m)] {
+			continue
 		}
+		for len(changed) > 0 && compare(changed[0], m) < 0 {
+			out = append(out, changed[0])
+			changed = changed[1:]
+		}
+		out = append(out, m)
 	}
-	out = append(out, changed...)
-	slices.SortStableFunc(out, compare)
-	return out
+	return append(out, changed...)
+}
+
+// compareJoined compares aNS+"/"+aName with bNS+"/"+bName without building them.
+func compareJoined(aNS, aName, bNS, bName string) int {
+	switch {
+	case aNS == bNS:
+		return strings.Compare(aName, bName)
+	case strings.HasPrefix(bNS, aNS):
+		if c := bNS[len(aNS)]; c != '/' {
+			return cmp.Compare('/', c)
+		}
+	case strings.HasPrefix(aNS, bNS):
+		if c := aNS[len(bNS)]; c != '/' {
+			return cmp.Compare(c, '/')
+		}
+	default:
+		return strings.Compare(aNS, bNS)
+	}
+	return strings.Compare(aNS+"/"+aName, bNS+"/"+bName)
 }
