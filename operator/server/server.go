@@ -74,6 +74,7 @@ type Server struct {
 	mu       sync.Mutex
 	nodeAcks map[string]uint64 // node -> last acknowledged version
 	deltas   deltas
+	full     chan struct{} // fullSends tokens
 }
 
 // New validates cfg.
@@ -91,6 +92,7 @@ func New(cfg Config) (*Server, error) {
 		cfg:      cfg,
 		log:      cfg.Log,
 		nodeAcks: map[string]uint64{},
+		full:     make(chan struct{}, fullSends),
 		streams:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_operator_streams", Help: "Agents connected to the state stream."}),
 		pushes:   prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_operator_state_pushes_total", Help: "NodeStates sent to agents."}),
 		acks:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_operator_state_responses_total", Help: "Agent responses to NodeStates, by result (ack or nack)."}, []string{"result"}),
@@ -180,7 +182,7 @@ func (s *Server) StreamState(stream grpc.BidiStreamingServer[ferryv1.StateReques
 				st.Workloads, st.Services = d.workloads, d.services
 				st.RemovedWorkloads, st.RemovedServices = d.removedWorkloads, d.removedServices
 			}
-			if err := stream.Send(st); err != nil {
+			if err := s.send(ctx, stream, st); err != nil {
 				return err
 			}
 			s.pushes.Inc()
@@ -197,6 +199,23 @@ func (s *Server) StreamState(stream grpc.BidiStreamingServer[ferryv1.StateReques
 		case <-changed:
 		}
 	}
+}
+
+// fullSends bounds how many full states are being encoded and written at once:
+// each is the whole mesh (2.4 MiB at 10,000 pods), and 100 agents connecting
+// together otherwise hold 100 encodings at once.
+const fullSends = 8
+
+func (s *Server) send(ctx context.Context, stream grpc.ServerStream, st *ferryv1.NodeState) error {
+	if !st.GetDelta() {
+		select {
+		case s.full <- struct{}{}:
+			defer func() { <-s.full }()
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return stream.SendMsg(st)
 }
 
 func (s *Server) response(log *slog.Logger, node string, req *ferryv1.StateRequest) {
