@@ -174,7 +174,7 @@ func carried(table string) map[[3]string]bool {
 // capabilities the DaemonSet gives it, and checks the mesh works: mTLS across
 // nodes, same-node, and plaintext in and out of the mesh. Then it takes away
 // the ones the manifest says are needed, one at a time, and checks the mesh
-// stops carrying mTLS without each. (BPF is covered by SYS_ADMIN, so it cannot
+// stops carrying mTLS without each. (BPF and PERFMON are covered by SYS_ADMIN, so they cannot
 // be shown necessary while SYS_ADMIN is there; SYS_PTRACE matters for pods whose
 // processes run as another user, which lab pods do not.)
 func TestAgentCapabilities(t *testing.T) {
