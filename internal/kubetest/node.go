@@ -154,6 +154,9 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 	if err != nil {
 		fail("configs: %v", err)
 	}
+	if err := os.Mkdir(filepath.Join(dir, "cni"), 0o755); err != nil {
+		fail("cni folder: %v", err)
+	}
 	if err := writeFiles(files); err != nil {
 		fail("configs: %v", err)
 	}
