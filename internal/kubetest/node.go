@@ -148,7 +148,7 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 		"--leader-elect=false", "--secure-port=0", "--v=1")
 	start("kube-controller-manager", bins.path("kube-controller-manager"), "--kubeconfig="+c.Kubeconfig,
 		"--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false",
-		"--root-ca-file="+c.caFile(), "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle", "--v=1")
+		"--root-ca-file="+c.caFile(), "--controllers=*,-nodeipam", "--v=1")
 
 	files, err := n.configs(c, bins, runc, sandboxImage)
 	if err != nil {
