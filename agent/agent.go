@@ -306,6 +306,16 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 			return len(live)
 		},
 		PinDir: cfg.Datapath.PinDir,
+		Certificates: func() map[string]time.Time {
+			if a.certs == nil {
+				return nil
+			}
+			held := map[string]time.Time{}
+			for _, c := range a.certs.Held() {
+				held[c.Identity] = c.NotAfter
+			}
+			return held
+		},
 	}, log)
 	if a.tracer, err = tracing.New(cfg.Tracing, cfg.Node, log); err != nil {
 		return nil, err

@@ -37,7 +37,7 @@ defaults
 var hapForwards = []struct {
 	proto protocol
 	tls   int
-}{{protoHTTP1, hapTLSHTTPPort}, {protoTCP, hapTLSBulkPort}, {protoH2, hapTLSH2Port}, {protoGRPC, hapTLSGRPCPort}}
+}{{protoHTTP1, hapTLSHTTPPort}, {protoTCP, hapTLSBulkPort}, {protoH2, hapTLSH2Port}, {protoGRPC, hapTLSGRPCPort}, {protoRR, hapTLSRRPort}}
 
 // startHAProxy writes the pair's configurations and starts the client-side HAProxy
 // in nmc and a server-side one in nms1 and nms2.

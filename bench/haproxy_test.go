@@ -35,6 +35,8 @@ func TestHAProxyConfigs(t *testing.T) {
 		"listen out15011\n    mode http\n    bind 127.0.0.1:15011 proto h2\n    server up 10.104.2.12:15445 ssl crt",
 		"listen out15014\n    mode http\n    bind 127.0.0.1:15014 proto h2\n    server up 10.104.1.13:15446 ssl crt",
 		"listen out15001\n    bind 127.0.0.1:15001\n    server up 10.104.2.12:15443 ssl",
+		// rr-small: mode tcp like HTTP/1.1, toward the server side's rr port.
+		"listen out15021\n    bind 127.0.0.1:15021\n    server up 10.104.2.12:15447 ssl",
 	} {
 		if !strings.Contains(string(client), want) {
 			t.Errorf("client config lacks %q:\n%s", want, client)

@@ -213,6 +213,11 @@ func roundTicks(lo, hi float64) []plot.Tick {
 
 // savePanels stacks the plots vertically in one PNG.
 func savePanels(path string, panels []*plot.Plot, w, h vg.Length) error {
+	if len(panels) == 0 {
+		// A run cut down with --only may have nothing to draw here: no file.
+		os.Remove(path)
+		return nil
+	}
 	img := vgimg.New(w, h)
 	dc := draw.New(img)
 	tiles := draw.Tiles{Rows: len(panels), Cols: 1, PadY: vg.Points(12), PadX: vg.Points(6), PadTop: vg.Points(6), PadBottom: vg.Points(6)}

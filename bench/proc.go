@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -43,13 +44,19 @@ func cpuSeconds(pid int) (float64, error) {
 }
 
 // peakRSS is pid's peak resident set size in bytes (VmHWM).
-func peakRSS(pid int) (int64, error) {
+func peakRSS(pid int) (int64, error) { return statusKB(pid, "VmHWM:") }
+
+// rss is pid's resident set size now, in bytes (VmRSS).
+func rss(pid int) (int64, error) { return statusKB(pid, "VmRSS:") }
+
+// statusKB reads a kB field of /proc/PID/status, in bytes.
+func statusKB(pid int, field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, fmt.Errorf("peak rss of %d: %w", pid, err)
+		return 0, fmt.Errorf("%s of %d: %w", field, pid, err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, field); ok {
 			f := strings.Fields(v)
 			if len(f) == 0 {
 				break
@@ -61,7 +68,42 @@ func peakRSS(pid int) (int64, error) {
 			return kb << 10, nil
 		}
 	}
-	return 0, fmt.Errorf("peak rss of %d: no VmHWM", pid)
+	return 0, fmt.Errorf("%s of %d: not in status", field, pid)
+}
+
+// rssSampler records the largest VmRSS of each process, every 100 ms, until stopped.
+type rssSampler struct {
+	done chan struct{}
+	out  chan []int64
+}
+
+func startRSSSampler(ps []proxyProc) *rssSampler {
+	s := &rssSampler{done: make(chan struct{}), out: make(chan []int64, 1)}
+	go func() {
+		peak := make([]int64, len(ps))
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			for i, p := range ps {
+				if v, err := rss(p.pid); err == nil {
+					peak[i] = max(peak[i], v)
+				}
+			}
+			select {
+			case <-s.done:
+				s.out <- peak
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return s
+}
+
+// stop ends the sampling and returns the largest VmRSS of each process.
+func (s *rssSampler) stop() []int64 {
+	close(s.done)
+	return <-s.out
 }
 
 // pinProcess moves every thread of pid to cpu; threads it starts later inherit it.

@@ -45,6 +45,7 @@ type metric struct {
 var (
 	mQPS  = metric{name: "req/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mCall = metric{name: "calls/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
+	mExch = metric{name: "exch/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mConn = metric{name: "conn/s", get: func(s Sample) float64 { return s.QPS }, prec: 0, ratios: true}
 	mP50  = metric{name: "p50", unit: "ms", get: func(s Sample) float64 { return s.P50 }, prec: 3, ratios: true}
 	mP90  = metric{name: "p90", unit: "ms", get: func(s Sample) float64 { return s.P90 }, prec: 3}
@@ -114,6 +115,8 @@ func metricsFor(w Workload) []metric {
 		return []metric{mGbps, mCPUG, mRSS}
 	case kindNewConn:
 		return []metric{mConn, mP50, mP99, mCPU, mRSS, mErr}
+	case kindRR:
+		return []metric{mExch, mP50, mP99, mCPU, mRSS}
 	}
 	rate := mQPS
 	if w.kind == kindGRPC {
@@ -221,6 +224,8 @@ func WriteReport(w io.Writer, res *Results) error {
 	}
 	b.WriteString("Each figure is the median of the repetitions with the spread [min–max]. `×nm` is the median over the no-mesh median and `×hap` over the HAProxy pair's, both in the same placement (across nodes or same node). Latencies in ms. Proxy CPU is user+system time of the proxy processes from /proc/PID/stat (kernel work done in softirq or for iptables is not in it); peak RSS is the sum of their VmHWM. The machine is shared and noisy: compare ratios within this run, not absolute figures across runs.\n\n")
 
+	writeGoals(&b, Goals(res))
+
 	// The headline: a compact table of the key figures.
 	b.WriteString("## Summary\n\n")
 	writeSummary(&b, p, t, []summaryCol{
@@ -230,6 +235,8 @@ func WriteReport(w io.Writer, res *Results) error {
 		{"max req/s 10 KiB", "http-10k-max", mQPS},
 		{"new conn/s", "newconn", mConn},
 		{"bulk Gbit/s", "bulk", mGbps},
+		{"rr-small exch/s", "rr-small", mExch},
+		{"rr-small p99", "rr-small", mP99},
 		{"CPU s/1k req @max", "http-1k-max", mCPU},
 		{"peak RSS MiB", "http-1k-max", mRSS},
 	}, false)
@@ -310,6 +317,7 @@ func WriteReport(w io.Writer, res *Results) error {
 		b.WriteString("\n")
 	}
 	writeProcTable(&b, p, res.Samples)
+	writeAgentCosts(&b, p, res.Samples)
 
 	var failed []Sample
 	for _, s := range res.Samples {

@@ -33,6 +33,9 @@ type Config struct {
 	FerryBinary string
 	// AgentBinary is ferry-agent; FortioBinary is fortio (go build fortio.org/fortio).
 	AgentBinary, FortioBinary string
+	// Profile fetches a CPU profile from each agent during the first repetition of
+	// every max-rate run of a Ferry scenario, into Out/profiles.
+	Profile bool
 	// Progress receives one line per step.
 	Progress io.Writer
 	Log      *slog.Logger
@@ -60,6 +63,8 @@ type Sample struct {
 	CPUPer1k float64 `json:"cpu_per_1k,omitempty"`
 	// PeakRSS is the sum of the proxies' peak resident set sizes, in bytes.
 	PeakRSS int64 `json:"peak_rss_bytes,omitempty"`
+	// Seconds is the wall time of the run, for CPU per second.
+	Seconds float64 `json:"seconds,omitempty"`
 	// Procs splits ProxyCPU and PeakRSS by process.
 	Procs []ProcCost `json:"procs,omitempty"`
 	// Carried is how Ferry carried an HTTP/2 or gRPC workload, from the client
@@ -75,6 +80,11 @@ type ProcCost struct {
 	Name    string  `json:"name"`
 	CPU     float64 `json:"cpu_s"`
 	PeakRSS int64   `json:"peak_rss_bytes"`
+	// IdleRSS is the process's resident set (VmRSS) right before the run, after the
+	// scenario's warm-up and the runs before it, with no load; LoadRSS the largest
+	// VmRSS sampled every 100 ms during the run.
+	IdleRSS int64 `json:"idle_rss_bytes,omitempty"`
+	LoadRSS int64 `json:"load_rss_bytes,omitempty"`
 }
 
 // Placement says which CPUs load, servers and proxies ran on, and what else the
@@ -107,9 +117,11 @@ type runner struct {
 	mode agentMode
 	pl   Placement
 	hap  map[string]int // haproxy PIDs: "client", "nms1", "nms2"
-	proc []*exec.Cmd
-	step int
-	all  int
+	// goTLS is the client's certificate for the gotls scenarios.
+	goTLS TLSFiles
+	proc  []*exec.Cmd
+	step  int
+	all   int
 }
 
 // Run measures every scenario and workload of cfg.Plan and writes the results under
@@ -361,6 +373,22 @@ func (r *runner) startServers(ctx context.Context) error {
 		if _, err := r.start(ctx, pod, "sink-"+pod, bin, args...); err != nil {
 			return err
 		}
+		bin, args = r.onApp(r.cfg.FerryBinary, "bench", "rr-server", "--listen", fmt.Sprintf(":%d", rrPort))
+		if _, err := r.start(ctx, pod, "rr-"+pod, bin, args...); err != nil {
+			return err
+		}
+	}
+	client, srv, err := writeGoTLSFiles(filepath.Join(r.tmp, "gotls"), hapServers[:])
+	if err != nil {
+		return err
+	}
+	r.goTLS = client
+	for _, pod := range hapServers {
+		f := srv[pod]
+		bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-sink", "--listen", fmt.Sprintf(":%d", tlsSinkPort), "--cert", f.Cert, "--key", f.Key, "--ca", f.CA)
+		if _, err := r.start(ctx, pod, "tls-sink-"+pod, bin, args...); err != nil {
+			return err
+		}
 	}
 	if err := r.startHAProxy(ctx); err != nil {
 		return err
@@ -436,18 +464,44 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	r.step++
 	procs := r.proxyProcs(sc)
 	cpu0 := r.cpus(procs)
+	idle := make([]int64, len(procs))
+	for i, p := range procs {
+		idle[i], _ = rss(p.pid)
+	}
+	sampler := startRSSSampler(procs)
+	var prof *profiler
+	if r.cfg.Profile && sc.proxy == proxyFerry && w.QPS == 0 && rep == 1 {
+		socks := map[string]string{}
+		for _, n := range r.lab.Nodes() {
+			socks[n] = r.lab.AgentSocket(n)
+		}
+		dir := filepath.Join(r.cfg.Out, "profiles")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return Sample{}, err
+		}
+		prof = startProfiles(ctx, dir, sc.Key+"-"+w.Key, socks, r.cfg.Plan.Duration)
+	}
 	var (
 		s   Sample
 		err error
 	)
 	start := time.Now()
 	switch w.kind {
+	case kindRR:
+		s, err = r.rr(ctx, sc, w, r.cfg.Plan.Duration)
 	case kindBulk:
 		s, err = r.bulk(ctx, sc, r.cfg.Plan.Duration)
 	case kindH2:
 		s, err = r.h2load(ctx, sc, w, r.cfg.Plan.Duration)
 	default:
 		s, err = r.fortio(ctx, sc, w, r.cfg.Plan.Duration)
+	}
+	elapsed := time.Since(start)
+	loadRSS := sampler.stop()
+	if prof != nil {
+		if perr := prof.wait(); perr != nil {
+			r.progress("profile %s %s: %v", sc.Key, w.Key, perr)
+		}
 	}
 	if sc.proxy == proxyFerry && w.kind.proto().l7() {
 		// What the flows say, failed run or not: the report labels the row with it.
@@ -460,8 +514,9 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 		return s, err
 	}
 	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
+	s.Seconds = elapsed.Seconds()
 	for i, c := range r.cpus(procs) {
-		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i]}
+		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i], IdleRSS: idle[i], LoadRSS: max(idle[i], loadRSS[i])}
 		pc.PeakRSS, _ = peakRSS(procs[i].pid)
 		s.Procs = append(s.Procs, pc)
 		s.ProxyCPU += pc.CPU
@@ -482,8 +537,11 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 			carried = "  carried at " + s.Carried
 		}
 		unit := "req/s"
-		if w.kind == kindGRPC {
+		switch w.kind {
+		case kindGRPC:
 			unit = "calls/s"
+		case kindRR:
+			unit = "exch/s"
 		}
 		r.progress("[%3d/%d] rep %d  %-10s %-13s %7.0f %-7s  p50 %.3f  p99 %.3f ms  errors %d  proxy cpu %.2fs%s", r.step, r.all, rep, sc.Key, w.Key, s.QPS, unit, s.P50, s.P99, s.Errors, s.ProxyCPU, carried)
 	}
@@ -566,24 +624,51 @@ func (r *runner) fortio(ctx context.Context, sc Scenario, w Workload, d time.Dur
 // bulk sends bytes one way over one connection for d.
 func (r *runner) bulk(ctx context.Context, sc Scenario, d time.Duration) (Sample, error) {
 	target := sc.target(protoTCP, r.podIP(sc.server))
-	bin, args := r.onApp(r.cfg.FerryBinary, "bench", "tcp-send", "--to", target, "--duration", d.String())
-	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
-	defer cancel()
-	cmd := r.lab.Command(rctx, sc.client, bin, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return Sample{}, fmt.Errorf("tcp-send: %w: %s", err, lastLines([]byte(stderr.String()), 5))
+	send := []string{"bench", "tcp-send", "--to", target, "--duration", d.String()}
+	if sc.goTLS {
+		send = append(send, "--cert", r.goTLS.Cert, "--key", r.goTLS.Key, "--ca", r.goTLS.CA)
 	}
 	var res SendResult
-	if err := json.Unmarshal(out, &res); err != nil {
-		return Sample{}, fmt.Errorf("tcp-send output %q: %w", out, err)
+	if err := r.runJSON(ctx, sc.client, d, &res, send...); err != nil {
+		return Sample{}, err
 	}
 	if res.Bytes == 0 || res.Seconds == 0 {
 		return Sample{}, errors.New("tcp-send moved no bytes")
 	}
 	return Sample{Gbps: float64(res.Bytes) * 8 / res.Seconds / 1e9}, nil
+}
+
+// runJSON runs `ferry <args>` (a load client of d) in pod on the load CPU and
+// decodes the JSON it prints into v.
+func (r *runner) runJSON(ctx context.Context, pod string, d time.Duration, v any, args ...string) error {
+	name := strings.Join(args[:min(2, len(args))], " ")
+	bin, args := r.onApp(r.cfg.FerryBinary, args...)
+	rctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	defer cancel()
+	cmd := r.lab.Command(rctx, pod, bin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("%s: %w: %s", name, err, lastLines([]byte(stderr.String()), 5))
+	}
+	if err := json.Unmarshal(out, v); err != nil {
+		return fmt.Errorf("%s output %q: %w", name, out, err)
+	}
+	return nil
+}
+
+// rr runs rr-client in the scenario's client pod against its rr-server.
+func (r *runner) rr(ctx context.Context, sc Scenario, w Workload, d time.Duration) (Sample, error) {
+	target := sc.target(protoRR, r.podIP(sc.server))
+	var res RRResult
+	if err := r.runJSON(ctx, sc.client, d, &res, "bench", "rr-client", "--to", target, "--conns", strconv.Itoa(w.Conns), "--duration", d.String()); err != nil {
+		return Sample{}, err
+	}
+	if res.Exchanges == 0 {
+		return Sample{}, errors.New("rr-client completed no exchange")
+	}
+	return Sample{QPS: res.Rate(), Requests: res.Exchanges, P50: res.P50, P99: res.P99}, nil
 }
 
 func (r *runner) podIP(name string) string {

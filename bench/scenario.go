@@ -4,6 +4,7 @@
 package bench
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -54,20 +55,24 @@ const (
 	protoTCP                   // the bulk sink
 	protoH2                    // fortio's echo over h2c (prior knowledge)
 	protoGRPC                  // fortio's gRPC ping service
+	protoRR                    // the small request-response server (rr-server)
 )
 
 // protocols is every protocol, for the tables that hold one address each.
-var protocols = [...]protocol{protoHTTP1, protoTCP, protoH2, protoGRPC}
+var protocols = [...]protocol{protoHTTP1, protoTCP, protoH2, protoGRPC, protoRR}
 
 // Ports of the servers in every server pod, and of the HAProxy pair.
 const (
 	httpPort       = 8080 // fortio server: HTTP/1.1 and h2c on one port
 	grpcPort       = 8079 // fortio server: gRPC ping
 	sinkPort       = 5201
+	tlsSinkPort    = 5203  // the bulk sink over Go crypto/tls (the gotls scenarios)
+	rrPort         = 5202  // ferry bench rr-server
 	hapTLSHTTPPort = 15443 // server-side HAProxy, mode tcp: mTLS in, plaintext to httpPort
 	hapTLSBulkPort = 15444 // server-side HAProxy, mode tcp: mTLS in, plaintext to sinkPort
 	hapTLSH2Port   = 15445 // server-side HAProxy, mode http: h2 over mTLS in, h2c to httpPort
 	hapTLSGRPCPort = 15446 // server-side HAProxy, mode http: h2 over mTLS in, h2c to grpcPort
+	hapTLSRRPort   = 15447 // server-side HAProxy, mode tcp: mTLS in, plaintext to rrPort
 )
 
 // serverPort is the port of the server pod's app for p.
@@ -77,6 +82,8 @@ func (p protocol) serverPort() int {
 		return sinkPort
 	case protoGRPC:
 		return grpcPort
+	case protoRR:
+		return rrPort
 	}
 	return httpPort
 }
@@ -101,12 +108,18 @@ type Scenario struct {
 	// l7Only scenarios run only the HTTP/2 and gRPC workloads: the others would
 	// measure the same path as another scenario.
 	l7Only bool
+	// goTLS scenarios run only bulk, with tcp-send and tcp-sink speaking crypto/tls
+	// to each other.
+	goTLS bool
 }
 
 // target is the address the scenario's client dials for p, given the server pod's IP.
 func (s Scenario) target(p protocol, serverIP string) string {
 	if a, ok := s.via[p]; ok {
 		return a
+	}
+	if s.goTLS && p == protoTCP {
+		return fmt.Sprintf("%s:%d", serverIP, tlsSinkPort)
 	}
 	return fmt.Sprintf("%s:%d", serverIP, p.serverPort())
 }
@@ -182,9 +195,10 @@ func labConfig(agentBin string) lab.Config {
 var hapServers = [...]string{"nms2", "nms1"}
 
 // hapLocalPort is the port the client-side HAProxy listens on (127.0.0.1 in nmc)
-// for p toward hapServers[i]: 15001.. for HTTP/1.1 and bulk, 15011.. for HTTP/2 and gRPC.
+// for p toward hapServers[i]: 15001.. for HTTP/1.1 and bulk, 15011.. for HTTP/2 and
+// gRPC, 15021.. for the small request-response exchanges.
 func hapLocalPort(p protocol, i int) int {
-	base := map[protocol]int{protoHTTP1: 15001, protoTCP: 15002, protoH2: 15011, protoGRPC: 15012}[p]
+	base := map[protocol]int{protoHTTP1: 15001, protoTCP: 15002, protoH2: 15011, protoGRPC: 15012, protoRR: 15021}[p]
 	return base + 2*i
 }
 
@@ -221,6 +235,8 @@ func scenarios() []Scenario {
 		{Key: "nomesh-s", Name: "no mesh, same node", client: "nmc", server: "nms1"},
 		{Key: "haproxy-x", Name: "HAProxy pair mTLS, across nodes", CrossNode: true, proxy: proxyHAProxy, client: "nmc", server: "nms2", via: viaHAProxy("nms2")},
 		{Key: "haproxy-s", Name: "HAProxy pair mTLS, same node", proxy: proxyHAProxy, client: "nmc", server: "nms1", via: viaHAProxy("nms1")},
+		{Key: "gotls-x", Name: "Go crypto/tls pod to pod, no mesh, across nodes", CrossNode: true, client: "nmc", server: "nms2", goTLS: true},
+		{Key: "gotls-s", Name: "Go crypto/tls pod to pod, no mesh, same node", client: "nmc", server: "nms1", goTLS: true},
 		ferry("ferry-x", "Ferry mTLS tunnel, across nodes", true, modeEBPF),
 		ferry("ferry-s", "Ferry, same node", false, modeEBPF),
 		nofastX,
@@ -256,6 +272,7 @@ const (
 	kindBulk                        // tcp-send to the sink
 	kindH2                          // h2load, HTTP/2 prior knowledge (h2c), streams multiplexed
 	kindGRPC                        // fortio load -grpc -ping: unary calls
+	kindRR                          // rr-client: small exchanges, one at a time per connection
 )
 
 // proto is what the workload's client speaks.
@@ -267,6 +284,8 @@ func (k workloadKind) proto() protocol {
 		return protoH2
 	case kindGRPC:
 		return protoGRPC
+	case kindRR:
+		return protoRR
 	}
 	return protoHTTP1
 }
@@ -292,6 +311,9 @@ func (w Workload) runsIn(sc Scenario) bool {
 	if sc.l7Only && !w.kind.proto().l7() {
 		return false
 	}
+	if sc.goTLS && w.kind != kindBulk {
+		return false
+	}
 	return w.only == nil || slices.Contains(w.only, sc.Key)
 }
 
@@ -308,6 +330,45 @@ type Plan struct {
 	H2Warmup  time.Duration
 	Scenarios []Scenario
 	Workloads []Workload
+	// Selected says the plan was cut down with Select: its history rows are "custom".
+	Selected bool
+}
+
+// Select keeps only the workloads and scenarios with the given keys (all when a
+// list is empty).
+func (p *Plan) Select(workloads, scenarios []string) error {
+	var err error
+	if p.Workloads, err = pick(p.Workloads, workloads, "workload", func(w Workload) string { return w.Key }); err != nil {
+		return err
+	}
+	if p.Scenarios, err = pick(p.Scenarios, scenarios, "scenario", func(s Scenario) string { return s.Key }); err != nil {
+		return err
+	}
+	p.Selected = p.Selected || len(workloads) > 0 || len(scenarios) > 0
+	if p.Runs() == 0 {
+		return errors.New("the selected workloads run in none of the selected scenarios")
+	}
+	return nil
+}
+
+// pick is the items of xs with the keys want, in that order; xs when want is empty.
+func pick[T any](xs []T, want []string, what string, key func(T) string) ([]T, error) {
+	if len(want) == 0 {
+		return xs, nil
+	}
+	var out []T
+	for _, k := range want {
+		i := slices.IndexFunc(xs, func(x T) bool { return key(x) == k })
+		if i < 0 {
+			var all []string
+			for _, x := range xs {
+				all = append(all, key(x))
+			}
+			return nil, fmt.Errorf("no %s %q in this plan (%s)", what, k, strings.Join(all, ", "))
+		}
+		out = append(out, xs[i])
+	}
+	return out, nil
 }
 
 func httpWorkload(qps, payload int) Workload {
@@ -393,7 +454,19 @@ func NewPlan(quick bool) Plan {
 	p.Workloads = append(p.Workloads, httpWorkload(0, 10240),
 		Workload{Key: "newconn", Name: "new connection per request, 1 KiB, 8 conns, max", kind: kindNewConn, Conns: 8, Payload: 1024},
 		Workload{Key: "bulk", Name: "bulk TCP, 1 connection, one way", kind: kindBulk, Conns: 1},
+		rrSmall(),
 	)
 	p.Workloads = append(p.Workloads, l7...)
 	return p
+}
+
+// rrScenarios are the scenarios the small request-response workload runs in: the
+// baselines and Ferry with and without the fast path, both placements.
+var rrScenarios = []string{"nomesh-x", "nomesh-s", "haproxy-x", "haproxy-s", "ferry-x", "ferry-s", "nofast-x", "nofast-s"}
+
+// rrSmall is 64 connections each doing one 16-byte request and 64-byte reply at a
+// time, as fast as they go.
+func rrSmall() Workload {
+	return Workload{Key: "rr-small", Name: fmt.Sprintf("small request-response, %d B request, %d B reply, 64 conns, no pipelining, max", RRRequestSize, RRReplySize),
+		kind: kindRR, Conns: 64, Payload: RRRequestSize, only: rrScenarios}
 }

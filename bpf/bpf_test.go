@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -14,7 +15,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -498,6 +502,85 @@ func TestFastPathLocalPair(t *testing.T) {
 	}
 }
 
+// A sender much faster than its reader, on a pair in the fast path: 256 MiB arrive
+// intact and the write never fails (with an unbounded sk_msg ingress redirect it
+// failed with ENOMEM, or the kernel held all of it for the sleeping reader); while
+// the reader sleeps, the sender is held back: the kernel buffers a few MiB for it,
+// as for plain TCP, not the whole stream. The same with the fast path off, for the
+// figures side by side.
+func TestFastPathBulkBackPressure(t *testing.T) {
+	const n = 256 << 20
+	for _, fast := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
+			e, p := startPairChild(t, fast, "bulk", fmt.Sprintf("pair:%d:%s", n, time.Second))
+			f := p.line(t) // sum SENT RECEIVED N AHEAD SECONDS
+			if len(f) != 6 || f[1] != f[2] || f[3] != fmt.Sprint(n) {
+				t.Fatalf("child: %v; want equal sums and %d bytes", f, n)
+			}
+			ahead, _ := strconv.ParseInt(f[4], 10, 64)
+			secs, _ := strconv.ParseFloat(f[5], 64)
+			// TCP buffers at most its send buffer (tcp_wmem max 4 MiB here) plus the
+			// receiver's window; the fast path adds at most its queue bound.
+			if ahead > 32<<20 {
+				t.Fatalf("the sender got %d MiB ahead of a sleeping reader: no back-pressure", ahead>>20)
+			}
+			st, err := e.objs.FerrySkMsg.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fast && st.RunCount == 0 {
+				t.Fatal("sk_msg never ran: the pair was not in the fast path")
+			}
+			t.Logf("fast path %v: 256 MiB intact, sender %.1f MiB ahead of the sleeping reader, %.0f MiB/s (including the 1 s sleep), sk_msg ran %d times",
+				fast, float64(ahead)/(1<<20), float64(n)/(1<<20)/secs, st.RunCount)
+		})
+	}
+}
+
+// startPairChild starts a child in mode in a fresh enrolled netns (pod name) with
+// BPF run statistics on, waits for its "pair" line and tells it to go.
+func startPairChild(t *testing.T, fast bool, pod, mode string) (*env, *proc) {
+	t.Helper()
+	e := newEnv(t, fast)
+	h := privileged.NewNetns(t)
+	if err := e.objs.Enroll(cookie(t, h), "default/"+pod); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stats.Close() })
+	p := startChild(t, e, h, mode, "-")
+	p.line(t) // pair CLIENT SERVER
+	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
+		t.Fatal(err)
+	}
+	return e, p
+}
+
+// Request/response on a pair with the fast path on and off: every response is the
+// right one (the child checks each byte), with the latency logged for comparison.
+func TestFastPathRequestResponse(t *testing.T) {
+	for _, fast := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fast_path=%v", fast), func(t *testing.T) {
+			e, p := startPairChild(t, fast, "rr", "rr:20000")
+			f := p.line(t) // rr N P50 P99
+			if len(f) != 4 || f[1] != "20000" {
+				t.Fatalf("child: %v", f)
+			}
+			st, err := e.objs.FerrySkMsg.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fast && st.RunCount < 20000 {
+				t.Fatalf("sk_msg ran %d times for 40000 messages: the pair was not in the fast path", st.RunCount)
+			}
+			t.Logf("fast path %v: 20000 exchanges correct, p50 %s µs, p99 %s µs, sk_msg ran %d times", fast, f[2], f[3], st.RunCount)
+		})
+	}
+}
+
 // child runs in a test's netns and cgroup; it reports on stdout, one line per event.
 func child(mode, arg string) error {
 	switch {
@@ -521,61 +604,169 @@ func child(mode, arg string) error {
 		io.Copy(io.Discard, os.Stdin)
 		return nil
 	case mode == "pair":
-		return childPair()
+		return childPair(pairBytes, 0)
+	case strings.HasPrefix(mode, "pair:"): // pair:BYTES:PAUSE
+		f := strings.Split(mode, ":")
+		if len(f) != 3 {
+			return fmt.Errorf("mode %q: want pair:BYTES:PAUSE", mode)
+		}
+		n, err := strconv.Atoi(f[1])
+		if err != nil {
+			return fmt.Errorf("mode %q: %w", mode, err)
+		}
+		pause, err := time.ParseDuration(f[2])
+		if err != nil {
+			return fmt.Errorf("mode %q: %w", mode, err)
+		}
+		return childPair(n, pause)
+	case strings.HasPrefix(mode, "rr:"):
+		var n int
+		if _, err := fmt.Sscanf(mode, "rr:%d", &n); err != nil {
+			return fmt.Errorf("mode %q: %w", mode, err)
+		}
+		return childRR(n)
 	}
 	return fmt.Errorf("unknown child mode %q", mode)
 }
 
-func childPair() error {
+// pairConns opens a loopback connection inside the child's netns (and cgroup, so
+// sockops sees it), prints "pair CLIENT SERVER" and waits for "go" on stdin.
+func pairConns() (c, s net.Conn, in *bufio.Reader, closeAll func(), err error) {
 	lc := listener.Config()
 	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
 	if err != nil {
-		return err
+		return nil, nil, nil, nil, err
 	}
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
+	c, err = net.Dial("tcp4", ln.Addr().String())
 	if err != nil {
-		return err
+		ln.Close()
+		return nil, nil, nil, nil, err
 	}
-	defer c.Close()
-	s, err := ln.Accept()
+	s, err = ln.Accept()
 	if err != nil {
-		return err
+		ln.Close()
+		c.Close()
+		return nil, nil, nil, nil, err
 	}
-	defer s.Close()
+	closeAll = func() { s.Close(); c.Close(); ln.Close() }
 	fmt.Println("pair", c.LocalAddr(), s.LocalAddr())
-	in := bufio.NewReader(os.Stdin)
+	in = bufio.NewReader(os.Stdin)
 	if _, err := in.ReadString('\n'); err != nil {
+		closeAll()
+		return nil, nil, nil, nil, err
+	}
+	return c, s, in, closeAll, nil
+}
+
+// childPair sends n random bytes from the client to the server end after "go" on
+// stdin; the reader first sleeps pause, to let a fast sender get ahead. It prints
+// "sum SENT RECEIVED N AHEAD SECONDS": AHEAD is how many bytes the sender had
+// written when the reader woke (what the kernel buffered for it), SECONDS the time
+// from the first write to the last byte read.
+func childPair(n int, pause time.Duration) error {
+	c, s, in, closeAll, err := pairConns()
+	if err != nil {
 		return err
 	}
+	defer closeAll()
 
-	data := make([]byte, pairBytes)
+	data := make([]byte, n)
 	rng := rand.NewChaCha8([32]byte{1})
 	rng.Read(data)
 	sent := sha256.Sum256(data)
+	var written atomic.Int64
 	errc := make(chan error, 1)
+	start := time.Now()
 	go func() {
 		// Plain Write, never io.Copy between TCPConns: splice can read 0 bytes from
-		// sockets whose data sk_msg redirects.
-		_, err := c.Write(data)
-		errc <- err
+		// sockets whose data sk_msg redirects. 1 MiB writes, so the progress shows.
+		for off := 0; off < n; {
+			m, err := c.Write(data[off:min(off+1<<20, n)])
+			off += m
+			written.Store(int64(off))
+			if err != nil {
+				errc <- fmt.Errorf("write after %d bytes: %w", off, err)
+				return
+			}
+		}
+		errc <- nil
 	}()
+	time.Sleep(pause)
+	ahead := written.Load()
 	h := sha256.New()
 	buf := make([]byte, 64<<10)
-	n := 0
-	s.SetReadDeadline(time.Now().Add(20 * time.Second))
-	for n < pairBytes {
+	got := 0
+	s.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for got < n {
 		m, err := s.Read(buf)
 		h.Write(buf[:m])
-		n += m
+		got += m
 		if err != nil {
-			return fmt.Errorf("read after %d bytes: %w", n, err)
+			return fmt.Errorf("read after %d bytes: %w", got, err)
+		}
+	}
+	secs := time.Since(start).Seconds()
+	if err := <-errc; err != nil {
+		return err
+	}
+	fmt.Println("sum", hex.EncodeToString(sent[:]), hex.EncodeToString(h.Sum(nil)), got, ahead, secs)
+	io.Copy(io.Discard, in)
+	return nil
+}
+
+// childRR runs n request/response exchanges over a pair after "go" on stdin: a
+// numbered 64-byte request, answered with 1 KiB that repeats its number, checked by
+// the client. It prints "rr N P50_US P99_US".
+func childRR(n int) error {
+	c, s, in, closeAll, err := pairConns()
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	errc := make(chan error, 1)
+	go func() {
+		req := make([]byte, 64)
+		resp := make([]byte, 1024)
+		for range n {
+			if _, err := io.ReadFull(s, req); err != nil {
+				errc <- fmt.Errorf("server read: %w", err)
+				return
+			}
+			for i := range resp {
+				resp[i] = req[i%8]
+			}
+			if _, err := s.Write(resp); err != nil {
+				errc <- fmt.Errorf("server write: %w", err)
+				return
+			}
+		}
+		errc <- nil
+	}()
+	req := make([]byte, 64)
+	resp := make([]byte, 1024)
+	lat := make([]time.Duration, 0, n)
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	for i := range n {
+		binary.BigEndian.PutUint64(req, uint64(i))
+		t0 := time.Now()
+		if _, err := c.Write(req); err != nil {
+			return fmt.Errorf("request %d: %w", i, err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			return fmt.Errorf("response %d: %w", i, err)
+		}
+		lat = append(lat, time.Since(t0))
+		for j := range resp {
+			if resp[j] != req[j%8] {
+				return fmt.Errorf("response %d: byte %d is %#x, want %#x", i, j, resp[j], req[j%8])
+			}
 		}
 	}
 	if err := <-errc; err != nil {
 		return err
 	}
-	fmt.Println("sum", hex.EncodeToString(sent[:]), hex.EncodeToString(h.Sum(nil)), n)
+	slices.Sort(lat)
+	fmt.Println("rr", n, lat[n/2].Microseconds(), lat[n*99/100].Microseconds())
 	io.Copy(io.Discard, in)
 	return nil
 }

@@ -9,6 +9,7 @@
 #include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -23,6 +24,9 @@ volatile const __u16 outbound_port = 15001;
 volatile const __u16 inbound_port = 15006;
 volatile const __u16 tunnel_port = 15008;
 volatile const __u8 fast_path = 0;
+// The fast path's bound on a peer's ingress queue when the peer's receive buffer is
+// smaller (bytes): past it, messages take the TCP path (see peer_has_room).
+volatile const __u32 fast_path_queue_min = 1 << 20; // bpf.DefaultFastPathQueue
 
 // An enrolled pod, readable from the pinned map alone (bpftool prints char[] as text).
 struct pod_info {
@@ -148,6 +152,20 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } local_socks SEC(".maps");
+
+// The kernel address of each socket in local_socks, same key: how sk_msg reads its
+// peer's queue and read position (an sk_msg program may not look a socket up in a
+// sockhash, as it cannot release the reference). Only ever read with
+// bpf_probe_read_kernel, so a stale entry reads stale or zero values, never faults;
+// a stale entry's redirect fails anyway, as its key has left local_socks. Same size
+// as local_socks; LRU, so entries of closed sockets age out.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} local_sock_addrs SEC(".maps");
 
 // Pod IP -> that pod's 15006 listener, for sk_lookup.
 struct {
@@ -359,6 +377,25 @@ static __always_inline int is_local_pair(const __u32 l6[4], const __u32 r6[4])
 	return l6[0] == r6[0] && l6[1] == r6[1] && l6[2] == r6[2] && l6[3] == r6[3];
 }
 
+// The few kernel fields the fast path reads, relocated by CO-RE against the running
+// kernel's BTF (the ___ferry suffix is dropped when matching): no vmlinux.h needed.
+struct sock___ferry {
+	void *sk_user_data; // the sk_psock, tagged in its low bits
+	int sk_rcvbuf;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___ferry {
+	__u32 write_seq;  // end of what the application has written
+	__u32 copied_seq; // end of what the application has read
+} __attribute__((preserve_access_index));
+
+struct sk_psock___ferry {
+	__u32 msg_tot_len; // bytes waiting on the ingress_msg queue
+} __attribute__((preserve_access_index));
+
+// sk_user_data's low bits are flags (SK_USER_DATA_NOCOPY, _BPF, _PSOCK).
+#define SK_USER_DATA_PTRMASK (~7UL)
+
 SEC("sockops")
 int ferry_sockops(struct bpf_sock_ops *skops)
 {
@@ -393,6 +430,16 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 
 	struct sock_key key = {};
 	fill_sock_key(&key, netns, l6, r6, lport, rport);
+	// The address first: a peer that finds the socket in local_socks finds it here.
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct tcp_sock___ferry *tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 1;
+	__u64 addr = (__u64)(unsigned long)tp;
+	if (bpf_map_update_elem(&local_sock_addrs, &key, &addr, BPF_ANY))
+		return 1; // cannot happen with an LRU map; without it, no fast path
 	// BPF_ANY: a closed socket has already left the map, so an existing key can only be
 	// a stale tuple being reused; the new socket replaces it. Full map: no fast path.
 	if (bpf_sock_hash_update(skops, &local_socks, &key, BPF_ANY))
@@ -400,6 +447,52 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 	else
 		count(COUNTER_FAST_PATH_ADDED);
 	return 1;
+}
+
+// Whether the peer can take this message on its ingress queue now, with the order of
+// the stream kept. The kernel bounds that queue by nothing but the protocol's global
+// memory (bpf_tcp_ingress charges the receiving socket, never checking its sk_rcvbuf):
+// a sender faster than its reader fills it until writes fail with ENOMEM. So the
+// verdict bounds it: past max(the peer's receive buffer, fast_path_queue_min) the
+// message takes the normal TCP path instead, where the
+// window and the sender's send buffer block a fast sender as TCP always does. A
+// message may be redirected again only once everything sent the TCP way has been
+// read (our write_seq is the peer's copied_seq: nothing of ours is in flight or in
+// its receive queue), because the reader takes the ingress queue before the TCP
+// queue; going from the ingress queue to TCP keeps the order for the same reason.
+// The same check keeps the order when the peer entered local_socks after our first
+// bytes had gone the TCP way.
+static __always_inline int peer_has_room(struct sk_msg_md *msg, const struct sock_key *peer)
+{
+	struct bpf_sock *own = msg->sk;
+	if (!own)
+		return 0;
+	struct tcp_sock___ferry *otp = (void *)bpf_skc_to_tcp_sock(own);
+	if (!otp)
+		return 0;
+	__u64 *addr = bpf_map_lookup_elem(&local_sock_addrs, peer);
+	if (!addr)
+		return 0;
+	struct tcp_sock___ferry *ptp = (void *)(unsigned long)*addr;
+	struct sock___ferry *psk = (void *)ptp;
+
+	__u32 copied = 0;
+	if (bpf_core_read(&copied, sizeof(copied), &ptp->copied_seq) || copied != otp->write_seq)
+		return 0;
+	unsigned long ud = 0;
+	int limit = 0;
+	if (bpf_core_read(&ud, sizeof(ud), &psk->sk_user_data) ||
+	    bpf_core_read(&limit, sizeof(limit), &psk->sk_rcvbuf))
+		return 0;
+	ud &= SK_USER_DATA_PTRMASK;
+	if (!ud)
+		return 0;
+	__u32 queued = 0;
+	if (bpf_core_read(&queued, sizeof(queued), &((struct sk_psock___ferry *)ud)->msg_tot_len))
+		return 0;
+	if (limit < (int)fast_path_queue_min)
+		limit = fast_path_queue_min;
+	return queued < (__u32)limit;
 }
 
 SEC("sk_msg")
@@ -414,8 +507,10 @@ int ferry_sk_msg(struct sk_msg_md *msg)
 	// The peer's key is ours seen from the other end.
 	struct sock_key peer = {};
 	fill_sock_key(&peer, bpf_get_netns_cookie(msg), r6, l6, rport, lport);
-	// On a miss the helper returns SK_DROP without setting a redirect; returning SK_PASS
-	// then delivers the data the normal way.
+	if (!peer_has_room(msg, &peer))
+		return SK_PASS; // back-pressure, or order: TCP carries it (see peer_has_room)
+	// On a miss (no peer, or it closed) the helper returns SK_DROP without setting a
+	// redirect; returning SK_PASS then delivers the data the normal way.
 	bpf_msg_redirect_hash(msg, &local_socks, &peer, BPF_F_INGRESS);
 	return SK_PASS;
 }

@@ -97,6 +97,7 @@ const (
 	ferryMapEnrolledNetns     = "enrolled_netns"
 	ferryMapExcludedPorts     = "excluded_ports"
 	ferryMapInboundListeners  = "inbound_listeners"
+	ferryMapLocalSockAddrs    = "local_sock_addrs"
 	ferryMapLocalSocks        = "local_socks"
 	ferryMapOrigDst           = "orig_dst"
 	ferryMapSockOrigDst       = "sock_orig_dst"
@@ -109,6 +110,7 @@ const (
 	ferryProgFerrySockops     = "ferry_sockops"
 	ferryVarAgentMark         = "agent_mark"
 	ferryVarFastPath          = "fast_path"
+	ferryVarFastPathQueueMin  = "fast_path_queue_min"
 	ferryVarInboundPort       = "inbound_port"
 	ferryVarOutboundPort      = "outbound_port"
 	ferryVarTunnelPort        = "tunnel_port"
@@ -172,6 +174,7 @@ type ferryMapSpecs struct {
 	EnrolledNetns    *ebpf.MapSpec `ebpf:"enrolled_netns"`
 	ExcludedPorts    *ebpf.MapSpec `ebpf:"excluded_ports"`
 	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalSockAddrs   *ebpf.MapSpec `ebpf:"local_sock_addrs"`
 	LocalSocks       *ebpf.MapSpec `ebpf:"local_socks"`
 	OrigDst          *ebpf.MapSpec `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.MapSpec `ebpf:"sock_orig_dst"`
@@ -185,6 +188,7 @@ type ferryMapSpecs struct {
 type ferryVariableSpecs struct {
 	AgentMark         *ebpf.VariableSpec `ebpf:"agent_mark"`
 	FastPath          *ebpf.VariableSpec `ebpf:"fast_path"`
+	FastPathQueueMin  *ebpf.VariableSpec `ebpf:"fast_path_queue_min"`
 	InboundPort       *ebpf.VariableSpec `ebpf:"inbound_port"`
 	OutboundPort      *ebpf.VariableSpec `ebpf:"outbound_port"`
 	TunnelPort        *ebpf.VariableSpec `ebpf:"tunnel_port"`
@@ -215,6 +219,7 @@ type ferryMaps struct {
 	EnrolledNetns    *ebpf.Map `ebpf:"enrolled_netns"`
 	ExcludedPorts    *ebpf.Map `ebpf:"excluded_ports"`
 	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalSockAddrs   *ebpf.Map `ebpf:"local_sock_addrs"`
 	LocalSocks       *ebpf.Map `ebpf:"local_socks"`
 	OrigDst          *ebpf.Map `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.Map `ebpf:"sock_orig_dst"`
@@ -228,6 +233,7 @@ func (m *ferryMaps) Close() error {
 		m.EnrolledNetns,
 		m.ExcludedPorts,
 		m.InboundListeners,
+		m.LocalSockAddrs,
 		m.LocalSocks,
 		m.OrigDst,
 		m.SockOrigDst,
@@ -242,6 +248,7 @@ func (m *ferryMaps) Close() error {
 type ferryVariables struct {
 	AgentMark         *ebpf.Variable `ebpf:"agent_mark"`
 	FastPath          *ebpf.Variable `ebpf:"fast_path"`
+	FastPathQueueMin  *ebpf.Variable `ebpf:"fast_path_queue_min"`
 	InboundPort       *ebpf.Variable `ebpf:"inbound_port"`
 	OutboundPort      *ebpf.Variable `ebpf:"outbound_port"`
 	TunnelPort        *ebpf.Variable `ebpf:"tunnel_port"`

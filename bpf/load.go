@@ -18,8 +18,11 @@ const (
 	MapExcludedPorts    = ferryMapExcludedPorts
 	MapInboundListeners = ferryMapInboundListeners
 	MapLocalSocks       = ferryMapLocalSocks
-	MapOrigDst          = ferryMapOrigDst
-	MapSockOrigDst      = ferryMapSockOrigDst
+	// MapLocalSockAddrs holds the kernel address of each socket in local_socks, by
+	// the same key, for sk_msg's back-pressure check (it reads the peer's queue).
+	MapLocalSockAddrs = ferryMapLocalSockAddrs
+	MapOrigDst        = ferryMapOrigDst
+	MapSockOrigDst    = ferryMapSockOrigDst
 	// MapCounters holds the per-CPU event counters (bpf.ReadCounters).
 	MapCounters = ferryMapCounters
 	// MapStrictPorts holds the pods' mTLS modes by (pod IP, port) (SetStrictPorts).
@@ -40,7 +43,7 @@ const (
 
 // MapNames lists every map Ferry pins.
 func MapNames() []string {
-	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapOrigDst, MapSockOrigDst, MapCounters, MapStrictPorts, MapStrictEvents}
+	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapLocalSockAddrs, MapOrigDst, MapSockOrigDst, MapCounters, MapStrictPorts, MapStrictEvents}
 }
 
 // ProgramNames lists every program in Ferry's object.
@@ -71,6 +74,10 @@ type Config struct {
 	AgentMark uint32
 	// FastPath makes sockops insert local sockets into local_socks for sk_msg.
 	FastPath bool
+	// FastPathQueue bounds a fast-path socket's ingress queue (bytes) when its
+	// receive buffer is smaller: past the bound, messages take the TCP path, which
+	// blocks a sender faster than its reader. 0 means DefaultFastPathQueue.
+	FastPathQueue uint32
 	// MaxPods is the node's pod limit; map sizes follow from it (see MapSizes).
 	MaxPods int
 	// Ports are the mesh ports the programs redirect to and never capture; the
@@ -92,6 +99,9 @@ type Config struct {
 //     proxy's OrigDst fails for it (the proxy closes it).
 //   - local_socks (sockhash, same size): sockops' insert fails silently and the
 //     connection simply takes the normal TCP path (no fast path); nothing breaks.
+//   - local_sock_addrs (LRU hash, same size): the least recently used entries are
+//     evicted; a socket whose entry is gone is never redirected to (its peer's
+//     messages take the TCP path), so nothing breaks.
 //   - strict_ports (hash, max(maxPods*StrictEntriesPerPod, 1024)): SetStrictPorts
 //     refuses a set that does not fit before it changes anything (ErrStrictFull),
 //     so the modes in force stay those of the last set that fitted.
@@ -108,6 +118,7 @@ func MapSizes(maxPods int) map[string]uint32 {
 		MapSockOrigDst:      conns,
 		MapOrigDst:          conns,
 		MapLocalSocks:       conns,
+		MapLocalSockAddrs:   conns,
 		MapStrictPorts:      max(pods*StrictEntriesPerPod, 1024),
 	}
 }
@@ -115,6 +126,10 @@ func MapSizes(maxPods int) map[string]uint32 {
 // StrictEntriesPerPod is how many strict_ports entries a pod may use on average:
 // one per address for its own mode, the rest for per-port overrides.
 const StrictEntriesPerPod = 16
+
+// DefaultFastPathQueue is the default Config.FastPathQueue: 1 MiB, the most one
+// socket holds on its ingress queue before a fast sender is sent the TCP way.
+const DefaultFastPathQueue = 1 << 20
 
 // Spec returns Ferry's collection spec with cfg's globals set and maps sized.
 func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
@@ -132,12 +147,17 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 	if cfg.FastPath {
 		fast = 1
 	}
+	queue := cfg.FastPathQueue
+	if queue == 0 {
+		queue = DefaultFastPathQueue
+	}
 	vars := map[string]any{
-		ferryVarAgentMark:    cfg.AgentMark,
-		ferryVarFastPath:     fast,
-		ferryVarOutboundPort: cfg.Ports.Outbound,
-		ferryVarInboundPort:  cfg.Ports.Inbound,
-		ferryVarTunnelPort:   cfg.Ports.Tunnel,
+		ferryVarAgentMark:        cfg.AgentMark,
+		ferryVarFastPath:         fast,
+		ferryVarFastPathQueueMin: queue,
+		ferryVarOutboundPort:     cfg.Ports.Outbound,
+		ferryVarInboundPort:      cfg.Ports.Inbound,
+		ferryVarTunnelPort:       cfg.Ports.Tunnel,
 	}
 	for name, v := range vars {
 		vs, ok := spec.Variables[name]

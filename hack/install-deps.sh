@@ -21,7 +21,7 @@ packages=(
   tshark             # read those captures
   protobuf-compiler  # protoc: api/ code generation
   libprotobuf-dev    # google/protobuf/*.proto (well-known types protoc imports)
-  prometheus         # promtool check metrics
+  prometheus         # promtool check metrics and rules; the prometheus server in the e2e dashboards test
   chromium           # the web view test in headless Chromium
   haproxy            # make bench: the peer proxy pair
   nghttp2-client     # h2load: make bench's HTTP/2 load client (h2c, multiplexed streams)

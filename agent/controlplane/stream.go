@@ -65,15 +65,24 @@ func (s *Stream) once(ctx context.Context, applied *uint64) (got bool, err error
 	if err != nil {
 		return false, err
 	}
-	if err := st.Send(&ferryv1.StateRequest{Node: s.node, VersionAck: *applied}); err != nil {
+	if err := st.Send(&ferryv1.StateRequest{Node: s.node, VersionAck: *applied, AcceptDeltas: true}); err != nil {
 		return false, err
 	}
 	fresh := true
+	// last is the full state of the last message received, applied or not: the
+	// operator's next delta starts from it.
+	var last *ferryv1.NodeState
 	for {
-		ns, err := st.Recv()
+		msg, err := st.Recv()
 		if err != nil {
 			return got, err
 		}
+		ns, err := Merge(last, msg)
+		if err != nil {
+			// Out of step with the operator: a new stream starts with a full state.
+			return got, err
+		}
+		last = ns
 		got = true
 		req := &ferryv1.StateRequest{Node: s.node, ResponseTo: ns.GetVersion()}
 		if err := s.apply(ns, fresh); err != nil {

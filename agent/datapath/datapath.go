@@ -64,16 +64,21 @@ type Config struct {
 	Ports mesh.Ports
 	// FastPath enables the sockhash + sk_msg path between local sockets.
 	FastPath bool
+	// FastPathQueue bounds each fast-path socket's ingress queue, in bytes, when its
+	// receive buffer is smaller; past it a sender's messages take the TCP path. 0
+	// means bpf.DefaultFastPathQueue.
+	FastPathQueue uint32
 	// MaxPods is the node's pod limit, which sizes the maps; 0 means DefaultMaxPods.
 	MaxPods int
 	// ExcludedPorts are destination ports never captured, besides the mesh ports.
 	ExcludedPorts []uint16
 }
 
-// DefaultConfig is the data path's configuration with every default filled in; the
-// fast path is off by default: with the sk_msg ingress redirect the kernel applies no
-// back-pressure, and a sender faster than the agent gets ENOMEM from write
-// (docs/datapath.md, "Fast path").
+// DefaultConfig is the data path's configuration with every default filled in. The
+// fast path is off by default: it is safe (sk_msg bounds each socket's ingress queue,
+// so a fast sender blocks instead of getting ENOMEM) but, measured, not faster than
+// loopback TCP with the proxy splicing (docs/datapath.md, "Fast path and
+// back-pressure").
 func DefaultConfig() Config {
 	return Config{PinDir: DefaultPinDir, Mark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: DefaultMaxPods}
 }
@@ -83,7 +88,8 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.PinDir, "bpf-pin-dir", c.PinDir, "bpffs folder where programs, maps and links are pinned")
 	fs.StringVar(&c.CgroupPath, "cgroup", c.CgroupPath, "cgroup v2 folder to attach capture to (default: the cgroup2 mount root)")
 	fs.Uint32Var(&c.Mark, "mark", c.Mark, "SO_MARK on the agent's own sockets, which capture skips")
-	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "experimental: move bytes between local sockets with sockmap/sk_msg (a sender faster than the agent can get ENOMEM)")
+	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "move bytes between local sockets with sockmap/sk_msg, bounded per socket (off: loopback TCP, and the proxy splices)")
+	fs.Uint32Var(&c.FastPathQueue, "fast-path-queue", c.FastPathQueue, "bytes a fast-path socket may hold on its ingress queue before a faster sender is sent the TCP way (0: 1 MiB)")
 	fs.IntVar(&c.MaxPods, "max-pods", c.MaxPods, "most pods on this node; sizes the BPF maps")
 }
 
@@ -177,7 +183,7 @@ func (d *Datapath) Start(ctx context.Context) error {
 		}
 		d.cgroup = mnt
 	}
-	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
+	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, FastPathQueue: d.cfg.FastPathQueue, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
 		d.stopLocked()
 		return err
@@ -342,12 +348,15 @@ func (d *Datapath) flushLocalSocks() error {
 	var keys []bpf.SockKey
 	var k bpf.SockKey
 	var v uint64
-	it := d.objs.LocalSocks.Iterate()
-	for it.Next(&k, &v) {
-		keys = append(keys, k)
-	}
-	for i := range keys {
-		d.objs.LocalSocks.Delete(&keys[i])
+	for _, m := range []*ebpf.Map{d.objs.LocalSocks, d.objs.LocalSockAddrs} {
+		keys = keys[:0]
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			keys = append(keys, k)
+		}
+		for i := range keys {
+			m.Delete(&keys[i])
+		}
 	}
 	return nil
 }

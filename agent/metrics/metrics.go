@@ -198,6 +198,9 @@ type Sources struct {
 	LiveConns func() int
 	// Kernel reads the BPF maps; see KernelReader.
 	Kernel KernelReader
+	// Certificates reports the workload certificates held now: SPIFFE identity to
+	// NotAfter (certs.go).
+	Certificates func() map[string]time.Time
 }
 
 // New registers the agent's metrics, plus Go runtime and process metrics. node is not
@@ -248,6 +251,9 @@ func New(node string, src Sources) *Metrics {
 	}
 	if src.Kernel != nil {
 		reg.MustRegister(&kernelCollector{r: src.Kernel})
+	}
+	if src.Certificates != nil {
+		reg.MustRegister(&certCollector{held: src.Certificates})
 	}
 	return m
 }

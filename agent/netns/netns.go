@@ -43,33 +43,30 @@ func (h *Handle) FD() int { return int(h.ns) }
 // Close releases the namespace handle.
 func (h *Handle) Close() error { return h.ns.Close() }
 
-// Do runs fn on a locked OS thread that has entered the namespace, then returns the
-// thread to the caller's namespace. If the thread cannot be restored it is not
-// unlocked, so the runtime discards it rather than reusing a thread in the wrong place.
+// Do runs fn inside the namespace on the caller's own goroutine, locked to its OS
+// thread for the call, and then puts the thread back where it was (the caller may
+// itself be inside a Do). No goroutine or thread hand-off: a dial to a pod costs the
+// open of the thread's namespace and two setns(2) calls. A thread that cannot be put
+// back would leave the caller making sockets in the wrong namespace, so that panics.
 func (h *Handle) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := vnetns.Get()
-		if err != nil {
-			errc <- fmt.Errorf("current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := vnetns.Set(h.ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", h.path, err)
-			return
-		}
-		ferr := fn()
+	runtime.LockOSThread()
+	orig, err := vnetns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("current netns: %w", err)
+	}
+	defer orig.Close()
+	if err := vnetns.Set(h.ns); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("enter netns %s: %w", h.path, err)
+	}
+	defer func() {
 		if err := vnetns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("restore netns: %w", err))
-			return // thread stays locked and dies with this goroutine
+			panic(fmt.Sprintf("netns: cannot return thread from %s: %v", h.path, err))
 		}
 		runtime.UnlockOSThread()
-		errc <- ferr
 	}()
-	return <-errc
+	return fn()
 }
 
 // Cookie returns the namespace's netns cookie, the key BPF programs see.

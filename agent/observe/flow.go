@@ -99,6 +99,22 @@ func endpoint(pod, identity, node string, ap netip.AddrPort) *ferryv1.Endpoint {
 	return e
 }
 
+// reporters are the sides a record is counted for in the metrics. A connection that
+// crosses nodes is recorded by both agents, each for its own side; one between two
+// pods of the same node passes one proxy only, which stands for both sides, so it is
+// counted once as the source's and once as the destination's, as two sidecars (or
+// ztunnel) would count it: dashboards written for Istio, which count requests by
+// reporter="destination", see same-node traffic too.
+func reporters(c admin.Conn) []string {
+	switch {
+	case c.Security == admin.SameNode:
+		return []string{metrics.ReporterSource, metrics.ReporterDestination}
+	case c.Direction == admin.Inbound:
+		return []string{metrics.ReporterDestination}
+	}
+	return []string{metrics.ReporterSource}
+}
+
 // connLabels are the Istio labels of a connection: workloads by pod name (there are no
 // Deployments to name them by), no addresses or ports.
 func connLabels(c admin.Conn, svc service) metrics.Labels {

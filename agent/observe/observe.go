@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ferrymesh/ferry/agent/flows"
 	"github.com/ferrymesh/ferry/agent/metrics"
@@ -81,6 +82,9 @@ type Sources struct {
 	LiveConns func() int
 	// PinDir is the data path's bpffs folder, whose maps the metrics read.
 	PinDir string
+	// Certificates reports the workload certificates held now (identity to
+	// NotAfter), for ferry_certificate_expiry_timestamp_seconds; nil exports none.
+	Certificates func() map[string]time.Time
 }
 
 // Observer records every proxied connection as a flow and in the metrics, and
@@ -126,8 +130,9 @@ func New(cfg Config, node string, src Sources, log *slog.Logger) *Observer {
 			st := o.ring.Status()
 			return st.Flows, st.Capacity, st.Seen, st.Lost
 		},
-		LiveConns: live,
-		Kernel:    kernelReader{pinDir: src.PinDir},
+		LiveConns:    live,
+		Kernel:       kernelReader{pinDir: src.PinDir},
+		Certificates: src.Certificates,
 	})
 	return o
 }
@@ -253,13 +258,21 @@ func (o *Observer) Stop(ctx context.Context) error {
 
 // ConnOpened counts a connection the proxy accepted.
 func (o *Observer) ConnOpened(c admin.Conn) {
-	o.metrics.ConnOpened(connLabels(c, o.serviceOf(c)))
+	l := connLabels(c, o.serviceOf(c))
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.ConnOpened(l)
+	}
 }
 
 // ConnClosed records an ended connection as a flow and in the metrics.
 func (o *Observer) ConnClosed(c admin.Conn) {
 	svc := o.serviceOf(c)
-	o.metrics.ConnClosed(connLabels(c, svc), c.BytesSent, c.BytesRecv)
+	l := connLabels(c, svc)
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.ConnClosed(l, c.BytesSent, c.BytesRecv)
+	}
 	f := o.flow(c)
 	f.Service = svc.flow
 	o.ring.Add(f)
@@ -286,7 +299,11 @@ func (o *Observer) Request(c admin.Conn) {
 		return
 	}
 	svc := o.serviceOf(c)
-	o.metrics.Request(requestLabels(c, svc), c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	l := requestLabels(c, svc)
+	for _, r := range reporters(c) {
+		l.Reporter = r
+		o.metrics.Request(l, c.End.Sub(c.Start), c.BytesSent, c.BytesRecv)
+	}
 	o.metrics.Retries(svc.metric, c.HTTP.Retries)
 	f := o.requestFlow(c)
 	f.Service = svc.flow

@@ -226,6 +226,61 @@ func request(i, status int, reason admin.Reason) admin.Conn {
 	return c
 }
 
+// Traffic between two pods of one node passes one proxy, which counts it for both
+// sides: a request and a connection appear once with reporter="source" and once with
+// reporter="destination", so dashboards that count by the destination's reporter (as
+// Istio's do) see it; a connection across nodes stays counted by its own side only.
+func TestSameNodeCountedForBothReporters(t *testing.T) {
+	dir := t.TempDir()
+	o := New(Config{MetricsAddr: "127.0.0.1:0"}.Beside(filepath.Join(dir, "agent.sock")), "node1", Sources{}, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := o.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer o.Stop(ctx)
+	same := request(1, 200, admin.ReasonNone)
+	same.Security, same.DstNode = admin.SameNode, "node1"
+	o.Request(same)
+	o.Request(same)
+	o.Request(request(2, 200, admin.ReasonNone)) // across nodes: the source's only
+	tcp := same
+	tcp.HTTP, tcp.Protocol = nil, admin.TCP
+	o.ConnOpened(tcp)
+	o.ConnClosed(tcp)
+
+	resp, err := http.Get("http://" + o.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	sum := func(metric, reporter string) int {
+		n := 0
+		for _, m := range regexp.MustCompile(`(?m)^`+metric+`\{(.*)\} (\d+)$`).FindAllStringSubmatch(string(body), -1) {
+			if strings.Contains(m[1], `reporter="`+reporter+`"`) {
+				v, _ := strconv.Atoi(m[2])
+				n += v
+			}
+		}
+		return n
+	}
+	for _, c := range []struct {
+		metric, reporter string
+		want             int
+	}{
+		{"istio_requests_total", "source", 3},
+		{"istio_requests_total", "destination", 2},
+		{"istio_tcp_connections_opened_total", "source", 1},
+		{"istio_tcp_connections_opened_total", "destination", 1},
+		{"istio_tcp_connections_closed_total", "destination", 1},
+	} {
+		if got := sum(c.metric, c.reporter); got != c.want {
+			t.Errorf("%s{reporter=%q} = %d, want %d", c.metric, c.reporter, got, c.want)
+		}
+	}
+}
+
 // Metrics equal flows at L7: N requests with a mix of 200, 404 and 503 give
 // istio_requests_total summing to N, split by response_code as sent, on the metrics
 // listener a Prometheus scrapes; and N request flows with their HTTP fields on the

@@ -521,16 +521,28 @@ func (b *countingBody) Read(p []byte) (int, error) {
 }
 
 // copyBuffers lends ReverseProxy its body copy buffers, so a request allocates none.
-type copyBuffers struct{ pool sync.Pool }
+// A pool holds pointers; the emptied pointers are kept in a pool of their own, so
+// that Put does not allocate one for every buffer it is given back.
+type copyBuffers struct{ pool, holders sync.Pool }
 
 func (c *copyBuffers) Get() []byte {
 	if bp, ok := c.pool.Get().(*[]byte); ok {
-		return *bp
+		b := *bp
+		*bp = nil
+		c.holders.Put(bp)
+		return b
 	}
 	return make([]byte, 32<<10)
 }
 
-func (c *copyBuffers) Put(b []byte) { c.pool.Put(&b) }
+func (c *copyBuffers) Put(b []byte) {
+	bp, ok := c.holders.Get().(*[]byte)
+	if !ok {
+		bp = new([]byte)
+	}
+	*bp = b
+	c.pool.Put(bp)
+}
 
 // requestProtocol says what a request is: gRPC is HTTP/2 with a gRPC content type.
 func requestProtocol(r *http.Request) admin.Protocol {

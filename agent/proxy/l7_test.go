@@ -53,7 +53,7 @@ func (r *requests) wait(t *testing.T, n int) []Conn {
 
 // newL7Proxy is a test proxy whose every endpoint is one HTTP app (HTTP/1.1 and h2c)
 // answering with the status in ?status=, and recording what it received.
-func newL7Proxy(t *testing.T, lb LoadBalancer, appProtocol string) (*testProxy, *requests, *[]*http.Request) {
+func newL7Proxy(t testing.TB, lb LoadBalancer, appProtocol string) (*testProxy, *requests, *[]*http.Request) {
 	t.Helper()
 	var mu sync.Mutex
 	var seen []*http.Request
@@ -98,7 +98,7 @@ func newL7Proxy(t *testing.T, lb LoadBalancer, appProtocol string) (*testProxy, 
 // connection for a request that follows the first one's answer before the first
 // dial has pooled its connection (net/http's dialConnFor delivers the connection
 // to the waiting request, then pools it), which a loaded machine makes happen.
-func (tp *testProxy) client(t *testing.T, dst netip.AddrPort, h2 bool) *http.Client {
+func (tp *testProxy) client(t testing.TB, dst netip.AddrPort, h2 bool) *http.Client {
 	t.Helper()
 	tp.capture.dst = dst
 	var once sync.Once

@@ -119,13 +119,13 @@ type testProxy struct {
 	netB    *loopNet
 }
 
-func newTestProxy(t *testing.T) *testProxy {
+func newTestProxy(t testing.TB) *testProxy {
 	t.Helper()
 	return newTestProxyWith(t, Limits{})
 }
 
 // newTestProxyWith is newTestProxy with the given limits.
-func newTestProxyWith(t *testing.T, lim Limits) *testProxy {
+func newTestProxyWith(t testing.TB, lim Limits) *testProxy {
 	t.Helper()
 	app := loopback.Serve(t, loopback.Echo)
 	tp := &testProxy{capture: &fakeCapture{}, tunnels: &fakeTunnels{app: app}, netA: &loopNet{app: app}, netB: &loopNet{app: app}}

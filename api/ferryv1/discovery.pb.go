@@ -38,7 +38,10 @@ type StateRequest struct {
 	// serving its previous state.
 	Error string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
 	// The version this request answers.
-	ResponseTo    uint64 `protobuf:"varint,4,opt,name=response_to,json=responseTo,proto3" json:"response_to,omitempty"`
+	ResponseTo uint64 `protobuf:"varint,4,opt,name=response_to,json=responseTo,proto3" json:"response_to,omitempty"`
+	// The agent applies deltas (NodeState.delta); set in the stream's first request.
+	// Without it every NodeState is full.
+	AcceptDeltas  bool `protobuf:"varint,5,opt,name=accept_deltas,json=acceptDeltas,proto3" json:"accept_deltas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -99,6 +102,13 @@ func (x *StateRequest) GetResponseTo() uint64 {
 		return x.ResponseTo
 	}
 	return 0
+}
+
+func (x *StateRequest) GetAcceptDeltas() bool {
+	if x != nil {
+		return x.AcceptDeltas
+	}
+	return false
 }
 
 // SignRequest asks for a certificate for one SPIFFE ID.
@@ -216,14 +226,15 @@ var File_discovery_proto protoreflect.FileDescriptor
 
 const file_discovery_proto_rawDesc = "" +
 	"\n" +
-	"\x0fdiscovery.proto\x12\bferry.v1\x1a\vstate.proto\"z\n" +
+	"\x0fdiscovery.proto\x12\bferry.v1\x1a\vstate.proto\"\x9f\x01\n" +
 	"\fStateRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1f\n" +
 	"\vversion_ack\x18\x02 \x01(\x04R\n" +
 	"versionAck\x12\x14\n" +
 	"\x05error\x18\x03 \x01(\tR\x05error\x12\x1f\n" +
 	"\vresponse_to\x18\x04 \x01(\x04R\n" +
-	"responseTo\"B\n" +
+	"responseTo\x12#\n" +
+	"\raccept_deltas\x18\x05 \x01(\bR\facceptDeltas\"B\n" +
 	"\vSignRequest\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x17\n" +
 	"\acsr_pem\x18\x02 \x01(\fR\x06csrPem\"^\n" +

@@ -51,8 +51,19 @@ type NodeState struct {
 	// Every AuthorizationPolicy in force, with the workloads it selects; the proxy
 	// of a selected workload's node enforces it. Sorted by name.
 	Authorization []*AuthorizationPolicy `protobuf:"bytes,10,rep,name=authorization,proto3" json:"authorization,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Set only for an agent that asked for deltas (StateRequest.accept_deltas): this
+	// message changes the state of version base_version into the state of version
+	// `version`. workloads and services then hold only the entries added or changed
+	// (a workload is keyed by uid, a service by namespace/name), removed_workloads and
+	// removed_services the keys that left; every other field is complete, as in a full
+	// state. The first message of a stream is always full (delta false).
+	Delta            bool     `protobuf:"varint,11,opt,name=delta,proto3" json:"delta,omitempty"`
+	BaseVersion      uint64   `protobuf:"varint,12,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
+	RemovedWorkloads []string `protobuf:"bytes,13,rep,name=removed_workloads,json=removedWorkloads,proto3" json:"removed_workloads,omitempty"`
+	// namespace/name of each removed service.
+	RemovedServices []string `protobuf:"bytes,14,rep,name=removed_services,json=removedServices,proto3" json:"removed_services,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *NodeState) Reset() {
@@ -151,6 +162,34 @@ func (x *NodeState) GetConfigStatus() []*ConfigStatus {
 func (x *NodeState) GetAuthorization() []*AuthorizationPolicy {
 	if x != nil {
 		return x.Authorization
+	}
+	return nil
+}
+
+func (x *NodeState) GetDelta() bool {
+	if x != nil {
+		return x.Delta
+	}
+	return false
+}
+
+func (x *NodeState) GetBaseVersion() uint64 {
+	if x != nil {
+		return x.BaseVersion
+	}
+	return 0
+}
+
+func (x *NodeState) GetRemovedWorkloads() []string {
+	if x != nil {
+		return x.RemovedWorkloads
+	}
+	return nil
+}
+
+func (x *NodeState) GetRemovedServices() []string {
+	if x != nil {
+		return x.RemovedServices
 	}
 	return nil
 }
@@ -2641,7 +2680,7 @@ var File_state_proto protoreflect.FileDescriptor
 
 const file_state_proto_rawDesc = "" +
 	"\n" +
-	"\vstate.proto\x12\bferry.v1\"\xce\x03\n" +
+	"\vstate.proto\x12\bferry.v1\"\xdf\x04\n" +
 	"\tNodeState\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12!\n" +
@@ -2653,7 +2692,11 @@ const file_state_proto_rawDesc = "" +
 	"\bservices\x18\b \x03(\v2\x11.ferry.v1.ServiceR\bservices\x12;\n" +
 	"\rconfig_status\x18\t \x03(\v2\x16.ferry.v1.ConfigStatusR\fconfigStatus\x12C\n" +
 	"\rauthorization\x18\n" +
-	" \x03(\v2\x1d.ferry.v1.AuthorizationPolicyR\rauthorization\"\x92\x01\n" +
+	" \x03(\v2\x1d.ferry.v1.AuthorizationPolicyR\rauthorization\x12\x14\n" +
+	"\x05delta\x18\v \x01(\bR\x05delta\x12!\n" +
+	"\fbase_version\x18\f \x01(\x04R\vbaseVersion\x12+\n" +
+	"\x11removed_workloads\x18\r \x03(\tR\x10removedWorkloads\x12)\n" +
+	"\x10removed_services\x18\x0e \x03(\tR\x0fremovedServices\"\x92\x01\n" +
 	"\x13AuthorizationPolicy\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06action\x18\x02 \x01(\tR\x06action\x12\x1c\n" +

@@ -12,19 +12,16 @@ package kubetest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/ferrymesh/ferry/internal/privileged"
+	"github.com/ferrymesh/ferry/internal/hackbuild"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -172,78 +169,8 @@ func (c *Cluster) restConfig(certPEM, keyPEM []byte) *rest.Config {
 // them first if they are not in the cache.
 func binaries(t testing.TB) (apiserver, etcd, kubectl string) {
 	t.Helper()
-	skipOrFail := func(format string, args ...any) {
-		t.Helper()
-		msg := fmt.Sprintf(format, args...)
-		if os.Getenv(privileged.EnvVar) == "1" {
-			t.Fatalf("kubetest: %s", msg)
-		}
-		t.Skipf("kubetest: %s (set %s=1 to make this a failure)", msg, privileged.EnvVar)
-	}
-	script, err := buildScript()
-	if err != nil {
-		skipOrFail("%v", err)
-	}
-	ctx := context.Background()
-	// The first build takes many minutes; stop short of the test binary's
-	// -timeout so the message below is seen instead of a panic. The Go build
-	// cache keeps what was compiled, so the next run picks up from there.
-	if d, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
-		if deadline, ok := d.Deadline(); ok {
-			var cancel context.CancelFunc
-			margin := min(30*time.Second, time.Until(deadline)/4)
-			ctx, cancel = context.WithDeadline(ctx, deadline.Add(-margin))
-			defer cancel()
-		}
-	}
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", script)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	start := time.Now()
-	err = cmd.Run()
-	if msg := strings.TrimSpace(stderr.String()); msg != "" {
-		t.Logf("kubetest: %s (%v):\n%s", script, time.Since(start).Round(time.Second), msg)
-	}
-	if ctx.Err() != nil {
-		skipOrFail("%s did not finish before the test deadline: run it once by hand, or raise go test -timeout", script)
-	}
-	if err != nil {
-		skipOrFail("kube-apiserver and etcd are not built and %s failed: %v", script, err)
-	}
-	for _, line := range strings.Split(strings.TrimSpace(stdout.String()), "\n") {
-		switch filepath.Base(line) {
-		case "kube-apiserver":
-			apiserver = line
-		case "etcd":
-			etcd = line
-		case "kubectl":
-			kubectl = line
-		}
-	}
-	if apiserver == "" || etcd == "" || kubectl == "" {
-		skipOrFail("%s printed no kube-apiserver, etcd and kubectl paths: %q", script, stdout.String())
-	}
-	return apiserver, etcd, kubectl
-}
-
-// buildScript finds hack/build-kube.sh above the working directory, which go
-// test sets to the package being tested.
-func buildScript() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("working directory: %w", err)
-	}
-	for {
-		script := filepath.Join(dir, "hack", "build-kube.sh")
-		if _, err := os.Stat(script); err == nil {
-			return script, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("hack/build-kube.sh not found above the working directory")
-		}
-		dir = parent
-	}
+	b := hackbuild.Binaries(t, "build-kube.sh", "kube-apiserver", "etcd", "kubectl")
+	return b["kube-apiserver"], b["etcd"], b["kubectl"]
 }
 
 // startEtcd runs a single-member etcd on loopback with a fresh data folder and

@@ -77,6 +77,7 @@ func TestMain(m *testing.M) {
 	hdLab.teardown()
 	mxLab.teardown()
 	ouLab.teardown()
+	hpLab.teardown()
 	os.Exit(code)
 }
 
