@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/internal/hackbuild"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -472,7 +473,7 @@ func unmountUnder(dir string) error {
 // fails under FERRY_PRIVILEGED_TESTS=1.
 func BuildNode(t testing.TB) NodeBinaries {
 	t.Helper()
-	out := runHackScript(t, "build-node.sh")
+	out := hackbuild.Run(t, "build-node.sh")
 	return NodeBinaries{Dir: strings.TrimSpace(out)}
 }
 
@@ -485,7 +486,7 @@ type Image struct {
 // returns them by base name ("ferry", "ferry-agent", "ferry-operator", "pause").
 func BuildImages(t testing.TB) map[string]Image {
 	t.Helper()
-	out := runHackScript(t, "images.sh", t.TempDir())
+	out := hackbuild.Run(t, "images.sh", t.TempDir())
 	images := map[string]Image{}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		ref, tarball, ok := strings.Cut(line, " ")
@@ -497,33 +498,4 @@ func BuildImages(t testing.TB) map[string]Image {
 		images[name] = Image{Ref: ref, Tarball: tarball}
 	}
 	return images
-}
-
-func runHackScript(t testing.TB, name string, args ...string) string {
-	t.Helper()
-	skipOrFail := func(format string, args ...any) {
-		t.Helper()
-		msg := fmt.Sprintf(format, args...)
-		if os.Getenv(privileged.EnvVar) == "1" {
-			t.Fatalf("kubenode: %s", msg)
-		}
-		t.Skipf("kubenode: %s (set %s=1 to make this a failure)", msg, privileged.EnvVar)
-	}
-	kubeScript, err := buildScript()
-	if err != nil {
-		skipOrFail("%v", err)
-	}
-	script := filepath.Join(filepath.Dir(kubeScript), name)
-	var stdout, stderr bytes.Buffer
-	cmd := exec.Command("bash", append([]string{script}, args...)...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	start := time.Now()
-	err = cmd.Run()
-	if msg := strings.TrimSpace(stderr.String()); msg != "" {
-		t.Logf("kubenode: %s (%v):\n%s", script, time.Since(start).Round(time.Second), msg)
-	}
-	if err != nil {
-		skipOrFail("%s failed: %v", script, err)
-	}
-	return stdout.String()
 }
