@@ -30,6 +30,8 @@ packages=(
   curl               # the L7 e2e tests' HTTP/1.1 client (keep-alive, chunked uploads, Expect: 100-continue)
   nghttp2-client     # h2load: the L7 e2e tests' HTTP/2 client (prior knowledge, 100 concurrent streams)
   nghttp2-server     # nghttpd: the h2c server streaming a 1 GiB sparse file in the L7 e2e memory test
+  runc               # the OCI runtime of the test node's containerd (internal/kubetest StartNode)
+  containernetworking-plugins # bridge, host-local, loopback: the test node's pod network (CNI)
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -19,12 +19,29 @@ import (
 	"github.com/ferrymesh/ferry/internal/privileged"
 )
 
-// Binaries runs hack/<script> (found above the working directory, which go test
-// sets to the package being tested) and returns the path it printed for each of
-// names, by base name. If the script is missing, fails, runs out of the test's
-// time or does not print every name, t is skipped, or fails under
-// FERRY_PRIVILEGED_TESTS=1.
+// Binaries runs hack/<script> (Run) and returns the path it printed for each of
+// names, by base name. If the script is missing, fails, runs out of the test's time
+// or does not print every name, t is skipped, or fails under FERRY_PRIVILEGED_TESTS=1.
 func Binaries(t testing.TB, script string, names ...string) map[string]string {
+	t.Helper()
+	out := Run(t, script)
+	got := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		got[filepath.Base(line)] = line
+	}
+	for _, n := range names {
+		if got[n] == "" {
+			privileged.Missing(t, "hack/%s printed no path for %s: %q", script, n, out)
+		}
+	}
+	return got
+}
+
+// Run runs hack/<script> with args (found above the working directory, which go test
+// sets to the package being tested) and returns what it printed on stdout; its
+// stderr, the progress, goes to the test's log. If the script is missing, fails or
+// runs out of the test's time, t is skipped, or fails under FERRY_PRIVILEGED_TESTS=1.
+func Run(t testing.TB, script string, args ...string) string {
 	t.Helper()
 	path, err := find(filepath.Join("hack", script))
 	if err != nil {
@@ -43,7 +60,7 @@ func Binaries(t testing.TB, script string, names ...string) map[string]string {
 		}
 	}
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", path)
+	cmd := exec.CommandContext(ctx, "bash", append([]string{path}, args...)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
 	err = cmd.Run()
@@ -54,18 +71,9 @@ func Binaries(t testing.TB, script string, names ...string) map[string]string {
 		privileged.Missing(t, "%s did not finish before the test deadline: run it once by hand, or raise go test -timeout", path)
 	}
 	if err != nil {
-		privileged.Missing(t, "%s are not built and %s failed: %v", strings.Join(names, ", "), path, err)
+		privileged.Missing(t, "%s failed: %v", path, err)
 	}
-	got := map[string]string{}
-	for _, line := range strings.Split(strings.TrimSpace(stdout.String()), "\n") {
-		got[filepath.Base(line)] = line
-	}
-	for _, n := range names {
-		if got[n] == "" {
-			privileged.Missing(t, "%s printed no path for %s: %q", path, n, stdout.String())
-		}
-	}
-	return got
+	return stdout.String()
 }
 
 func find(rel string) (string, error) {

@@ -63,6 +63,11 @@ var needs = []need{
 	{"curl", "curl", "L7 e2e: the HTTP/1.1 client through Service VIPs"},
 	{"h2load", "nghttp2-client", "L7 e2e: the HTTP/2 load client (prior knowledge, 100 streams)"},
 	{"nghttpd", "nghttp2-server", "L7 e2e: the h2c server of a 1 GiB response"},
+	{"runc", "runc", "test node: containerd's shim runs the pods' containers with it"},
+	{"/usr/lib/cni/bridge", "containernetworking-plugins", "test node: containerd's CRI puts pods on a bridge"},
+	{"/usr/lib/cni/host-local", "containernetworking-plugins", "test node: pod IPs from the node's pod CIDR"},
+	{"/usr/lib/cni/loopback", "containernetworking-plugins", "test node: each pod's lo"},
+	{"umount", "mount", "test node: unmounts what kubelet and containerd left under the node folder"},
 }
 
 // notDebian are programs the source runs that are not Debian packages: Go itself,
