@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"syscall"
 	"time"
 
@@ -58,7 +57,6 @@ func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal,
 	}
 	oldProc := l.procs[node]
 	oldStart := n.AgentStart
-	before, _ := os.Lstat(n.Socket)
 	start := time.Now()
 	p, err := l.spawnAgentLocked(n, args)
 	if err != nil {
@@ -77,10 +75,11 @@ func (l *Lab) UpgradeAgent(ctx context.Context, node string, sig syscall.Signal,
 	}
 	l.mu.Unlock()
 
-	// Serving: the admin socket is the new agent's (another file than the old
-	// one's) and answers.
+	// Serving: the admin socket is the new agent's (the process listening on it is
+	// the new one: a file's identity would not do, since a file system such as ext4
+	// gives a new socket file the inode number of the old one it replaced) and answers.
 	for {
-		if fi, err := os.Lstat(l.AgentSocket(node)); err == nil && (before == nil || !os.SameFile(fi, before)) {
+		if listenerPID(l.AgentSocket(node)) == p.pid {
 			if err := l.WaitAgentReady(ctx, node); err != nil {
 				return u, fmt.Errorf("upgrade agent on %s: %w", node, err)
 			}
@@ -163,4 +162,22 @@ func killDraining(n *nodeInfo) {
 		}
 	}
 	n.Draining = nil
+}
+
+// listenerPID is the process that listens on the unix socket at path (SO_PEERCRED of
+// a connection to it gives the listener's credentials), or 0 when nothing answers.
+func listenerPID(path string) int {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return 0
+	}
+	cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
+	if err != nil {
+		return 0
+	}
+	return int(cred.Pid)
 }
