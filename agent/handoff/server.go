@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ferrymesh/ferry/internal/listener"
 	"log/slog"
 	"net"
 	"os"
@@ -107,7 +108,7 @@ func (s *Server) closeListener() {
 	}
 	s.closed = true
 	s.ln.Close()
-	if fi, err := os.Lstat(s.cfg.Path); err == nil && os.SameFile(fi, s.fi) {
+	if fi, err := os.Lstat(s.cfg.Path); err == nil && listener.SameFile(fi, s.fi) {
 		os.Remove(s.cfg.Path)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 // Config returns the ListenConfig every Ferry listener uses.
@@ -69,10 +70,25 @@ type unixListener struct {
 
 func (l *unixListener) Close() error {
 	err := l.UnixListener.Close()
-	if fi, serr := os.Lstat(l.path); serr == nil && os.SameFile(fi, l.fi) {
+	if fi, serr := os.Lstat(l.path); serr == nil && SameFile(fi, l.fi) {
 		os.Remove(l.path)
 	}
 	return err
+}
+
+// SameFile says whether a and b, two Lstats of a socket's path, are the same file:
+// the same inode and the same modification time (set when the socket is made; a
+// chmod leaves it). The inode alone would not do: ext4 (a
+// /run that is not tmpfs) gives a socket file made after another was removed that
+// one's inode number, and a draining agent closing its listener would then remove
+// its successor's socket.
+func SameFile(a, b os.FileInfo) bool {
+	if !os.SameFile(a, b) {
+		return false
+	}
+	sa, ok1 := a.Sys().(*syscall.Stat_t)
+	sb, ok2 := b.Sys().(*syscall.Stat_t)
+	return ok1 && ok2 && sa.Mtim == sb.Mtim
 }
 
 // Addr listens on addr, which is host:port or unix:///path.
