@@ -187,20 +187,7 @@ func TestPendingRequestBudget(t *testing.T) {
 		}
 		slow <- err
 	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		tp.budgets.mu.Lock()
-		u := tp.budgets.use[outboundTenant(tp.a)]
-		held := u != nil && u.requests == 1
-		tp.budgets.mu.Unlock()
-		if held {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the slow request never took its place")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitPending(t, tp, 1, "the slow request never took its place")
 	res, body := get(t, c, "http://web.default/fast")
 	if res.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "pending_requests") {
 		t.Fatalf("request over the budget: %d %q, want 503 naming pending_requests", res.StatusCode, body)
@@ -213,8 +200,32 @@ func TestPendingRequestBudget(t *testing.T) {
 	if err := <-slow; err != nil {
 		t.Fatal(err)
 	}
+	// The client has the whole reply a moment before the proxy's handler returns
+	// and gives the place back.
+	waitPending(t, tp, 0, "the slow request kept its place after it ended")
 	if res, _ := get(t, c, "http://web.default/fast"); res.StatusCode != http.StatusOK {
 		t.Fatalf("after the slow one ended: %d", res.StatusCode)
+	}
+}
+
+// waitPending waits until pod a's outbound requests in flight number n.
+func waitPending(t *testing.T, tp *testProxy, n int, failure string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tp.budgets.mu.Lock()
+		held := 0
+		if u := tp.budgets.use[outboundTenant(tp.a)]; u != nil {
+			held = u.requests
+		}
+		tp.budgets.mu.Unlock()
+		if held == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d in flight, want %d", failure, held, n)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
