@@ -174,15 +174,12 @@ func (d *Datapath) Start(ctx context.Context) error {
 		d.stopLocked()
 		return fmt.Errorf("create links folder: %w", err)
 	}
-	d.cgroup = d.cfg.CgroupPath
-	if d.cgroup == "" {
-		mnt, err := Cgroup2Mount()
-		if err != nil {
-			d.stopLocked()
-			return err
-		}
-		d.cgroup = mnt
+	cgroup, err := ResolveCgroup(d.cfg.CgroupPath)
+	if err != nil {
+		d.stopLocked()
+		return err
 	}
+	d.cgroup = cgroup
 	objs, err := bpf.Load(bpf.Config{AgentMark: d.cfg.Mark, Ports: d.cfg.Ports, FastPath: d.cfg.FastPath, FastPathQueue: d.cfg.FastPathQueue, MaxPods: d.cfg.MaxPods}, d.cfg.PinDir)
 	if err != nil {
 		d.stopLocked()
@@ -676,12 +673,9 @@ func lockForCleanup(pinDir string) (*Lock, error) {
 // detachCgroupLinks detaches links on the cgroup whose program is one of Ferry's,
 // for links whose pins were lost.
 func detachCgroupLinks(cgroupPath string) error {
-	if cgroupPath == "" {
-		mnt, err := Cgroup2Mount()
-		if err != nil {
-			return err
-		}
-		cgroupPath = mnt
+	cgroupPath, err := ResolveCgroup(cgroupPath)
+	if err != nil {
+		return err
 	}
 	id, err := cgroupID(cgroupPath)
 	if err != nil {

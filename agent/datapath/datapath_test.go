@@ -63,6 +63,30 @@ func TestFindCgroup2(t *testing.T) {
 	}
 }
 
+// --cgroup names the cgroup v2 folder, or on a hybrid host the /sys/fs/cgroup
+// above it (what the DaemonSet mounts at /host/sys/fs/cgroup): both attach to the
+// v2 hierarchy; a folder that is neither is refused, named.
+func TestResolveCgroup(t *testing.T) {
+	mnt, err := Cgroup2Mount()
+	if err != nil {
+		t.Skipf("no cgroup v2 here: %v", err)
+	}
+	for _, path := range []string{"", mnt} {
+		if got, err := ResolveCgroup(path); err != nil || got != mnt {
+			t.Errorf("ResolveCgroup(%q) = %q, %v; want %q", path, got, err, mnt)
+		}
+	}
+	if filepath.Base(mnt) == "unified" {
+		if got, err := ResolveCgroup(filepath.Dir(mnt)); err != nil || got != mnt {
+			t.Errorf("hybrid host: ResolveCgroup(%q) = %q, %v; want %q", filepath.Dir(mnt), got, err, mnt)
+		}
+	}
+	dir := t.TempDir()
+	if _, err := ResolveCgroup(dir); err == nil || !strings.Contains(err.Error(), "not a cgroup v2 filesystem") {
+		t.Errorf("ResolveCgroup(%s) = %v, want it refused", dir, err)
+	}
+}
+
 func TestNewValidates(t *testing.T) {
 	d, err := New(Config{}, nil)
 	if err != nil {

@@ -31,6 +31,36 @@ func Cgroup2Mount() (string, error) {
 	return FindCgroup2(f)
 }
 
+// ResolveCgroup returns the cgroup v2 folder capture attaches to for the --cgroup
+// flag path: the cgroup2 mount when path is empty; path itself when it is on a
+// cgroup2 filesystem; path/unified when path is a hybrid host's /sys/fs/cgroup
+// (a tmpfs of v1 hierarchies with v2 mounted at unified/), as the DaemonSet's
+// /host/sys/fs/cgroup is there. Anything else is an error naming what was found.
+func ResolveCgroup(path string) (string, error) {
+	if path == "" {
+		return Cgroup2Mount()
+	}
+	isCgroup2 := func(p string) (bool, error) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(p, &st); err != nil {
+			return false, err
+		}
+		return st.Type == unix.CGROUP2_SUPER_MAGIC, nil
+	}
+	ok, err := isCgroup2(path)
+	if err != nil {
+		return "", fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if ok {
+		return path, nil
+	}
+	unified := filepath.Join(path, "unified")
+	if ok, _ := isCgroup2(unified); ok {
+		return unified, nil
+	}
+	return "", fmt.Errorf("cgroup %s: not a cgroup v2 filesystem, and no cgroup v2 at %s (hybrid hosts) either", path, unified)
+}
+
 // FindCgroup2 returns the first cgroup2 mount point listed in a mountinfo file.
 func FindCgroup2(mountinfo io.Reader) (string, error) {
 	mounts, err := parseMountinfo(mountinfo)
