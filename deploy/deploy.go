@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"path"
 	"regexp"
+	"strings"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -37,6 +38,11 @@ type Options struct {
 	// ImageTag replaces the tag of the operator and agent images; empty keeps
 	// the base's.
 	ImageTag string
+	// ImageRepo replaces the repository the operator and agent images come from
+	// (ghcr.io/ferrymesh): the images become ImageRepo/ferry-operator and
+	// ImageRepo/ferry-agent, as hack/images.sh and `ko` name them. Empty keeps
+	// the base's.
+	ImageRepo string
 }
 
 // Base returns the embedded kustomize base, with kustomization.yaml at its root.
@@ -44,6 +50,10 @@ func Base() fs.FS { return base }
 
 // tagPattern is what a container image tag may be (OCI distribution spec).
 const tagPattern = `^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`
+
+// repoPattern is what an image repository may be: an optional registry host (with
+// a port) and lower-case path components (OCI distribution spec).
+const repoPattern = `^([A-Za-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$`
 
 // Render builds the base with opts and returns the objects in the order
 // `kubectl kustomize` prints them (kustomize's legacy order: Namespace and
@@ -100,6 +110,9 @@ func build(opts Options, sub string) (resmap.ResMap, error) {
 	if opts.ImageTag != "" && !regexp.MustCompile(tagPattern).MatchString(opts.ImageTag) {
 		return nil, fmt.Errorf("image tag %q: not a valid tag (letters, digits, '_', '.', '-'; at most 128)", opts.ImageTag)
 	}
+	if r := strings.TrimSuffix(opts.ImageRepo, "/"); r != "" && !regexp.MustCompile(repoPattern).MatchString(r) {
+		return nil, fmt.Errorf("image repository %q: not a valid repository (REGISTRY[:PORT]/PATH, the path in lower case, no tag)", opts.ImageRepo)
+	}
 	mem := filesys.MakeFsInMemory()
 	err := fs.WalkDir(base, ".", func(p string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
@@ -115,17 +128,18 @@ func build(opts Options, sub string) (resmap.ResMap, error) {
 		return nil, fmt.Errorf("copy base: %w", err)
 	}
 	dir := path.Join("/base", sub)
-	if opts.ImageTag != "" {
+	if opts.ImageTag != "" || opts.ImageRepo != "" {
 		// An overlay, exactly what a user would write to pin a release.
-		overlay := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources: [%s]
-images:
-  - name: %s
-    newTag: %q
-  - name: %s
-    newTag: %q
-`, ".."+dir, OperatorImage, opts.ImageTag, AgentImage, opts.ImageTag)
+		overlay := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s]\nimages:\n", ".."+dir)
+		for _, image := range []string{OperatorImage, AgentImage} {
+			overlay += fmt.Sprintf("  - name: %s\n", image)
+			if opts.ImageRepo != "" {
+				overlay += fmt.Sprintf("    newName: %s/%s\n", strings.TrimSuffix(opts.ImageRepo, "/"), path.Base(image))
+			}
+			if opts.ImageTag != "" {
+				overlay += fmt.Sprintf("    newTag: %q\n", opts.ImageTag)
+			}
+		}
 		if err := mem.WriteFile("/overlay/kustomization.yaml", []byte(overlay)); err != nil {
 			return nil, fmt.Errorf("write overlay: %w", err)
 		}

@@ -2,6 +2,7 @@ package deploy_test
 
 import (
 	"bufio"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path"
@@ -58,6 +59,29 @@ func ignoredDirs(t *testing.T, file string) []string {
 	return dirs
 }
 
+// dockerfileEntrypoint returns the base name of the program the Dockerfile's
+// ENTRYPOINT (exec form) runs.
+func dockerfileEntrypoint(t *testing.T, dockerfile string) string {
+	t.Helper()
+	data, err := os.ReadFile(dockerfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(data)) {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "ENTRYPOINT ")
+		if !ok {
+			continue
+		}
+		var argv []string
+		if err := json.Unmarshal([]byte(rest), &argv); err != nil || len(argv) == 0 {
+			t.Fatalf("%s: ENTRYPOINT %s: want the exec form, [\"/path/program\", ...]", dockerfile, rest)
+		}
+		return path.Base(argv[0])
+	}
+	t.Fatalf("%s has no ENTRYPOINT", dockerfile)
+	return ""
+}
+
 func TestDockerfiles(t *testing.T) {
 	root, err := filepath.Abs("..")
 	if err != nil {
@@ -67,7 +91,8 @@ func TestDockerfiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Binary names the manifests start, by image.
+	// Binary names the manifests start, by image; "" for a container that runs
+	// the image's entrypoint.
 	commands := map[string][]string{}
 	for _, o := range objs {
 		for _, field := range [][]string{
@@ -79,10 +104,11 @@ func TestDockerfiles(t *testing.T) {
 				c, _ := e.(map[string]any)
 				image, _ := c["image"].(string)
 				image, _, _ = strings.Cut(image, ":")
-				cmd, _ := c["command"].([]any)
-				if len(cmd) > 0 {
-					commands[image] = append(commands[image], path.Base(cmd[0].(string)))
+				program := ""
+				if cmd, _ := c["command"].([]any); len(cmd) > 0 {
+					program = path.Base(cmd[0].(string))
 				}
+				commands[image] = append(commands[image], program)
 			}
 		}
 	}
@@ -97,9 +123,13 @@ func TestDockerfiles(t *testing.T) {
 			for _, p := range pkgs {
 				built = append(built, path.Base(p))
 			}
+			entrypoint := dockerfileEntrypoint(t, tc.dockerfile)
 			for _, c := range commands[tc.image] {
+				if c == "" {
+					c = entrypoint
+				}
 				if !slices.Contains(built, c) {
-					t.Errorf("the manifests run %s from %s, which %s does not build (it builds %v)", c, tc.image, tc.dockerfile, built)
+					t.Errorf("the manifests run %q from %s, which %s does not build (it builds %v)", c, tc.image, tc.dockerfile, built)
 				}
 			}
 

@@ -48,11 +48,12 @@ func (f *kubeFlags) restConfig() (*rest.Config, error) {
 
 func newInstallCommand() *cobra.Command {
 	var (
-		kf       kubeFlags
-		dryRun   string
-		output   string
-		imageTag string
-		waitFor  time.Duration
+		kf        kubeFlags
+		dryRun    string
+		output    string
+		imageTag  string
+		imageRepo string
+		waitFor   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "install",
@@ -73,6 +74,9 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
   # install (or upgrade) with a given image tag, and wait until it runs
   ferry install --image-tag v0.1.0 --wait 5m
 
+  # images built and pushed to your own registry (docs/install.md, "Images")
+  ferry install --image-repo registry.example.com/ferry --image-tag dev --wait 5m
+
   # then enroll a namespace
   ferry enroll shop`,
 		Args: cobra.NoArgs,
@@ -87,7 +91,7 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
 			default:
 				return fmt.Errorf("-o %q: want yaml (or nothing)", output)
 			}
-			opts := deploy.Options{ImageTag: imageTag}
+			opts := deploy.Options{ImageTag: imageTag, ImageRepo: imageRepo}
 			out := cmd.OutOrStdout()
 			if output == "yaml" && dryRun != "server" {
 				// The manifests themselves; nothing is sent anywhere.
@@ -155,6 +159,7 @@ The same manifests install with 'kubectl apply --server-side -k deploy/'.`,
 	cmd.Flags().Lookup("dry-run").NoOptDefVal = "client"
 	cmd.Flags().StringVarP(&output, "output", "o", "", "yaml: print the manifests instead of applying them (with --dry-run=server: the objects as the server would store them)")
 	cmd.Flags().StringVar(&imageTag, "image-tag", "", "tag of the ferry-operator and ferry-agent images (default: the base's)")
+	cmd.Flags().StringVar(&imageRepo, "image-repo", "", "repository of the ferry-operator and ferry-agent images, e.g. registry.example.com/ferry (default: ghcr.io/ferrymesh)")
 	cmd.Flags().DurationVar(&waitFor, "wait", 0, "after applying, wait up to this long until the operator is available and an agent is ready on every node")
 	return cmd
 }
@@ -261,6 +266,7 @@ TCP again. Namespace labels (ferry enroll) are left as they are.`,
 	f.BoolVar(&opts.KeepCRDs, "keep-crds", false, "keep Ferry's CRDs and the policies written with them")
 	f.BoolVar(&opts.SkipNodeCleanup, "skip-node-cleanup", false, "do not run ferry-agent --cleanup on the nodes (only if they were cleaned by hand)")
 	f.StringVar(&opts.ImageTag, "image-tag", "", "tag of the ferry-agent image the cleanup runs (default: the base's)")
+	f.StringVar(&opts.ImageRepo, "image-repo", "", "repository of the ferry-agent image the cleanup runs (default: ghcr.io/ferrymesh)")
 	f.DurationVar(&opts.Timeout, "timeout", 5*time.Minute, "how long to wait for the agents to stop, and again for every node to be cleaned")
 	return cmd
 }
