@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what a real Kubernetes node in Ferry's tests (internal/kubenode) runs beyond
 # kube-apiserver and etcd (hack/build-kube.sh): kubelet, kube-scheduler and
-# kube-controller-manager from hack/kube's k8s.io/kubernetes module; containerd 2.x,
+# kube-controller-manager and kube-proxy from hack/kube's k8s.io/kubernetes module; containerd 2.x,
 # ctr and containerd-shim-runc-v2 from hack/node; and ko from hack/ko. runc and the
 # CNI plugins come from Debian (hack/install-deps.sh). Output goes to a cache folder
 # shared by every checkout:
@@ -30,7 +30,7 @@ go_version=$(go env GOVERSION)
 
 cache_root=${FERRY_KUBE_CACHE:-$HOME/.cache/ferry/kube}
 out="$cache_root/node-kubernetes-${kube_version}_containerd-${containerd_version}_ko-${ko_version}_${go_version}"
-bins=(kubelet kube-scheduler kube-controller-manager containerd ctr containerd-shim-runc-v2 ko)
+bins=(kubelet kube-scheduler kube-controller-manager kube-proxy containerd ctr containerd-shim-runc-v2 ko)
 
 done_already() {
   for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done
@@ -88,6 +88,7 @@ build() { # name module-dir tags ldflags package
 build kubelet "$kube_mod" "$tags" "$kube_ldflags" k8s.io/kubernetes/cmd/kubelet
 build kube-scheduler "$kube_mod" "$tags" "$kube_ldflags" k8s.io/kubernetes/cmd/kube-scheduler
 build kube-controller-manager "$kube_mod" "$tags" "$kube_ldflags" k8s.io/kubernetes/cmd/kube-controller-manager
+build kube-proxy "$kube_mod" "$tags" "$kube_ldflags" k8s.io/kubernetes/cmd/kube-proxy
 build containerd "$node_mod" "$containerd_tags" "$containerd_ldflags" github.com/containerd/containerd/v2/cmd/containerd
 build containerd-shim-runc-v2 "$node_mod" "$containerd_tags" "$containerd_ldflags" github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
 build ctr "$node_mod" "$containerd_tags" "$containerd_ldflags" github.com/containerd/containerd/v2/cmd/ctr

@@ -1,9 +1,11 @@
 // This file brings up a real Kubernetes node beside the API server: kube-scheduler,
-// kube-controller-manager, and one node made of containerd and kubelet running in a
-// network namespace of their own, with pods on a CNI bridge inside it. Nothing of
-// the node's network reaches the root namespace: the node's only way out is a veth
-// to a bridge in a second test namespace, and the node reaches the API server
-// through a forwarder this process listens with inside the node's namespace.
+// kube-controller-manager, and one node made of containerd, kubelet and kube-proxy
+// running in a network namespace of their own, with pods on a CNI bridge inside it,
+// and a cluster DNS for Services. Nothing of the node's network reaches the root
+// namespace: the node's only way out is a veth to a bridge in a second test
+// namespace, and the node and its pods reach the API server through a forwarder
+// this process listens with inside the node's namespace, on the node's address:
+// the "kubernetes" Service's endpoint, so in-cluster clients work as on any cluster.
 
 package kubetest
 
@@ -25,6 +27,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/netns"
 	"github.com/ferrymesh/ferry/internal/hackbuild"
 	"github.com/ferrymesh/ferry/internal/privileged"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -39,12 +42,19 @@ const (
 	fabricNetns = "kn-fabric"
 	fabricIP    = "10.251.0.1"
 	fabricNet   = "/24"
-	// apiPort is where the forwarder to the API server listens, on loopback in the
-	// node's namespace.
+	// apiPort is where the forwarder to the API server listens in the node's
+	// namespace, on loopback (kubelet, kube-proxy) and the node's address (pods,
+	// through the "kubernetes" Service).
 	apiPort = "6443"
+	// ClusterDomain is the DNS domain of Services: NAME.NAMESPACE.svc.ClusterDomain,
+	// answered on the node's address (kubelet's clusterDNS).
+	ClusterDomain = "cluster.local"
 
 	nodeReadyTimeout = 3 * time.Minute
 )
+
+// sharedMounts are the host's mounts pods may bind with Bidirectional propagation.
+var sharedMounts = []string{"/sys/fs/bpf"}
 
 // Node is one running Kubernetes node: containerd and kubelet in the network
 // namespace NetnsPath, registered with the API server as NodeName.
@@ -142,14 +152,20 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 	if err := n.forwardAPI(ctx, strings.TrimPrefix(c.URL, "https://")); err != nil {
 		fail("API forwarder: %v", err)
 	}
+	if err := c.pointKubernetesService(ctx); err != nil {
+		fail("%v", err)
+	}
+	if err := n.serveDNS(ctx, c); err != nil {
+		fail("cluster DNS: %v", err)
+	}
 
 	// The scheduler and the controller manager talk to the API server directly, from
 	// the root namespace, with the admin's kubeconfig.
-	start("kube-scheduler", bins.path("kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
-		"--leader-elect=false", "--secure-port=0", "--v=1")
-	start("kube-controller-manager", bins.path("kube-controller-manager"), "--kubeconfig="+c.Kubeconfig,
-		"--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false",
-		"--root-ca-file="+c.caFile(), "--controllers=*,-nodeipam", "--v=1")
+	control := []*process{start("kube-scheduler", bins.path("kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
+		"--leader-elect=false", "--secure-port=0", "--v=1"),
+		start("kube-controller-manager", bins.path("kube-controller-manager"), "--kubeconfig="+c.Kubeconfig,
+			"--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false",
+			"--root-ca-file="+c.caFile(), "--controllers=*,-nodeipam", "--v=1")}
 
 	files, err := n.configs(c, bins, runc, sandboxImage)
 	if err != nil {
@@ -160,6 +176,15 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 	}
 	if err := writeFiles(files); err != nil {
 		fail("configs: %v", err)
+	}
+	// systemd makes every mount shared on a real node; here they are private, and
+	// containerd refuses the Bidirectional propagation pods ask for (Ferry's bpffs
+	// init container: "not a shared mount"). Shared with no peer changes nothing
+	// for anyone else.
+	for _, m := range sharedMounts {
+		if err := unix.Mount("", m, "", unix.MS_SHARED, ""); err != nil {
+			fail("mount --make-shared %s: %v", m, err)
+		}
 	}
 	ctrd := start("containerd", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
 		bins.path("containerd"), "--config", filepath.Join(dir, "containerd.toml"))
@@ -180,7 +205,19 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 		"--hostname-override="+NodeName,
 		"--node-ip="+NodeIP,
 		"--v=2")
-	if err := c.waitNodeReady(kubelet); err != nil {
+	// Service cluster IPs, as on any cluster: iptables rules in the node's
+	// namespace only (its conntrack table is that namespace's too: no limits set).
+	proxy := start("kube-proxy", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
+		bins.path("kube-proxy"),
+		"--kubeconfig="+filepath.Join(dir, "kubelet.kubeconfig"),
+		"--hostname-override="+NodeName,
+		"--proxy-mode=iptables",
+		"--cluster-cidr="+PodCIDR,
+		"--conntrack-max-per-core=0",
+		"--metrics-bind-address=127.0.0.1:10249",
+		"--healthz-bind-address=127.0.0.1:10256",
+		"--v=1")
+	if err := c.waitNodeReady(append(control, kubelet, proxy)); err != nil {
 		fail("%v", err)
 	}
 	return n
@@ -228,6 +265,11 @@ state = %[2]q
     sandbox = %[5]q
 
 [plugins.'io.containerd.cri.v1.runtime']
+  # This machine's root has no CAP_SYS_RESOURCE, so runc may not lower a
+  # process's oom_score_adj (kubelet asks -998 for sandboxes: runc init fails with
+  # "can't get final child's PID from pipe"). Restricted, containerd clamps the
+  # scores to its own, as for rootless containerd.
+  restrict_oom_score_adj = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = 'runc'
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -286,6 +328,8 @@ enforceNodeAllocatable: []
 failSwapOn: false
 podCIDR: %[4]s
 podLogsDir: %[5]q
+clusterDNS: [%[2]s]
+clusterDomain: %[6]s
 resolvConf: ""
 localStorageCapacityIsolation: false
 imageGCHighThresholdPercent: 100
@@ -294,7 +338,7 @@ evictionHard: {}
 serializeImagePulls: false
 registerNode: true
 maxPods: 20
-`, filepath.Join(d, "containerd.sock"), NodeIP, c.caFile(), PodCIDR, filepath.Join(d, "pod-logs"))
+`, filepath.Join(d, "containerd.sock"), NodeIP, c.caFile(), PodCIDR, filepath.Join(d, "pod-logs"), ClusterDomain)
 
 	return map[string][]byte{
 		filepath.Join(d, "containerd.toml"):       []byte(containerd),
@@ -304,16 +348,17 @@ maxPods: 20
 	}, nil
 }
 
-// forwardAPI listens on 127.0.0.1:apiPort inside the node's namespace and copies
-// each connection to the API server's address in the root namespace. The API
-// server's serving certificate names 127.0.0.1, so kubelet's TLS checks hold.
+// forwardAPI listens on apiPort on every address inside the node's namespace and
+// copies each connection to the API server's address in the root namespace. The
+// API server's serving certificate names 127.0.0.1 and the "kubernetes" Service's
+// cluster IP, so kubelet's and pods' TLS checks hold.
 func (n *Node) forwardAPI(ctx context.Context, apiAddr string) error {
 	var ln net.Listener
 	err := n.ns.Do(func() error {
 		var lc net.ListenConfig
 		lc.SetMultipathTCP(false)
 		var err error
-		ln, err = lc.Listen(ctx, "tcp", "127.0.0.1:"+apiPort)
+		ln, err = lc.Listen(ctx, "tcp", ":"+apiPort)
 		return err
 	})
 	if err != nil {
@@ -366,7 +411,7 @@ func (n *Node) waitContainerd(p *process) error {
 	return errors.New("containerd not answering after 1m")
 }
 
-func (c *Cluster) waitNodeReady(kubelet *process) error {
+func (c *Cluster) waitNodeReady(procs []*process) error {
 	client, err := kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
 		return fmt.Errorf("client: %w", err)
@@ -374,8 +419,10 @@ func (c *Cluster) waitNodeReady(kubelet *process) error {
 	deadline := time.Now().Add(nodeReadyTimeout)
 	last := "not registered"
 	for time.Now().Before(deadline) {
-		if exited, err := kubelet.exitErr(); exited {
-			return err
+		for _, p := range procs {
+			if exited, err := p.exitErr(); exited {
+				return err
+			}
 		}
 		node, err := client.CoreV1().Nodes().Get(context.Background(), NodeName, metav1.GetOptions{})
 		if err == nil {

@@ -2,12 +2,15 @@ package kubetest_test
 
 import (
 	"context"
+	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/ferrymesh/ferry/internal/kubetest"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -48,4 +51,57 @@ func TestNodeRegistersReady(t *testing.T) {
 		t.Errorf("node InternalIP = %q, want %q", ip, kubetest.NodeIP)
 	}
 	t.Logf("node %s Ready, kubelet %s, runtime %s", node.Name, node.Status.NodeInfo.KubeletVersion, node.Status.NodeInfo.ContainerRuntimeVersion)
+}
+
+// TestNodeRunsPod runs a pod of the ferry image on the node, on the pod network:
+// it becomes Ready (kubelet's TCP probe reaches it) with an IP of the pod range.
+func TestNodeRunsPod(t *testing.T) {
+	privileged.Require(t)
+	bins := kubetest.BuildNode(t)
+	images := kubetest.BuildImages(t)
+	c := kubetest.Start(t)
+	c.StartNode(t, bins, images["pause"].Ref, []string{images["pause"].Tarball, images["ferry"].Tarball})
+	client, err := kubernetes.NewForConfig(c.RestConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "echo", Namespace: "default"},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{
+			Name:  "echo",
+			Image: images["ferry"].Ref,
+			Args:  []string{"lab", "echo-server", "--listen", ":8080"},
+			ReadinessProbe: &corev1.Probe{
+				ProbeHandler:  corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}},
+				PeriodSeconds: 1,
+			},
+		}}},
+	}
+	if _, err := client.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		p, err := client.CoreV1().Pods("default").Get(ctx, "echo", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, cond := range p.Status.Conditions {
+			if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue {
+				if ip := netip.MustParseAddr(p.Status.PodIP); !netip.MustParsePrefix(kubetest.PodCIDR).Contains(ip) {
+					t.Errorf("pod IP %s, want one of %s", ip, kubetest.PodCIDR)
+				}
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			ev, _ := client.CoreV1().Events("default").List(ctx, metav1.ListOptions{})
+			for _, e := range ev.Items {
+				t.Logf("event %s %s: %s", e.Type, e.Reason, e.Message)
+			}
+			t.Fatalf("pod not Ready after 2m: %s %+v", p.Status.Phase, p.Status.ContainerStatuses)
+		}
+		time.Sleep(time.Second)
+	}
 }

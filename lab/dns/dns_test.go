@@ -27,6 +27,13 @@ func testZone(t *testing.T) *Zone {
 // serve starts a server for the zone on loopback and returns its address.
 func serve(t *testing.T, z *Zone) netip.AddrPort {
 	t.Helper()
+	_, addr := serveZone(t, z)
+	return addr
+}
+
+// serveZone is serve, with the server.
+func serveZone(t *testing.T, z *Zone) (*Server, netip.AddrPort) {
+	t.Helper()
 	// Port 0 gives UDP and TCP different ports; find one free for both.
 	var addr netip.AddrPort
 	for range 20 {
@@ -44,10 +51,29 @@ func serve(t *testing.T, z *Zone) netip.AddrPort {
 			continue
 		}
 		t.Cleanup(s.Stop)
-		return addr
+		return s, addr
 	}
 	t.Fatal("no port free for both UDP and TCP")
-	return addr
+	return nil, addr
+}
+
+// A zone set while serving answers the next query: a Service created then is found.
+func TestSetZone(t *testing.T) {
+	s, addr := serveZone(t, testZone(t))
+	r := resolver(addr, "udp")
+	var de *net.DNSError
+	if _, err := r.LookupHost(t.Context(), "new.default.svc.cluster.local"); !errors.As(err, &de) || !de.IsNotFound {
+		t.Fatalf("before: want no such host, got %v", err)
+	}
+	z, err := NewZone("", []Service{{Name: "new", Namespace: "default", IPs: []netip.Addr{netip.MustParseAddr("10.96.0.70")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetZone(z)
+	got, err := r.LookupHost(t.Context(), "new.default.svc.cluster.local")
+	if err != nil || !slices.Equal(got, []string{"10.96.0.70"}) {
+		t.Errorf("after SetZone: %v, %v; want [10.96.0.70]", got, err)
+	}
 }
 
 // resolver is Go's own resolver sending every query to addr: over TCP only when

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/netns"
@@ -41,6 +42,8 @@ type Server struct {
 	cfg Config
 	log *slog.Logger
 
+	zone atomic.Pointer[Zone] // cfg.Zone, then what SetZone gave
+
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	mu     sync.Mutex
@@ -63,8 +66,14 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{cfg: cfg, log: log}, nil
+	s := &Server{cfg: cfg, log: log}
+	s.zone.Store(cfg.Zone)
+	return s, nil
 }
+
+// SetZone replaces the zone served: queries answered from now on see z, as an
+// authoritative server reloading its zone would. z must hold the same domain.
+func (s *Server) SetZone(z *Zone) { s.zone.Store(z) }
 
 // Start opens a UDP socket and a TCP listener on every endpoint and serves them until
 // Stop. On error nothing stays open.
@@ -118,7 +127,7 @@ func (s *Server) Start(ctx context.Context) error {
 		s.wg.Add(2)
 		go s.serveUDP(o.pc)
 		go s.serveTCP(ctx, o.ln)
-		s.log.Info("dns listening", "netns", o.end.Netns, "addr", o.end.Addr.String(), "zone", s.cfg.Zone.Domain())
+		s.log.Info("dns listening", "netns", o.end.Netns, "addr", o.end.Addr.String(), "zone", s.zone.Load().Domain())
 	}
 	return nil
 }
@@ -165,7 +174,7 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 			}
 			return
 		}
-		out, err := s.cfg.Zone.Answer(buf[:n], true)
+		out, err := s.zone.Load().Answer(buf[:n], true)
 		if err != nil {
 			s.log.Debug("dns query dropped", "from", from.String(), "error", err)
 			continue
@@ -211,7 +220,7 @@ func (s *Server) serveConn(c net.Conn) {
 		if _, err := io.ReadFull(c, buf[:n]); err != nil {
 			return
 		}
-		out, err := s.cfg.Zone.Answer(buf[:n], false)
+		out, err := s.zone.Load().Answer(buf[:n], false)
 		if err != nil {
 			s.log.Debug("dns query dropped", "from", c.RemoteAddr().String(), "error", err)
 			return

@@ -1,0 +1,118 @@
+// The cluster services a node's pods expect besides kubelet and kube-proxy: the
+// "kubernetes" Service's endpoint (in-cluster clients of the API) and DNS names
+// for Services.
+
+package kubetest
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/ferrymesh/ferry/lab/dns"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/ptr"
+)
+
+// dnsRefresh is how often the cluster DNS rereads the Services.
+const dnsRefresh = 500 * time.Millisecond
+
+// pointKubernetesService gives the "kubernetes" Service the endpoint the API server
+// (started with --endpoint-reconciler-type=none) does not write: the forwarder on
+// the node's address. kube-proxy then carries 10.96.0.1:443 to it.
+func (c *Cluster) pointKubernetesService(ctx context.Context) error {
+	client, err := kubernetes.NewForConfig(c.RestConfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes Service: client: %w", err)
+	}
+	var svc *corev1.Service
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		svc, err = client.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kubernetes Service: the API server has not made it: %w", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	port := int32(6443)
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default", Labels: map[string]string{
+			discoveryv1.LabelServiceName: svc.Name,
+			discoveryv1.LabelManagedBy:   "kubetest",
+		}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{NodeIP}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To(svc.Spec.Ports[0].Name), Port: &port, Protocol: ptr.To(corev1.ProtocolTCP)}},
+	}
+	_, err = client.DiscoveryV1().EndpointSlices("default").Create(ctx, slice, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("kubernetes Service: endpoint slice: %w", err)
+	}
+	return nil
+}
+
+// serveDNS answers NAME.NAMESPACE.svc.ClusterDomain with each Service's cluster
+// IPs on the node's address, port 53, inside the node's namespace (kubelet's
+// clusterDNS), rereading the Services every dnsRefresh until ctx ends.
+func (n *Node) serveDNS(ctx context.Context, c *Cluster) error {
+	client, err := kubernetes.NewForConfig(c.RestConfig)
+	if err != nil {
+		return fmt.Errorf("client: %w", err)
+	}
+	zone := func() (*dns.Zone, error) {
+		list, err := client.CoreV1().Services("").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, err
+		}
+		var services []dns.Service
+		for _, s := range list.Items {
+			svc := dns.Service{Name: s.Name, Namespace: s.Namespace}
+			for _, ip := range s.Spec.ClusterIPs {
+				if a, err := netip.ParseAddr(ip); err == nil {
+					svc.IPs = append(svc.IPs, a)
+				}
+			}
+			if len(svc.IPs) > 0 {
+				services = append(services, svc)
+			}
+		}
+		return dns.NewZone(ClusterDomain, services)
+	}
+	z, err := zone()
+	if err != nil {
+		return err
+	}
+	srv, err := dns.New(dns.Config{Zone: z, Endpoints: []dns.Endpoint{{
+		Netns: n.NetnsPath, Addr: netip.AddrPortFrom(netip.MustParseAddr(NodeIP), dns.Port),
+	}}}, nil)
+	if err != nil {
+		return err
+	}
+	if err := srv.Start(ctx); err != nil {
+		return err
+	}
+	go func() {
+		defer srv.Stop()
+		tick := time.NewTicker(dnsRefresh)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if z, err := zone(); err == nil {
+				srv.SetZone(z)
+			}
+		}
+	}()
+	return nil
+}
