@@ -70,14 +70,11 @@ func TestMain(m *testing.M) {
 	if shared != nil {
 		shared.teardown()
 	}
-	cpLab.teardown()
-	lbLab.teardown()
-	tmLab.teardown()
-	azLab.teardown()
-	hdLab.teardown()
-	mxLab.teardown()
-	ouLab.teardown()
-	hpLab.teardown()
+	broughtUp.Lock()
+	for _, o := range broughtUp.labs {
+		o.teardown()
+	}
+	broughtUp.Unlock()
 	os.Exit(code)
 }
 
@@ -107,7 +104,12 @@ type onceLab struct {
 func (o *onceLab) get(t *testing.T) *env {
 	t.Helper()
 	privileged.Require(t)
-	o.once.Do(func() { o.env, o.err = o.bringUp() })
+	o.once.Do(func() {
+		o.env, o.err = o.bringUp()
+		broughtUp.Lock()
+		broughtUp.labs = append(broughtUp.labs, o)
+		broughtUp.Unlock()
+	})
 	if o.err != nil {
 		t.Fatalf("%s: %v", o.what, o.err)
 	}
@@ -122,6 +124,13 @@ func (o *onceLab) get(t *testing.T) *env {
 		}
 	})
 	return o.env
+}
+
+// broughtUp lists every onceLab brought up, for TestMain to take down: a lab left
+// out of a hand-kept list outlived the test run (CI left "st" and "is" running).
+var broughtUp struct {
+	sync.Mutex
+	labs []*onceLab
 }
 
 func (o *onceLab) teardown() {
