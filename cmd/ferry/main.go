@@ -40,6 +40,7 @@ func run(ctx context.Context, args []string) error {
 	root.AddCommand(newInstallCommand())
 	root.AddCommand(newUninstallCommand())
 	root.AddCommand(newEnrollCommand())
+	root.AddCommand(newAwaitCommand())
 	root.AddCommand(newUnenrollCommand())
 	root.SetArgs(args)
 	return root.ExecuteContext(ctx)

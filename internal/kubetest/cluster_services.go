@@ -16,7 +16,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/utils/ptr"
 )
 
 // dnsRefresh is how often the cluster DNS rereads the Services.
@@ -42,15 +41,15 @@ func (c *Cluster) pointKubernetesService(ctx context.Context) error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	port := int32(6443)
+	port := int32(6443) // the forwarder's
 	slice := &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default", Labels: map[string]string{
 			discoveryv1.LabelServiceName: svc.Name,
 			discoveryv1.LabelManagedBy:   "kubetest",
 		}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{NodeIP}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}},
-		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To(svc.Spec.Ports[0].Name), Port: &port, Protocol: ptr.To(corev1.ProtocolTCP)}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{NodeIP}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: new(svc.Spec.Ports[0].Name), Port: &port, Protocol: new(corev1.ProtocolTCP)}},
 	}
 	_, err = client.DiscoveryV1().EndpointSlices("default").Create(ctx, slice, metav1.CreateOptions{})
 	if err != nil && !apierrors.IsAlreadyExists(err) {

@@ -19,8 +19,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,6 +54,9 @@ const (
 
 	nodeReadyTimeout = 3 * time.Minute
 )
+
+// nodeLock is held by the test running the node.
+const nodeLock = "/run/kubetest-node.lock"
 
 // sharedMounts are the host's mounts pods may bind with Bidirectional propagation.
 var sharedMounts = []string{"/sys/fs/bpf"}
@@ -90,6 +95,21 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 	if _, err := os.Stat("/usr/lib/cni/bridge"); err != nil {
 		privileged.Missing(t, "CNI plugins not installed (Debian containernetworking-plugins, hack/install-deps.sh): %v", err)
 	}
+	// One node at a time on this machine: the node's names and addresses are fixed,
+	// and go test runs packages side by side. The lock is held until t ends (the
+	// cleanup registered first runs last).
+	lock, err := os.OpenFile(nodeLock, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatalf("kubenode: %v", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Logf("kubenode: another test runs a node; waiting for %s", nodeLock)
+		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+			t.Fatalf("kubenode: lock %s: %v", nodeLock, err)
+		}
+	}
+	t.Cleanup(func() { lock.Close() })
+
 	// Short paths: containerd's and the shims' unix sockets must fit in 108 bytes.
 	dir, err := os.MkdirTemp("/run", "kn-")
 	if err != nil {
@@ -99,8 +119,14 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 	n.CtrArgs = []string{"--address", filepath.Join(dir, "containerd.sock"), "--namespace", "k8s.io"}
 
 	var procs []*process
+	var ctrd *process
 	t.Cleanup(func() {
 		for i := len(procs) - 1; i >= 0; i-- {
+			if procs[i] == ctrd {
+				// Kubelet is stopped: nothing restarts the pods that containerd,
+				// still up, now stops.
+				n.removeSandboxes()
+			}
 			if err := procs[i].stop(stopGrace); err != nil {
 				t.Errorf("kubenode: %v", err)
 			}
@@ -110,7 +136,7 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 				t.Log(p.logTail(logTailLines))
 			}
 		}
-		n.removeSandboxes(t)
+		killShims(dir)
 		if n.ns != nil {
 			n.ns.Close()
 		}
@@ -139,6 +165,7 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 		return p
 	}
 
+	killShims("/run/kn-") // a crashed run's pods
 	removeNetworks(t)
 	if err := makeNetworks(); err != nil {
 		fail("networks: %v", err)
@@ -186,7 +213,7 @@ func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string
 			fail("mount --make-shared %s: %v", m, err)
 		}
 	}
-	ctrd := start("containerd", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
+	ctrd = start("containerd", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
 		bins.path("containerd"), "--config", filepath.Join(dir, "containerd.toml"))
 	if err := n.waitContainerd(ctrd); err != nil {
 		fail("%v", err)
@@ -440,12 +467,12 @@ func (c *Cluster) waitNodeReady(procs []*process) error {
 	return fmt.Errorf("node %s not Ready after %v (%s)", NodeName, nodeReadyTimeout, last)
 }
 
-// removeSandboxes stops and removes the pods' containers kubelet left, so their
-// processes and network namespaces do not outlive the test.
-func (n *Node) removeSandboxes(t testing.TB) {
+// removeSandboxes stops and removes the pods' containers kubelet left, through
+// containerd, so their processes and network namespaces do not outlive the test.
+func (n *Node) removeSandboxes() {
 	out, err := exec.Command(n.Ctr, append(n.CtrArgs, "tasks", "ls", "-q")...).Output()
 	if err != nil {
-		return // containerd is gone already: its shims were killed with it below
+		return // containerd is not answering: killShims sweeps up
 	}
 	for _, id := range strings.Fields(string(out)) {
 		exec.Command(n.Ctr, append(n.CtrArgs, "tasks", "kill", "-s", "SIGKILL", id)...).Run()
@@ -455,6 +482,55 @@ func (n *Node) removeSandboxes(t testing.TB) {
 	ids, _ := exec.Command(n.Ctr, append(n.CtrArgs, "containers", "ls", "-q")...).Output()
 	for _, id := range strings.Fields(string(ids)) {
 		exec.Command(n.Ctr, append(n.CtrArgs, "containers", "rm", id)...).Run()
+	}
+}
+
+// killShims kills every containerd shim serving a containerd whose socket is
+// below dir, and the containers under it (the shim is their subreaper, so they
+// are its descendants): a shim outlives its containerd, and a pod's agent left
+// running holds the node's lock for the next test's.
+func killShims(dir string) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	children := map[int][]int{}
+	var shims []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so split after ")".
+		f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(f) < 2 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		children[ppid] = append(children[ppid], pid)
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		args := strings.Split(string(cmdline), "\x00")
+		if len(args) > 0 && filepath.Base(args[0]) == "containerd-shim-runc-v2" {
+			for i, a := range args {
+				if a == "-address" && i+1 < len(args) && strings.HasPrefix(args[i+1], dir) {
+					shims = append(shims, pid)
+				}
+			}
+		}
+	}
+	var kill func(pid int)
+	kill = func(pid int) {
+		syscall.Kill(pid, syscall.SIGKILL)
+		for _, c := range children[pid] {
+			kill(c)
+		}
+	}
+	for _, pid := range shims {
+		kill(pid)
 	}
 }
 

@@ -1,7 +1,6 @@
 package kubetest_test
 
 import (
-	"context"
 	"net/netip"
 	"testing"
 	"time"
@@ -14,10 +13,12 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-// TestNodeRegistersReady brings up a real node (containerd, kubelet, CNI bridge in a
-// network namespace) with the ko-built images imported, and checks what kubectl get
-// nodes would show: the node registered, Ready, with its address in the node netns.
-func TestNodeRegistersReady(t *testing.T) {
+// TestNode brings up a real node (containerd, kubelet, CNI bridge in a network
+// namespace) with the ko-built images imported, and checks what kubectl get nodes
+// would show: the node registered, Ready, with its address in the node netns; then
+// that a pod of the ferry image runs on the pod network: it becomes Ready
+// (kubelet's TCP probe reaches it) with an IP of the pod range.
+func TestNode(t *testing.T) {
 	privileged.Require(t)
 	bins := kubetest.BuildNode(t)
 	images := kubetest.BuildImages(t)
@@ -28,7 +29,7 @@ func TestNodeRegistersReady(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	node, err := client.CoreV1().Nodes().Get(context.Background(), kubetest.NodeName, metav1.GetOptions{})
+	node, err := client.CoreV1().Nodes().Get(t.Context(), kubetest.NodeName, metav1.GetOptions{})
 	if err != nil {
 		t.Fatalf("get node: %v", err)
 	}
@@ -51,20 +52,7 @@ func TestNodeRegistersReady(t *testing.T) {
 		t.Errorf("node InternalIP = %q, want %q", ip, kubetest.NodeIP)
 	}
 	t.Logf("node %s Ready, kubelet %s, runtime %s", node.Name, node.Status.NodeInfo.KubeletVersion, node.Status.NodeInfo.ContainerRuntimeVersion)
-}
 
-// TestNodeRunsPod runs a pod of the ferry image on the node, on the pod network:
-// it becomes Ready (kubelet's TCP probe reaches it) with an IP of the pod range.
-func TestNodeRunsPod(t *testing.T) {
-	privileged.Require(t)
-	bins := kubetest.BuildNode(t)
-	images := kubetest.BuildImages(t)
-	c := kubetest.Start(t)
-	c.StartNode(t, bins, images["pause"].Ref, []string{images["pause"].Tarball, images["ferry"].Tarball})
-	client, err := kubernetes.NewForConfig(c.RestConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := t.Context()
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "echo", Namespace: "default"},
