@@ -18,11 +18,13 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/datapath"
+	"github.com/ferrymesh/ferry/internal/hackbuild"
 	"github.com/ferrymesh/ferry/internal/kubetest"
 	"github.com/ferrymesh/ferry/internal/privileged"
 	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -133,39 +135,66 @@ func containerState(s, last corev1.ContainerState) string {
 	return "?"
 }
 
-// The user's path on a real node: ferry install --wait with the ko-built images,
-// ferry enroll a namespace, its pods talk pod to pod and through a Service and
-// ferry observe shows it with their service accounts' identities; ferry uninstall
-// leaves nothing of Ferry in the node's kernel.
+// The user's path on a real node, installed with ferry install --wait and then
+// with helm install --wait (the chart's objects, values for the images), each
+// with the ko-built images: ferry enroll a namespace, its pods talk pod to pod and
+// through a Service, and ferry observe shows it with their service accounts'
+// identities; ferry uninstall leaves nothing of Ferry in the node's kernel.
 func TestInstall(t *testing.T) {
 	k := startCluster(t)
+	t.Run("ferry install", func(t *testing.T) {
+		k.meshPath(t, "shop", func() {
+			out := k.run(t, "install", "--image-repo", imageRepo, "--image-tag", imageTag, "--wait", installWait)
+			if !strings.Contains(out, "Ferry is running") {
+				t.Fatalf("ferry install --wait did not end with Ferry running")
+			}
+		})
+	})
+	t.Run("helm install", func(t *testing.T) {
+		helm := hackbuild.Run(t, "build-helm.sh")
+		k.meshPath(t, "store", func() {
+			home := t.TempDir()
+			cmd := exec.Command(strings.TrimSpace(helm), "install", "ferry", "../../deploy/helm/ferry",
+				"--namespace", "ferry-system", "--create-namespace", "--take-ownership",
+				"--set", "images.operator.repository="+imageRepo+"/ferry-operator", "--set", "images.operator.tag="+imageTag,
+				"--set", "images.agent.repository="+imageRepo+"/ferry-agent", "--set", "images.agent.tag="+imageTag,
+				"--wait", "--timeout", installWait, "--kubeconfig", k.Kubeconfig)
+			cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home+"/cache", "HELM_CONFIG_HOME="+home+"/config", "HELM_DATA_HOME="+home+"/data")
+			out, err := cmd.CombinedOutput()
+			t.Logf("helm install:\n%s", out)
+			if err != nil || !strings.Contains(string(out), "STATUS: deployed") {
+				t.Fatalf("helm install --wait: %v", err)
+			}
+		})
+	})
+}
+
+// meshPath installs Ferry with install, enrolls ns and checks the mesh carries
+// its pods' traffic, then uninstalls and checks the node's kernel is clean and
+// the ferry-system namespace gone (so the next install starts afresh).
+func (k *cluster) meshPath(t *testing.T, ns string, install func()) {
 	ctx := t.Context()
-
 	start := time.Now()
-	out := k.run(t, "install", "--image-repo", imageRepo, "--image-tag", imageTag, "--wait", installWait)
-	if !strings.Contains(out, "Ferry is running") {
-		t.Fatalf("ferry install --wait did not end with Ferry running")
-	}
-	t.Logf("figure: ferry install --wait took %v on one node", time.Since(start).Round(100*time.Millisecond))
+	install()
+	t.Logf("figure: install --wait took %v on one node", time.Since(start).Round(100*time.Millisecond))
 
-	if _, err := k.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
+	if _, err := k.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	enrolled := time.Now()
-	k.run(t, "enroll", "shop")
+	k.run(t, "enroll", ns)
 	for _, sa := range []string{"web", "client"} {
-		if _, err := k.client.CoreV1().ServiceAccounts("shop").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+		if _, err := k.client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	web := k.deployEcho(t, "shop", "web")
+	web := k.deployEcho(t, ns, "web")
 
 	// Pod to pod, then through the Service's cluster IP: each a Job of the client
 	// image that exits 0 only if every byte came back.
-	podTo := netip.AddrPortFrom(web.podIP, 8080)
-	k.runClient(t, "shop", "to-pod", podTo)
+	k.runClient(t, ns, "to-pod", netip.AddrPortFrom(web.podIP, 8080))
 	t.Logf("figure: from ferry enroll to the first meshed connection done: %v", time.Since(enrolled).Round(100*time.Millisecond))
-	k.runClient(t, "shop", "to-service", netip.AddrPortFrom(web.clusterIP, 8080))
+	k.runClient(t, ns, "to-service", netip.AddrPortFrom(web.clusterIP, 8080))
 
 	flows := k.flows(t)
 	// Each Job's connection, by its pod: outbound from the client, carried by the
@@ -173,16 +202,16 @@ func TestInstall(t *testing.T) {
 	for _, job := range []string{"to-pod", "to-service"} {
 		found := false
 		for _, f := range flows {
-			if strings.HasPrefix(f.Source.Pod, job+"-") &&
-				f.Source.Identity == "spiffe://cluster.local/ns/shop/sa/client" &&
-				f.Destination.Identity == "spiffe://cluster.local/ns/shop/sa/web" &&
-				f.Destination.IP == web.podIP.String() && f.Service == "shop/web" && f.Security == "same-node" &&
+			if strings.HasPrefix(f.Source.Pod, job+"-") && f.Source.Namespace == ns &&
+				f.Source.Identity == "spiffe://cluster.local/ns/"+ns+"/sa/client" &&
+				f.Destination.Identity == "spiffe://cluster.local/ns/"+ns+"/sa/web" &&
+				f.Destination.IP == web.podIP.String() && f.Service == ns+"/web" && f.Security == "same-node" &&
 				f.Verdict == "VERDICT_FORWARDED" && f.BytesSent == echoBytes && f.BytesReceived == echoBytes {
 				found = true
 			}
 		}
 		if !found {
-			t.Errorf("no forwarded same-node flow from job %s (shop/client) to shop/web of %d bytes each way with both identities in ferry observe:\n%s", job, echoBytes, flowsText(flows))
+			t.Errorf("no forwarded same-node flow from job %s (%s/client) to %s/web of %d bytes each way with both identities in ferry observe:\n%s", job, ns, ns, echoBytes, flowsText(flows))
 		}
 	}
 
@@ -193,6 +222,17 @@ func TestInstall(t *testing.T) {
 	}
 	if out, err := exec.Command("bpftool", "cgroup", "show", k.cgroupRoot(t)).CombinedOutput(); err != nil || strings.Contains(string(out), "ferry") {
 		t.Errorf("after ferry uninstall, bpftool cgroup show %s: %v\n%s", k.cgroupRoot(t), err, out)
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		_, err := k.client.CoreV1().Namespaces().Get(ctx, "ferry-system", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("namespace ferry-system still there 2m after ferry uninstall: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 
