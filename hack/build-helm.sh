@@ -10,11 +10,12 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 mod="$here/helm"
 
-# go.mod is the one place the version is written down; read it without the go
-# command so the cached path is cheap to compute.
-helm_version=$(awk '$1 == "helm.sh/helm/v4" && $2 ~ /^v/ {print $2; exit}' "$mod/go.mod")
+# go.mod is the one place the version is written down.
+helm_version=$(mod_version helm.sh/helm/v4 "$mod/go.mod")
 if [ -z "$helm_version" ]; then
   echo "build-helm: cannot read the helm.sh/helm/v4 version from hack/helm/go.mod" >&2
   exit 1
@@ -25,21 +26,9 @@ cache_root=${FERRY_HELM_CACHE:-$HOME/.cache/ferry/helm}
 out="$cache_root/helm-${helm_version}_${go_version}"
 helm="$out/helm"
 
-if [ -x "$helm" ]; then
-  echo "$helm"
-  exit 0
-fi
-
-mkdir -p "$out"
-exec 9>"$out/.lock"
-if ! flock -n 9; then
-  echo "build-helm: another build into $out is running; waiting for it" >&2
-  flock 9
-fi
-if [ -x "$helm" ]; then
-  echo "$helm"
-  exit 0
-fi
+done_already() { [ -x "$helm" ]; }
+print_paths() { echo "$helm"; }
+build_once build-helm "$out" done_already print_paths
 
 export CGO_ENABLED=0 GOWORK=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 # helm prints this in `helm version`; its own Makefile stamps it the same way.

@@ -13,11 +13,12 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 mod="$here/istio"
 
-# go.mod is the one place the version is written down; read it without the go
-# command so the cached path is cheap to compute.
-version=$(awk '$1 == "require" && $2 == "istio.io/istio" {print $3; exit} $1 == "istio.io/istio" && $2 ~ /^v/ {print $2; exit}' "$mod/go.mod")
+# go.mod is the one place the version is written down.
+version=$(mod_version istio.io/istio "$mod/go.mod")
 if [ -z "$version" ]; then
   echo "build-istio-echo: cannot read the istio.io/istio version from hack/istio/go.mod" >&2
   exit 1
@@ -32,21 +33,7 @@ server="$out/server"
 done_already() { [ -x "$client" ] && [ -x "$server" ]; }
 print_paths() { printf '%s\n%s\n' "$client" "$server"; }
 
-if done_already; then
-  print_paths
-  exit 0
-fi
-
-mkdir -p "$out"
-exec 9>"$out/.lock"
-if ! flock -n 9; then
-  echo "build-istio-echo: another build into $out is running; waiting for it" >&2
-  flock 9
-fi
-if done_already; then
-  print_paths
-  exit 0
-fi
+build_once build-istio-echo "$out" done_already print_paths
 
 export GOWORK=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 tmp=$(mktemp -d "$out/.build.XXXXXX")

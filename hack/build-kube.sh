@@ -11,12 +11,13 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 kube_mod="$here/kube"
 etcd_mod="$here/kube/etcd"
 
 # go.mod is the one place versions are written down; read them without the go
 # command so the cached path is cheap to compute.
-mod_version() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$2"; }
 kube_version=$(mod_version k8s.io/kubernetes "$kube_mod/go.mod")
 etcd_version=$(mod_version go.etcd.io/etcd/server/v3 "$etcd_mod/go.mod")
 if [ -z "$kube_version" ] || [ -z "$etcd_version" ]; then
@@ -34,21 +35,7 @@ kubectl="$out/kubectl"
 done_already() { [ -x "$apiserver" ] && [ -x "$etcd" ] && [ -x "$kubectl" ]; }
 print_paths() { printf '%s\n%s\n%s\n' "$apiserver" "$etcd" "$kubectl"; }
 
-if done_already; then
-  print_paths
-  exit 0
-fi
-
-mkdir -p "$out"
-exec 9>"$out/.lock"
-if ! flock -n 9; then
-  echo "build-kube: another build into $out is running; waiting for it" >&2
-  flock 9
-fi
-if done_already; then
-  print_paths
-  exit 0
-fi
+build_once build-kube "$out" done_already print_paths
 
 # Settings from kubernetes' own hack/lib/golang.sh for release builds: static,
 # trimmed, stripped, and the tags that drop test-only and x/net/trace code.

@@ -14,11 +14,12 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 kube_mod="$here/kube"
 node_mod="$here/node"
 ko_mod="$here/ko"
 
-mod_version() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$2"; }
 kube_version=$(mod_version k8s.io/kubernetes "$kube_mod/go.mod")
 containerd_version=$(mod_version github.com/containerd/containerd/v2 "$node_mod/go.mod")
 ko_version=$(mod_version github.com/google/ko "$ko_mod/go.mod")
@@ -36,21 +37,8 @@ done_already() {
   for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done
 }
 
-if done_already; then
-  echo "$out"
-  exit 0
-fi
-
-mkdir -p "$out"
-exec 9>"$out/.lock"
-if ! flock -n 9; then
-  echo "build-node: another build into $out is running; waiting for it" >&2
-  flock 9
-fi
-if done_already; then
-  echo "$out"
-  exit 0
-fi
+print_paths() { echo "$out"; }
+build_once build-node "$out" done_already print_paths
 
 export CGO_ENABLED=0 GOWORK=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 
