@@ -22,9 +22,9 @@ import (
 const dnsRefresh = 500 * time.Millisecond
 
 // pointKubernetesService gives the "kubernetes" Service the endpoint the API server
-// (started with --endpoint-reconciler-type=none) does not write: the forwarder on
-// the node's address. kube-proxy then carries 10.96.0.1:443 to it.
-func (c *Cluster) pointKubernetesService(ctx context.Context) error {
+// (started with --endpoint-reconciler-type=none) does not write: the forwarders on
+// the nodes' addresses. kube-proxy then carries 10.96.0.1:443 to one of them.
+func (c *Cluster) pointKubernetesService(ctx context.Context, nodes []*Node) error {
 	client, err := kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
 		return fmt.Errorf("kubernetes Service: client: %w", err)
@@ -41,14 +41,18 @@ func (c *Cluster) pointKubernetesService(ctx context.Context) error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	port := int32(6443) // the forwarder's
+	port := int32(6443) // the forwarders'
+	var endpoints []discoveryv1.Endpoint
+	for _, n := range nodes {
+		endpoints = append(endpoints, discoveryv1.Endpoint{Addresses: []string{n.IP}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}})
+	}
 	slice := &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default", Labels: map[string]string{
 			discoveryv1.LabelServiceName: svc.Name,
 			discoveryv1.LabelManagedBy:   "kubetest",
 		}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{NodeIP}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}}},
+		Endpoints:   endpoints,
 		Ports:       []discoveryv1.EndpointPort{{Name: new(svc.Spec.Ports[0].Name), Port: &port, Protocol: new(corev1.ProtocolTCP)}},
 	}
 	_, err = client.DiscoveryV1().EndpointSlices("default").Create(ctx, slice, metav1.CreateOptions{})
@@ -59,9 +63,9 @@ func (c *Cluster) pointKubernetesService(ctx context.Context) error {
 }
 
 // serveDNS answers NAME.NAMESPACE.svc.ClusterDomain with each Service's cluster
-// IPs on the node's address, port 53, inside the node's namespace (kubelet's
+// IPs on each node's address, port 53, inside the node's namespace (kubelet's
 // clusterDNS), rereading the Services every dnsRefresh until ctx ends.
-func (n *Node) serveDNS(ctx context.Context, c *Cluster) error {
+func (c *Cluster) serveDNS(ctx context.Context, nodes []*Node) error {
 	client, err := kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
 		return fmt.Errorf("client: %w", err)
@@ -89,9 +93,11 @@ func (n *Node) serveDNS(ctx context.Context, c *Cluster) error {
 	if err != nil {
 		return err
 	}
-	srv, err := dns.New(dns.Config{Zone: z, Endpoints: []dns.Endpoint{{
-		Netns: n.NetnsPath, Addr: netip.AddrPortFrom(netip.MustParseAddr(NodeIP), dns.Port),
-	}}}, nil)
+	var endpoints []dns.Endpoint
+	for _, n := range nodes {
+		endpoints = append(endpoints, dns.Endpoint{Netns: n.NetnsPath, Addr: netip.AddrPortFrom(netip.MustParseAddr(n.IP), dns.Port)})
+	}
+	srv, err := dns.New(dns.Config{Zone: z, Endpoints: endpoints}, nil)
 	if err != nil {
 		return err
 	}

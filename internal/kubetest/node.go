@@ -1,11 +1,12 @@
-// This file brings up a real Kubernetes node beside the API server: kube-scheduler,
-// kube-controller-manager, and one node made of containerd, kubelet and kube-proxy
-// running in a network namespace of their own, with pods on a CNI bridge inside it,
-// and a cluster DNS for Services. Nothing of the node's network reaches the root
-// namespace: the node's only way out is a veth to a bridge in a second test
-// namespace, and the node and its pods reach the API server through a forwarder
-// this process listens with inside the node's namespace, on the node's address:
-// the "kubernetes" Service's endpoint, so in-cluster clients work as on any cluster.
+// This file brings up real Kubernetes nodes beside the API server: kube-scheduler,
+// kube-controller-manager, and nodes made of containerd, kubelet and kube-proxy,
+// each node in a network and a mount namespace of its own, with pods on a CNI
+// bridge inside it, and a cluster DNS for Services. Nothing of the nodes' network
+// reaches the root namespace: each node's only way out is a veth to a bridge in a
+// fabric namespace, and the nodes and their pods reach the API server through a
+// forwarder this process listens with inside each node's namespace, on the node's
+// address: the "kubernetes" Service's endpoints, so in-cluster clients work as on
+// any cluster.
 
 package kubetest
 
@@ -35,35 +36,42 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-// Names and addresses of the test node. The prefix "kn" is this harness's own, so a
-// crashed run's leftovers are found by name and removed at the next start.
+// Names and addresses of the test nodes: node i (from 1) is kn-nodeI at
+// 10.251.0.(10+I) with pods in 10.244.I.0/24, all on one bridge in a fabric
+// namespace. The prefix "kn" is this harness's own, so a crashed run's leftovers
+// are found by name and removed at the next start.
 const (
-	NodeName    = "kn-node1"
-	NodeIP      = "10.251.0.11"
-	PodCIDR     = "10.244.1.0/24"
+	// ClusterCIDR holds every node's pod range.
+	ClusterCIDR = "10.244.0.0/16"
 	fabricNetns = "kn-fabric"
-	fabricIP    = "10.251.0.1"
-	fabricNet   = "/24"
-	// apiPort is where the forwarder to the API server listens in the node's
+	// FabricNetnsPath is the namespace of the bridge between the nodes: what
+	// crosses between nodes is seen there.
+	FabricNetnsPath = "/run/netns/" + fabricNetns
+	fabricIP        = "10.251.0.1"
+	fabricNet       = "/24"
+	// apiPort is where the forwarder to the API server listens in each node's
 	// namespace, on loopback (kubelet, kube-proxy) and the node's address (pods,
 	// through the "kubernetes" Service).
 	apiPort = "6443"
 	// ClusterDomain is the DNS domain of Services: NAME.NAMESPACE.svc.ClusterDomain,
-	// answered on the node's address (kubelet's clusterDNS).
+	// answered on each node's address (kubelet's clusterDNS).
 	ClusterDomain = "cluster.local"
+	// MaxNodes is as many nodes as one machine's tests bring up.
+	MaxNodes = 4
 
 	nodeReadyTimeout = 3 * time.Minute
 )
 
-// nodeLock is held by the test running the node.
+// nodeLock is held by the test running the nodes.
 const nodeLock = "/run/kubetest-node.lock"
 
-// sharedMounts are the host's mounts pods may bind with Bidirectional propagation.
-var sharedMounts = []string{"/sys/fs/bpf"}
-
-// Node is one running Kubernetes node: containerd and kubelet in the network
-// namespace NetnsPath, registered with the API server as NodeName.
+// Node is one running Kubernetes node: containerd, kubelet and kube-proxy in the
+// network namespace NetnsPath and a mount namespace of their own, registered with
+// the API server as Name.
 type Node struct {
+	Name    string // kn-node1
+	IP      string // its InternalIP on the fabric, 10.251.0.11
+	PodCIDR string // 10.244.1.0/24
 	// NetnsPath is the node's network namespace (/run/netns/kn-node1); pods' IPs
 	// are reachable from inside it.
 	NetnsPath string
@@ -73,8 +81,14 @@ type Node struct {
 	CtrArgs []string
 	// Dir holds the node's files: configs, logs, containerd's and kubelet's state.
 	Dir string
+	// Kubeconfig reaches the API server from inside the node's network namespace
+	// (the forwarder on 127.0.0.1:6443) with the node's credentials (kubelet's,
+	// also in system:masters): for a program the test runs there.
+	Kubeconfig string
 
-	ns *netns.Handle
+	ns    *netns.Handle
+	mnt   *process   // holds the node's mount namespace
+	procs []*process // containerd, kubelet, kube-proxy, in start order
 }
 
 // NodeBinaries are the programs of a node, built by hack/build-node.sh.
@@ -84,170 +98,276 @@ type NodeBinaries struct {
 
 func (b NodeBinaries) path(name string) string { return filepath.Join(b.Dir, name) }
 
-// StartNode runs kube-scheduler, kube-controller-manager and one node (containerd,
-// kubelet) against c, imports the image tarballs into the node's containerd, waits
-// until the node is Ready, and removes everything when t ends. sandboxImage is the
-// image reference of the pause container, which must be among the tarballs.
-func (c *Cluster) StartNode(t testing.TB, bins NodeBinaries, sandboxImage string, tarballs []string) *Node {
+// StartNodes runs kube-scheduler, kube-controller-manager and count nodes against
+// c, imports the image tarballs into each node's containerd, waits until every
+// node is Ready, and removes everything when t ends. sandboxImage is the image
+// reference of the pause container, which must be among the tarballs.
+//
+// Each node is what a machine is to a real cluster: its own network namespace
+// (pods on a CNI bridge inside it, other nodes' pod ranges routed over the
+// fabric) and its own mount namespace, in which /run/ferry is a folder of the
+// node's and /sys/fs/bpf a bpffs of its own, so two nodes' agents share no state
+// folder and no pins. The cgroup hierarchy is the machine's, shared as a kernel's
+// is by everything on it.
+func (c *Cluster) StartNodes(t testing.TB, bins NodeBinaries, sandboxImage string, tarballs []string, count int) []*Node {
 	t.Helper()
 	privileged.Require(t)
+	if count < 1 || count > MaxNodes {
+		t.Fatalf("kubenode: %d nodes: want 1 to %d", count, MaxNodes)
+	}
 	runc := privileged.LookPath(t, "runc", "Debian runc, hack/install-deps.sh")
 	if _, err := os.Stat("/usr/lib/cni/bridge"); err != nil {
 		privileged.Missing(t, "CNI plugins not installed (Debian containernetworking-plugins, hack/install-deps.sh): %v", err)
 	}
-	// One node at a time on this machine: the node's names and addresses are fixed,
-	// and go test runs packages side by side. The lock is held until t ends (the
-	// cleanup registered first runs last).
+	// One cluster of nodes at a time on this machine: the nodes' names and
+	// addresses are fixed, and go test runs packages side by side. The lock is held
+	// until t ends (the cleanup registered first runs last).
 	lock, err := os.OpenFile(nodeLock, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatalf("kubenode: %v", err)
 	}
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		t.Logf("kubenode: another test runs a node; waiting for %s", nodeLock)
+		t.Logf("kubenode: another test runs nodes; waiting for %s", nodeLock)
 		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
 			t.Fatalf("kubenode: lock %s: %v", nodeLock, err)
 		}
 	}
 	t.Cleanup(func() { lock.Close() })
 
-	// Short paths: containerd's and the shims' unix sockets must fit in 108 bytes.
-	dir, err := os.MkdirTemp("/run", "kn-")
-	if err != nil {
-		t.Fatalf("kubenode: node folder: %v", err)
-	}
-	n := &Node{Dir: dir, NetnsPath: "/run/netns/" + NodeName, Ctr: bins.path("ctr")}
-	n.CtrArgs = []string{"--address", filepath.Join(dir, "containerd.sock"), "--namespace", "k8s.io"}
-
-	var procs []*process
-	var ctrd *process
+	var nodes []*Node
+	var control []*process
 	t.Cleanup(func() {
-		for i := len(procs) - 1; i >= 0; i-- {
-			if procs[i] == ctrd {
-				// Kubelet is stopped: nothing restarts the pods that containerd,
-				// still up, now stops.
-				n.removeSandboxes()
-			}
-			if err := procs[i].stop(stopGrace); err != nil {
+		for i := len(nodes) - 1; i >= 0; i-- {
+			nodes[i].stop(t)
+		}
+		for i := len(control) - 1; i >= 0; i-- {
+			if err := control[i].stop(stopGrace); err != nil {
 				t.Errorf("kubenode: %v", err)
 			}
 		}
 		if t.Failed() {
-			for _, p := range procs {
+			for _, p := range control {
 				t.Log(p.logTail(logTailLines))
 			}
 		}
-		killShims(dir)
-		if n.ns != nil {
-			n.ns.Close()
-		}
 		removeNetworks(t)
-		if err := unmountUnder(dir); err != nil {
-			t.Errorf("kubenode: %v", err)
-		}
-		if err := os.RemoveAll(dir); err != nil {
-			t.Errorf("kubenode: remove %s: %v", dir, err)
+		for _, n := range nodes {
+			n.removeDir(t)
 		}
 	})
 	fail := func(format string, args ...any) {
 		t.Helper()
-		for _, p := range procs {
+		for _, p := range control {
 			t.Log(p.logTail(logTailLines))
 		}
-		t.Fatalf("kubenode: "+format, args...)
-	}
-	start := func(name string, args ...string) *process {
-		t.Helper()
-		p, err := startProcess(name, filepath.Join(dir, name+".log"), args[0], args[1:]...)
-		if err != nil {
-			fail("%v", err)
+		for _, n := range nodes {
+			n.logTails(t)
 		}
-		procs = append(procs, p)
-		return p
+		t.Fatalf("kubenode: "+format, args...)
 	}
 
 	killShims("/run/kn-") // a crashed run's pods
 	removeNetworks(t)
-	if err := makeNetworks(); err != nil {
-		fail("networks: %v", err)
+	for i := 1; i <= count; i++ {
+		// Short paths: containerd's and the shims' unix sockets must fit in 108 bytes.
+		dir, err := os.MkdirTemp("/run", "kn-")
+		if err != nil {
+			fail("node folder: %v", err)
+		}
+		name := fmt.Sprintf("kn-node%d", i)
+		n := &Node{Name: name, IP: fmt.Sprintf("10.251.0.%d", 10+i), PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
+			Dir: dir, NetnsPath: "/run/netns/" + name, Ctr: bins.path("ctr")}
+		n.CtrArgs = []string{"--address", filepath.Join(dir, "containerd.sock"), "--namespace", "k8s.io"}
+		n.Kubeconfig = filepath.Join(dir, "kubelet.kubeconfig")
+		nodes = append(nodes, n)
 	}
-	n.ns, err = netns.Open(n.NetnsPath)
-	if err != nil {
-		fail("open node netns: %v", err)
+	if err := makeNetworks(nodes); err != nil {
+		fail("networks: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	if err := n.forwardAPI(ctx, strings.TrimPrefix(c.URL, "https://")); err != nil {
-		fail("API forwarder: %v", err)
+	for _, n := range nodes {
+		if n.ns, err = netns.Open(n.NetnsPath); err != nil {
+			fail("open %s netns: %v", n.Name, err)
+		}
+		if err := n.forwardAPI(ctx, strings.TrimPrefix(c.URL, "https://")); err != nil {
+			fail("%s API forwarder: %v", n.Name, err)
+		}
 	}
-	if err := c.pointKubernetesService(ctx); err != nil {
+	if err := c.pointKubernetesService(ctx, nodes); err != nil {
 		fail("%v", err)
 	}
-	if err := n.serveDNS(ctx, c); err != nil {
+	if err := c.serveDNS(ctx, nodes); err != nil {
 		fail("cluster DNS: %v", err)
 	}
 
 	// The scheduler and the controller manager talk to the API server directly, from
 	// the root namespace, with the admin's kubeconfig.
-	control := []*process{start("kube-scheduler", bins.path("kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
-		"--leader-elect=false", "--secure-port=0", "--v=1"),
-		start("kube-controller-manager", bins.path("kube-controller-manager"), "--kubeconfig="+c.Kubeconfig,
-			"--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false",
-			"--root-ca-file="+c.caFile(), "--controllers=*,-nodeipam", "--v=1")}
-
-	files, err := n.configs(c, bins, runc, sandboxImage)
-	if err != nil {
-		fail("configs: %v", err)
+	for _, args := range [][]string{
+		{"kube-scheduler", "--kubeconfig=" + c.Kubeconfig, "--leader-elect=false", "--secure-port=0", "--v=1"},
+		{"kube-controller-manager", "--kubeconfig=" + c.Kubeconfig, "--leader-elect=false", "--secure-port=0",
+			"--use-service-account-credentials=false", "--root-ca-file=" + c.caFile(), "--controllers=*,-nodeipam", "--v=1"},
+	} {
+		p, err := startProcess(args[0], filepath.Join(nodes[0].Dir, args[0]+".log"), bins.path(args[0]), args[1:]...)
+		if err != nil {
+			fail("%v", err)
+		}
+		control = append(control, p)
 	}
-	if err := os.Mkdir(filepath.Join(dir, "cni"), 0o755); err != nil {
-		fail("cni folder: %v", err)
-	}
-	if err := writeFiles(files); err != nil {
-		fail("configs: %v", err)
-	}
-	// systemd makes every mount shared on a real node; here they are private, and
-	// containerd refuses the Bidirectional propagation pods ask for (Ferry's bpffs
-	// init container: "not a shared mount"). Shared with no peer changes nothing
-	// for anyone else.
-	for _, m := range sharedMounts {
-		if err := unix.Mount("", m, "", unix.MS_SHARED, ""); err != nil {
-			fail("mount --make-shared %s: %v", m, err)
+	for _, n := range nodes {
+		if err := n.start(c, bins, runc, sandboxImage, tarballs); err != nil {
+			fail("%s: %v", n.Name, err)
 		}
 	}
-	ctrd = start("containerd", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
-		bins.path("containerd"), "--config", filepath.Join(dir, "containerd.toml"))
-	if err := n.waitContainerd(ctrd); err != nil {
+	if err := c.waitNodesReady(nodes, control); err != nil {
 		fail("%v", err)
+	}
+	return nodes
+}
+
+// start brings up the node's mount namespace, containerd (with the tarballs
+// imported), kubelet and kube-proxy, without waiting for the node to be Ready.
+func (n *Node) start(c *Cluster, bins NodeBinaries, runc, sandboxImage string, tarballs []string) error {
+	files, err := n.configs(c, runc, sandboxImage)
+	if err != nil {
+		return fmt.Errorf("configs: %w", err)
+	}
+	for _, d := range []string{"cni", "ferry"} {
+		if err := os.Mkdir(filepath.Join(n.Dir, d), 0o755); err != nil {
+			return err
+		}
+	}
+	if err := writeFiles(files); err != nil {
+		return fmt.Errorf("configs: %w", err)
+	}
+	if err := n.holdMounts(); err != nil {
+		return err
+	}
+	run := func(name string, args ...string) (*process, error) {
+		args = append([]string{fmt.Sprintf("--mount=/proc/%d/ns/mnt", n.mnt.cmd.Process.Pid), "--net=" + n.NetnsPath, "--"}, args...)
+		p, err := startProcess(n.Name+" "+name, filepath.Join(n.Dir, name+".log"), "/usr/bin/nsenter", args...)
+		if err != nil {
+			return nil, err
+		}
+		n.procs = append(n.procs, p)
+		return p, nil
+	}
+	ctrd, err := run("containerd", bins.path("containerd"), "--config", filepath.Join(n.Dir, "containerd.toml"))
+	if err != nil {
+		return err
+	}
+	if err := n.waitContainerd(ctrd); err != nil {
+		return err
 	}
 	for _, tb := range tarballs {
 		if out, err := exec.Command(n.Ctr, append(n.CtrArgs, "images", "import", "--platform", "linux/amd64", tb)...).CombinedOutput(); err != nil {
-			fail("ctr images import %s: %v: %s", tb, err, out)
+			return fmt.Errorf("ctr images import %s: %v: %s", tb, err, out)
 		}
 	}
-	kubelet := start("kubelet", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
-		bins.path("kubelet"),
-		"--config="+filepath.Join(dir, "kubelet.yaml"),
-		"--kubeconfig="+filepath.Join(dir, "kubelet.kubeconfig"),
-		"--root-dir="+filepath.Join(dir, "kubelet"),
-		"--cert-dir="+filepath.Join(dir, "kubelet-pki"),
-		"--hostname-override="+NodeName,
-		"--node-ip="+NodeIP,
-		"--v=2")
+	if _, err := run("kubelet", bins.path("kubelet"),
+		"--config="+filepath.Join(n.Dir, "kubelet.yaml"),
+		"--kubeconfig="+n.Kubeconfig,
+		"--root-dir="+filepath.Join(n.Dir, "kubelet"),
+		"--cert-dir="+filepath.Join(n.Dir, "kubelet-pki"),
+		"--hostname-override="+n.Name,
+		"--node-ip="+n.IP,
+		"--v=2"); err != nil {
+		return err
+	}
 	// Service cluster IPs, as on any cluster: iptables rules in the node's
 	// namespace only (its conntrack table is that namespace's too: no limits set).
-	proxy := start("kube-proxy", "/usr/bin/nsenter", "--net="+n.NetnsPath, "--",
-		bins.path("kube-proxy"),
-		"--kubeconfig="+filepath.Join(dir, "kubelet.kubeconfig"),
-		"--hostname-override="+NodeName,
+	_, err = run("kube-proxy", bins.path("kube-proxy"),
+		"--kubeconfig="+n.Kubeconfig,
+		"--hostname-override="+n.Name,
 		"--proxy-mode=iptables",
-		"--cluster-cidr="+PodCIDR,
+		"--cluster-cidr="+ClusterCIDR,
 		"--conntrack-max-per-core=0",
 		"--metrics-bind-address=127.0.0.1:10249",
 		"--healthz-bind-address=127.0.0.1:10256",
 		"--v=1")
-	if err := c.waitNodeReady(append(control, kubelet, proxy)); err != nil {
-		fail("%v", err)
+	return err
+}
+
+// holdMounts starts the process that holds the node's mount namespace, a slave
+// of the machine's (the machine's mounts reach it, its own stay inside): there
+// /run/ferry is the node's folder ferry/ and /sys/fs/bpf a fresh bpffs, shared,
+// because containerd refuses the Bidirectional propagation pods ask for on a
+// private mount (Ferry's bpffs init container: "not a shared mount"), and systemd
+// makes every mount shared on a real node.
+func (n *Node) holdMounts() error {
+	if err := os.MkdirAll("/run/ferry", 0o755); err != nil {
+		return err
 	}
-	return n
+	script := fmt.Sprintf("mount --bind %s /run/ferry && mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && exec sleep infinity",
+		filepath.Join(n.Dir, "ferry"))
+	p, err := startProcess(n.Name+" mounts", filepath.Join(n.Dir, "mounts.log"), "/usr/bin/unshare", "--mount", "--propagation", "slave", "/bin/sh", "-c", script)
+	if err != nil {
+		return err
+	}
+	n.mnt = p
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var fs unix.Statfs_t
+		if err := unix.Statfs(n.HostPath("/sys/fs/bpf"), &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+			return nil
+		}
+		if exited, err := p.exitErr(); exited {
+			return fmt.Errorf("mount namespace: %v\n%s", err, p.logTail(logTailLines))
+		}
+		if time.Now().After(deadline) {
+			return errors.New("mount namespace: no bpffs on /sys/fs/bpf after 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// HostPath is the path by which the test reaches path as the node's processes
+// (and the pods' hostPath volumes) see it: /sys/fs/bpf/ferry in the node's
+// mount namespace, say.
+func (n *Node) HostPath(path string) string {
+	return fmt.Sprintf("/proc/%d/root%s", n.mnt.cmd.Process.Pid, path)
+}
+
+// stop stops kubelet, then the pods, containerd and what holds the node's mounts.
+func (n *Node) stop(t testing.TB) {
+	for i := len(n.procs) - 1; i >= 0; i-- {
+		if i == 0 {
+			// Kubelet is stopped: nothing restarts the pods that containerd,
+			// still up, now stops.
+			n.removeSandboxes()
+		}
+		if err := n.procs[i].stop(stopGrace); err != nil {
+			t.Errorf("kubenode: %v", err)
+		}
+	}
+	if t.Failed() {
+		n.logTails(t)
+	}
+	killShims(n.Dir)
+	if n.mnt != nil {
+		if err := n.mnt.stop(stopGrace); err != nil {
+			t.Errorf("kubenode: %v", err)
+		}
+	}
+	if n.ns != nil {
+		n.ns.Close()
+	}
+}
+
+func (n *Node) logTails(t testing.TB) {
+	for _, p := range n.procs {
+		t.Log(p.logTail(logTailLines))
+	}
+}
+
+// removeDir removes the node's folder, once nothing of the node runs.
+func (n *Node) removeDir(t testing.TB) {
+	if err := unmountUnder(n.Dir); err != nil {
+		t.Errorf("kubenode: %v", err)
+	}
+	if err := os.RemoveAll(n.Dir); err != nil {
+		t.Errorf("kubenode: remove %s: %v", n.Dir, err)
+	}
 }
 
 // Do runs fn inside the node's network namespace, on a locked OS thread: a
@@ -259,13 +379,13 @@ func (c *Cluster) caFile() string {
 	return filepath.Join(filepath.Dir(c.Kubeconfig), "pki", "ca.crt")
 }
 
-func (n *Node) configs(c *Cluster, bins NodeBinaries, runc, sandboxImage string) (map[string][]byte, error) {
-	certPEM, keyPEM, err := c.ca.client("system:node:"+NodeName, []string{"system:nodes", "system:masters"})
+func (n *Node) configs(c *Cluster, runc, sandboxImage string) (map[string][]byte, error) {
+	certPEM, keyPEM, err := c.ca.client("system:node:"+n.Name, []string{"system:nodes", "system:masters"})
 	if err != nil {
 		return nil, fmt.Errorf("kubelet certificate: %w", err)
 	}
 	var kubeconfig bytes.Buffer
-	tmp := filepath.Join(n.Dir, "kubelet.kubeconfig")
+	tmp := n.Kubeconfig
 	if err := writeKubeconfig(tmp, "https://127.0.0.1:"+apiPort, c.ca.certPEM, certPEM, keyPEM); err != nil {
 		return nil, err
 	}
@@ -309,12 +429,17 @@ state = %[2]q
     bin_dirs = ['/usr/lib/cni']
     conf_dir = %[7]q
 
+# NRI's socket is one path for the machine (/var/run/nri/nri.sock), and another
+# node's containerd would take it over.
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
+
 [plugins.'io.containerd.grpc.v1.cri']
   disable_tcp_service = true
   stream_server_address = %[8]q
   stream_server_port = '0'
 `, filepath.Join(d, "containerd"), filepath.Join(d, "containerd-state"), filepath.Join(d, "containerd.sock"),
-		filepath.Join(d, "containerd-ttrpc.sock"), sandboxImage, runc, filepath.Join(d, "cni"), NodeIP)
+		filepath.Join(d, "containerd-ttrpc.sock"), sandboxImage, runc, filepath.Join(d, "cni"), n.IP)
 
 	cni := fmt.Sprintf(`{
   "cniVersion": "1.0.0",
@@ -326,12 +451,12 @@ state = %[2]q
       "isGateway": true,
       "ipMasq": false,
       "hairpinMode": true,
-      "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "routes": [{"dst": "0.0.0.0/0"}]}
+      "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": %q}
     },
     {"type": "loopback"}
   ]
 }
-`, PodCIDR)
+`, n.PodCIDR, filepath.Join(d, "cni-ipam"))
 
 	// cgroup v1 (this machine's hierarchy is hybrid): kubelet 1.35+ refuses it unless
 	// failCgroupV1 is false. No QoS cgroups and no node-allocatable enforcement: the
@@ -365,7 +490,7 @@ evictionHard: {}
 serializeImagePulls: false
 registerNode: true
 maxPods: 20
-`, filepath.Join(d, "containerd.sock"), NodeIP, c.caFile(), PodCIDR, filepath.Join(d, "pod-logs"), ClusterDomain)
+`, filepath.Join(d, "containerd.sock"), n.IP, c.caFile(), n.PodCIDR, filepath.Join(d, "pod-logs"), ClusterDomain)
 
 	return map[string][]byte{
 		filepath.Join(d, "containerd.toml"):       []byte(containerd),
@@ -438,33 +563,42 @@ func (n *Node) waitContainerd(p *process) error {
 	return errors.New("containerd not answering after 1m")
 }
 
-func (c *Cluster) waitNodeReady(procs []*process) error {
+func (c *Cluster) waitNodesReady(nodes []*Node, control []*process) error {
 	client, err := kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
 		return fmt.Errorf("client: %w", err)
 	}
+	procs := control
+	for _, n := range nodes {
+		procs = append(procs, n.procs...)
+	}
 	deadline := time.Now().Add(nodeReadyTimeout)
-	last := "not registered"
-	for time.Now().Before(deadline) {
-		for _, p := range procs {
-			if exited, err := p.exitErr(); exited {
-				return err
+	for _, n := range nodes {
+		last := "not registered"
+		for ready := false; !ready; {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("node %s not Ready after %v (%s)", n.Name, nodeReadyTimeout, last)
 			}
-		}
-		node, err := client.CoreV1().Nodes().Get(context.Background(), NodeName, metav1.GetOptions{})
-		if err == nil {
-			for _, cond := range node.Status.Conditions {
-				if cond.Type == corev1.NodeReady {
-					if cond.Status == corev1.ConditionTrue {
-						return nil
-					}
-					last = cond.Reason + ": " + cond.Message
+			for _, p := range procs {
+				if exited, err := p.exitErr(); exited {
+					return err
 				}
 			}
+			node, err := client.CoreV1().Nodes().Get(context.Background(), n.Name, metav1.GetOptions{})
+			if err == nil {
+				for _, cond := range node.Status.Conditions {
+					if cond.Type == corev1.NodeReady {
+						ready = cond.Status == corev1.ConditionTrue
+						last = cond.Reason + ": " + cond.Message
+					}
+				}
+			}
+			if !ready {
+				time.Sleep(time.Second)
+			}
 		}
-		time.Sleep(time.Second)
 	}
-	return fmt.Errorf("node %s not Ready after %v (%s)", NodeName, nodeReadyTimeout, last)
+	return nil
 }
 
 // removeSandboxes stops and removes the pods' containers kubelet left, through
@@ -534,20 +668,32 @@ func killShims(dir string) {
 	}
 }
 
-func makeNetworks() error {
+// makeNetworks makes the fabric (one bridge) and each node's namespace on it,
+// with routes to the other nodes' pod ranges through their addresses.
+func makeNetworks(nodes []*Node) error {
 	steps := [][]string{
 		{"netns", "add", fabricNetns},
-		{"netns", "add", NodeName},
 		{"-n", fabricNetns, "link", "set", "lo", "up"},
-		{"-n", NodeName, "link", "set", "lo", "up"},
 		{"-n", fabricNetns, "link", "add", "kn-br0", "type", "bridge"},
 		{"-n", fabricNetns, "addr", "add", fabricIP + fabricNet, "dev", "kn-br0"},
 		{"-n", fabricNetns, "link", "set", "kn-br0", "up"},
-		{"-n", NodeName, "link", "add", "eth0", "type", "veth", "peer", "name", "kn-node1-up", "netns", fabricNetns},
-		{"-n", fabricNetns, "link", "set", "kn-node1-up", "master", "kn-br0", "up"},
-		{"-n", NodeName, "addr", "add", NodeIP + fabricNet, "dev", "eth0"},
-		{"-n", NodeName, "link", "set", "eth0", "up"},
-		{"-n", NodeName, "route", "add", "default", "via", fabricIP},
+	}
+	for _, n := range nodes {
+		up := n.Name + "-up"
+		steps = append(steps, [][]string{
+			{"netns", "add", n.Name},
+			{"-n", n.Name, "link", "set", "lo", "up"},
+			{"-n", n.Name, "link", "add", "eth0", "type", "veth", "peer", "name", up, "netns", fabricNetns},
+			{"-n", fabricNetns, "link", "set", up, "master", "kn-br0", "up"},
+			{"-n", n.Name, "addr", "add", n.IP + fabricNet, "dev", "eth0"},
+			{"-n", n.Name, "link", "set", "eth0", "up"},
+			{"-n", n.Name, "route", "add", "default", "via", fabricIP},
+		}...)
+		for _, o := range nodes {
+			if o != n {
+				steps = append(steps, []string{"-n", n.Name, "route", "add", o.PodCIDR, "via", o.IP})
+			}
+		}
 	}
 	for _, s := range steps {
 		if out, err := exec.Command("ip", s...).CombinedOutput(); err != nil {
@@ -559,12 +705,13 @@ func makeNetworks() error {
 
 // removeNetworks deletes the harness's namespaces, this run's or a crashed one's.
 func removeNetworks(t testing.TB) {
-	for _, name := range []string{NodeName, fabricNetns} {
-		if _, err := os.Stat("/run/netns/" + name); err != nil {
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "kn-") {
 			continue
 		}
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("kubenode: ip netns del %s: %v: %s", name, err, out)
+		if out, err := exec.Command("ip", "netns", "del", e.Name()).CombinedOutput(); err != nil {
+			t.Errorf("kubenode: ip netns del %s: %v: %s", e.Name(), err, out)
 		}
 	}
 }

@@ -1,18 +1,14 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"io"
-	"os"
-	"os/exec"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/internal/wiretest"
 )
 
 type agentStatus = admin.Status
@@ -25,63 +21,16 @@ func (e *env) capture(t *testing.T, file string) (stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", "--net="+path, "tcpdump", "-i", "any", "-U", "-s", "0", "-w", file, "tcp")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("tcpdump: %v", err)
-	}
-	ready := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "listening on") {
-				close(ready)
-				break
-			}
-		}
-		for sc.Scan() {
-		}
-	}()
-	select {
-	case <-ready:
-	case <-time.After(10 * time.Second):
-		cmd.Process.Kill()
-		t.Fatal("tcpdump did not start listening")
-	}
-	return func() {
-		cmd.Process.Signal(syscall.SIGINT)
-		cmd.Wait()
-	}
+	return wiretest.Capture(t, path, file)
 }
 
-// captured says whether the capture file holds s anywhere, as bytes: a plaintext
-// payload on the wire.
-func captured(t *testing.T, file, s string) bool {
-	t.Helper()
-	raw, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return bytes.Contains(raw, []byte(s))
-}
+// captured says whether the capture file holds s anywhere: a plaintext payload on
+// the wire.
+func captured(t *testing.T, file, s string) bool { return wiretest.Captured(t, file, s) }
 
 // tshark reads a capture and returns its non-empty output lines.
 func tshark(t *testing.T, file string, args ...string) []string {
-	t.Helper()
-	out, err := exec.Command("tshark", append([]string{"-r", file}, args...)...).Output()
-	if err != nil {
-		t.Fatalf("tshark: %v", err)
-	}
-	var lines []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if l = strings.TrimSpace(l); l != "" {
-			lines = append(lines, l)
-		}
-	}
-	return lines
+	return wiretest.Tshark(t, file, args...)
 }
 
 // restartAgent stops node's agent and starts it again with extra flags.

@@ -13,11 +13,9 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -27,6 +25,7 @@ import (
 	"time"
 
 	agentnetns "github.com/ferrymesh/ferry/agent/netns"
+	"github.com/ferrymesh/ferry/internal/promtest"
 	"github.com/ferrymesh/ferry/lab"
 )
 
@@ -38,7 +37,6 @@ const (
 	// hpOperatorMetrics is where the bridge to the operator's metrics listens in
 	// node1's namespace (loopback).
 	hpOperatorMetrics = 15014
-	hpPromPort        = 9090
 )
 
 var (
@@ -141,65 +139,6 @@ func (b *nsBridge) Close() {
 	b.wg.Wait()
 }
 
-// promClient is an HTTP client whose connections are dialled from inside ns.
-func promClient(ns *agentnetns.Handle) *http.Client {
-	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var c net.Conn
-			err := ns.Do(func() error {
-				var d net.Dialer
-				var err error
-				c, err = d.DialContext(ctx, network, addr)
-				return err
-			})
-			return c, err
-		},
-	}}
-}
-
-// promResult is the data of a Prometheus API answer.
-type promResult struct {
-	Status string `json:"status"`
-	Error  string `json:"error"`
-	Data   json.RawMessage
-}
-
-func promGet(c *http.Client, path string, q url.Values) (json.RawMessage, error) {
-	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s?%s", hpPromPort, path, q.Encode()))
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	var r promResult
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		return nil, fmt.Errorf("%s: %s: %w", path, resp.Status, err)
-	}
-	if r.Status != "success" {
-		return nil, fmt.Errorf("%s %v: %s", path, q, r.Error)
-	}
-	return r.Data, nil
-}
-
-// promQuery returns the number of series (or 1 for a scalar) expr gives now.
-func promQuery(c *http.Client, expr string) (int, string, error) {
-	data, err := promGet(c, "/api/v1/query", url.Values{"query": {expr}})
-	if err != nil {
-		return 0, "", err
-	}
-	var d struct {
-		ResultType string            `json:"resultType"`
-		Result     []json.RawMessage `json:"result"`
-	}
-	if err := json.Unmarshal(data, &d); err != nil {
-		if strings.Contains(string(data), `"scalar"`) {
-			return 1, string(data), nil
-		}
-		return 0, "", err
-	}
-	return len(d.Result), string(data), nil
-}
-
 // dashboard is the part of a Grafana dashboard the test reads.
 type dashboard struct {
 	Title      string `json:"title"`
@@ -250,7 +189,6 @@ func TestPrometheusDashboards(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
 	config := fmt.Sprintf(`global:
   scrape_interval: 1s
   evaluation_interval: 1s
@@ -261,35 +199,11 @@ scrape_configs:
   - job_name: ferry-operator
     static_configs: [{targets: ["127.0.0.1:%d"]}]
 `, rules, strings.Join(targets, ", "), hpOperatorMetrics)
-	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "prometheus.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	nsPath := ns.Path()
-	prom := exec.Command("nsenter", "--net="+nsPath, "prometheus",
-		"--config.file="+filepath.Join(dir, "prometheus.yml"),
-		"--storage.tsdb.path="+filepath.Join(dir, "data"),
-		fmt.Sprintf("--web.listen-address=127.0.0.1:%d", hpPromPort))
-	prom.Stdout, prom.Stderr = logf, logf
-	if err := prom.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		prom.Process.Kill()
-		prom.Wait()
-		if t.Failed() {
-			t.Logf("end of the prometheus log:\n%s", tailFile(logf.Name(), 30))
-		}
-	}()
-	pc := promClient(ns)
+	pc := promtest.Start(t, ns.Path(), t.TempDir(), config)
 
 	// Every target up.
-	hpWaitFor(t, 60*time.Second, "Prometheus scrapes 2 agents and the operator", func() (bool, string) {
-		n, data, err := promQuery(pc, `up == 1`)
+	promtest.WaitFor(t, 60*time.Second, "Prometheus scrapes 2 agents and the operator", func() (bool, string) {
+		n, data, err := pc.Query(`up == 1`)
 		return err == nil && n == 3, fmt.Sprintf("up == 1: %d series, %v %s", n, err, data)
 	})
 
@@ -364,7 +278,7 @@ scrape_configs:
 			}
 			sel, label, want := subst(m[1]), m[2], vars[v.Name]
 			checks = append(checks, check{fmt.Sprintf("%s: variable %s has %s among its values", d.Title, v.Name, want), func() (bool, string) {
-				data, err := promGet(pc, "/api/v1/label/"+label+"/values", url.Values{"match[]": {sel}})
+				data, err := pc.Get("/api/v1/label/"+label+"/values", url.Values{"match[]": {sel}})
 				var values []string
 				if err == nil {
 					err = json.Unmarshal(data, &values)
@@ -377,7 +291,7 @@ scrape_configs:
 				expr := subst(tg.Expr)
 				queries++
 				checks = append(checks, check{fmt.Sprintf("%s / %s: %s returns data", d.Title, p.Title, expr), func() (bool, string) {
-					n, data, err := promQuery(pc, expr)
+					n, data, err := pc.Query(expr)
 					return err == nil && n > 0, fmt.Sprintf("%d series %v %s", n, err, data)
 				}})
 			}
@@ -400,60 +314,23 @@ scrape_configs:
 
 	// The rules loaded and evaluate without error; the recording rules have data;
 	// nothing is wrong in this lab, so no alert fires.
-	data, err := promGet(pc, "/api/v1/rules", nil)
+	rs, err := pc.Rules()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rs struct {
-		Groups []struct {
-			Name  string `json:"name"`
-			Rules []struct {
-				Name      string `json:"name"`
-				Type      string `json:"type"`
-				Health    string `json:"health"`
-				LastError string `json:"lastError"`
-				State     string `json:"state"`
-			} `json:"rules"`
-		} `json:"groups"`
-	}
-	if err := json.Unmarshal(data, &rs); err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, g := range rs.Groups {
-		for _, r := range g.Rules {
-			n++
-			if r.Health == "err" {
-				t.Errorf("rule %s: %s", r.Name, r.LastError)
-			}
-			if r.Type == "alerting" && r.State != "inactive" {
-				t.Errorf("alert %s is %s in a healthy lab", r.Name, r.State)
-			}
+	for _, r := range rs {
+		if r.Health == "err" {
+			t.Errorf("rule %s: %s", r.Name, r.LastError)
+		}
+		if r.Type == "alerting" && r.State != "inactive" {
+			t.Errorf("alert %s is %s in a healthy lab", r.Name, r.State)
 		}
 	}
-	if n < 10 {
-		t.Errorf("Prometheus loaded %d rules, want those of %s", n, rules)
+	if len(rs) < 10 {
+		t.Errorf("Prometheus loaded %d rules, want those of %s", len(rs), rules)
 	}
-	hpWaitFor(t, 60*time.Second, "recording rule ferry:requests:rate5m has data", func() (bool, string) {
-		n, data, err := promQuery(pc, `ferry:requests:rate5m{response_code="200"} > 0`)
+	promtest.WaitFor(t, 60*time.Second, "recording rule ferry:requests:rate5m has data", func() (bool, string) {
+		n, data, err := pc.Query(`ferry:requests:rate5m{response_code="200"} > 0`)
 		return err == nil && n >= 1, fmt.Sprintf("%d %v %s", n, err, data)
 	})
-}
-
-// hpWaitFor polls cond every 500 ms until it holds, failing the test with cond's
-// last report after timeout.
-func hpWaitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, last := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%s: not after %v; last: %s", what, timeout, last)
-			return
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
 }

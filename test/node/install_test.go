@@ -1,8 +1,9 @@
-// Package node installs Ferry onto a real Kubernetes node (kubelet, containerd,
+// Package node installs Ferry onto real Kubernetes nodes (kubelet, containerd,
 // kube-proxy: internal/kubetest) the way a user does, with the images ko builds,
-// and checks what the user would: the agent and operator run, enrolled pods talk
-// over the mesh with their service accounts' identities, and uninstalling leaves
-// nothing in the node's kernel.
+// and checks what the user would: the agents and operator run, enrolled pods talk
+// over the mesh with their service accounts' identities, on one node and across
+// nodes with only TLS to 15008 on the wire between them, and uninstalling leaves
+// nothing in the nodes' kernel.
 package node
 
 import (
@@ -13,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/internal/hackbuild"
 	"github.com/ferrymesh/ferry/internal/kubetest"
 	"github.com/ferrymesh/ferry/internal/privileged"
+	"github.com/ferrymesh/ferry/internal/wiretest"
 	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -40,10 +43,13 @@ const (
 	bpfPinFolder = "/sys/fs/bpf/ferry"
 )
 
-// cluster is a real node with Ferry's images imported, and the ferry CLI.
+// nodes is how many nodes the tests bring up: two, so traffic crosses nodes.
+const nodes = 2
+
+// cluster is real nodes with Ferry's images imported, and the ferry CLI.
 type cluster struct {
 	*kubetest.Cluster
-	node   *kubetest.Node
+	nodes  []*kubetest.Node
 	client kubernetes.Interface
 	ferry  string // path of the ferry binary
 }
@@ -58,9 +64,11 @@ func startCluster(t *testing.T) *cluster {
 	for _, im := range images {
 		tarballs = append(tarballs, im.Tarball)
 	}
-	n := c.StartNode(t, bins, images["pause"].Ref, tarballs)
-	if out, err := exec.Command(n.Ctr, append(n.CtrArgs, "images", "tag", images["pause"].Ref, nodePause)...).CombinedOutput(); err != nil {
-		t.Fatalf("ctr images tag: %v: %s", err, out)
+	ns := c.StartNodes(t, bins, images["pause"].Ref, tarballs, nodes)
+	for _, n := range ns {
+		if out, err := exec.Command(n.Ctr, append(n.CtrArgs, "images", "tag", images["pause"].Ref, nodePause)...).CombinedOutput(); err != nil {
+			t.Fatalf("ctr images tag: %v: %s", err, out)
+		}
 	}
 	client, err := kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
@@ -70,7 +78,7 @@ func startCluster(t *testing.T) *cluster {
 	if out, err := exec.Command("go", "build", "-o", ferry, "github.com/ferrymesh/ferry/cmd/ferry").CombinedOutput(); err != nil {
 		t.Fatalf("go build ferry: %v: %s", err, out)
 	}
-	k := &cluster{Cluster: c, node: n, client: client, ferry: ferry}
+	k := &cluster{Cluster: c, nodes: ns, client: client, ferry: ferry}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Log(k.describe())
@@ -135,11 +143,12 @@ func containerState(s, last corev1.ContainerState) string {
 	return "?"
 }
 
-// The user's path on a real node, installed with ferry install --wait and then
+// The user's path on two real nodes, installed with ferry install --wait and then
 // with helm install --wait (the chart's objects, values for the images), each
 // with the ko-built images: ferry enroll a namespace, its pods talk pod to pod and
 // through a Service, and ferry observe shows it with their service accounts'
-// identities; ferry uninstall leaves nothing of Ferry in the node's kernel.
+// identities, and the fabric between the nodes carries only TLS to 15008; ferry
+// uninstall leaves nothing of Ferry in the nodes' kernel.
 func TestInstall(t *testing.T) {
 	k := startCluster(t)
 	t.Run("ferry install", func(t *testing.T) {
@@ -176,7 +185,7 @@ func (k *cluster) meshPath(t *testing.T, ns string, install func()) {
 	ctx := t.Context()
 	start := time.Now()
 	install()
-	t.Logf("figure: install --wait took %v on one node", time.Since(start).Round(100*time.Millisecond))
+	t.Logf("figure: install --wait took %v on %d nodes", time.Since(start).Round(100*time.Millisecond), len(k.nodes))
 
 	if _, err := k.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -188,37 +197,54 @@ func (k *cluster) meshPath(t *testing.T, ns string, install func()) {
 			t.Fatal(err)
 		}
 	}
-	web := k.deployEcho(t, ns, "web")
+	// The server on the first node; one client beside it, one on the second node.
+	server, other := k.nodes[0], k.nodes[1]
+	web := k.deployEcho(t, ns, "web", server.Name)
 
-	// Pod to pod, then through the Service's cluster IP: each a Job of the client
-	// image that exits 0 only if every byte came back.
-	k.runClient(t, ns, "to-pod", netip.AddrPortFrom(web.podIP, 8080))
+	// Pod to pod on one node, then through the Service's cluster IP from the other
+	// node, across the fabric, captured there: each a Job of the client image that
+	// exits 0 only if every byte came back.
+	k.runClient(t, ns, "to-pod", server.Name, netip.AddrPortFrom(web.podIP, 8080))
 	t.Logf("figure: from ferry enroll to the first meshed connection done: %v", time.Since(enrolled).Round(100*time.Millisecond))
-	k.runClient(t, ns, "to-service", netip.AddrPortFrom(web.clusterIP, 8080))
+	pcap := filepath.Join(t.TempDir(), "fabric.pcap")
+	stop := wiretest.Capture(t, kubetest.FabricNetnsPath, pcap)
+	clientIP := k.runClient(t, ns, "to-service", other.Name, netip.AddrPortFrom(web.clusterIP, 8080))
+	stop()
+	checkFabric(t, pcap, web, clientIP)
 
-	flows := k.flows(t)
-	// Each Job's connection, by its pod: outbound from the client, carried by the
-	// node's proxy between two enrolled pods (same-node), both identities known.
-	for _, job := range []string{"to-pod", "to-service"} {
+	// Each Job's connection, by its pod, in ferry observe on the client's node:
+	// outbound from the client between two enrolled pods, both identities known,
+	// carried by the node's proxy (same-node) or the mTLS tunnel to the other node.
+	for _, want := range []struct {
+		job      string
+		node     *kubetest.Node
+		security string
+	}{{"to-pod", server, "same-node"}, {"to-service", other, "mtls"}} {
+		flows := k.flows(t, want.node)
 		found := false
 		for _, f := range flows {
-			if strings.HasPrefix(f.Source.Pod, job+"-") && f.Source.Namespace == ns &&
+			if strings.HasPrefix(f.Source.Pod, want.job+"-") && f.Source.Namespace == ns &&
 				f.Source.Identity == "spiffe://cluster.local/ns/"+ns+"/sa/client" &&
 				f.Destination.Identity == "spiffe://cluster.local/ns/"+ns+"/sa/web" &&
-				f.Destination.IP == web.podIP.String() && f.Service == ns+"/web" && f.Security == "same-node" &&
+				f.Destination.IP == web.podIP.String() && f.Service == ns+"/web" && f.Security == want.security &&
 				f.Verdict == "VERDICT_FORWARDED" && f.BytesSent == echoBytes && f.BytesReceived == echoBytes {
 				found = true
 			}
 		}
 		if !found {
-			t.Errorf("no forwarded same-node flow from job %s (%s/client) to %s/web of %d bytes each way with both identities in ferry observe:\n%s", job, ns, ns, echoBytes, flowsText(flows))
+			t.Errorf("no forwarded %s flow from job %s (%s/client) to %s/web of %d bytes each way with both identities in ferry observe on %s:\n%s",
+				want.security, want.job, ns, ns, echoBytes, want.node.Name, flowsText(flows))
 		}
 	}
 
+	k.checkPrometheus(t, ns)
+
 	k.run(t, "uninstall", "--yes", "--image-repo", imageRepo, "--image-tag", imageTag, "--timeout", "2m")
-	if _, err := os.Stat(bpfPinFolder); !os.IsNotExist(err) {
-		entries, _ := os.ReadDir(bpfPinFolder)
-		t.Errorf("after ferry uninstall %s is still there (%v): %d entries", bpfPinFolder, err, len(entries))
+	for _, n := range k.nodes {
+		if _, err := os.Stat(n.HostPath(bpfPinFolder)); !os.IsNotExist(err) {
+			entries, _ := os.ReadDir(n.HostPath(bpfPinFolder))
+			t.Errorf("after ferry uninstall %s is still there on %s (%v): %d entries", bpfPinFolder, n.Name, err, len(entries))
+		}
 	}
 	if out, err := exec.Command("bpftool", "cgroup", "show", k.cgroupRoot(t)).CombinedOutput(); err != nil || strings.Contains(string(out), "ferry") {
 		t.Errorf("after ferry uninstall, bpftool cgroup show %s: %v\n%s", k.cgroupRoot(t), err, out)
@@ -245,9 +271,9 @@ type echoServer struct {
 }
 
 // deployEcho creates a Deployment NAME (one replica of ferry lab echo-server on
-// 8080, service account NAME) and a Service NAME on 8080, and waits until its pod
-// is Ready.
-func (k *cluster) deployEcho(t *testing.T, ns, name string) echoServer {
+// 8080 on node, service account NAME) and a Service NAME on 8080, and waits until
+// its pod is Ready.
+func (k *cluster) deployEcho(t *testing.T, ns, name, node string) echoServer {
 	t.Helper()
 	ctx := t.Context()
 	labels := map[string]string{"app": name}
@@ -259,6 +285,7 @@ func (k *cluster) deployEcho(t *testing.T, ns, name string) echoServer {
 				ObjectMeta: metav1.ObjectMeta{Labels: labels},
 				Spec: corev1.PodSpec{
 					ServiceAccountName: name,
+					NodeSelector:       map[string]string{corev1.LabelHostname: node},
 					Containers: []corev1.Container{{
 						Name: "echo", Image: imageRepo + "/ferry:" + imageTag,
 						Args:  []string{"lab", "echo-server", "--listen", ":8080"},
@@ -297,10 +324,10 @@ func (k *cluster) deployEcho(t *testing.T, ns, name string) echoServer {
 	return e
 }
 
-// runClient runs a Job NAME (service account "client") whose ferry lab
-// echo-client, started through ferry await, sends echoBytes to to, and waits
-// until it has succeeded.
-func (k *cluster) runClient(t *testing.T, ns, name string, to netip.AddrPort) {
+// runClient runs a Job NAME (service account "client") on node whose ferry lab
+// echo-client, started through ferry await, sends echoBytes to to, waits until it
+// has succeeded, and returns its pod's IP.
+func (k *cluster) runClient(t *testing.T, ns, name, node string, to netip.AddrPort) netip.Addr {
 	t.Helper()
 	job := &batchv1.Job{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
@@ -310,6 +337,7 @@ func (k *cluster) runClient(t *testing.T, ns, name string, to netip.AddrPort) {
 				ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"job": name}},
 				Spec: corev1.PodSpec{
 					ServiceAccountName: "client",
+					NodeSelector:       map[string]string{corev1.LabelHostname: node},
 					RestartPolicy:      corev1.RestartPolicyNever,
 					Containers: []corev1.Container{{
 						Name: "client", Image: imageRepo + "/ferry:" + imageTag,
@@ -324,12 +352,52 @@ func (k *cluster) runClient(t *testing.T, ns, name string, to netip.AddrPort) {
 	if _, err := k.client.BatchV1().Jobs(ns).Create(t.Context(), job, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	var ip netip.Addr
 	k.waitPods(t, ns, "job="+name, func(p *corev1.Pod) bool {
 		if p.Status.Phase == corev1.PodFailed {
 			t.Fatalf("job %s: echo-client to %s failed: %+v", name, to, p.Status.ContainerStatuses)
 		}
-		return p.Status.Phase == corev1.PodSucceeded
+		if p.Status.Phase != corev1.PodSucceeded {
+			return false
+		}
+		ip = netip.MustParseAddr(p.Status.PodIP)
+		return true
 	})
+	return ip
+}
+
+// checkFabric checks what the fabric between the nodes carried while a client on
+// one node talked to web on the other: the workload's addresses never with data
+// on another port than 15008 (no plaintext connection between the pods, and the
+// Service's cluster IP never on the wire at all), and TLS application data on
+// 15008, at least as much as the echo sent both ways.
+func checkFabric(t *testing.T, pcap string, web echoServer, client netip.Addr) {
+	t.Helper()
+	pods := fmt.Sprintf("(ip.addr == %s || ip.addr == %s)", web.podIP, client)
+	if clear := wiretest.Tshark(t, pcap, "-Y", pods+" && tcp.len > 0 && tcp.srcport != 15008 && tcp.dstport != 15008",
+		"-T", "fields", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport"); len(clear) > 0 {
+		t.Errorf("%d packets with data between the workload's pods on other ports than 15008 crossed the fabric, e.g. %v", len(clear), clear[:min(5, len(clear))])
+	}
+	if vip := wiretest.Tshark(t, pcap, "-Y", "ip.addr == "+web.clusterIP.String()); len(vip) > 0 {
+		t.Errorf("the Service's cluster IP %s crossed the fabric: %v", web.clusterIP, vip[:min(5, len(vip))])
+	}
+	// TLS 1.3 writes its encrypted records' type as the outer "opaque type" (23); which
+	// field tshark names it by has changed between Debian's builds, so either counts.
+	if tls := wiretest.Tshark(t, pcap, "-d", "tcp.port==15008,tls", "-Y", "tls.record.content_type == 23 || tls.record.opaque_type == 23"); len(tls) == 0 {
+		t.Error("no TLS application data on 15008 on the fabric: the connection did not cross it in the tunnel")
+	}
+	total := 0
+	for _, l := range wiretest.Tshark(t, pcap, "-Y", "tcp.port == 15008 && tcp.len > 0", "-T", "fields", "-e", "tcp.len") {
+		n, err := strconv.Atoi(l)
+		if err != nil {
+			t.Fatalf("tshark tcp.len %q: %v", l, err)
+		}
+		total += n
+	}
+	if total < 2*echoBytes {
+		t.Errorf("%d bytes of TCP data on 15008 crossed the fabric, want at least the %d the echo sent both ways", total, 2*echoBytes)
+	}
+	t.Logf("fabric: %d bytes of TCP data on 15008 (each packet seen on both nodes' ports), none between the pods elsewhere", total)
 }
 
 // waitPods waits up to two minutes until a pod matching selector satisfies done.
@@ -364,10 +432,10 @@ type flow struct {
 	BytesReceived                      int `json:"bytes_received,string"`
 }
 
-// flows is what ferry observe on the node shows, from the agent's observer socket.
-func (k *cluster) flows(t *testing.T) []flow {
+// flows is what ferry observe on node n shows, from its agent's observer socket.
+func (k *cluster) flows(t *testing.T, n *kubetest.Node) []flow {
 	t.Helper()
-	out := k.run(t, "observe", "--agent-socket", "/run/ferry/observer.sock", "--last", "100", "-o", "json")
+	out := k.run(t, "observe", "--agent-socket", n.HostPath("/run/ferry/observer.sock"), "--last", "100", "-o", "json")
 	var fs []flow
 	for line := range strings.Lines(out) {
 		if !strings.HasPrefix(line, "{") {
