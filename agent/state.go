@@ -136,7 +136,10 @@ func workload(w *ferryv1.Workload, claims map[netip.Addr][]string) (proxy.Worklo
 	if w.GetUid() == "" || w.GetName() == "" || w.GetNamespace() == "" || w.GetNode() == "" || w.GetIdentity() == "" {
 		return proxy.Workload{}, errors.New("uid, name, namespace, node and identity are required")
 	}
-	pw := proxy.Workload{UID: w.GetUid(), Name: name, Identity: w.GetIdentity(), Node: w.GetNode()}
+	pw := proxy.Workload{UID: w.GetUid(), Name: name, Identity: w.GetIdentity(), Node: w.GetNode(), Workload: name}
+	if wl := w.GetWorkload(); wl != "" {
+		pw.Workload = w.GetNamespace() + "/" + wl
+	}
 	for _, s := range w.GetIps() {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {

@@ -254,3 +254,21 @@ func TestServicePolicyFromState(t *testing.T) {
 		}
 	}
 }
+
+// A workload's metrics name is its controller's, namespaced, from the operator;
+// an older operator sends none and the pod's name stands in.
+func TestWorkloadNameFromState(t *testing.T) {
+	w := func(name, workload string) *ferryv1.Workload {
+		return &ferryv1.Workload{Uid: "u-" + name, Name: name, Namespace: "shop", Node: "node1", Identity: "spiffe://cluster.local/ns/shop/sa/web",
+			Ips: []string{"10.1.1.10"}, Workload: workload}
+	}
+	for _, tc := range []struct {
+		in   *ferryv1.Workload
+		want string
+	}{{w("web-7d4b9c5f8-x2x5q", "web"), "shop/web"}, {w("web-7d4b9c5f8-x2x5q", ""), "shop/web-7d4b9c5f8-x2x5q"}} {
+		got, err := workloads(&ferryv1.NodeState{Workloads: []*ferryv1.Workload{tc.in}})
+		if err != nil || len(got) != 1 || got[0].Workload != tc.want || got[0].Name != "shop/"+tc.in.Name {
+			t.Errorf("workloads(%v) = %+v, %v; want Workload %q", tc.in, got, err, tc.want)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package observe
 
 import (
+	"cmp"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -115,8 +116,9 @@ func reporters(c admin.Conn) []string {
 	return []string{metrics.ReporterSource}
 }
 
-// connLabels are the Istio labels of a connection: workloads by pod name (there are no
-// Deployments to name them by), no addresses or ports.
+// connLabels are the Istio labels of a connection: workloads by the names the
+// operator gives them (a Deployment's, a Job's, ... or the pod's), no addresses or
+// ports.
 func connLabels(c admin.Conn, svc service) metrics.Labels {
 	l := metrics.Labels{
 		DestinationService:       svc.metric,
@@ -133,10 +135,10 @@ func connLabels(c admin.Conn, svc service) metrics.Labels {
 		// the connection is as authenticated as a mutual-TLS one.
 		l.ConnectionSecurityPolicy = metrics.MutualTLS
 	}
-	if ns, name, ok := strings.Cut(c.SrcPod, "/"); ok {
+	if ns, name, ok := strings.Cut(cmp.Or(c.SrcWorkload, c.SrcPod), "/"); ok {
 		l.SourceWorkloadNamespace, l.SourceWorkload = ns, name
 	}
-	if ns, name, ok := strings.Cut(c.DstPod, "/"); ok {
+	if ns, name, ok := strings.Cut(cmp.Or(c.DstWorkload, c.DstPod), "/"); ok {
 		l.DestinationWorkloadNamespace, l.DestinationWorkload = ns, name
 	}
 	return l

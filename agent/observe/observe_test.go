@@ -84,6 +84,15 @@ func TestFlowFromConnection(t *testing.T) {
 		l.SourceWorkload != "a" || l.DestinationWorkloadNamespace != "default" {
 		t.Errorf("labels %+v", l)
 	}
+	// With the workloads the operator names (a Deployment's, a Job's), metrics count
+	// by those, as Istio's do; flows still name the pods.
+	c.SrcWorkload, c.DstWorkload = "default/client", "default/web"
+	if l := connLabels(c, service{}); l.SourceWorkload != "client" || l.DestinationWorkload != "web" || l.DestinationWorkloadNamespace != "default" {
+		t.Errorf("labels with workloads %+v", l)
+	}
+	if f := o.flow(c); f.GetSource().GetPod() != "a" {
+		t.Errorf("flow names source pod %q, want a", f.GetSource().GetPod())
+	}
 }
 
 // The flow's verdict and reason come from the record's typed outcome, whatever its

@@ -77,10 +77,10 @@ func (t *tracker) fill(c *Conn) {
 		return
 	}
 	if w, ok := t.resolve(c.Src.Addr().Unmap()); ok && c.SrcPod == "" {
-		c.SrcPod, c.SrcNode = w.Name, w.Node
+		c.SrcPod, c.SrcNode, c.SrcWorkload = w.Name, w.Node, w.Workload
 	}
 	if w, ok := t.resolve(c.Dst.Addr().Unmap()); ok && c.DstPod == "" {
-		c.DstPod, c.DstNode = w.Name, w.Node
+		c.DstPod, c.DstNode, c.DstWorkload = w.Name, w.Node, w.Workload
 	}
 }
 

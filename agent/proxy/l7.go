@@ -9,6 +9,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -559,8 +560,8 @@ func requestProtocol(r *http.Request) admin.Protocol {
 // unknown: outside the mesh) for its span.
 func spanAttrs(from, to Workload, service string, upstream netip.AddrPort) tracing.Attrs {
 	a := tracing.Attrs{Upstream: upstream.String()}
-	a.SourceNamespace, a.SourceWorkload, _ = strings.Cut(from.Name, "/")
-	a.DestinationNamespace, a.DestinationWorkload, _ = strings.Cut(to.Name, "/")
+	a.SourceNamespace, a.SourceWorkload, _ = strings.Cut(cmp.Or(from.Workload, from.Name), "/")
+	a.DestinationNamespace, a.DestinationWorkload, _ = strings.Cut(cmp.Or(to.Workload, to.Name), "/")
 	if ns, name, ok := strings.Cut(service, "/"); ok {
 		a.Service = name + "." + ns + ".svc.cluster.local"
 	}

@@ -39,8 +39,11 @@ const dialTimeout = 5 * time.Second
 
 // Workload is an enrolled pod anywhere in the mesh.
 type Workload struct {
-	UID      string
-	Name     string // namespace/name
+	UID  string
+	Name string // namespace/name
+	// Workload is namespace/name of the pod's workload in metrics (its
+	// Deployment's, Job's, ... as Istio names it; operator/mesh WorkloadName).
+	Workload string
 	Identity string // SPIFFE ID
 	Node     string
 	IPs      []netip.Addr

@@ -147,14 +147,19 @@ type Conn struct {
 	CertExpiring bool `json:"cert_expiring,omitempty"`
 	// SrcPod and DstPod name the mesh workloads ("namespace/name") at either end,
 	// when the address is one; SrcNode and DstNode the nodes they run on.
-	SrcPod    string    `json:"src_pod,omitempty"`
-	DstPod    string    `json:"dst_pod,omitempty"`
-	SrcNode   string    `json:"src_node,omitempty"`
-	DstNode   string    `json:"dst_node,omitempty"`
-	Start     time.Time `json:"start"`
-	End       time.Time `json:"end,omitzero"`
-	BytesSent int64     `json:"bytes_sent"`
-	BytesRecv int64     `json:"bytes_received"`
+	SrcPod  string `json:"src_pod,omitempty"`
+	DstPod  string `json:"dst_pod,omitempty"`
+	SrcNode string `json:"src_node,omitempty"`
+	DstNode string `json:"dst_node,omitempty"`
+	// SrcWorkload and DstWorkload name those pods' workloads ("namespace/name":
+	// a Deployment's, a Job's, ... or the pod's when nothing controls it), which
+	// metrics count by, as Istio's do.
+	SrcWorkload string    `json:"src_workload,omitempty"`
+	DstWorkload string    `json:"dst_workload,omitempty"`
+	Start       time.Time `json:"start"`
+	End         time.Time `json:"end,omitzero"`
+	BytesSent   int64     `json:"bytes_sent"`
+	BytesRecv   int64     `json:"bytes_received"`
 	// Verdict, Reason and Status say how an ended connection came out; empty while
 	// it is live.
 	Verdict Verdict `json:"verdict,omitempty"`

@@ -2449,6 +2449,11 @@ type Workload struct {
 	MtlsMode string `protobuf:"bytes,8,opt,name=mtls_mode,json=mtlsMode,proto3" json:"mtls_mode,omitempty"`
 	// Per-port overrides of mtls_mode: container port -> "Permissive" or "Strict".
 	PortMtlsModes map[uint32]string `protobuf:"bytes,9,rep,name=port_mtls_modes,json=portMtlsModes,proto3" json:"port_mtls_modes,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Name of the pod's workload in metrics, as Istio's: its controller's (the
+	// Deployment's for a pod of one of its ReplicaSets; the Job's, StatefulSet's,
+	// DaemonSet's), or the pod's own name when nothing controls it. Empty from an
+	// older operator: agents then use the pod's name.
+	Workload      string `protobuf:"bytes,10,opt,name=workload,proto3" json:"workload,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2544,6 +2549,13 @@ func (x *Workload) GetPortMtlsModes() map[uint32]string {
 		return x.PortMtlsModes
 	}
 	return nil
+}
+
+func (x *Workload) GetWorkload() string {
+	if x != nil {
+		return x.Workload
+	}
+	return ""
 }
 
 // Certificate is an X.509 identity for one SPIFFE ID.
@@ -2874,7 +2886,7 @@ const file_state_proto_rawDesc = "" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1f\n" +
 	"\vtarget_port\x18\x03 \x01(\tR\n" +
 	"targetPort\x12!\n" +
-	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xe7\x02\n" +
+	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\x83\x03\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -2884,7 +2896,9 @@ const file_state_proto_rawDesc = "" +
 	"\x03ips\x18\x06 \x03(\tR\x03ips\x12\x1a\n" +
 	"\bidentity\x18\a \x01(\tR\bidentity\x12\x1b\n" +
 	"\tmtls_mode\x18\b \x01(\tR\bmtlsMode\x12M\n" +
-	"\x0fport_mtls_modes\x18\t \x03(\v2%.ferry.v1.Workload.PortMtlsModesEntryR\rportMtlsModes\x1a@\n" +
+	"\x0fport_mtls_modes\x18\t \x03(\v2%.ferry.v1.Workload.PortMtlsModesEntryR\rportMtlsModes\x12\x1a\n" +
+	"\bworkload\x18\n" +
+	" \x01(\tR\bworkload\x1a@\n" +
 	"\x12PortMtlsModesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"w\n" +

@@ -298,7 +298,9 @@ func (n *Node) holdMounts() error {
 	if err := os.MkdirAll("/run/ferry", 0o755); err != nil {
 		return err
 	}
-	script := fmt.Sprintf("mount --bind %s /run/ferry && mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && exec sleep infinity",
+	// The machine's own bpffs, if it has one, is unmounted here first: containerd
+	// checks the first mount it finds on the path, not the top one.
+	script := fmt.Sprintf("while umount /sys/fs/bpf 2>/dev/null; do :; done; mount --bind %s /run/ferry && mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && exec sleep infinity",
 		filepath.Join(n.Dir, "ferry"))
 	p, err := startProcess(n.Name+" mounts", filepath.Join(n.Dir, "mounts.log"), "/usr/bin/unshare", "--mount", "--propagation", "slave", "/bin/sh", "-c", script)
 	if err != nil {

@@ -19,7 +19,9 @@ import (
 
 	"github.com/ferrymesh/ferry/api/ferryv1"
 	"google.golang.org/protobuf/proto"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
@@ -302,7 +304,27 @@ func (v *View) workload(p *corev1.Pod) *ferryv1.Workload {
 		Node:           p.Spec.NodeName,
 		Ips:            ips,
 		Identity:       spiffe.ID(v.trustDomain, p.Namespace, sa),
+		Workload:       WorkloadName(p),
 	}
+}
+
+// WorkloadName is the name metrics give the pod's workload, as Istio's do: its
+// controller's name, a Deployment's for a pod of a ReplicaSet that one made (the
+// ReplicaSet's name is the Deployment's and the pod-template-hash), or the pod's
+// own name when nothing controls it.
+func WorkloadName(p *corev1.Pod) string {
+	owner := metav1.GetControllerOf(p)
+	if owner == nil {
+		return p.Name
+	}
+	if owner.Kind == "ReplicaSet" {
+		if hash := p.Labels[appsv1.DefaultDeploymentUniqueLabelKey]; hash != "" {
+			if name, ok := strings.CutSuffix(owner.Name, "-"+hash); ok {
+				return name
+			}
+		}
+	}
+	return owner.Name
 }
 
 // servicesFor lists the Services of the enrolled namespaces with the TrafficPolicy

@@ -204,3 +204,30 @@ func TestViewBackends(t *testing.T) {
 		t.Errorf("enrolled endpoints %v, want web-1 and web-2", eps)
 	}
 }
+
+// Workloads are named as Istio's metrics name them: by the pod's controller, a
+// Deployment's name for a pod of one of its ReplicaSets.
+func TestWorkloadName(t *testing.T) {
+	controller := func(kind, name string) []metav1.OwnerReference {
+		return []metav1.OwnerReference{{Kind: kind, Name: name, Controller: new(true)}}
+	}
+	for _, tc := range []struct {
+		name   string
+		owners []metav1.OwnerReference
+		labels map[string]string
+		want   string
+	}{
+		{"web-7d4b9c5f8-x2x5q", controller("ReplicaSet", "web-7d4b9c5f8"), map[string]string{"pod-template-hash": "7d4b9c5f8"}, "web"},
+		{"cache-abcde", controller("ReplicaSet", "cache"), nil, "cache"}, // a ReplicaSet of its own
+		{"to-service-q8z4w", controller("Job", "to-service"), nil, "to-service"},
+		{"db-0", controller("StatefulSet", "db"), nil, "db"},
+		{"ferry-agent-h7k2p", controller("DaemonSet", "ferry-agent"), nil, "ferry-agent"},
+		{"debug", nil, nil, "debug"},
+		{"owned-not-controlled", []metav1.OwnerReference{{Kind: "ConfigMap", Name: "x"}}, nil, "owned-not-controlled"},
+	} {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: tc.name, Namespace: "shop", OwnerReferences: tc.owners, Labels: tc.labels}}
+		if got := WorkloadName(p); got != tc.want {
+			t.Errorf("WorkloadName(%s) = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

@@ -178,12 +178,14 @@ func TestPrometheusDashboards(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
+	t.Cleanup(func() { ns.Close() })
 	bridge, err := startNSBridge(ns, fmt.Sprintf("127.0.0.1:%d", hpOperatorMetrics), hpOperatorSocket())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer bridge.Close()
+	// After Prometheus has stopped (cleanups run last first): its scrape
+	// connections through the bridge end with it.
+	t.Cleanup(bridge.Close)
 
 	rules, err := filepath.Abs("../../deploy/monitoring/rules/ferry.rules.yaml")
 	if err != nil {

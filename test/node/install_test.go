@@ -114,6 +114,9 @@ func (k *cluster) describe() string {
 		fmt.Fprintf(&b, "pod %s/%s %s node=%q ip=%s\n", p.Namespace, p.Name, p.Status.Phase, p.Spec.NodeName, p.Status.PodIP)
 		for _, cs := range append(p.Status.InitContainerStatuses, p.Status.ContainerStatuses...) {
 			fmt.Fprintf(&b, "  %s ready=%v restarts=%d %s\n", cs.Name, cs.Ready, cs.RestartCount, containerState(cs.State, cs.LastTerminationState))
+			if !cs.Ready && cs.RestartCount > 0 {
+				b.WriteString(k.containerLog(&p, cs.Name))
+			}
 		}
 	}
 	events, err := k.client.CoreV1().Events("").List(ctx, metav1.ListOptions{})
@@ -125,6 +128,26 @@ func (k *cluster) describe() string {
 		}
 	}
 	return b.String()
+}
+
+// containerLog is the end of what a pod's container printed, from kubelet's pod
+// logs on the pod's node (kubectl logs needs kubelet's server, which the test
+// nodes do not serve to clients).
+func (k *cluster) containerLog(p *corev1.Pod, container string) string {
+	for _, n := range k.nodes {
+		if n.Name != p.Spec.NodeName {
+			continue
+		}
+		files, _ := filepath.Glob(filepath.Join(n.Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), container, "*.log"))
+		var b strings.Builder
+		for _, f := range files {
+			data, _ := os.ReadFile(f)
+			lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+			fmt.Fprintf(&b, "    --- %s\n    %s\n", f, strings.Join(lines[max(0, len(lines)-15):], "\n    "))
+		}
+		return b.String()
+	}
+	return ""
 }
 
 func containerState(s, last corev1.ContainerState) string {

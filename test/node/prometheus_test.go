@@ -182,9 +182,9 @@ func (k *cluster) checkPrometheus(t *testing.T, ns string) {
 		n, data, err := prom.Query(`up{job="ferry-operator"} == 1`)
 		return err == nil && n == 2, fmt.Sprintf("%d series %v %s", n, err, data)
 	})
-	// Workloads are named by pod (agent/observe: the state names no Deployments).
-	conns := fmt.Sprintf(`istio_tcp_connections_opened_total{reporter="source", destination_workload_namespace=%q, destination_workload=~"web-.+", connection_security_policy="mutual_tls"} > 0`, ns)
-	promtest.WaitFor(t, time.Minute, "the agents' metrics count the mTLS connection to web", func() (bool, string) {
+	// Workloads by their controllers' names, as Istio's: the Job and the Deployment.
+	conns := fmt.Sprintf(`istio_tcp_connections_opened_total{reporter="source", source_workload="to-service", destination_workload_namespace=%q, destination_workload="web", connection_security_policy="mutual_tls"} > 0`, ns)
+	promtest.WaitFor(t, time.Minute, "the agents' metrics count the mTLS connection from Job to-service to Deployment web", func() (bool, string) {
 		n, data, err := prom.Query(conns)
 		return err == nil && n > 0, fmt.Sprintf("%s: %d series %v %s", conns, n, err, data)
 	})
