@@ -136,6 +136,7 @@ func (c *Cluster) StartNodes(t testing.TB, bins NodeBinaries, sandboxImage strin
 
 	var nodes []*Node
 	var control []*process
+	netnsBefore := cniNetns()
 	t.Cleanup(func() {
 		for i := len(nodes) - 1; i >= 0; i-- {
 			nodes[i].stop(t)
@@ -151,6 +152,13 @@ func (c *Cluster) StartNodes(t testing.TB, bins NodeBinaries, sandboxImage strin
 			}
 		}
 		removeNetworks(t)
+		// The CNI plugin's pod namespaces were mounted in the nodes' mount
+		// namespaces, gone now; the files they were mounted on are the machine's.
+		for name := range cniNetns() {
+			if !netnsBefore[name] {
+				os.Remove(filepath.Join("/run/netns", name))
+			}
+		}
 		for _, n := range nodes {
 			n.removeDir(t)
 		}
@@ -299,9 +307,13 @@ func (n *Node) holdMounts() error {
 		return err
 	}
 	// The machine's own bpffs, if it has one, is unmounted here first: containerd
-	// checks the first mount it finds on the path, not the top one.
-	script := fmt.Sprintf("while umount /sys/fs/bpf 2>/dev/null; do :; done; mount --bind %s /run/ferry && mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && exec sleep infinity",
-		filepath.Join(n.Dir, "ferry"))
+	// checks the first mount it finds on the path, not the top one. The script
+	// writes mounts.ready once its namespace is made: until then /proc/PID is still
+	// the machine's namespace (or a half-made one), whose /sys/fs/bpf may already
+	// be a bpffs (another test's), and containerd must not be started in it.
+	ready := filepath.Join(n.Dir, "mounts.ready")
+	script := fmt.Sprintf("while umount /sys/fs/bpf 2>/dev/null; do :; done; mount --bind %s /run/ferry && mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && : > %s && exec sleep infinity",
+		filepath.Join(n.Dir, "ferry"), ready)
 	p, err := startProcess(n.Name+" mounts", filepath.Join(n.Dir, "mounts.log"), "/usr/bin/unshare", "--mount", "--propagation", "slave", "/bin/sh", "-c", script)
 	if err != nil {
 		return err
@@ -309,15 +321,18 @@ func (n *Node) holdMounts() error {
 	n.mnt = p
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		var fs unix.Statfs_t
-		if err := unix.Statfs(n.HostPath("/sys/fs/bpf"), &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+		if _, err := os.Stat(ready); err == nil {
+			var fs unix.Statfs_t
+			if err := unix.Statfs(n.HostPath("/sys/fs/bpf"), &fs); err != nil || fs.Type != unix.BPF_FS_MAGIC {
+				return fmt.Errorf("mount namespace: no bpffs on /sys/fs/bpf (%v)", err)
+			}
 			return nil
 		}
 		if exited, err := p.exitErr(); exited {
 			return fmt.Errorf("mount namespace: %v\n%s", err, p.logTail(logTailLines))
 		}
 		if time.Now().After(deadline) {
-			return errors.New("mount namespace: no bpffs on /sys/fs/bpf after 10s")
+			return errors.New("mount namespace: not made after 10s")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -703,6 +718,18 @@ func makeNetworks(nodes []*Node) error {
 		}
 	}
 	return nil
+}
+
+// cniNetns are the names under /run/netns that CNI plugins make (cni-UUID).
+func cniNetns() map[string]bool {
+	entries, _ := os.ReadDir("/run/netns")
+	names := map[string]bool{}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "cni-") {
+			names[e.Name()] = true
+		}
+	}
+	return names
 }
 
 // removeNetworks deletes the harness's namespaces, this run's or a crashed one's.

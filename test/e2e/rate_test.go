@@ -19,9 +19,12 @@ const (
 	// (its semaphore): what bounds the agents' goroutines and fds during the run.
 	rateInFlight = 256
 	// rateRSSGrowthKiB bounds the agents' RSS growth from the second 5 s of the
-	// run to the last: a leak of one 8 KiB goroutine stack per connection would
-	// grow it by about 39 MiB over those 10 s at 500 a second.
-	rateRSSGrowthKiB = 32 << 10
+	// run to the last, against gross leaks only: a leaked goroutine or fd per
+	// connection is caught by the goroutine and fd bounds, and the Go heap alone,
+	// growing towards twice its live size between collections, grew RSS by 44 MiB
+	// with nothing leaked while the machine was loaded (CI, 2026-12-03). 96 MiB over
+	// those 10 s is about 20 KiB a connection at 500 a second.
+	rateRSSGrowthKiB = 96 << 10
 )
 
 // rateSample is one agent's resources at some second of the run.
@@ -53,7 +56,7 @@ func (s rateSample) String() string {
 // a opens short connections to c across the nodes, 500 a second for 20 s, each
 // echoing 256 bytes: none fails, at least half the target rate is held (the
 // figure is logged), and both agents stay flat meanwhile: goroutines and fds
-// within what 256 connections in flight can hold, RSS growing less than 32 MiB
+// within what 256 connections in flight can hold, RSS growing less than 96 MiB
 // from the second 5 s to the last. Once the connections are done, both agents are
 // back to their baseline.
 func TestLoadNewConnectionRate(t *testing.T) {
