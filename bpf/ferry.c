@@ -186,6 +186,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } strict_ports SEC(".maps");
 
+// This node's own addresses (v4-mapped for IPv4), which the agent writes: plaintext
+// from them is the node itself (kubelet's probes, host-network pods), which STRICT
+// lets through as Istio and Linkerd let probes through.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct ip_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_addrs SEC(".maps");
+
 // Refusals for the agent's flows. Bounded: when full, an event is dropped and counted
 // (COUNTER_STRICT_EVENT_LOST); the refusal itself never depends on it.
 struct {
@@ -564,8 +575,10 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	// Anything else reaching a pod port is plaintext (mTLS arrives on the tunnel
 	// port, skipped above). STRICT: refuse it before any socket sees it; for TCP the
-	// failed lookup makes the kernel answer the SYN with a reset.
-	if (is_strict(dst6, port)) {
+	// failed lookup makes the kernel answer the SYN with a reset. Plaintext from the
+	// node itself (node_addrs: kubelet's probes) goes on to the inbound listener.
+	__builtin_memcpy(key.addr, src6, sizeof(key.addr));
+	if (is_strict(dst6, port) && !bpf_map_lookup_elem(&node_addrs, &key)) {
 		count(COUNTER_STRICT_REFUSED);
 		report_strict(src6, dst6, (__u16)bpf_ntohs(ctx->remote_port), port);
 		return SK_DROP;

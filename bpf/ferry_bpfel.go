@@ -99,6 +99,7 @@ const (
 	ferryMapInboundListeners  = "inbound_listeners"
 	ferryMapLocalSockAddrs    = "local_sock_addrs"
 	ferryMapLocalSocks        = "local_socks"
+	ferryMapNodeAddrs         = "node_addrs"
 	ferryMapOrigDst           = "orig_dst"
 	ferryMapSockOrigDst       = "sock_orig_dst"
 	ferryMapStrictEvents      = "strict_events"
@@ -176,6 +177,7 @@ type ferryMapSpecs struct {
 	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalSockAddrs   *ebpf.MapSpec `ebpf:"local_sock_addrs"`
 	LocalSocks       *ebpf.MapSpec `ebpf:"local_socks"`
+	NodeAddrs        *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDst          *ebpf.MapSpec `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.MapSpec `ebpf:"sock_orig_dst"`
 	StrictEvents     *ebpf.MapSpec `ebpf:"strict_events"`
@@ -221,6 +223,7 @@ type ferryMaps struct {
 	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalSockAddrs   *ebpf.Map `ebpf:"local_sock_addrs"`
 	LocalSocks       *ebpf.Map `ebpf:"local_socks"`
+	NodeAddrs        *ebpf.Map `ebpf:"node_addrs"`
 	OrigDst          *ebpf.Map `ebpf:"orig_dst"`
 	SockOrigDst      *ebpf.Map `ebpf:"sock_orig_dst"`
 	StrictEvents     *ebpf.Map `ebpf:"strict_events"`
@@ -235,6 +238,7 @@ func (m *ferryMaps) Close() error {
 		m.InboundListeners,
 		m.LocalSockAddrs,
 		m.LocalSocks,
+		m.NodeAddrs,
 		m.OrigDst,
 		m.SockOrigDst,
 		m.StrictEvents,

@@ -30,6 +30,9 @@ const (
 	// MapStrictEvents is the ring buffer of plaintext connections refused under
 	// STRICT (OpenStrictEvents).
 	MapStrictEvents = ferryMapStrictEvents
+	// MapNodeAddrs holds the node's own addresses, whose plaintext STRICT lets
+	// through (SetNodeAddrs).
+	MapNodeAddrs = ferryMapNodeAddrs
 )
 
 // Names of Ferry's programs; all start with "ferry_" so bpftool listings show them.
@@ -43,7 +46,7 @@ const (
 
 // MapNames lists every map Ferry pins.
 func MapNames() []string {
-	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapLocalSockAddrs, MapOrigDst, MapSockOrigDst, MapCounters, MapStrictPorts, MapStrictEvents}
+	return []string{MapEnrolledNetns, MapExcludedPorts, MapInboundListeners, MapLocalSocks, MapLocalSockAddrs, MapOrigDst, MapSockOrigDst, MapCounters, MapStrictPorts, MapStrictEvents, MapNodeAddrs}
 }
 
 // ProgramNames lists every program in Ferry's object.
@@ -222,6 +225,7 @@ func OpenPinnedMaps(pinDir string, readOnly bool) (*Maps, error) {
 		MapOrigDst:          &m.OrigDst,
 		MapSockOrigDst:      &m.SockOrigDst,
 		MapStrictPorts:      &m.StrictPorts,
+		MapNodeAddrs:        &m.NodeAddrs,
 	}
 	opts := &ebpf.LoadPinOptions{ReadOnly: readOnly}
 	for name, dst := range targets {

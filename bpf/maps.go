@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -432,6 +433,53 @@ func (m *Maps) SetStrictPorts(want []StrictPort) error {
 		}
 	}
 	return del()
+}
+
+// SetNodeAddrs makes node_addrs hold exactly addrs, the node's own addresses:
+// plaintext from them to a STRICT pod port goes on to the pod's inbound listener
+// (kubelet's probes come from the node). New entries are written before stale ones
+// are removed. More addresses than the map holds fail with an error, and the ones
+// written stay.
+func (m *Maps) SetNodeAddrs(addrs []netip.Addr) error {
+	want := map[[16]byte]bool{}
+	for _, a := range addrs {
+		if a.IsValid() {
+			want[a.Unmap().As16()] = true
+		}
+	}
+	have, err := m.NodeAddrEntries()
+	if err != nil {
+		return err
+	}
+	for k := range want {
+		if err := m.NodeAddrs.Update(&ferryIpKey{Addr: k}, uint8(1), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("set %s: %s: %w", MapNodeAddrs, netip.AddrFrom16(k).Unmap(), err)
+		}
+	}
+	for _, a := range have {
+		if k := a.As16(); !want[a.As16()] {
+			if err := m.NodeAddrs.Delete(&ferryIpKey{Addr: k}); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("set %s: delete %s: %w", MapNodeAddrs, a, err)
+			}
+		}
+	}
+	return nil
+}
+
+// NodeAddrEntries dumps node_addrs, sorted.
+func (m *Maps) NodeAddrEntries() ([]netip.Addr, error) {
+	var out []netip.Addr
+	var k ferryIpKey
+	var v uint8
+	it := m.NodeAddrs.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, netip.AddrFrom16(k.Addr).Unmap())
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", MapNodeAddrs, err)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
 }
 
 // StrictPortEntries dumps strict_ports, sorted by address and port.

@@ -20,6 +20,8 @@ import (
 // neither the app's listener nor the inbound capture listener accepting it, while
 // the tunnel port, the agent's hop from 127.0.0.6 and a per-port PERMISSIVE
 // override still connect; each refusal is counted and reported on strict_events.
+// Plaintext from a node address (node_addrs: kubelet's probes) reaches the inbound
+// listener.
 func TestSkLookupStrict(t *testing.T) {
 	privileged.Require(t)
 	objs, err := Load(Config{AgentMark: mesh.DefaultMark, Ports: mesh.DefaultPorts(), MaxPods: 8}, "")
@@ -137,6 +139,48 @@ func TestSkLookupStrict(t *testing.T) {
 			s.Close()
 			t.Errorf("the %s listener accepted a refused connection", name)
 		}
+	}
+
+	// Plaintext from the node's own address (kubelet's probes) passes STRICT once the
+	// address is in node_addrs, to the inbound listener (not the app), and is refused
+	// again when it is not.
+	addAddr(t, pod, "10.1.2.1/32")
+	node := netip.MustParseAddr("10.1.2.1")
+	fromNode := func() error {
+		c, took, err := dialFrom("10.1.2.1", "10.1.2.4:9999")
+		if err != nil {
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("plaintext from the node: %v after %s, want connection refused or accepted", err, took)
+			}
+			return err
+		}
+		defer c.Close()
+		inbound.SetDeadline(time.Now().Add(5 * time.Second))
+		s, err := inbound.Accept()
+		if err != nil {
+			t.Fatalf("plaintext from the node connected but the inbound listener did not accept it: %v", err)
+		}
+		s.Close()
+		return nil
+	}
+	if err := fromNode(); err == nil {
+		t.Error("plaintext from 10.1.2.1 passed STRICT before it was a node address")
+	}
+	if err := objs.SetNodeAddrs([]netip.Addr{node, netip.MustParseAddr("::ffff:10.9.9.9"), {}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := objs.NodeAddrEntries(); err != nil || len(got) != 2 || got[0] != node || got[1] != netip.MustParseAddr("10.9.9.9") {
+		t.Fatalf("node_addrs = %v, %v; want [10.1.2.1 10.9.9.9]", got, err)
+	}
+	if err := fromNode(); err != nil {
+		t.Errorf("plaintext from the node's address under STRICT: %v", err)
+	}
+	refused("10.1.2.4:9999") // from the pod's own address: still refused
+	if err := objs.SetNodeAddrs(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := fromNode(); err == nil {
+		t.Error("plaintext from 10.1.2.1 passed STRICT after it left node_addrs")
 	}
 
 	if err := objs.SetStrictPorts(nil); err != nil {

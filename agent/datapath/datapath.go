@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -712,13 +713,48 @@ func isFerryProgram(id ebpf.ProgramID) bool {
 // STRICT on a pod port, plaintext to it is refused before any socket sees it. A set
 // that does not fit fails with bpf.ErrStrictFull and changes nothing. The entries
 // are pinned: they hold while no agent runs, until the next agent changes them.
+//
+// The node's own addresses (node_addrs) are written first, read afresh each time:
+// plaintext from the node (kubelet's probes) passes STRICT, as in Istio and
+// Linkerd, or no pod with a probe on a STRICT port would ever be Ready. Each new
+// pod brings a new state and so a call here, after its CNI plugin gave the node
+// any new address (a bridge's, made with the first pod).
 func (d *Datapath) SetStrictPorts(ps []bpf.StrictPort) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.started(); err != nil {
 		return err
 	}
+	addrs, err := nodeAddrs()
+	if err == nil {
+		err = d.objs.SetNodeAddrs(addrs)
+	}
+	if err != nil {
+		// STRICT still holds: only probes from the node are refused with it.
+		d.log.Warn("node addresses for STRICT's probe exemption", "error", err)
+	}
 	return d.objs.SetStrictPorts(ps)
+}
+
+// nodeAddrs are the addresses of the agent's network namespace, the node's (the
+// agent runs with hostNetwork), but loopback (always let through) and IPv6
+// link-local ones (one per pod veth on some CNIs; never a probe's source).
+func nodeAddrs() ([]netip.Addr, error) {
+	ifAddrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, a := range ifAddrs {
+		p, err := netip.ParsePrefix(a.String())
+		if err != nil {
+			continue
+		}
+		if ip := p.Addr().Unmap(); !ip.IsLoopback() && !ip.IsLinkLocalUnicast() {
+			out = append(out, ip)
+		}
+	}
+	return out, nil
 }
 
 // StrictPorts returns the mTLS modes in strict_ports.

@@ -29,7 +29,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -220,9 +223,14 @@ func (k *cluster) meshPath(t *testing.T, ns string, install func()) {
 			t.Fatal(err)
 		}
 	}
+	// STRICT for the whole namespace, before its pods start: web must still become
+	// Ready (kubelet's probe is plaintext from the node), and plaintext from outside
+	// the mesh must be refused.
+	k.strict(t, ns)
 	// The server on the first node; one client beside it, one on the second node.
 	server, other := k.nodes[0], k.nodes[1]
 	web := k.deployEcho(t, ns, "web", server.Name)
+	k.refusedFromOutside(t, other.Name, netip.AddrPortFrom(web.podIP, 8080))
 
 	// Pod to pod on one node, then through the Service's cluster IP from the other
 	// node, across the fabric, captured there: each a Job of the client image that
@@ -387,6 +395,65 @@ func (k *cluster) runClient(t *testing.T, ns, name, node string, to netip.AddrPo
 		return true
 	})
 	return ip
+}
+
+// strict makes every pod of ns STRICT with a PeerAuthentication, as a user would.
+func (k *cluster) strict(t *testing.T, ns string) {
+	t.Helper()
+	dyn, err := dynamic.NewForConfig(k.RestConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pa := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "ferry.io/v1alpha1", "kind": "PeerAuthentication",
+		"metadata": map[string]any{"name": "strict", "namespace": ns},
+		"spec":     map[string]any{"mtls": map[string]any{"mode": "Strict"}},
+	}}
+	gvr := schema.GroupVersionResource{Group: "ferry.io", Version: "v1alpha1", Resource: "peerauthentications"}
+	if _, err := dyn.Resource(gvr).Namespace(ns).Create(t.Context(), pa, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create PeerAuthentication: %v", err)
+	}
+}
+
+// refusedFromOutside runs, in a namespace outside the mesh on node, a Job whose
+// echo-client connects to a STRICT pod's port in plaintext, and checks that it
+// fails: refused in the pod's namespace.
+func (k *cluster) refusedFromOutside(t *testing.T, node string, to netip.AddrPort) {
+	t.Helper()
+	ctx := t.Context()
+	const ns = "outside"
+	if _, err := k.client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		if _, err := k.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	name := fmt.Sprintf("plaintext-%d", time.Now().UnixNano()%100000)
+	job := &batchv1.Job{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: batchv1.JobSpec{
+			BackoffLimit: new(int32(0)),
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"job": name}},
+				Spec: corev1.PodSpec{
+					NodeSelector:  map[string]string{corev1.LabelHostname: node},
+					RestartPolicy: corev1.RestartPolicyNever,
+					Containers: []corev1.Container{{
+						Name: "client", Image: imageRepo + "/ferry:" + imageTag,
+						Args: []string{"lab", "echo-client", "--to", to.String(), "--bytes", "1000", "--timeout", "20s"},
+					}},
+				},
+			},
+		},
+	}
+	if _, err := k.client.BatchV1().Jobs(ns).Create(ctx, job, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	k.waitPods(t, ns, "job="+name, func(p *corev1.Pod) bool {
+		if p.Status.Phase == corev1.PodSucceeded {
+			t.Fatalf("plaintext from outside the mesh (%s on %s) to STRICT %s was carried", name, node, to)
+		}
+		return p.Status.Phase == corev1.PodFailed
+	})
 }
 
 // checkFabric checks what the fabric between the nodes carried while a client on
