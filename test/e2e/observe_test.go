@@ -114,7 +114,6 @@ func (e *env) scrape(t *testing.T, node string) string {
 	return string(b)
 }
 
-//
 // Series of a Service's traffic are left out: this test connects to pod addresses
 // (destination_service="unknown"), and on the shared lab an earlier test's pooled
 // connection through a Service (the L7 bulk stream to bulk-c) may end inside its
