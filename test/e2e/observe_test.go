@@ -114,17 +114,10 @@ func (e *env) scrape(t *testing.T, node string) string {
 	return string(b)
 }
 
-// Series of a Service's traffic are left out: this test connects to pod addresses
-// (destination_service="unknown"), and on the shared lab an earlier test's pooled
-// connection through a Service (the L7 bulk stream to bulk-c) may end inside its
-// window.
 func metricSums(text string) map[string]float64 {
 	sums := map[string]float64{}
 	for _, line := range strings.Split(text, "\n") {
 		if line == "" || line[0] == '#' {
-			continue
-		}
-		if strings.Contains(line, `destination_service="`) && !strings.Contains(line, `destination_service="unknown"`) {
 			continue
 		}
 		name, rest, _ := strings.Cut(line, " ")
@@ -300,6 +293,13 @@ func TestObserve(t *testing.T) {
 	})
 
 	t.Run("metrics agree with flows", func(t *testing.T) {
+		// The metrics count every connection of the window, by workload, with no
+		// port: another test's (a pooled L7 connection through a Service ending
+		// late) cannot be told from this one's there.
+		if other := slices.DeleteFunc(e.observe(t, "--since", since), func(f *ferryv1.Flow) bool { return !foreign(f) }); len(other) > 0 {
+			t.Logf("other tests' connections ended in this window, so the metrics cannot be compared with this test's flows:\n%s", flowsText(other))
+			return
+		}
 		// A same-node connection is one flow but counted under both reporters in the
 		// metrics (one proxy stands for both sides, as two sidecars would count it).
 		var conns, reqBytes, respBytes float64
