@@ -360,29 +360,9 @@ func (k *cluster) deployEcho(t *testing.T, ns, name, node string) echoServer {
 // has succeeded, and returns its pod's IP.
 func (k *cluster) runClient(t *testing.T, ns, name, node string, to netip.AddrPort) netip.Addr {
 	t.Helper()
-	job := &batchv1.Job{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
-		Spec: batchv1.JobSpec{
-			BackoffLimit: new(int32(0)),
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"job": name}},
-				Spec: corev1.PodSpec{
-					ServiceAccountName: "client",
-					NodeSelector:       map[string]string{corev1.LabelHostname: node},
-					RestartPolicy:      corev1.RestartPolicyNever,
-					Containers: []corev1.Container{{
-						Name: "client", Image: imageRepo + "/ferry:" + imageTag,
-						// Through ferry await: the Job connects at once, and its first
-						// connection must not leave before the agent has the pod.
-						Args: []string{"await", "--timeout", "1m", "--", "ferry", "lab", "echo-client", "--to", to.String(), "--bytes", fmt.Sprint(echoBytes)},
-					}},
-				},
-			},
-		},
-	}
-	if _, err := k.client.BatchV1().Jobs(ns).Create(t.Context(), job, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	// Through ferry await: the Job connects at once, and its first connection must
+	// not leave before the agent has the pod.
+	k.startJob(t, ns, name, node, "client", "await", "--timeout", "1m", "--", "ferry", "lab", "echo-client", "--to", to.String(), "--bytes", fmt.Sprint(echoBytes))
 	var ip netip.Addr
 	k.waitPods(t, ns, "job="+name, func(p *corev1.Pod) bool {
 		if p.Status.Phase == corev1.PodFailed {
@@ -428,6 +408,19 @@ func (k *cluster) refusedFromOutside(t *testing.T, node string, to netip.AddrPor
 		}
 	}
 	name := fmt.Sprintf("plaintext-%d", time.Now().UnixNano()%100000)
+	k.startJob(t, ns, name, node, "", "lab", "echo-client", "--to", to.String(), "--bytes", "1000", "--timeout", "20s")
+	k.waitPods(t, ns, "job="+name, func(p *corev1.Pod) bool {
+		if p.Status.Phase == corev1.PodSucceeded {
+			t.Fatalf("plaintext from outside the mesh (%s on %s) to STRICT %s was carried", name, node, to)
+		}
+		return p.Status.Phase == corev1.PodFailed
+	})
+}
+
+// startJob creates a Job NAME on node (pods labelled job=NAME, service account sa,
+// or the namespace's default when empty) running the ferry image with args, once.
+func (k *cluster) startJob(t *testing.T, ns, name, node, sa string, args ...string) {
+	t.Helper()
 	job := &batchv1.Job{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
 		Spec: batchv1.JobSpec{
@@ -435,25 +428,17 @@ func (k *cluster) refusedFromOutside(t *testing.T, node string, to netip.AddrPor
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"job": name}},
 				Spec: corev1.PodSpec{
-					NodeSelector:  map[string]string{corev1.LabelHostname: node},
-					RestartPolicy: corev1.RestartPolicyNever,
-					Containers: []corev1.Container{{
-						Name: "client", Image: imageRepo + "/ferry:" + imageTag,
-						Args: []string{"lab", "echo-client", "--to", to.String(), "--bytes", "1000", "--timeout", "20s"},
-					}},
+					ServiceAccountName: sa,
+					NodeSelector:       map[string]string{corev1.LabelHostname: node},
+					RestartPolicy:      corev1.RestartPolicyNever,
+					Containers:         []corev1.Container{{Name: "client", Image: imageRepo + "/ferry:" + imageTag, Args: args}},
 				},
 			},
 		},
 	}
-	if _, err := k.client.BatchV1().Jobs(ns).Create(ctx, job, metav1.CreateOptions{}); err != nil {
+	if _, err := k.client.BatchV1().Jobs(ns).Create(t.Context(), job, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	k.waitPods(t, ns, "job="+name, func(p *corev1.Pod) bool {
-		if p.Status.Phase == corev1.PodSucceeded {
-			t.Fatalf("plaintext from outside the mesh (%s on %s) to STRICT %s was carried", name, node, to)
-		}
-		return p.Status.Phase == corev1.PodFailed
-	})
 }
 
 // checkFabric checks what the fabric between the nodes carried while a client on
