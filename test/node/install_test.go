@@ -230,13 +230,13 @@ func (k *cluster) meshPath(t *testing.T, ns string, install func()) {
 	// The server on the first node; one client beside it, one on the second node.
 	server, other := k.nodes[0], k.nodes[1]
 	web := k.deployEcho(t, ns, "web", server.Name)
-	k.refusedFromOutside(t, other.Name, netip.AddrPortFrom(web.podIP, 8080))
 
 	// Pod to pod on one node, then through the Service's cluster IP from the other
 	// node, across the fabric, captured there: each a Job of the client image that
 	// exits 0 only if every byte came back.
 	k.runClient(t, ns, "to-pod", server.Name, netip.AddrPortFrom(web.podIP, 8080))
 	t.Logf("figure: from ferry enroll to the first meshed connection done: %v", time.Since(enrolled).Round(100*time.Millisecond))
+	k.refusedFromOutside(t, other.Name, netip.AddrPortFrom(web.podIP, 8080))
 	pcap := filepath.Join(t.TempDir(), "fabric.pcap")
 	stop := wiretest.Capture(t, kubetest.FabricNetnsPath, pcap)
 	clientIP := k.runClient(t, ns, "to-service", other.Name, netip.AddrPortFrom(web.clusterIP, 8080))
