@@ -457,7 +457,7 @@ func (m *Maps) SetNodeAddrs(addrs []netip.Addr) error {
 		}
 	}
 	for _, a := range have {
-		if k := a.As16(); !want[a.As16()] {
+		if k := a.As16(); !want[k] {
 			if err := m.NodeAddrs.Delete(&ferryIpKey{Addr: k}); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("set %s: delete %s: %w", MapNodeAddrs, a, err)
 			}

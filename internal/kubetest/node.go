@@ -396,21 +396,16 @@ func (c *Cluster) caFile() string {
 	return filepath.Join(filepath.Dir(c.Kubeconfig), "pki", "ca.crt")
 }
 
+// configs writes kubelet's kubeconfig (n.Kubeconfig) and returns the node's other
+// config files by path: containerd's, the CNI network's, kubelet's.
 func (n *Node) configs(c *Cluster, runc, sandboxImage string) (map[string][]byte, error) {
 	certPEM, keyPEM, err := c.ca.client("system:node:"+n.Name, []string{"system:nodes", "system:masters"})
 	if err != nil {
 		return nil, fmt.Errorf("kubelet certificate: %w", err)
 	}
-	var kubeconfig bytes.Buffer
-	tmp := n.Kubeconfig
-	if err := writeKubeconfig(tmp, "https://127.0.0.1:"+apiPort, c.ca.certPEM, certPEM, keyPEM); err != nil {
+	if err := writeKubeconfig(n.Kubeconfig, "https://127.0.0.1:"+apiPort, c.ca.certPEM, certPEM, keyPEM); err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(tmp)
-	if err != nil {
-		return nil, fmt.Errorf("kubelet kubeconfig: %w", err)
-	}
-	kubeconfig.Write(data)
 
 	d := n.Dir
 	containerd := fmt.Sprintf(`version = 3
@@ -513,7 +508,6 @@ maxPods: 20
 		filepath.Join(d, "containerd.toml"):       []byte(containerd),
 		filepath.Join(d, "cni", "10-kn.conflist"): []byte(cni),
 		filepath.Join(d, "kubelet.yaml"):          []byte(kubelet),
-		filepath.Join(d, "kubelet.kubeconfig"):    kubeconfig.Bytes(),
 	}, nil
 }
 
