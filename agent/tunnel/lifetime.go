@@ -10,7 +10,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/identity"
-	"golang.org/x/net/http2"
 )
 
 // ticketCertPrefix marks, in a session ticket's Extra, the serial of the certificate
@@ -28,33 +26,24 @@ var ticketCertPrefix = []byte("ferry-server-cert:")
 
 // tunnelConn is one accepted tunnel connection's lifetime.
 type tunnelConn struct {
-	// h1 and h2 are this connection's own servers, so a GOAWAY reaches it alone.
-	h1 *http.Server
-
 	mu         sync.Mutex
 	own        *tls.Certificate // presented, or the one a resumed session was made with
 	current    func() *tls.Certificate
 	peerSerial string
 	expires    time.Time
 	timer      *time.Timer
+	conn       *h2conn // once HTTP/2 runs on it
 	retired    atomic.Bool
 }
 
-// newTunnelConn makes a connection's own HTTP/2 server from the server's settings.
-func (s *Server) newTunnelConn() (*tunnelConn, *http2.Server) {
-	h1 := &http.Server{
-		ErrorLog:       s.h1.ErrorLog,
-		ReadTimeout:    s.h1.ReadTimeout,
-		WriteTimeout:   s.h1.WriteTimeout,
-		IdleTimeout:    s.h1.IdleTimeout,
-		MaxHeaderBytes: s.h1.MaxHeaderBytes,
+// serve records the connection's HTTP/2 side; one retired meanwhile is drained.
+func (tc *tunnelConn) serve(c *h2conn) {
+	tc.mu.Lock()
+	tc.conn = c
+	tc.mu.Unlock()
+	if tc.retired.Load() {
+		c.drain()
 	}
-	h2 := *s.h2
-	if err := http2.ConfigureServer(h1, &h2); err != nil {
-		// The same settings configured s.h2 in NewServer.
-		panic(fmt.Sprintf("tunnel server: configure http2: %v", err))
-	}
-	return &tunnelConn{h1: h1}, &h2
 }
 
 // bindLifetime makes c, one connection's TLS configuration cloned from base, record
@@ -145,10 +134,13 @@ func (s *Server) retireConn(tc *tunnelConn, why string) {
 		return
 	}
 	tc.end()
-	s.log.Info("tunnel retired", "peer_serial", tc.peerSerial, "reason", why)
-	// With no listener and no HTTP/1 connection of its own, Shutdown only starts
-	// the HTTP/2 connection's graceful shutdown and returns.
-	_ = tc.h1.Shutdown(s.ctx)
+	tc.mu.Lock()
+	c, serial := tc.conn, tc.peerSerial
+	tc.mu.Unlock()
+	s.log.Info("tunnel retired", "peer_serial", serial, "reason", why)
+	if c != nil {
+		c.drain()
+	}
 }
 
 // rotated says this side no longer presents the certificate tc was made with.

@@ -12,18 +12,17 @@ import (
 	"fmt"
 	"net"
 	"time"
-
-	"golang.org/x/net/http2"
 )
 
 // ServerLimits bounds what one tunnel connection may hold or take. Each field's
-// zero value means its default (DefaultServerLimits). x/net/http2 itself mitigates
-// the HTTP/2 flood attacks within these bounds: rapid reset (streams reset before
-// their handler ran are queued, and more than 4×MaxConcurrentStreams of them end
-// the connection with GOAWAY ENHANCE_YOUR_CALM), CONTINUATION floods (a header
-// block past MaxHeaderBytes ends the connection), PING and SETTINGS floods (more
-// than 10000 queued control-frame answers end it), HPACK bombs (decoding stops at
-// MaxHeaderBytes; the stream is answered 431).
+// zero value means its default (DefaultServerLimits). Within these bounds the
+// tunnel's HTTP/2 (h2.go) contains the HTTP/2 flood attacks: rapid reset (handlers
+// of streams already reset count against twice MaxConcurrentStreams, and a peer
+// that keeps opening refused streams is told GOAWAY ENHANCE_YOUR_CALM), CONTINUATION
+// floods (a header block past four times MaxHeaderBytes ends the connection), PING
+// and SETTINGS floods (answers are queued for a writer, and a peer that does not
+// read them fills a bounded queue and is cut off), HPACK bombs (fields past
+// MaxHeaderBytes are dropped while decoding; the stream is answered 431).
 type ServerLimits struct {
 	// HandshakeTimeout bounds the TLS handshake: a peer that starts one and never
 	// finishes it is cut off.
@@ -89,21 +88,6 @@ func (l ServerLimits) withDefaults() ServerLimits {
 		l.IdleTimeout = d.IdleTimeout
 	}
 	return l
-}
-
-// http2Server is the HTTP/2 server the limits describe, with the flow-control
-// windows tuned for throughput.
-func (l ServerLimits) http2Server() *http2.Server {
-	return &http2.Server{
-		MaxConcurrentStreams:         l.MaxConcurrentStreams,
-		MaxDecoderHeaderTableSize:    l.MaxDecoderHeaderTableSize,
-		MaxReadFrameSize:             maxFrameSize,
-		MaxUploadBufferPerConnection: maxConnWindow,
-		MaxUploadBufferPerStream:     maxStreamWindow,
-		IdleTimeout:                  l.IdleTimeout,
-		ReadIdleTimeout:              l.ReadIdleTimeout,
-		PingTimeout:                  l.PingTimeout,
-	}
 }
 
 // HandshakeReason says why a tunnel handshake was refused.

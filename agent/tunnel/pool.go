@@ -5,12 +5,9 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
-	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -18,7 +15,6 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/agent/identity"
-	"golang.org/x/net/http2"
 )
 
 const (
@@ -102,7 +98,6 @@ type PoolStats struct {
 type Pool struct {
 	cfg PoolConfig
 	log *slog.Logger
-	t   *http2.Transport
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -134,7 +129,7 @@ type poolEntry struct {
 // poolConn is one pooled tunnel connection and the certificates that made it: it
 // serves new streams only while both are valid and this side's is the current one.
 type poolConn struct {
-	cc      *http2.ClientConn
+	cc      *h2conn
 	serial  string    // the certificate this side presented (identity.Serial)
 	expires time.Time // the earlier NotAfter of both sides' leaf certificates
 	timer   *time.Timer
@@ -161,18 +156,8 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Pool{
-		cfg: cfg,
-		log: log,
-		// The transport's defaults already give 4 MiB per stream and 1 GiB per
-		// connection of receive window; frames up to 1 MiB cut per-frame overhead.
-		t: &http2.Transport{
-			MaxReadFrameSize: maxFrameSize,
-			IdleConnTimeout:  cfg.IdleTimeout,
-			// A ping after 30 s of silence keeps NAT and conntrack state warm and finds
-			// dead peers, so an idle application connection survives for minutes.
-			ReadIdleTimeout: keepaliveInterval,
-			PingTimeout:     keepaliveTimeout,
-		},
+		cfg:      cfg,
+		log:      log,
 		ctx:      ctx,
 		cancel:   cancel,
 		entries:  map[poolKey]*poolEntry{},
@@ -217,50 +202,22 @@ func (p *Pool) Connect(ctx context.Context, src Source, dstID string, tunnelAddr
 	return nil, lastErr
 }
 
-func (p *Pool) roundTrip(ctx context.Context, cc *http2.ClientConn, target netip.AddrPort, protocol string) (*Stream, error) {
-	pr, pw := io.Pipe()
+func (p *Pool) roundTrip(ctx context.Context, cc *h2conn, target netip.AddrPort, protocol string) (*Stream, error) {
 	// The stream outlives Connect's ctx; only the pool or Stream.Close end it. ctx
-	// still cancels the request while we wait for the answer.
-	rctx, rcancel := context.WithCancel(p.ctx)
-	stop := context.AfterFunc(ctx, rcancel)
-	authority := target.String()
-	req := &http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        http.Header{},
-		Body:          pr,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}
-	if protocol != "" {
-		req.Header.Set(ProtocolHeader, protocol)
-	}
-	req = req.WithContext(rctx)
-	resp, err := cc.RoundTrip(req)
-	if !stop() {
-		// ctx ended while waiting: the request was cancelled with it.
-		if err == nil {
-			resp.Body.Close()
-		}
-		rcancel()
-		pw.Close()
-		return nil, fmt.Errorf("tunnel connect %s: %w", target, context.Cause(ctx))
-	}
+	// still cancels the CONNECT while it waits for the answer.
+	st, resp, err := cc.openStream(ctx, target.String(), protocol)
 	if err != nil {
-		rcancel()
-		pw.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("tunnel connect %s: %w", target, context.Cause(ctx))
+		}
 		return nil, fmt.Errorf("tunnel connect %s: %w", target, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		rcancel()
-		pw.Close()
-		return nil, &RefusedError{Status: resp.StatusCode, Reason: resp.Header.Get(ReasonHeader), NewTunnel: resp.Header.Get(RetryHeader) == RetryNewTunnel}
+	if resp.status != 200 {
+		st.Close()
+		return nil, &RefusedError{Status: resp.status, Reason: resp.get(reasonField), NewTunnel: resp.get(retryField) == RetryNewTunnel}
 	}
 	p.streams.Add(1)
-	return &Stream{pool: p, pw: pw, body: resp.Body, cancel: rcancel}, nil
+	return &Stream{pool: p, st: st}, nil
 }
 
 // get returns a connection for key with a stream reserved on it, dialing one if needed.
@@ -281,7 +238,7 @@ func (p *Pool) get(ctx context.Context, key poolKey) (*poolConn, error) {
 		var expired []*poolConn
 		now := time.Now()
 		for _, pc := range e.conns {
-			if pc.cc.State().Closed {
+			if pc.cc.state().closed {
 				pc.timer.Stop()
 				continue
 			}
@@ -291,7 +248,7 @@ func (p *Pool) get(ctx context.Context, key poolKey) (*poolConn, error) {
 				continue
 			}
 			live = append(live, pc)
-			if found == nil && pc.cc.ReserveNewRequest() {
+			if found == nil && pc.cc.reserve() {
 				found = pc
 			}
 		}
@@ -335,7 +292,7 @@ func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
 	e.dial = nil
 	if err == nil {
 		if p.closed {
-			pc.cc.Close()
+			pc.cc.close(ErrPoolClosed)
 			err = ErrPoolClosed
 		} else {
 			// Retired when the first of the two certificates expires.
@@ -381,7 +338,8 @@ func (p *Pool) open(ctx context.Context, key poolKey) (*poolConn, error) {
 		return nil, fmt.Errorf("tunnel dial %s: %w", key.addr, err)
 	}
 	cfg := key.src.ClientTLS(key.dst)
-	tc := tls.Client(raw, cfg)
+	bc := &batchConn{Conn: raw}
+	tc := tls.Client(bc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tunnel handshake %s: %w", key.addr, err)
@@ -398,9 +356,17 @@ func (p *Pool) open(ctx context.Context, key poolKey) (*poolConn, error) {
 			pc.expires = own.Leaf.NotAfter
 		}
 	}
-	cc, err := p.t.NewClientConn(tc)
+	cc, err := newH2conn(tc, bc, h2config{
+		maxHeaderBytes: DefaultServerLimits().MaxHeaderBytes,
+		headerTable:    DefaultServerLimits().MaxDecoderHeaderTableSize,
+		// A ping after 30 s of silence keeps NAT and conntrack state warm and finds
+		// dead peers, so an idle application connection survives for minutes.
+		readIdle:    keepaliveInterval,
+		pingTimeout: keepaliveTimeout,
+		idleTimeout: p.cfg.IdleTimeout,
+	})
 	if err != nil {
-		tc.Close()
+		raw.Close()
 		return nil, fmt.Errorf("tunnel http2 %s: %w", key.addr, err)
 	}
 	pc.cc = cc
@@ -468,16 +434,13 @@ func (p *Pool) retireLocked(key poolKey, pc *poolConn, why string) {
 // drainLocked retires pc, no longer in the pool's entries.
 func (p *Pool) drainLocked(key poolKey, pc *poolConn, why string) {
 	pc.timer.Stop()
-	pc.cc.SetDoNotReuse()
 	p.retiring[pc] = struct{}{}
 	p.retired.Add(1)
 	p.log.Info("tunnel retired", "src", key.src.String(), "dst", key.dst, "addr", key.addr.String(), "reason", why)
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		if err := pc.cc.Shutdown(p.ctx); err != nil {
-			pc.cc.Close() // the pool is closing
-		}
+		pc.cc.shutdown(p.ctx) // closes it at once once the pool is closing
 		p.mu.Lock()
 		delete(p.retiring, pc)
 		p.mu.Unlock()
@@ -490,14 +453,14 @@ func (p *Pool) Stats() PoolStats {
 	defer p.mu.Unlock()
 	st := PoolStats{Streams: int(p.streams.Load()), Retired: int(p.retired.Load())}
 	for pc := range p.retiring {
-		if !pc.cc.State().Closed {
+		if !pc.cc.state().closed {
 			st.Conns++
 		}
 	}
 	for k, e := range p.entries {
 		live := 0
 		for _, pc := range e.conns {
-			if !pc.cc.State().Closed {
+			if !pc.cc.state().closed {
 				live++
 			}
 		}
@@ -528,13 +491,13 @@ func (p *Pool) closeIdle(src Source) {
 		}
 		live := e.conns[:0]
 		for _, pc := range e.conns {
-			st := pc.cc.State()
-			if !st.Closed && st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
-				pc.cc.Close()
+			st := pc.cc.state()
+			if !st.closed && st.active == 0 && st.reserved == 0 {
+				pc.cc.close(errConnClosed)
 				pc.timer.Stop()
 				continue
 			}
-			if !st.Closed {
+			if !st.closed {
 				live = append(live, pc)
 			} else {
 				pc.timer.Stop()
@@ -556,11 +519,11 @@ func (p *Pool) Close() error {
 	for _, e := range p.entries {
 		for _, pc := range e.conns {
 			pc.timer.Stop()
-			pc.cc.Close()
+			pc.cc.close(ErrPoolClosed)
 		}
 	}
 	for pc := range p.retiring {
-		pc.cc.Close()
+		pc.cc.close(ErrPoolClosed)
 	}
 	p.entries = map[poolKey]*poolEntry{}
 	p.mu.Unlock()
@@ -573,31 +536,27 @@ func (p *Pool) Close() error {
 // other; CloseWrite half-closes (END_STREAM) and Close tears the stream down.
 type Stream struct {
 	pool   *Pool
-	pw     *io.PipeWriter
-	body   io.ReadCloser
-	cancel context.CancelFunc
+	st     *h2stream
 	closed atomic.Bool
 }
 
 // Read reads what the destination application sent; io.EOF when it closed its side.
-func (s *Stream) Read(b []byte) (int, error) { return s.body.Read(b) }
+func (s *Stream) Read(b []byte) (int, error) { return s.st.Read(b) }
 
-// Write sends b to the destination application. It returns once the HTTP/2 transport has
-// taken the bytes, which flow control bounds.
-func (s *Stream) Write(b []byte) (int, error) { return s.pw.Write(b) }
+// Write sends b to the destination application. It returns once the bytes are
+// written to the tunnel connection, which flow control bounds.
+func (s *Stream) Write(b []byte) (int, error) { return s.st.Write(b) }
 
 // CloseWrite ends the sending direction; the application reads EOF, and the reply can
 // still be read.
-func (s *Stream) CloseWrite() error { return s.pw.Close() }
+func (s *Stream) CloseWrite() error { return s.st.CloseWrite() }
 
 // Close ends both directions. A stream not finished in both directions is reset.
 func (s *Stream) Close() error {
 	if !s.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	s.pw.CloseWithError(net.ErrClosed)
-	err := s.body.Close()
-	s.cancel()
+	err := s.st.Close()
 	s.pool.streams.Add(-1)
 	return err
 }

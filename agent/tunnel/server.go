@@ -24,11 +24,17 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/pipe"
 	"github.com/ferrymesh/ferry/api/spiffe"
-	"golang.org/x/net/http2"
 )
 
 // ReasonHeader carries, on a refused CONNECT, why the destination refused it.
 const ReasonHeader = "Ferry-Error"
+
+// The headers as HTTP/2 spells them (lower case).
+const (
+	reasonField   = "ferry-error"
+	retryField    = "ferry-retry"
+	protocolField = "ferry-protocol"
+)
 
 // RetryHeader, set to RetryNewTunnel on a refused CONNECT, says the refusal is the
 // tunnel's (retired, or its server closing), not the stream's: the source may send
@@ -130,8 +136,6 @@ type StreamInfo struct {
 type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
-	h1  *http.Server // with h2, the settings of each connection's own servers (newTunnelConn)
-	h2  *http2.Server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -166,17 +170,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	cfg.Limits = cfg.Limits.withDefaults()
-	h2 := cfg.Limits.http2Server()
-	h1 := &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug), MaxHeaderBytes: cfg.Limits.MaxHeaderBytes}
-	if err := http2.ConfigureServer(h1, h2); err != nil {
-		return nil, fmt.Errorf("tunnel server: configure http2: %w", err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{
 		cfg:       cfg,
 		log:       log,
-		h1:        h1,
-		h2:        h2,
 		ctx:       ctx,
 		cancel:    cancel,
 		listeners: map[net.Listener]struct{}{},
@@ -264,8 +261,6 @@ func (s *Server) listenerTLS(base *tls.Config) *tls.Config {
 	return outer
 }
 
-type connInfoKey struct{}
-
 // connInfo is what every stream of one tunnel connection shares.
 type connInfo struct {
 	peerID string
@@ -278,17 +273,19 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 	defer s.untrack(nil, raw)
 	defer raw.Close()
 	remote := addrPort(raw.RemoteAddr())
-	life, h2 := s.newTunnelConn()
+	life := &tunnelConn{}
+	// The TLS server's hello.Conn: tunnelConnOf finds the lifetime by it.
+	bc := &batchConn{Conn: raw}
 	s.mu.Lock()
-	s.tconns[raw] = life
+	s.tconns[bc] = life
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		delete(s.tconns, raw)
+		delete(s.tconns, bc)
 		s.mu.Unlock()
 		life.end()
 	}()
-	tc := tls.Server(raw, cfg)
+	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.Limits.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	if err != nil {
@@ -318,22 +315,33 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 	}
 	ci := &connInfo{peerID: peerID, remote: remote, local: local, tc: life}
 	s.log.Debug("tunnel connection", "remote", remote.String(), "peer", peerID, "resumed", cs.DidResume)
-	h2.ServeConn(tc, &http2.ServeConnOpts{
-		Context:    context.WithValue(s.ctx, connInfoKey{}, ci),
-		BaseConfig: life.h1,
-		Handler:    http.HandlerFunc(s.handle),
+	l := s.cfg.Limits
+	c, err := newH2conn(tc, bc, h2config{
+		server:         true,
+		maxStreams:     l.MaxConcurrentStreams,
+		maxHeaderBytes: l.MaxHeaderBytes,
+		headerTable:    l.MaxDecoderHeaderTableSize,
+		readIdle:       l.ReadIdleTimeout,
+		pingTimeout:    l.PingTimeout,
+		idleTimeout:    l.IdleTimeout,
+		onStream:       func(st *h2stream, h *h2headers) { s.handle(st, h, ci) },
 	})
+	if err != nil {
+		s.log.Info("tunnel connection", "remote", remote.String(), "error", err)
+		return
+	}
+	life.serve(c)
+	<-c.done
 }
 
-func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
+func (s *Server) handle(st *h2stream, h *h2headers, ci *connInfo) {
 	// Register the handler before anything else so Close waits for it; a handler that
 	// starts after Close has begun is turned away. Its connection is counted in wg
 	// until it ends, so the Add below never races with Shutdown's Wait.
 	s.mu.Lock()
 	if s.stopped {
 		s.mu.Unlock()
-		w.Header().Set(RetryHeader, RetryNewTunnel)
-		w.WriteHeader(http.StatusServiceUnavailable)
+		st.respond(http.StatusServiceUnavailable, true, retryField, RetryNewTunnel)
 		return
 	}
 	s.wg.Add(1)
@@ -341,7 +349,6 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	defer s.wg.Done()
 
 	start := time.Now()
-	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
 	info := StreamInfo{Remote: ci.remote, PeerID: ci.peerID}
 	if ci.tc != nil {
 		ci.tc.mu.Lock()
@@ -354,18 +361,21 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 			s.cfg.OnStream(info)
 		}
 	}()
-	refuse := func(status int, reason string) {
+	refuse := func(status int, reason string, fields ...string) {
 		info.Status = status
 		info.Err = fmt.Errorf("%d %s", status, reason)
-		w.Header().Set(ReasonHeader, reason)
-		w.WriteHeader(status)
+		st.respond(status, true, append([]string{reasonField, reason}, fields...)...)
 	}
 
-	if r.Method != http.MethodConnect {
+	switch {
+	case h.truncated:
+		refuse(http.StatusRequestHeaderFieldsTooLarge, "request headers too large")
+		return
+	case h.method != http.MethodConnect || h.malformed || h.protocol == "" && (h.scheme != "" || h.path != ""):
 		refuse(http.StatusBadRequest, "method must be CONNECT")
 		return
 	}
-	target, err := netip.ParseAddrPort(r.Host)
+	target, err := netip.ParseAddrPort(h.authority)
 	if err != nil || target.Port() == 0 || !target.Addr().IsValid() || target.Addr().IsUnspecified() || target.Addr().IsMulticast() {
 		refuse(http.StatusBadRequest, "authority must be ip:port")
 		return
@@ -381,9 +391,10 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 
 	if status, err := s.streamRefusal(ci.tc, ci); err != nil {
 		if status == http.StatusServiceUnavailable {
-			w.Header().Set(RetryHeader, RetryNewTunnel)
+			refuse(status, err.Error(), retryField, RetryNewTunnel)
+		} else {
+			refuse(status, err.Error())
 		}
-		refuse(status, err.Error())
 		info.Err = err
 		return
 	}
@@ -396,7 +407,7 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		}
 		defer release()
 	}
-	httpStream := s.cfg.ServeHTTP != nil && r.Header.Get(ProtocolHeader) == ProtocolHTTP
+	httpStream := s.cfg.ServeHTTP != nil && h.get(protocolField) == ProtocolHTTP
 	if s.cfg.Admit != nil {
 		if err := s.cfg.Admit(ci.peerID, ci.remote, target, httpStream); err != nil {
 			refuse(http.StatusForbidden, err.Error())
@@ -404,13 +415,14 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	st.local, st.remote = net.TCPAddrFromAddrPort(target), net.TCPAddrFromAddrPort(ci.remote)
 	if httpStream {
 		info.HTTP = true
-		s.serveHTTP(w, r, &info, ci)
+		s.serveHTTP(st, &info)
 		return
 	}
 
-	dctx, cancel := context.WithTimeout(r.Context(), s.cfg.DialTimeout)
+	dctx, cancel := context.WithTimeout(st.ctx, s.cfg.DialTimeout)
 	app, err := s.cfg.Dial(dctx, target)
 	cancel()
 	if err != nil {
@@ -422,47 +434,37 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		info.Err = fmt.Errorf("dial %s: %w", target, err)
 		return
 	}
-	defer app.Close()
-
 	info.Status = http.StatusOK
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	if err := rc.Flush(); err != nil {
-		info.Err = fmt.Errorf("flush: %w", err)
+	if err := st.respond(http.StatusOK, false); err != nil {
+		app.Close()
+		st.Close()
+		info.Err = fmt.Errorf("answer: %w", err)
 		return
 	}
-	// A reset stream or a closed tunnel cancels the request: drop the app connection so
-	// both copies unblock.
-	stop := context.AfterFunc(r.Context(), func() { app.Close() })
+	// A reset stream or a closed tunnel ends the stream's context: drop the app
+	// connection so both copies unblock.
+	stop := context.AfterFunc(st.ctx, func() { app.Close() })
 	defer stop()
-
-	// Peer → app runs beside; app → peer runs here. When the app is done writing, the
-	// handler returns, which ends the stream (END_STREAM); the body is closed first so
-	// the upload copy stops too.
-	var upN int64
-	var upErr error
-	upDone := make(chan struct{})
-	go func() {
-		defer close(upDone)
-		upN, upErr = pipe.Copy(app, r.Body, nil)
-		if upErr == nil {
-			closeWrite(app)
-		} else {
-			app.Close()
-		}
-	}()
-	downN, downErr := pipe.Copy(w, app, rc.Flush)
-	r.Body.Close()
-	app.Close()
-	<-upDone
-
-	info.BytesIn, info.BytesOut = upN, downN
-	switch {
-	case downErr != nil:
-		info.Err = fmt.Errorf("app to peer: %w", downErr)
-	case upErr != nil && !errors.Is(upErr, net.ErrClosed) && !isClosedBody(upErr):
-		info.Err = fmt.Errorf("peer to app: %w", upErr)
+	hc, ok := app.(pipe.HalfCloser)
+	if !ok {
+		hc = halfCloser{app}
 	}
+	in, out, err := pipe.Join(st, hc, false)
+	info.BytesIn, info.BytesOut = in, out
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		info.Err = err
+	}
+}
+
+// halfCloser gives an application connection that cannot half-close a CloseWrite
+// that does nothing.
+type halfCloser struct{ net.Conn }
+
+func (h halfCloser) CloseWrite() error {
+	if cw, ok := h.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
 }
 
 // Close stops listening, closes every tunnel connection (resetting their streams) and
@@ -563,18 +565,6 @@ func dialReason(err error) string {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
-}
-
-func isClosedBody(err error) bool {
-	// x/net/http2 reports reads after the handler closed the body with this text; it
-	// has no exported sentinel.
-	return err != nil && err.Error() == "http2: request body closed due to handler exiting"
-}
-
-func closeWrite(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	}
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

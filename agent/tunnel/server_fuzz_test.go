@@ -4,11 +4,15 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/netip"
 	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // FuzzConnectRequest feeds the tunnel server's stream handler arbitrary CONNECT
@@ -57,27 +61,27 @@ func FuzzConnectRequest(f *testing.F) {
 		defer s.Close()
 		la, _ := netip.ParseAddr(local) // invalid: a listener on no particular address
 		ci := &connInfo{peerID: "spiffe://cluster.local/ns/a/sa/a", remote: netip.MustParseAddrPort("10.0.0.9:40000"), local: netip.AddrPortFrom(la, 15008)}
-		r := (&http.Request{Method: method, Host: authority, Header: http.Header{}, Body: http.NoBody}).
-			WithContext(context.WithValue(context.Background(), connInfoKey{}, ci))
+		h := &h2headers{method: method, authority: authority}
 		if protocol != "" {
-			r.Header.Set(ProtocolHeader, protocol)
+			h.fields = append(h.fields, hpack.HeaderField{Name: protocolField, Value: protocol})
 		}
-		w := httptest.NewRecorder()
-		s.handle(w, r)
+		st, answer := pipeStream(t)
+		s.handle(st, h, ci)
+		w := answer()
 
-		if len(ended) != 1 || ended[0].Status != w.Code {
-			t.Fatalf("stream reports %+v for status %d", ended, w.Code)
+		if len(ended) != 1 || ended[0].Status != w.code {
+			t.Fatalf("stream reports %+v for status %d", ended, w.code)
 		}
 		reached := append(dialled, served...)
 		if len(reached) > 1 {
 			t.Fatalf("one stream reached the app %d times", len(reached))
 		}
 		if len(reached) == 0 {
-			if w.Code != http.StatusBadRequest && w.Code != http.StatusForbidden {
-				t.Fatalf("refused with %d", w.Code)
+			if w.code != http.StatusBadRequest && w.code != http.StatusForbidden {
+				t.Fatalf("refused with %d", w.code)
 			}
-			if w.Header().Get(ReasonHeader) == "" {
-				t.Fatalf("refused with %d and no reason", w.Code)
+			if w.reason == "" {
+				t.Fatalf("refused with %d and no reason", w.code)
 			}
 			return
 		}
@@ -96,10 +100,63 @@ func FuzzConnectRequest(f *testing.F) {
 			t.Fatalf("listener %s reached another pod's %s", la, target)
 		case (len(served) == 1) != (protocol == ProtocolHTTP):
 			t.Fatalf("Ferry-Protocol %q: served as HTTP %v", protocol, len(served) == 1)
-		case len(dialled) == 1 && (w.Code != http.StatusBadGateway || w.Header().Get(ReasonHeader) == ""):
-			t.Fatalf("refused dial answered %d %q", w.Code, w.Header().Get(ReasonHeader))
-		case len(served) == 1 && w.Code != http.StatusOK:
-			t.Fatalf("HTTP stream answered %d", w.Code)
+		case len(dialled) == 1 && (w.code != http.StatusBadGateway || w.reason == ""):
+			t.Fatalf("refused dial answered %d %q", w.code, w.reason)
+		case len(served) == 1 && w.code != http.StatusOK:
+			t.Fatalf("HTTP stream answered %d", w.code)
 		}
 	})
+}
+
+// answer is the response a stream was given.
+type answer struct {
+	code   int
+	reason string
+}
+
+// pipeStream is a server stream on a connection over net.Pipe, without TLS, and a
+// function that returns the response the stream was given, as a client reads it.
+func pipeStream(t *testing.T) (*h2stream, func() answer) {
+	t.Helper()
+	client, server := net.Pipe()
+	t.Cleanup(func() { client.Close(); server.Close() })
+	answers := make(chan answer, 1)
+	go func() {
+		fr := http2.NewFramer(client, client)
+		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			if mh, ok := f.(*http2.MetaHeadersFrame); ok {
+				var a answer
+				fmt.Sscan(mh.PseudoValue("status"), &a.code)
+				for _, f := range mh.RegularFields() {
+					if f.Name == reasonField {
+						a.reason = f.Value
+					}
+				}
+				answers <- a
+			}
+		}
+	}()
+	c, err := newH2conn(server, &batchConn{Conn: server}, h2config{server: true, maxStreams: 8, maxHeaderBytes: 16 << 10, headerTable: 4096, readIdle: time.Minute, pingTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.close(errConnClosed) })
+	c.mu.Lock()
+	st := c.newStreamLocked(1)
+	c.maxPeerID = 1
+	c.mu.Unlock()
+	return st, func() answer {
+		select {
+		case a := <-answers:
+			return a
+		case <-time.After(10 * time.Second):
+			t.Fatal("no answer")
+			return answer{}
+		}
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/identity/identitytest"
 	"github.com/ferrymesh/ferry/api/spiffe"
 	"github.com/ferrymesh/ferry/internal/loopback"
+	"golang.org/x/net/http2"
 	"golang.org/x/sys/unix"
 )
 
@@ -426,11 +427,20 @@ func TestOnlyConnect(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	pc, err := e.pool.get(ctx, poolKey{src: e.src, dst: serverID, addr: e.tunnelAddr})
+	// x/net/http2's client, which sends what it is asked to.
+	raw, err := net.Dial("tcp", e.tunnelAddr.String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc := pc.cc
+	tc := tls.Client(raw, e.cstore.ClientConfig(clientID, serverID))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	cc, err := (&http2.Transport{}).NewClientConn(tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
 	for _, tc := range []struct {
 		method, authority string
 	}{
