@@ -36,6 +36,12 @@ type HalfCloser interface {
 // io.Copy is avoided because a TCP destination would fall back to a fresh 32 KiB
 // buffer per call (ReadFrom) or to splice.
 func Copy(dst io.Writer, src io.Reader, flush func() error) (int64, error) {
+	if wt, ok := src.(io.WriterTo); ok && flush == nil {
+		if _, tcp := src.(*net.TCPConn); !tcp { // its WriteTo may splice
+			// A tunnel stream writes to dst itself, without a buffer of ours.
+			return wt.WriteTo(dst)
+		}
+	}
 	bp := bufs.Get().(*[]byte)
 	defer bufs.Put(bp)
 	buf := *bp

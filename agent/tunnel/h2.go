@@ -34,6 +34,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -658,6 +659,10 @@ func (c *h2conn) forget(st *h2stream) {
 // readLoop reads frames until the connection fails, then closes it.
 func (c *h2conn) readLoop() {
 	err := c.readFrames()
+	if errors.Is(err, io.EOF) {
+		// Not a stream's clean end: what was in flight is lost.
+		err = fmt.Errorf("tunnel connection closed by the peer: %w", io.ErrUnexpectedEOF)
+	}
 	var he *h2Error
 	if errors.As(err, &he) && !he.remote {
 		c.goAway(he.code, err)
@@ -1116,6 +1121,8 @@ type h2stream struct {
 
 	rmu      sync.Mutex // the receive buffer
 	buf      recvBuf
+	sink     syscall.RawConn // WriteTo's destination, written to directly while it waits
+	writing  bool            // WriteTo is writing to sink: the read loop must not
 	rerr     error // after the buffer: io.EOF, or why the stream ended
 	readable chan struct{}
 
@@ -1150,16 +1157,98 @@ func (st *h2stream) deliver(data []byte, flowed int, end bool) bool {
 	done := st.sentEnd && st.recvEnd
 	c.mu.Unlock()
 	st.rmu.Lock()
+	direct := 0
+	if st.sink != nil && !st.writing && st.buf.empty() && len(data) > 0 {
+		// WriteTo waits with nothing to write: try the destination socket at once,
+		// from this goroutine, and hand over only what it did not take.
+		direct = tryWrite(st.sink, data)
+		data = data[direct:]
+	}
 	st.buf.write(data)
 	if end && st.rerr == nil {
 		st.rerr = io.EOF
 	}
 	st.rmu.Unlock()
-	st.wake()
+	if direct > 0 {
+		st.in.Add(int64(direct))
+		c.returnWindow(st, int64(direct))
+	}
+	if len(data) > 0 || end {
+		st.wake()
+	}
 	if done {
 		c.forget(st)
 	}
 	return true
+}
+
+// tryWrite writes what a non-blocking write(2) takes of p to the socket rc.
+func tryWrite(rc syscall.RawConn, p []byte) int {
+	var n int
+	err := rc.Write(func(fd uintptr) bool {
+		n, _ = syscall.Write(int(fd), p)
+		return true // once: never wait for the socket here
+	})
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
+}
+
+// WriteTo copies the stream to w until the peer ends it (nil) or it fails: the
+// proxy's copy loop (pipe.Copy) takes it. While it waits, the read loop writes what
+// arrives straight to w's socket when the socket takes it all, so a message costs
+// no hand-off between goroutines; what the socket does not take at once is written
+// here.
+func (st *h2stream) WriteTo(w io.Writer) (int64, error) {
+	var rc syscall.RawConn
+	if sc, ok := w.(syscall.Conn); ok {
+		rc, _ = sc.SyscallConn()
+	}
+	bp := recvChunks.Get().(*[]byte)
+	defer recvChunks.Put(bp)
+	buf := (*bp)[:recvChunk]
+	st.rmu.Lock()
+	st.sink = rc
+	st.rmu.Unlock()
+	defer func() {
+		st.rmu.Lock()
+		st.sink = nil
+		st.rmu.Unlock()
+	}()
+	start := st.in.Load()
+	for {
+		st.rmu.Lock()
+		n := st.buf.read(buf)
+		if n == 0 {
+			err := st.rerr
+			st.rmu.Unlock()
+			if err == io.EOF {
+				return st.in.Load() - start, nil
+			}
+			if err != nil {
+				return st.in.Load() - start, err
+			}
+			if err := st.waitReadable(); err != nil {
+				return st.in.Load() - start, err
+			}
+			continue
+		}
+		st.writing = true
+		st.rmu.Unlock()
+		st.in.Add(int64(n))
+		st.c.returnWindow(st, int64(n))
+		nw, err := w.Write(buf[:n])
+		st.rmu.Lock()
+		st.writing = false
+		st.rmu.Unlock()
+		if err == nil && nw != n {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			return st.in.Load() - start, err
+		}
+	}
 }
 
 func (st *h2stream) wake() {
@@ -1222,17 +1311,25 @@ func (st *h2stream) Read(b []byte) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		st.dmu.Lock()
-		dl, dwake := st.deadline, st.dwake
-		st.dmu.Unlock()
-		if !dl.IsZero() && !time.Now().Before(dl) {
-			return 0, os.ErrDeadlineExceeded
-		}
-		select {
-		case <-st.readable:
-		case <-dwake: // nil without a deadline
+		if err := st.waitReadable(); err != nil {
+			return 0, err
 		}
 	}
+}
+
+// waitReadable waits for data, the stream's end or the read deadline.
+func (st *h2stream) waitReadable() error {
+	st.dmu.Lock()
+	dl, dwake := st.deadline, st.dwake
+	st.dmu.Unlock()
+	if !dl.IsZero() && !time.Now().Before(dl) {
+		return os.ErrDeadlineExceeded
+	}
+	select {
+	case <-st.readable:
+	case <-dwake: // nil without a deadline
+	}
+	return nil
 }
 
 func (st *h2stream) Write(b []byte) (int, error) {

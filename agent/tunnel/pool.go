@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -546,6 +547,11 @@ func (s *Stream) Read(b []byte) (int, error) { return s.st.Read(b) }
 // Write sends b to the destination application. It returns once the bytes are
 // written to the tunnel connection, which flow control bounds.
 func (s *Stream) Write(b []byte) (int, error) { return s.st.Write(b) }
+
+// WriteTo copies what the destination application sends to w until it closes its
+// side (h2stream.WriteTo: the bytes go to w's socket from the tunnel's read loop
+// when they can).
+func (s *Stream) WriteTo(w io.Writer) (int64, error) { return s.st.WriteTo(w) }
 
 // CloseWrite ends the sending direction; the application reads EOF, and the reply can
 // still be read.
