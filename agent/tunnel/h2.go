@@ -1320,6 +1320,9 @@ func (st *h2stream) Read(b []byte) (int, error) {
 // waitReadable waits for data, the stream's end or the read deadline.
 func (st *h2stream) waitReadable() error {
 	st.dmu.Lock()
+	if st.dwake == nil {
+		st.dwake = make(chan struct{}) // SetReadDeadline closes it
+	}
 	dl, dwake := st.deadline, st.dwake
 	st.dmu.Unlock()
 	if !dl.IsZero() && !time.Now().Before(dl) {
@@ -1327,7 +1330,7 @@ func (st *h2stream) waitReadable() error {
 	}
 	select {
 	case <-st.readable:
-	case <-dwake: // nil without a deadline
+	case <-dwake: // the deadline changed or passed
 	}
 	return nil
 }
@@ -1456,27 +1459,21 @@ func (st *h2stream) SetReadDeadline(t time.Time) error {
 		st.dtimer = nil
 	}
 	st.deadline = t
+	// A Read waiting now, with or without a deadline, wakes and looks again.
 	if st.dwake != nil {
 		close(st.dwake)
-		st.dwake = nil
-	}
-	if t.IsZero() {
-		return nil
 	}
 	wake := make(chan struct{})
 	st.dwake = wake
-	if d := time.Until(t); d > 0 {
+	if d := time.Until(t); !t.IsZero() && d > 0 {
 		st.dtimer = time.AfterFunc(d, func() {
 			st.dmu.Lock()
 			defer st.dmu.Unlock()
 			if st.dwake == wake {
 				close(wake)
-				st.dwake = nil
+				st.dwake = make(chan struct{})
 			}
 		})
-	} else {
-		close(wake)
-		st.dwake = nil
 	}
 	return nil
 }

@@ -2,12 +2,15 @@ package tunnel
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"testing"
+	"time"
 
 	"github.com/ferrymesh/ferry/internal/loopback"
 )
@@ -82,3 +85,32 @@ func (l *oneConn) Close() error {
 	return nil
 }
 func (l *oneConn) Addr() net.Addr { return &net.TCPAddr{} }
+
+// net/http's server stops its background read before a hijack (a WebSocket
+// upgrade) by setting a read deadline in the past on a connection that had none,
+// and waits for that Read to return: a Read waiting without a deadline must wake,
+// and the stream must read on once the deadline is cleared.
+func TestStreamDeadlineWakesWaitingRead(t *testing.T) {
+	st, _ := pipeStream(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := st.Read(make([]byte, 1))
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the Read is waiting
+	st.SetReadDeadline(time.Unix(1, 0))
+	select {
+	case err := <-done:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("Read woken with %v, want a deadline error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a Read waiting without a deadline was not woken by one set in the past")
+	}
+	st.SetReadDeadline(time.Time{})
+	st.deliver([]byte("x"), 1, false)
+	b := make([]byte, 1)
+	if n, err := st.Read(b); n != 1 || err != nil || b[0] != 'x' {
+		t.Fatalf("after the deadline was cleared: %d %q %v", n, b, err)
+	}
+}
