@@ -1123,7 +1123,7 @@ type h2stream struct {
 	buf      recvBuf
 	sink     syscall.RawConn // WriteTo's destination, written to directly while it waits
 	writing  bool            // WriteTo is writing to sink: the read loop must not
-	rerr     error // after the buffer: io.EOF, or why the stream ended
+	rerr     error           // after the buffer: io.EOF, or why the stream ended
 	readable chan struct{}
 
 	wmu sync.Mutex // one Write at a time

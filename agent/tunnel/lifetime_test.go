@@ -15,7 +15,6 @@ import (
 
 	"github.com/ferrymesh/ferry/agent/identity"
 	"github.com/ferrymesh/ferry/internal/loopback"
-	"golang.org/x/net/http2"
 )
 
 // roundTrip sends "ping" on s and reads it back from the echo app.
@@ -223,19 +222,7 @@ func TestServerRefusesStreamsPastClientExpiry(t *testing.T) {
 	}
 	target := loopback.Serve(t, loopback.Echo)
 	// A bare HTTP/2 client, which (unlike the pool) does not retire anything itself.
-	raw, err := net.Dial("tcp", e.tunnelAddr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(raw, e.cstore.ClientConfig(clientID, serverID))
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	cc, err := (&http2.Transport{}).NewClientConn(tc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
+	cc := e.bareClient(t)
 	connect := func() (int, error) {
 		req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target.String()}, Host: target.String(), Header: http.Header{}, Body: http.NoBody}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -161,6 +161,26 @@ func (s *loopSource) ClientTLS(dstID string) *tls.Config { return s.store.Client
 
 func (s *loopSource) String() string { return s.id }
 
+// bareClient is x/net/http2's client on a tunnel connection of its own, as an
+// HBONE peer other than Ferry's pool would be: it retires nothing by itself.
+func (e *env) bareClient(t *testing.T) *http2.ClientConn {
+	t.Helper()
+	raw, err := net.Dial("tcp", e.tunnelAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(raw, e.cstore.ClientConfig(clientID, serverID))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	cc, err := (&http2.Transport{}).NewClientConn(tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
 func (e *env) connect(tb testing.TB, target netip.AddrPort) *Stream {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -427,20 +447,7 @@ func TestOnlyConnect(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// x/net/http2's client, which sends what it is asked to.
-	raw, err := net.Dial("tcp", e.tunnelAddr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(raw, e.cstore.ClientConfig(clientID, serverID))
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	cc, err := (&http2.Transport{}).NewClientConn(tc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
+	cc := e.bareClient(t) // sends what it is asked to
 	for _, tc := range []struct {
 		method, authority string
 	}{
