@@ -157,6 +157,7 @@ func Goals(res *Results) []Goal {
 type agentCost struct {
 	node              string
 	idleMiB, loadMiB  float64
+	fileMiB           float64 // the file-backed part of loadMiB (the binary's pages)
 	vcpu              float64 // CPU seconds per second of run
 	qps               float64 // achieved rate
 	deltaMiBPer1k     float64
@@ -166,7 +167,7 @@ type agentCost struct {
 // agentCosts are the agents' costs during the 1,000 req/s run of scenario sc, one
 // per agent, in node order.
 func agentCosts(samples []Sample, sc string) []agentCost {
-	type acc struct{ idle, load, vcpu, qps []float64 }
+	type acc struct{ idle, load, file, vcpu, qps []float64 }
 	by := map[string]*acc{}
 	var names []string
 	for _, s := range samples {
@@ -185,6 +186,7 @@ func agentCosts(samples []Sample, sc string) []agentCost {
 			}
 			a.idle = append(a.idle, float64(p.IdleRSS)/(1<<20))
 			a.load = append(a.load, float64(p.LoadRSS)/(1<<20))
+			a.file = append(a.file, float64(p.LoadFileRSS)/(1<<20))
 			a.vcpu = append(a.vcpu, p.CPU/s.Seconds)
 			a.qps = append(a.qps, s.QPS)
 		}
@@ -194,7 +196,7 @@ func agentCosts(samples []Sample, sc string) []agentCost {
 	for _, n := range names {
 		a := by[n]
 		c := agentCost{node: strings.TrimPrefix(n, "ferry-agent "), process: n, scenario: sc,
-			idleMiB: newStat(a.idle).Median, loadMiB: newStat(a.load).Median, vcpu: newStat(a.vcpu).Median, qps: newStat(a.qps).Median}
+			idleMiB: newStat(a.idle).Median, loadMiB: newStat(a.load).Median, fileMiB: newStat(a.file).Median, vcpu: newStat(a.vcpu).Median, qps: newStat(a.qps).Median}
 		c.deltaMiBPer1k = (c.loadMiB - c.idleMiB) / (c.qps / 1000)
 		out = append(out, c)
 	}
@@ -250,10 +252,10 @@ func writeAgentCosts(b *strings.Builder, p Plan, samples []Sample) {
 	if len(rows) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "## Agent memory and CPU at 1,000 req/s\n\nPer agent, during the %s run (medians over repetitions). Idle RSS is VmRSS right before the run (after the warm-up and earlier runs, no load); RSS at load the largest VmRSS sampled every 100 ms during it. MiB per 1k req/s is RSS at load / (rate/1000), ztunnel's way; Δ per 1k is (RSS at load − idle) / (rate/1000), what the load itself costs. vCPU per 1k req/s is CPU seconds per second of run / (rate/1000).\n\n", goalLoadWl)
-	b.WriteString("| scenario | agent | req/s | idle RSS MiB | RSS at load MiB | MiB per 1k req/s | Δ MiB per 1k req/s | vCPU per 1k req/s |\n|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(b, "## Agent memory and CPU at 1,000 req/s\n\nPer agent, during the %s run (medians over repetitions). Idle RSS is VmRSS right before the run (after the warm-up and earlier runs, no load); RSS at load the largest VmRSS sampled every 100 ms during it. Of which file-backed is the part of RSS at load that is the binary's pages (RssFile), shared by every process running the binary; the rest is the agent's own memory. MiB per 1k req/s is RSS at load / (rate/1000), ztunnel's way; Δ per 1k is (RSS at load − idle) / (rate/1000), what the load itself costs. vCPU per 1k req/s is CPU seconds per second of run / (rate/1000).\n\n", goalLoadWl)
+	b.WriteString("| scenario | agent | req/s | idle RSS MiB | RSS at load MiB | of which file-backed MiB | MiB per 1k req/s | Δ MiB per 1k req/s | vCPU per 1k req/s |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, a := range rows {
-		fmt.Fprintf(b, "| %s | %s | %.0f | %.1f | %.1f | %.1f | %.2f | %.4f |\n", a.scenario, a.node, a.qps, a.idleMiB, a.loadMiB, a.loadMiB/(a.qps/1000), a.deltaMiBPer1k, a.vcpu/(a.qps/1000))
+		fmt.Fprintf(b, "| %s | %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.2f | %.4f |\n", a.scenario, a.node, a.qps, a.idleMiB, a.loadMiB, a.fileMiB, a.loadMiB/(a.qps/1000), a.deltaMiBPer1k, a.vcpu/(a.qps/1000))
 	}
 	b.WriteString("\n")
 }

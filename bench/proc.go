@@ -49,6 +49,10 @@ func peakRSS(pid int) (int64, error) { return statusKB(pid, "VmHWM:") }
 // rss is pid's resident set size now, in bytes (VmRSS).
 func rss(pid int) (int64, error) { return statusKB(pid, "VmRSS:") }
 
+// rssFile is the file-backed part of pid's resident set now (RssFile: the
+// binary's and libraries' pages, which every process running them shares), in bytes.
+func rssFile(pid int) (int64, error) { return statusKB(pid, "RssFile:") }
+
 // statusKB reads a kB field of /proc/PID/status, in bytes.
 func statusKB(pid int, field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -71,22 +75,26 @@ func statusKB(pid int, field string) (int64, error) {
 	return 0, fmt.Errorf("%s of %d: not in status", field, pid)
 }
 
-// rssSampler records the largest VmRSS of each process, every 100 ms, until stopped.
+// rssSampler records the largest VmRSS of each process, and its file-backed part
+// at that moment, every 100 ms, until stopped.
 type rssSampler struct {
 	done chan struct{}
-	out  chan []int64
+	out  chan []rssPeak
 }
 
+type rssPeak struct{ rss, file int64 }
+
 func startRSSSampler(ps []proxyProc) *rssSampler {
-	s := &rssSampler{done: make(chan struct{}), out: make(chan []int64, 1)}
+	s := &rssSampler{done: make(chan struct{}), out: make(chan []rssPeak, 1)}
 	go func() {
-		peak := make([]int64, len(ps))
+		peak := make([]rssPeak, len(ps))
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
 		for {
 			for i, p := range ps {
-				if v, err := rss(p.pid); err == nil {
-					peak[i] = max(peak[i], v)
+				if v, err := rss(p.pid); err == nil && v > peak[i].rss {
+					f, _ := rssFile(p.pid)
+					peak[i] = rssPeak{v, f}
 				}
 			}
 			select {
@@ -101,7 +109,7 @@ func startRSSSampler(ps []proxyProc) *rssSampler {
 }
 
 // stop ends the sampling and returns the largest VmRSS of each process.
-func (s *rssSampler) stop() []int64 {
+func (s *rssSampler) stop() []rssPeak {
 	close(s.done)
 	return <-s.out
 }

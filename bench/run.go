@@ -85,6 +85,8 @@ type ProcCost struct {
 	// VmRSS sampled every 100 ms during the run.
 	IdleRSS int64 `json:"idle_rss_bytes,omitempty"`
 	LoadRSS int64 `json:"load_rss_bytes,omitempty"`
+	// LoadFileRSS is the file-backed part of LoadRSS (RssFile): the binary's pages.
+	LoadFileRSS int64 `json:"load_file_rss_bytes,omitempty"`
 }
 
 // Placement says which CPUs load, servers and proxies ran on, and what else the
@@ -516,7 +518,7 @@ func (r *runner) measure(ctx context.Context, sc Scenario, w Workload, rep int) 
 	s.Scenario, s.Workload, s.Rep = sc.Key, w.Key, rep
 	s.Seconds = elapsed.Seconds()
 	for i, c := range r.cpus(procs) {
-		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i], IdleRSS: idle[i], LoadRSS: max(idle[i], loadRSS[i])}
+		pc := ProcCost{Name: procs[i].name, CPU: c - cpu0[i], IdleRSS: idle[i], LoadRSS: max(idle[i], loadRSS[i].rss), LoadFileRSS: loadRSS[i].file}
 		pc.PeakRSS, _ = peakRSS(procs[i].pid)
 		s.Procs = append(s.Procs, pc)
 		s.ProxyCPU += pc.CPU
