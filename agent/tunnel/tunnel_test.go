@@ -238,6 +238,56 @@ func TestEcho10MiB(t *testing.T) {
 	}
 }
 
+// WriteTo, as the proxy's copy loop runs it: the read loop writes what arrives
+// straight to the destination socket while it takes it, and WriteTo writes the
+// rest. A reader that stops for a while (the socket fills, writes go partial) still
+// gets every byte in order.
+func TestWriteToSlowSocket(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := loopback.Serve(t, loopback.Echo)
+	s := e.connect(t, target)
+	dst, reader := loopback.Pair(t)
+	dst.SetWriteBuffer(16 << 10)
+	reader.SetReadBuffer(16 << 10)
+
+	data := make([]byte, 8<<20)
+	rand.Read(data)
+	go func() {
+		s.Write(data)
+		s.CloseWrite()
+	}()
+	copied := make(chan error, 1)
+	go func() {
+		n, err := s.WriteTo(dst)
+		if err == nil && n != int64(len(data)) {
+			err = fmt.Errorf("WriteTo copied %d bytes, want %d", n, len(data))
+		}
+		dst.CloseWrite()
+		copied <- err
+	}()
+	got := make([]byte, 0, len(data))
+	buf := make([]byte, 4<<10)
+	for i := 0; ; i++ {
+		if i%256 == 0 {
+			time.Sleep(20 * time.Millisecond) // stop reading: the socket fills
+		}
+		n, err := reader.Read(buf)
+		got = append(got, buf[:n]...)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-copied; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("got %d bytes, not the %d sent in order", len(got), len(data))
+	}
+}
+
 func TestServerSpeaksFirst(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	target := loopback.Serve(t, func(c *net.TCPConn) {
