@@ -312,14 +312,16 @@ func (p *Pool) dial(key poolKey, e *poolEntry, call *dialCall) {
 // openWaiting opens a connection for key within ConnectTimeout. A destination that
 // refuses the TCP connection has no tunnel listener now: its agent is restarting
 // (the pod's sockets went with the old one), so the dial is tried again with a short
-// backoff rather than failing every connection made during the restart.
+// backoff rather than failing every connection made during the restart. A reset
+// while dialling or in the handshake is the same restart caught a moment later (the
+// old listener closed with the connection in its queue); no stream was sent on it.
 func (p *Pool) openWaiting(key poolKey) (*poolConn, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	backoff := 10 * time.Millisecond
 	for {
 		pc, err := p.open(ctx, key)
-		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ECONNRESET) {
 			return pc, err
 		}
 		t := time.NewTimer(backoff)
