@@ -29,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -53,6 +54,9 @@ const (
 	ctrlQueueMax = 256 << 10
 	// flushAt is how much a writer leaves buffered for a waiting writer to flush.
 	flushAt = 64 << 10
+	// closeLinger is how long a gracefully closed connection waits for the peer
+	// to end its half before the socket closes anyway.
+	closeLinger = 5 * time.Second
 )
 
 const (
@@ -74,6 +78,8 @@ type h2config struct {
 	idleTimeout    time.Duration
 	// onStream serves a stream the peer opened (server); it runs on its own goroutine.
 	onStream func(st *h2stream, h *h2headers)
+	// log hears why a connection failed with streams open (nil: nobody).
+	log *slog.Logger
 }
 
 // h2headers is one decoded header block.
@@ -212,7 +218,9 @@ type h2conn struct {
 	pingSent       time.Time
 	refusedBurst   int // streams refused since a handler last returned
 	timer          *time.Timer
-	done           chan struct{}
+	shut           atomic.Bool // closed: the read loop only discards
+	finished       sync.Once
+	done           chan struct{} // closed once the socket is
 }
 
 // newH2conn starts HTTP/2 on an established TLS connection nc over raw: a client
@@ -337,9 +345,14 @@ func (c *h2conn) flushLocked() error {
 }
 
 // queue hands control frames to the control writer; false when the queue is full.
-func (c *h2conn) queue(frame []byte) bool {
+func (c *h2conn) queue(frame []byte) bool { return c.enqueue(frame, true) }
+
+// enqueue queues frame, within ctrlQueueMax if bounded. WINDOW_UPDATEs are not
+// bounded, for a dropped one would stall the peer for good; they cannot flood,
+// as each answers at least a quarter of a window of DATA.
+func (c *h2conn) enqueue(frame []byte, bounded bool) bool {
 	c.cmu.Lock()
-	if len(c.ctrl)+len(frame) > ctrlQueueMax {
+	if bounded && len(c.ctrl)+len(frame) > ctrlQueueMax {
 		c.cmu.Unlock()
 		return false
 	}
@@ -414,8 +427,15 @@ func (c *h2conn) peerFrameSize() int {
 	return c.peerMaxFrame
 }
 
-// close ends the connection and every stream on it with err.
-func (c *h2conn) close(err error) {
+// close ends the connection and every stream on it with err, at once.
+func (c *h2conn) close(err error) { c.closeConn(err, false) }
+
+// closeConn ends the connection with err. A graceful close (the connection
+// drained, or idle) ends this side's half of the TCP connection and lets the read
+// loop close the socket once the peer has ended its half, or after closeLinger:
+// a socket closed with bytes unread is reset, and a reset loses what this side's
+// send buffer still held for the peer, such as a stream's last bytes.
+func (c *h2conn) closeConn(err error, graceful bool) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -427,15 +447,31 @@ func (c *h2conn) close(err error) {
 	c.streams = map[uint32]*h2stream{}
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	c.shut.Store(true)
+	if len(streams) > 0 && c.cfg.log != nil {
+		c.cfg.log.Warn("tunnel connection failed", "remote", c.raw.RemoteAddr().String(), "streams", len(streams), "error", err)
+	}
 	for _, st := range streams {
 		st.fail(err, false)
 	}
 	c.timer.Stop()
-	close(c.done)
 	c.end()
-	// The TCP connection, not TLS: close_notify would race the writers, and HTTP/2
-	// ends with GOAWAY.
-	c.raw.Conn.Close()
+	if tcp, ok := c.raw.Conn.(interface{ CloseWrite() error }); graceful && ok {
+		c.raw.Conn.SetReadDeadline(time.Now().Add(closeLinger))
+		if tcp.CloseWrite() == nil {
+			return // the read loop calls finish
+		}
+	}
+	c.finish()
+}
+
+// finish closes the socket: the TCP connection, not TLS, for close_notify would
+// race the writers, and HTTP/2 ends with GOAWAY.
+func (c *h2conn) finish() {
+	c.finished.Do(func() {
+		c.raw.Conn.Close()
+		close(c.done)
+	})
 }
 
 // goAway tells the peer, best effort, and closes: a connection error.
@@ -485,7 +521,7 @@ func (c *h2conn) closeIfDone() {
 	done := (c.goAwayOut || c.goAwayIn) && len(c.streams) == 0 && c.running == 0 && c.reserved == 0 && !c.closed
 	c.mu.Unlock()
 	if done {
-		c.close(errConnClosed)
+		c.closeConn(errConnClosed, true)
 	}
 }
 
@@ -531,7 +567,8 @@ func (c *h2conn) check() {
 	c.mu.Unlock()
 	switch {
 	case expired:
-		c.goAway(http2.ErrCodeNo, errConnClosed)
+		c.drain()
+		c.closeConn(errConnClosed, true)
 		return
 	case dead:
 		c.close(fmt.Errorf("tunnel peer did not answer a ping within %v", c.cfg.pingTimeout))
@@ -656,9 +693,15 @@ func (c *h2conn) forget(st *h2stream) {
 	c.closeIfDone()
 }
 
-// readLoop reads frames until the connection fails, then closes it.
+// readLoop reads frames until the connection fails, then closes it. After a
+// graceful close it discards what the peer still sends until the peer closes.
 func (c *h2conn) readLoop() {
+	defer c.finish()
 	err := c.readFrames()
+	if c.shut.Load() {
+		io.Copy(io.Discard, c.nc)
+		return
+	}
 	if errors.Is(err, io.EOF) {
 		// Not a stream's clean end: what was in flight is lost.
 		err = fmt.Errorf("tunnel connection closed by the peer: %w", io.ErrUnexpectedEOF)
@@ -700,6 +743,9 @@ func (c *h2conn) readFrames() error {
 			return err
 		}
 		c.lastRead.Store(time.Now().UnixNano())
+		if c.shut.Load() {
+			return errConnClosed
+		}
 		if c.hdrs != nil && (t != http2.FrameContinuation || sid != c.hdrSID) {
 			return &h2Error{code: http2.ErrCodeProtocol, why: "header block interrupted"}
 		}
@@ -818,7 +864,7 @@ func (c *h2conn) returnWindow(st *h2stream, n int64) {
 	}
 	c.mu.Unlock()
 	if frames != nil {
-		c.queue(frames)
+		c.enqueue(frames, false)
 	}
 }
 

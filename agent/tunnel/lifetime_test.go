@@ -1,7 +1,9 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -10,6 +12,7 @@ import (
 	"net/netip"
 	"net/url"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -356,4 +359,81 @@ func TestAuthorizeAppliesToPooledTunnel(t *testing.T) {
 	finish(s)
 	moved.Store(true)
 	e.refusedOnPooled(t, target)
+}
+
+// A tunnel retired while a stream's last bytes wait in the destination's send
+// buffer (a slow link: the relay below reads the server's side slowly) delivers
+// them all. Closing the drained connection's socket at once would reset it as soon
+// as the client's next WINDOW_UPDATE arrived, and the reset drops what the server's
+// kernel had not sent yet.
+func TestRetiredTunnelDeliversLastBytes(t *testing.T) {
+	e := newEnv(t, envOpt{watch: true})
+	e.src.via = slowRelay(t, e.tunnelAddr)
+	target := loopback.Serve(t, loopback.Echo)
+	s := e.connect(t, target)
+
+	data := make([]byte, 8<<20)
+	rand.Read(data)
+	go func() {
+		s.Write(data)
+		s.CloseWrite()
+	}()
+	got := make([]byte, 0, len(data))
+	buf := make([]byte, 64<<10)
+	rotated := false
+	for {
+		n, err := s.Read(buf)
+		got = append(got, buf[:n]...)
+		if !rotated && len(got) >= 1<<20 {
+			// The server's rotation retires the tunnel with the stream in its middle.
+			rotated = true
+			if err := e.sstore.Update(e.ca.RootPEM, map[string]identity.CertPEM{serverID: e.ca.Valid(t, serverID)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d of %d bytes: %v", len(got), len(data), err)
+		}
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("got %d bytes, not the %d sent in order", len(got), len(data))
+	}
+	s.Close()
+	settle(t, "the retired tunnel to close", func() bool { return e.pool.Stats().Conns == 0 })
+}
+
+// slowRelay forwards connections to addr, carrying what addr sends back at about
+// 8 MiB/s through a small receive buffer, so addr's send buffer stays full. A
+// reset from addr is passed on as a reset.
+func slowRelay(t *testing.T, addr netip.AddrPort) netip.AddrPort {
+	return loopback.Serve(t, func(c *net.TCPConn) {
+		up, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+		if err != nil {
+			return
+		}
+		up.SetReadBuffer(32 << 10)
+		defer up.Close()
+		go func() {
+			io.Copy(up, c)
+			up.CloseWrite()
+		}()
+		buf := make([]byte, 16<<10)
+		for {
+			n, err := up.Read(buf)
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+			if err != nil {
+				if errors.Is(err, syscall.ECONNRESET) {
+					c.SetLinger(0) // the client sees the reset too
+				}
+				c.Close()
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	})
 }

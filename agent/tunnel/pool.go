@@ -367,6 +367,7 @@ func (p *Pool) open(ctx context.Context, key poolKey) (*poolConn, error) {
 		readIdle:    keepaliveInterval,
 		pingTimeout: keepaliveTimeout,
 		idleTimeout: p.cfg.IdleTimeout,
+		log:         p.log,
 	})
 	if err != nil {
 		raw.Close()

@@ -325,6 +325,7 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 		pingTimeout:    l.PingTimeout,
 		idleTimeout:    l.IdleTimeout,
 		onStream:       func(st *h2stream, h *h2headers) { s.handle(st, h, ci) },
+		log:            s.log,
 	})
 	if err != nil {
 		s.log.Info("tunnel connection", "remote", remote.String(), "error", err)

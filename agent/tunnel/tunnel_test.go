@@ -148,11 +148,15 @@ func changes(on bool, st *identity.Store) func() <-chan struct{} {
 type loopSource struct {
 	store *identity.Store
 	id    string
-	dials atomic.Int64 // tunnel connections dialled
+	dials atomic.Int64   // tunnel connections dialled
+	via   netip.AddrPort // when valid, tunnels go through this relay instead
 }
 
 func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
 	s.dials.Add(1)
+	if s.via.IsValid() {
+		addr = s.via
+	}
 	var d net.Dialer
 	return d.DialContext(ctx, "tcp", addr.String())
 }
