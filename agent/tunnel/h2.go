@@ -456,13 +456,22 @@ func (c *h2conn) closeConn(err error, graceful bool) {
 	}
 	c.timer.Stop()
 	c.end()
-	if tcp, ok := c.raw.Conn.(interface{ CloseWrite() error }); graceful && ok {
-		c.raw.Conn.SetReadDeadline(time.Now().Add(closeLinger))
-		if tcp.CloseWrite() == nil {
-			return // the read loop calls finish
-		}
+	tcp, ok := c.raw.Conn.(interface{ CloseWrite() error })
+	if !graceful || !ok {
+		c.finish()
+		return
 	}
-	c.finish()
+	c.raw.Conn.SetReadDeadline(time.Now().Add(closeLinger)) // the read loop calls finish
+	// Frames a writer left for the next one to flush (an END_STREAM) go out
+	// first; not on this goroutine, which may be the read loop, as a writer may be
+	// waiting on a peer that does not read.
+	go func() {
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		if c.werr == nil && c.flushLocked() == nil {
+			tcp.CloseWrite()
+		}
+	}()
 }
 
 // finish closes the socket: the TCP connection, not TLS, for close_notify would
@@ -1169,6 +1178,7 @@ type h2stream struct {
 	buf      recvBuf
 	sink     syscall.RawConn // WriteTo's destination, written to directly while it waits
 	writing  bool            // WriteTo is writing to sink: the read loop must not
+	dropped  bool            // closed: what arrives goes back to the connection's window
 	rerr     error           // after the buffer: io.EOF, or why the stream ended
 	readable chan struct{}
 
@@ -1203,6 +1213,10 @@ func (st *h2stream) deliver(data []byte, flowed int, end bool) bool {
 	done := st.sentEnd && st.recvEnd
 	c.mu.Unlock()
 	st.rmu.Lock()
+	if st.dropped {
+		st.rmu.Unlock()
+		return false
+	}
 	direct := 0
 	if st.sink != nil && !st.writing && st.buf.empty() && len(data) > 0 {
 		// WriteTo waits with nothing to write: try the destination socket at once,
@@ -1480,6 +1494,15 @@ func (st *h2stream) Close() error {
 	clean := st.sentEnd && st.recvEnd
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	// What nobody will read goes back to the connection's window, or every stream
+	// closed with bytes unread would shrink it for the others until it stalled.
+	st.rmu.Lock()
+	st.dropped = true
+	n := st.buf.discard()
+	st.rmu.Unlock()
+	if n > 0 {
+		c.returnWindow(nil, int64(n))
+	}
 	if clean {
 		st.cancel()
 		c.forget(st)
@@ -1553,6 +1576,18 @@ func (r *recvBuf) write(p []byte) {
 		*last = append(*last, p[:n]...)
 		p = p[n:]
 	}
+}
+
+// discard empties the buffer and says how many bytes it held.
+func (r *recvBuf) discard() int {
+	n := -r.off
+	for _, c := range r.chunks {
+		n += len(*c)
+		*c = (*c)[:0]
+		recvChunks.Put(c)
+	}
+	r.chunks, r.off = nil, 0
+	return n
 }
 
 func (r *recvBuf) read(b []byte) int {

@@ -698,6 +698,42 @@ func TestPoolReusesConnection(t *testing.T) {
 	}
 }
 
+// Streams closed with bytes received and unread give them back to the connection's
+// flow-control window: six of them hold more than its 16 MiB, and a stream after
+// them on the same connection still carries 8 MiB.
+func TestClosedStreamsReturnTheirWindow(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	talker := loopback.Serve(t, func(c *net.TCPConn) {
+		c.Write(make([]byte, 4<<20))
+		io.Copy(io.Discard, c)
+	})
+	for i := range 6 {
+		s := e.connect(t, talker)
+		stop := time.AfterFunc(10*time.Second, func() { s.Close() }) // a stall fails the read
+		if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+			t.Fatalf("stream %d after %d closed ones: no byte in 10 s: %v", i+1, i, err)
+		}
+		stop.Stop()
+		time.Sleep(100 * time.Millisecond) // the stream's window fills, unread
+		s.Close()
+	}
+	s := e.connect(t, loopback.Serve(t, loopback.Echo))
+	stop := time.AfterFunc(20*time.Second, func() { s.Close() })
+	defer stop.Stop()
+	data := make([]byte, 8<<20)
+	go func() {
+		s.Write(data)
+		s.CloseWrite()
+	}()
+	n, err := io.Copy(io.Discard, s)
+	if err != nil || n != int64(len(data)) {
+		t.Fatalf("echoed %d of %d bytes after the closed streams: %v", n, len(data), err)
+	}
+	if d := e.src.dials.Load(); d != 1 {
+		t.Fatalf("%d tunnel connections, want 1: the check needs the one the closed streams used", d)
+	}
+}
+
 func TestShutdownWaitsForStreams(t *testing.T) {
 	e := newEnv(t, envOpt{})
 	s := e.connect(t, loopback.Serve(t, loopback.Echo))
