@@ -76,9 +76,6 @@ type Config struct {
 	// Capture is how enrolled pods' traffic reaches the proxy: datapath.CaptureEBPF
 	// ("" too) or datapath.CaptureIPTables (nat REDIRECT in each pod, for comparison).
 	Capture string
-	// TunnelCongestion is the TCP congestion control of the tunnels between
-	// nodes; "" keeps the host's default (proxy.Config.TunnelCongestion).
-	TunnelCongestion string
 	// Budgets bound what each pod may hold of the node proxy.
 	Budgets proxy.Budgets
 }
@@ -99,9 +96,6 @@ func DefaultConfig() Config {
 		Capture:     datapath.CaptureEBPF,
 		Budgets:     proxy.DefaultBudgets(),
 		DrainGrace:  5 * time.Minute,
-		// Whatever the host's default: Linux's BBR can leave a tunnel crawling
-		// for minutes after an outage (docs/architecture.md, "Tunnel TCP").
-		TunnelCongestion: "cubic",
 	}
 }
 
@@ -122,7 +116,6 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.DrainGrace, "drain-grace", c.DrainGrace, "after handing the listeners to a new agent, how long to keep carrying the established connections before exiting")
 	c.Datapath.Flags(fs)
 	fs.StringVar(&c.Capture, "capture", c.Capture, "how pod traffic is captured: ebpf, or iptables (nat REDIRECT, to compare)")
-	fs.StringVar(&c.TunnelCongestion, "tunnel-congestion", c.TunnelCongestion, "TCP congestion control of the tunnels between nodes (\"\" keeps the host's net.ipv4.tcp_congestion_control; BBR can leave a tunnel crawling for minutes after an outage)")
 	c.Observe.Flags(fs)
 	c.Tracing.Flags(fs)
 	c.Budgets.Flags(fs)
@@ -337,8 +330,6 @@ func newAgent(cfg Config, log *slog.Logger, capture Capture, findNetns func(neti
 		Observer:   a.obs,
 		Tracer:     a.tracer,
 		Budgets:    cfg.Budgets,
-
-		TunnelCongestion: cfg.TunnelCongestion,
 	})
 	if err != nil {
 		return nil, err

@@ -16,8 +16,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -98,9 +96,6 @@ type Config struct {
 	// Limits bounds what a client connection may cost (limits.go); zero fields
 	// take DefaultLimits.
 	Limits Limits
-	// TunnelCongestion is the TCP congestion control of the tunnels to and from
-	// other nodes (tuneTunnel); "" keeps the host's default.
-	TunnelCongestion string
 }
 
 // Proxy serves the enrolled pods of one node.
@@ -188,9 +183,6 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, errors.New("proxy config: a socket mark is required, or capture would take the proxy's own connections")
 	}
 	if err := cfg.Ports.Validate(); err != nil {
-		return nil, fmt.Errorf("proxy config: %w", err)
-	}
-	if err := checkCongestion(cfg.TunnelCongestion); err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
 	p := &Proxy{
@@ -353,7 +345,7 @@ func (p *Proxy) addPod(w Workload, pn podNet, cookie uint64) error {
 	}
 	p.goServe(func() { p.serveInbound(pd, in) })
 	p.goServe(func() {
-		err := pd.tunnel.Serve(tunnelListener{tun.(*net.TCPListener), p.cfg.TunnelCongestion})
+		err := pd.tunnel.Serve(tunnelListener{tun.(*net.TCPListener)})
 		if err != nil && pd.ctx.Err() == nil && !errors.Is(err, tunnel.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 			p.log.Warn("tunnel listener stopped", "pod", w.Name, "error", err)
 		}
@@ -448,7 +440,7 @@ func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, e
 	if err != nil {
 		return nil, err
 	}
-	tuneTunnel(c, pd.proxy.cfg.TunnelCongestion)
+	tuneTunnel(c)
 	return c, nil
 }
 
@@ -459,59 +451,28 @@ func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, e
 // apart, so a 1 s cap costs nothing and brings tunnels back within about a second.
 const tunnelRTOMax = time.Second
 
-// tuneTunnel sets a tunnel socket's TCP for a long-lived connection that carries
-// many streams:
-//   - TCP_RTO_MAX_MS (Linux 6.15 and later) to tunnelRTOMax; an older kernel keeps
-//     its default backoff.
-//   - TCP_CONGESTION to cc unless it is "": with BBR a tunnel that spanned a
-//     partition was seen to crawl at one segment a second for minutes, and every
-//     stream on it with it (docs/architecture.md, "Tunnel TCP"). checkCongestion
-//     made sure at start that cc can be set.
-func tuneTunnel(c syscall.Conn, cc string) {
+// tuneTunnel caps a tunnel socket's retransmission timeout: TCP_RTO_MAX_MS (Linux
+// 6.15 and later) to tunnelRTOMax; an older kernel keeps its default backoff.
+func tuneTunnel(c syscall.Conn) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return
 	}
 	_ = rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(tunnelRTOMax.Milliseconds()))
-		if cc != "" {
-			_ = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc)
-		}
 	})
-}
-
-// checkCongestion tells whether the congestion control cc can be set on a TCP
-// socket here (the kernel loads its module if it must), with the ones the kernel
-// has in the error.
-func checkCongestion(cc string) error {
-	if cc == "" {
-		return nil
-	}
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("tunnel congestion control %q: %w", cc, err)
-	}
-	defer unix.Close(fd)
-	if err := unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc); err != nil {
-		have, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_available_congestion_control")
-		return fmt.Errorf("tunnel congestion control %q: %w (this kernel has: %s)", cc, err, strings.TrimSpace(string(have)))
-	}
-	return nil
 }
 
 // tunnelListener tunes each tunnel connection it accepts (tuneTunnel): Linux takes
 // TCP_RTO_MAX_MS only on a connected socket, so a listener cannot pass it on.
-type tunnelListener struct {
-	*net.TCPListener
-	cc string // the congestion control, "" for the host's
-}
+type tunnelListener struct{ *net.TCPListener }
 
 func (l tunnelListener) Accept() (net.Conn, error) {
 	c, err := l.AcceptTCP()
 	if err != nil {
 		return nil, err
 	}
-	tuneTunnel(c, l.cc)
+	tuneTunnel(c)
 	return c, nil
 }
 
