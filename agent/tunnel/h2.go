@@ -5,16 +5,18 @@
 // a serve loop, then to a handler; a write handed to a serve loop, then to a
 // writer goroutine, then back) cost more than the bytes they move. Here:
 //
-//   - a Write on a stream frames its bytes and writes them to TLS on the caller's
-//     own goroutine (the connection's write lock held);
+//   - a Write on a stream frames its bytes into the connection's write buffer on
+//     the caller's own goroutine (the connection's write lock held);
 //   - one read loop per connection reads frames and appends DATA to the stream's
 //     buffer, waking its reader: one hand-off per message and direction;
-//   - what TLS writes under a write lock (several records, several streams'
-//     frames) leaves in one write(2) (batchConn), and a writer that sees another
-//     one waiting leaves the flush to it;
+//   - frames wait in the connection's buffer for a flusher goroutine, which
+//     yields before it writes: the frames every ready goroutine adds meanwhile
+//     (many streams, many requests) leave in one TLS write and one write(2)
+//     (batchConn); a buffer of flushAt bytes leaves at once, on the writer's own
+//     goroutine;
 //   - the read loop never waits on the socket's send side: the frames it answers
 //     with (SETTINGS and PING acknowledgements, RST_STREAM, WINDOW_UPDATE, GOAWAY)
-//     are queued for a control writer, and a peer that floods them without reading
+//     are queued for the flusher, and a peer that floods them without reading
 //     the answers fills a bounded queue and is cut off.
 //
 // HPACK is x/net/http2/hpack's; frame types, flags, settings and error codes are
@@ -32,6 +34,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -48,11 +51,11 @@ const (
 	defaultWindow    = 65535
 	defaultFrameSize = 16 << 10
 	maxWindow        = 1<<31 - 1
-	// ctrlQueueMax bounds the control frames waiting for the control writer: a
+	// ctrlQueueMax bounds the control frames waiting for the flusher: a
 	// peer that floods PINGs or SETTINGS and reads none of the answers is cut off
 	// once they reach it.
 	ctrlQueueMax = 256 << 10
-	// flushAt is how much a writer leaves buffered for a waiting writer to flush.
+	// flushAt is how much a writer leaves buffered for the flusher.
 	flushAt = 64 << 10
 	// closeLinger is how long a gracefully closed connection waits for the peer
 	// to end its half before the socket closes anyway.
@@ -131,7 +134,7 @@ func (e *errRetry) Unwrap() error { return e.err }
 var errConnClosed = errors.New("tunnel connection closed")
 
 // batchConn sits under TLS: once batching, what TLS writes is kept until flush,
-// so the records of one write lock's frames leave in one write(2).
+// so the records of one flush leave in one write(2).
 type batchConn struct {
 	net.Conn
 	mu       sync.Mutex
@@ -186,12 +189,12 @@ type h2conn struct {
 	wbuf    []byte
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
-	werr    error
-	writers atomic.Int32
+	werr     error
+	flushDue bool // wbuf holds frames the flusher is woken for
 
 	cmu   sync.Mutex // the control queue
 	ctrl  []byte
-	cwake chan struct{}
+	wake  chan struct{} // the flusher's
 
 	lastRead  atomic.Int64 // unix ns of the last frame read
 	tableSize atomic.Uint32
@@ -230,7 +233,7 @@ func newH2conn(nc net.Conn, raw *batchConn, cfg h2config) (*h2conn, error) {
 	ctx, end := context.WithCancel(context.Background())
 	c := &h2conn{
 		cfg: cfg, nc: nc, raw: raw, ctx: ctx, end: end,
-		cwake:          make(chan struct{}, 1),
+		wake:           make(chan struct{}, 1),
 		streams:        map[uint32]*h2stream{},
 		nextID:         1,
 		peerMaxStreams: 100,
@@ -278,7 +281,7 @@ func newH2conn(nc net.Conn, raw *batchConn, cfg h2config) (*h2conn, error) {
 		return nil, err
 	}
 	go c.readLoop()
-	go c.controlWriter()
+	go c.flusher()
 	return c, nil
 }
 
@@ -307,21 +310,25 @@ func appendGoAway(b []byte, last uint32, code http2.ErrCode) []byte {
 	return binary.BigEndian.AppendUint32(b, uint32(code))
 }
 
-// write runs fn, which appends frames to wbuf, under the write lock, then writes
-// them out, unless another writer is waiting for the lock: the last one flushes.
+// write runs fn, which appends frames to wbuf, under the write lock. They leave
+// at once when flushAt bytes wait; otherwise the flusher writes them, after every
+// goroutine ready to run has had its turn, so the frames that many streams' writers
+// (many requests, many connections) append meanwhile leave in the same write(2).
 func (c *h2conn) write(fn func()) error {
-	c.writers.Add(1)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.werr != nil {
-		c.writers.Add(-1)
 		return c.werr
 	}
 	fn()
-	if c.writers.Add(-1) > 0 && len(c.wbuf) < flushAt {
-		return nil
+	if len(c.wbuf) >= flushAt {
+		return c.flushLocked()
 	}
-	return c.flushLocked()
+	if !c.flushDue {
+		c.flushDue = true
+		c.wakeFlusher()
+	}
+	return nil
 }
 
 func (c *h2conn) flushLocked() error {
@@ -344,7 +351,7 @@ func (c *h2conn) flushLocked() error {
 	return err
 }
 
-// queue hands control frames to the control writer; false when the queue is full.
+// queue hands control frames to the flusher; false when the queue is full.
 func (c *h2conn) queue(frame []byte) bool { return c.enqueue(frame, true) }
 
 // enqueue queues frame, within ctrlQueueMax if bounded. WINDOW_UPDATEs are not
@@ -358,28 +365,41 @@ func (c *h2conn) enqueue(frame []byte, bounded bool) bool {
 	}
 	c.ctrl = append(c.ctrl, frame...)
 	c.cmu.Unlock()
-	select {
-	case c.cwake <- struct{}{}:
-	default:
-	}
+	c.wakeFlusher()
 	return true
 }
 
-func (c *h2conn) controlWriter() {
+func (c *h2conn) wakeFlusher() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// flusher writes out what writers left in wbuf and the control queue's frames.
+// Woken, it first yields: the goroutines ready to run then, and those they wake,
+// run before it and add their frames to the same write.
+func (c *h2conn) flusher() {
 	var out []byte
 	for {
 		select {
-		case <-c.cwake:
+		case <-c.wake:
 		case <-c.done:
 			return
 		}
+		runtime.Gosched()
 		c.cmu.Lock()
 		out, c.ctrl = c.ctrl, out[:0]
 		c.cmu.Unlock()
-		if len(out) == 0 {
-			continue
+		c.wmu.Lock()
+		c.flushDue = false
+		err := c.werr
+		if err == nil {
+			c.wbuf = append(c.wbuf, out...)
+			err = c.flushLocked()
 		}
-		if c.write(func() { c.wbuf = append(c.wbuf, out...) }) != nil {
+		c.wmu.Unlock()
+		if err != nil {
 			return
 		}
 	}

@@ -148,8 +148,20 @@ func changes(on bool, st *identity.Store) func() <-chan struct{} {
 type loopSource struct {
 	store *identity.Store
 	id    string
-	dials atomic.Int64   // tunnel connections dialled
-	via   netip.AddrPort // when valid, tunnels go through this relay instead
+	dials  atomic.Int64   // tunnel connections dialled
+	via    netip.AddrPort // when valid, tunnels go through this relay instead
+	writes atomic.Int64   // socket writes on the tunnels it dialled
+}
+
+// countingConn counts its writes: each is one write(2).
+type countingConn struct {
+	net.Conn
+	writes *atomic.Int64
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(b)
 }
 
 func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
@@ -158,7 +170,11 @@ func (s *loopSource) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.C
 		addr = s.via
 	}
 	var d net.Dialer
-	return d.DialContext(ctx, "tcp", addr.String())
+	c, err := d.DialContext(ctx, "tcp", addr.String())
+	if err != nil {
+		return nil, err
+	}
+	return &countingConn{Conn: c, writes: &s.writes}, nil
 }
 
 func (s *loopSource) ClientTLS(dstID string) *tls.Config { return s.store.ClientConfig(s.id, dstID) }
@@ -361,6 +377,46 @@ func TestManySmallWrites(t *testing.T) {
 		if b != byte(i) {
 			t.Fatalf("byte %d is %d, want %d", i, b, byte(i))
 		}
+	}
+}
+
+// TestStreamsShareWrites: small messages on many streams at once leave in fewer
+// socket writes than there are messages, for frames wait for the connection's
+// flusher, which writes the frames of every stream ready by then together (a
+// write(2) per message made many small exchanges cost twice what they do now).
+func TestStreamsShareWrites(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	target := loopback.Serve(t, loopback.Echo)
+	const streams, rounds = 32, 20
+	ss := make([]*Stream, streams)
+	for i := range ss {
+		ss[i] = e.connect(t, target)
+	}
+	before := e.src.writes.Load()
+	var wg sync.WaitGroup
+	for i, s := range ss {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg, got := make([]byte, 16), make([]byte, 16)
+			for r := range rounds {
+				msg[0], msg[1] = byte(i), byte(r)
+				if _, err := s.Write(msg); err != nil {
+					t.Errorf("stream %d round %d: write: %v", i, r, err)
+					return
+				}
+				if _, err := io.ReadFull(s, got); err != nil || !bytes.Equal(got, msg) {
+					t.Errorf("stream %d round %d: read %v, %v; want %v", i, r, got, err, msg)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	writes := e.src.writes.Load() - before
+	t.Logf("%d messages left in %d socket writes", streams*rounds, writes)
+	if writes > streams*rounds/2 {
+		t.Errorf("%d messages on %d streams left in %d socket writes, want at most %d", streams*rounds, streams, writes, streams*rounds/2)
 	}
 }
 
