@@ -185,16 +185,16 @@ type h2conn struct {
 	hdrLen int        // its encoded bytes so far
 	pseudo bool       // regular fields seen: a pseudo-header after them is malformed
 
-	wmu     sync.Mutex
-	wbuf    []byte
-	henc    *hpack.Encoder
-	hbuf    bytes.Buffer
+	wmu      sync.Mutex
+	wbuf     []byte
+	henc     *hpack.Encoder
+	hbuf     bytes.Buffer
 	werr     error
 	flushDue bool // wbuf holds frames the flusher is woken for
 
-	cmu   sync.Mutex // the control queue
-	ctrl  []byte
-	wake  chan struct{} // the flusher's
+	cmu  sync.Mutex // the control queue
+	ctrl []byte
+	wake chan struct{} // the flusher's
 
 	lastRead  atomic.Int64 // unix ns of the last frame read
 	tableSize atomic.Uint32

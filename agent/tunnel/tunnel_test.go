@@ -146,8 +146,8 @@ func changes(on bool, st *identity.Store) func() <-chan struct{} {
 
 // loopSource is a client pod on loopback: it dials from the test's own namespace.
 type loopSource struct {
-	store *identity.Store
-	id    string
+	store  *identity.Store
+	id     string
 	dials  atomic.Int64   // tunnel connections dialled
 	via    netip.AddrPort // when valid, tunnels go through this relay instead
 	writes atomic.Int64   // socket writes on the tunnels it dialled
