@@ -12,6 +12,8 @@ import (
 	"io"
 	"net"
 	"sync"
+
+	"github.com/ferrymesh/ferry/internal/rawsock"
 )
 
 // BufSize, the size of each pooled copy buffer (a copy holds one per direction), is
@@ -40,6 +42,18 @@ func Copy(dst io.Writer, src io.Reader, flush func() error) (int64, error) {
 		if _, tcp := src.(*net.TCPConn); !tcp { // its WriteTo may splice
 			// A tunnel stream writes to dst itself, without a buffer of ours.
 			return wt.WriteTo(dst)
+		}
+	}
+	// The sockets' own reads and writes go through raw system calls (rawsock);
+	// a wrapper of a socket (TLS, a tunnel stream) keeps its own.
+	if tc, ok := src.(*net.TCPConn); ok {
+		if r, err := rawsock.NewReader(tc); err == nil {
+			src = r
+		}
+	}
+	if tc, ok := dst.(*net.TCPConn); ok {
+		if w, err := rawsock.NewWriter(tc); err == nil {
+			dst = w
 		}
 	}
 	bp := bufs.Get().(*[]byte)

@@ -29,6 +29,7 @@ import (
 	"github.com/ferrymesh/ferry/agent/tracing"
 	"github.com/ferrymesh/ferry/agent/tunnel"
 	"github.com/ferrymesh/ferry/api/admin"
+	"github.com/ferrymesh/ferry/internal/rawsock"
 )
 
 // l7 serves the HTTP connections of every pod on this node.
@@ -75,9 +76,9 @@ func (p *Proxy) newL7() *l7 {
 // serveHTTP hands c, a client connection whose protocol is HTTP, to the HTTP
 // server; rec is its connection record, closed when the connection ends.
 func (p *Proxy) serveHTTP(pd *pod, c *net.TCPConn, r io.Reader, rec Conn, h *hold) {
-	hc := &httpConn{Conn: c, r: r, p: p, pd: pd, hold: h}
+	hc := &httpConn{Conn: rawsock.Wrap(c), r: r, p: p, pd: pd, hold: h}
 	if r == nil {
-		hc.r = c
+		hc.r = hc.Conn
 	}
 	hc.rec = p.conns.open(rec)
 	p.l7.serve(hc)
@@ -353,7 +354,7 @@ func (pd *pod) dialUpstream(ctx context.Context, _, addr string) (net.Conn, erro
 		return nil, err
 	}
 	if nc, ok := hc.(net.Conn); ok {
-		c.Conn = nc
+		c.Conn = rawsock.Wrap(nc)
 	} else {
 		c.Conn = streamConn{HalfCloser: hc, remote: dst}
 	}

@@ -43,6 +43,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/ferrymesh/ferry/internal/rawsock"
 )
 
 const (
@@ -135,12 +137,30 @@ var errConnClosed = errors.New("tunnel connection closed")
 
 // batchConn sits under TLS: once batching, what TLS writes is kept until flush,
 // so the records of one flush leave in one write(2).
+// A socket of package net is read and written with raw system calls (rawsock).
 type batchConn struct {
 	net.Conn
+	r        io.Reader // the read loop's, under TLS
+	w        io.Writer // flush's
 	mu       sync.Mutex
 	batching bool
 	buf      []byte
 }
+
+func newBatchConn(c net.Conn) *batchConn {
+	b := &batchConn{Conn: c, r: c, w: c}
+	if sc, ok := c.(syscall.Conn); ok {
+		if r, err := rawsock.NewReader(sc); err == nil {
+			b.r = r
+		}
+		if w, err := rawsock.NewWriter(sc); err == nil {
+			b.w = w
+		}
+	}
+	return b
+}
+
+func (b *batchConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
@@ -159,7 +179,7 @@ func (b *batchConn) flush() error {
 	if len(b.buf) == 0 {
 		return nil
 	}
-	_, err := b.Conn.Write(b.buf)
+	_, err := b.w.Write(b.buf)
 	if cap(b.buf) > 1<<20 {
 		b.buf = nil // a burst's buffer is not kept by an idle connection
 	} else {
@@ -1196,7 +1216,7 @@ type h2stream struct {
 
 	rmu      sync.Mutex // the receive buffer
 	buf      recvBuf
-	sink     syscall.RawConn // WriteTo's destination, written to directly while it waits
+	sink     *rawsock.Writer // WriteTo's destination, written to directly while it waits
 	writing  bool            // WriteTo is writing to sink: the read loop must not
 	dropped  bool            // closed: what arrives goes back to the connection's window
 	rerr     error           // after the buffer: io.EOF, or why the stream ended
@@ -1241,7 +1261,7 @@ func (st *h2stream) deliver(data []byte, flowed int, end bool) bool {
 	if st.sink != nil && !st.writing && st.buf.empty() && len(data) > 0 {
 		// WriteTo waits with nothing to write: try the destination socket at once,
 		// from this goroutine, and hand over only what it did not take.
-		direct = tryWrite(st.sink, data)
+		direct, _ = st.sink.TryWrite(data)
 		data = data[direct:]
 	}
 	st.buf.write(data)
@@ -1262,34 +1282,23 @@ func (st *h2stream) deliver(data []byte, flowed int, end bool) bool {
 	return true
 }
 
-// tryWrite writes what a non-blocking write(2) takes of p to the socket rc.
-func tryWrite(rc syscall.RawConn, p []byte) int {
-	var n int
-	err := rc.Write(func(fd uintptr) bool {
-		n, _ = syscall.Write(int(fd), p)
-		return true // once: never wait for the socket here
-	})
-	if err != nil || n < 0 {
-		return 0
-	}
-	return n
-}
-
 // WriteTo copies the stream to w until the peer ends it (nil) or it fails: the
 // proxy's copy loop (pipe.Copy) takes it. While it waits, the read loop writes what
 // arrives straight to w's socket when the socket takes it all, so a message costs
 // no hand-off between goroutines; what the socket does not take at once is written
 // here.
 func (st *h2stream) WriteTo(w io.Writer) (int64, error) {
-	var rc syscall.RawConn
+	var sink *rawsock.Writer
 	if sc, ok := w.(syscall.Conn); ok {
-		rc, _ = sc.SyscallConn()
+		if sink, _ = rawsock.NewWriter(sc); sink != nil {
+			w = sink
+		}
 	}
 	bp := recvChunks.Get().(*[]byte)
 	defer recvChunks.Put(bp)
 	buf := (*bp)[:recvChunk]
 	st.rmu.Lock()
-	st.sink = rc
+	st.sink = sink
 	st.rmu.Unlock()
 	defer func() {
 		st.rmu.Lock()

@@ -341,7 +341,7 @@ func (p *Pool) open(ctx context.Context, key poolKey) (*poolConn, error) {
 		return nil, fmt.Errorf("tunnel dial %s: %w", key.addr, err)
 	}
 	cfg := key.src.ClientTLS(key.dst)
-	bc := &batchConn{Conn: raw}
+	bc := newBatchConn(raw)
 	tc := tls.Client(bc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()

@@ -275,7 +275,7 @@ func (s *Server) serveConn(raw net.Conn, cfg *tls.Config, local netip.AddrPort) 
 	remote := addrPort(raw.RemoteAddr())
 	life := &tunnelConn{}
 	// The TLS server's hello.Conn: tunnelConnOf finds the lifetime by it.
-	bc := &batchConn{Conn: raw}
+	bc := newBatchConn(raw)
 	s.mu.Lock()
 	s.tconns[bc] = life
 	s.mu.Unlock()

@@ -141,7 +141,7 @@ func pipeStream(t *testing.T) (*h2stream, func() answer) {
 			}
 		}
 	}()
-	c, err := newH2conn(server, &batchConn{Conn: server}, h2config{server: true, maxStreams: 8, maxHeaderBytes: 16 << 10, headerTable: 4096, readIdle: time.Minute, pingTimeout: time.Minute})
+	c, err := newH2conn(server, newBatchConn(server), h2config{server: true, maxStreams: 8, maxHeaderBytes: 16 << 10, headerTable: 4096, readIdle: time.Minute, pingTimeout: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
