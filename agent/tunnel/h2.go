@@ -136,8 +136,8 @@ func (e *errRetry) Unwrap() error { return e.err }
 var errConnClosed = errors.New("tunnel connection closed")
 
 // batchConn sits under TLS: once batching, what TLS writes is kept until flush,
-// so the records of one flush leave in one write(2).
-// A socket of package net is read and written with raw system calls (rawsock).
+// so the records of one flush leave in one write(2). A socket of package net is
+// read and written with raw system calls (rawsock).
 type batchConn struct {
 	net.Conn
 	r        io.Reader // the read loop's, under TLS
