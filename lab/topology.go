@@ -26,9 +26,6 @@ const NetnsDir = "/var/run/netns"
 
 func netnsPath(name string) string { return filepath.Join(NetnsDir, name) }
 
-// congestionControl is the TCP congestion control of every lab namespace.
-const congestionControl = "cubic"
-
 // createNetns creates the named network namespace name with its loopback up.
 func createNetns(name string) error {
 	errc := make(chan error, 1)
@@ -42,13 +39,6 @@ func createNetns(name string) error {
 			return
 		}
 		defer ns.Close()
-		// Linux's default congestion control, whatever the host's: with BBR
-		// (this development machine's), a tunnel that spans a partition under
-		// loss was seen to crawl for tens of seconds after it healed (docs/lab.md).
-		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_congestion_control", []byte(congestionControl), 0o644); err != nil {
-			errc <- fmt.Errorf("congestion control %s: %w", congestionControl, err)
-			return
-		}
 		errc <- linkUpAt(ns, "lo")
 	}()
 	if err := <-errc; err != nil {
