@@ -59,6 +59,9 @@ const (
 	ctrlQueueMax = 256 << 10
 	// flushAt is how much a writer leaves buffered for the flusher.
 	flushAt = 64 << 10
+	// stalledAfter is how long a socket write waits before the connection takes
+	// no new stream (stalled).
+	stalledAfter = time.Second
 	// closeLinger is how long a gracefully closed connection waits for the peer
 	// to end its half before the socket closes anyway.
 	closeLinger = 5 * time.Second
@@ -140,8 +143,9 @@ var errConnClosed = errors.New("tunnel connection closed")
 // read and written with raw system calls (rawsock).
 type batchConn struct {
 	net.Conn
-	r        io.Reader // the read loop's, under TLS
-	w        io.Writer // flush's
+	r        io.Reader    // the read loop's, under TLS
+	w        io.Writer    // flush's
+	lastRead atomic.Int64 // unix ns of the last bytes read
 	mu       sync.Mutex
 	batching bool
 	buf      []byte
@@ -160,7 +164,13 @@ func newBatchConn(c net.Conn) *batchConn {
 	return b
 }
 
-func (b *batchConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b *batchConn) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if n > 0 {
+		b.lastRead.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
 
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
@@ -216,7 +226,7 @@ type h2conn struct {
 	ctrl []byte
 	wake chan struct{} // the flusher's
 
-	lastRead  atomic.Int64 // unix ns of the last frame read
+	writing   atomic.Int64 // unix ns since which a socket write has waited; 0: none
 	tableSize atomic.Uint32
 	tableSet  uint32 // the size henc was last set to (under wmu)
 
@@ -270,7 +280,7 @@ func newH2conn(nc net.Conn, raw *batchConn, cfg h2config) (*h2conn, error) {
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.hdec = hpack.NewDecoder(cfg.headerTable, c.emit)
 	c.hdec.SetMaxStringLength(cfg.maxHeaderBytes)
-	c.lastRead.Store(time.Now().UnixNano())
+	raw.lastRead.Store(time.Now().UnixNano())
 	c.timer = time.AfterFunc(c.tick(), c.check)
 	raw.mu.Lock()
 	raw.batching = true
@@ -355,10 +365,12 @@ func (c *h2conn) flushLocked() error {
 	if len(c.wbuf) == 0 {
 		return nil
 	}
+	c.writing.Store(time.Now().UnixNano())
 	_, err := c.nc.Write(c.wbuf)
 	if err == nil {
 		err = c.raw.flush()
 	}
+	c.writing.Store(0)
 	if cap(c.wbuf) > 1<<20 {
 		c.wbuf = nil
 	} else {
@@ -590,7 +602,9 @@ func (c *h2conn) tick() time.Duration {
 // connection idle for idleTimeout.
 func (c *h2conn) check() {
 	now := time.Now()
-	last := time.Unix(0, c.lastRead.Load())
+	// Bytes, not whole frames: a connection crawling out of a partition (a frame
+	// every few seconds) is slow, not dead, and its streams live on.
+	last := time.Unix(0, c.raw.lastRead.Load())
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -640,12 +654,20 @@ func (c *h2conn) state() connState {
 	return connState{closed: c.closed, active: len(c.streams), reserved: c.reserved}
 }
 
+// stalled says a socket write has waited stalledAfter or more: the peer, or the
+// path, takes nothing (a partition, or TCP crawling out of one). A new stream would
+// queue behind what waits, so it goes on a new connection.
+func (c *h2conn) stalled() bool {
+	since := c.writing.Load()
+	return since != 0 && time.Since(time.Unix(0, since)) >= stalledAfter
+}
+
 // reserve takes a stream slot for a later openStream; false when the connection
-// cannot take one more.
+// cannot take one more, or is stalled.
 func (c *h2conn) reserve() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || c.goAwayIn || c.goAwayOut || uint32(len(c.streams)+c.reserved) >= c.peerMaxStreams {
+	if c.closed || c.goAwayIn || c.goAwayOut || uint32(len(c.streams)+c.reserved) >= c.peerMaxStreams || c.stalled() {
 		return false
 	}
 	c.reserved++
@@ -791,7 +813,6 @@ func (c *h2conn) readFrames() error {
 		if _, err := io.ReadFull(c.nc, p); err != nil {
 			return err
 		}
-		c.lastRead.Store(time.Now().UnixNano())
 		if c.shut.Load() {
 			return errConnClosed
 		}

@@ -437,3 +437,77 @@ func slowRelay(t *testing.T, addr netip.AddrPort) netip.AddrPort {
 		}
 	})
 }
+
+// A tunnel whose socket takes nothing for a second (a partition, or TCP crawling
+// out of one) gets no new stream: the next one is carried at once on a new tunnel
+// instead of queueing behind what the stalled one has not sent.
+func TestStalledTunnelGetsNoNewStream(t *testing.T) {
+	e := newEnv(t, envOpt{})
+	var stall atomic.Bool
+	e.src.via = stallingRelay(t, e.tunnelAddr, &stall)
+	sink := loopback.Serve(t, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
+	s := e.connect(t, sink)
+	// Before the cleanups that wait for the relay and the sink: the stalled
+	// tunnel's last frames (the reset of s) must get through.
+	t.Cleanup(func() { stall.Store(false) })
+	stall.Store(true) // the first tunnel's relay reads nothing more from the client
+	go func() {
+		chunk := make([]byte, 64<<10)
+		for {
+			if _, err := s.Write(chunk); err != nil {
+				return
+			}
+		}
+	}()
+	settle(t, "the tunnel's socket write to wait a second", func() bool {
+		e.pool.mu.Lock()
+		defer e.pool.mu.Unlock()
+		for _, en := range e.pool.entries {
+			for _, pc := range en.conns {
+				if pc.cc.stalled() {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s2, err := e.pool.Connect(ctx, e.src, serverID, e.tunnelAddr, loopback.Serve(t, loopback.Echo), "")
+	if err != nil {
+		t.Fatalf("a new stream beside a stalled tunnel: %v", err)
+	}
+	defer s2.Close()
+	roundTrip(t, s2)
+	if n := e.pool.Stats().Conns; n != 2 {
+		t.Errorf("%d tunnel connections, want 2: the stalled one and a new one", n)
+	}
+	s.Close()
+	stall.Store(false)
+	e.pool.Close() // its tunnels end the relay's connections, which the relay's cleanup waits for
+}
+
+// stallingRelay forwards connections to addr; once stall is set, the first
+// connection stops reading from its client, whose socket then fills and stays full.
+func stallingRelay(t *testing.T, addr netip.AddrPort, stall *atomic.Bool) netip.AddrPort {
+	var first atomic.Bool
+	return loopback.Serve(t, func(c *net.TCPConn) {
+		up, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+		if err != nil {
+			return
+		}
+		defer up.Close()
+		go io.Copy(c, up)
+		stalls := first.CompareAndSwap(false, true)
+		buf := make([]byte, 16<<10)
+		for {
+			for stalls && stall.Load() {
+				time.Sleep(10 * time.Millisecond)
+			}
+			n, err := c.Read(buf)
+			if _, werr := up.Write(buf[:n]); werr != nil || err != nil {
+				return
+			}
+		}
+	})
+}
