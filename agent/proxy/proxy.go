@@ -451,8 +451,15 @@ func (pd *pod) DialTunnel(ctx context.Context, addr netip.AddrPort) (net.Conn, e
 // apart, so a 1 s cap costs nothing and brings tunnels back within about a second.
 const tunnelRTOMax = time.Second
 
+// tunnelUserTimeout is how long a tunnel's sent bytes may stay unacknowledged
+// before TCP gives the connection up: the tunnel's ping timeout, which does not
+// judge a connection whose own write is stalled (its PING may be queued behind
+// that write), so a peer gone during such a write is found this way.
+const tunnelUserTimeout = 15 * time.Second
+
 // tuneTunnel caps a tunnel socket's retransmission timeout: TCP_RTO_MAX_MS (Linux
-// 6.15 and later) to tunnelRTOMax; an older kernel keeps its default backoff.
+// 6.15 and later) to tunnelRTOMax; an older kernel keeps its default backoff. It
+// sets TCP_USER_TIMEOUT to tunnelUserTimeout.
 func tuneTunnel(c syscall.Conn) {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -460,6 +467,7 @@ func tuneTunnel(c syscall.Conn) {
 	}
 	_ = rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(tunnelRTOMax.Milliseconds()))
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(tunnelUserTimeout.Milliseconds()))
 	})
 }
 

@@ -322,9 +322,11 @@ func TestTunnelSocketsCapTheirRTO(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var rto int
+		var rto, user int
+		var uerr error
 		if err := rc.Control(func(fd uintptr) {
 			rto, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS)
+			user, uerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT)
 		}); err != nil {
 			t.Fatal(err)
 		}
@@ -336,6 +338,9 @@ func TestTunnelSocketsCapTheirRTO(t *testing.T) {
 		}
 		if rto != int(tunnelRTOMax.Milliseconds()) {
 			t.Errorf("%s: TCP_RTO_MAX_MS %d, want %d", what, rto, tunnelRTOMax.Milliseconds())
+		}
+		if uerr != nil || user != int(tunnelUserTimeout.Milliseconds()) {
+			t.Errorf("%s: TCP_USER_TIMEOUT %d (%v), want %d", what, user, uerr, tunnelUserTimeout.Milliseconds())
 		}
 	}
 

@@ -618,6 +618,13 @@ func (c *h2conn) check() {
 	if !c.pingSent.IsZero() && last.After(c.pingSent) {
 		c.pingSent = time.Time{}
 	}
+	if !c.pingSent.IsZero() && c.writing.Load() != 0 {
+		// The PING may still wait in this side's own socket, behind what a stalled
+		// write has queued: its answer is due a ping timeout after the write
+		// ends. A peer that is gone meanwhile fails the write (TCP_USER_TIMEOUT,
+		// set by the proxy).
+		c.pingSent = now
+	}
 	switch {
 	case idle && c.cfg.idleTimeout > 0 && now.Sub(c.idleSince) >= c.cfg.idleTimeout:
 		expired = true
