@@ -111,7 +111,7 @@ func newHardenedProxy(t *testing.T, lim Limits) (*testProxy, *rawApp) {
 	svc := web
 	svc.Ports = []ServicePort{{Port: 80, AppProtocol: "http"}, {Port: 9000}}
 	tp.SetServices([]Service{svc})
-	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	tp.capture.setDst(netip.AddrPortFrom(vip, 80))
 	return tp, app
 }
 

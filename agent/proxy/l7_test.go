@@ -100,7 +100,7 @@ func newL7Proxy(t testing.TB, lb LoadBalancer, appProtocol string) (*testProxy, 
 // to the waiting request, then pools it), which a loaded machine makes happen.
 func (tp *testProxy) client(t testing.TB, dst netip.AddrPort, h2 bool) *http.Client {
 	t.Helper()
-	tp.capture.dst = dst
+	tp.capture.setDst(dst)
 	var once sync.Once
 	tr := &http.Transport{DialContext: func(context.Context, string, string) (net.Conn, error) {
 		var c net.Conn
@@ -253,7 +253,7 @@ func TestL7Upgrade(t *testing.T) {
 	addr := netip.MustParseAddrPort(app.Listener.Addr().String())
 	tp.netA.app, tp.netB.app, tp.tunnels.app = addr, addr, addr
 
-	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	tp.capture.setDst(netip.AddrPortFrom(vip, 80))
 	client, accepted := loopback.Pair(t)
 	go tp.handleOutbound(tp.a, accepted)
 	fmt.Fprint(client, "GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
@@ -276,7 +276,7 @@ func TestL7Upgrade(t *testing.T) {
 // Expect: 100-continue: the client hears 100 Continue and then the answer.
 func TestL7ExpectContinue(t *testing.T) {
 	tp, obs, _ := newL7Proxy(t, "", "http")
-	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	tp.capture.setDst(netip.AddrPortFrom(vip, 80))
 	client, accepted := loopback.Pair(t)
 	go tp.handleOutbound(tp.a, accepted)
 	fmt.Fprint(client, "PUT /up HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")

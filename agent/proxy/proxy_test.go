@@ -25,14 +25,25 @@ import (
 // tunnel pool are fakes, and every byte crosses loopback in the test's own namespace.
 
 // fakeCapture says every outbound connection was going to dst (or fails with err).
+// A test changes dst with setDst while the connections it opened before are still
+// being handled.
 type fakeCapture struct {
+	mu  sync.Mutex
 	dst netip.AddrPort
 	err error
+}
+
+func (f *fakeCapture) setDst(dst netip.AddrPort) {
+	f.mu.Lock()
+	f.dst = dst
+	f.mu.Unlock()
 }
 
 func (*fakeCapture) InboundAddr(netip.Addr) netip.Addr                 { return netip.MustParseAddr("127.0.0.1") }
 func (*fakeCapture) SetInboundListener(netip.Addr, syscall.Conn) error { return nil }
 func (f *fakeCapture) OutboundDst(uint64, *net.TCPConn) (netip.AddrPort, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	return f.dst, f.err
 }
 func (*fakeCapture) InboundDst(c *net.TCPConn) (netip.AddrPort, error) {
@@ -165,7 +176,7 @@ func (tp *testProxy) pod(w Workload, n podNet) *pod {
 // record.
 func (tp *testProxy) outbound(t *testing.T, pd *pod, dst netip.AddrPort, msg string) (string, error, Conn) {
 	t.Helper()
-	tp.capture.dst = dst
+	tp.capture.setDst(dst)
 	client, accepted := loopback.Pair(t)
 	done := make(chan struct{})
 	go func() {

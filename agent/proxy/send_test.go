@@ -110,7 +110,7 @@ func newPolicyProxy(t *testing.T, lb LoadBalancer, pol Policy, handlers ...http.
 	tp.Proxy.tunnels = apps
 	obs := &requests{}
 	tp.conns.obs = obs
-	tp.capture.dst = netip.AddrPortFrom(vip, 80)
+	tp.capture.setDst(netip.AddrPortFrom(vip, 80))
 	tp.SetServices([]Service{svc})
 	return &policyProxy{testProxy: tp, obs: obs, apps: apps, svc: svc}
 }
